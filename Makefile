@@ -1,0 +1,40 @@
+# rexnet: the two commands of the README are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit install clean tools
+
+# A regular (non-editable) install: setuptools' editable mode hides twisted/plugins from twistd.
+$(STAMP): pyproject.toml $(shell find rexnet twisted -name '*.py')
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet '.[test]'
+	rm -rf build
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m rexnet.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check rexnet twisted tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy rexnet twisted/plugins tests
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: tools $(STAMP) lint typecheck unit
+
+# Tools the multi-host tests use (root on Debian; elsewhere they skip with a reason).
+tools:
+	@command -v ip >/dev/null && command -v tc >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && apt-get install -y -qq iproute2; } || true
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,225 @@
+"""Announcements: making them (client), checking them (worker), and the UDP adapters.
+
+A worker acts on an announcement only when it is well-formed, for its application,
+fresh (timestamp within FRESH_MS), signed by a client certificate issued by the
+application CA, not a replay (nonce cache), sent from an address the client signed,
+and the sender is within its rate limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from twisted.internet.protocol import DatagramProtocol
+
+from rexnet import wire
+from rexnet.credentials import CertInfo, Credential, check_validity, identity, issued_by
+
+DEFAULT_PORT = 3010
+FRESH_MS = 30_000
+REPLAY_ENTRIES = 100_000
+CERT_CACHE = 1024
+RATE = 200.0  # datagrams per second per source address
+BURST = 400.0
+RATE_SOURCES = 4096
+
+
+class Rejected(Exception):
+    """A datagram that must be dropped and complained about; the message says why."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def parse_target(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """'HOST[:PORT]' (or '[V6]:PORT') as (host, port); ValueError with a clear message."""
+    host, port = text, default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        if not port_text.isdigit():
+            raise ValueError(f"bad port in {text!r}")
+        port = int(port_text)
+    if not host or not 0 < port < 65536:
+        raise ValueError(f"bad address {text!r}: use HOST[:PORT]")
+    return host, port
+
+
+class RateLimiter:
+    """A token bucket per source address, for a bounded number of sources."""
+
+    def __init__(self, rate: float = RATE, burst: float = BURST,
+                 sources: int = RATE_SOURCES) -> None:
+        self.rate, self.burst, self.sources = rate, burst, sources
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, source: str, now: float) -> bool:
+        tokens, last = self._buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self.sources:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+class ReplayCache:
+    """Remembers (job, seq) pairs until their timestamp leaves the freshness window."""
+
+    def __init__(self, entries: int = REPLAY_ENTRIES) -> None:
+        self.entries = entries
+        self._seen: OrderedDict[tuple[bytes, int], int] = OrderedDict()
+
+    def add(self, key: tuple[bytes, int], expires_ms: int, now: int) -> bool:
+        """Record KEY; False if it was already there (a replay)."""
+        while self._seen and (next(iter(self._seen.values())) < now
+                              or len(self._seen) >= self.entries):
+            self._seen.popitem(last=False)
+        if key in self._seen:
+            return False
+        self._seen[key] = expires_ms
+        return True
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    """A client certificate that passed the chain check, with what it says."""
+
+    public_key: Ed25519PublicKey
+    info: CertInfo
+
+
+def verify_signature(key: Ed25519PublicKey, dgram: wire.Datagram) -> bool:
+    try:
+        key.verify(dgram.signature, dgram.signed_part)
+    except InvalidSignature:
+        return False
+    return True
+
+
+class AnnounceChecker:
+    """Checks datagrams for one application (sans-IO: time comes from NOW_MS)."""
+
+    def __init__(self, credential: Credential, now: Callable[[], int] = now_ms) -> None:
+        self.credential = credential
+        self.now = now
+        self.replays = ReplayCache()
+        self._certs: OrderedDict[bytes, ClientCert] = OrderedDict()
+
+    def client_cert(self, der: bytes) -> ClientCert:
+        """The checked client certificate in DER (cached by digest)."""
+        digest = hashlib.sha256(der).digest()
+        cached = self._certs.get(digest)
+        if cached is not None:
+            self._certs.move_to_end(digest)
+            return cached
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise Rejected("unreadable certificate") from None
+        info = CertInfo.of(cert)
+        if not issued_by(cert, self.credential.ca_cert):
+            raise Rejected("certificate not issued by the application CA")
+        try:
+            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            dns = names.value.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            dns = []
+        if info.role != "client" or identity("client", self.credential.app) not in dns:
+            raise Rejected(f"certificate of role {info.role!r}, not a client credential")
+        problem = check_validity(cert)
+        if problem:
+            raise Rejected(f"client certificate {problem}")
+        key = cert.public_key()
+        if not isinstance(key, Ed25519PublicKey):
+            raise Rejected("client certificate key is not Ed25519")
+        checked = ClientCert(key, info)
+        self._certs[digest] = checked
+        if len(self._certs) > CERT_CACHE:
+            self._certs.popitem(last=False)
+        return checked
+
+    def decode(self, data: bytes) -> wire.Datagram | None:
+        """The datagram if it is for our application, None if for another; or Rejected."""
+        if wire.peek_app_id(data) not in (None, self.credential.app_id):
+            return None
+        try:
+            dgram = wire.decode_datagram(data)
+        except wire.WireError as e:
+            raise Rejected(f"malformed datagram: {e}") from None
+        return dgram
+
+    def check_announce(self, dgram: wire.Datagram, source: str) -> tuple[wire.Announce, ClientCert]:
+        """Check an ANNOUNCE from SOURCE; return it with its client, or raise Rejected."""
+        ann = dgram.message
+        if not isinstance(ann, wire.Announce):
+            raise Rejected("not an announcement")
+        now = self.now()
+        if abs(now - ann.ts_ms) > FRESH_MS:
+            raise Rejected("stale announcement (check the clocks of client and worker)")
+        client = self.client_cert(dgram.cert_der)
+        if not verify_signature(client.public_key, dgram):
+            raise Rejected("bad signature")
+        if source not in ann.addrs:
+            raise Rejected(f"sent from {source}, which the client did not sign")
+        if not self.replays.add((ann.job_id, ann.seq), ann.ts_ms + FRESH_MS, now):
+            raise Rejected("replayed announcement")
+        return ann, client
+
+    def check_taken(self, dgram: wire.Datagram, client: ClientCert) -> wire.Taken:
+        """Check a TAKEN signed by CLIENT (the sender of the announcement it answers)."""
+        taken = dgram.message
+        if not isinstance(taken, wire.Taken):
+            raise Rejected("not a TAKEN message")
+        if abs(self.now() - taken.ts_ms) > FRESH_MS:
+            raise Rejected("stale TAKEN message")
+        if not verify_signature(client.public_key, dgram):
+            raise Rejected("bad signature on TAKEN")
+        return taken
+
+
+class DatagramReceiver(DatagramProtocol):
+    """Hands every datagram to a callback as (bytes, source host, source port)."""
+
+    def __init__(self, handler: Callable[[bytes, str, int], None]) -> None:
+        self.handler = handler
+
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        self.handler(datagram, addr[0], addr[1])
+
+
+class DatagramSender(DatagramProtocol):
+    """Sends datagrams to targets; a failed send is reported, never raised."""
+
+    def __init__(self, on_error: Callable[[tuple[str, int], OSError], None]) -> None:
+        self.on_error = on_error
+
+    def send(self, data: bytes, target: tuple[str, int]) -> None:
+        try:
+            self.transport.write(data, target)  # type: ignore[union-attr]
+        except OSError as e:
+            self.on_error(target, e)
+
+
+def source_address(target: tuple[str, int]) -> str | None:
+    """The local address the kernel would send to TARGET from (nothing is sent)."""
+    family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        try:
+            s.connect(target)
+        except OSError:
+            return None
+        return str(s.getsockname()[0])

@@ -1,0 +1,203 @@
+"""The `rexnet` command (and its `cexec` alias): keygen and exec.
+
+Heavy modules (Twisted, cryptography) are imported inside the subcommands, so that
+`rexnet --help` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from rexnet import __version__, exitcodes
+
+DEFAULT_ANNOUNCE = "255.255.255.255"
+
+EXIT_CODES_HELP = "exit status: the job's own (128+N if killed by signal N), or\n" + "\n".join(
+    f"  {code}  {text}" for code, text in sorted(exitcodes.DESCRIPTIONS.items())
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with rexnet's usage exit code and a one-line error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(exitcodes.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def fail(message: str, code: int) -> NoReturn:
+    print(f"rexnet: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# -- keygen ---------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from rexnet import credentials as c
+
+    try:
+        if args.issue:
+            if not args.name:
+                fail("--issue needs --name NAME", exitcodes.USAGE)
+            ca_path = Path(args.target)
+            ca = c.load_ca(ca_path)
+            key, cert = c.issue(ca.key, ca.cert, args.issue, args.name, args.days)
+            out = Path(args.out) if args.out else (
+                Path(args.dir) if args.dir else ca_path.parent) / f"{ca.app}.{args.name}.{args.issue}"
+            c.write_private(out, c.credential_file_bytes(key, cert, ca.cert))
+            print(f"wrote {out} ({args.issue} credential {args.name!r} of {ca.app})")
+            return 0
+        paths = c.keygen(args.target, Path(args.dir or "."), args.days)
+    except c.CredentialError as e:
+        fail(str(e), exitcodes.CREDENTIAL)
+    print(f"wrote {paths[0]} (keep it with the administrator), {paths[1]} (for workers), "
+          f"{paths[2]} (for clients)")
+    return 0
+
+
+# -- exec -----------------------------------------------------------------------------
+
+
+def announce_targets(texts: Sequence[str]) -> list[tuple[str, int]]:
+    from rexnet.announce import parse_target
+
+    if not texts:
+        texts = [os.environ.get("GROUP") or DEFAULT_ANNOUNCE]
+    targets = []
+    for text in texts:
+        try:
+            targets.append(parse_target(text))
+        except ValueError as e:
+            fail(f"--announce: {e}", exitcodes.USAGE)
+    return targets
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    targets = announce_targets(args.announce)
+    if args.timeout <= 0:
+        fail("--timeout must be positive", exitcodes.USAGE)
+    from rexnet.credentials import CredentialError, load_credential
+
+    try:
+        credential = load_credential(Path(args.keyfile), "client")
+    except CredentialError as e:
+        fail(str(e), exitcodes.CREDENTIAL)
+    return run_job(credential, targets, args)
+
+
+def run_job(credential: object, targets: list[tuple[str, int]], args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+    from twisted.internet.fdesc import setBlocking
+    from twisted.logger import globalLogBeginner
+
+    from rexnet.client import ClientJob, JobFailed, JobResult
+    from rexnet.logs import stderr_observer
+
+    globalLogBeginner.beginLoggingTo([stderr_observer(args.verbose)], redirectStandardIO=False)
+
+    def say(message: str) -> None:
+        if args.verbose:
+            print(f"rexnet: {message}", file=sys.stderr, flush=True)
+
+    job = ClientJob(reactor, credential, targets, args.args, timeout=args.timeout,  # type: ignore[arg-type]
+                    say=say)
+    outcome: dict[str, object] = {}
+
+    def done(result: object) -> None:
+        outcome["result"] = result
+        reactor.stop()  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(lambda: job.run().addBoth(done))  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    for fd in (0, 1, 2):
+        try:
+            setBlocking(fd)
+        except OSError:
+            pass
+    result = outcome.get("result")
+    if isinstance(result, JobResult):
+        return result.status
+    error = getattr(result, "value", None)
+    if isinstance(error, JobFailed):
+        print(f"rexnet: {error}", file=sys.stderr)
+        return error.exit_code
+    print(f"rexnet: internal error: {result}", file=sys.stderr)
+    return exitcodes.WORKER_LOST
+
+
+# -- the parser -----------------------------------------------------------------------
+
+
+def exec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("keyfile", metavar="KEYFILE", help="the application's client credential "
+                   "(APP.client)")
+    p.add_argument("args", metavar="ARG", nargs="*",
+                   help="extra arguments for the job's command, if the worker allows them")
+    p.add_argument("-a", "--announce", metavar="ADDR[:PORT]", action="append", default=[],
+                   help="where to announce the job (repeatable): a broadcast address, a "
+                   "multicast group or a worker's address; default: $GROUP, else "
+                   f"{DEFAULT_ANNOUNCE}, port 3010")
+    p.add_argument("-t", "--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="give up if no worker is found within this time (default 30)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="say on stderr which worker took the job and why")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = Parser(prog="rexnet", description="Run commands on the least-loaded machine of "
+                 "an ad-hoc cluster, as if they ran locally.",
+                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                 epilog="Workers run as twistd plugins: twistd -n rexnet-worker --help")
+    top.add_argument("--version", action="version", version=f"rexnet {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    kg = sub.add_parser("keygen", help="make an application's credentials",
+                        description="Make APP.ca, APP.worker and APP.client (mode 0600), or "
+                        "with --issue, another credential from APP.ca.")
+    kg.add_argument("target", metavar="APP | APP.ca",
+                    help="application name, or with --issue the CA file")
+    kg.add_argument("--dir", "-d", metavar="DIR", help="where to write (default: . or, with "
+                    "--issue, beside the CA file)")
+    kg.add_argument("--issue", choices=["client", "worker"],
+                    help="issue one more credential of this role from APP.ca")
+    kg.add_argument("--name", metavar="NAME", help="holder's name for --issue (a user or host)")
+    kg.add_argument("--out", "-o", metavar="FILE", help="file for --issue "
+                    "(default: APP.NAME.ROLE)")
+    kg.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    kg.set_defaults(func=cmd_keygen)
+
+    ex = sub.add_parser("exec", help="run a job on the cluster",
+                        description="Announce a job of KEYFILE's application, run it on the "
+                        "first authenticated worker to connect back, stream stdin, stdout and "
+                        "stderr, and exit with the job's status.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog=EXIT_CODES_HELP)
+    exec_arguments(ex)
+    ex.set_defaults(func=cmd_exec)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+def cexec_main(argv: Sequence[str] | None = None) -> int:
+    """`cexec KEYFILE [ARG...]`: the same as `rexnet exec`."""
+    p = Parser(prog="cexec", description="Run a job on the cluster (alias of rexnet exec).",
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES_HELP)
+    exec_arguments(p)
+    args = p.parse_args(argv)
+    return cmd_exec(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

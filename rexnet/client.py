@@ -1,0 +1,374 @@
+"""The client side of a job: announce, accept the first authenticated worker, stream.
+
+Usable from Python: ``ClientJob(reactor, credential, targets).run()`` returns a
+Deferred that fires with a JobResult or fails with a JobFailed subclass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, process
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rexnet import exitcodes, wire
+from rexnet.announce import DatagramSender, now_ms, source_address
+from rexnet.channel import Channel, InStream, OutStream
+from rexnet.credentials import CertInfo, Credential
+from rexnet.job import PipeReader
+from rexnet.tls import listening_options
+
+RESEND_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+RESEND_MAX = 2.0
+HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = 30.0
+
+log = Logger()
+
+
+class JobFailed(Exception):
+    """The job could not run or finish for a reason of rexnet's; see exit_code."""
+
+    exit_code = exitcodes.WORKER_LOST
+
+
+class NoWorker(JobFailed):
+    exit_code = exitcodes.NO_WORKER
+
+
+class AuthFailed(JobFailed):
+    exit_code = exitcodes.AUTH_FAILED
+
+
+class JobRefused(JobFailed):
+    exit_code = exitcodes.REFUSED
+
+
+class WorkerLost(JobFailed):
+    exit_code = exitcodes.WORKER_LOST
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """How the job ended, and where it ran."""
+
+    code: int | None
+    signal: int | None
+    worker: str
+    address: str
+    job: str
+
+    @property
+    def status(self) -> int:
+        """The exit status a shell would show: the code, or 128+N for signal N."""
+        return self.code if self.signal is None else 128 + self.signal  # type: ignore[return-value]
+
+
+class StdioStreams:
+    """Connects the client's descriptors 0, 1 and 2 to a job channel's streams."""
+
+    def __init__(self, reactor: Any, stdin: int = 0, stdout: int = 1, stderr: int = 2) -> None:
+        self.reactor = reactor
+        self.fds = {0: stdin, 1: stdout, 2: stderr}
+        self._flushed: dict[int, defer.Deferred[None]] = {}
+        self._writers: dict[int, process.ProcessWriter] = {}
+        self._reader: PipeReader | None = None
+        self.channel: Channel | None = None
+
+    def prepare(self, channel: Channel) -> None:
+        """Be ready for the job's output (before the job starts)."""
+        self.channel = channel
+        for stream in (1, 2):
+            writer = process.ProcessWriter(self.reactor, self, stream, self.fds[stream])
+            self._writers[stream] = writer
+            self._flushed[stream] = defer.Deferred()
+            channel.ins[stream] = InStream(channel, stream, writer)
+
+    def start_input(self) -> None:
+        """The worker accepted the job: start sending stdin."""
+        assert self.channel is not None
+        out = OutStream(self.channel, 0)
+        self.channel.outs[0] = out
+        try:
+            self._reader = PipeReader(self.reactor, self, 0, self.fds[0])
+        except OSError:
+            out.close()  # stdin is closed: the job reads EOF
+            return
+        out.attach(self._reader)
+
+    # the ProcessReader/ProcessWriter callbacks
+    def childDataReceived(self, name: int, data: bytes) -> None:
+        assert self.channel is not None
+        self.channel.outs[0].write(data)
+
+    def childConnectionLost(self, name: int, reason: Failure) -> None:
+        if name == 0:
+            if self.channel is not None and 0 in self.channel.outs:
+                self.channel.outs[0].close()
+        else:
+            stream = self.channel.ins.get(name) if self.channel else None
+            if stream is not None and stream.sink is not None:
+                stream.drop_sink()  # our reader went away: discard the rest
+            flushed = self._flushed.get(name)
+            if flushed is not None and not flushed.called:
+                flushed.callback(None)
+
+    def finish(self) -> defer.Deferred[Any]:
+        """Fires once every byte of output is written; stops reading stdin."""
+        if self._reader is not None and self._reader.connected:
+            self._reader.stopReading()
+            self._reader.connected = False
+        for writer in self._writers.values():
+            if writer.connected and not writer.disconnecting:
+                writer.unregisterProducer()
+                writer.loseConnection()
+        return defer.gatherResults(list(self._flushed.values()))
+
+
+class ClientJob:
+    """One job: announce it, accept the first authenticated worker, run it there."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        credential: Credential,
+        targets: Sequence[tuple[str, int]],
+        args: Sequence[str] = (),
+        streams: StdioStreams | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        say: Callable[[str], None] = lambda message: None,
+        now: Callable[[], int] = now_ms,
+    ) -> None:
+        self.reactor = reactor
+        self.credential = credential
+        self.targets = list(targets)
+        self.args = tuple(args)
+        self.streams = streams or StdioStreams(reactor)
+        self.timeout = timeout
+        self.say = say
+        self.now = now
+        self.job_id = os.urandom(16)
+        self.seq = 0
+        self.result: defer.Deferred[JobResult] = defer.Deferred()
+        self.channels: set[ClientChannel] = set()
+        self.chosen: ClientChannel | None = None
+        self.started: wire.Started | None = None
+        self.auth_failures: list[str] = []
+        self.answered = 0
+        self._port: IListeningPort | None = None
+        self._udp: Any = None
+        self._resend: IDelayedCall | None = None
+        self._deadline: IDelayedCall | None = None
+        self._addrs: tuple[str, ...] = ()
+        self._t0 = reactor.seconds()
+
+    # -- setting up -------------------------------------------------------------------
+
+    def run(self) -> defer.Deferred[JobResult]:
+        addrs = {a for a in (source_address(t) for t in self.targets) if a}
+        if not addrs:
+            self._fail(NoWorker("no announce target can be reached from this host: "
+                                + ", ".join(f"{h}:{p}" for h, p in self.targets)))
+            return self.result
+        self._addrs = tuple(sorted(addrs))[: wire.MAX_ADDRS]
+        interface = self._addrs[0] if len(self._addrs) == 1 else ""
+        factory = Factory.forProtocol(lambda: ClientChannel(self))
+        self._port = self.reactor.listenSSL(
+            0, factory, listening_options(self.credential), interface=interface
+        )
+        self._udp = DatagramSender(self._send_failed)
+        udp_port = self.reactor.listenUDP(0, self._udp)
+        udp_port.setBroadcastAllowed(True)
+        self._deadline = self.reactor.callLater(self.timeout, self._timed_out)
+        self._announce()
+        return self.result
+
+    def _send_failed(self, target: tuple[str, int], error: OSError) -> None:
+        self.say(f"cannot send to {target[0]}:{target[1]}: {error.strerror}")
+
+    def _announce(self) -> None:
+        assert self._port is not None
+        ann = wire.Announce(self.job_id, self.seq, self.now(),
+                            self._port.getHost().port, self._addrs)  # type: ignore[attr-defined]
+        data = wire.encode_datagram(ann, self.credential.app_id, self.credential.key,
+                                    self.credential.cert_der)
+        for target in self.targets:
+            self._udp.send(data, target)
+        delay = RESEND_DELAYS[self.seq] if self.seq < len(RESEND_DELAYS) else RESEND_MAX
+        self.seq += 1
+        self._resend = self.reactor.callLater(delay, self._announce)
+
+    def _stop_looking(self) -> None:
+        for call in (self._resend, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        if self._port is not None:
+            self._port.stopListening()
+            self._port = None
+
+    # -- workers ----------------------------------------------------------------------
+
+    def worker_verified(self, channel: ClientChannel) -> None:
+        if self.chosen is not None or self.result.called:
+            channel.send(wire.Busy())
+            channel.close()
+            return
+        self.chosen = channel
+        self._stop_looking()
+        taken = wire.encode_datagram(wire.Taken(self.job_id, self.now()),
+                                     self.credential.app_id, self.credential.key)
+        for target in self.targets:
+            self._udp.send(taken, target)
+        for other in list(self.channels):
+            if other is not channel:
+                if other.verified:
+                    other.send(wire.Busy())
+                other.close(abort=not other.verified)
+        self.streams.prepare(channel)
+        channel.send(wire.Start(self.args))
+
+    def job_started(self, channel: ClientChannel, started: wire.Started) -> None:
+        self.started = started
+        hello = channel.hello
+        name = hello.worker if hello else CertInfo.of(channel.peer_cert).name
+        if hello:
+            why = (f"first of {self.answered} to connect back, after "
+                   f"{(self.reactor.seconds() - self._t0) * 1000:.1f} ms; its load "
+                   f"{hello.load:.2f}, delay {hello.delay_ms:.1f} ms, "
+                   f"{hello.running}/{hello.slots} slots busy")
+        else:
+            why = "first to connect back"
+        self.say(f"job {started.job} runs on worker {name} ({channel.peer_address()}): {why}")
+        self.streams.start_input()
+
+    def job_exited(self, channel: ClientChannel, exit: wire.Exit) -> None:
+        hello = channel.hello
+        result = JobResult(exit.code, exit.signal, hello.worker if hello else "?",
+                           channel.peer_address(), self.started.job if self.started else "?")
+        channel.close()
+        finished = self.streams.finish()
+        finished.addCallback(lambda _: self._succeed(result))
+
+    def job_error(self, channel: ClientChannel, error: wire.Error) -> None:
+        kind = JobRefused if self.started is None else WorkerLost
+        self._fail(kind(f"worker {channel.peer_address()}: {error.message}"))
+        channel.close()
+
+    def auth_failed(self, channel: ClientChannel, problem: str) -> None:
+        self.auth_failures.append(problem)
+        log.warn("complaint: connection from {peer} refused: {problem}",
+                 peer=channel.peer_address(), problem=problem)
+
+    def channel_lost(self, channel: ClientChannel) -> None:
+        self.channels.discard(channel)
+        if channel is self.chosen and not self.result.called and not channel.exited:
+            hello = channel.hello
+            who = hello.worker if hello else channel.peer_address()
+            self.streams.finish().addBoth(lambda _: self._fail(
+                WorkerLost(f"lost worker {who} before the job finished")))
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self.chosen is not None:
+            return
+        if self.auth_failures:
+            self._fail(AuthFailed(
+                f"{len(self.auth_failures)} connection(s) failed authentication "
+                f"(last: {self.auth_failures[-1]}); is the worker of the same application?"))
+        else:
+            targets = ", ".join(f"{h}:{p}" for h, p in self.targets)
+            self._fail(NoWorker(f"no worker answered within {self.timeout:g} s "
+                                f"(announced to {targets})"))
+
+    # -- ending -----------------------------------------------------------------------
+
+    def _cleanup(self) -> None:
+        self._stop_looking()
+        if self._udp is not None and self._udp.transport is not None:
+            self._udp.transport.stopListening()
+        for channel in list(self.channels):
+            channel.close(abort=True)
+
+    def _succeed(self, result: JobResult) -> None:
+        if not self.result.called:
+            self._cleanup()
+            self.result.callback(result)
+
+    def _fail(self, error: JobFailed) -> None:
+        if not self.result.called:
+            self._cleanup()
+            self.result.errback(Failure(error))
+
+
+class ClientChannel(Channel):
+    """The client's end of a job channel (the TLS server side)."""
+
+    def __init__(self, job: ClientJob) -> None:
+        super().__init__(job.credential)
+        self.job = job
+        self.hello: wire.Hello | None = None
+        self.exited = False
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.job.channels.add(self)
+        self.job.answered += 1
+        self._timer = self.job.reactor.callLater(HANDSHAKE_TIMEOUT, self._silent)
+
+    def _silent(self) -> None:
+        self._timer = None
+        if not self.verified:
+            self.job.auth_failed(self, "no TLS handshake in time")
+            self.close(abort=True)
+
+    def peerVerified(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.job.worker_verified(self)
+
+    def refused(self, problem: str) -> None:
+        self.job.auth_failed(self, problem)
+
+    def controlReceived(self, frame: wire.Frame) -> None:
+        if isinstance(frame, wire.Hello) and self.hello is None:
+            self.hello = frame
+        elif self is not self.job.chosen:
+            return  # a worker that lost the race: ignore it while it closes
+        elif isinstance(frame, wire.Started) and self.job.started is None:
+            self.job.job_started(self, frame)
+        elif isinstance(frame, wire.Exit) and not self.exited:
+            self.exited = True
+            self.job.job_exited(self, frame)
+        elif isinstance(frame, wire.Error):
+            self.job.job_error(self, frame)
+        else:
+            super().controlReceived(frame)
+
+    def lost(self, reason: Failure) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if not self.verified and not self.closed_by_us:
+            self.job.auth_failed(self, f"TLS handshake failed: {tls_reason(reason)}")
+        self.job.channel_lost(self)
+
+    @property
+    def closed_by_us(self) -> bool:
+        return self.job.chosen is not None and self is not self.job.chosen
+
+
+def tls_reason(reason: Failure) -> str:
+    """A short reason from an OpenSSL error or a plain connection failure."""
+    value = reason.value
+    errors = getattr(value, "args", ())
+    if errors and isinstance(errors[0], list) and errors[0]:
+        last = errors[0][-1]
+        if isinstance(last, tuple) and len(last) == 3:
+            return str(last[2])
+    return reason.getErrorMessage()[:200]

@@ -1,0 +1,27 @@
+"""Exit codes of rexnet commands when the failure is rexnet's, not the job's.
+
+A job's own status passes through unchanged (0-255; 128+N for a job killed by signal N),
+so rexnet's own failures use the top of the range, as ssh uses 255.
+"""
+
+USAGE = 250
+"""Bad command line."""
+CREDENTIAL = 251
+"""A credential is missing, unsafe (group/world-readable), corrupt or of the wrong role."""
+REFUSED = 252
+"""The worker refused the job or broke the protocol; the job did not start."""
+AUTH_FAILED = 253
+"""Workers answered, but none passed the mutual TLS checks."""
+NO_WORKER = 254
+"""No worker answered within --timeout."""
+WORKER_LOST = 255
+"""The connection to the worker dropped before the job finished."""
+
+DESCRIPTIONS = {
+    USAGE: "bad command line",
+    CREDENTIAL: "credential refused (missing, unsafe mode, corrupt or wrong role)",
+    REFUSED: "the worker refused the job or broke the protocol; the job did not start",
+    AUTH_FAILED: "workers answered but none passed authentication",
+    NO_WORKER: "no worker answered within --timeout",
+    WORKER_LOST: "the worker was lost before the job finished",
+}

@@ -1,0 +1,441 @@
+"""rexnet's wire formats: signed datagrams and the job channel's frames.  No I/O here.
+
+Datagrams (UDP, version 1)::
+
+    "RXN" | version u8 | kind u8 | app_id (16 bytes)
+    | body_len u16 | body (JSON object, UTF-8)
+    | cert_len u16 | cert (DER, may be empty)
+    | signature (64 bytes, Ed25519 over everything before it)
+
+Frames (inside mutual TLS)::
+
+    kind u8 | stream u8 | length u32 | payload
+
+DATA frames carry raw bytes of one stream (a file descriptor number); every other
+kind carries a small JSON object.  Decoders are bounded: a datagram longer than
+MAX_DATAGRAM, a frame longer than MAX_FRAME (or a control frame longer than
+MAX_CONTROL), or anything malformed raises WireError and nothing else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import struct
+from dataclasses import asdict, dataclass
+from enum import IntEnum
+from typing import Any, ClassVar, Protocol, TypeVar
+
+MAGIC = b"RXN"
+VERSION = 1
+MAX_DATAGRAM = 4096
+MAX_BODY = 1024
+MAX_CERT = 2048
+SIG_LEN = 64
+APP_ID_LEN = 16
+MAX_ADDRS = 8
+
+FRAME_HEADER = struct.Struct("!BBI")
+MAX_FRAME = 1 << 20
+MAX_CONTROL = 64 * 1024
+MAX_DATA_CHUNK = 64 * 1024
+MAX_STREAM = 255
+
+_DGRAM_HEAD = struct.Struct("!3sBB16sH")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+
+
+class WireError(ValueError):
+    """Input that is not a well-formed rexnet datagram or frame."""
+
+
+# -- validation helpers ---------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _get(obj: dict[str, Any], key: str, kind: type[T]) -> T:
+    value = obj.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise WireError(f"field {key!r} missing or not {kind.__name__}")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = _get(obj, key, int)
+    if not lo <= value <= hi:
+        raise WireError(f"field {key!r} out of range")
+    return value
+
+
+def _str(obj: dict[str, Any], key: str, limit: int = 256) -> str:
+    value = _get(obj, key, str)
+    if len(value) > limit:
+        raise WireError(f"field {key!r} too long")
+    return value
+
+
+def _float(obj: dict[str, Any], key: str) -> float:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WireError(f"field {key!r} missing or not a number")
+    if not -1e12 < value < 1e12:
+        raise WireError(f"field {key!r} out of range")
+    return float(value)
+
+
+def _str_list(obj: dict[str, Any], key: str, count: int, limit: int) -> tuple[str, ...]:
+    value = _get(obj, key, list)
+    if len(value) > count or not all(isinstance(v, str) and len(v) <= limit for v in value):
+        raise WireError(f"field {key!r} is not a list of at most {count} short strings")
+    return tuple(value)
+
+
+def _load_json(data: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise WireError("body is not UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise WireError("body is not a JSON object")
+    return obj
+
+
+def _dump_json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _hex_id(obj: dict[str, Any], key: str) -> bytes:
+    text = _str(obj, key, 32)
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise WireError(f"field {key!r} is not hex") from None
+    if len(value) != 16:
+        raise WireError(f"field {key!r} is not 16 bytes")
+    return value
+
+
+# -- datagrams ------------------------------------------------------------------------
+
+
+class Kind(IntEnum):
+    ANNOUNCE = 1
+    TAKEN = 2
+
+
+@dataclass(frozen=True)
+class Announce:
+    """A client asks workers of its application to connect back to ADDRS:PORT."""
+
+    KIND: ClassVar[Kind] = Kind.ANNOUNCE
+    job_id: bytes
+    seq: int
+    ts_ms: int
+    port: int
+    addrs: tuple[str, ...]
+
+    def body(self) -> dict[str, Any]:
+        return {"job": self.job_id.hex(), "seq": self.seq, "ts": self.ts_ms,
+                "port": self.port, "addrs": list(self.addrs)}
+
+    @classmethod
+    def from_body(cls, obj: dict[str, Any]) -> Announce:
+        addrs = _str_list(obj, "addrs", MAX_ADDRS, 45)
+        for addr in addrs:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise WireError("field 'addrs' holds a non-IP address") from None
+        return cls(_hex_id(obj, "job"), _int(obj, "seq", 0, 0xFFFF),
+                   _int(obj, "ts", 0, 2**63 - 1), _int(obj, "port", 1, 0xFFFF), addrs)
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A client tells workers that its job JOB_ID has a worker: cancel connect-backs."""
+
+    KIND: ClassVar[Kind] = Kind.TAKEN
+    job_id: bytes
+    ts_ms: int
+
+    def body(self) -> dict[str, Any]:
+        return {"job": self.job_id.hex(), "ts": self.ts_ms}
+
+    @classmethod
+    def from_body(cls, obj: dict[str, Any]) -> Taken:
+        return cls(_hex_id(obj, "job"), _int(obj, "ts", 0, 2**63 - 1))
+
+
+DatagramMessage = Announce | Taken
+_DATAGRAM_TYPES: dict[int, type[Announce] | type[Taken]] = {
+    Kind.ANNOUNCE: Announce, Kind.TAKEN: Taken,
+}
+
+
+@dataclass(frozen=True)
+class Datagram:
+    """A decoded datagram; the signature is NOT yet checked (see signed_part)."""
+
+    message: DatagramMessage
+    app_id: bytes
+    cert_der: bytes
+    signed_part: bytes
+    signature: bytes
+
+
+class Signer(Protocol):
+    def sign(self, data: bytes) -> bytes: ...
+
+
+def encode_datagram(
+    message: DatagramMessage, app_id: bytes, signer: Signer, cert_der: bytes = b""
+) -> bytes:
+    body = _dump_json(message.body())
+    if len(app_id) != APP_ID_LEN or len(body) > MAX_BODY or len(cert_der) > MAX_CERT:
+        raise WireError("datagram fields exceed their bounds")
+    signed = (
+        _DGRAM_HEAD.pack(MAGIC, VERSION, message.KIND, app_id, len(body))
+        + body + _U16.pack(len(cert_der)) + cert_der
+    )
+    signature = signer.sign(signed)
+    if len(signature) != SIG_LEN:
+        raise WireError("signature has the wrong length")
+    return signed + signature
+
+
+def peek_app_id(data: bytes) -> bytes | None:
+    """The application id of a datagram, cheaply, or None if it is not one of ours."""
+    if len(data) < _DGRAM_HEAD.size or data[:3] != MAGIC:
+        return None
+    return bytes(data[5:21])
+
+
+def decode_datagram(data: bytes) -> Datagram:
+    """Parse a datagram; raise WireError if it is malformed or out of bounds."""
+    if len(data) > MAX_DATAGRAM:
+        raise WireError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+    if len(data) < _DGRAM_HEAD.size + 2 + SIG_LEN:
+        raise WireError("datagram too short")
+    magic, version, kind, app_id, body_len = _DGRAM_HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise WireError("not a rexnet datagram")
+    if version != VERSION:
+        raise WireError(f"unsupported datagram version {version}")
+    message_type = _DATAGRAM_TYPES.get(kind)
+    if message_type is None:
+        raise WireError(f"unknown datagram kind {kind}")
+    if body_len > MAX_BODY:
+        raise WireError("datagram body too long")
+    offset = _DGRAM_HEAD.size
+    body = data[offset : offset + body_len]
+    offset += body_len
+    if len(data) < offset + 2 + SIG_LEN:
+        raise WireError("datagram truncated")
+    (cert_len,) = _U16.unpack_from(data, offset)
+    offset += 2
+    if cert_len > MAX_CERT or len(data) != offset + cert_len + SIG_LEN:
+        raise WireError("datagram length does not match its fields")
+    cert_der = bytes(data[offset : offset + cert_len])
+    offset += cert_len
+    message = message_type.from_body(_load_json(bytes(body)))
+    return Datagram(message, bytes(app_id), cert_der, bytes(data[:offset]), bytes(data[offset:]))
+
+
+# -- frames ---------------------------------------------------------------------------
+
+
+class FrameKind(IntEnum):
+    DATA = 0
+    EOF = 1
+    WINDOW = 2
+    HELLO = 10
+    START = 11
+    STARTED = 12
+    BUSY = 13
+    EXIT = 14
+    ERROR = 15
+
+
+@dataclass(frozen=True)
+class Data:
+    """Bytes of one stream (a file descriptor of the job)."""
+
+    stream: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Eof:
+    """The sender will send no more data on STREAM."""
+
+    stream: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """The receiver has consumed CREDIT more bytes of STREAM: the sender may send them."""
+
+    stream: int
+    credit: int
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Worker to client, right after the handshake: who it is and why it answered."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.HELLO
+    worker: str
+    version: str
+    load: float
+    delay_ms: float
+    slots: int
+    running: int
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Hello:
+        return cls(_str(o, "worker"), _str(o, "version", 64), _float(o, "load"),
+                   _float(o, "delay_ms"), _int(o, "slots", 0, 1 << 20),
+                   _int(o, "running", 0, 1 << 20))
+
+
+@dataclass(frozen=True)
+class Start:
+    """Client to the chosen worker: run the job."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.START
+    args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Start:
+        return cls(_str_list(o, "args", 4096, 65536))
+
+
+@dataclass(frozen=True)
+class Started:
+    """Worker to client: the job's process runs."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.STARTED
+    job: str
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Started:
+        return cls(_str(o, "job", 64))
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Client to a worker that lost the race: the job went elsewhere."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.BUSY
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Busy:
+        return cls()
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Worker to client: the job ended with exit CODE, or was killed by SIGNAL."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.EXIT
+    code: int | None
+    signal: int | None
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Exit:
+        code = _int(o, "code", 0, 255) if o.get("code") is not None else None
+        sig = _int(o, "signal", 1, 127) if o.get("signal") is not None else None
+        if (code is None) == (sig is None):
+            raise WireError("EXIT needs exactly one of code and signal")
+        return cls(code, sig)
+
+
+@dataclass(frozen=True)
+class Error:
+    """Either side: the job cannot go on; REASON is a short token, MESSAGE for people."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.ERROR
+    reason: str
+    message: str
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Error:
+        return cls(_str(o, "reason", 64), _str(o, "message", 1024))
+
+
+Control = Hello | Start | Started | Busy | Exit | Error
+Frame = Data | Eof | Window | Control
+_CONTROL_TYPES: dict[int, Any] = {
+    t.KIND: t for t in (Hello, Start, Started, Busy, Exit, Error)
+}
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """The bytes of one frame."""
+    if isinstance(frame, Data):
+        if len(frame.payload) > MAX_FRAME:
+            raise WireError("data frame too long")
+        return FRAME_HEADER.pack(FrameKind.DATA, frame.stream, len(frame.payload)) + frame.payload
+    if isinstance(frame, Eof):
+        return FRAME_HEADER.pack(FrameKind.EOF, frame.stream, 0)
+    if isinstance(frame, Window):
+        return FRAME_HEADER.pack(FrameKind.WINDOW, frame.stream, 4) + _U32.pack(frame.credit)
+    body = _dump_json(asdict(frame))
+    if len(body) > MAX_CONTROL:
+        raise WireError("control frame too long")
+    return FRAME_HEADER.pack(frame.KIND, 0, len(body)) + body
+
+
+def _parse(kind: int, stream: int, payload: bytes) -> Frame:
+    if kind == FrameKind.DATA:
+        return Data(stream, payload)
+    if kind == FrameKind.EOF:
+        if payload:
+            raise WireError("EOF frame with a payload")
+        return Eof(stream)
+    if kind == FrameKind.WINDOW:
+        if len(payload) != 4:
+            raise WireError("WINDOW frame of the wrong size")
+        return Window(stream, _U32.unpack(payload)[0])
+    control = _CONTROL_TYPES.get(kind)
+    if control is None:
+        raise WireError(f"unknown frame kind {kind}")
+    if len(payload) > MAX_CONTROL:
+        raise WireError("control frame too long")
+    result: Frame = control.from_json(_load_json(payload))
+    return result
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames; holds at most one frame's bytes beyond a header."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add DATA and return every complete frame; raise WireError on bad input."""
+        buf = self._buffer
+        buf += data
+        frames: list[Frame] = []
+        offset = 0
+        size = FRAME_HEADER.size
+        while len(buf) - offset >= size:
+            kind, stream, length = FRAME_HEADER.unpack_from(buf, offset)
+            if length > MAX_FRAME:
+                raise WireError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+            if kind != FrameKind.DATA and length > MAX_CONTROL:
+                raise WireError("control frame too long")
+            end = offset + size + length
+            if len(buf) < end:
+                break
+            frames.append(_parse(kind, stream, bytes(buf[offset + size : end])))
+            offset = end
+        if offset:
+            del buf[:offset]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)

@@ -1,0 +1,328 @@
+"""The worker (cexec's cservice): hears announcements, connects back, runs jobs."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rexnet import __version__, wire
+from rexnet.announce import AnnounceChecker, ClientCert, DatagramReceiver, RateLimiter, Rejected
+from rexnet.channel import Channel
+from rexnet.credentials import CertInfo, Credential
+from rexnet.job import JobProcess, spawn
+from rexnet.load import HostLoad, connect_back_delay, load_figure, sample_host
+from rexnet.tls import connecting_options
+
+CONNECT_TIMEOUT = 5.0
+START_TIMEOUT = 10.0
+TRIED_JOBS = 10_000
+COMPLAINT_INTERVAL = 1.0
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker serves and how."""
+
+    credential: Credential
+    command: tuple[str, ...]
+    name: str
+    slots: int
+    speed: float = 1.0
+    allow_args: bool = False
+    listen: tuple[str, int] = ("0.0.0.0", 3010)
+    groups: tuple[str, ...] = ()
+
+
+@dataclass
+class Pending:
+    """A connect-back this worker has promised: it holds a slot until settled."""
+
+    job_id: bytes
+    client: ClientCert
+    load: float
+    delay: float
+    call: IDelayedCall | None = None
+    connecting: defer.Deferred[Any] | None = None
+    channel: WorkerChannel | None = None
+
+
+@dataclass
+class Running:
+    job: str
+    channel: WorkerChannel
+    process: JobProcess
+    client: str
+    argv: list[str] = field(default_factory=list)
+
+
+class Complaints:
+    """Logs complaints about peers, at most one line per source per interval."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self.count = 0
+
+    def __call__(self, source: str, what: str) -> None:
+        self.count += 1
+        now = self.clock()
+        last, suppressed = self._last.pop(source, (-1e18, 0))
+        if now - last < COMPLAINT_INTERVAL:
+            self._last[source] = (last, suppressed + 1)
+        else:
+            log.warn("complaint: {what} (from {source}; {suppressed} more suppressed)",
+                     what=what, source=source, suppressed=suppressed)
+            self._last[source] = (now, 0)
+        while len(self._last) > 4096:
+            self._last.popitem(last=False)
+
+
+class Worker:
+    """Decides which announcements to answer, and runs the jobs it wins."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        reactor: Any,
+        sample: Callable[[], HostLoad] = sample_host,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.sample = sample
+        self.jitter = jitter
+        self.checker = AnnounceChecker(settings.credential)
+        self.limiter = RateLimiter()
+        self.complain = Complaints(reactor.seconds)
+        self.tls = connecting_options(settings.credential)
+        self.pending: dict[bytes, Pending] = {}
+        self.running: dict[str, Running] = {}
+        self.tried: OrderedDict[bytes, None] = OrderedDict()
+        self.jobs_run = 0
+        self.rate_limited = 0
+
+    @property
+    def busy(self) -> int:
+        """Slots in use: running jobs and reserved connect-backs."""
+        return len(self.running) + len(self.pending)
+
+    # -- datagrams --------------------------------------------------------------------
+
+    def datagram(self, data: bytes, host: str, port: int) -> None:
+        if not self.limiter.allow(host, self.reactor.seconds()):
+            self.rate_limited += 1
+            return
+        try:
+            dgram = self.checker.decode(data)
+            if dgram is None:
+                return  # another application's traffic
+            if isinstance(dgram.message, wire.Announce):
+                self._announce(dgram, host)
+            else:
+                self._taken(dgram)
+        except Rejected as e:
+            self.complain(host, f"announcement refused: {e}")
+
+    def _announce(self, dgram: wire.Datagram, host: str) -> None:
+        ann, client = self.checker.check_announce(dgram, host)
+        if ann.job_id in self.tried:
+            return  # a resend of a job we already answered
+        if self.busy >= self.settings.slots:
+            log.debug("no free slot for job from {client}", client=client.info.name)
+            return
+        load = load_figure(self.sample(), self.busy, self.settings.slots)
+        delay = connect_back_delay(load, self.settings.speed, self.jitter)
+        pending = Pending(ann.job_id, client, load, delay)
+        self.pending[ann.job_id] = pending
+        self.tried[ann.job_id] = None
+        if len(self.tried) > TRIED_JOBS:
+            self.tried.popitem(last=False)
+        pending.call = self.reactor.callLater(delay, self._connect_back, pending, host, ann.port)
+
+    def _taken(self, dgram: wire.Datagram) -> None:
+        pending = self.pending.get(dgram.message.job_id)
+        if pending is None or pending.channel is not None:
+            return  # nothing to cancel, or the client will tell us over TLS
+        self.checker.check_taken(dgram, pending.client)
+        if pending.call is not None and pending.call.active():
+            pending.call.cancel()
+        if pending.connecting is not None:
+            pending.connecting.cancel()
+        self.release(pending)
+
+    # -- connect-back -----------------------------------------------------------------
+
+    def _connect_back(self, pending: Pending, host: str, port: int) -> None:
+        pending.call = None
+        endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+        endpoint = wrapClientTLS(
+            self.tls, endpoint_type(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
+        )
+        factory = Factory.forProtocol(lambda: WorkerChannel(self, pending))
+        pending.connecting = endpoint.connect(factory)
+
+        def failed(reason: Failure) -> None:
+            if not reason.check(defer.CancelledError):
+                log.info("connect-back to {host}:{port} failed: {why}", host=host, port=port,
+                         why=reason.getErrorMessage())
+            self.release(pending)
+
+        pending.connecting.addErrback(failed)
+
+    def release(self, pending: Pending) -> None:
+        if self.pending.get(pending.job_id) is pending:
+            del self.pending[pending.job_id]
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def start_job(self, channel: WorkerChannel, start: wire.Start) -> None:
+        pending = channel.pending
+        self.release(pending)
+        if start.args and not self.settings.allow_args:
+            channel.refuse_job("args", "this worker does not accept extra arguments "
+                               "(its administrator can allow them with --allow-args)")
+            return
+        job = uuid.uuid4().hex[:12]
+        client = CertInfo.of(channel.peer_cert).name
+        argv = [*self.settings.command, *start.args]
+        env = dict(os.environ, REXNET_JOB_ID=job, REXNET_WORKER=self.settings.name,
+                   REXNET_CLIENT=client)
+        proto = JobProcess(channel, self.reactor, lambda code, sig: self._ended(job, code, sig))
+        try:
+            spawn(self.reactor, proto, argv, env)
+        except OSError as e:
+            channel.refuse_job("spawn", f"cannot start {argv[0]}: {e.strerror}")
+            return
+        self.running[job] = Running(job, channel, proto, client, argv)
+        self.jobs_run += 1
+        channel.job = job
+        channel.send(wire.Started(job))
+        log.info("job {job} started for {client} from {peer}: {argv}", job=job, client=client,
+                 peer=channel.peer_address(), argv=argv)
+
+    def _ended(self, job: str, code: int | None, sig: int | None) -> None:
+        running = self.running.pop(job, None)
+        if running is None:
+            return
+        log.info("job {job} ended: {how}", job=job,
+                 how=f"exit {code}" if sig is None else f"signal {sig}")
+        channel = running.channel
+        channel.send(wire.Exit(code, sig))
+        channel.close()
+
+    def channel_lost(self, channel: WorkerChannel) -> None:
+        self.release(channel.pending)
+        running = self.running.get(channel.job or "")
+        if running is not None and not running.process.ended:
+            log.warn("client of job {job} went away; ending the job's process group", job=running.job)
+            running.process.kill_group()
+
+    def stop_all(self) -> None:
+        """End every job (the worker is stopping); their clients see the worker lost."""
+        for pending in list(self.pending.values()):
+            if pending.call is not None and pending.call.active():
+                pending.call.cancel()
+            self.release(pending)
+        for running in list(self.running.values()):
+            running.process.kill_group()
+            running.channel.close(abort=True)
+
+
+class WorkerChannel(Channel):
+    """The worker's end of a job channel."""
+
+    def __init__(self, worker: Worker, pending: Pending) -> None:
+        super().__init__(worker.settings.credential)
+        self.worker = worker
+        self.pending = pending
+        self.job: str | None = None
+        self._start_timer: IDelayedCall | None = None
+        pending.channel = self
+
+    def peerVerified(self) -> None:
+        w, p = self.worker, self.pending
+        self.send(wire.Hello(w.settings.name, __version__, round(p.load, 4),
+                             round(p.delay * 1000, 3), w.settings.slots, len(w.running)))
+        self._start_timer = w.reactor.callLater(START_TIMEOUT, self._no_start)
+
+    def _no_start(self) -> None:
+        self._start_timer = None
+        self.worker.complain(self.peer_address(), "client sent no job in time")
+        self.close(abort=True)
+
+    def controlReceived(self, frame: wire.Frame) -> None:
+        if self.job is None and self._start_timer is not None and self._start_timer.active():
+            self._start_timer.cancel()
+        if isinstance(frame, wire.Start) and self.job is None:
+            self.worker.start_job(self, frame)
+        elif isinstance(frame, wire.Busy) and self.job is None:
+            self.close()
+        elif isinstance(frame, wire.Error):
+            log.warn("client {peer} ended the job: {message}", peer=self.peer_address(),
+                     message=frame.message)
+            self.close()
+        else:
+            super().controlReceived(frame)
+
+    def refuse_job(self, reason: str, message: str) -> None:
+        log.warn("job refused: {message}", message=message)
+        self.send(wire.Error(reason, message))
+        self.close()
+
+    def refused(self, problem: str) -> None:
+        self.worker.complain(self.peer_address(), f"authentication failed: {problem}")
+
+    def lost(self, reason: Failure) -> None:
+        if self._start_timer is not None and self._start_timer.active():
+            self._start_timer.cancel()
+        if not self.verified:
+            self.worker.complain(self.peer_address(),
+                                 f"TLS with client failed: {reason.getErrorMessage()}")
+        self.worker.channel_lost(self)
+
+
+class WorkerService(Service):
+    """Listens for announcements on UDP (joining multicast groups) for one Worker."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        s = self.worker.settings
+        host, port = s.listen
+        receiver = DatagramReceiver(self.worker.datagram)
+        reactor = self.worker.reactor
+        if s.groups:
+            self.port = reactor.listenMulticast(port, receiver, interface=host, listenMultiple=True)
+            for group in s.groups:
+                receiver.transport.joinGroup(group)  # type: ignore[union-attr]
+        else:
+            self.port = reactor.listenUDP(port, receiver, interface=host)
+        log.info("worker {name} serves {app} ({command}) with {slots} slots at speed {speed}; "
+                 "listening on {host}:{port}", name=s.name, app=s.credential.app,
+                 command=" ".join(s.command), slots=s.slots, speed=s.speed, host=host,
+                 port=self.port.getHost().port)  # type: ignore[union-attr]
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        self.worker.stop_all()
+        if self.port is not None:
+            return defer.maybeDeferred(self.port.stopListening)
+        return None

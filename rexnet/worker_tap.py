@@ -1,0 +1,103 @@
+"""twistd rexnet-worker: options and the service tree."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from rexnet.announce import DEFAULT_PORT, parse_target
+from rexnet.credentials import CredentialError, load_credential
+from rexnet.exitcodes import CREDENTIAL
+from rexnet.load import cpu_count
+from rexnet.worker import Worker, WorkerService, WorkerSettings
+
+
+class Options(usage.Options):
+    synopsis = "[options] KEYFILE COMMAND [ARG...]"
+    longdesc = (
+        "Serve one rexnet application: hear announcements of its clients, connect back "
+        "to the client after a delay that grows with this host's load, and run COMMAND "
+        "for each job with the client's stdin, stdout and stderr. KEYFILE is the "
+        f"application's worker credential (APP.worker). Announcements arrive on UDP port "
+        f"{DEFAULT_PORT} unless --listen says otherwise."
+    )
+    optParameters = [
+        ["listen", "l", f"0.0.0.0:{DEFAULT_PORT}",
+         "UDP HOST:PORT to receive announcements on."],
+        ["name", "n", None, "Name of this worker (default: the host name)."],
+        ["speed", "s", "1.0", "Speed weight: 2.0 means twice as fast as 1.0."],
+        ["slots", None, None, "Concurrent jobs (default: the number of CPUs)."],
+    ]
+    optFlags = [
+        ["allow-args", None, "Append the client's extra arguments to COMMAND."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["join"] = []
+
+    def opt_join(self, group: str) -> None:
+        """Join this multicast GROUP for announcements (repeatable)."""
+        self["join"].append(group)
+
+    def parseArgs(self, keyfile: str, command: str, *args: str) -> None:  # type: ignore[override]
+        self["keyfile"] = keyfile
+        self["command"] = (command, *args)
+
+    def postOptions(self) -> None:
+        try:
+            self["listen_addr"] = parse_target(self["listen"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        try:
+            self["speed"] = float(self["speed"])
+            if not 0.01 <= self["speed"] <= 1000:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError("--speed must be a number between 0.01 and 1000") from None
+        slots = self["slots"]
+        try:
+            self["slots"] = cpu_count() if slots is None else int(slots)
+            if self["slots"] < 1:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError("--slots must be a whole number of at least 1") from None
+        self["name"] = self["name"] or socket.gethostname()
+        command = self["command"][0]
+        found = shutil.which(command)
+        if found is None:
+            raise usage.UsageError(f"command not found: {command}")
+        self["command"] = (found, *self["command"][1:])
+
+
+def fail(message: str, code: int) -> SystemExit:
+    """A one-line error for the administrator, and an exit without a traceback."""
+    print(f"rexnet-worker: {message}", file=sys.stderr)
+    return SystemExit(code)
+
+
+def makeService(config: Options) -> IService:
+    from twisted.internet import reactor
+
+    try:
+        credential = load_credential(Path(config["keyfile"]), "worker")
+    except CredentialError as e:
+        raise fail(str(e), CREDENTIAL) from None
+    settings = WorkerSettings(
+        credential=credential,
+        command=tuple(config["command"]),
+        name=config["name"],
+        slots=config["slots"],
+        speed=config["speed"],
+        allow_args=bool(config["allow-args"]),
+        listen=config["listen_addr"],
+        groups=tuple(config["join"]),
+    )
+    top = MultiService()
+    WorkerService(Worker(settings, reactor)).setServiceParent(top)
+    return top
