@@ -15,9 +15,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-IDLE_MS = 2.0
+IDLE_MS = 5.0
 LOAD_MS = 100.0
-JITTER_MS = 0.5
+JITTER_MS = 1.0
 
 
 @dataclass(frozen=True)
