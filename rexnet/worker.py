@@ -164,6 +164,8 @@ class Worker:
         if pending.connecting is not None:
             pending.connecting.cancel()
         self.release(pending)
+        log.info("connect-back for job {job} cancelled: taken by another worker",
+                 job=pending.job_id.hex()[:12])
 
     # -- connect-back -----------------------------------------------------------------
 

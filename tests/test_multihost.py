@@ -142,3 +142,26 @@ def test_jobs_from_two_clients_at_once(bed: NetBed, keys: Keys) -> None:
         done = list(pool.map(lambda c: job(c, keys, "cat", "--timeout", "20"),
                              [c1, c2, c1, c2]))
     assert [d.returncode for d in done] == [0, 0, 0, 0], [d.stderr for d in done]
+
+
+def test_multicast_group_and_the_GROUP_variable(bed: NetBed, keys: Keys) -> None:
+    client, host = lan(bed, "client", "w1")
+    group = "239.77.1.1"
+    worker_on(host, keys, "--join", group)
+    done = job(client, keys, "echo $REXNET_WORKER", announce=f"{group}:3010")
+    assert done.returncode == 0 and done.stdout == b"w1\n", done.stderr
+    # with no --announce, the client announces to $GROUP, as cexec did
+    argv = client.argv(["env", f"GROUP={group}", *exec_argv(keys.client, [], "--",
+                                                              "echo $REXNET_WORKER")])
+    by_env = subprocess.run(argv, capture_output=True, timeout=30)
+    assert by_env.returncode == 0 and by_env.stdout == b"w1\n", by_env.stderr
+
+
+def test_losers_cancel_their_connect_back(bed: NetBed, keys: Keys) -> None:
+    client, fast, slow = lan(bed, "client", "fast", "slow")
+    worker_on(fast, keys, "--speed", "4")
+    slow_worker = worker_on(slow, keys, "--speed", "0.02")  # waits 250 ms or more
+    done = job(client, keys, "echo $REXNET_WORKER")
+    assert done.stdout == b"fast\n"
+    slow_worker.wait_for(r"connect-back for job \w+ cancelled: taken by another worker")
+    assert "started" not in slow_worker.output.split("listening on")[1]
