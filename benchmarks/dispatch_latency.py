@@ -47,7 +47,7 @@ def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp, NetBed() as bed:
-        ca, worker_key, client_key = keygen("bench", Path(tmp))
+        _, worker_key, client_key = keygen("bench", Path(tmp))
         lan = bed.add_subnet("lan")
         client, worker = bed.add_host("client", [lan]), bed.add_host("worker", [lan])
         start_worker(worker_key, ["true"], "0.0.0.0:3010", "w", popen=worker.popen)

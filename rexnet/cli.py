@@ -7,6 +7,7 @@ Heavy modules (Twisted, cryptography) are imported inside the subcommands, so th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -38,9 +39,16 @@ def fail(message: str, code: int) -> NoReturn:
 # -- keygen ---------------------------------------------------------------------------
 
 
+MAX_DAYS = 36500
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from rexnet import credentials as c
 
+    if not 1 <= args.days <= MAX_DAYS:
+        fail(f"--days must be between 1 and {MAX_DAYS}", exitcodes.USAGE)
+    if not args.issue and (args.name or args.out):
+        fail("--name and --out go with --issue", exitcodes.USAGE)
     try:
         if args.issue:
             if not args.name:
@@ -49,7 +57,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
             ca = c.load_ca(ca_path)
             key, cert = c.issue(ca.key, ca.cert, args.issue, args.name, args.days)
             out = Path(args.out) if args.out else (
-                Path(args.dir) if args.dir else ca_path.parent) / f"{ca.app}.{args.name}.{args.issue}"
+                Path(args.dir) if args.dir else ca_path.parent
+            ) / f"{ca.app}.{args.name}.{args.issue}"
             c.write_private(out, c.credential_file_bytes(key, cert, ca.cert))
             print(f"wrote {out} ({args.issue} credential {args.name!r} of {ca.app})")
             return 0
@@ -116,10 +125,8 @@ def run_job(credential: object, targets: list[tuple[str, int]], args: argparse.N
     reactor.callWhenRunning(lambda: job.run().addBoth(done))  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     for fd in (0, 1, 2):
-        try:
+        with contextlib.suppress(OSError):
             setBlocking(fd)
-        except OSError:
-            pass
     result = outcome.get("result")
     if isinstance(result, JobResult):
         return result.status

@@ -36,7 +36,8 @@ CA_SUFFIX = ".ca"
 DEFAULT_DAYS = 3650
 MAX_CREDENTIAL_BYTES = 64 * 1024
 
-APP_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# At most 61 characters, so that the CA's common name "APP CA" fits X.509's 64.
+APP_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,59}[a-z0-9])?$")
 HOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
@@ -50,16 +51,16 @@ def identity(role: str, app: str) -> str:
 
 
 def check_app_name(app: str) -> str:
-    if not APP_NAME.match(app):
+    if not APP_NAME.fullmatch(app):
         raise CredentialError(
             f"bad application name {app!r}: use lowercase letters, digits and hyphens "
-            "(at most 63), starting and ending with a letter or digit"
+            "(at most 61), starting and ending with a letter or digit"
         )
     return app
 
 
 def check_holder_name(name: str) -> str:
-    if not HOLDER_NAME.match(name):
+    if not HOLDER_NAME.fullmatch(name):
         raise CredentialError(
             f"bad credential name {name!r}: use letters, digits and . _ @ - (at most 64)"
         )
@@ -190,7 +191,9 @@ def issue(
             critical=True,
         )
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .add_extension(
@@ -244,7 +247,10 @@ def credential_file_bytes(
 def keygen(app: str, directory: Path, days: int = DEFAULT_DAYS) -> list[Path]:
     """Make APP.ca, APP.worker and APP.client in DIRECTORY; return their paths."""
     check_app_name(app)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CredentialError(f"cannot create directory {directory}: {e.strerror}") from None
     paths = [directory / f"{app}{suffix}" for suffix in (CA_SUFFIX, ".worker", ".client")]
     for path in paths:
         if path.exists():

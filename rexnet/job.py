@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -116,10 +117,8 @@ class JobProcess(ProcessProtocol):
     def _force(self) -> None:
         if not self.ended and self.pid is not None:
             log.warn("job process group {pid} outlived SIGTERM; sending SIGKILL", pid=self.pid)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def spawn(

@@ -12,18 +12,20 @@ from OpenSSL import crypto
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet import ssl
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from rexnet.credentials import Credential
 
 
 def _private_certificate(cred: Credential) -> ssl.PrivateCertificate:
-    key = ssl.KeyPair(crypto.PKey.from_cryptography_key(cred.key))
+    # types-pyOpenSSL predates Ed25519 support in from_cryptography_key.
+    key = ssl.KeyPair(crypto.PKey.from_cryptography_key(cred.key))  # type: ignore[arg-type]
     cert = ssl.Certificate(crypto.X509.from_cryptography(cred.cert))
     return ssl.PrivateCertificate.fromCertificateAndKeyPair(cert, key)
 
 
-def _trust_root(cred: Credential) -> ssl.IOpenSSLTrustRoot:
+def _trust_root(cred: Credential) -> IOpenSSLTrustRoot:
     return ssl.trustRootFromCertificates([ssl.Certificate(crypto.X509.from_cryptography(
         cred.ca_cert))])
 

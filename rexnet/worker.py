@@ -231,7 +231,8 @@ class Worker:
         self.release(channel.pending)
         running = self.running.get(channel.job or "")
         if running is not None and not running.process.ended:
-            log.warn("client of job {job} went away; ending the job's process group", job=running.job)
+            log.warn("client of job {job} went away; ending the job's process group",
+                     job=running.job)
             running.process.kill_group()
 
     def stop_all(self) -> None:
@@ -326,5 +327,6 @@ class WorkerService(Service):
         super().stopService()
         self.worker.stop_all()
         if self.port is not None:
-            return defer.maybeDeferred(self.port.stopListening)
+            stopped: defer.Deferred[None] | None = self.port.stopListening()
+            return stopped
         return None

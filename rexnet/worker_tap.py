@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sys
@@ -15,6 +16,18 @@ from rexnet.credentials import CredentialError, load_credential
 from rexnet.exitcodes import CREDENTIAL
 from rexnet.load import cpu_count
 from rexnet.worker import Worker, WorkerService, WorkerSettings
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST[:PORT] to receive announcements on; unlike an announce target, port 0 (any
+    free port) is allowed."""
+    try:
+        return parse_target(text)
+    except ValueError:
+        if not text.endswith(":0"):
+            raise
+        host, _ = parse_target(text[:-1] + "1")
+        return host, 0
 
 
 class Options(usage.Options):
@@ -51,7 +64,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["listen_addr"] = parse_target(self["listen"])
+            self["listen_addr"] = parse_listen(self["listen"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         try:
@@ -72,7 +85,7 @@ class Options(usage.Options):
         found = shutil.which(command)
         if found is None:
             raise usage.UsageError(f"command not found: {command}")
-        self["command"] = (found, *self["command"][1:])
+        self["command"] = (os.path.abspath(found), *self["command"][1:])
 
 
 def fail(message: str, code: int) -> SystemExit:
