@@ -40,19 +40,26 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def parse_target(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """'HOST[:PORT]' (or '[V6]:PORT') as (host, port); ValueError with a clear message."""
+def parse_target(
+    text: str, default_port: int = DEFAULT_PORT, any_port: bool = False
+) -> tuple[str, int]:
+    """'HOST[:PORT]' (or '[V6]:PORT') as (host, port); ValueError with a clear message.
+
+    ANY_PORT allows port 0 (for addresses to listen on: any free port).
+    """
     host, port = text, default_port
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest.startswith(":"):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            raise ValueError(f"bad address {text!r}: use [V6ADDR]:PORT")
+        if rest:
             port = int(rest[1:])
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
         if not port_text.isdigit():
             raise ValueError(f"bad port in {text!r}")
         port = int(port_text)
-    if not host or not 0 < port < 65536:
+    if not host or not (0 if any_port else 1) <= port < 65536:
         raise ValueError(f"bad address {text!r}: use HOST[:PORT]")
     return host, port
 
@@ -67,7 +74,7 @@ class RateLimiter:
 
     def allow(self, source: str, now: float) -> bool:
         tokens, last = self._buckets.pop(source, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        tokens = min(self.burst, tokens + max(now - last, 0.0) * self.rate)
         allowed = tokens >= 1.0
         self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)
         if len(self._buckets) > self.sources:
@@ -84,11 +91,12 @@ class ReplayCache:
 
     def add(self, key: tuple[bytes, int], expires_ms: int, now: int) -> bool:
         """Record KEY; False if it was already there (a replay)."""
-        while self._seen and (next(iter(self._seen.values())) < now
-                              or len(self._seen) >= self.entries):
+        while self._seen and next(iter(self._seen.values())) < now:
             self._seen.popitem(last=False)
         if key in self._seen:
             return False
+        while self._seen and len(self._seen) >= self.entries:
+            self._seen.popitem(last=False)
         self._seen[key] = expires_ms
         return True
 
@@ -127,9 +135,9 @@ class AnnounceChecker:
             return cached
         try:
             cert = x509.load_der_x509_certificate(der)
-        except ValueError:
+            info = CertInfo.of(cert)  # parses the subject: may fail on crafted DER
+        except (ValueError, TypeError, x509.InvalidVersion):
             raise Rejected("unreadable certificate") from None
-        info = CertInfo.of(cert)
         if not issued_by(cert, self.credential.ca_cert):
             raise Rejected("certificate not issued by the application CA")
         try:

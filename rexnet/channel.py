@@ -227,7 +227,8 @@ class Channel(Protocol):
     def protocolError(self, problem: str) -> None:
         log.warn("protocol error from {peer}: {problem}", peer=self.peer_address(),
                  problem=problem)
-        self.send(wire.Error("protocol", problem[:200]))
+        if self.verified:  # nothing is sent to a peer that is not authenticated
+            self.send(wire.Error("protocol", problem[:200]))
         self.close(abort=True)
 
     def close(self, abort: bool = False) -> None:

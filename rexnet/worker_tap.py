@@ -18,18 +18,6 @@ from rexnet.load import cpu_count
 from rexnet.worker import Worker, WorkerService, WorkerSettings
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """HOST[:PORT] to receive announcements on; unlike an announce target, port 0 (any
-    free port) is allowed."""
-    try:
-        return parse_target(text)
-    except ValueError:
-        if not text.endswith(":0"):
-            raise
-        host, _ = parse_target(text[:-1] + "1")
-        return host, 0
-
-
 class Options(usage.Options):
     synopsis = "[options] KEYFILE COMMAND [ARG...]"
     longdesc = (
@@ -64,7 +52,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["listen_addr"] = parse_listen(self["listen"])
+            self["listen_addr"] = parse_target(self["listen"], any_port=True)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         try:
