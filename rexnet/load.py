@@ -4,7 +4,7 @@ load  = run-queue per CPU (1-minute load average / CPUs)
       + (running jobs + reserved connect-backs) / slots
 delay = (IDLE_MS + LOAD_MS * load) / speed + uniform(0, JITTER_MS)   milliseconds
 
-An idle worker answers within a couple of milliseconds; each unit of load per CPU adds
+An idle worker answers after about IDLE_MS; each unit of load per CPU adds
 LOAD_MS, well above network jitter (cexec's 0.1 ms per unit drowned in it).  A faster
 worker (speed 2.0) answers in half the time of a slower one at the same load.
 """
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 IDLE_MS = 5.0
-LOAD_MS = 100.0
+LOAD_MS = 20.0
 JITTER_MS = 1.0
 
 
