@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import interfaces
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -23,6 +25,8 @@ from rexnet.credentials import Credential
 from rexnet.tls import check_peer
 
 WINDOW = 1 << 20
+PING_INTERVAL = 1.0
+DEAD_AFTER = 4.0
 GRANT_STEP = WINDOW // 4
 MAX_OVERRUN = WINDOW + wire.MAX_FRAME
 
@@ -93,8 +97,11 @@ class InStream:
     the sink's producer so the sink's own buffer limit holds credit back.
     """
 
-    def __init__(self, channel: Channel, stream: int, sink: Any | None) -> None:
+    def __init__(
+        self, channel: Channel, stream: int, sink: Any | None, close_on_eof: bool = True
+    ) -> None:
         self.channel = channel
+        self.close_on_eof = close_on_eof
         self.stream = stream
         self.sink = sink
         self.outstanding = 0  # bytes received and not yet credited back
@@ -117,7 +124,8 @@ class InStream:
         self.eof = True
         if self.sink is not None:
             self.sink.unregisterProducer()
-            self.sink.loseConnection()
+            if self.close_on_eof:
+                self.sink.loseConnection()
             self.sink = None
 
     def drop_sink(self) -> None:
@@ -164,6 +172,9 @@ class Channel(Protocol):
         self.verified = False
         self.congested = False
         self.closed = False
+        self._clock: IReactorTime | None = None
+        self._heartbeat: LoopingCall | None = None
+        self._sent_at = self._heard_at = 0.0
 
     # -- TLS --------------------------------------------------------------------------
 
@@ -188,12 +199,33 @@ class Channel(Protocol):
 
     def send(self, frame: wire.Frame) -> None:
         if not self.closed:
+            self._sent_at = self._clock.seconds() if self._clock else 0.0
             self.transport.write(wire.encode_frame(frame))  # type: ignore[union-attr]
+
+    def start_heartbeat(self, clock: IReactorTime) -> None:
+        """Ping the peer when idle; give up on a peer silent for DEAD_AFTER seconds."""
+        self._clock = clock
+        self._sent_at = self._heard_at = clock.seconds()
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = clock
+        self._heartbeat.start(PING_INTERVAL, now=False)
+
+    def _beat(self) -> None:
+        assert self._clock is not None
+        now = self._clock.seconds()
+        if now - self._heard_at > DEAD_AFTER:
+            log.warn("peer {peer} silent for {s:.0f} s: connection considered lost",
+                     peer=self.peer_address(), s=now - self._heard_at)
+            self.close(abort=True)
+        elif now - self._sent_at >= PING_INTERVAL:
+            self.send(wire.Ping())
 
     def dataReceived(self, data: bytes) -> None:
         if not self.verified:
             self.protocolError("data before the peer was verified")
             return
+        if self._clock is not None:
+            self._heard_at = self._clock.seconds()
         try:
             for frame in self.decoder.feed(data):
                 if self.closed:
@@ -213,16 +245,15 @@ class Channel(Protocol):
             if out is not None:
                 out.grant(frame.credit)
         elif isinstance(frame, wire.Eof):
-            self.eofReceived(frame.stream)
-        else:
+            inbound = self.ins.get(frame.stream)
+            if inbound is not None:
+                inbound.end()
+        elif isinstance(frame, wire.Shut):
+            out = self.outs.get(frame.stream)
+            if out is not None:
+                out.stop()
+        elif not isinstance(frame, wire.Ping):
             self.controlReceived(frame)
-
-    def eofReceived(self, stream: int) -> None:
-        inbound = self.ins.get(stream)
-        if inbound is not None:
-            inbound.end()
-        elif stream in self.outs:
-            self.outs[stream].stop()
 
     def protocolError(self, problem: str) -> None:
         log.warn("protocol error from {peer}: {problem}", peer=self.peer_address(),
@@ -257,6 +288,8 @@ class Channel(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
         self.lost(reason)
 
     # -- for subclasses -------------------------------------------------------------

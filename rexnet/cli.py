@@ -87,34 +87,87 @@ def announce_targets(texts: Sequence[str]) -> list[tuple[str, int]]:
     return targets
 
 
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
+def descriptor_modes(numbers: Sequence[int]) -> dict[int, str]:
+    """--fd N: "r" for a read-only descriptor, "w" write-only, "rw" read-write."""
+    import fcntl
+
+    modes = {}
+    for fd in numbers:
+        if not 3 <= fd <= 255:
+            fail(f"--fd {fd}: use descriptors 3 to 255 (0, 1 and 2 always go)", exitcodes.USAGE)
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError:
+            fail(f"--fd {fd}: descriptor {fd} is not open", exitcodes.USAGE)
+        modes[fd] = {os.O_RDONLY: "r", os.O_WRONLY: "w"}.get(flags & os.O_ACCMODE, "rw")
+    return modes
+
+
+def environment(specs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """--env NAME=VALUE, or --env NAME for this process's value (skipped if unset)."""
+    pairs = []
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not name or "\0" in spec:
+            fail(f"--env {spec!r}: use NAME=VALUE or NAME", exitcodes.USAGE)
+        if not sep:
+            if name not in os.environ:
+                continue
+            value = os.environ[name]
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     targets = announce_targets(args.announce)
     if args.timeout <= 0:
         fail("--timeout must be positive", exitcodes.USAGE)
+    if args.tty and args.no_tty:
+        fail("-t and -T contradict each other", exitcodes.USAGE)
+    fds = descriptor_modes(args.fd)
+    tty = args.tty or (not args.no_tty and os.isatty(0))
+    if tty and fds:
+        fail("--fd cannot be combined with a terminal; add -T", exitcodes.USAGE)
     from rexnet.credentials import CredentialError, load_credential
 
     try:
         credential = load_credential(Path(args.keyfile), "client")
     except CredentialError as e:
         fail(str(e), exitcodes.CREDENTIAL)
-    return run_job(credential, targets, args)
+    from rexnet import wire
+    from rexnet.terminal import window_size
+
+    rows, cols = window_size(0) if tty else (0, 0)
+    request = wire.Start(tuple(args.args), environment(args.env), tty,
+                         os.environ.get("TERM", "") if tty else "", rows, cols,
+                         tuple(sorted(fds.items())))
+    return run_job(credential, targets, request, args)
 
 
-def run_job(credential: object, targets: list[tuple[str, int]], args: argparse.Namespace) -> int:
+def run_job(credential: object, targets: list[tuple[str, int]], request: object,
+            args: argparse.Namespace) -> int:
+    import signal
+
     from twisted.internet import reactor
     from twisted.internet.fdesc import setBlocking
     from twisted.logger import globalLogBeginner
 
     from rexnet.client import ClientJob, JobFailed, JobResult
     from rexnet.logs import stderr_observer
+    from rexnet.terminal import raw_mode, window_size
 
     globalLogBeginner.beginLoggingTo([stderr_observer(args.verbose)], redirectStandardIO=False)
+    raw = {"on": False}
 
     def say(message: str) -> None:
         if args.verbose:
-            print(f"rexnet: {message}", file=sys.stderr, flush=True)
+            end = "\r\n" if raw["on"] else "\n"
+            print(f"rexnet: {message}", file=sys.stderr, end=end, flush=True)
 
-    job = ClientJob(reactor, credential, targets, args.args, timeout=args.timeout,  # type: ignore[arg-type]
+    job = ClientJob(reactor, credential, targets, request, timeout=args.timeout,  # type: ignore[arg-type]
                     say=say)
     outcome: dict[str, object] = {}
 
@@ -122,11 +175,23 @@ def run_job(credential: object, targets: list[tuple[str, int]], args: argparse.N
         outcome["result"] = result
         reactor.stop()  # type: ignore[attr-defined]
 
+    def forward(number: int, frame: object) -> None:
+        reactor.callFromThread(job.send_signal, number)  # type: ignore[attr-defined]
+
+    def resized(number: int, frame: object) -> None:
+        reactor.callFromThread(job.resize, *window_size(0))  # type: ignore[attr-defined]
+
+    for name in FORWARDED_SIGNALS:
+        signal.signal(getattr(signal, name), forward)
+    if getattr(request, "tty", False):
+        signal.signal(signal.SIGWINCH, resized)
     reactor.callWhenRunning(lambda: job.run().addBoth(done))  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    for fd in (0, 1, 2):
+    with raw_mode(0) if getattr(request, "tty", False) else contextlib.nullcontext(False) as on:
+        raw["on"] = bool(on)
+        reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined,call-arg]
+    for fd in (0, 1, 2, *getattr(request, "fds", {})):
         with contextlib.suppress(OSError):
-            setBlocking(fd)
+            setBlocking(fd if isinstance(fd, int) else fd[0])
     result = outcome.get("result")
     if isinstance(result, JobResult):
         return result.status
@@ -150,10 +215,20 @@ def exec_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to announce the job (repeatable): a broadcast address, a "
                    "multicast group or a worker's address; default: $GROUP, else "
                    f"{DEFAULT_ANNOUNCE}, port 3010")
-    p.add_argument("-t", "--timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="give up if no worker is found within this time (default 30)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr which worker took the job and why")
+    p.add_argument("-t", dest="tty", action="store_true",
+                   help="give the job a terminal even if stdin is not one")
+    p.add_argument("-T", dest="no_tty", action="store_true",
+                   help="never give the job a terminal")
+    p.add_argument("--fd", metavar="N", type=int, action="append", default=[],
+                   help="carry descriptor N to the same number in the job (repeatable): "
+                   "read-only and write-only ones as pipes, read-write ones as sockets")
+    p.add_argument("-e", "--env", metavar="NAME[=VALUE]", action="append", default=[],
+                   help="set a variable in the job's environment, if the worker accepts it "
+                   "(repeatable; NAME alone sends this process's value)")
 
 
 def parser() -> argparse.ArgumentParser:

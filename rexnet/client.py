@@ -6,7 +6,9 @@ Deferred that fires with a JobResult or fails with a JobFailed subclass.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,20 @@ class WorkerLost(JobFailed):
     exit_code = exitcodes.WORKER_LOST
 
 
+class LimitHit(JobFailed):
+    """The worker ended the job for exceeding --job-timeout or --job-memory."""
+
+    exit_code = exitcodes.TIME_LIMIT
+
+
+class Interrupted(JobFailed):
+    """A signal stopped the client before its job started."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @dataclass(frozen=True)
 class JobResult:
     """How the job ended, and where it ran."""
@@ -71,64 +87,100 @@ class JobResult:
 
 
 class StdioStreams:
-    """Connects the client's descriptors 0, 1 and 2 to a job channel's streams."""
+    """Connects the client's descriptors to a job channel's streams.
 
-    def __init__(self, reactor: Any, stdin: int = 0, stdout: int = 1, stderr: int = 2) -> None:
+    Descriptors 0, 1 and 2 always (in a terminal, 1 carries the terminal's output and 2 is
+    unused); further descriptors by FDS: "r" the job reads it, "w" the job writes it,
+    "rw" both.
+    """
+
+    def __init__(self, reactor: Any, tty: bool = False, fds: dict[int, str] | None = None
+                 ) -> None:
         self.reactor = reactor
-        self.fds = {0: stdin, 1: stdout, 2: stderr}
+        self.tty = tty
+        self.fds = dict(fds or {})
+        self.outputs = [1] if tty else [1, 2]
+        self.outputs += [fd for fd, mode in self.fds.items() if "w" in mode]
+        self.inputs = [0, *(fd for fd, mode in self.fds.items() if "r" in mode)]
         self._flushed: dict[int, defer.Deferred[None]] = {}
         self._writers: dict[int, process.ProcessWriter] = {}
-        self._reader: PipeReader | None = None
+        self._readers: dict[int, PipeReader] = {}
+        self._dups: list[int] = []
         self.channel: Channel | None = None
 
     def prepare(self, channel: Channel) -> None:
         """Be ready for the job's output (before the job starts)."""
         self.channel = channel
-        for stream in (1, 2):
-            writer = process.ProcessWriter(self.reactor, self, stream, self.fds[stream])
-            self._writers[stream] = writer
-            self._flushed[stream] = defer.Deferred()
-            channel.ins[stream] = InStream(channel, stream, writer)
+        for fd in self.outputs:
+            target = fd
+            if fd in self.inputs:  # read-write: a second descriptor for the writer
+                target = os.dup(fd)
+                self._dups.append(target)
+            writer = process.ProcessWriter(self.reactor, self, ("out", fd), target)
+            self._writers[fd] = writer
+            self._flushed[fd] = defer.Deferred()
+            channel.ins[fd] = InStream(channel, fd, writer)
 
     def start_input(self) -> None:
-        """The worker accepted the job: start sending stdin."""
+        """The worker accepted the job: start sending our input descriptors."""
         assert self.channel is not None
-        out = OutStream(self.channel, 0)
-        self.channel.outs[0] = out
-        try:
-            self._reader = PipeReader(self.reactor, self, 0, self.fds[0])
-        except OSError:
-            out.close()  # stdin is closed: the job reads EOF
-            return
-        out.attach(self._reader)
+        for fd in self.inputs:
+            out = OutStream(self.channel, fd)
+            self.channel.outs[fd] = out
+            try:
+                reader = PipeReader(self.reactor, self, ("in", fd), fd)
+            except OSError:
+                out.close()  # the descriptor is closed: the job reads EOF
+                continue
+            self._readers[fd] = reader
+            out.attach(reader)
 
     # the ProcessReader/ProcessWriter callbacks
-    def childDataReceived(self, name: int, data: bytes) -> None:
+    def childDataReceived(self, name: tuple[str, int], data: bytes) -> None:
         assert self.channel is not None
-        self.channel.outs[0].write(data)
+        self.channel.outs[name[1]].write(data)
 
-    def childConnectionLost(self, name: int, reason: Failure) -> None:
-        if name == 0:
-            if self.channel is not None and 0 in self.channel.outs:
-                self.channel.outs[0].close()
-        else:
-            stream = self.channel.ins.get(name) if self.channel else None
-            if stream is not None and stream.sink is not None:
-                stream.drop_sink()  # our reader went away: discard the rest
-            flushed = self._flushed.get(name)
-            if flushed is not None and not flushed.called:
-                flushed.callback(None)
+    def childConnectionLost(self, name: tuple[str, int], reason: Failure) -> None:
+        direction, fd = name
+        if direction == "in":
+            if self.channel is not None and fd in self.channel.outs:
+                self.channel.outs[fd].close()
+            return
+        stream = self.channel.ins.get(fd) if self.channel else None
+        if stream is not None and stream.sink is not None:
+            stream.drop_sink()  # our reader went away: discard the rest
+            if self.channel is not None:
+                self.channel.send(wire.Shut(fd))
+        if fd in self.inputs:
+            with contextlib.suppress(OSError):
+                socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_WR)
+        flushed = self._flushed.get(fd)
+        if flushed is not None and not flushed.called:
+            flushed.callback(None)
 
     def finish(self) -> defer.Deferred[Any]:
-        """Fires once every byte of output is written; stops reading stdin."""
-        if self._reader is not None and self._reader.connected:
-            self._reader.stopReading()
-            self._reader.connected = False
+        """Fires once every byte of output is written; stops reading input."""
+        for reader in self._readers.values():
+            if reader.connected:
+                reader.stopReading()
+                reader.connected = False
         for writer in self._writers.values():
             if writer.connected and not writer.disconnecting:
                 writer.unregisterProducer()
                 writer.loseConnection()
-        return defer.gatherResults(list(self._flushed.values()))
+        done = defer.gatherResults(list(self._flushed.values()))
+
+        def close_dups(result: object) -> object:
+            for fd in self._dups:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._dups = []
+            return result
+
+        return done.addBoth(close_dups)
+
+    def descriptors(self) -> list[int]:
+        return sorted({0, 1, 2, *self.fds})
 
 
 class ClientJob:
@@ -139,7 +191,7 @@ class ClientJob:
         reactor: Any,
         credential: Credential,
         targets: Sequence[tuple[str, int]],
-        args: Sequence[str] = (),
+        request: wire.Start | None = None,
         streams: StdioStreams | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         say: Callable[[str], None] = lambda message: None,
@@ -148,8 +200,8 @@ class ClientJob:
         self.reactor = reactor
         self.credential = credential
         self.targets = list(targets)
-        self.args = tuple(args)
-        self.streams = streams or StdioStreams(reactor)
+        self.request = request = request or wire.Start()
+        self.streams = streams or StdioStreams(reactor, request.tty, dict(request.fds))
         self.timeout = timeout
         self.say = say
         self.now = now
@@ -166,6 +218,8 @@ class ClientJob:
         self._resend: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None
         self._addrs: tuple[str, ...] = ()
+        self._early_signals: list[int] = []
+        self.worker_error = ""
         self._t0 = reactor.seconds()
 
     # -- setting up -------------------------------------------------------------------
@@ -231,7 +285,8 @@ class ClientJob:
                     other.send(wire.Busy())
                 other.close(abort=not other.verified)
         self.streams.prepare(channel)
-        channel.send(wire.Start(self.args))
+        channel.start_heartbeat(self.reactor)
+        channel.send(self.request)
 
     def job_started(self, channel: ClientChannel, started: wire.Started) -> None:
         self.started = started
@@ -245,9 +300,43 @@ class ClientJob:
         else:
             why = "first to connect back"
         self.say(f"job {started.job} runs on worker {name} ({channel.peer_address()}): {why}")
+        if started.refused_env:
+            log.warn("worker {name} did not accept the environment variable(s) {names} "
+                     "(see its --accept-env)", name=name, names=", ".join(started.refused_env))
         self.streams.start_input()
+        for sig in self._early_signals:
+            channel.send(wire.Signal(sig))
+
+    def send_signal(self, number: int) -> None:
+        """Deliver signal NUMBER to the job; before the job runs, give up with 128+N."""
+        if self.chosen is not None and self.started is not None:
+            self.chosen.send(wire.Signal(number))
+        elif self.chosen is not None:
+            self._early_signals.append(number)
+        else:
+            self._fail(Interrupted(f"interrupted by signal {number} before the job started",
+                                   128 + number))
+
+    def resize(self, rows: int, cols: int) -> None:
+        """The client's terminal changed size: tell the job's terminal."""
+        if self.chosen is not None:
+            self.chosen.send(wire.Winsize(rows, cols))
 
     def job_exited(self, channel: ClientChannel, exit: wire.Exit) -> None:
+        if self.worker_error:
+            channel.close()
+            lost = WorkerLost(f"lost worker: {self.worker_error}")
+            self.streams.finish().addBoth(lambda _: self._fail(lost))
+            return
+        if exit.limit:
+            channel.close()
+            seconds = f"{exit.limit} limit"
+            error = LimitHit(f"the worker ended the job: it hit its {seconds} "
+                             "(see the worker's --job-timeout / --job-memory)")
+            error.exit_code = (exitcodes.TIME_LIMIT if exit.limit == "time"
+                               else exitcodes.MEMORY_LIMIT)
+            self.streams.finish().addBoth(lambda _: self._fail(error))
+            return
         hello = channel.hello
         result = JobResult(exit.code, exit.signal, hello.worker if hello else "?",
                            channel.peer_address(), self.started.job if self.started else "?")
@@ -256,9 +345,11 @@ class ClientJob:
         finished.addCallback(lambda _: self._succeed(result))
 
     def job_error(self, channel: ClientChannel, error: wire.Error) -> None:
-        kind = JobRefused if self.started is None else WorkerLost
-        self._fail(kind(f"worker {channel.peer_address()}: {error.message}"))
-        channel.close()
+        if self.started is None:
+            self._fail(JobRefused(f"worker {channel.peer_address()}: {error.message}"))
+            channel.close()
+        else:  # the worker is ending the job (e.g. it is stopping): keep its last output
+            self.worker_error = error.message
 
     def auth_failed(self, channel: ClientChannel, problem: str) -> None:
         self.auth_failures.append(problem)
@@ -270,8 +361,9 @@ class ClientJob:
         if channel is self.chosen and not self.result.called and not channel.exited:
             hello = channel.hello
             who = hello.worker if hello else channel.peer_address()
+            why = f": {self.worker_error}" if self.worker_error else ""
             self.streams.finish().addBoth(lambda _: self._fail(
-                WorkerLost(f"lost worker {who} before the job finished")))
+                WorkerLost(f"lost worker {who} before the job finished{why}")))
 
     def _timed_out(self) -> None:
         self._deadline = None

@@ -4,6 +4,10 @@ A job's own status passes through unchanged (0-255; 128+N for a job killed by si
 so rexnet's own failures use the top of the range, as ssh uses 255.
 """
 
+MEMORY_LIMIT = 247
+"""The worker ended the job: it used more memory than the worker's --job-memory."""
+TIME_LIMIT = 248
+"""The worker ended the job: it ran longer than the worker's --job-timeout."""
 USAGE = 250
 """Bad command line."""
 CREDENTIAL = 251
@@ -18,6 +22,8 @@ WORKER_LOST = 255
 """The connection to the worker dropped before the job finished."""
 
 DESCRIPTIONS = {
+    MEMORY_LIMIT: "the job hit the worker's memory limit (--job-memory)",
+    TIME_LIMIT: "the job hit the worker's time limit (--job-timeout)",
     USAGE: "bad command line",
     CREDENTIAL: "credential refused (missing, unsafe mode, corrupt or wrong role)",
     REFUSED: "the worker refused the job or broke the protocol; the job did not start",

@@ -1,31 +1,38 @@
-"""One running job on a worker: the process, its pipes, and their link to the channel."""
+"""One running job on a worker: its process, descriptors, terminal and limits."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import signal
+import socket
+import struct
+import termios
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import main, process
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexnet import wire
 from rexnet.channel import Channel, InStream, OutStream
+from rexnet.load import group_rss
 
 READ_SIZE = 64 * 1024
 KILL_GRACE = 2.0
+MEMORY_CHECK = 0.2
 
 log = Logger()
 
 
 class PipeReader(process.ProcessReader):
-    """A process pipe reader that reads 64 KiB at a time (Twisted reads 8 KiB)."""
+    """A pipe (or socket) reader that reads 64 KiB at a time (Twisted reads 8 KiB)."""
 
     def doRead(self) -> Any:
         try:
@@ -63,45 +70,191 @@ def exit_status(reason: Failure) -> tuple[int | None, int | None]:
     return (int(code) if code is not None else 0), None
 
 
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one job; 0 means none."""
+
+    seconds: float = 0.0
+    memory: int = 0
+
+
+class SocketEnd:
+    """The worker's end of a socketpair standing in for a read-write descriptor FD."""
+
+    def __init__(self, job: JobProcess, fd: int, sock: socket.socket) -> None:
+        self.job = job
+        self.fd = fd
+        self.sock = sock
+        self.reader = PipeReader(job.reactor, self, "r", sock.fileno())
+        self.writer = process.ProcessWriter(job.reactor, self, "w", os.dup(sock.fileno()))
+
+    # called by the reader and writer, as a Process would be
+    def childDataReceived(self, name: str, data: bytes) -> None:
+        self.job.childDataReceived(self.fd, data)
+
+    def childConnectionLost(self, name: str, reason: Failure) -> None:
+        if name == "w":
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                os.close(self.writer.fd)
+        else:
+            self.job._output_done(self.fd)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class JobProcess(ProcessProtocol):
-    """Bridges a job's stdin, stdout and stderr to streams 0, 1 and 2 of a channel."""
+    """Bridges a job's descriptors (or its terminal) to the streams of a channel.
+
+    Streams are descriptor numbers. ON_END is called once the process has ended and every
+    output stream has been sent, with (code, signal, limit) where limit names the limit
+    the worker ended the job for, if any.
+    """
 
     def __init__(
         self,
         channel: Channel,
-        clock: IReactorTime,
-        on_end: Callable[[int | None, int | None], None],
+        reactor: Any,
+        on_end: Callable[[int | None, int | None, str], None],
+        start: wire.Start,
+        limits: Limits = Limits(),
     ) -> None:
         self.channel = channel
-        self.clock = clock
+        self.reactor = reactor
         self.on_end = on_end
+        self.start = start
+        self.limits = limits
         self.ended = False
+        self.status: tuple[int | None, int | None] | None = None
+        self.limit_hit = ""
         self.pid: int | None = None
+        self.open_outputs: set[int] = set()
+        self.reported = False
+        self._pairs: dict[int, socket.socket] = {}
+        self.sockets: dict[int, SocketEnd] = {}
+        self._timers: list[Any] = []
+        self._memory: LoopingCall | None = None
+
+    # -- wiring -----------------------------------------------------------------------
+
+    def child_fds(self) -> tuple[dict[int, Any], dict[int, socket.socket]]:
+        """The childFDs for spawnProcess, and the job's ends of any socketpairs."""
+        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        children: dict[int, socket.socket] = {}
+        for fd, mode in self.start.fds:
+            if mode == "rw":
+                mine, theirs = socket.socketpair()
+                self._pairs[fd] = mine
+                children[fd] = theirs
+                fds[fd] = theirs.fileno()
+            else:
+                fds[fd] = "w" if mode == "r" else "r"
+        return fds, children
 
     def connectionMade(self) -> None:
-        pipes = self.transport.pipes  # type: ignore[union-attr]
-        self.pid = self.transport.pid  # type: ignore[union-attr]
-        self.channel.ins[0] = InStream(self.channel, 0, pipes[0])
-        for fd in (1, 2):
-            out = OutStream(self.channel, fd)
-            self.channel.outs[fd] = out
-            out.attach(pipes[fd])
+        transport: Any = self.transport
+        self.pid = transport.pid
+        channel = self.channel
+        if self.start.tty:  # the client's EOF must not hang up the terminal
+            channel.ins[0] = InStream(channel, 0, transport, close_on_eof=False)
+            self._output(1, transport)
+        else:
+            pipes = transport.pipes
+            channel.ins[0] = InStream(channel, 0, pipes[0])
+            for fd in (1, 2):
+                self._output(fd, pipes[fd])
+            for fd, mode in self.start.fds:
+                if mode == "rw":
+                    end = self.sockets[fd] = SocketEnd(self, fd, self._pairs.pop(fd))
+                    channel.ins[fd] = InStream(channel, fd, end.writer)
+                    self._output(fd, end.reader)
+                elif mode == "r":
+                    channel.ins[fd] = InStream(channel, fd, pipes[fd])
+                else:
+                    self._output(fd, pipes[fd])
+        if self.limits.seconds:
+            self._timers.append(self.reactor.callLater(self.limits.seconds, self._limit, "time"))
+        if self.limits.memory:
+            self._memory = LoopingCall(self._check_memory)
+            self._memory.clock = self.reactor
+            self._memory.start(MEMORY_CHECK, now=False)
+
+    def _output(self, fd: int, source: Any) -> None:
+        out = OutStream(self.channel, fd)
+        self.channel.outs[fd] = out
+        self.open_outputs.add(fd)
+        out.attach(source)
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.start.tty and not self.ended:
+            set_winsize(self.transport.fileno(), rows, cols)  # type: ignore[union-attr]
+
+    # -- the process's descriptors --------------------------------------------------
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self.channel.outs[childFD].write(data)
 
     def childConnectionLost(self, childFD: int) -> None:
-        if childFD == 0:
-            stdin = self.channel.ins.get(0)
-            if stdin is not None and not stdin.eof:
-                stdin.drop_sink()
-                self.channel.send(wire.Eof(0))  # tell the client to stop sending
-        else:
-            self.channel.outs[childFD].close()
+        stream = self.channel.ins.get(childFD)
+        if stream is not None and childFD not in self.open_outputs:
+            if not stream.eof:  # the job closed its input: tell the client to stop
+                stream.drop_sink()
+                self.channel.send(wire.Shut(childFD))
+            return
+        self._output_done(childFD)
+
+    def _output_done(self, fd: int) -> None:
+        if fd in self.open_outputs:
+            self.open_outputs.discard(fd)
+            self.channel.outs[fd].close()
+            self._maybe_end()
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
-        self.on_end(*exit_status(reason))
+        self.status = exit_status(reason)
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        if self._memory is not None and self._memory.running:
+            self._memory.stop()
+        if self.start.tty:
+            self._output_done(1)
+        self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        """Report the end once the process is gone and all its output is sent."""
+        if self.status is None or self.open_outputs or self.reported:
+            return
+        self.reported = True
+        for end in self.sockets.values():
+            end.close()
+        self.on_end(*self.status, self.limit_hit)
+
+    # -- signals and limits ---------------------------------------------------------
+
+    def deliver_signal(self, number: int) -> None:
+        """Deliver a signal from the client to the job's process group."""
+        if not self.ended and self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, number)
+
+    def _limit(self, which: str) -> None:
+        if not self.ended and not self.limit_hit:
+            self.limit_hit = which
+            log.warn("job process {pid} hit its {which} limit; ending it", pid=self.pid,
+                     which=which)
+            self.kill_group()
+
+    def _check_memory(self) -> None:
+        if self.pid is not None and group_rss(self.pid) > self.limits.memory:
+            self._limit("memory")
 
     def kill_group(self, sig: int = signal.SIGTERM) -> None:
         """Signal the job's process group; KILL it if it outlives the grace period."""
@@ -112,7 +265,7 @@ class JobProcess(ProcessProtocol):
         except ProcessLookupError:
             return
         if sig != signal.SIGKILL:
-            self.clock.callLater(KILL_GRACE, self._force)
+            self._timers.append(self.reactor.callLater(KILL_GRACE, self._force))
 
     def _force(self) -> None:
         if not self.ended and self.pid is not None:
@@ -127,9 +280,24 @@ def spawn(
     argv: Sequence[str],
     env: Mapping[str, str],
     cwd: str | None = None,
-) -> SessionProcess:
-    """Start ARGV as the job of PROTO, with pipes for fds 0, 1 and 2."""
-    return SessionProcess(
-        reactor, argv[0], list(argv), dict(env), cwd, proto, None, None,
-        {0: "w", 1: "r", 2: "r"},
-    )
+) -> Any:
+    """Start ARGV as the job of PROTO: with pipes (and socketpairs), or in a pty."""
+    start = proto.start
+    if start.tty:
+        master, slave = os.openpty()
+        set_winsize(slave, start.rows or 24, start.cols or 80)
+        try:
+            return process.PTYProcess(reactor, argv[0], list(argv), dict(env), cwd, proto,
+                                      None, None, (master, slave, os.ttyname(slave)))
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+    fds, children = proto.child_fds()
+    try:
+        return SessionProcess(reactor, argv[0], list(argv), dict(env), cwd, proto, None, None,
+                              fds)
+    finally:
+        for sock in children.values():
+            sock.close()

@@ -11,6 +11,7 @@ worker (speed 2.0) answers in half the time of a slower one at the same load.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,3 +58,19 @@ def connect_back_delay(
     """Seconds to wait before connecting back, given LOAD and the worker's SPEED."""
     ms = (IDLE_MS + LOAD_MS * max(load, 0.0)) / speed + jitter() * JITTER_MS
     return ms / 1000.0
+
+
+def group_rss(pid: int) -> int:
+    """Resident memory of process PID and all its descendants, in bytes (0 if gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -250,12 +250,16 @@ class FrameKind(IntEnum):
     DATA = 0
     EOF = 1
     WINDOW = 2
+    SHUT = 3
     HELLO = 10
     START = 11
     STARTED = 12
     BUSY = 13
     EXIT = 14
     ERROR = 15
+    SIGNAL = 16
+    WINSIZE = 17
+    PING = 18
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,13 @@ class Data:
 @dataclass(frozen=True)
 class Eof:
     """The sender will send no more data on STREAM."""
+
+    stream: int
+
+
+@dataclass(frozen=True)
+class Shut:
+    """The sender will read no more of STREAM: the peer should stop sending it."""
 
     stream: int
 
@@ -300,16 +311,58 @@ class Hello:
                    _int(o, "running", 0, 1 << 20))
 
 
+FD_MODES = ("r", "w", "rw")
+MAX_ENV = 256
+
+
 @dataclass(frozen=True)
 class Start:
-    """Client to the chosen worker: run the job."""
+    """Client to the chosen worker: run the job.
+
+    ARGS are appended to the worker's command (if it allows that); ENV holds variables the
+    client asks for; TTY asks for a pseudo-terminal of ROWS x COLS with TERM; FDS maps
+    further descriptor numbers to "r" (the job reads), "w" (the job writes) or "rw".
+    """
 
     KIND: ClassVar[FrameKind] = FrameKind.START
     args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    tty: bool = False
+    term: str = ""
+    rows: int = 0
+    cols: int = 0
+    fds: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Start:
-        return cls(_str_list(o, "args", 4096, 65536))
+        env = _pairs(o.get("env", []), MAX_ENV)
+        fds = []
+        for fd, mode in _pairs(o.get("fds", []), 64):
+            if not isinstance(fd, int) or isinstance(fd, bool) or not 3 <= fd <= MAX_STREAM:
+                raise WireError("field 'fds' holds a bad descriptor number")
+            if mode not in FD_MODES:
+                raise WireError("field 'fds' holds a bad mode")
+            fds.append((fd, mode))
+        for name, value in env:
+            if not (isinstance(name, str) and isinstance(value, str) and 0 < len(name) <= 256
+                    and len(value) <= 65536 and "=" not in name and "\0" not in name + value):
+                raise WireError("field 'env' holds a bad variable")
+        tty = o.get("tty", False)
+        if not isinstance(tty, bool):
+            raise WireError("field 'tty' is not a boolean")
+        args = _str_list(o, "args", 4096, 65536) if "args" in o else ()
+        return cls(args, tuple(env), tty,
+                   _str(o, "term", 64) if "term" in o else "",
+                   _int(o, "rows", 0, 0xFFFF) if "rows" in o else 0,
+                   _int(o, "cols", 0, 0xFFFF) if "cols" in o else 0, tuple(fds))
+
+
+def _pairs(value: Any, limit: int) -> list[tuple[Any, Any]]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise WireError(f"expected a list of at most {limit} pairs")
+    if not all(isinstance(v, list) and len(v) == 2 for v in value):
+        raise WireError("expected pairs")
+    return [(a, b) for a, b in value]
 
 
 @dataclass(frozen=True)
@@ -318,10 +371,12 @@ class Started:
 
     KIND: ClassVar[FrameKind] = FrameKind.STARTED
     job: str
+    refused_env: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Started:
-        return cls(_str(o, "job", 64))
+        refused = _str_list(o, "refused_env", MAX_ENV, 256) if "refused_env" in o else ()
+        return cls(_str(o, "job", 64), refused)
 
 
 @dataclass(frozen=True)
@@ -342,6 +397,7 @@ class Exit:
     KIND: ClassVar[FrameKind] = FrameKind.EXIT
     code: int | None
     signal: int | None
+    limit: str = ""  # "time" or "memory" when the worker ended the job for a limit
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Exit:
@@ -349,7 +405,13 @@ class Exit:
         sig = _int(o, "signal", 1, 127) if o.get("signal") is not None else None
         if (code is None) == (sig is None):
             raise WireError("EXIT needs exactly one of code and signal")
-        return cls(code, sig)
+        limit = _str(o, "limit", 16) if "limit" in o else ""
+        if limit not in LIMITS:
+            raise WireError("EXIT names an unknown limit")
+        return cls(code, sig, limit)
+
+
+LIMITS = ("", "time", "memory")
 
 
 @dataclass(frozen=True)
@@ -365,10 +427,46 @@ class Error:
         return cls(_str(o, "reason", 64), _str(o, "message", 1024))
 
 
-Control = Hello | Start | Started | Busy | Exit | Error
-Frame = Data | Eof | Window | Control
+@dataclass(frozen=True)
+class Signal:
+    """Client to worker: deliver signal NUMBER to the job's process group."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.SIGNAL
+    number: int
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Signal:
+        return cls(_int(o, "number", 1, 64))
+
+
+@dataclass(frozen=True)
+class Winsize:
+    """Client to worker: the client's terminal is now ROWS x COLS."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.WINSIZE
+    rows: int
+    cols: int
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Winsize:
+        return cls(_int(o, "rows", 0, 0xFFFF), _int(o, "cols", 0, 0xFFFF))
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Either side, when it has sent nothing for a while: I am still here."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.PING
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Ping:
+        return cls()
+
+
+Control = Hello | Start | Started | Busy | Exit | Error | Signal | Winsize | Ping
+Frame = Data | Eof | Shut | Window | Control
 _CONTROL_TYPES: dict[int, Any] = {
-    t.KIND: t for t in (Hello, Start, Started, Busy, Exit, Error)
+    t.KIND: t for t in (Hello, Start, Started, Busy, Exit, Error, Signal, Winsize, Ping)
 }
 
 
@@ -380,9 +478,12 @@ def encode_frame(frame: Frame) -> bytes:
         return FRAME_HEADER.pack(FrameKind.DATA, frame.stream, len(frame.payload)) + frame.payload
     if isinstance(frame, Eof):
         return FRAME_HEADER.pack(FrameKind.EOF, frame.stream, 0)
+    if isinstance(frame, Shut):
+        return FRAME_HEADER.pack(FrameKind.SHUT, frame.stream, 0)
     if isinstance(frame, Window):
         return FRAME_HEADER.pack(FrameKind.WINDOW, frame.stream, 4) + _U32.pack(frame.credit)
-    body = _dump_json(asdict(frame))
+    body = _dump_json({f.name: getattr(frame, f.name) for f in fields(frame)
+                       if f.default is MISSING or getattr(frame, f.name) != f.default})
     if len(body) > MAX_CONTROL:
         raise WireError("control frame too long")
     return FRAME_HEADER.pack(frame.KIND, 0, len(body)) + body
@@ -391,10 +492,10 @@ def encode_frame(frame: Frame) -> bytes:
 def _parse(kind: int, stream: int, payload: bytes) -> Frame:
     if kind == FrameKind.DATA:
         return Data(stream, payload)
-    if kind == FrameKind.EOF:
+    if kind in (FrameKind.EOF, FrameKind.SHUT):
         if payload:
-            raise WireError("EOF frame with a payload")
-        return Eof(stream)
+            raise WireError("EOF or SHUT frame with a payload")
+        return Eof(stream) if kind == FrameKind.EOF else Shut(stream)
     if kind == FrameKind.WINDOW:
         if len(payload) != 4:
             raise WireError("WINDOW frame of the wrong size")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import random
 import uuid
@@ -22,7 +23,7 @@ from rexnet import __version__, wire
 from rexnet.announce import AnnounceChecker, ClientCert, DatagramReceiver, RateLimiter, Rejected
 from rexnet.channel import Channel
 from rexnet.credentials import CertInfo, Credential
-from rexnet.job import JobProcess, spawn
+from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
 from rexnet.load import HostLoad, connect_back_delay, load_figure, sample_host
 from rexnet.tls import connecting_options
 
@@ -46,6 +47,13 @@ class WorkerSettings:
     allow_args: bool = False
     listen: tuple[str, int] = ("0.0.0.0", 3010)
     groups: tuple[str, ...] = ()
+    accept_env: tuple[str, ...] = ()
+    chdir: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+    def accepts_env(self, name: str) -> bool:
+        """Whether a job may set variable NAME (sshd's AcceptEnv patterns)."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.accept_env)
 
 
 @dataclass
@@ -115,6 +123,7 @@ class Worker:
         self.tried: OrderedDict[bytes, None] = OrderedDict()
         self.jobs_run = 0
         self.rate_limited = 0
+        self._idle: defer.Deferred[None] | None = None
 
     @property
     def busy(self) -> int:
@@ -195,37 +204,52 @@ class Worker:
     def start_job(self, channel: WorkerChannel, start: wire.Start) -> None:
         pending = channel.pending
         self.release(pending)
-        if start.args and not self.settings.allow_args:
+        s = self.settings
+        if start.args and not s.allow_args:
             channel.refuse_job("args", "this worker does not accept extra arguments "
                                "(its administrator can allow them with --allow-args)")
             return
+        if start.tty and start.fds:
+            channel.refuse_job("fds", "--fd cannot be combined with a terminal (use -T)")
+            return
         job = uuid.uuid4().hex[:12]
         client = CertInfo.of(channel.peer_cert).name
-        argv = [*self.settings.command, *start.args]
-        env = dict(os.environ, REXNET_JOB_ID=job, REXNET_WORKER=self.settings.name,
+        argv = [*s.command, *start.args]
+        accepted = {k: v for k, v in start.env if s.accepts_env(k)}
+        refused = tuple(k for k, _ in start.env if k not in accepted)
+        env = dict(os.environ, **accepted, REXNET_JOB_ID=job, REXNET_WORKER=s.name,
                    REXNET_CLIENT=client)
-        proto = JobProcess(channel, self.reactor, lambda code, sig: self._ended(job, code, sig))
+        if start.tty:
+            env["TERM"] = start.term or "dumb"
+        proto = JobProcess(channel, self.reactor,
+                           lambda code, sig, limit: self._ended(job, code, sig, limit),
+                           start, s.limits)
         try:
-            spawn(self.reactor, proto, argv, env)
+            spawn(self.reactor, proto, argv, env, s.chdir)
         except OSError as e:
             channel.refuse_job("spawn", f"cannot start {argv[0]}: {e.strerror}")
             return
         self.running[job] = Running(job, channel, proto, client, argv)
         self.jobs_run += 1
         channel.job = job
-        channel.send(wire.Started(job))
-        log.info("job {job} started for {client} from {peer}: {argv}", job=job, client=client,
-                 peer=channel.peer_address(), argv=argv)
+        channel.process = proto
+        channel.send(wire.Started(job, refused))
+        log.info("job {job} started for {client} from {peer}: {argv}{tty}", job=job,
+                 client=client, peer=channel.peer_address(), argv=argv,
+                 tty=" (in a terminal)" if start.tty else "")
 
-    def _ended(self, job: str, code: int | None, sig: int | None) -> None:
+    def _ended(self, job: str, code: int | None, sig: int | None, limit: str) -> None:
         running = self.running.pop(job, None)
         if running is None:
             return
-        log.info("job {job} ended: {how}", job=job,
-                 how=f"exit {code}" if sig is None else f"signal {sig}")
+        log.info("job {job} ended: {how}{limit}", job=job,
+                 how=f"exit {code}" if sig is None else f"signal {sig}",
+                 limit=f" ({limit} limit)" if limit else "")
         channel = running.channel
-        channel.send(wire.Exit(code, sig))
+        channel.send(wire.Exit(code, sig, limit))
         channel.close()
+        if not self.running and self._idle is not None and not self._idle.called:
+            self._idle.callback(None)
 
     def channel_lost(self, channel: WorkerChannel) -> None:
         self.release(channel.pending)
@@ -235,15 +259,29 @@ class Worker:
                      job=running.job)
             running.process.kill_group()
 
-    def stop_all(self) -> None:
-        """End every job (the worker is stopping); their clients see the worker lost."""
+    def stop_all(self) -> defer.Deferred[None]:
+        """End every job (the worker is stopping): their clients are told the worker is
+        lost; fires when the jobs are gone (or after the kill grace period)."""
         for pending in list(self.pending.values()):
             if pending.call is not None and pending.call.active():
                 pending.call.cancel()
             self.release(pending)
+        if not self.running:
+            return defer.succeed(None)
+        self._idle = defer.Deferred()
         for running in list(self.running.values()):
+            running.channel.send(wire.Error("stopping", f"worker {self.settings.name} is "
+                                            "stopping; the job was ended"))
             running.process.kill_group()
+        timeout = self.reactor.callLater(KILL_GRACE + 1.0, self._give_up_waiting)
+        self._idle.addBoth(lambda r: timeout.cancel() if timeout.active() else None)
+        return self._idle
+
+    def _give_up_waiting(self) -> None:
+        for running in list(self.running.values()):
             running.channel.close(abort=True)
+        if self._idle is not None and not self._idle.called:
+            self._idle.callback(None)
 
 
 class WorkerChannel(Channel):
@@ -254,6 +292,7 @@ class WorkerChannel(Channel):
         self.worker = worker
         self.pending = pending
         self.job: str | None = None
+        self.process: JobProcess | None = None
         self._start_timer: IDelayedCall | None = None
         pending.channel = self
 
@@ -262,6 +301,7 @@ class WorkerChannel(Channel):
         self.send(wire.Hello(w.settings.name, __version__, round(p.load, 4),
                              round(p.delay * 1000, 3), w.settings.slots, len(w.running)))
         self._start_timer = w.reactor.callLater(START_TIMEOUT, self._no_start)
+        self.start_heartbeat(w.reactor)
 
     def _no_start(self) -> None:
         self._start_timer = None
@@ -273,6 +313,10 @@ class WorkerChannel(Channel):
             self._start_timer.cancel()
         if isinstance(frame, wire.Start) and self.job is None:
             self.worker.start_job(self, frame)
+        elif isinstance(frame, wire.Signal) and self.process is not None:
+            self.process.deliver_signal(frame.number)
+        elif isinstance(frame, wire.Winsize) and self.process is not None:
+            self.process.resize(frame.rows, frame.cols)
         elif isinstance(frame, wire.Busy) and self.job is None:
             self.close()
         elif isinstance(frame, wire.Error):
@@ -323,10 +367,10 @@ class WorkerService(Service):
                  command=" ".join(s.command), slots=s.slots, speed=s.speed, host=host,
                  port=self.port.getHost().port)  # type: ignore[union-attr]
 
-    def stopService(self) -> defer.Deferred[None] | None:
+    def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
-        self.worker.stop_all()
+        waits = [self.worker.stop_all()]
         if self.port is not None:
-            stopped: defer.Deferred[None] | None = self.port.stopListening()
-            return stopped
-        return None
+            stopped = self.port.stopListening()
+            waits.append(stopped if stopped is not None else defer.succeed(None))
+        return defer.gatherResults(waits)

@@ -14,6 +14,7 @@ from twisted.python import usage
 from rexnet.announce import DEFAULT_PORT, parse_target
 from rexnet.credentials import CredentialError, load_credential
 from rexnet.exitcodes import CREDENTIAL
+from rexnet.job import Limits
 from rexnet.load import cpu_count
 from rexnet.worker import Worker, WorkerService, WorkerSettings
 
@@ -33,6 +34,10 @@ class Options(usage.Options):
         ["name", "n", None, "Name of this worker (default: the host name)."],
         ["speed", "s", "1.0", "Speed weight: 2.0 means twice as fast as 1.0."],
         ["slots", None, None, "Concurrent jobs (default: the number of CPUs)."],
+        ["chdir", None, None, "Working directory of the jobs (default: the worker's)."],
+        ["job-timeout", None, "0", "End a job after this many SECONDS (0: no limit)."],
+        ["job-memory", None, "0", "End a job whose processes use more than this many BYTES "
+         "of memory (suffixes K, M, G; 0: no limit)."],
     ]
     optFlags = [
         ["allow-args", None, "Append the client's extra arguments to COMMAND."],
@@ -41,10 +46,16 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["join"] = []
+        self["accept-env"] = []
 
     def opt_join(self, group: str) -> None:
         """Join this multicast GROUP for announcements (repeatable)."""
         self["join"].append(group)
+
+    def opt_accept_env(self, pattern: str) -> None:
+        """Let clients set environment variables matching PATTERN (shell wildcards, as
+        sshd's AcceptEnv; repeatable). Others are refused and the client is told."""
+        self["accept-env"].append(pattern)
 
     def parseArgs(self, keyfile: str, command: str, *args: str) -> None:  # type: ignore[override]
         self["keyfile"] = keyfile
@@ -69,11 +80,38 @@ class Options(usage.Options):
         except ValueError:
             raise usage.UsageError("--slots must be a whole number of at least 1") from None
         self["name"] = self["name"] or socket.gethostname()
+        try:
+            self["job-timeout"] = float(self["job-timeout"])
+            if self["job-timeout"] < 0:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError("--job-timeout must be a number of seconds >= 0") from None
+        self["job-memory"] = parse_bytes(self["job-memory"])
+        if self["chdir"] is not None:
+            if not os.path.isdir(self["chdir"]):
+                raise usage.UsageError(f"--chdir: no such directory: {self['chdir']}")
+            self["chdir"] = os.path.abspath(self["chdir"])
         command = self["command"][0]
         found = shutil.which(command)
         if found is None:
             raise usage.UsageError(f"command not found: {command}")
         self["command"] = (os.path.abspath(found), *self["command"][1:])
+
+
+def parse_bytes(text: str) -> int:
+    """'512M' and the like as a number of bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper(), ""
+    if number[-1:] in units and not number[-1:].isdigit():
+        number, unit = number[:-1], number[-1]
+    try:
+        value = int(float(number) * units[unit])
+        if value < 0:
+            raise ValueError
+    except (ValueError, KeyError):
+        raise usage.UsageError(f"bad size {text!r}: use BYTES or a number with K, M or G"
+                               ) from None
+    return value
 
 
 def fail(message: str, code: int) -> SystemExit:
@@ -98,6 +136,9 @@ def makeService(config: Options) -> IService:
         allow_args=bool(config["allow-args"]),
         listen=config["listen_addr"],
         groups=tuple(config["join"]),
+        accept_env=tuple(config["accept-env"]),
+        chdir=config["chdir"],
+        limits=Limits(config["job-timeout"], config["job-memory"]),
     )
     top = MultiService()
     WorkerService(Worker(settings, reactor)).setServiceParent(top)

@@ -254,11 +254,11 @@ def test_congestion_and_credit_both_must_clear(channel: Peer,
     assert source.producerState == "producing"
 
 
-def test_eof_for_an_out_stream_stops_its_source(channel: Peer,
-                                                transport: StringTransport) -> None:
+def test_shut_for_an_out_stream_stops_its_source(channel: Peer,
+                                                 transport: StringTransport) -> None:
     out, source = out_stream(channel, 1)
 
-    deliver(channel, wire.Eof(1))
+    deliver(channel, wire.Shut(1))
 
     assert source.producerState == "stopped"
     assert out.closed

@@ -95,7 +95,23 @@ frames: st.SearchStrategy[wire.Frame] = st.one_of(
     st.builds(wire.Hello, st.text(max_size=256), st.text(max_size=64), numbers, numbers,
               st.integers(0, 1 << 20), st.integers(0, 1 << 20)),
     st.builds(wire.Start, st.lists(st.text(max_size=40), max_size=20).map(tuple)),
+    st.builds(
+        wire.Start,
+        st.lists(st.text(max_size=40), max_size=5).map(tuple),
+        st.lists(st.tuples(st.text("ABCXYZ_", min_size=1, max_size=8),
+                           st.text(max_size=20).filter(lambda v: "\0" not in v)),
+                 max_size=5).map(tuple),
+        st.booleans(), st.text(max_size=20), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF),
+        st.lists(st.tuples(st.integers(3, 255), st.sampled_from(wire.FD_MODES)),
+                 max_size=4).map(tuple)),
     st.builds(wire.Started, st.text(max_size=64)),
+    st.builds(wire.Started, st.text(max_size=64),
+              st.lists(st.text(max_size=30), max_size=5).map(tuple)),
+    st.builds(wire.Shut, streams),
+    st.builds(wire.Signal, st.integers(1, 64)),
+    st.builds(wire.Winsize, st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)),
+    st.just(wire.Ping()),
+    st.builds(wire.Exit, st.none(), st.integers(1, 127), st.sampled_from(wire.LIMITS)),
     st.just(wire.Busy()),
     st.builds(wire.Exit, st.integers(0, 255), st.none()),
     st.builds(wire.Exit, st.none(), st.integers(1, 127)),
@@ -491,7 +507,11 @@ H, S, ST, X, E = (wire.FrameKind.HELLO, wire.FrameKind.START, wire.FrameKind.STA
         (H, json_bytes(hello(version=1))),
         (S, json_bytes({"args": "ls"})),
         (S, json_bytes({"args": ["ls", 1]})),
-        (S, json_bytes({})),
+        (S, json_bytes({"tty": 1})),
+        (S, json_bytes({"fds": [[2, "r"]]})),
+        (S, json_bytes({"fds": [[3, "x"]]})),
+        (S, json_bytes({"env": [["A=B", "c"]]})),
+        (S, json_bytes({"env": [["A", "c", "d"]]})),
         (ST, json_bytes({"job": "j" * 65})),
         (X, json_bytes({"code": 0, "signal": 9})),
         (X, json_bytes({})),
@@ -540,8 +560,8 @@ def check_feed(decoder: wire.FrameDecoder, data: bytes) -> None:
         got = decoder.feed(data)
     except wire.WireError:
         return
-    assert all(isinstance(f, wire.Data | wire.Eof | wire.Window | wire.Hello | wire.Start
-                          | wire.Started | wire.Busy | wire.Exit | wire.Error) for f in got)
+    assert all(isinstance(f, wire.Data | wire.Eof | wire.Shut | wire.Window | wire.Control)
+               for f in got)
     assert decoder.buffered <= before + len(data)
     assert decoder.buffered <= wire.FRAME_HEADER.size + wire.MAX_FRAME
 
