@@ -26,7 +26,7 @@ from rexnet.tls import check_peer
 
 WINDOW = 1 << 20
 PING_INTERVAL = 1.0
-DEAD_AFTER = 4.0
+DEAD_AFTER = 3.0
 GRANT_STEP = WINDOW // 4
 MAX_OVERRUN = WINDOW + wire.MAX_FRAME
 

@@ -26,6 +26,7 @@ from rexnet.load import group_rss
 
 READ_SIZE = 64 * 1024
 KILL_GRACE = 2.0
+OUTPUT_GRACE = 1.0  # how long a job's leftover processes may hold its output after it exits
 MEMORY_CHECK = 0.2
 
 log = Logger()
@@ -47,6 +48,16 @@ class PipeReader(process.ProcessReader):
         return None
 
 
+def reset_signals() -> None:
+    """In a forked child: default dispositions for every signal, as a login would give
+    (the worker's own ignored signals, such as Python's SIGPIPE, must not leak into jobs)."""
+    for number in range(1, signal.NSIG):
+        if number not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 class SessionProcess(process.Process):
     """A child process that leads its own session, so its whole group can be signalled."""
 
@@ -57,6 +68,15 @@ class SessionProcess(process.Process):
 
     def _setupChild(self, *args: Any, **kwargs: Any) -> None:
         os.setsid()
+        reset_signals()
+        super()._setupChild(*args, **kwargs)
+
+
+class TerminalProcess(process.PTYProcess):
+    """A child process in a pseudo-terminal (PTYProcess already makes it a session)."""
+
+    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        reset_signals()
         super()._setupChild(*args, **kwargs)
 
 
@@ -216,6 +236,16 @@ class JobProcess(ProcessProtocol):
             self.channel.outs[fd].close()
             self._maybe_end()
 
+    def processExited(self, reason: Failure) -> None:
+        """The job's process is gone; its descendants may still hold its output open."""
+        self._timers.append(self.reactor.callLater(OUTPUT_GRACE, self._end_leftovers))
+
+    def _end_leftovers(self) -> None:
+        if not self.ended:
+            log.info("job process {pid} exited; ending the processes it left running",
+                     pid=self.pid)
+            self.kill_group()
+
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
         self.status = exit_status(reason)
@@ -284,16 +314,10 @@ def spawn(
     """Start ARGV as the job of PROTO: with pipes (and socketpairs), or in a pty."""
     start = proto.start
     if start.tty:
-        master, slave = os.openpty()
+        master, slave = os.openpty()  # PTYProcess closes both (the slave once forked)
         set_winsize(slave, start.rows or 24, start.cols or 80)
-        try:
-            return process.PTYProcess(reactor, argv[0], list(argv), dict(env), cwd, proto,
-                                      None, None, (master, slave, os.ttyname(slave)))
-        except BaseException:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)
+        return TerminalProcess(reactor, argv[0], list(argv), dict(env), cwd, proto,
+                               None, None, (master, slave, os.ttyname(slave)))
     fds, children = proto.child_fds()
     try:
         return SessionProcess(reactor, argv[0], list(argv), dict(env), cwd, proto, None, None,
