@@ -30,11 +30,16 @@ unit: $(STAMP)
 
 test: tools $(STAMP) lint typecheck unit
 
-# Tools the multi-host tests use (root on Debian; elsewhere they skip with a reason).
+# Tools the multi-host and terminal tests use (installed with apt when root on Debian;
+# elsewhere those tests skip with a reason, or fail under CI=true).
 tools:
-	@command -v ip >/dev/null && command -v tc >/dev/null || \
-	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    apt-get update -qq && apt-get install -y -qq iproute2; } || true
+	@missing=""; \
+	for t in ip:iproute2 tc:iproute2 tmux:tmux; do \
+	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; \
+	done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
