@@ -126,9 +126,9 @@ class AnnounceChecker:
         self.replays = ReplayCache()
         self._certs: OrderedDict[bytes, ClientCert] = OrderedDict()
 
-    def client_cert(self, der: bytes) -> ClientCert:
-        """The checked client certificate in DER (cached by digest)."""
-        digest = hashlib.sha256(der).digest()
+    def client_cert(self, der: bytes, role: str = "client") -> ClientCert:
+        """The checked certificate of ROLE in DER (cached by digest)."""
+        digest = hashlib.sha256(der + role.encode()).digest()
         cached = self._certs.get(digest)
         if cached is not None:
             self._certs.move_to_end(digest)
@@ -145,14 +145,14 @@ class AnnounceChecker:
             dns = names.value.get_values_for_type(x509.DNSName)
         except x509.ExtensionNotFound:
             dns = []
-        if info.role != "client" or identity("client", self.credential.app) not in dns:
-            raise Rejected(f"certificate of role {info.role!r}, not a client credential")
+        if info.role != role or identity(role, self.credential.app) not in dns:
+            raise Rejected(f"certificate of role {info.role!r}, not a {role} credential")
         problem = check_validity(cert)
         if problem:
-            raise Rejected(f"client certificate {problem}")
+            raise Rejected(f"{role} certificate {problem}")
         key = cert.public_key()
         if not isinstance(key, Ed25519PublicKey):
-            raise Rejected("client certificate key is not Ed25519")
+            raise Rejected(f"{role} certificate key is not Ed25519")
         checked = ClientCert(key, info)
         self._certs[digest] = checked
         if len(self._certs) > CERT_CACHE:
@@ -185,6 +185,34 @@ class AnnounceChecker:
         if not self.replays.add((ann.job_id, ann.seq), ann.ts_ms + FRESH_MS, now):
             raise Rejected("replayed announcement")
         return ann, client
+
+    def check_status(self, dgram: wire.Datagram, source: str
+                     ) -> tuple[wire.StatusQuery, ClientCert]:
+        """Check a STATUS query from SOURCE, as strictly as an announcement."""
+        query = dgram.message
+        if not isinstance(query, wire.StatusQuery):
+            raise Rejected("not a status query")
+        now = self.now()
+        if abs(now - query.ts_ms) > FRESH_MS:
+            raise Rejected("stale status query (check the clocks of client and worker)")
+        client = self.client_cert(dgram.cert_der)
+        if not verify_signature(client.public_key, dgram):
+            raise Rejected("bad signature on status query")
+        if source not in query.addrs:
+            raise Rejected(f"status query sent from {source}, which the client did not sign")
+        if not self.replays.add((query.nonce, -1), query.ts_ms + FRESH_MS, now):
+            raise Rejected("replayed status query")
+        return query, client
+
+    def check_status_reply(self, dgram: wire.Datagram, nonce: bytes) -> wire.StatusReply:
+        """Check a worker's answer to our status query NONCE."""
+        reply = dgram.message
+        if not isinstance(reply, wire.StatusReply) or reply.nonce != nonce:
+            raise Rejected("not an answer to our status query")
+        worker = self.client_cert(dgram.cert_der, "worker")
+        if not verify_signature(worker.public_key, dgram):
+            raise Rejected("bad signature on status reply")
+        return reply
 
     def check_taken(self, dgram: wire.Datagram, client: ClientCert) -> wire.Taken:
         """Check a TAKEN signed by CLIENT (the sender of the announcement it answers)."""

@@ -121,8 +121,19 @@ def environment(specs: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def alert_targets(texts: Sequence[str]) -> list[tuple[str, int]]:
+    from rexnet.alerts import CRAT_PORT
+    from rexnet.announce import parse_target
+
+    try:
+        return [parse_target(text, CRAT_PORT) for text in texts]
+    except ValueError as e:
+        fail(f"--alerts: {e}", exitcodes.USAGE)
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     targets = announce_targets(args.announce)
+    args.alerts = alert_targets(args.alerts)
     if args.timeout <= 0:
         fail("--timeout must be positive", exitcodes.USAGE)
     if args.tty and args.no_tty:
@@ -155,6 +166,7 @@ def run_job(credential: object, targets: list[tuple[str, int]], request: object,
     from twisted.internet.fdesc import setBlocking
     from twisted.logger import globalLogBeginner
 
+    from rexnet.alerts import AlertSender, crat_targets
     from rexnet.client import ClientJob, JobFailed, JobResult
     from rexnet.logs import stderr_observer
     from rexnet.terminal import raw_mode, window_size
@@ -167,8 +179,10 @@ def run_job(credential: object, targets: list[tuple[str, int]], request: object,
             end = "\r\n" if raw["on"] else "\n"
             print(f"rexnet: {message}", file=sys.stderr, end=end, flush=True)
 
+    alert_targets = args.alerts or crat_targets(targets)
+    alerts = AlertSender(reactor, credential, alert_targets)  # type: ignore[arg-type]
     job = ClientJob(reactor, credential, targets, request, timeout=args.timeout,  # type: ignore[arg-type]
-                    say=say)
+                    say=say, alerts=alerts)
     outcome: dict[str, object] = {}
 
     def done(result: object) -> None:
@@ -219,6 +233,9 @@ def exec_arguments(p: argparse.ArgumentParser) -> None:
                    help="give up if no worker is found within this time (default 30)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr which worker took the job and why")
+    p.add_argument("--alerts", metavar="ADDR[:PORT]", action="append", default=[],
+                   help="send signed alerts to crat there (repeatable; default: the "
+                   "announce targets on port 3011)")
     p.add_argument("-t", dest="tty", action="store_true",
                    help="give the job a terminal even if stdin is not one")
     p.add_argument("-T", dest="no_tty", action="store_true",

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexnet import exitcodes, wire
+from rexnet.alerts import AlertSender
 from rexnet.announce import DatagramSender, now_ms, source_address
 from rexnet.channel import Channel, InStream, OutStream
 from rexnet.credentials import CertInfo, Credential
@@ -196,8 +197,10 @@ class ClientJob:
         timeout: float = DEFAULT_TIMEOUT,
         say: Callable[[str], None] = lambda message: None,
         now: Callable[[], int] = now_ms,
+        alerts: AlertSender | None = None,
     ) -> None:
         self.reactor = reactor
+        self.alerts = alerts or AlertSender(reactor, credential, [])
         self.credential = credential
         self.targets = list(targets)
         self.request = request = request or wire.Start()
@@ -355,6 +358,8 @@ class ClientJob:
         self.auth_failures.append(problem)
         log.warn("complaint: connection from {peer} refused: {problem}",
                  peer=channel.peer_address(), problem=problem)
+        self.alerts.send("complaint", what=f"connection refused: {problem}",
+                         source=channel.peer_address(), client=self.credential.name)
 
     def channel_lost(self, channel: ClientChannel) -> None:
         self.channels.discard(channel)
@@ -382,6 +387,7 @@ class ClientJob:
 
     def _cleanup(self) -> None:
         self._stop_looking()
+        self.alerts.stop()
         if self._udp is not None and self._udp.transport is not None:
             self._udp.transport.stopListening()
         for channel in list(self.channels):
@@ -389,11 +395,20 @@ class ClientJob:
 
     def _succeed(self, result: JobResult) -> None:
         if not self.result.called:
+            chosen = self.chosen
+            self.alerts.send(
+                "job-finished", job=result.job, worker=result.worker, worker_addr=result.address,
+                client=self.credential.name, status=result.status, signal=result.signal,
+                duration=round(self.reactor.seconds() - self._t0, 3),
+                bytes_in=sum(s.sent for s in chosen.outs.values()) if chosen else 0,
+                bytes_out=sum(s.received for s in chosen.ins.values()) if chosen else 0)
             self._cleanup()
             self.result.callback(result)
 
     def _fail(self, error: JobFailed) -> None:
         if not self.result.called:
+            self.alerts.send("complaint", what=str(error), client=self.credential.name,
+                             job=self.started.job if self.started else None)
             self._cleanup()
             self.result.errback(Failure(error))
 

@@ -123,6 +123,9 @@ def _hex_id(obj: dict[str, Any], key: str) -> bytes:
 class Kind(IntEnum):
     ANNOUNCE = 1
     TAKEN = 2
+    ALERT = 3
+    STATUS = 4
+    STATUS_REPLY = 5
 
 
 @dataclass(frozen=True)
@@ -168,9 +171,100 @@ class Taken:
         return cls(_hex_id(obj, "job"), _int(obj, "ts", 0, 2**63 - 1))
 
 
-DatagramMessage = Announce | Taken
-_DATAGRAM_TYPES: dict[int, type[Announce] | type[Taken]] = {
-    Kind.ANNOUNCE: Announce, Kind.TAKEN: Taken,
+ALERT_EVENTS = ("job-started", "job-finished", "complaint")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A worker's or client's report to crat: a job started or finished, or a complaint.
+
+    FIELDS carries the event's details (job, worker, client, addresses, status, duration,
+    bytes, what went wrong): short strings and numbers only.
+    """
+
+    KIND: ClassVar[Kind] = Kind.ALERT
+    ts_ms: int
+    event: str
+    fields: tuple[tuple[str, str | int | float], ...] = ()
+
+    def body(self) -> dict[str, Any]:
+        return {"ts": self.ts_ms, "event": self.event, "fields": dict(self.fields)}
+
+    @classmethod
+    def from_body(cls, obj: dict[str, Any]) -> Alert:
+        event = _str(obj, "event", 32)
+        if event not in ALERT_EVENTS:
+            raise WireError("unknown alert event")
+        raw = _get(obj, "fields", dict)
+        if len(raw) > 24:
+            raise WireError("too many alert fields")
+        fields = []
+        for key, value in sorted(raw.items()):
+            ok_value = (isinstance(value, str) and len(value) <= 256) or (
+                isinstance(value, int | float) and not isinstance(value, bool)
+                and -1e15 < value < 1e15)
+            if not (isinstance(key, str) and 0 < len(key) <= 32 and ok_value):
+                raise WireError("bad alert field")
+            fields.append((key, value))
+        return cls(_int(obj, "ts", 0, 2**63 - 1), event, tuple(fields))
+
+
+@dataclass(frozen=True)
+class StatusQuery:
+    """A client asks every worker of its application to report to PORT (from ADDRS)."""
+
+    KIND: ClassVar[Kind] = Kind.STATUS
+    nonce: bytes
+    ts_ms: int
+    port: int
+    addrs: tuple[str, ...]
+
+    def body(self) -> dict[str, Any]:
+        return {"nonce": self.nonce.hex(), "ts": self.ts_ms, "port": self.port,
+                "addrs": list(self.addrs)}
+
+    @classmethod
+    def from_body(cls, obj: dict[str, Any]) -> StatusQuery:
+        ann = Announce.from_body({"job": obj.get("nonce"), "seq": 0, "ts": obj.get("ts"),
+                                  "port": obj.get("port"), "addrs": obj.get("addrs")})
+        return cls(ann.job_id, ann.ts_ms, ann.port, ann.addrs)
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    """A worker's answer to a StatusQuery (signed by the worker)."""
+
+    KIND: ClassVar[Kind] = Kind.STATUS_REPLY
+    nonce: bytes
+    ts_ms: int
+    worker: str
+    version: str
+    load: float
+    cpus: int
+    speed: float
+    slots: int
+    running: int
+    free_memory: int
+    jobs_run: int
+    uptime: float
+
+    def body(self) -> dict[str, Any]:
+        body = {k: v for k, v in self.__dict__.items()}
+        body["nonce"] = self.nonce.hex()
+        return body
+
+    @classmethod
+    def from_body(cls, o: dict[str, Any]) -> StatusReply:
+        return cls(_hex_id(o, "nonce"), _int(o, "ts_ms", 0, 2**63 - 1), _str(o, "worker"),
+                   _str(o, "version", 64), _float(o, "load"), _int(o, "cpus", 0, 1 << 20),
+                   _float(o, "speed"), _int(o, "slots", 0, 1 << 20),
+                   _int(o, "running", 0, 1 << 20), _int(o, "free_memory", 0, 2**62),
+                   _int(o, "jobs_run", 0, 2**62), _float(o, "uptime"))
+
+
+DatagramMessage = Announce | Taken | Alert | StatusQuery | StatusReply
+_DATAGRAM_TYPES: dict[int, Any] = {
+    t.KIND: t for t in (Announce, Taken, Alert, StatusQuery, StatusReply)
 }
 
 

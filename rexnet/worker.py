@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import random
@@ -20,7 +21,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexnet import __version__, wire
-from rexnet.announce import AnnounceChecker, ClientCert, DatagramReceiver, RateLimiter, Rejected
+from rexnet.alerts import AlertSender
+from rexnet.announce import (
+    AnnounceChecker,
+    ClientCert,
+    DatagramReceiver,
+    RateLimiter,
+    Rejected,
+    now_ms,
+)
 from rexnet.channel import Channel
 from rexnet.credentials import CertInfo, Credential
 from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
@@ -48,6 +57,7 @@ class WorkerSettings:
     listen: tuple[str, int] = ("0.0.0.0", 3010)
     groups: tuple[str, ...] = ()
     accept_env: tuple[str, ...] = ()
+    alert_targets: tuple[tuple[str, int], ...] = ()
     chdir: str | None = None
     limits: Limits = field(default_factory=Limits)
 
@@ -76,13 +86,16 @@ class Running:
     process: JobProcess
     client: str
     argv: list[str] = field(default_factory=list)
+    started: float = 0.0
 
 
 class Complaints:
     """Logs complaints about peers, at most one line per source per interval."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float],
+                 alert: Callable[..., None] = lambda event, **fields: None) -> None:
         self.clock = clock
+        self.alert = alert
         self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self.count = 0
 
@@ -95,6 +108,7 @@ class Complaints:
         else:
             log.warn("complaint: {what} (from {source}; {suppressed} more suppressed)",
                      what=what, source=source, suppressed=suppressed)
+            self.alert("complaint", what=what, source=source, suppressed=suppressed)
             self._last[source] = (now, 0)
         while len(self._last) > 4096:
             self._last.popitem(last=False)
@@ -116,7 +130,10 @@ class Worker:
         self.jitter = jitter
         self.checker = AnnounceChecker(settings.credential)
         self.limiter = RateLimiter()
-        self.complain = Complaints(reactor.seconds)
+        self.alerts = AlertSender(reactor, settings.credential, settings.alert_targets)
+        self.complain = Complaints(reactor.seconds, self.alerts.send)
+        self.started_at = reactor.seconds()
+        self.reply: Callable[[bytes, tuple[str, int]], None] = lambda data, target: None
         self.tls = connecting_options(settings.credential)
         self.pending: dict[bytes, Pending] = {}
         self.running: dict[str, Running] = {}
@@ -140,12 +157,27 @@ class Worker:
             dgram = self.checker.decode(data)
             if dgram is None:
                 return  # another application's traffic
-            if isinstance(dgram.message, wire.Announce):
+            message = dgram.message
+            if isinstance(message, wire.Announce):
                 self._announce(dgram, host)
-            else:
-                self._taken(dgram)
+            elif isinstance(message, wire.Taken):
+                self._taken(dgram, message)
+            elif isinstance(message, wire.StatusQuery):
+                self._status(dgram, host)
         except Rejected as e:
             self.complain(host, f"announcement refused: {e}")
+
+    def _status(self, dgram: wire.Datagram, host: str) -> None:
+        query, _ = self.checker.check_status(dgram, host)
+        s, figures = self.settings, self.sample()
+        reply = wire.StatusReply(
+            query.nonce, now_ms(), s.name, __version__,
+            round(load_figure(figures, self.busy, s.slots), 4), figures.cpus, s.speed,
+            s.slots, len(self.running), figures.free_memory, self.jobs_run,
+            round(self.reactor.seconds() - self.started_at, 1))
+        data = wire.encode_datagram(reply, s.credential.app_id, s.credential.key,
+                                    s.credential.cert_der)
+        self.reply(data, (host, query.port))
 
     def _announce(self, dgram: wire.Datagram, host: str) -> None:
         ann, client = self.checker.check_announce(dgram, host)
@@ -163,8 +195,8 @@ class Worker:
             self.tried.popitem(last=False)
         pending.call = self.reactor.callLater(delay, self._connect_back, pending, host, ann.port)
 
-    def _taken(self, dgram: wire.Datagram) -> None:
-        pending = self.pending.get(dgram.message.job_id)
+    def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
+        pending = self.pending.get(taken.job_id)
         if pending is None or pending.channel is not None:
             return  # nothing to cancel, or the client will tell us over TLS
         self.checker.check_taken(dgram, pending.client)
@@ -229,7 +261,10 @@ class Worker:
         except OSError as e:
             channel.refuse_job("spawn", f"cannot start {argv[0]}: {e.strerror}")
             return
-        self.running[job] = Running(job, channel, proto, client, argv)
+        self.running[job] = Running(job, channel, proto, client, argv,
+                                    self.reactor.seconds())
+        self.alerts.send("job-started", job=job, worker=s.name, client=client,
+                         client_addr=channel.peer_address(), command=" ".join(argv)[:200])
         self.jobs_run += 1
         channel.job = job
         channel.process = proto
@@ -246,6 +281,14 @@ class Worker:
                  how=f"exit {code}" if sig is None else f"signal {sig}",
                  limit=f" ({limit} limit)" if limit else "")
         channel = running.channel
+        self.alerts.send(
+            "job-finished", job=job, worker=self.settings.name, client=running.client,
+            status=code if sig is None else 128 + sig, signal=sig, limit=limit or None,
+            duration=round(self.reactor.seconds() - running.started, 3),
+            bytes_in=sum(s.received for s in channel.ins.values()),
+            bytes_out=sum(s.sent for s in channel.outs.values()))
+        if limit:
+            self.complain(channel.peer_address(), f"job {job} hit its {limit} limit")
         channel.send(wire.Exit(code, sig, limit))
         channel.close()
         if not self.running and self._idle is not None and not self._idle.called:
@@ -356,6 +399,12 @@ class WorkerService(Service):
         host, port = s.listen
         receiver = DatagramReceiver(self.worker.datagram)
         reactor = self.worker.reactor
+
+        def reply(data: bytes, target: tuple[str, int]) -> None:
+            with contextlib.suppress(OSError):
+                receiver.transport.write(data, target)  # type: ignore[union-attr]
+
+        self.worker.reply = reply
         if s.groups:
             self.port = reactor.listenMulticast(port, receiver, interface=host, listenMultiple=True)
             for group in s.groups:
@@ -369,7 +418,9 @@ class WorkerService(Service):
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
-        waits = [self.worker.stop_all()]
+        jobs_gone = self.worker.stop_all()
+        jobs_gone.addBoth(lambda result: self.worker.alerts.stop())
+        waits = [jobs_gone]
         if self.port is not None:
             stopped = self.port.stopListening()
             waits.append(stopped if stopped is not None else defer.succeed(None))

@@ -11,6 +11,7 @@ from pathlib import Path
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
+from rexnet.alerts import CRAT_PORT
 from rexnet.announce import DEFAULT_PORT, parse_target
 from rexnet.credentials import CredentialError, load_credential
 from rexnet.exitcodes import CREDENTIAL
@@ -47,10 +48,19 @@ class Options(usage.Options):
         super().__init__()
         self["join"] = []
         self["accept-env"] = []
+        self["alerts"] = []
 
     def opt_join(self, group: str) -> None:
         """Join this multicast GROUP for announcements (repeatable)."""
         self["join"].append(group)
+
+    def opt_alerts(self, target: str) -> None:
+        """Send alerts (signed) to crat at ADDR[:PORT] (repeatable; default: the joined
+        groups, and the broadcast address when listening on 0.0.0.0, on port 3011)."""
+        try:
+            self["alerts"].append(parse_target(target, CRAT_PORT))
+        except ValueError as e:
+            raise usage.UsageError(f"--alerts: {e}") from None
 
     def opt_accept_env(self, pattern: str) -> None:
         """Let clients set environment variables matching PATTERN (shell wildcards, as
@@ -80,6 +90,11 @@ class Options(usage.Options):
         except ValueError:
             raise usage.UsageError("--slots must be a whole number of at least 1") from None
         self["name"] = self["name"] or socket.gethostname()
+        if not self["alerts"]:
+            defaults = [(group, CRAT_PORT) for group in self["join"]]
+            if self["listen_addr"][0] == "0.0.0.0":
+                defaults.append(("255.255.255.255", CRAT_PORT))
+            self["alerts"] = defaults
         try:
             self["job-timeout"] = float(self["job-timeout"])
             if self["job-timeout"] < 0:
@@ -137,6 +152,7 @@ def makeService(config: Options) -> IService:
         listen=config["listen_addr"],
         groups=tuple(config["join"]),
         accept_env=tuple(config["accept-env"]),
+        alert_targets=tuple(config["alerts"]),
         chdir=config["chdir"],
         limits=Limits(config["job-timeout"], config["job-memory"]),
     )
