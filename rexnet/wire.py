@@ -171,7 +171,7 @@ class Taken:
         return cls(_hex_id(obj, "job"), _int(obj, "ts", 0, 2**63 - 1))
 
 
-ALERT_EVENTS = ("job-started", "job-finished", "complaint")
+ALERT_EVENTS = ("job-started", "job-finished", "complaint", "worker-status")
 
 
 @dataclass(frozen=True)

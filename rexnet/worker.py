@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -40,6 +41,7 @@ CONNECT_TIMEOUT = 5.0
 START_TIMEOUT = 10.0
 TRIED_JOBS = 10_000
 COMPLAINT_INTERVAL = 1.0
+STATUS_INTERVAL = 5.0  # seconds between worker-status alerts
 
 log = Logger()
 
@@ -166,6 +168,19 @@ class Worker:
                 self._status(dgram, host)
         except Rejected as e:
             self.complain(host, f"announcement refused: {e}")
+
+    def report_status(self) -> None:
+        """A periodic worker-status alert, for crat's view of load over time."""
+        try:
+            s, figures = self.settings, self.sample()
+        except Exception:
+            log.failure("cannot read the host's load for a worker-status alert")
+            return
+        self.alerts.send("worker-status", worker=s.name,
+                         load=round(load_figure(figures, self.busy, s.slots), 4),
+                         cpus=figures.cpus, speed=s.speed, slots=s.slots,
+                         running=len(self.running), free_memory=figures.free_memory,
+                         jobs_run=self.jobs_run)
 
     def _status(self, dgram: wire.Datagram, host: str) -> None:
         query, _ = self.checker.check_status(dgram, host)
@@ -392,6 +407,7 @@ class WorkerService(Service):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.port: IListeningPort | None = None
+        self.reporter: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -405,6 +421,10 @@ class WorkerService(Service):
                 receiver.transport.write(data, target)  # type: ignore[union-attr]
 
         self.worker.reply = reply
+        if self.worker.alerts.targets:
+            self.reporter = LoopingCall(self.worker.report_status)
+            self.reporter.clock = reactor
+            self.reporter.start(STATUS_INTERVAL, now=True)
         if s.groups:
             self.port = reactor.listenMulticast(port, receiver, interface=host, listenMultiple=True)
             for group in s.groups:
@@ -418,6 +438,8 @@ class WorkerService(Service):
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
+        if self.reporter is not None and self.reporter.running:
+            self.reporter.stop()
         jobs_gone = self.worker.stop_all()
         jobs_gone.addBoth(lambda result: self.worker.alerts.stop())
         waits = [jobs_gone]
