@@ -180,7 +180,7 @@ class AnnounceChecker:
         client = self.client_cert(dgram.cert_der)
         if not verify_signature(client.public_key, dgram):
             raise Rejected("bad signature")
-        if source not in ann.addrs:
+        if source not in ann.addrs and dgram.relay_port is None:
             raise Rejected(f"sent from {source}, which the client did not sign")
         if not self.replays.add((ann.job_id, ann.seq), ann.ts_ms + FRESH_MS, now):
             raise Rejected("replayed announcement")
@@ -198,7 +198,7 @@ class AnnounceChecker:
         client = self.client_cert(dgram.cert_der)
         if not verify_signature(client.public_key, dgram):
             raise Rejected("bad signature on status query")
-        if source not in query.addrs:
+        if source not in query.addrs and dgram.relay_port is None:
             raise Rejected(f"status query sent from {source}, which the client did not sign")
         if not self.replays.add((query.nonce, -1), query.ts_ms + FRESH_MS, now):
             raise Rejected("replayed status query")

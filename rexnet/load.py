@@ -74,3 +74,13 @@ def group_rss(pid: int) -> int:
         with contextlib.suppress(psutil.Error):
             total += proc.memory_info().rss
     return total
+
+
+def local_addresses() -> list[str]:
+    """This host's own IPv4 addresses."""
+    import socket
+
+    import psutil
+
+    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family == socket.AF_INET]

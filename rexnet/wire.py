@@ -277,6 +277,28 @@ class Datagram:
     cert_der: bytes
     signed_part: bytes
     signature: bytes
+    relay_port: int | None = None  # set by a relay (cproxy): connect back to it, there
+
+
+RELAY_MAGIC = b"RLY"
+_RELAY = struct.Struct("!3sH")
+
+
+def split_relay(data: bytes) -> tuple[bytes, int | None]:
+    """(the signed datagram, the relay port of its trailer or None).
+
+    A relay appends ``"RLY" | port u16`` after the signature: outside the signed part, so
+    signatures stay valid across relays. It can only send a worker to the relay's own
+    address (the datagram's source) at that port.
+    """
+    if len(data) > _RELAY.size and data[-_RELAY.size : -2] == RELAY_MAGIC:
+        return data[: -_RELAY.size], _RELAY.unpack(data[-_RELAY.size :])[1]
+    return data, None
+
+
+def with_relay(dgram: Datagram, port: int) -> bytes:
+    """DGRAM as a relay listening on PORT re-emits it (replacing any earlier trailer)."""
+    return dgram.signed_part + dgram.signature + _RELAY.pack(RELAY_MAGIC, port)
 
 
 class Signer(Protocol):
@@ -329,12 +351,17 @@ def decode_datagram(data: bytes) -> Datagram:
         raise WireError("datagram truncated")
     (cert_len,) = _U16.unpack_from(data, offset)
     offset += 2
-    if cert_len > MAX_CERT or len(data) != offset + cert_len + SIG_LEN:
+    relay_port = None
+    end = offset + cert_len + SIG_LEN
+    if len(data) == end + _RELAY.size:
+        data, relay_port = split_relay(data)
+    if cert_len > MAX_CERT or len(data) != end or relay_port == 0:
         raise WireError("datagram length does not match its fields")
     cert_der = bytes(data[offset : offset + cert_len])
     offset += cert_len
     message = message_type.from_body(_load_json(bytes(body)))
-    return Datagram(message, bytes(app_id), cert_der, bytes(data[:offset]), bytes(data[offset:]))
+    return Datagram(message, bytes(app_id), cert_der, bytes(data[:offset]),
+                    bytes(data[offset:]), relay_port)
 
 
 # -- frames ---------------------------------------------------------------------------

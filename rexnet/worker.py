@@ -192,7 +192,7 @@ class Worker:
             round(self.reactor.seconds() - self.started_at, 1))
         data = wire.encode_datagram(reply, s.credential.app_id, s.credential.key,
                                     s.credential.cert_der)
-        self.reply(data, (host, query.port))
+        self.reply(data, (host, dgram.relay_port or query.port))
 
     def _announce(self, dgram: wire.Datagram, host: str) -> None:
         ann, client = self.checker.check_announce(dgram, host)
@@ -208,7 +208,8 @@ class Worker:
         self.tried[ann.job_id] = None
         if len(self.tried) > TRIED_JOBS:
             self.tried.popitem(last=False)
-        pending.call = self.reactor.callLater(delay, self._connect_back, pending, host, ann.port)
+        port = dgram.relay_port or ann.port  # through a relay: to the relay, at its port
+        pending.call = self.reactor.callLater(delay, self._connect_back, pending, host, port)
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
         pending = self.pending.get(taken.job_id)
