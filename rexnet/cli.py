@@ -193,7 +193,9 @@ def run_job(credential: object, targets: list[tuple[str, int]], request: object,
         reactor.callFromThread(job.send_signal, number)  # type: ignore[attr-defined]
 
     def resized(number: int, frame: object) -> None:
-        reactor.callFromThread(job.resize, *window_size(0))  # type: ignore[attr-defined]
+        rows, cols = window_size(0)
+        if rows and cols:  # with -t, stdin may be no terminal: no size to follow
+            reactor.callFromThread(job.resize, rows, cols)  # type: ignore[attr-defined]
 
     for name in FORWARDED_SIGNALS:
         signal.signal(getattr(signal, name), forward)

@@ -10,7 +10,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet import defer, process
@@ -321,9 +321,12 @@ class ClientJob:
                                    128 + number))
 
     def resize(self, rows: int, cols: int) -> None:
-        """The client's terminal changed size: tell the job's terminal."""
+        """The client's terminal changed size: tell the job's terminal (before a worker is
+        chosen, the job will start with the new size)."""
         if self.chosen is not None:
             self.chosen.send(wire.Winsize(rows, cols))
+        elif self.request.tty:
+            self.request = replace(self.request, rows=rows, cols=cols)
 
     def job_exited(self, channel: ClientChannel, exit: wire.Exit) -> None:
         if self.worker_error:

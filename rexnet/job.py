@@ -314,10 +314,19 @@ def spawn(
     """Start ARGV as the job of PROTO: with pipes (and socketpairs), or in a pty."""
     start = proto.start
     if start.tty:
-        master, slave = os.openpty()  # PTYProcess closes both (the slave once forked)
+        # the terminal has its own size: LINES and COLUMNS (say, inherited from the
+        # worker's environment) would override it for curses programs, resizes included
+        env = {k: v for k, v in env.items() if k not in ("LINES", "COLUMNS")}
+        master, slave = os.openpty()
         set_winsize(slave, start.rows or 24, start.cols or 80)
-        return TerminalProcess(reactor, argv[0], list(argv), dict(env), cwd, proto,
-                               None, None, (master, slave, os.ttyname(slave)))
+        try:  # PTYProcess closes both once forked (the slave in the parent), not before
+            return TerminalProcess(reactor, argv[0], list(argv), dict(env), cwd, proto,
+                                   None, None, (master, slave, os.ttyname(slave)))
+        except BaseException:
+            for fd in (master, slave):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
     fds, children = proto.child_fds()
     try:
         return SessionProcess(reactor, argv[0], list(argv), dict(env), cwd, proto, None, None,
