@@ -277,7 +277,9 @@ class Datagram:
     cert_der: bytes
     signed_part: bytes
     signature: bytes
-    relay_port: int | None = None  # set by a relay (cproxy): connect back to it, there
+    # set by a relay: cproxy's port to connect back to (at the datagram's source), or 0
+    # from a tunnel (connect back to the client's signed address)
+    relay_port: int | None = None
 
 
 RELAY_MAGIC = b"RLY"
@@ -289,7 +291,8 @@ def split_relay(data: bytes) -> tuple[bytes, int | None]:
 
     A relay appends ``"RLY" | port u16`` after the signature: outside the signed part, so
     signatures stay valid across relays. It can only send a worker to the relay's own
-    address (the datagram's source) at that port.
+    address (the datagram's source) at that port, or with port 0 (a tunnel) to the
+    address the client signed.
     """
     if len(data) > _RELAY.size and data[-_RELAY.size : -2] == RELAY_MAGIC:
         return data[: -_RELAY.size], _RELAY.unpack(data[-_RELAY.size :])[1]
@@ -355,7 +358,7 @@ def decode_datagram(data: bytes) -> Datagram:
     end = offset + cert_len + SIG_LEN
     if len(data) == end + _RELAY.size:
         data, relay_port = split_relay(data)
-    if cert_len > MAX_CERT or len(data) != end or relay_port == 0:
+    if cert_len > MAX_CERT or len(data) != end:
         raise WireError("datagram length does not match its fields")
     cert_der = bytes(data[offset : offset + cert_len])
     offset += cert_len

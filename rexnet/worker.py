@@ -91,6 +91,17 @@ class Running:
     started: float = 0.0
 
 
+def connect_back_target(dgram: wire.Datagram, addrs: tuple[str, ...], port: int,
+                        source: str) -> tuple[str, int]:
+    """Where to answer: the client itself, a cproxy that relayed it (at the source, on
+    the relay's port), or, through a tunnel, the first address the client signed."""
+    if dgram.relay_port:
+        return source, dgram.relay_port
+    if dgram.relay_port == 0 and source not in addrs and addrs:
+        return addrs[0], port
+    return source, port
+
+
 class Complaints:
     """Logs complaints about peers, at most one line per source per interval."""
 
@@ -192,7 +203,7 @@ class Worker:
             round(self.reactor.seconds() - self.started_at, 1))
         data = wire.encode_datagram(reply, s.credential.app_id, s.credential.key,
                                     s.credential.cert_der)
-        self.reply(data, (host, dgram.relay_port or query.port))
+        self.reply(data, connect_back_target(dgram, query.addrs, query.port, host))
 
     def _announce(self, dgram: wire.Datagram, host: str) -> None:
         ann, client = self.checker.check_announce(dgram, host)
@@ -208,7 +219,7 @@ class Worker:
         self.tried[ann.job_id] = None
         if len(self.tried) > TRIED_JOBS:
             self.tried.popitem(last=False)
-        port = dgram.relay_port or ann.port  # through a relay: to the relay, at its port
+        host, port = connect_back_target(dgram, ann.addrs, ann.port, host)
         pending.call = self.reactor.callLater(delay, self._connect_back, pending, host, port)
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
