@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.python import usage
 
 from rexnet.announce import DEFAULT_PORT, parse_target
+from rexnet.credentials import CredentialError, load_credential
+from rexnet.datalink import DatagramLink
+from rexnet.exitcodes import CREDENTIAL
+from rexnet.registration import RegisteredWorkers
 from rexnet.relay import Relay, RelayService
+from rexnet.tls import listening_options
 
 
 class Options(usage.Options):
@@ -22,6 +32,10 @@ class Options(usage.Options):
     optParameters = [
         ["listen", "l", f"0.0.0.0:{DEFAULT_PORT}",
          "UDP HOST:PORT to hear announcements on."],
+        ["register", None, None, "Accept registrations of workers behind NAT on TCP "
+         "HOST:PORT (needs --credential)."],
+        ["credential", None, None, "A client credential of the application, for "
+         "registrations (e.g. rexnet keygen --issue client --name cproxy APP.ca)."],
     ]
 
     def __init__(self) -> None:
@@ -37,8 +51,15 @@ class Options(usage.Options):
             raise usage.UsageError(f"--announce: {e}") from None
 
     def postOptions(self) -> None:
-        if not self["announce"]:
+        if not self["announce"] and not self["register"]:
             raise usage.UsageError("give at least one --announce target on the other network")
+        if bool(self["register"]) != bool(self["credential"]):
+            raise usage.UsageError("--register and --credential go together")
+        if self["register"]:
+            try:
+                self["register_addr"] = parse_target(self["register"])
+            except ValueError as e:
+                raise usage.UsageError(f"--register: {e}") from None
         try:
             self["listen_addr"] = parse_target(self["listen"], any_port=True)
         except ValueError as e:
@@ -51,4 +72,16 @@ def makeService(config: Options) -> IService:
     relay = Relay(reactor, config["announce"])
     top = MultiService()
     RelayService(relay, config["listen_addr"]).setServiceParent(top)
+    if config["register"]:
+        try:
+            credential = load_credential(Path(config["credential"]), "client")
+        except CredentialError as e:
+            print(f"cproxy: {e}", file=sys.stderr)
+            raise SystemExit(CREDENTIAL) from None
+        relay.registered = RegisteredWorkers(reactor, credential)
+        host, port = config["register_addr"]
+        endpoint = SSL4ServerEndpoint(reactor, port, listening_options(credential),
+                                      interface=host)
+        StreamServerEndpointService(
+            endpoint, DatagramLink.factory_for(relay.registered)).setServiceParent(top)
     return top

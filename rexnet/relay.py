@@ -74,6 +74,7 @@ class Relay:
         self.counters = RelayCounters()
         self.own_addresses: set[str] = set()
         self.send: Any = None  # set by the service: send(data, target)
+        self.registered: Any = None  # workers registered from behind NAT, if enabled
 
     def datagram(self, data: bytes, host: str, port: int) -> None:
         if host in self.own_addresses or not self.limiter.allow(host, self.reactor.seconds()):
@@ -115,6 +116,8 @@ class Relay:
         self.counters.relayed[what] += 1
         for target in self.downstream:
             self.send(data, target)
+        if self.registered is not None:
+            self.registered.send(data)
 
     # -- per-job TCP ports ------------------------------------------------------------
 

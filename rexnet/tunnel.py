@@ -18,21 +18,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import interfaces
-from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import LoopingCall
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from rexnet import wire
 from rexnet.alerts import CRAT_PORT
 from rexnet.announce import DatagramReceiver, RateLimiter
 from rexnet.credentials import CertInfo, Credential
+from rexnet.datalink import DatagramLink
 
 SEEN = 20_000
-PING_INTERVAL = 1.0
-DEAD_AFTER = 5.0
 
 log = Logger()
 
@@ -41,80 +36,19 @@ def digest(dgram: wire.Datagram) -> bytes:
     return hashlib.sha256(dgram.signed_part + dgram.signature).digest()[:16]
 
 
-@implementer(interfaces.IHandshakeListener)
-class TunnelLink(Protocol):
-    """One TLS link to another site's tunnel; carries datagrams as DATA frames."""
-
-    def __init__(self, tunnel: Tunnel) -> None:
-        self.tunnel = tunnel
-        self.decoder = wire.FrameDecoder()
-        self.verified = False
-        self.peer = "?"
-        self._beat: LoopingCall | None = None
-        self._heard = 0.0
-
-    def handshakeCompleted(self) -> None:
-        transport: Any = self.transport
-        cert = transport.getPeerCertificate()
-        info = CertInfo.of(cert.to_cryptography()) if cert is not None else None
-        address = transport.getPeer()
-        self.peer = f"{address.host}:{address.port}"
-        if info is None or info.app != self.tunnel.credential.app or info.role not in (
-                "worker", "client"):
-            log.warn("complaint: tunnel peer {peer} refused: not a credential of {app}",
-                     peer=self.peer, app=self.tunnel.credential.app)
-            transport.abortConnection()
-            return
-        self.verified = True
-        self._heard = self.tunnel.reactor.seconds()
-        self._beat = LoopingCall(self._ping)
-        self._beat.clock = self.tunnel.reactor
-        self._beat.start(PING_INTERVAL, now=False)
-        self.tunnel.links.add(self)
-        log.info("tunnel link up with {peer} ({name})", peer=self.peer, name=info.name)
-
-    def _ping(self) -> None:
-        if self.tunnel.reactor.seconds() - self._heard > DEAD_AFTER:
-            log.warn("tunnel peer {peer} silent: dropping the link", peer=self.peer)
-            self.transport.abortConnection()  # type: ignore[union-attr]
-        else:
-            self.transport.write(wire.encode_frame(wire.Ping()))  # type: ignore[union-attr]
-
-    def send(self, data: bytes) -> None:
-        self.transport.write(wire.encode_frame(wire.Data(0, data)))  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.verified:
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        self._heard = self.tunnel.reactor.seconds()
-        try:
-            frames = self.decoder.feed(data)
-        except wire.WireError as e:
-            log.warn("complaint: bad frame from tunnel peer {peer}: {e}", peer=self.peer, e=e)
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        for frame in frames:
-            if isinstance(frame, wire.Data) and len(frame.payload) <= wire.MAX_DATAGRAM:
-                self.tunnel.from_link(self, frame.payload)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._beat is not None and self._beat.running:
-            self._beat.stop()
-        if self in self.tunnel.links:
-            self.tunnel.links.discard(self)
-            log.info("tunnel link with {peer} down", peer=self.peer)
-
-
 class Tunnel:
     """Floods one application's datagrams between the local groups and the links."""
+
+    def accepts(self, info: CertInfo) -> bool:
+        """Tunnel peers hold a worker or client credential of the same application."""
+        return info.app == self.credential.app and info.role in ("worker", "client")
 
     def __init__(self, reactor: Any, credential: Credential,
                  groups: Sequence[tuple[str, int]]) -> None:
         self.reactor = reactor
         self.credential = credential
         self.groups = list(groups)
-        self.links: set[TunnelLink] = set()
+        self.links: set[DatagramLink] = set()
         self.seen: OrderedDict[bytes, None] = OrderedDict()
         self.limiter = RateLimiter()
         self.emitted = 0
@@ -145,7 +79,7 @@ class Tunnel:
                 link.send(data)
                 self.carried += 1
 
-    def from_link(self, origin: TunnelLink, data: bytes) -> None:
+    def from_link(self, origin: DatagramLink, data: bytes) -> None:
         """From another site: emit it here, and pass it on to the remaining links."""
         dgram = self._first_time(data)
         if dgram is None:
@@ -199,7 +133,5 @@ class TunnelGroups(Service):
             link.transport.abortConnection()  # type: ignore[union-attr]
 
 
-def link_factory(tunnel: Tunnel) -> Factory[TunnelLink]:
-    factory = Factory.forProtocol(lambda: TunnelLink(tunnel))
-    factory.noisy = False
-    return factory
+def link_factory(tunnel: Tunnel) -> Factory[DatagramLink]:
+    return DatagramLink.factory_for(tunnel)

@@ -8,15 +8,20 @@ import socket
 import sys
 from pathlib import Path
 
+from twisted.application.internet import ClientService
 from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.python import usage
 
 from rexnet.alerts import CRAT_PORT
 from rexnet.announce import DEFAULT_PORT, parse_target
 from rexnet.credentials import CredentialError, load_credential
+from rexnet.datalink import DatagramLink
 from rexnet.exitcodes import CREDENTIAL
 from rexnet.job import Limits
 from rexnet.load import cpu_count
+from rexnet.registration import WorkerRegistration
+from rexnet.tls import connecting_options
 from rexnet.worker import Worker, WorkerService, WorkerSettings
 
 
@@ -49,6 +54,7 @@ class Options(usage.Options):
         self["join"] = []
         self["accept-env"] = []
         self["alerts"] = []
+        self["register"] = []
 
     def opt_join(self, group: str) -> None:
         """Join this multicast GROUP for announcements (repeatable)."""
@@ -61,6 +67,14 @@ class Options(usage.Options):
             self["alerts"].append(parse_target(target, CRAT_PORT))
         except ValueError as e:
             raise usage.UsageError(f"--alerts: {e}") from None
+
+    def opt_register(self, target: str) -> None:
+        """Register with the cproxy at HOST:PORT over an outbound TLS link and receive
+        announcements through it (for workers behind NAT; repeatable)."""
+        try:
+            self["register"].append(parse_target(target))
+        except ValueError as e:
+            raise usage.UsageError(f"--register: {e}") from None
 
     def opt_accept_env(self, pattern: str) -> None:
         """Let clients set environment variables matching PATTERN (shell wildcards, as
@@ -157,5 +171,15 @@ def makeService(config: Options) -> IService:
         limits=Limits(config["job-timeout"], config["job-memory"]),
     )
     top = MultiService()
-    WorkerService(Worker(settings, reactor)).setServiceParent(top)
+    worker = Worker(settings, reactor)
+    WorkerService(worker).setServiceParent(top)
+    if config["register"]:
+        registration = WorkerRegistration(reactor, credential, worker.datagram)
+        factory = DatagramLink.factory_for(registration)
+        for host, port in config["register"]:
+            endpoint = wrapClientTLS(connecting_options(credential),
+                                     TCP4ClientEndpoint(reactor, host, port, timeout=5))
+            ClientService(endpoint, factory,
+                          retryPolicy=lambda attempt: min(0.5 * 2 ** attempt, 5.0)
+                          ).setServiceParent(top)
     return top

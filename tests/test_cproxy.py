@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import collections
 import subprocess
+import sys
+from pathlib import Path
 
 from cluster import REXNET, TWISTD, Proc, exec_argv, run_exec, start_worker
 from conftest import Keys
 from netbed import Host, NetBed
 
 SHELL = ["sh", "-c"]
+LISTEN = ("import socket; s = socket.create_server(('0.0.0.0', 6010)); print('listening', "
+          "flush=True); [s.accept() for _ in range(10)]")
+CONNECT = ("import socket\ntry:\n socket.create_connection(('{}', 6010), timeout=2)\n "
+           "print('connected')\nexcept OSError:\n print('blocked')")
 
 
 def cproxy_on(host: Host, *announce: str) -> Proc:
@@ -87,3 +93,49 @@ def test_workers_never_reach_the_client_directly(bed: NetBed, keys: Keys) -> Non
     # without cproxy running, no announcement crosses: the job finds no worker
     done = run_exec(keys.client, [f"{a.broadcast}:3010"], "--timeout", "1", wrap=client.argv)
     assert done.returncode == 254
+
+
+def test_a_worker_behind_nat_serves_through_its_registration(
+        bed: NetBed, keys: Keys, tmp_path: Path) -> None:
+    a, b, c = bed.add_subnet("a"), bed.add_subnet("b"), bed.add_subnet("c")
+    client = bed.add_host("client", [a])
+    proxy = bed.add_host("proxy", [a, b])
+    nat = bed.add_host("nat", [b, c])
+    hidden = bed.add_host("hidden", [c])
+    nat.set_forwarding(True)
+    rules = f"""
+table ip rexnet_nat {{
+  chain post {{ type nat hook postrouting priority 100; oifname "{nat.iface(b)}" masquerade; }}
+  chain guard {{ type filter hook forward priority 0; policy drop;
+    ct state established,related accept; iifname "{nat.iface(c)}" accept; }}
+}}
+"""
+    ruleset = tmp_path / "nat.nft"
+    ruleset.write_text(rules)
+    nat.run(["nft", "-f", str(ruleset)], check=True)
+    hidden.run(["ip", "route", "replace", "default", "via", nat.addr(c)], check=True)
+    # nothing reaches the hidden host from outside, even with a route to it through the NAT
+    proxy.run(["ip", "route", "replace", c.cidr, "via", nat.addr(b)], check=True)
+    listener = hidden.popen([sys.executable, "-c", LISTEN], stdout=subprocess.PIPE)
+    assert listener.stdout is not None and listener.stdout.readline() == b"listening\n"
+    outside = proxy.run([sys.executable, "-c", CONNECT.format(hidden.addr())], timeout=20)
+    assert outside.stdout.strip() == "blocked", outside
+    inside = nat.run([sys.executable, "-c", CONNECT.format(hidden.addr())], timeout=20)
+    assert inside.stdout.strip() == "connected", inside  # the listener does work
+
+    subprocess.run([REXNET, "keygen", "--issue", "client", "--name", "cproxy", "--dir",
+                    str(tmp_path), str(keys.ca)], check=True, capture_output=True)
+    relay_key = tmp_path / f"{keys.app}.cproxy.client"
+    relay = Proc([TWISTD, "-n", "--pidfile=", "cproxy", "--listen", "0.0.0.0:3010",
+                  "--register", "0.0.0.0:5010", "--credential", str(relay_key)],
+                 popen=proxy.popen)
+    relay.wait_for("cproxy listening on")
+    worker = start_worker(keys.worker, SHELL, "0.0.0.0:3010", "hidden", "--allow-args",
+                          "--register", f"{proxy.addr(b)}:5010", popen=hidden.popen)
+    worker.wait_for("link up with", timeout=20)
+    done = job(client, keys, f"{a.broadcast}:3010", "cat; echo $REXNET_WORKER", b"over nat\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"over nat\nhidden\n"
+    status = client.run([REXNET, "status", "--announce", f"{a.broadcast}:3010", "--json",
+                         str(keys.client)], timeout=30)
+    assert '"worker": "hidden"' in status.stdout, status.stderr
