@@ -139,3 +139,30 @@ table ip rexnet_nat {{
     status = client.run([REXNET, "status", "--announce", f"{a.broadcast}:3010", "--json",
                          str(keys.client)], timeout=30)
     assert '"worker": "hidden"' in status.stdout, status.stderr
+
+
+def test_a_cproxy_restart_keeps_local_jobs_and_recovers(bed: NetBed, keys: Keys) -> None:
+    a, b = bed.add_subnet("a"), bed.add_subnet("b")
+    client = bed.add_host("client", [a])
+    near = bed.add_host("near", [a])
+    proxy = bed.add_host("proxy", [a, b])
+    far = bed.add_host("far", [b])
+    near_worker = worker_on(near, keys)
+    worker_on(far, keys)
+    relay = cproxy_on(proxy, f"{b.broadcast}:3010")
+    # a job on the client's own network does not pass through cproxy
+    local = client.popen(exec_argv(keys.client, [f"{near.addr()}:3010"], "--",
+                                   "cat; echo $REXNET_WORKER"),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    relay.stop()
+    relay = cproxy_on(proxy, f"{b.broadcast}:3010")
+    out, _ = local.communicate(b"kept\n", timeout=20)
+    assert out == b"kept\nnear\n"
+    # and the restarted cproxy carries the next jobs across to the only worker left
+    near_worker.stop()
+    done = run_exec(keys.client, [f"{far.addr()}:3010"], "--timeout", "2", wrap=client.argv)
+    assert done.returncode == 254  # far is not reachable directly ...
+    for _ in range(3):  # ... but through the new cproxy it is
+        crossing = job(client, keys, f"{a.broadcast}:3010", "echo $REXNET_WORKER")
+        assert crossing.stdout == b"far\n", crossing.stderr
+    assert "relaying job" in relay.output
