@@ -6,3 +6,15 @@ rexnet_worker = ServiceMaker(
     "rexnet worker", "rexnet.worker_tap", "Serve one rexnet application (cexec's cservice)",
     "rexnet-worker",
 )
+
+crat = ServiceMaker("rexnet crat", "rexnet.crat_tap", "Receive and log rexnet alerts", "crat")
+
+cproxy = ServiceMaker(
+    "rexnet cproxy", "rexnet.cproxy_tap", "Relay rexnet announcements and connect-backs "
+    "between two networks", "cproxy",
+)
+
+rexnet_tunnel = ServiceMaker(
+    "rexnet tunnel", "rexnet.tunnel_tap", "Join rexnet announce domains of several sites "
+    "over TLS", "rexnet-tunnel",
+)
