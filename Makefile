@@ -34,7 +34,7 @@ test: tools $(STAMP) lint typecheck unit
 # elsewhere those tests skip with a reason, or fail under CI=true).
 tools:
 	@missing=""; \
-	for t in ip:iproute2 tc:iproute2 tmux:tmux nft:nftables; do \
+	for t in ip:iproute2 tc:iproute2 tmux:tmux nft:nftables chromium:chromium chromedriver:chromium-driver; do \
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; \
 	done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -419,13 +419,30 @@ class WorkerService(Service):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.port: IListeningPort | None = None
+        self.receiver: DatagramReceiver | None = None
         self.reporter: LoopingCall | None = None
+
+    def bind(self) -> None:
+        """Open the announcement port now (makeService calls this, so that a busy port is
+        a one-line error before twistd starts, not a traceback after)."""
+        s = self.worker.settings
+        host, port = s.listen
+        self.receiver = receiver = DatagramReceiver(self.worker.datagram)
+        reactor = self.worker.reactor
+        if s.groups:
+            self.port = reactor.listenMulticast(port, receiver, interface=host, listenMultiple=True)
+            for group in s.groups:
+                receiver.transport.joinGroup(group)  # type: ignore[union-attr]
+        else:
+            self.port = reactor.listenUDP(port, receiver, interface=host)
 
     def startService(self) -> None:
         super().startService()
+        if self.port is None:
+            self.bind()
         s = self.worker.settings
-        host, port = s.listen
-        receiver = DatagramReceiver(self.worker.datagram)
+        host = s.listen[0]
+        receiver = self.receiver
         reactor = self.worker.reactor
 
         def reply(data: bytes, target: tuple[str, int]) -> None:
@@ -437,12 +454,6 @@ class WorkerService(Service):
             self.reporter = LoopingCall(self.worker.report_status)
             self.reporter.clock = reactor
             self.reporter.start(STATUS_INTERVAL, now=True)
-        if s.groups:
-            self.port = reactor.listenMulticast(port, receiver, interface=host, listenMultiple=True)
-            for group in s.groups:
-                receiver.transport.joinGroup(group)  # type: ignore[union-attr]
-        else:
-            self.port = reactor.listenUDP(port, receiver, interface=host)
         log.info("worker {name} serves {app} ({command}) with {slots} slots at speed {speed}; "
                  "listening on {host}:{port}", name=s.name, app=s.credential.app,
                  command=" ".join(s.command), slots=s.slots, speed=s.speed, host=host,

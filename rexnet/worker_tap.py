@@ -11,13 +11,14 @@ from pathlib import Path
 from twisted.application.internet import ClientService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from rexnet.alerts import CRAT_PORT
 from rexnet.announce import DEFAULT_PORT, parse_target
 from rexnet.credentials import CredentialError, load_credential
 from rexnet.datalink import DatagramLink
-from rexnet.exitcodes import CREDENTIAL
+from rexnet.exitcodes import CREDENTIAL, USAGE
 from rexnet.job import Limits
 from rexnet.load import cpu_count
 from rexnet.registration import WorkerRegistration
@@ -172,7 +173,12 @@ def makeService(config: Options) -> IService:
     )
     top = MultiService()
     worker = Worker(settings, reactor)
-    WorkerService(worker).setServiceParent(top)
+    service = WorkerService(worker)
+    try:
+        service.bind()
+    except CannotListenError as e:
+        raise fail(f"cannot listen on {config['listen']}: {e.socketError}", USAGE) from None
+    service.setServiceParent(top)
     if config["register"]:
         registration = WorkerRegistration(reactor, credential, worker.datagram)
         factory = DatagramLink.factory_for(registration)

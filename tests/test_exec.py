@@ -232,3 +232,19 @@ def wire_now() -> int:
     from rexnet.announce import now_ms
 
     return now_ms()
+
+
+def test_a_busy_announcement_port_is_a_one_line_error(keys: Keys) -> None:
+    from cluster import worker_argv
+
+    addr = f"{loopback_address()}:3010"
+    first = start_worker(keys.worker, ["true"], addr, "first")
+    try:
+        second = subprocess.run(worker_argv(keys.worker, ["true"], addr, "second"),
+                                capture_output=True, timeout=30)
+        assert second.returncode == exitcodes.USAGE
+        assert second.stderr.decode().count("\n") == 1
+        assert "cannot listen on" in second.stderr.decode()
+        assert b"Traceback" not in second.stdout + second.stderr
+    finally:
+        first.stop()
