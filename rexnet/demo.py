@@ -21,6 +21,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 ADDRESSES = ("127.0.0.2", "127.0.0.3")
+CRAT_ADDRESS = "127.0.0.4"
 
 
 def free_udp_port(hosts: tuple[str, ...]) -> int:
@@ -61,9 +62,19 @@ def main() -> int:
         subprocess.run([BIN / "rexnet", "keygen", "demo", "--dir", work], check=True)
 
         port = free_udp_port(ADDRESSES)
+        crat_port = free_udp_port((CRAT_ADDRESS,))
+        crat_at = f"{CRAT_ADDRESS}:{crat_port}"
         targets = [f"{addr}:{port}" for addr in ADDRESSES]
         workers: list[subprocess.Popen[bytes]] = []
         try:
+            step(f"twistd crat --listen {crat_at} --trust demo.worker --jsonl alerts.jsonl")
+            crat_log = work / "crat.log"
+            with crat_log.open("wb") as out:
+                workers.append(subprocess.Popen(
+                    [BIN / "twistd", "-n", "--pidfile=", "crat", "--listen", crat_at,
+                     "--trust", work / "demo.worker", "--jsonl", work / "alerts.jsonl"],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            wait_listening(crat_log, workers[-1])
             for name, addr, speed in (("alpha", ADDRESSES[0], "1"), ("beta", ADDRESSES[1], "1")):
                 step(f"twistd rexnet-worker --name {name} --listen {addr}:{port} "
                      "demo.worker gzip -c")
@@ -72,6 +83,7 @@ def main() -> int:
                     proc = subprocess.Popen(
                         [BIN / "twistd", "-n", "--pidfile=", "rexnet-worker", "--name", name,
                          "--listen", f"{addr}:{port}", "--speed", speed, "--slots", "2",
+                         "--alerts", crat_at,
                          work / "demo.worker", "gzip", "-c"],
                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
                 workers.append(proc)
@@ -83,6 +95,9 @@ def main() -> int:
                 f"{i} {hashlib.sha256(str(i).encode()).hexdigest()}\n".encode()
                 for i in range(200_000)))
             announce = [arg for t in targets for arg in ("--announce", t)]
+            step(f"rexnet status {' '.join(announce)} demo.client")
+            subprocess.run([BIN / "rexnet", "status", *announce, work / "demo.client"])
+            announce += ["--alerts", crat_at]
             step(f"rexnet exec -v {' '.join(announce)} demo.client < words.txt > words.gz")
             t0 = time.monotonic()
             with source.open("rb") as stdin, (work / "words.gz").open("wb") as stdout:
@@ -114,8 +129,17 @@ def main() -> int:
                 placed = Counter(pool.map(one, range(6)))
             for name, count in sorted(placed.items()):
                 print(f"   {name}: {count} job(s)")
+
+            step("what crat logged (signed alerts, verified against the CA)")
+            time.sleep(0.3)
+            for line in crat_log.read_text().splitlines():
+                if "alert [" in line and "job-finished" in line:
+                    print("  ", line.split("] ", 1)[-1][:150])
+                    break
+            records = (work / "alerts.jsonl").read_text().splitlines()
+            print(f"   alerts.jsonl holds {len(records)} records")
         finally:
-            step("stopping the workers")
+            step("stopping crat and the workers")
             for proc in workers:
                 proc.terminate()
             for proc in workers:
