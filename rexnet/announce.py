@@ -174,16 +174,8 @@ class AnnounceChecker:
         ann = dgram.message
         if not isinstance(ann, wire.Announce):
             raise Rejected("not an announcement")
-        now = self.now()
-        if abs(now - ann.ts_ms) > FRESH_MS:
-            raise Rejected("stale announcement (check the clocks of client and worker)")
-        client = self.client_cert(dgram.cert_der)
-        if not verify_signature(client.public_key, dgram):
-            raise Rejected("bad signature")
-        if source not in ann.addrs and dgram.relay_port is None:
-            raise Rejected(f"sent from {source}, which the client did not sign")
-        if not self.replays.add((ann.job_id, ann.seq), ann.ts_ms + FRESH_MS, now):
-            raise Rejected("replayed announcement")
+        client = self._check_request(dgram, source, ann.ts_ms, ann.addrs, (ann.job_id, ann.seq),
+                                     "announcement")
         return ann, client
 
     def check_status(self, dgram: wire.Datagram, source: str
@@ -192,17 +184,25 @@ class AnnounceChecker:
         query = dgram.message
         if not isinstance(query, wire.StatusQuery):
             raise Rejected("not a status query")
+        client = self._check_request(dgram, source, query.ts_ms, query.addrs,
+                                     (query.nonce, -1), "status query")
+        return query, client
+
+    def _check_request(self, dgram: wire.Datagram, source: str, ts_ms: int,
+                       addrs: tuple[str, ...], key: tuple[bytes, int], what: str) -> ClientCert:
+        """Freshness, client certificate, signature, signed source, replay: in that order,
+        so that nothing unsigned reaches the replay cache."""
         now = self.now()
-        if abs(now - query.ts_ms) > FRESH_MS:
-            raise Rejected("stale status query (check the clocks of client and worker)")
+        if abs(now - ts_ms) > FRESH_MS:
+            raise Rejected(f"stale {what} (check the clocks of client and worker)")
         client = self.client_cert(dgram.cert_der)
         if not verify_signature(client.public_key, dgram):
-            raise Rejected("bad signature on status query")
-        if source not in query.addrs and dgram.relay_port is None:
-            raise Rejected(f"status query sent from {source}, which the client did not sign")
-        if not self.replays.add((query.nonce, -1), query.ts_ms + FRESH_MS, now):
-            raise Rejected("replayed status query")
-        return query, client
+            raise Rejected(f"bad signature on {what}")
+        if source not in addrs and dgram.relay_port is None:
+            raise Rejected(f"{what} sent from {source}, which the client did not sign")
+        if not self.replays.add(key, ts_ms + FRESH_MS, now):
+            raise Rejected(f"replayed {what}")
+        return client
 
     def check_status_reply(self, dgram: wire.Datagram, nonce: bytes) -> wire.StatusReply:
         """Check a worker's answer to our status query NONCE."""
