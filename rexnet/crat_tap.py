@@ -16,7 +16,8 @@ from rexnet.exitcodes import CREDENTIAL, USAGE
 
 
 class Options(usage.Options):
-    synopsis = "[--listen HOST:PORT] --trust FILE [--trust FILE ...] [--jsonl FILE]"
+    synopsis = ("[--listen HOST:PORT] --trust FILE [--trust FILE ...] [--jsonl FILE] "
+                "[--web PORT [--web-interface HOST]]")
     longdesc = (
         "Receive the signed alerts of rexnet workers and clients (jobs started and "
         "finished, complaints) and log them, each marked verified or UNVERIFIED by the "
@@ -25,11 +26,15 @@ class Options(usage.Options):
         "certificate; APP.ca is refused, as the CA's private key must stay with its "
         "administrator. With --jsonl, every alert is also appended to FILE as one JSON "
         "object a line. Floods of garbage and unverified alerts are rate-limited; drops "
-        "are summarised in the log."
+        "are summarised in the log. With --web, a dashboard (workers and their load over "
+        "time, running jobs, recent alerts, updated live) is served on that TCP port of "
+        "127.0.0.1 (or of --web-interface)."
     )
     optParameters = [
         ["listen", "l", f"0.0.0.0:{CRAT_PORT}", "UDP HOST:PORT to receive alerts on."],
         ["jsonl", None, None, "Append every alert to FILE, one JSON object a line."],
+        ["web", None, None, "Serve the dashboard on this TCP PORT (0: any free port)."],
+        ["web-interface", None, "127.0.0.1", "Address to serve the dashboard on."],
     ]
 
     def __init__(self) -> None:
@@ -46,6 +51,15 @@ class Options(usage.Options):
             self["listen_addr"] = parse_target(self["listen"], CRAT_PORT, any_port=True)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        if self["web"] is not None:
+            try:
+                self["web_port"] = int(self["web"])
+            except ValueError:
+                self["web_port"] = -1
+            if not 0 <= self["web_port"] <= 65535:
+                raise usage.UsageError(f"bad --web port {self['web']!r} (give 0 to 65535)")
+        else:
+            self["web_port"] = None
         if not self["trust"]:
             raise usage.UsageError("give --trust at least once (APP.worker, APP.client or "
                                    "a CA certificate): without it no alert can be verified")
@@ -79,4 +93,15 @@ def makeService(config: Options) -> IService:
     crat = Crat(cas, reactor.seconds, sinks)  # type: ignore[attr-defined]
     top = MultiService()
     CratService(crat, sock, reactor, closing).setServiceParent(top)
+    if config["web_port"] is not None:
+        from rexnet.dashboard import make_dashboard
+
+        try:
+            web = make_dashboard(crat, config["web-interface"], config["web_port"], reactor)
+        except CratError as e:
+            sock.close()
+            for action in closing:
+                action()
+            raise fail(str(e), USAGE) from None
+        web.setServiceParent(top)
     return top
