@@ -275,6 +275,51 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if outcome["answered"] else exitcodes.NO_WORKER
 
 
+# -- parallel -------------------------------------------------------------------------
+
+
+def cmd_parallel(args: argparse.Namespace) -> int:
+    from rexnet import parallel
+
+    targets = announce_targets(args.announce)
+    alerts = alert_targets(args.alerts) or None
+    if args.timeout <= 0:
+        fail("--timeout must be positive", exitcodes.USAGE)
+    if args.jobs is not None and args.jobs < 1:
+        fail("--jobs must be at least 1", exitcodes.USAGE)
+    if args.retries < 0:
+        fail("--retries must be 0 or more", exitcodes.USAGE)
+    try:
+        template, values = parallel.split_arguments(args.args)
+    except ValueError as e:
+        fail(str(e), exitcodes.USAGE)
+    from rexnet.credentials import CredentialError, load_credential
+
+    try:
+        credential = load_credential(Path(args.keyfile), "client")
+    except CredentialError as e:
+        fail(str(e), exitcodes.CREDENTIAL)
+    if values is None:
+        values = parallel.read_inputs(sys.stdin)
+    return parallel.main(credential, targets, template, values,
+                         args.jobs or os.cpu_count() or 1, args.keep_order, args.retries,
+                         args.timeout, environment(args.env), alerts, args.verbose)
+
+
+PARALLEL_HELP = """\
+Each job's extra arguments are ARG... with {} replaced by the input, or the input appended
+if there is no {} (the workers must run with --allow-args). Inputs are the VALUEs after
+:::, else the lines of stdin. Each job's stdout and stderr are written in one piece when
+it ends (outputs never interleave); --keep-order writes them in input order. On a
+terminal, stderr shows a progress line (jobs done, failed and running; per worker, jobs
+done+running); a summary follows at the end, with one line per failed job.
+
+exit status: the number of failed jobs (a status other than 0, or a rexnet error such as
+a lost worker), at most 101; 250 bad command line, 251 credential refused, 128+N when
+signal N interrupted the run.
+"""
+
+
 # -- the parser -----------------------------------------------------------------------
 
 
@@ -338,6 +383,38 @@ def parser() -> argparse.ArgumentParser:
                         epilog=EXIT_CODES_HELP)
     exec_arguments(ex)
     ex.set_defaults(func=cmd_exec)
+
+    par = sub.add_parser("parallel", help="run one job per input across the cluster",
+                         description="Run one job per input across the cluster, in the way "
+                         "of GNU parallel: rexnet parallel KEYFILE [options] -- ARG... ::: "
+                         "VALUE...  (or with the inputs one a line on stdin)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=PARALLEL_HELP)
+    par.add_argument("keyfile", metavar="KEYFILE", help="the application's client credential")
+    par.add_argument("args", metavar="ARG", nargs="*",
+                     help="the jobs' extra arguments ({} is the input), then ::: and the "
+                     "inputs")
+    par.add_argument("-j", "--jobs", type=int, metavar="N",
+                     help="run at most N jobs at once (default: this host's CPU count; "
+                     "more than the cluster's free slots makes jobs wait for a worker, up "
+                     "to --timeout)")
+    par.add_argument("-k", "--keep-order", action="store_true",
+                     help="write the jobs' outputs in the order of the inputs")
+    par.add_argument("--retries", type=int, default=0, metavar="N",
+                     help="run a job again (up to N times) if its worker is lost before it "
+                     "wrote any output; a job that wrote output is never rerun")
+    par.add_argument("-a", "--announce", metavar="ADDR[:PORT]", action="append", default=[],
+                     help="where to announce the jobs (as for exec)")
+    par.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="fail a job if no worker takes it within this time (default 30)")
+    par.add_argument("-v", "--verbose", action="store_true",
+                     help="say on stderr which worker took each job and why")
+    par.add_argument("--alerts", metavar="ADDR[:PORT]", action="append", default=[],
+                     help="send signed alerts to crat there (as for exec)")
+    par.add_argument("-e", "--env", metavar="NAME[=VALUE]", action="append", default=[],
+                     help="set a variable in every job's environment, if the worker "
+                     "accepts it (as for exec)")
+    par.set_defaults(func=cmd_parallel)
 
     st = sub.add_parser("status", help="show the cluster's workers, their load and slots",
                         description="Ask every worker of KEYFILE's application (a signed "

@@ -1,7 +1,8 @@
 """The client side of a job: announce, accept the first authenticated worker, stream.
 
 Usable from Python: ``ClientJob(reactor, credential, targets).run()`` returns a
-Deferred that fires with a JobResult or fails with a JobFailed subclass.
+Deferred that fires with a JobResult or fails with a JobFailed subclass; ``run()`` (bytes in,
+bytes out, optional re-dispatch) and ``run_streaming()`` (a producer and consumers) wrap it.
 """
 
 from __future__ import annotations
@@ -9,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Sequence
+import subprocess
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet import defer, process
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IListeningPort, IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rexnet import exitcodes, wire
 from rexnet.alerts import AlertSender
@@ -36,9 +40,19 @@ log = Logger()
 
 
 class JobFailed(Exception):
-    """The job could not run or finish for a reason of rexnet's; see exit_code."""
+    """The job could not run or finish for a reason of rexnet's; see exit_code.
+
+    run() fills in what the client knows when the job failed: the worker that had it (if
+    one did), the output received before the failure (stdout, stderr, output_bytes) and how
+    many times the job was dispatched (attempts).
+    """
 
     exit_code = exitcodes.WORKER_LOST
+    worker: str | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    output_bytes = 0
+    attempts = 1
 
 
 class NoWorker(JobFailed):
@@ -71,6 +85,18 @@ class Interrupted(JobFailed):
         self.exit_code = exit_code
 
 
+class OutputLimit(JobFailed):
+    """The job wrote more than run()'s max_output on stdout or stderr: the client kept the
+    first max_output bytes, closed that stream (the job's further writes fail, as into a
+    closed pipe) and holds what the job did next in ``result``."""
+
+    exit_code = exitcodes.MEMORY_LIMIT
+
+    def __init__(self, message: str, result: CompletedJob) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 @dataclass(frozen=True)
 class JobResult:
     """How the job ended, and where it ran."""
@@ -85,6 +111,21 @@ class JobResult:
     def status(self) -> int:
         """The exit status a shell would show: the code, or 128+N for signal N."""
         return self.code if self.signal is None else 128 + self.signal  # type: ignore[return-value]
+
+
+class JobStreams(typing.Protocol):
+    """Where a ClientJob's streams go: StdioStreams (descriptors), ProducerStreams
+    (Twisted producers and consumers) or BytesStreams (bytes in, buffers out)."""
+
+    def prepare(self, channel: Channel) -> None:
+        """Be ready for the job's output (a worker was chosen; the job has not started)."""
+
+    def start_input(self) -> None:
+        """The job started: send its input."""
+
+    def finish(self) -> defer.Deferred[Any]:
+        """The job ended (or failed): stop input; fire once the output is delivered."""
+        ...
 
 
 class StdioStreams:
@@ -193,7 +234,7 @@ class ClientJob:
         credential: Credential,
         targets: Sequence[tuple[str, int]],
         request: wire.Start | None = None,
-        streams: StdioStreams | None = None,
+        streams: JobStreams | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         say: Callable[[str], None] = lambda message: None,
         now: Callable[[], int] = now_ms,
@@ -204,7 +245,8 @@ class ClientJob:
         self.credential = credential
         self.targets = list(targets)
         self.request = request = request or wire.Start()
-        self.streams = streams or StdioStreams(reactor, request.tty, dict(request.fds))
+        self.streams: JobStreams = streams or StdioStreams(reactor, request.tty,
+                                                           dict(request.fds))
         self.timeout = timeout
         self.say = say
         self.now = now
@@ -224,6 +266,8 @@ class ClientJob:
         self._early_signals: list[int] = []
         self.worker_error = ""
         self._t0 = reactor.seconds()
+        # called with the worker's name and the job's id once the job runs there
+        self.on_started: Callable[[str, str], None] | None = None
 
     # -- setting up -------------------------------------------------------------------
 
@@ -306,6 +350,8 @@ class ClientJob:
         if started.refused_env:
             log.warn("worker {name} did not accept the environment variable(s) {names} "
                      "(see its --accept-env)", name=name, names=", ".join(started.refused_env))
+        if self.on_started is not None:
+            self.on_started(name, started.job)
         self.streams.start_input()
         for sig in self._early_signals:
             channel.send(wire.Signal(sig))
@@ -482,3 +528,440 @@ def tls_reason(reason: Failure) -> str:
         if isinstance(last, tuple) and len(last) == 3:
             return str(last[2])
     return reason.getErrorMessage()[:200]
+
+
+# -- the Python API: bytes or producers and consumers instead of descriptors ------------
+
+DEFAULT_ANNOUNCE = "255.255.255.255"
+INPUT_CHUNK = 64 * 1024
+
+
+@implementer(IPushProducer)
+class BytesProducer:
+    """Produces DATA for one consumer, in the manner of twisted.web's IBodyProducer:
+    startProducing(consumer) writes while not paused and returns a Deferred that fires once
+    everything is written (never, after stopProducing)."""
+
+    def __init__(self, data: bytes, chunk: int = INPUT_CHUNK) -> None:
+        self.data = memoryview(data)
+        self.chunk = chunk
+        self.position = 0
+        self.paused = False
+        self.stopped = False
+        self._busy = False
+        self._consumer: Any = None
+        self._done: defer.Deferred[None] | None = None
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        self._consumer = consumer
+        self._done = defer.Deferred()
+        self._produce()
+        return self._done
+
+    def _produce(self) -> None:
+        if self._busy or self._consumer is None:
+            return
+        self._busy = True
+        try:
+            while not self.paused and not self.stopped and self.position < len(self.data):
+                chunk = self.data[self.position : self.position + self.chunk].tobytes()
+                self.position += len(chunk)
+                self._consumer.write(chunk)
+        finally:
+            self._busy = False
+        done = self._done
+        if (self.position >= len(self.data) and not self.stopped and done is not None
+                and not done.called):
+            done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._produce()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+@implementer(IConsumer)
+class OutputBuffer:
+    """Collects a stream in memory, at most LIMIT bytes (None: no bound); past the limit it
+    keeps the first LIMIT bytes, sets ``truncated`` and calls OVERFLOW once."""
+
+    def __init__(self, limit: int | None = None,
+                 overflow: Callable[[], None] = lambda: None) -> None:
+        self.limit = limit
+        self.overflow = overflow
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.truncated = False
+
+    def write(self, data: bytes) -> None:
+        if self.truncated:
+            return
+        if self.limit is not None and self.size + len(data) > self.limit:
+            data = data[: self.limit - self.size]
+            self.truncated = True
+        if data:
+            self.chunks.append(data)
+            self.size += len(data)
+        if self.truncated:
+            self.overflow()
+
+    def getvalue(self) -> bytes:
+        if len(self.chunks) > 1:
+            self.chunks = [b"".join(self.chunks)]
+        return self.chunks[0] if self.chunks else b""
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+class ConsumerSink:
+    """The sink of an InStream (write, registerProducer, unregisterProducer,
+    loseConnection) that hands the bytes to an IConsumer, or drops them if there is none.
+
+    The consumer gets the stream as its producer, so it can pause it (the worker's side
+    then pauses within the stream's window). It is never closed: the job's Deferred firing
+    says the output is complete."""
+
+    def __init__(self, consumer: IConsumer | None) -> None:
+        self.consumer = consumer
+        self.ended = False
+        self._registered = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.consumer is not None and not self._registered:
+            try:
+                self.consumer.registerProducer(producer, streaming)
+            except RuntimeError:  # the consumer has a producer already: no flow control
+                return
+            self._registered = True
+
+    def unregisterProducer(self) -> None:
+        if self._registered and self.consumer is not None:
+            self._registered = False
+            self.consumer.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        if self.consumer is not None:
+            self.consumer.write(data)
+
+    def loseConnection(self) -> None:
+        self.ended = True
+        self.unregisterProducer()
+
+
+@implementer(IConsumer)
+class StreamInput:
+    """The consumer a stdin producer writes to: the job's stream 0. The producer is paced
+    by the stream's credit from its first write (or from registerProducer)."""
+
+    def __init__(self, out: OutStream, producer: Any) -> None:
+        self.out = out
+        self.producer = producer
+        self._attached = False
+
+    def _attach(self) -> None:
+        if not self._attached and not self.out.closed:
+            self._attached = True
+            self.out.attach(self.producer)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if not streaming:
+            raise ValueError("rexnet takes push producers (IPushProducer) for a job's stdin")
+        self.producer = producer
+        self._attach()
+
+    def unregisterProducer(self) -> None:
+        if self.out.source is self.producer:
+            self.out.source = None
+
+    def write(self, data: bytes) -> None:
+        self._attach()
+        self.out.write(data)
+
+
+class ProducerStreams:
+    """A job's stdin from a Twisted push producer, its stdout and stderr to consumers.
+
+    STDIN follows twisted.web's IBodyProducer: an IPushProducer with
+    ``startProducing(consumer)`` returning a Deferred that fires once all input is written
+    (twisted.web.client.FileBodyProducer fits); then the job reads EOF. None: empty stdin.
+    STDOUT and STDERR are IConsumers (None discards); see ConsumerSink.
+    """
+
+    def __init__(self, stdin: Any = None, stdout: IConsumer | None = None,
+                 stderr: IConsumer | None = None) -> None:
+        self.stdin = stdin
+        self.sinks = {1: ConsumerSink(stdout), 2: ConsumerSink(stderr)}
+        self.channel: Channel | None = None
+        self._input: OutStream | None = None
+        self._input_done = False
+
+    def prepare(self, channel: Channel) -> None:
+        self.channel = channel
+        for fd, sink in self.sinks.items():
+            channel.ins[fd] = InStream(channel, fd, sink)
+
+    def start_input(self) -> None:
+        assert self.channel is not None
+        out = self._input = OutStream(self.channel, 0)
+        self.channel.outs[0] = out
+        if self.stdin is None:
+            self._input_done = True
+            out.close()
+            return
+
+        def finished(result: object) -> None:
+            self._input_done = True
+            out.source = None
+            if isinstance(result, Failure) and not out.closed:
+                log.warn("the job's input failed: {why}; the job reads EOF",
+                         why=result.getErrorMessage())
+            out.close()
+
+        try:
+            written = self.stdin.startProducing(StreamInput(out, self.stdin))
+        except Exception:
+            log.failure("the job's input could not start; the job reads EOF")
+            finished(None)
+            return
+        written.addBoth(finished)
+
+    def finish(self) -> defer.Deferred[Any]:
+        out = self._input
+        if self.stdin is not None and out is not None and not self._input_done:
+            self._input_done = True
+            if not out.closed:  # the job ended first, or failed: stop reading the input
+                out.closed = True
+                out.source = None
+                self.stdin.stopProducing()
+        for sink in self.sinks.values():
+            sink.unregisterProducer()
+        return defer.succeed(None)
+
+
+class BytesStreams(ProducerStreams):
+    """A job's stdin from bytes; its stdout and stderr collected into OutputBuffers of at
+    most MAX_OUTPUT bytes each (None: unbounded). A stream that overflows is closed, as a
+    pipe whose reader went away: the job's further writes to it fail."""
+
+    def __init__(self, stdin: bytes = b"", max_output: int | None = None) -> None:
+        self.stdout = OutputBuffer(max_output, lambda: self._overflow(1))
+        self.stderr = OutputBuffer(max_output, lambda: self._overflow(2))
+        self.overflowed: list[int] = []
+        super().__init__(BytesProducer(stdin) if stdin else None, self.stdout, self.stderr)
+
+    def _overflow(self, fd: int) -> None:
+        self.overflowed.append(fd)
+        stream = self.channel.ins.get(fd) if self.channel is not None else None
+        if stream is not None and self.channel is not None:
+            stream.drop_sink()
+            self.channel.send(wire.Shut(fd))
+
+
+@dataclass(frozen=True)
+class CompletedJob:
+    """A finished job, like subprocess.CompletedProcess.
+
+    ``returncode`` is the status a shell would show (128+N when signal N killed the job, as
+    ``rexnet exec`` exits with); ``signal`` is N. ``worker`` named the worker it ran on,
+    ``attempts`` says how many times it was dispatched (more than 1 after a re-dispatch).
+    """
+
+    args: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    worker: str
+    address: str = ""
+    job: str = ""
+    signal: int | None = None
+    attempts: int = 1
+
+    def check_returncode(self) -> None:
+        """Raise subprocess.CalledProcessError if the status is not 0."""
+        if self.returncode:
+            raise subprocess.CalledProcessError(self.returncode, list(self.args), self.stdout,
+                                                self.stderr)
+
+
+def client_credential(credential: Credential | str | os.PathLike[str]) -> Credential:
+    """A client credential, or the path of one to load (CredentialError if it is refused)."""
+    if isinstance(credential, Credential):
+        return credential
+    from pathlib import Path
+
+    from rexnet.credentials import load_credential
+
+    return load_credential(Path(credential), "client")
+
+
+Target = str | tuple[str, int]
+
+
+def announce_targets(announce: Sequence[Target] | None = None) -> list[tuple[str, int]]:
+    """Targets from "ADDR[:PORT]" texts (or pairs); none: $GROUP, else the broadcast address,
+    as `rexnet exec` does. ValueError for a bad address."""
+    from rexnet.announce import parse_target
+
+    texts: list[Target] = list(announce) if announce else [
+        os.environ.get("GROUP") or DEFAULT_ANNOUNCE]
+    return [(t[0], int(t[1])) if isinstance(t, tuple) else parse_target(t) for t in texts]
+
+
+def _env_pairs(env: Mapping[str, str] | Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    items = env.items() if isinstance(env, Mapping) else env
+    return tuple((str(k), str(v)) for k, v in items)
+
+
+def _failure_details(error: JobFailed, job: ClientJob, streams: JobStreams,
+                     attempt: int) -> None:
+    """What the client knows about a failed job, on the error (see JobFailed)."""
+    chosen = job.chosen
+    if chosen is not None:
+        error.worker = chosen.hello.worker if chosen.hello else CertInfo.of(
+            chosen.peer_cert).name
+        error.output_bytes = sum(chosen.ins[fd].received for fd in (1, 2)
+                                 if fd in chosen.ins)
+    if isinstance(streams, BytesStreams):
+        error.stdout = streams.stdout.getvalue()
+        error.stderr = streams.stderr.getvalue()
+    error.attempts = attempt
+
+
+async def _dispatch(
+    reactor: Any,
+    credential: Credential | str | os.PathLike[str],
+    args: Sequence[str],
+    make_streams: Callable[[], JobStreams],
+    announce: Sequence[Target] | None,
+    timeout: float,
+    env: Mapping[str, str] | Sequence[tuple[str, str]],
+    retries: int,
+    say: Callable[[str], None] | None,
+    alerts: Sequence[Target] | None,
+    on_started: Callable[[str, str], None] | None,
+) -> tuple[JobResult, JobStreams, int]:
+    """Run one job, again on WorkerLost before any output (up to RETRIES more times)."""
+    from rexnet.alerts import CRAT_PORT, crat_targets
+    from rexnet.announce import parse_target
+
+    cred = client_credential(credential)
+    targets = announce_targets(announce)
+    alert_to = crat_targets(targets) if alerts is None else [
+        (t[0], int(t[1])) if isinstance(t, tuple) else parse_target(t, CRAT_PORT)
+        for t in alerts]
+    if retries < 0 or timeout <= 0:
+        raise ValueError("retries must be >= 0 and timeout positive")
+    tell = say or (lambda message: log.info("{message}", message=message))
+    request = wire.Start(tuple(args), _env_pairs(env))
+    attempt = 0
+    while True:
+        attempt += 1
+        streams = make_streams()
+        job = ClientJob(reactor, cred, targets, request, streams, timeout, say=tell,
+                        alerts=AlertSender(reactor, cred, alert_to))
+        job.on_started = on_started
+        try:
+            result = await job.run()
+        except JobFailed as error:
+            _failure_details(error, job, streams, attempt)
+            if isinstance(error, WorkerLost) and error.output_bytes == 0 and attempt <= retries:
+                tell(f"{error}; the job had written no output: dispatching it again "
+                     f"(attempt {attempt + 1} of {retries + 1})")
+                continue
+            raise
+        return result, streams, attempt
+
+
+def run(
+    reactor: Any,
+    credential: Credential | str | os.PathLike[str],
+    args: Sequence[str] = (),
+    stdin: bytes = b"",
+    announce: Sequence[Target] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    env: Mapping[str, str] | Sequence[tuple[str, str]] = (),
+    max_output: int | None = None,
+    retries: int = 0,
+    say: Callable[[str], None] | None = None,
+    alerts: Sequence[Target] | None = None,
+    on_started: Callable[[str, str], None] | None = None,
+) -> defer.Deferred[CompletedJob]:
+    """Run one job with STDIN as its input; fires with a CompletedJob (its status, stdout,
+    stderr and worker) or fails with a JobFailed subclass (NoWorker, AuthFailed, JobRefused,
+    WorkerLost, LimitHit; OutputLimit past MAX_OUTPUT bytes on stdout or stderr).
+
+    ARGS are the extra arguments (the worker must run with --allow-args); ANNOUNCE is where
+    to announce ("ADDR[:PORT]", as `rexnet exec --announce`; default $GROUP, else the
+    broadcast address); TIMEOUT bounds the search for a worker; ENV asks for variables the
+    worker may accept. With RETRIES, a job whose worker is lost before the client received
+    any of its output runs again (on whichever worker answers next); one that produced
+    output fails with WorkerLost, never silently rerun. SAY gets progress messages (default:
+    Twisted's log); ON_STARTED(worker, job_id) is called when the job runs somewhere;
+    ALERTS are crat addresses (default: the announce targets on port 3011).
+    """
+
+    async def go() -> CompletedJob:
+        result, streams, attempts = await _dispatch(
+            reactor, credential, args, lambda: BytesStreams(stdin, max_output), announce,
+            timeout, env, retries, say, alerts, on_started)
+        assert isinstance(streams, BytesStreams)
+        completed = CompletedJob(tuple(args), result.status, streams.stdout.getvalue(),
+                                 streams.stderr.getvalue(), result.worker, result.address,
+                                 result.job, result.signal, attempts)
+        if streams.overflowed:
+            which = " and ".join("stdout" if fd == 1 else "stderr"
+                                 for fd in sorted(set(streams.overflowed)))
+            error = OutputLimit(f"job {result.job} on worker {result.worker} wrote more than "
+                                f"{max_output} bytes on {which}; the rest was discarded",
+                                completed)
+            error.worker, error.attempts = result.worker, attempts
+            error.stdout, error.stderr = completed.stdout, completed.stderr
+            raise error
+        return completed
+
+    return defer.Deferred.fromCoroutine(go())
+
+
+def run_streaming(
+    reactor: Any,
+    credential: Credential | str | os.PathLike[str],
+    args: Sequence[str] = (),
+    stdin: Any = None,
+    stdout: IConsumer | None = None,
+    stderr: IConsumer | None = None,
+    announce: Sequence[Target] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    env: Mapping[str, str] | Sequence[tuple[str, str]] = (),
+    retries: int = 0,
+    say: Callable[[str], None] | None = None,
+    alerts: Sequence[Target] | None = None,
+    on_started: Callable[[str, str], None] | None = None,
+) -> defer.Deferred[JobResult]:
+    """Run one job streaming: STDIN is a push producer with startProducing(consumer) (as
+    twisted.web's IBodyProducer; None: empty input), STDOUT and STDERR are IConsumers that
+    may pause the stream (None: discarded). Fires with a JobResult once every byte of
+    output was written to the consumers, or fails as run() does. RETRIES (as for run())
+    needs STDIN None: a producer cannot be replayed."""
+    if retries and stdin is not None:
+        return defer.fail(ValueError("retries need stdin=None: a producer cannot be replayed"))
+    if stdin is not None and not callable(getattr(stdin, "startProducing", None)):
+        return defer.fail(TypeError("stdin must be a push producer with "
+                                    "startProducing(consumer), as twisted.web's "
+                                    "IBodyProducer (FileBodyProducer, BytesProducer)"))
+
+    async def go() -> JobResult:
+        result, _, _ = await _dispatch(
+            reactor, credential, args, lambda: ProducerStreams(stdin, stdout, stderr),
+            announce, timeout, env, retries, say, alerts, on_started)
+        return result
+
+    return defer.Deferred.fromCoroutine(go())

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 IDLE_MS = 5.0
-LOAD_MS = 20.0
+LOAD_MS = 40.0
 JITTER_MS = 1.0
 
 

@@ -22,18 +22,21 @@ from rexnet.exitcodes import CREDENTIAL, USAGE
 from rexnet.job import Limits
 from rexnet.load import cpu_count
 from rexnet.registration import WorkerRegistration
+from rexnet.remote import RUNNER
 from rexnet.tls import connecting_options
 from rexnet.worker import Worker, WorkerService, WorkerSettings
 
 
 class Options(usage.Options):
-    synopsis = "[options] KEYFILE COMMAND [ARG...]"
+    synopsis = "[options] KEYFILE COMMAND [ARG...] | --python KEYFILE"
     longdesc = (
         "Serve one rexnet application: hear announcements of its clients, connect back "
         "to the client after a delay that grows with this host's load, and run COMMAND "
         "for each job with the client's stdin, stdout and stderr. KEYFILE is the "
         f"application's worker credential (APP.worker). Announcements arrive on UDP port "
-        f"{DEFAULT_PORT} unless --listen says otherwise."
+        f"{DEFAULT_PORT} unless --listen says otherwise. With --python, each job is a "
+        "Python call from rexnet.Executor.call instead (pickled: the worker trusts its "
+        "authenticated clients)."
     )
     optParameters = [
         ["listen", "l", f"0.0.0.0:{DEFAULT_PORT}",
@@ -48,6 +51,10 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["allow-args", None, "Append the client's extra arguments to COMMAND."],
+        ["python", None, "Run Python calls (rexnet.Executor.call) instead of a COMMAND: each "
+         "job unpickles a callable and its arguments from its stdin in a fresh `python -c` "
+         "process (the worker's own interpreter) and pickles back the result. "
+         "Pickle runs code: this trusts every authenticated client."],
     ]
 
     def __init__(self) -> None:
@@ -82,9 +89,9 @@ class Options(usage.Options):
         sshd's AcceptEnv; repeatable). Others are refused and the client is told."""
         self["accept-env"].append(pattern)
 
-    def parseArgs(self, keyfile: str, command: str, *args: str) -> None:  # type: ignore[override]
+    def parseArgs(self, keyfile: str, *command: str) -> None:  # type: ignore[override]
         self["keyfile"] = keyfile
-        self["command"] = (command, *args)
+        self["command"] = command
 
     def postOptions(self) -> None:
         try:
@@ -121,6 +128,16 @@ class Options(usage.Options):
             if not os.path.isdir(self["chdir"]):
                 raise usage.UsageError(f"--chdir: no such directory: {self['chdir']}")
             self["chdir"] = os.path.abspath(self["chdir"])
+        if self["python"]:
+            if self["command"]:
+                raise usage.UsageError("--python runs Python calls: give no COMMAND")
+            if self["allow-args"]:
+                raise usage.UsageError("--allow-args does not go with --python")
+            self["command"] = (sys.executable, "-c", RUNNER)
+            return
+        if not self["command"]:
+            raise usage.UsageError("Wrong number of arguments: give KEYFILE COMMAND [ARG...] "
+                                   "(or --python KEYFILE)")
         command = self["command"][0]
         found = shutil.which(command)
         if found is None:

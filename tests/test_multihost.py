@@ -90,7 +90,7 @@ def test_the_less_loaded_worker_wins(bed: NetBed, keys: Keys) -> None:
     loaded_worker.wait_for(r"job \w+ started")
     placed = collections.Counter(job(client, keys, "echo $REXNET_WORKER").stdout.strip()
                                  for _ in range(6))
-    assert placed[b"idle"] >= 5, placed
+    assert placed[b"idle"] >= 4, placed
     blocker.kill()
 
 

@@ -62,7 +62,7 @@ def test_ring_of_three_tunnels(bed: NetBed, keys: Keys) -> None:
                tunnel_on(t["s2"], keys, t["s3"].addr()),
                tunnel_on(t["s3"], keys, t["s1"].addr())]
     for tunnel in tunnels:
-        tunnel.wait_for("tunnel link up", timeout=20)
+        tunnel.wait_for("link up with", timeout=20)
     spies = {name: Proc([sys.executable, "-c", SPY, *sys.path], popen=hosts["spy"].popen)
              for name, hosts in sites.items()}
     for spy in spies.values():
@@ -97,7 +97,7 @@ def test_a_tunnel_restart_recovers(bed: NetBed, keys: Keys) -> None:
     t1, t2 = sites["s1"]["t"], sites["s2"]["t"]
     tunnel_on(t1, keys)
     far = tunnel_on(t2, keys, t1.addr())
-    far.wait_for("tunnel link up", timeout=20)
+    far.wait_for("link up with", timeout=20)
     start_worker(keys.worker, ["cat"], "0.0.0.0:3010", "w2", popen=sites["s2"]["w"].popen)
     client = sites["s1"]["c"]
     # a long job keeps running across the tunnel's restart: it does not pass through it
@@ -107,7 +107,7 @@ def test_a_tunnel_restart_recovers(bed: NetBed, keys: Keys) -> None:
     time.sleep(2)
     far.stop()
     again = tunnel_on(t2, keys, t1.addr())
-    again.wait_for("tunnel link up", timeout=20)
+    again.wait_for("link up with", timeout=20)
     out, _ = running.communicate(b"still here\n", timeout=20)
     assert out == b"still here\n"
     done = run_exec(keys.client, ["255.255.255.255:3010"], "--timeout", "20", input=b"next\n",
