@@ -748,11 +748,13 @@ def site(keys: Keys) -> Iterator[Site]:
 
 def wait_until(driver: Any, what: str, condition: Callable[[Any], Any],
                timeout: float = WAIT) -> Any:
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+    try:  # the page re-renders its tables: an element may go stale while we read it
+        return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                             ignored_exceptions=(StaleElementReferenceException,)
+                             ).until(condition)
     except TimeoutException:
         raise AssertionError(f"the page never showed {what}; it shows:\n"
                              f"{driver.find_element('tag name', 'body').text}") from None
