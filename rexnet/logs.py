@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -14,8 +15,8 @@ from twisted.logger import (
 from zope.interface import provider
 
 
-def stderr_observer(verbose: bool) -> ILogObserver:
-    """Warnings (complaints) always, info too when VERBOSE, as 'rexnet: ...' lines."""
+def message_observer(emit: Callable[[str], None], verbose: bool) -> ILogObserver:
+    """Warnings (complaints) always, info too when VERBOSE, each as one text to EMIT."""
 
     @provider(ILogObserver)
     def write(event: dict) -> None:  # type: ignore[type-arg]
@@ -23,9 +24,15 @@ def stderr_observer(verbose: bool) -> ILogObserver:
         failure = event.get("log_failure")
         if failure is not None:
             text = f"{text}: {failure.getErrorMessage()}"
-        print(f"rexnet: {text}", file=sys.stderr, flush=True)
+        emit(text)
 
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     if verbose:
         levels.setLogLevelForNamespace("rexnet", LogLevel.info)
     return FilteringLogObserver(write, [levels])
+
+
+def stderr_observer(verbose: bool) -> ILogObserver:
+    """The log as 'rexnet: ...' lines on stderr."""
+    return message_observer(lambda text: print(f"rexnet: {text}", file=sys.stderr, flush=True),
+                            verbose)

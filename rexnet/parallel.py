@@ -24,20 +24,14 @@ from typing import IO, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer
-from twisted.logger import (
-    FilteringLogObserver,
-    ILogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    formatEvent,
-    globalLogBeginner,
-)
+from twisted.logger import globalLogBeginner
 from twisted.python.failure import Failure
-from zope.interface import implementer, provider
+from zope.interface import implementer
 
 from rexnet import client
 from rexnet.client import JobFailed, JobResult, Target
 from rexnet.credentials import Credential
+from rexnet.logs import message_observer
 
 SPOOL_MEMORY = 1 << 20
 MAX_FAILED_STATUS = 101  # as GNU parallel: the number of failed jobs, at most 101
@@ -337,23 +331,6 @@ def read_inputs(stream: IO[str]) -> list[str]:
     return [line[:-1] if line.endswith("\n") else line for line in stream]
 
 
-def log_observer(writer: Writer, verbose: bool) -> ILogObserver:
-    """Twisted's log (complaints; with VERBOSE, info) as messages through the writer."""
-
-    @provider(ILogObserver)
-    def write(event: dict) -> None:  # type: ignore[type-arg]
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text = f"{text}: {failure.getErrorMessage()}"
-        writer.message(text)
-
-    levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-    if verbose:
-        levels.setLogLevelForNamespace("rexnet", LogLevel.info)
-    return FilteringLogObserver(write, [levels])
-
-
 INTERRUPTS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
@@ -371,7 +348,7 @@ def main(credential: Credential, targets: Sequence[Target], template: Sequence[s
     writer = Writer(sys.stdout.buffer, sys.stderr.buffer, progress,
                     lambda: window_size(2)[1] or 80)
     writer.start()
-    globalLogBeginner.beginLoggingTo([log_observer(writer, verbose)],
+    globalLogBeginner.beginLoggingTo([message_observer(writer.message, verbose)],
                                      redirectStandardIO=False)
     tasks = [Task(i, value, job_arguments(template, value)) for i, value in enumerate(values)]
     run = Parallel(reactor, credential, targets, tasks, writer, jobs, keep_order, retries,
