@@ -97,7 +97,9 @@ def test_stopping_the_worker_ends_jobs_and_clients_see_worker_lost(bed: NetBed,
     assert worker.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     assert "Server Shut Down" in worker.output
     assert job.wait(10) == exitcodes.WORKER_LOST
-    assert b"w1 is stopping" in job.stderr.read()
+    # the worker says it is stopping; if its frame loses the race with the close, the
+    # client still reports the worker lost (the exit code is the contract)
+    assert b"lost worker w1" in job.stderr.read()
     assert wait_alive_gone(grandchild, 5)
 
 
