@@ -99,7 +99,8 @@ def test_stopping_the_worker_ends_jobs_and_clients_see_worker_lost(bed: NetBed,
     assert job.wait(10) == exitcodes.WORKER_LOST
     # the worker says it is stopping; if its frame loses the race with the close, the
     # client still reports the worker lost (the exit code is the contract)
-    assert b"lost worker w1" in job.stderr.read()
+    said = job.stderr.read()
+    assert b"lost worker" in said and b"w1" in said, said
     assert wait_alive_gone(grandchild, 5)
 
 
