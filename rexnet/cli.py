@@ -132,6 +132,9 @@ def alert_targets(texts: Sequence[str]) -> list[tuple[str, int]]:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    from rexnet.config import apply_application
+
+    apply_application(args)  # KEYFILE may name an application of rexnet.toml
     targets = announce_targets(args.announce)
     args.alerts = alert_targets(args.alerts)
     if args.timeout <= 0:
@@ -223,6 +226,9 @@ def run_job(credential: object, targets: list[tuple[str, int]], request: object,
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from rexnet.config import apply_application
+
+    apply_application(args)
     targets = announce_targets(args.announce)
     if args.wait <= 0 or (args.watch is not None and args.watch < args.wait):
         fail("--wait must be positive and no longer than --watch", exitcodes.USAGE)
@@ -280,7 +286,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_parallel(args: argparse.Namespace) -> int:
     from rexnet import parallel
+    from rexnet.config import apply_application
 
+    apply_application(args)
     targets = announce_targets(args.announce)
     alerts = alert_targets(args.alerts) or None
     if args.timeout <= 0:
@@ -325,15 +333,16 @@ signal N interrupted the run.
 
 def exec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("keyfile", metavar="KEYFILE", help="the application's client credential "
-                   "(APP.client)")
+                   "(APP.client), or the NAME of an application in rexnet.toml")
     p.add_argument("args", metavar="ARG", nargs="*",
                    help="extra arguments for the job's command, if the worker allows them")
     p.add_argument("-a", "--announce", metavar="ADDR[:PORT]", action="append", default=[],
                    help="where to announce the job (repeatable): a broadcast address, a "
                    "multicast group or a worker's address; default: $GROUP, else "
                    f"{DEFAULT_ANNOUNCE}, port 3010")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="give up if no worker is found within this time (default 30)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up if no worker is found within this time (default: the "
+                   "application's timeout in rexnet.toml, else 30)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr which worker took the job and why")
     p.add_argument("--alerts", metavar="ADDR[:PORT]", action="append", default=[],
@@ -357,6 +366,9 @@ def parser() -> argparse.ArgumentParser:
                  formatter_class=argparse.RawDescriptionHelpFormatter,
                  epilog="Workers run as twistd plugins: twistd -n rexnet-worker --help")
     top.add_argument("--version", action="version", version=f"rexnet {__version__}")
+    top.add_argument("--config", metavar="FILE", help="read applications from this TOML file "
+                     "only (default: ./rexnet.toml, ~/.config/rexnet/config.toml, "
+                     "/etc/rexnet/config.toml; or $REXNET_CONFIG)")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
@@ -390,7 +402,8 @@ def parser() -> argparse.ArgumentParser:
                          "VALUE...  (or with the inputs one a line on stdin)",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=PARALLEL_HELP)
-    par.add_argument("keyfile", metavar="KEYFILE", help="the application's client credential")
+    par.add_argument("keyfile", metavar="KEYFILE", help="the application's client credential "
+                     "or the NAME of an application in rexnet.toml")
     par.add_argument("args", metavar="ARG", nargs="*",
                      help="the jobs' extra arguments ({} is the input), then ::: and the "
                      "inputs")
@@ -405,8 +418,9 @@ def parser() -> argparse.ArgumentParser:
                      "wrote any output; a job that wrote output is never rerun")
     par.add_argument("-a", "--announce", metavar="ADDR[:PORT]", action="append", default=[],
                      help="where to announce the jobs (as for exec)")
-    par.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                     help="fail a job if no worker takes it within this time (default 30)")
+    par.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                     help="fail a job if no worker takes it within this time (default: as "
+                     "for exec, 30)")
     par.add_argument("-v", "--verbose", action="store_true",
                      help="say on stderr which worker took each job and why")
     par.add_argument("--alerts", metavar="ADDR[:PORT]", action="append", default=[],
@@ -421,7 +435,8 @@ def parser() -> argparse.ArgumentParser:
                         "query to the announce targets) for its name, load, CPUs, speed, "
                         "slots, free memory, jobs run, uptime and version. Exits 254 if no "
                         "worker answered.")
-    st.add_argument("keyfile", metavar="KEYFILE", help="the application's client credential")
+    st.add_argument("keyfile", metavar="KEYFILE", help="the application's client credential "
+                    "or the NAME of an application in rexnet.toml")
     st.add_argument("-a", "--announce", metavar="ADDR[:PORT]", action="append", default=[],
                     help="where to send the query (as for exec; default: $GROUP, else "
                     f"{DEFAULT_ANNOUNCE}, port 3010)")
@@ -437,6 +452,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.config:
+        os.environ["REXNET_CONFIG"] = args.config
     code: int = args.func(args)
     return code
 

@@ -17,9 +17,10 @@ from rexnet.exitcodes import CREDENTIAL
 from rexnet.registration import RegisteredWorkers
 from rexnet.relay import Relay, RelayService
 from rexnet.tls import listening_options
+from rexnet.version import VersionOption
 
 
-class Options(usage.Options):
+class Options(VersionOption):
     synopsis = "[options] --announce ADDR[:PORT] [--announce ...]"
     longdesc = (
         "Relay rexnet announcements, TAKEN messages, status queries and alerts heard on "

@@ -13,9 +13,10 @@ from rexnet.alerts import CRAT_PORT
 from rexnet.announce import parse_target
 from rexnet.crat import Crat, CratError, CratService, bind_udp, open_jsonl, read_ca_certificate
 from rexnet.exitcodes import CREDENTIAL, USAGE
+from rexnet.version import VersionOption
 
 
-class Options(usage.Options):
+class Options(VersionOption):
     synopsis = ("[--listen HOST:PORT] --trust FILE [--trust FILE ...] [--jsonl FILE] "
                 "[--web PORT [--web-interface HOST]]")
     longdesc = (

@@ -8,6 +8,8 @@ MEMORY_LIMIT = 247
 """The worker ended the job: it used more memory than the worker's --job-memory."""
 TIME_LIMIT = 248
 """The worker ended the job: it ran longer than the worker's --job-timeout."""
+CONFIG = 249
+"""A mistake in a configuration file (the message names the file and line)."""
 USAGE = 250
 """Bad command line."""
 CREDENTIAL = 251
@@ -24,6 +26,7 @@ WORKER_LOST = 255
 DESCRIPTIONS = {
     MEMORY_LIMIT: "the job hit the worker's memory limit (--job-memory)",
     TIME_LIMIT: "the job hit the worker's time limit (--job-timeout)",
+    CONFIG: "a mistake in a configuration file (FILE:LINE in the message)",
     USAGE: "bad command line",
     CREDENTIAL: "credential refused (missing, unsafe mode, corrupt or wrong role)",
     REFUSED: "the worker refused the job or broke the protocol; the job did not start",

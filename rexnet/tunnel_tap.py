@@ -15,9 +15,10 @@ from rexnet.credentials import Credential, CredentialError, load_credential
 from rexnet.exitcodes import CREDENTIAL
 from rexnet.tls import listening_options
 from rexnet.tunnel import Tunnel, TunnelGroups, link_factory
+from rexnet.version import VersionOption
 
 
-class Options(usage.Options):
+class Options(VersionOption):
     synopsis = "(--listen HOST:PORT | --connect HOST:PORT ...) --credential FILE --group ADDR"
     longdesc = (
         "A multicast tunnel: joins this site's announce domain (--group, repeatable: a "

@@ -35,6 +35,7 @@ from rexnet.channel import Channel
 from rexnet.credentials import CertInfo, Credential
 from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
 from rexnet.load import HostLoad, connect_back_delay, load_figure, sample_host
+from rexnet.metrics import NO_METRICS, NoMetrics
 from rexnet.tls import connecting_options
 
 CONNECT_TIMEOUT = 5.0
@@ -130,6 +131,8 @@ class Complaints:
 class Worker:
     """Decides which announcements to answer, and runs the jobs it wins."""
 
+    metrics: NoMetrics = NO_METRICS  # twistd rexnet-worker --metrics sets a real one
+
     def __init__(
         self,
         settings: WorkerSettings,
@@ -165,6 +168,7 @@ class Worker:
     def datagram(self, data: bytes, host: str, port: int) -> None:
         if not self.limiter.allow(host, self.reactor.seconds()):
             self.rate_limited += 1
+            self.metrics.rate_limited()
             return
         try:
             dgram = self.checker.decode(data)
@@ -232,6 +236,7 @@ class Worker:
         if pending.connecting is not None:
             pending.connecting.cancel()
         self.release(pending)
+        self.metrics.connect_back("lost")
         log.info("connect-back for job {job} cancelled: taken by another worker",
                  job=pending.job_id.hex()[:12])
 
@@ -250,6 +255,7 @@ class Worker:
             if not reason.check(defer.CancelledError):
                 log.info("connect-back to {host}:{port} failed: {why}", host=host, port=port,
                          why=reason.getErrorMessage())
+                self.metrics.connect_back("failed")
             self.release(pending)
 
         pending.connecting.addErrback(failed)
@@ -263,6 +269,7 @@ class Worker:
     def start_job(self, channel: WorkerChannel, start: wire.Start) -> None:
         pending = channel.pending
         self.release(pending)
+        self.metrics.connect_back("won")
         s = self.settings
         if start.args and not s.allow_args:
             channel.refuse_job("args", "this worker does not accept extra arguments "
@@ -293,6 +300,7 @@ class Worker:
         self.alerts.send("job-started", job=job, worker=s.name, client=client,
                          client_addr=channel.peer_address(), command=" ".join(argv)[:200])
         self.jobs_run += 1
+        self.metrics.job_started()
         channel.job = job
         channel.process = proto
         channel.send(wire.Started(job, refused))
@@ -308,12 +316,14 @@ class Worker:
                  how=f"exit {code}" if sig is None else f"signal {sig}",
                  limit=f" ({limit} limit)" if limit else "")
         channel = running.channel
+        bytes_in = sum(s.received for s in channel.ins.values())
+        bytes_out = sum(s.sent for s in channel.outs.values())
+        self.metrics.job_finished(code, sig, limit, bytes_in, bytes_out)
         self.alerts.send(
             "job-finished", job=job, worker=self.settings.name, client=running.client,
             status=code if sig is None else 128 + sig, signal=sig, limit=limit or None,
             duration=round(self.reactor.seconds() - running.started, 3),
-            bytes_in=sum(s.received for s in channel.ins.values()),
-            bytes_out=sum(s.sent for s in channel.outs.values()))
+            bytes_in=bytes_in, bytes_out=bytes_out)
         if limit:
             self.complain(channel.peer_address(), f"job {job} hit its {limit} limit")
         channel.send(wire.Exit(code, sig, limit))
@@ -388,6 +398,7 @@ class WorkerChannel(Channel):
         elif isinstance(frame, wire.Winsize) and self.process is not None:
             self.process.resize(frame.rows, frame.cols)
         elif isinstance(frame, wire.Busy) and self.job is None:
+            self.worker.metrics.connect_back("lost")
             self.close()
         elif isinstance(frame, wire.Error):
             log.warn("client {peer} ended the job: {message}", peer=self.peer_address(),
@@ -398,6 +409,7 @@ class WorkerChannel(Channel):
 
     def refuse_job(self, reason: str, message: str) -> None:
         log.warn("job refused: {message}", message=message)
+        self.worker.metrics.job_refused(reason)
         self.send(wire.Error(reason, message))
         self.close()
 
@@ -408,6 +420,7 @@ class WorkerChannel(Channel):
         if self._start_timer is not None and self._start_timer.active():
             self._start_timer.cancel()
         if not self.verified:
+            self.worker.metrics.auth_failure()
             self.worker.complain(self.peer_address(),
                                  f"TLS with client failed: {reason.getErrorMessage()}")
         self.worker.channel_lost(self)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from twisted.application.internet import ClientService
 from twisted.application.service import IService, MultiService
@@ -20,15 +21,17 @@ from rexnet.credentials import CredentialError, load_credential
 from rexnet.datalink import DatagramLink
 from rexnet.exitcodes import CREDENTIAL, USAGE
 from rexnet.job import Limits
-from rexnet.load import cpu_count
+from rexnet.load import cpu_count, load_figure
+from rexnet.multiworker import SharedWorkerService
 from rexnet.registration import WorkerRegistration
 from rexnet.remote import RUNNER
 from rexnet.tls import connecting_options
+from rexnet.version import VersionOption
 from rexnet.worker import Worker, WorkerService, WorkerSettings
 
 
-class Options(usage.Options):
-    synopsis = "[options] KEYFILE COMMAND [ARG...] | --python KEYFILE"
+class Options(VersionOption):
+    synopsis = "[options] KEYFILE COMMAND [ARG...] | --python KEYFILE | --config FILE"
     longdesc = (
         "Serve one rexnet application: hear announcements of its clients, connect back "
         "to the client after a delay that grows with this host's load, and run COMMAND "
@@ -36,7 +39,10 @@ class Options(usage.Options):
         f"application's worker credential (APP.worker). Announcements arrive on UDP port "
         f"{DEFAULT_PORT} unless --listen says otherwise. With --python, each job is a "
         "Python call from rexnet.Executor.call instead (pickled: the worker trusts its "
-        "authenticated clients)."
+        "authenticated clients). With --config, every [applications.NAME.worker] table of "
+        "FILE is served by this one process (its keys are this command's long options, "
+        "plus credential and command); applications listening on the same address share "
+        "one socket."
     )
     optParameters = [
         ["listen", "l", f"0.0.0.0:{DEFAULT_PORT}",
@@ -48,6 +54,9 @@ class Options(usage.Options):
         ["job-timeout", None, "0", "End a job after this many SECONDS (0: no limit)."],
         ["job-memory", None, "0", "End a job whose processes use more than this many BYTES "
          "of memory (suffixes K, M, G; 0: no limit)."],
+        ["config", "c", None, "Serve the applications of this TOML FILE instead of KEYFILE "
+         "COMMAND (see rexnet(1) and etc/rexnet.toml.example)."],
+        ["metrics", None, None, "Serve Prometheus metrics over HTTP on TCP HOST:PORT."],
     ]
     optFlags = [
         ["allow-args", None, "Append the client's extra arguments to COMMAND."],
@@ -89,11 +98,24 @@ class Options(usage.Options):
         sshd's AcceptEnv; repeatable). Others are refused and the client is told."""
         self["accept-env"].append(pattern)
 
-    def parseArgs(self, keyfile: str, *command: str) -> None:  # type: ignore[override]
-        self["keyfile"] = keyfile
-        self["command"] = command
+    def parseArgs(self, *args: str) -> None:  # type: ignore[override]
+        self["keyfile"] = args[0] if args else None
+        self["command"] = args[1:]
 
     def postOptions(self) -> None:
+        if self["metrics"] is not None:
+            try:
+                self["metrics_addr"] = parse_target(self["metrics"], any_port=True)
+            except ValueError as e:
+                raise usage.UsageError(f"--metrics: {e}") from None
+        if self["config"] is not None:
+            if self["keyfile"] is not None:
+                raise usage.UsageError("--config FILE names the applications: give no "
+                                       "KEYFILE or COMMAND")
+            return
+        if self["keyfile"] is None:
+            raise usage.UsageError("Wrong number of arguments: give KEYFILE COMMAND [ARG...] "
+                                   "(or --python KEYFILE, or --config FILE)")
         try:
             self["listen_addr"] = parse_target(self["listen"], any_port=True)
         except ValueError as e:
@@ -167,9 +189,97 @@ def fail(message: str, code: int) -> SystemExit:
     return SystemExit(code)
 
 
+def config_keys() -> tuple[set[str], set[str], set[str]]:
+    """The long options a configuration file's worker table may set: (parameters, flags,
+    repeatable options); the same definitions as the command line's."""
+    options = Options()
+    params = {str(p[0]) for p in Options.optParameters} - {"config", "metrics"}  # type: ignore[index]
+    flags = {str(f[0]) for f in Options.optFlags} - {"help", "version"}
+    lists = {key for key, value in options.items() if isinstance(value, list)}
+    return params, flags, lists
+
+
+def from_config(path: str) -> tuple[list[Options], tuple[str, int] | None]:
+    """The options of each application of the configuration FILE, and its metrics address;
+    a mistake is a one-line error naming the file and line."""
+    from rexnet import config as c
+    from rexnet.exitcodes import CONFIG
+
+    try:
+        source = c.read(Path(path))
+        c.validate(source)
+        apps, process = c.worker_apps(source)
+        metrics = None
+        if "metrics" in process:
+            try:
+                metrics = parse_target(str(process["metrics"]), any_port=True)
+            except ValueError as e:
+                raise c.ConfigError(f"{source.where(['worker'], 'metrics')}: metrics: {e}"
+                                    ) from None
+        parsed = []
+        for app in apps:
+            options = Options()
+            try:
+                options.parseOptions(app.argv)
+            except usage.UsageError as e:
+                raise c.ConfigError(c.blame(app, str(e))) from None
+            options["app_name"] = app.name
+            parsed.append(options)
+    except c.ConfigError as e:
+        raise fail(str(e), CONFIG) from None
+    return parsed, metrics
+
+
 def makeService(config: Options) -> IService:
     from twisted.internet import reactor
 
+    top = MultiService()
+    if config["config"] is not None:
+        apps, metrics_addr = from_config(config["config"])
+    else:
+        apps, metrics_addr = [config], None
+    metrics_addr = config.get("metrics_addr") or metrics_addr  # the command line wins
+    metrics = None
+    if metrics_addr is not None:
+        from rexnet.metrics import Metrics, MetricsService
+
+        metrics = Metrics()
+        server = MetricsService(metrics, metrics_addr[0], metrics_addr[1], reactor)
+        try:
+            server.bind()
+        except CannotListenError as e:
+            raise fail(f"--metrics: cannot listen on {metrics_addr[0]}:{metrics_addr[1]}: "
+                       f"{e.socketError}", USAGE) from None
+        server.setServiceParent(top)
+    workers = [worker_for(options, top, reactor) for options in apps]
+    if metrics is not None:
+        for worker in workers:
+            s = worker.settings
+            worker.metrics = metrics.for_worker(
+                s.credential.app, s.slots, lambda w=worker: w.busy,  # type: ignore[misc]
+                lambda w=worker: len(w.running),  # type: ignore[misc]
+                lambda w=worker: load_figure(w.sample(), w.busy,  # type: ignore[misc]
+                                             w.settings.slots))
+    by_address: dict[tuple[str, int], list[Worker]] = {}
+    for worker in workers:
+        by_address.setdefault(worker.settings.listen, []).append(worker)
+    for address, sharing in by_address.items():
+        if len({w.settings.groups for w in sharing}) > 1:
+            raise fail(f"applications listening on {address[0]}:{address[1]} must join the "
+                       "same groups", USAGE)
+        service = WorkerService(sharing[0]) if len(sharing) == 1 else \
+            SharedWorkerService(sharing)
+        try:
+            service.bind()
+        except CannotListenError as e:
+            raise fail(f"cannot listen on {address[0]}:{address[1]}: {e.socketError}",
+                       USAGE) from None
+        service.setServiceParent(top)
+    return top
+
+
+def worker_for(config: Options, top: MultiService, reactor: Any) -> Worker:
+    """The Worker of one application's options (and its registrations with cproxies)."""
     try:
         credential = load_credential(Path(config["keyfile"]), "worker")
     except CredentialError as e:
@@ -188,14 +298,7 @@ def makeService(config: Options) -> IService:
         chdir=config["chdir"],
         limits=Limits(config["job-timeout"], config["job-memory"]),
     )
-    top = MultiService()
     worker = Worker(settings, reactor)
-    service = WorkerService(worker)
-    try:
-        service.bind()
-    except CannotListenError as e:
-        raise fail(f"cannot listen on {config['listen']}: {e.socketError}", USAGE) from None
-    service.setServiceParent(top)
     if config["register"]:
         registration = WorkerRegistration(reactor, credential, worker.datagram)
         factory = DatagramLink.factory_for(registration)
@@ -205,4 +308,4 @@ def makeService(config: Options) -> IService:
             ClientService(endpoint, factory,
                           retryPolicy=lambda attempt: min(0.5 * 2 ** attempt, 5.0)
                           ).setServiceParent(top)
-    return top
+    return worker

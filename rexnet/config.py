@@ -1,0 +1,392 @@
+"""rexnet's configuration file: applications, their credentials, targets and worker settings.
+
+One TOML format, read from ``./rexnet.toml``, ``~/.config/rexnet/config.toml`` and
+``/etc/rexnet/config.toml`` (``$REXNET_CONFIG`` names one file instead); for every key the
+first file that sets it wins, and command-line options win over all. A mistake in a file
+is a :class:`ConfigError` naming the file and line.
+
+    [worker]                      # defaults for every [applications.NAME.worker]
+    metrics = "127.0.0.1:9310"    # Prometheus metrics of twistd rexnet-worker --config
+
+    [applications.ogg]
+    credential = "ogg.client"     # rexnet exec ogg: relative paths are the file's
+    announce = ["10.0.0.255:3010"]
+    alerts = ["10.0.0.9:3011"]
+    timeout = 30
+
+    [applications.ogg.worker]     # twistd rexnet-worker --config FILE serves it
+    credential = "ogg.worker"
+    command = ["oggenc", "-Q", "-"]
+    slots = 4                     # any long option of twistd rexnet-worker --help
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV = "REXNET_CONFIG"
+APP_KEYS = {"credential", "announce", "alerts", "timeout", "worker"}
+"""Keys of an [applications.NAME] table (rexnet exec, status and parallel use them)."""
+WORKER_PROCESS_KEYS = {"metrics"}
+"""Keys of the top-level [worker] table that concern the process, not one application."""
+
+
+class ConfigError(Exception):
+    """A mistake in a configuration file: the message starts with FILE:LINE."""
+
+
+def search_path() -> list[Path]:
+    """The files looked at, first first ($REXNET_CONFIG alone when it is set)."""
+    if os.environ.get(ENV):
+        return [Path(os.environ[ENV])]
+    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(
+        os.path.expanduser("~"), ".config")
+    return [Path("rexnet.toml"), Path(config_home, "rexnet", "config.toml"),
+            Path("/etc/rexnet/config.toml")]
+
+
+# -- where a key is ----------------------------------------------------------------------
+
+
+_HEADER = re.compile(r"^\s*\[+\s*([^\]]+?)\s*\]+")
+_KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.-]+)\s*=""")
+
+
+def _parts(dotted: str) -> list[str]:
+    return [p.strip().strip("\"'") for p in re.findall(r"""("[^"]*"|'[^']*'|[^.]+)""", dotted)]
+
+
+def line_of(text: str, table: Iterable[str], key: str | None = None) -> int:
+    """The line of KEY in TABLE (a path such as ('applications', 'ogg')), or of the table's
+    header; 1 when it cannot be told (a light scan, not a TOML parser)."""
+    want = list(table)
+    current: list[str] = []
+    header_line = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _HEADER.match(line)
+        if header:
+            current = _parts(header.group(1))
+            if current == want:
+                header_line = number
+            continue
+        found = _KEY.match(line)
+        if key is not None and found:
+            path = current + _parts(found.group(1))
+            if path == [*want, key]:
+                return number
+    return header_line or 1
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """One configuration file, parsed."""
+
+    path: Path
+    text: str
+    data: dict[str, Any]
+
+    def where(self, table: Iterable[str], key: str | None = None) -> str:
+        return f"{self.path}:{line_of(self.text, table, key)}"
+
+    def error(self, table: Iterable[str], key: str | None, message: str) -> ConfigError:
+        return ConfigError(f"{self.where(table, key)}: {message}")
+
+    def resolve(self, value: str) -> str:
+        """A path from this file: ~ expanded, relative to the file's directory."""
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else self.path.parent.resolve() / path)
+
+
+def read(path: Path) -> Source:
+    """Parse one file (TOML syntax only; see validate)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        found = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        raise ConfigError(f"{path}:{found.group(1) if found else 1}: {message}") from None
+    return Source(path, text, data)
+
+
+def _table_name(path: Iterable[str]) -> str:
+    return "[" + ".".join(path) + "]"
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def validate(source: Source) -> None:
+    """Check every table and key of SOURCE; raise ConfigError at the first mistake."""
+    from rexnet.announce import parse_target
+
+    data = source.data
+    for key in data:
+        if key not in ("applications", "worker"):
+            raise source.error([], key, f"unknown key {key!r} (use [applications.NAME] "
+                               "or [worker])")
+    worker = data.get("worker", {})
+    if not isinstance(worker, dict):
+        raise source.error([], "worker", "'worker' must be a table")
+    validate_worker_table(source, ["worker"], worker, top=True)
+    apps = data.get("applications", {})
+    if not isinstance(apps, dict):
+        raise source.error([], "applications", "'applications' must be a table")
+    for name, app in apps.items():
+        where = ["applications", name]
+        if not isinstance(app, dict):
+            raise source.error(["applications"], name, f"application {name!r} must be a table")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or "/" in name:
+            raise source.error(where, None, f"bad application name {name!r}")
+        for key, value in app.items():
+            if key not in APP_KEYS:
+                raise source.error(where, key, f"unknown key {key!r} in {_table_name(where)} "
+                                   f"(known: {', '.join(sorted(APP_KEYS))})")
+            if key == "credential" and not isinstance(value, str):
+                raise source.error(where, key, "credential must be a file name (a string)")
+            if key in ("announce", "alerts"):
+                if not _is_str_list(value):
+                    raise source.error(where, key, f"{key} must be a list of \"ADDR:PORT\" "
+                                       "strings")
+                for target in value:
+                    try:
+                        parse_target(target)
+                    except ValueError as e:
+                        raise source.error(where, key, f"{key}: {e}") from None
+            if key == "timeout" and (isinstance(value, bool) or
+                                     not isinstance(value, int | float) or value <= 0):
+                raise source.error(where, key, "timeout must be a positive number of seconds")
+            if key == "worker":
+                if not isinstance(value, dict):
+                    raise source.error(where, key, "worker must be a table")
+                validate_worker_table(source, [*where, "worker"], value, top=False)
+
+
+def validate_worker_table(source: Source, where: list[str], table: dict[str, Any],
+                          top: bool) -> None:
+    """Keys of a worker table are the long options of twistd rexnet-worker."""
+    from rexnet.worker_tap import config_keys
+
+    params, flags, lists = config_keys()
+    known = params | flags | lists | {"command"} | (WORKER_PROCESS_KEYS if top else
+                                                  {"credential"})
+    for key, value in table.items():
+        option = key.replace("_", "-")
+        if option not in known:
+            raise source.error(where, key, f"unknown key {key!r} in {_table_name(where)} "
+                               f"(known: {', '.join(sorted(known))})")
+        if option in flags and not isinstance(value, bool):
+            raise source.error(where, key, f"{key} must be true or false")
+        if option in lists and not _is_str_list(value):
+            raise source.error(where, key, f"{key} must be a list of strings")
+        if option in (params | WORKER_PROCESS_KEYS | {"credential"}) and (
+                isinstance(value, bool) or not isinstance(value, str | int | float)):
+            raise source.error(where, key, f"{key} must be a string or a number")
+        if option == "command" and not (_is_str_list(value) and value):
+            raise source.error(where, key, "command must be a non-empty list of strings, "
+                               "e.g. [\"oggenc\", \"-Q\", \"-\"]")
+
+
+# -- merged view -------------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    """A value and the file it came from."""
+
+    value: Any
+    source: Source
+
+
+@dataclass
+class Config:
+    """The merged configuration: per key, the first file's value."""
+
+    sources: list[Source] = field(default_factory=list)
+
+    def get(self, table: list[str], key: str) -> Setting | None:
+        for source in self.sources:
+            node: Any = source.data
+            for part in table:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and key in node:
+                return Setting(node[key], source)
+        return None
+
+    def table_keys(self, table: list[str]) -> list[str]:
+        keys: dict[str, None] = {}
+        for source in self.sources:
+            node: Any = source.data
+            for part in table:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                keys.update(dict.fromkeys(node))
+        return list(keys)
+
+    def applications(self) -> list[str]:
+        return self.table_keys(["applications"])
+
+    def application(self, name: str) -> Application | None:
+        """Settings for rexnet exec/status/parallel of application NAME, or None."""
+        if name not in self.applications():
+            return None
+        where = ["applications", name]
+        credential = self.get(where, "credential")
+        if credential is None:
+            source = next(s for s in self.sources if name in s.data.get("applications", {}))
+            raise source.error(where, None, f"application {name!r} has no credential "
+                               "(its client credential file) for clients")
+        app = Application(name, credential.source.resolve(credential.value))
+        for key in ("announce", "alerts", "timeout"):
+            found = self.get(where, key)
+            if found is not None:
+                setattr(app, key, found.value)
+        return app
+
+
+@dataclass
+class Application:
+    """What a client needs to know of an application."""
+
+    name: str
+    credential: str
+    announce: list[str] = field(default_factory=list)
+    alerts: list[str] = field(default_factory=list)
+    timeout: float | None = None
+
+
+def load(paths: Iterable[Path] | None = None) -> Config:
+    """Read and check the files of PATHS (default: the search path) that exist."""
+    config = Config()
+    explicit = paths is not None or bool(os.environ.get(ENV))
+    for path in search_path() if paths is None else paths:
+        if not explicit and not path.is_file():
+            continue
+        source = read(path)
+        validate(source)
+        config.sources.append(source)
+    return config
+
+
+# -- the worker process ------------------------------------------------------------------
+
+
+@dataclass
+class WorkerApp:
+    """One application a worker process serves: its argument list for twistd
+    rexnet-worker's options, and where each option came from (for errors)."""
+
+    name: str
+    argv: list[str]
+    origin: dict[str, str]
+    table: str
+
+
+def worker_apps(source: Source) -> tuple[list[WorkerApp], dict[str, Any]]:
+    """The applications of SOURCE with a worker table, as rexnet-worker argument lists
+    ([worker] supplies defaults); and the process settings (metrics)."""
+    from rexnet.worker_tap import config_keys
+
+    params, flags, lists = config_keys()
+    top: dict[str, Any] = source.data.get("worker", {})
+    process = {k: v for k, v in top.items() if k in WORKER_PROCESS_KEYS}
+    apps = []
+    for name, app in source.data.get("applications", {}).items():
+        if "worker" not in app:
+            continue
+        where = ["applications", name, "worker"]
+        table = app["worker"]
+        settings: dict[str, tuple[Any, str]] = {}
+        for key, value in top.items():
+            if key not in WORKER_PROCESS_KEYS:
+                settings[key.replace("_", "-")] = (value, source.where(["worker"], key))
+        for key, value in table.items():
+            settings[key.replace("_", "-")] = (value, source.where(where, key))
+        for required in ("credential", "command"):
+            if required not in settings and not (required == "command" and settings.get(
+                    "python", (False, ""))[0]):
+                raise source.error(where, None, f"[applications.{name}.worker] needs "
+                                   f"{required} = ...")
+        argv: list[str] = []
+        origin: dict[str, str] = {}
+        for option, (value, at) in settings.items():
+            origin[option] = at
+            if option in flags:
+                argv += [f"--{option}"] if value else []
+            elif option in lists:
+                for item in value:
+                    argv += [f"--{option}", item]
+            elif option in params:
+                text = str(value)
+                if option == "chdir":
+                    text = source.resolve(text)
+                argv.append(f"--{option}={text}")
+        argv.append(source.resolve(str(settings["credential"][0])))
+        origin["credential"] = settings["credential"][1]
+        if "command" in settings:
+            argv += settings["command"][0]
+            origin["command"] = settings["command"][1]
+        apps.append(WorkerApp(name, argv, origin, f"[applications.{name}.worker]"))
+    if not apps:
+        raise ConfigError(f"{source.path}:1: no [applications.NAME.worker] table: nothing "
+                          "to serve")
+    return apps, process
+
+
+def blame(app: WorkerApp, message: str) -> str:
+    """MESSAGE about APP's options, prefixed with the FILE:LINE of the option it names."""
+    for option, at in app.origin.items():
+        if f"--{option}" in message or f"{option}:" in message:
+            return f"{at}: {message} (in {app.table})"
+    at = app.origin.get("command" if "command" in message else "credential", "")
+    return f"{at}: {message} (in {app.table})"
+
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+DEFAULT_TIMEOUT = 30.0
+
+
+def apply_application(args: Any) -> None:
+    """For rexnet exec, status and parallel: when KEYFILE is no file but the name of an
+    application in the configuration, take its credential, announce targets, alert
+    targets and timeout (options given on the command line win). A mistake in a
+    configuration file ends the command with exit status 249 and FILE:LINE."""
+    import sys
+
+    from rexnet.exitcodes import CONFIG
+
+    keyfile = args.keyfile
+    if not os.path.exists(keyfile) and "/" not in keyfile:
+        try:
+            app = load().application(keyfile)
+        except ConfigError as e:
+            print(f"rexnet: {e}", file=sys.stderr)
+            raise SystemExit(CONFIG) from None
+        if app is not None:
+            args.keyfile = app.credential
+            if not args.announce:
+                args.announce = list(app.announce)
+            if not getattr(args, "alerts", True):
+                args.alerts = list(app.alerts)
+            if getattr(args, "timeout", 0) is None and app.timeout is not None:
+                args.timeout = float(app.timeout)
+    if getattr(args, "timeout", 0) is None:
+        args.timeout = DEFAULT_TIMEOUT
