@@ -165,7 +165,7 @@ class MetricsService(Service):
         class QuietSite(Site):
             noisy = False
 
-            def log(self, request: Request) -> None:
+            def log(self, request: Request) -> None:  # type: ignore[override]
                 """No access-log line per scrape."""
 
         site = QuietSite(Exposition())
