@@ -72,8 +72,10 @@ def line_of(text: str, table: Iterable[str], key: str | None = None) -> int:
         header = _HEADER.match(line)
         if header:
             current = _parts(header.group(1))
-            if current == want:
+            if current == want and not header_line:
                 header_line = number
+            if key is not None and current[:len(want) + 1] == [*want, key]:
+                return number  # KEY is itself a table
             continue
         found = _KEY.match(line)
         if key is not None and found:
