@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint typecheck unit install clean tools
 
 # A regular (non-editable) install: setuptools' editable mode hides twisted/plugins from twistd.
-$(STAMP): pyproject.toml $(shell find rexnet twisted -name '*.py')
+$(STAMP): pyproject.toml setup.py $(shell find rexnet twisted -name '*.py')
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '.[test]'
@@ -34,7 +34,8 @@ test: tools $(STAMP) lint typecheck unit
 # elsewhere those tests skip with a reason, or fail under CI=true).
 tools:
 	@missing=""; \
-	for t in ip:iproute2 tc:iproute2 tmux:tmux nft:nftables chromium:chromium chromedriver:chromium-driver; do \
+	for t in ip:iproute2 tc:iproute2 tmux:tmux nft:nftables chromium:chromium chromedriver:chromium-driver \
+	         man:man-db groff:groff-base; do \
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; \
 	done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -1,0 +1,32 @@
+"""Build step: the manual pages and the bash completion are written at build time from
+the option definitions the commands use (rexnet.manpages, rexnet.completion), so they
+cannot drift; they install into share/man and share/bash-completion. Everything else is
+in pyproject.toml."""
+
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+GENERATED = Path("build", "generated")
+
+
+def generate() -> list[tuple[str, list[str]]]:
+    sys.path.insert(0, str(HERE))  # this source tree's rexnet, not an installed one
+    from rexnet.completion import script
+    from rexnet.manpages import write_all
+
+    data: dict[str, list[str]] = {}
+    for path in write_all(HERE / GENERATED / "man"):
+        data.setdefault(f"share/man/{path.parent.name}", []).append(
+            str(path.relative_to(HERE)))
+    completion = HERE / GENERATED / "completions" / "rexnet"
+    completion.parent.mkdir(parents=True, exist_ok=True)
+    completion.write_text(script(), encoding="utf-8")
+    data["share/bash-completion/completions"] = [str(completion.relative_to(HERE))]
+    sys.path.remove(str(HERE))
+    return sorted(data.items())
+
+
+setup(data_files=generate())

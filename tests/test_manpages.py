@@ -1,0 +1,147 @@
+"""Manual pages, bash completion, --version and JSON logs: what an administrator expects."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cluster import REXNET, TWISTD, Proc, loopback_address, worker_argv
+from conftest import Keys
+
+from rexnet import __version__
+from rexnet.manpages import PLUGINS, escape, options_of, pages, render
+
+SHARE = Path(sys.prefix, "share")
+EXPECTED = {"rexnet.1", "rexnet-exec.1", "rexnet-keygen.1", "rexnet-status.1",
+            "rexnet-parallel.1", "rexnet-worker.8", "crat.8", "cproxy.8", "rexnet-tunnel.8"}
+
+
+def man(path: Path) -> str:
+    """PATH rendered by man(1) as plain text; man's warnings fail the test."""
+    if shutil.which("man") is None:
+        if os.environ.get("CI"):
+            raise AssertionError("man is missing: make tools installs man-db")
+        pytest.skip("man is not installed (make tools installs man-db)")
+    done = subprocess.run(["man", "--warnings", "-l", str(path)], capture_output=True,
+                          text=True, timeout=60,
+                          env=dict(os.environ, LC_ALL="C", MANWIDTH="250", MANPAGER="cat",
+                                   PAGER="cat"))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr
+    return done.stdout
+
+
+def test_every_page_is_installed_as_the_code_would_write_it_now() -> None:
+    assert {page.filename for page in pages()} == EXPECTED
+    for page in pages():
+        installed = SHARE / "man" / f"man{page.section}" / page.filename
+        assert installed.is_file(), f"{installed} not installed"
+        assert installed.read_text() == render(page), \
+            f"{installed} differs from the option definitions (reinstall the package)"
+
+
+@pytest.mark.parametrize("page", sorted(pages(), key=lambda p: p.filename),
+                         ids=lambda p: p.filename)
+def test_man_renders_each_page_with_every_option(page: object) -> None:
+    from rexnet.manpages import Page
+
+    assert isinstance(page, Page)
+    text = man(SHARE / "man" / f"man{page.section}" / page.filename)
+    assert text.startswith(f"{page.name.upper()}({page.section})")
+    assert "NAME" in text and "SYNOPSIS" in text and "DESCRIPTION" in text
+    assert page.options, "a page with no options"
+    for option in page.options:
+        for name in option.names:
+            assert re.search(rf"(^|[\s,]){re.escape(name)}([\s,]|$)", text, re.M), \
+                f"{name} missing from {page.filename}"
+
+
+def test_plugin_pages_list_the_options_twistd_parses() -> None:
+    """The drift check from the other side: each plugin's --help options are on its page."""
+    import importlib
+
+    for plugin in PLUGINS:
+        help_text = str(importlib.import_module(plugin.module).Options())
+        longs = set(re.findall(r"^\s+(?:-\w, )?--([a-z][a-z-]+)", help_text, re.M))
+        assert "help" in longs
+        documented = {n[2:] for o in options_of(importlib.import_module(plugin.module)
+                                                .Options) for n in o.names if n[:2] == "--"}
+        assert longs <= documented, (plugin.name, longs - documented)
+        assert "version" in documented
+        if plugin.name == "rexnet-worker":
+            assert {"config", "metrics"} <= documented
+
+
+def test_roff_escaping() -> None:
+    assert escape(".starts with a dot\n'and a quote") == "\\&.starts with a dot\n\\&'and a quote"
+    assert escape("a\\b-c") == "a\\eb\\-c"
+
+
+# -- bash completion -------------------------------------------------------------------
+
+
+def complete(words: list[str], cwd: Path | None = None) -> list[str]:
+    script = SHARE / "bash-completion" / "completions" / "rexnet"
+    line = " ".join(f"'{w}'" for w in words)
+    done = subprocess.run(
+        ["bash", "--norc", "-c", f'source "{script}"; complete -p rexnet >/dev/null || exit 9; '
+         f'COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _rexnet; '
+         'printf "%s\\n" "${COMPREPLY[@]}"'],
+        capture_output=True, text=True, timeout=30, cwd=cwd,
+        env=dict(os.environ, XDG_CONFIG_HOME=str(cwd or "/nonexistent")))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_bash_completion_offers_commands_options_and_applications(tmp_path: Path) -> None:
+    assert complete(["rexnet", "e"]) == ["exec"]
+    assert complete(["rexnet", "--config", "x", "st"]) == ["status"]
+    assert complete(["rexnet", "exec", "--ti"]) == ["--timeout"]
+    assert complete(["rexnet", "keygen", "--issue", ""]) == ["client", "worker"]
+    assert "--keep-order" in complete(["rexnet", "parallel", "--"])
+    assert "--env" in complete(["cexec", "--"])
+    (tmp_path / "rexnet.toml").write_text('[applications.ogg]\ncredential = "x"\n'
+                                          '[applications.ogg.worker]\n[applications.gz]\n')
+    (tmp_path / "go.client").write_text("")
+    assert complete(["rexnet", "exec", "g"], cwd=tmp_path) == ["gz", "go.client"]
+    assert complete(["rexnet", "status", "o"], cwd=tmp_path) == ["ogg"]
+
+
+# -- --version and JSON logs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [[REXNET, "--version"], [TWISTD, "rexnet-worker", "--version"],
+                                  [TWISTD, "crat", "--version"], [TWISTD, "cproxy", "--version"],
+                                  [TWISTD, "rexnet-tunnel", "--version"]],
+                         ids=lambda argv: " ".join(Path(a).name for a in argv))
+def test_version_everywhere(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"rexnet {__version__}")
+
+
+def test_twistd_logger_writes_json_lines(keys: Keys) -> None:
+    addr = loopback_address()
+    argv = worker_argv(keys.worker, ["cat"], f"{addr}:3010", "jsonny")
+    argv.insert(argv.index("rexnet-worker"), "--logger=rexnet.logs.json_logger")
+    worker = Proc(argv)
+    try:
+        worker.wait_for(r'"message": "worker jsonny serves testapp')
+        done = subprocess.run([REXNET, "exec", "-a", f"{addr}:3010", str(keys.client)],
+                              input=b"hi", capture_output=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == b"hi"
+        worker.wait_for(r'"message": "job \w+ ended: exit 0"')
+    finally:
+        worker.stop()
+    records = [json.loads(line) for line in worker.output.splitlines() if line.strip()]
+    serving = next(r for r in records if r["message"].startswith("worker jsonny serves"))
+    assert serving["namespace"] == "rexnet.worker" and serving["level"] == "info"
+    assert serving["name"] == "jsonny" and serving["port"] == 3010
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00", serving["time"])
+    assert any(r["message"].startswith("Received SIGTERM") for r in records)
