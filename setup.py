@@ -4,6 +4,7 @@ cannot drift; they install into share/man and share/bash-completion. Everything 
 in pyproject.toml."""
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from setuptools import setup
@@ -12,15 +13,15 @@ HERE = Path(__file__).resolve().parent
 GENERATED = Path("build", "generated")
 
 
-def generate() -> list[tuple[str, list[str]]]:
+def generate() -> list[tuple[str, Sequence[str]]]:
     sys.path.insert(0, str(HERE))  # this source tree's rexnet, not an installed one
     from rexnet.completion import script
     from rexnet.manpages import write_all
 
-    data: dict[str, list[str]] = {}
+    data: dict[str, Sequence[str]] = {}
     for path in write_all(HERE / GENERATED / "man"):
-        data.setdefault(f"share/man/{path.parent.name}", []).append(
-            str(path.relative_to(HERE)))
+        section = f"share/man/{path.parent.name}"
+        data[section] = [*data.get(section, []), str(path.relative_to(HERE))]
     completion = HERE / GENERATED / "completions" / "rexnet"
     completion.parent.mkdir(parents=True, exist_ok=True)
     completion.write_text(script(), encoding="utf-8")

@@ -15,7 +15,7 @@ from cluster import REXNET, TWISTD, Proc, loopback_address, worker_argv
 from conftest import Keys
 
 from rexnet import __version__
-from rexnet.manpages import PLUGINS, escape, options_of, pages, render
+from rexnet.manpages import PLUGINS, Page, escape, options_of, pages, render
 
 SHARE = Path(sys.prefix, "share")
 EXPECTED = {"rexnet.1", "rexnet-exec.1", "rexnet-keygen.1", "rexnet-status.1",
@@ -46,12 +46,8 @@ def test_every_page_is_installed_as_the_code_would_write_it_now() -> None:
             f"{installed} differs from the option definitions (reinstall the package)"
 
 
-@pytest.mark.parametrize("page", sorted(pages(), key=lambda p: p.filename),
-                         ids=lambda p: p.filename)
-def test_man_renders_each_page_with_every_option(page: object) -> None:
-    from rexnet.manpages import Page
-
-    assert isinstance(page, Page)
+@pytest.mark.parametrize("page", pages(), ids=[p.filename for p in pages()])
+def test_man_renders_each_page_with_every_option(page: Page) -> None:
     text = man(SHARE / "man" / f"man{page.section}" / page.filename)
     assert text.startswith(f"{page.name.upper()}({page.section})")
     assert "NAME" in text and "SYNOPSIS" in text and "DESCRIPTION" in text
