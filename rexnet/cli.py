@@ -462,6 +462,7 @@ def cexec_main(argv: Sequence[str] | None = None) -> int:
     """`cexec KEYFILE [ARG...]`: the same as `rexnet exec`."""
     p = Parser(prog="cexec", description="Run a job on the cluster (alias of rexnet exec).",
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES_HELP)
+    p.add_argument("--version", action="version", version=f"rexnet {__version__}")
     exec_arguments(p)
     args = p.parse_args(argv)
     return cmd_exec(args)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,9 +294,15 @@ class WorkerApp:
     rexnet-worker's options, and where each option came from (for errors)."""
 
     name: str
-    argv: list[str]
+    options: list[str]
+    positional: list[str]
     origin: dict[str, str]
     table: str
+
+    def argv(self, overrides: Sequence[str] = ()) -> list[str]:
+        """The argument list, with OVERRIDES (options of the command line) after the
+        file's options, so that they win."""
+        return [*self.options, *overrides, *self.positional]
 
 
 def worker_apps(source: Source) -> tuple[list[WorkerApp], dict[str, Any]]:
@@ -338,12 +344,12 @@ def worker_apps(source: Source) -> tuple[list[WorkerApp], dict[str, Any]]:
                 if option == "chdir":
                     text = source.resolve(text)
                 argv.append(f"--{option}={text}")
-        argv.append(source.resolve(str(settings["credential"][0])))
+        positional = [source.resolve(str(settings["credential"][0]))]
         origin["credential"] = settings["credential"][1]
         if "command" in settings:
-            argv += settings["command"][0]
+            positional += settings["command"][0]
             origin["command"] = settings["command"][1]
-        apps.append(WorkerApp(name, argv, origin, f"[applications.{name}.worker]"))
+        apps.append(WorkerApp(name, argv, positional, origin, f"[applications.{name}.worker]"))
     if not apps:
         raise ConfigError(f"{source.path}:1: no [applications.NAME.worker] table: nothing "
                           "to serve")
@@ -373,7 +379,7 @@ def apply_application(args: Any) -> None:
     configuration file ends the command with exit status 249 and FILE:LINE."""
     import sys
 
-    from rexnet.exitcodes import CONFIG
+    from rexnet import exitcodes
 
     keyfile = args.keyfile
     if not os.path.exists(keyfile) and "/" not in keyfile:
@@ -381,8 +387,13 @@ def apply_application(args: Any) -> None:
             app = load().application(keyfile)
         except ConfigError as e:
             print(f"rexnet: {e}", file=sys.stderr)
-            raise SystemExit(CONFIG) from None
-        if app is not None:
+            raise SystemExit(exitcodes.CONFIG) from None
+        if app is None:
+            looked = ", ".join(str(p) for p in search_path())
+            print(f"rexnet: no such credential file: {keyfile}, nor an application "
+                  f"[applications.{keyfile}] in {looked}", file=sys.stderr)
+            raise SystemExit(exitcodes.CREDENTIAL)
+        else:
             args.keyfile = app.credential
             if not args.announce:
                 args.announce = list(app.announce)

@@ -98,6 +98,24 @@ class Options(VersionOption):
         sshd's AcceptEnv; repeatable). Others are refused and the client is told."""
         self["accept-env"].append(pattern)
 
+    def parseOptions(self, options: Any = None) -> None:
+        """Parse OPTIONS, remembering them: with --config they override the file's."""
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    def overrides(self) -> list[str]:
+        """The options of the command line other than --config and --metrics."""
+        out, skip = [], False
+        for arg in self.argv:
+            if skip:
+                skip = False
+            elif arg in ("--config", "-c", "--metrics"):
+                skip = True
+            elif not arg.startswith(("--config=", "--metrics=")) and not (
+                    arg.startswith("-c") and not arg.startswith("--")):
+                out.append(arg)
+        return out
+
     def parseArgs(self, *args: str) -> None:  # type: ignore[override]
         self["keyfile"] = args[0] if args else None
         self["command"] = args[1:]
@@ -199,9 +217,11 @@ def config_keys() -> tuple[set[str], set[str], set[str]]:
     return params, flags, lists
 
 
-def from_config(path: str) -> tuple[list[Options], tuple[str, int] | None]:
-    """The options of each application of the configuration FILE, and its metrics address;
-    a mistake is a one-line error naming the file and line."""
+def from_config(path: str, overrides: list[str]) -> tuple[list[Options],
+                                                         tuple[str, int] | None]:
+    """The options of each application of the configuration FILE (OVERRIDES, options of
+    the command line, win), and its metrics address; a mistake is a one-line error
+    naming the file and line."""
     from rexnet import config as c
     from rexnet.exitcodes import CONFIG
 
@@ -220,7 +240,7 @@ def from_config(path: str) -> tuple[list[Options], tuple[str, int] | None]:
         for app in apps:
             options = Options()
             try:
-                options.parseOptions(app.argv)
+                options.parseOptions(app.argv(overrides))
             except usage.UsageError as e:
                 raise c.ConfigError(c.blame(app, str(e))) from None
             options["app_name"] = app.name
@@ -235,7 +255,7 @@ def makeService(config: Options) -> IService:
 
     top = MultiService()
     if config["config"] is not None:
-        apps, metrics_addr = from_config(config["config"])
+        apps, metrics_addr = from_config(config["config"], config.overrides())
     else:
         apps, metrics_addr = [config], None
     metrics_addr = config.get("metrics_addr") or metrics_addr  # the command line wins

@@ -109,7 +109,8 @@ def test_one_worker_process_serves_two_applications_and_exec_finds_them_by_name(
     addr = loopback_address()
     path = write(tmp_path / "rexnet.toml", TWO_APPS.format(keys=keys, other=other_keys,
                                                            addr=addr))
-    worker = Proc([TWISTD, "-n", "--pidfile=", "rexnet-worker", "--config", str(path)])
+    worker = Proc([TWISTD, "-n", "--pidfile=", "rexnet-worker", "--config", str(path),
+                   "--slots", "3"])  # the command line wins over the file's slots = 2
     try:
         worker.wait_for(r"serves otherapp .* sharing")
         worker.wait_for(r"serves testapp .* listening on")
@@ -119,7 +120,7 @@ def test_one_worker_process_serves_two_applications_and_exec_finds_them_by_name(
                               capture_output=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert done.stdout == b"both green\n"
-        assert b"0/2 slots busy" in done.stderr
+        assert b"0/3 slots busy" in done.stderr
         done = subprocess.run([REXNET, "exec", "otherapp"], cwd=tmp_path, input=b"shout\n",
                               capture_output=True, timeout=60)
         assert done.returncode == 0, done.stderr
@@ -158,6 +159,15 @@ def test_exec_with_a_broken_config_says_where(tmp_path: Path) -> None:
     assert done.stderr.decode() == ("rexnet: rexnet.toml:3: unknown key 'annonce' in "
                                     "[applications.ogg] (known: alerts, announce, "
                                     "credential, timeout, worker)\n")
+
+
+def test_exec_of_neither_a_file_nor_an_application(tmp_path: Path) -> None:
+    done = subprocess.run([REXNET, "exec", "nosuch"], cwd=tmp_path, capture_output=True,
+                          timeout=30, env=dict(os.environ, XDG_CONFIG_HOME=str(tmp_path)))
+    assert done.returncode == exitcodes.CREDENTIAL
+    assert done.stderr.decode().startswith(
+        "rexnet: no such credential file: nosuch, nor an application [applications.nosuch] "
+        f"in rexnet.toml, {tmp_path}/rexnet/config.toml, /etc/rexnet/config.toml")
 
 
 def test_a_keyfile_that_exists_is_used_without_reading_any_config(tmp_path: Path,

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cluster import REXNET, TWISTD, Proc, loopback_address, worker_argv
+from cluster import BIN, REXNET, TWISTD, Proc, loopback_address, worker_argv
 from conftest import Keys
 
 from rexnet import __version__
@@ -112,7 +112,8 @@ def test_bash_completion_offers_commands_options_and_applications(tmp_path: Path
 # -- --version and JSON logs ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [[REXNET, "--version"], [TWISTD, "rexnet-worker", "--version"],
+@pytest.mark.parametrize("argv", [[REXNET, "--version"], [str(BIN / "cexec"), "--version"],
+                                  [TWISTD, "rexnet-worker", "--version"],
                                   [TWISTD, "crat", "--version"], [TWISTD, "cproxy", "--version"],
                                   [TWISTD, "rexnet-tunnel", "--version"]],
                          ids=lambda argv: " ".join(Path(a).name for a in argv))
