@@ -298,6 +298,7 @@ class WorkerApp:
     positional: list[str]
     origin: dict[str, str]
     table: str
+    values: dict[str, str] = field(default_factory=dict)
 
     def argv(self, overrides: Sequence[str] = ()) -> list[str]:
         """The argument list, with OVERRIDES (options of the command line) after the
@@ -332,8 +333,10 @@ def worker_apps(source: Source) -> tuple[list[WorkerApp], dict[str, Any]]:
                                    f"{required} = ...")
         argv: list[str] = []
         origin: dict[str, str] = {}
+        values: dict[str, str] = {}
         for option, (value, at) in settings.items():
             origin[option] = at
+            values[option] = str(value)
             if option in flags:
                 argv += [f"--{option}"] if value else []
             elif option in lists:
@@ -349,7 +352,8 @@ def worker_apps(source: Source) -> tuple[list[WorkerApp], dict[str, Any]]:
         if "command" in settings:
             positional += settings["command"][0]
             origin["command"] = settings["command"][1]
-        apps.append(WorkerApp(name, argv, positional, origin, f"[applications.{name}.worker]"))
+        apps.append(WorkerApp(name, argv, positional, origin, f"[applications.{name}.worker]",
+                              values))
     if not apps:
         raise ConfigError(f"{source.path}:1: no [applications.NAME.worker] table: nothing "
                           "to serve")
@@ -361,6 +365,9 @@ def blame(app: WorkerApp, message: str) -> str:
     for option, at in app.origin.items():
         if f"--{option}" in message or f"{option}:" in message:
             return f"{at}: {message} (in {app.table})"
+    for option, value in app.values.items():  # a message that quotes the bad value
+        if option in app.origin and repr(value) in message:
+            return f"{app.origin[option]}: {message} (in {app.table})"
     at = app.origin.get("command" if "command" in message else "credential", "")
     return f"{at}: {message} (in {app.table})"
 

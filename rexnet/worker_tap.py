@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -136,8 +137,10 @@ class Options(VersionOption):
                                    "(or --python KEYFILE, or --config FILE)")
         try:
             self["listen_addr"] = parse_target(self["listen"], any_port=True)
+            ipaddress.ip_address(self["listen_addr"][0])
         except ValueError as e:
-            raise usage.UsageError(str(e)) from None
+            raise usage.UsageError(f"--listen: {e}".replace("does not appear to be an IPv4 "
+                                   "or IPv6 address", "is no IP address")) from None
         try:
             self["speed"] = float(self["speed"])
             if not 0.01 <= self["speed"] <= 1000:
@@ -244,6 +247,7 @@ def from_config(path: str, overrides: list[str]) -> tuple[list[Options],
             except usage.UsageError as e:
                 raise c.ConfigError(c.blame(app, str(e))) from None
             options["app_name"] = app.name
+            options["credential_origin"] = app.origin["credential"]
             parsed.append(options)
     except c.ConfigError as e:
         raise fail(str(e), CONFIG) from None
@@ -303,7 +307,8 @@ def worker_for(config: Options, top: MultiService, reactor: Any) -> Worker:
     try:
         credential = load_credential(Path(config["keyfile"]), "worker")
     except CredentialError as e:
-        raise fail(str(e), CREDENTIAL) from None
+        origin = config.get("credential_origin")
+        raise fail(f"{origin}: {e}" if origin else str(e), CREDENTIAL) from None
     settings = WorkerSettings(
         credential=credential,
         command=tuple(config["command"]),

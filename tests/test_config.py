@@ -176,3 +176,35 @@ def test_a_keyfile_that_exists_is_used_without_reading_any_config(tmp_path: Path
     done = subprocess.run([REXNET, "exec", "--timeout", "0.5", "-a", "127.0.0.1:9",
                            str(keys.client)], cwd=tmp_path, capture_output=True, timeout=30)
     assert done.returncode == exitcodes.NO_WORKER, done.stderr
+
+
+@pytest.mark.parametrize("line,message", [
+    ('listen = "localhost:3010"', "--listen: 'localhost' is no IP address"),
+    ('job_memory = "lots"', "bad size 'lots': use BYTES or a number with K, M or G"),
+    ('speed = 0', "--speed must be a number between 0.01 and 1000"),
+    ('alerts = ["x:99999"]', "--alerts: bad address 'x:99999': use HOST[:PORT]"),
+    ('chdir = "no/such/dir"', "--chdir: no such directory:"),
+])
+def test_each_bad_worker_value_names_its_line(tmp_path: Path, keys: Keys,
+                                              capsys: pytest.CaptureFixture[str], line: str,
+                                              message: str) -> None:
+    from rexnet.worker_tap import from_config
+
+    path = write(tmp_path / "w.toml", f'[worker]\nname = "w"\n\n[applications.testapp.worker]\n'
+                 f'credential = "{keys.worker}"\ncommand = ["cat"]\n{line}\n')
+    with pytest.raises(SystemExit) as e:
+        from_config(str(path), [])
+    assert e.value.code == exitcodes.CONFIG
+    error = capsys.readouterr().err
+    assert error.startswith(f"rexnet-worker: {path}:7: {message}"), error
+    assert error.rstrip().endswith("(in [applications.testapp.worker])")
+
+
+def test_a_missing_worker_credential_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "w.toml", '[applications.testapp.worker]\n'
+                 'command = ["cat"]\ncredential = "missing.worker"\n')
+    done = subprocess.run([TWISTD, "-n", "--pidfile=", "rexnet-worker", "--config", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == exitcodes.CREDENTIAL
+    assert done.stderr == (f"rexnet-worker: {path}:3: no such credential file: "
+                           f"{tmp_path}/missing.worker\n")
