@@ -109,13 +109,18 @@ class Source:
 
 
 def read(path: Path) -> Source:
-    """Parse one file (TOML syntax only; see validate)."""
+    """Read and parse one file (TOML syntax only; see validate)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Source:
+    """TEXT (the contents of PATH) as TOML, without touching the file system."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

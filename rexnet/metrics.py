@@ -55,8 +55,9 @@ class Metrics:
     """The metric families of one worker process (every application it serves)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+        from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
+        disable_created_metrics()  # no *_created series: Prometheus needs none of them
         self.registry = r = CollectorRegistry()
         app = ["app"]
         self.started = Counter("rexnet_jobs_started", "Jobs started.", app, registry=r)
@@ -91,7 +92,7 @@ class Metrics:
         self.slots.labels(app).set(slots)
         self.busy.labels(app).set_function(busy)
         self.running.labels(app).set_function(running)
-        self.load.labels(app).set_function(load)
+        self.load.labels(app).set_function(lambda: _or_nan(load))
         return WorkerMetrics(self, app)
 
     def exposition(self) -> bytes:
@@ -99,6 +100,15 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+def _or_nan(figure: Callable[[], float]) -> float:
+    """FIGURE(), or NaN (and a logged failure) if it cannot be had: a scrape never fails."""
+    try:
+        return figure()
+    except Exception:
+        log.failure("cannot read the load figure for a metrics scrape")
+        return float("nan")
 
 
 class WorkerMetrics(NoMetrics):

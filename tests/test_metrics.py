@@ -119,3 +119,21 @@ def test_a_busy_metrics_port_is_a_one_line_error(keys: Keys) -> None:
     assert done.returncode == exitcodes.USAGE
     assert b"--metrics: cannot listen on 127.0.0.1:" in done.stderr
     assert b"Traceback" not in done.stderr + done.stdout
+
+
+def test_a_failing_load_figure_reads_as_nan_and_the_scrape_still_works() -> None:
+    from rexnet.metrics import Metrics
+
+    def broken() -> float:
+        raise OSError("no /proc")
+
+    metrics = Metrics()
+    counted = metrics.for_worker("app", 2, lambda: 1, lambda: 0, broken)
+    counted.job_started()
+    counted.job_refused("args")
+    text = metrics.exposition().decode()
+    assert 'rexnet_load{app="app"} NaN' in text
+    assert 'rexnet_slots_busy{app="app"} 1.0' in text
+    assert 'rexnet_jobs_started_total{app="app"} 1.0' in text
+    assert 'rexnet_jobs_refused_total{app="app",reason="args"} 1.0' in text
+    assert "_created" not in text
