@@ -30,6 +30,10 @@ class Option:
     help: str
 
 
+Section = tuple[str, str | list[Option]]
+"""A section of a page: its title, and its text or a list of terms."""
+
+
 @dataclass
 class Page:
     """What a manual page says."""
@@ -40,7 +44,7 @@ class Page:
     synopsis: list[str]
     description: str
     options: list[Option] = field(default_factory=list)
-    sections: list[tuple[str, str]] = field(default_factory=list)
+    sections: list[Section] = field(default_factory=list)
     arguments: list[Option] = field(default_factory=list)
 
     @property
@@ -102,7 +106,14 @@ def render(page: Page) -> str:
                              for n in option.names)
             lines += [".TP", head, escape(option.help or "")]
     for title, body in page.sections:
-        lines += [f".SH {title}", paragraphs(body)]
+        if title:  # an untitled section goes on with the one before
+            lines.append(f".SH {title}")
+        if isinstance(body, str):
+            lines.append(paragraphs(body))
+        else:  # a list of terms and their explanations
+            for item in body:
+                lines += [".TP", bold(item.names[0]) if item.metavar is None else
+                          italic(item.names[0]), escape(item.help)]
     return "\n".join(lines) + "\n"
 
 
@@ -182,7 +193,7 @@ def cli_pages() -> Iterator[Page]:
                 ("SEE ALSO", see_also)])
     for name, (help_, sub) in subs.items():
         args = [Option([str(a.metavar or a.dest)], None, a.help or "") for a in positionals(sub)]
-        sections = [("FILES", FILES), ("ENVIRONMENT", ENVIRONMENT)]
+        sections: list[Section] = [("FILES", FILES), ("ENVIRONMENT", ENVIRONMENT)]
         if name == "exec":
             sections.insert(0, ("EXIT STATUS", exit_status()))
         elif sub.epilog:
@@ -236,13 +247,7 @@ class Plugin:
 
 PLUGINS = [
     Plugin("rexnet-worker", "rexnet.worker_tap", "serve rexnet applications (cexec's "
-           "cservice)", "Metrics: with --metrics HOST:PORT (or metrics in the [worker] "
-           "table), Prometheus reads rexnet_jobs_started_total, rexnet_jobs_finished_total "
-           "(by exit_class), rexnet_jobs_refused_total, rexnet_jobs_running, rexnet_slots, "
-           "rexnet_slots_busy, rexnet_load, rexnet_job_bytes_received_total, "
-           "rexnet_job_bytes_sent_total, rexnet_connect_backs_total (by outcome), "
-           "rexnet_auth_failures_total and rexnet_announcements_rate_limited_total at "
-           "/metrics, each labelled with app."),
+           "cservice)"),
     Plugin("crat", "rexnet.crat_tap", "receive, check and log the signed alerts of rexnet"),
     Plugin("cproxy", "rexnet.cproxy_tap", "relay a rexnet cluster between two networks"),
     Plugin("rexnet-tunnel", "rexnet.tunnel_tap", "join the announce domains of several "
@@ -257,21 +262,44 @@ twistd options: -n (stay in the foreground, as under systemd), --pidfile= (no pi
 rexnet's etc/ (twistd -ny FILE.tac)."""
 
 
+WORKER_CONFIG = """\
+With --config FILE, one process serves every [applications.NAME.worker] table of FILE \
+(TOML, as etc/rexnet.toml.example shows): each table's keys are the long options above \
+(with - or _), plus credential (the worker credential) and command (a list); a [worker] \
+table gives defaults for every application, and metrics. Options given on the command \
+line win over the file's. Applications that listen on the same address share one \
+socket. A mistake in the file is reported as FILE:LINE with exit status 249."""
+
+
+METRICS = """\
+With --metrics HOST:PORT (or metrics in the [worker] table of --config), Prometheus \
+metrics are served over HTTP at /metrics, each labelled with the application (app):"""
+
+
+def metrics_list() -> list[Option]:
+    """The metrics a worker serves, from the metric definitions themselves."""
+    from rexnet.metrics import Metrics
+
+    found = []
+    for family in Metrics().registry.collect():
+        suffix = "_total" if family.type == "counter" else ""
+        found.append(Option([family.name + suffix], None,
+                            f"({family.type}) {family.documentation}"))
+    return found
+
+
 def plugin_pages() -> Iterator[Page]:
     import importlib
 
     for plugin in PLUGINS:
         options_class = importlib.import_module(plugin.module).Options
         synopsis = f"twistd [twistd options] {plugin.name} {options_class.synopsis}"
-        sections = [("RUNNING", TWISTD)]
+        sections: list[Section] = [("RUNNING", TWISTD)]
         if plugin.name == "rexnet-worker":
-            sections += [("FILES", FILES.replace("applications (credential, announce, "
-                                                 "alerts, timeout) and their worker settings",
-                                                 "with --config FILE: the applications to "
-                                                 "serve")), ]
+            sections += [("CONFIGURATION", WORKER_CONFIG), ("METRICS", METRICS),
+                         ("", metrics_list())]
         if plugin.notes:
-            sections.append(("METRICS" if "Metrics" in plugin.notes else "NOTES",
-                             plugin.notes))
+            sections.append(("NOTES", plugin.notes))
         sections.append(("SEE ALSO", "rexnet(1), rexnet-exec(1), " + ", ".join(
             f"{p.name}(8)" for p in PLUGINS if p is not plugin) + ", twistd(1)"))
         yield Page(plugin.name, 8, plugin.summary, [synopsis], options_class.longdesc,

@@ -142,3 +142,14 @@ def test_twistd_logger_writes_json_lines(keys: Keys) -> None:
     assert serving["name"] == "jsonny" and serving["port"] == 3010
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00", serving["time"])
     assert any(r["message"].startswith("Received SIGTERM") for r in records)
+
+
+def test_the_worker_page_lists_every_metric_the_worker_serves() -> None:
+    from rexnet.metrics import Metrics
+
+    text = man(SHARE / "man" / "man8" / "rexnet-worker.8")
+    names = [f.name + ("_total" if f.type == "counter" else "")
+             for f in Metrics().registry.collect()]
+    assert len(names) >= 12
+    for name in names:
+        assert re.search(rf"^\s+{name}$", text, re.M), f"{name} not on rexnet-worker(8)"
