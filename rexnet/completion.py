@@ -14,8 +14,8 @@ from rexnet.manpages import subcommands
 FILE_METAVARS = {"FILE", "DIR", "KEYFILE", "APP | APP.ca"}
 
 APPS = r"""sed -n 's/^[[:space:]]*\[applications\.\([A-Za-z0-9_-]*\)\].*/\1/p' \
-        ${REXNET_CONFIG:-rexnet.toml "${XDG_CONFIG_HOME:-$HOME/.config}/rexnet/config.toml" \
-        /etc/rexnet/config.toml} 2>/dev/null"""
+        ${1:-${REXNET_CONFIG:-rexnet.toml "${XDG_CONFIG_HOME:-$HOME/.config}/rexnet/config.toml" \
+        /etc/rexnet/config.toml}} 2>/dev/null"""
 
 
 def _words(parser: argparse.ArgumentParser) -> tuple[list[str], list[str], dict[str, str]]:
@@ -62,7 +62,7 @@ _rexnet_apps() {{
 
 _rexnet() {{
     local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}"
-    local cmd="" opts i
+    local cmd="" conf="" opts i
     COMPREPLY=()
     if [[ "${{COMP_WORDS[0]##*/}}" == cexec ]]; then
         cmd=exec
@@ -70,7 +70,7 @@ _rexnet() {{
         for ((i = 1; i < COMP_CWORD; i++)); do
             case "${{COMP_WORDS[i]}}" in
                 {'|'.join(subs)}) cmd="${{COMP_WORDS[i]}}"; break ;;
-                --config) ((i++)) ;;
+                --config) conf="${{COMP_WORDS[i+1]}}"; ((i++)) ;;
             esac
         done
     fi
@@ -91,7 +91,7 @@ _rexnet() {{
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))
     elif [[ "$cmd" != keygen ]]; then
-        COMPREPLY=($(compgen -W "$(_rexnet_apps)" -- "$cur") $(compgen -f -- "$cur"))
+        COMPREPLY=($(compgen -W "$(_rexnet_apps "$conf")" -- "$cur") $(compgen -f -- "$cur"))
     else
         COMPREPLY=($(compgen -f -- "$cur"))
     fi

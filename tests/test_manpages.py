@@ -107,6 +107,9 @@ def test_bash_completion_offers_commands_options_and_applications(tmp_path: Path
     (tmp_path / "go.client").write_text("")
     assert complete(["rexnet", "exec", "g"], cwd=tmp_path) == ["gz", "go.client"]
     assert complete(["rexnet", "status", "o"], cwd=tmp_path) == ["ogg"]
+    (tmp_path / "other.toml").write_text("[applications.gzip]\n")
+    assert complete(["rexnet", "--config", "other.toml", "exec", "gz"], cwd=tmp_path) == [
+        "gzip"]
 
 
 # -- --version and JSON logs ---------------------------------------------------------------
