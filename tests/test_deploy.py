@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -198,40 +199,47 @@ def test_readme_deployment_on_a_namespace_bed(bed: NetBed, deploy_root: Path) ->
     # 2. credentials: made once; the worker's installed 0600 for the dedicated user
     ca_dir = deploy_root / "admin"
     ca_dir.mkdir()
-    subprocess.run([REXNET, "keygen", "ogg", "--dir", str(ca_dir)], check=True,
-                   capture_output=True, timeout=30)
+    for app in ("ogg", "gz"):
+        subprocess.run([REXNET, "keygen", app, "--dir", str(ca_dir)], check=True,
+                       capture_output=True, timeout=30)
     user = as_dedicated_user()
     readme = (ROOT / "README.md").read_text()
     deployment = readme[readme.index("## Deployment"):readme.index("## How a job")]
     system_toml, user_toml = re.findall(r"```toml\n(.*?)```", deployment, re.S)
     workers = []
-    for host in (w1, w2):
+    example = (ETC / "rexnet.toml.example").read_text()
+    for host, system in ((w1, system_toml), (w2, example)):
         etc = deploy_root / host.name / "etc"
         state = deploy_root / host.name / "state"
         etc.mkdir(parents=True)
         state.mkdir()
-        shutil.copy(ca_dir / "ogg.worker", etc / "ogg.worker")
-        # 3. the README's configuration, with this bed's broadcast address and `cat`
-        text = system_toml.replace("10.0.0.255:3010", f"{lan.broadcast}:3010")
+        for credential in ("ogg.worker", "gz.worker"):
+            shutil.copy(ca_dir / credential, etc / credential)
+        # 3. w1: the README's configuration; w2: etc/rexnet.toml.example (ogg and gz), both
+        # with this bed's broadcast address, and `cat` for oggenc
+        text = system.replace("10.0.0.255:3010", f"{lan.broadcast}:3010")
         text = text.replace('["oggenc", "-Q", "-"]',
                             '["sh", "-c", "cat; echo \\" by $REXNET_WORKER\\""]')
         text = text.replace("[worker]\n", f'[worker]\nname = "{host.name}"\n', 1)
         (etc / "config.toml").write_text(text)
         if user:
-            for path in (etc / "ogg.worker", state):
+            for path in (etc / "ogg.worker", etc / "gz.worker", state):
                 os.chown(path, 65534, 65534)
         # 4. the unit's command line, as its user, in its working directory
         argv = exec_start("rexnet-worker@.service", "config", str(etc))
         workers.append(Proc(host.argv([*user, *argv]), cwd=state))
     for worker in workers:
         worker.wait_for(r'"message": "worker w\d serves ogg .*listening on 0\.0\.0\.0:3010"')
+    workers[1].wait_for(r'"message": "worker w2 serves gz .*sharing 0\.0\.0\.0:3010"')
     # a user's own configuration: the client credential in ~/.config/rexnet
     home = deploy_root / "home"
     (home / ".config" / "rexnet").mkdir(parents=True)
-    shutil.copy(ca_dir / "ogg.client", home / ".config" / "rexnet" / "ogg.client")
+    for credential in ("ogg.client", "gz.client"):
+        shutil.copy(ca_dir / credential, home / ".config" / "rexnet" / credential)
     # (no /etc/rexnet/config.toml on the client host here: the user's file says announce)
     (home / ".config" / "rexnet" / "config.toml").write_text(
-        user_toml + f'announce = ["{lan.broadcast}:3010"]\n')
+        user_toml + f'announce = ["{lan.broadcast}:3010"]\n\n[applications.gz]\n'
+        f'credential = "gz.client"\nannounce = ["{lan.broadcast}:3010"]\n')
     env = dict(os.environ, HOME=str(home), REXNET_CONFIG="")
     env.pop("XDG_CONFIG_HOME", None)
     seen = set()
@@ -242,6 +250,12 @@ def test_readme_deployment_on_a_namespace_bed(bed: NetBed, deploy_root: Path) ->
         assert done.stdout.startswith(b"song by w")
         seen.add(done.stdout.split()[-1])
     assert seen <= {b"w1", b"w2"} and seen
+    data = b"the example configuration's second application\n" * 100
+    done = subprocess.run(client.argv([REXNET, "exec", "-v", "gz"]), input=data,
+                          capture_output=True, timeout=60, cwd=home, env=env)
+    assert done.returncode == 0, done.stderr
+    assert gzip.decompress(done.stdout) == data
+    assert b"runs on worker w2" in done.stderr  # only w2 serves gz
     # 5. watching: JSON logs name the jobs; metrics count them (on the host's own loopback)
     for worker in workers:
         for line in worker.output.splitlines():
