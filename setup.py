@@ -22,10 +22,13 @@ def generate() -> list[tuple[str, Sequence[str]]]:
     for path in write_all(HERE / GENERATED / "man"):
         section = f"share/man/{path.parent.name}"
         data[section] = [*data.get(section, []), str(path.relative_to(HERE))]
-    completion = HERE / GENERATED / "completions" / "rexnet"
-    completion.parent.mkdir(parents=True, exist_ok=True)
-    completion.write_text(script(), encoding="utf-8")
-    data["share/bash-completion/completions"] = [str(completion.relative_to(HERE))]
+    completions = []
+    for command in ("rexnet", "cexec"):  # bash-completion loads a file per command name
+        completion = HERE / GENERATED / "completions" / command
+        completion.parent.mkdir(parents=True, exist_ok=True)
+        completion.write_text(script(), encoding="utf-8")
+        completions.append(str(completion.relative_to(HERE)))
+    data["share/bash-completion/completions"] = completions
     sys.path.remove(str(HERE))
     return sorted(data.items())
 

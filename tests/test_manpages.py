@@ -95,6 +95,13 @@ def complete(words: list[str], cwd: Path | None = None) -> list[str]:
     return done.stdout.split()
 
 
+def test_the_completion_is_installed_for_both_command_names() -> None:
+    from rexnet.completion import script
+
+    for command in ("rexnet", "cexec"):
+        assert (SHARE / "bash-completion" / "completions" / command).read_text() == script()
+
+
 def test_bash_completion_offers_commands_options_and_applications(tmp_path: Path) -> None:
     assert complete(["rexnet", "e"]) == ["exec"]
     assert complete(["rexnet", "--config", "x", "st"]) == ["status"]
