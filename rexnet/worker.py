@@ -35,7 +35,7 @@ from rexnet.channel import Channel
 from rexnet.credentials import CertInfo, Credential
 from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
 from rexnet.load import HostLoad, connect_back_delay, load_figure, sample_host
-from rexnet.tls import connecting_options
+from rexnet.tls import Revocations, connecting_options
 
 CONNECT_TIMEOUT = 5.0
 START_TIMEOUT = 10.0
@@ -62,6 +62,7 @@ class WorkerSettings:
     alert_targets: tuple[tuple[str, int], ...] = ()
     chdir: str | None = None
     limits: Limits = field(default_factory=Limits)
+    revoked: Revocations | None = None  # rexnet.revocation.RevokedFile
 
     def accepts_env(self, name: str) -> bool:
         """Whether a job may set variable NAME (sshd's AcceptEnv patterns)."""
@@ -141,7 +142,7 @@ class Worker:
         self.reactor = reactor
         self.sample = sample
         self.jitter = jitter
-        self.checker = AnnounceChecker(settings.credential)
+        self.checker = AnnounceChecker(settings.credential, revoked=settings.revoked)
         self.limiter = RateLimiter()
         self.alerts = AlertSender(reactor, settings.credential, settings.alert_targets)
         self.complain = Complaints(reactor.seconds, self.alerts.send)
@@ -359,6 +360,7 @@ class WorkerChannel(Channel):
 
     def __init__(self, worker: Worker, pending: Pending) -> None:
         super().__init__(worker.settings.credential)
+        self.revoked = worker.settings.revoked
         self.worker = worker
         self.pending = pending
         self.job: str | None = None

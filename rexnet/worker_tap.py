@@ -23,6 +23,7 @@ from rexnet.job import Limits
 from rexnet.load import cpu_count
 from rexnet.registration import WorkerRegistration
 from rexnet.remote import RUNNER
+from rexnet.revocation import open_list
 from rexnet.tls import connecting_options
 from rexnet.worker import Worker, WorkerService, WorkerSettings
 
@@ -48,6 +49,9 @@ class Options(usage.Options):
         ["job-timeout", None, "0", "End a job after this many SECONDS (0: no limit)."],
         ["job-memory", None, "0", "End a job whose processes use more than this many BYTES "
          "of memory (suffixes K, M, G; 0: no limit)."],
+        ["revoked", None, None, "Refuse clients whose certificates are listed in FILE "
+         "(made by rexnet keygen --revoke; re-read when it changes; default: APP.revoked "
+         "beside KEYFILE, if there is one)."],
     ]
     optFlags = [
         ["allow-args", None, "Append the client's extra arguments to COMMAND."],
@@ -172,6 +176,7 @@ def makeService(config: Options) -> IService:
 
     try:
         credential = load_credential(Path(config["keyfile"]), "worker")
+        revoked = open_list(config["revoked"], Path(config["keyfile"]), credential.app)
     except CredentialError as e:
         raise fail(str(e), CREDENTIAL) from None
     settings = WorkerSettings(
@@ -187,6 +192,7 @@ def makeService(config: Options) -> IService:
         alert_targets=tuple(config["alerts"]),
         chdir=config["chdir"],
         limits=Limits(config["job-timeout"], config["job-memory"]),
+        revoked=revoked,
     )
     top = MultiService()
     worker = Worker(settings, reactor)
