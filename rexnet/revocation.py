@@ -1,12 +1,13 @@
 """Revoked credentials: the APP.revoked file, the APP.issued ledger, and the check.
 
 ``rexnet keygen --issue`` (and ``rexnet keygen APP``) record every certificate they
-issue in ``APP.issued`` beside ``APP.ca``, one line each::
+issue in ``APP.issued`` (mode 0600) beside ``APP.ca``, one line each::
 
     SERIAL ROLE NAME NOT-AFTER
 
 ``rexnet keygen --revoke NAME APP.ca`` appends every certificate issued to NAME (or, if
-NAME is a credential file, that file's certificate) to ``APP.revoked``::
+NAME is a credential file, that file's certificate) to ``APP.revoked`` (mode 0644: it is
+meant to be copied to every worker and client)::
 
     SERIAL ROLE NAME REVOKED-AT
 
@@ -171,8 +172,8 @@ def open_list(option: str | None, keyfile: Path, app: str) -> RevokedFile | None
 # -- the administrator's side: the ledger and revoking -------------------------------
 
 
-def _append(path: Path, lines: Iterable[str]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def _append(path: Path, lines: Iterable[str], mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode)
     with os.fdopen(fd, "a", encoding="ascii") as f:
         for line in lines:
             f.write(line + "\n")
@@ -182,7 +183,7 @@ def record_issued(ca_path: Path, app: str, certs: Iterable[x509.Certificate]) ->
     """Note CERTS in APP.issued beside the CA file (what --revoke NAME looks up)."""
     _append(beside(ca_path, app, ISSUED_SUFFIX), (
         f"{serial_hex(c)} {CertInfo.of(c).role} {CertInfo.of(c).name} "
-        f"{c.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}" for c in certs))
+        f"{c.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}" for c in certs), 0o600)
 
 
 def issued_to(ca_path: Path, app: str, name: str) -> list[tuple[str, str, str]]:
