@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install clean tools
+.PHONY: demo test lint typecheck unit install clean tools fuzz soak
 
 # A regular (non-editable) install: setuptools' editable mode hides twisted/plugins from twistd.
 $(STAMP): pyproject.toml $(shell find rexnet twisted -name '*.py')
@@ -43,3 +43,10 @@ tools:
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# Longer runs than CI's: every decoder under atheris (FUZZ_RUNS each), the full soak.
+FUZZ_RUNS ?= 200000
+fuzz: $(STAMP)
+	cd tests/fuzz && for t in announcement crat credential datagram frames revocation \
+	  trust_file worker_datagram; do \
+	  ../../$(BIN)/python atheris_run.py $$t -runs=$(FUZZ_RUNS) -max_len=5000 || exit 1; done
