@@ -42,6 +42,8 @@ START_TIMEOUT = 10.0
 TRIED_JOBS = 10_000
 COMPLAINT_INTERVAL = 1.0
 STATUS_INTERVAL = 5.0  # seconds between worker-status alerts
+GLOBAL_RATE = 2000.0  # datagrams per second checked, all sources together
+GLOBAL_BURST = 4000.0
 
 log = Logger()
 
@@ -144,6 +146,8 @@ class Worker:
         self.jitter = jitter
         self.checker = AnnounceChecker(settings.credential, revoked=settings.revoked)
         self.limiter = RateLimiter()
+        self.all_sources = RateLimiter(GLOBAL_RATE, GLOBAL_BURST, 1)
+        self.received = 0
         self.alerts = AlertSender(reactor, settings.credential, settings.alert_targets)
         self.complain = Complaints(reactor.seconds, self.alerts.send)
         self.started_at = reactor.seconds()
@@ -164,7 +168,10 @@ class Worker:
     # -- datagrams --------------------------------------------------------------------
 
     def datagram(self, data: bytes, host: str, port: int) -> None:
-        if not self.limiter.allow(host, self.reactor.seconds()):
+        self.received += 1
+        now = self.reactor.seconds()
+        # per source first, so that a source over its limit spends no global tokens
+        if not self.limiter.allow(host, now) or not self.all_sources.allow("", now):
             self.rate_limited += 1
             return
         try:
@@ -463,6 +470,11 @@ class WorkerService(Service):
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
+        w = self.worker
+        log.info("worker {name} stopping: {jobs} jobs run; {received} datagrams received, "
+                 "{limited} dropped by rate limits, {complaints} complaints",
+                 name=w.settings.name, jobs=w.jobs_run, received=w.received,
+                 limited=w.rate_limited, complaints=w.complain.count)
         if self.reporter is not None and self.reporter.running:
             self.reporter.stop()
         jobs_gone = self.worker.stop_all()
