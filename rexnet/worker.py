@@ -33,6 +33,7 @@ from rexnet.announce import (
 )
 from rexnet.channel import Channel
 from rexnet.credentials import CertInfo, Credential
+from rexnet.hardening import make_undumpable
 from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
 from rexnet.load import HostLoad, connect_back_delay, load_figure, sample_host
 from rexnet.tls import Revocations, connecting_options
@@ -447,6 +448,7 @@ class WorkerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        make_undumpable()  # after twistd's privilege drop: jobs cannot read our memory
         if self.port is None:
             self.bind()
         s = self.worker.settings
