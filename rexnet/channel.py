@@ -271,6 +271,9 @@ class Channel(Protocol):
         if abort:
             self.transport.abortConnection()  # type: ignore[union-attr]
         else:
+            # TLS shuts down only once no producer is registered: without this the
+            # connection (and its descriptor) stayed open until the peer process exited
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- congestion of the TLS link (IPushProducer, called by the transport) ------------

@@ -27,7 +27,7 @@ CONCURRENCY = 3
 MAX_PAYLOAD = int(os.environ.get("REXNET_SOAK_MAX_BYTES", str(1 << 20)))
 
 CLIENT = r"""
-import hashlib, json, random, subprocess, sys
+import hashlib, json, os, random, subprocess, sys
 from twisted.internet import defer, task, threads
 from rexnet.client import JobFailed, run
 
@@ -58,7 +58,7 @@ def by_command_line(n, data, status):
 
 async def one(reactor, n):
     data, status = payload()
-    if n % 25 == 0:
+    if n % 10 == 0:
         await threads.deferToThread(by_command_line, n, data, status)
         return
     try:
@@ -69,11 +69,19 @@ async def one(reactor, n):
         return
     check(n, data, status, done.returncode, done.stdout, done.stderr, done.worker)
 
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+
 async def main(reactor):
+    await one(reactor, 1)  # the first job opens what stays open (threads, alert port)
+    before = fds()
     sem = defer.DeferredSemaphore(int(concurrency))
     await defer.gatherResults([sem.run(lambda n=n: defer.Deferred.fromCoroutine(
-        one(reactor, n))) for n in range(int(jobs))])
+        one(reactor, n))) for n in range(2, int(jobs) + 1)])
+    await task.deferLater(reactor, 1.0, lambda: None)  # connections close cleanly by now
+    report["fds"] = [before, fds()]
     print(json.dumps(report), flush=True)
+    await threads.deferToThread(sys.stdin.read)  # stay alive while the test looks
 
 task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 """
@@ -100,16 +108,21 @@ def test_soak(keys: Keys) -> None:
         t0 = time.monotonic()
         runs = [host.popen([sys.executable, "-c", CLIENT, str(keys.client), announce,
                             str(JOBS // CLIENTS), str(CONCURRENCY), str(n), str(MAX_PAYLOAD),
-                            REXNET], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            REXNET], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
                 for n, host in enumerate(clients)]
         reports = []
-        for proc in runs:
-            out, err = proc.communicate(timeout=3600)
-            assert proc.returncode == 0, err.decode()[-3000:]
-            reports.append(json.loads(out.decode().strip().splitlines()[-1]))
+        for proc in runs:  # each prints its report, then waits for its stdin to close
+            assert proc.stdout is not None and proc.stdin is not None
+            line = proc.stdout.readline()
+            assert line, proc.communicate(timeout=30)[1].decode()[-3000:]
+            reports.append(json.loads(line))
         elapsed = time.monotonic() - t0
         time.sleep(1.5)  # a job's last processes get 1 s to finish after it exits
-        after = [counts(w) for w in workers]
+        after = [counts(w) for w in workers]  # measured while the clients still run
+        for proc in runs:
+            _, err = proc.communicate(b"", timeout=60)
+            assert proc.returncode == 0, err.decode()[-3000:]
         ok = sum(r["ok"] for r in reports)
         bad = [b for r in reports for b in r["bad"]]
         moved = sum(r["bytes"] for r in reports)
@@ -121,8 +134,11 @@ def test_soak(keys: Keys) -> None:
               f"{moved / 2**20:.1f} MiB checked; per worker {placed}; workers' "
               f"(processes, fds, RSS MiB) before "
               f"{[(p, f, round(r / 2**20, 1)) for p, f, r in before]} after "
-              f"{[(p, f, round(r / 2**20, 1)) for p, f, r in after]}")
+              f"{[(p, f, round(r / 2**20, 1)) for p, f, r in after]}; clients' fds "
+              f"{[r['fds'] for r in reports]}")
         assert bad == [], bad[:10]
+        for r in reports:  # the long-lived clients leaked no descriptor either
+            assert r["fds"][1] <= r["fds"][0] + 2, r["fds"]
         assert ok == JOBS // CLIENTS * CLIENTS
         assert len([w for w in placed if w != "cli"]) == WORKERS  # all took part
         for (_, fds0, _), (procs1, fds1, _) in zip(before, after, strict=True):
