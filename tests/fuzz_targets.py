@@ -4,8 +4,10 @@ decode error of its decoder, or AssertionError when a decoder misbehaves otherwi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from rexnet.revocation import RevocationError, parse
 from rexnet.worker import Worker, WorkerSettings
 
 _dir = Path(tempfile.mkdtemp(prefix="rexnet-fuzz-"))
+atexit.register(shutil.rmtree, _dir, True)
 CA, WORKER, CLIENT = keygen("fuzz", _dir / "keys")
 worker_cred: Credential = load_credential(WORKER, "worker")
 client_cred: Credential = load_credential(CLIENT, "client")

@@ -31,7 +31,14 @@ from rexnet import wire
 from rexnet.announce import BURST, RATE, now_ms
 from rexnet.credentials import load_credential
 from rexnet.load import HostLoad
-from rexnet.worker import GLOBAL_BURST, GLOBAL_RATE, Worker, WorkerSettings
+from rexnet.worker import (
+    COMPLAINT_RATE,
+    GLOBAL_BURST,
+    GLOBAL_RATE,
+    Complaints,
+    Worker,
+    WorkerSettings,
+)
 
 RATE_TOTAL = float(os.environ.get("REXNET_FLOOD_RATE", "10000"))
 SECONDS = float(os.environ.get("REXNET_FLOOD_SECONDS", "10"))
@@ -86,6 +93,20 @@ def test_the_global_limit_caps_checks_from_many_sources(keys: Keys) -> None:
     assert worker.received == 20_000
     assert checked == worker.complain.count  # each checked one was refused with a complaint
     assert GLOBAL_BURST <= checked <= GLOBAL_BURST + GLOBAL_RATE * 1.0 + 1
+
+
+def test_complaints_from_many_sources_are_capped_as_a_whole() -> None:
+    """One complaint line (and alert) per source per second is not enough against many
+    sources: all sources together get COMPLAINT_RATE lines a second, and nothing is
+    forgotten (each line says how many were suppressed for its source)."""
+    clock = Clock()
+    sent: list[dict[str, object]] = []
+    complain = Complaints(clock.seconds, lambda event, **fields: sent.append(fields))
+    for n in range(10_000):  # 10,000 sources in one second
+        complain(f"10.1.{n >> 8}.{n & 255}", "bad")
+        clock.advance(1 / 10_000)
+    assert complain.count == 10_000
+    assert COMPLAINT_RATE <= complain.logged == len(sent) <= 3 * COMPLAINT_RATE + 1
 
 
 def test_real_jobs_complete_during_a_flood(bed: NetBed, keys: Keys, tmp_path: Path) -> None:

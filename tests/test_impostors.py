@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -85,10 +86,9 @@ class ConnectBackTrap:
         self.sock.close()
 
 
-def announcement(app_id: bytes, key: Ed25519PrivateKey, cert_der: bytes, port: int,
-                 ts_ms: int | None = None) -> bytes:
-    ann = wire.Announce(os.urandom(16), 0, now_ms() if ts_ms is None else ts_ms, port,
-                        ("127.0.0.1",))
+def announcement(app_id: bytes, key: Ed25519PrivateKey, cert_der: bytes, port: int) -> bytes:
+    """A fresh announcement from 127.0.0.1 asking for a connect-back to PORT."""
+    ann = wire.Announce(os.urandom(16), 0, now_ms(), port, ("127.0.0.1",))
     return wire.encode_datagram(ann, app_id, key, cert_der)
 
 
@@ -99,19 +99,26 @@ def send_to_worker(data: bytes, worker_addr: str) -> None:
         s.sendto(data, (host, int(port)))
 
 
+@dataclass
+class Guard:
+    """A worker on loopback with an (initially empty) revocation list."""
+
+    proc: Proc
+    addr: str
+    revoked: Path
+
+
 @pytest.fixture
-def worker(keys: Keys, tmp_path: Path) -> Iterator[Proc]:
+def worker(keys: Keys, tmp_path: Path) -> Iterator[Guard]:
     revoked = tmp_path / "testapp.revoked"
     revoked.write_text("")
     addr = f"{loopback_address()}:3010"
     proc = start_worker(keys.worker, ["cat"], addr, "guard", "--revoked", str(revoked))
-    proc.addr = addr  # type: ignore[attr-defined]
-    proc.revoked = revoked  # type: ignore[attr-defined]
-    yield proc
+    yield Guard(proc, addr, revoked)
     proc.stop()
 
 
-def _cert_der(path: Path, role: str) -> tuple[Ed25519PrivateKey, bytes, bytes]:
+def _cert_der(path: Path) -> tuple[Ed25519PrivateKey, bytes, bytes]:
     """(key, certificate DER, app id) of a credential file, even an expired one."""
     data = path.read_bytes()
     key = serialization.load_pem_private_key(data, None)
@@ -120,53 +127,53 @@ def _cert_der(path: Path, role: str) -> tuple[Ed25519PrivateKey, bytes, bytes]:
     return key, certs[0].public_bytes(serialization.Encoding.DER), app_id_of(certs[1])
 
 
-Forger = Callable[[Keys, Path, int, Proc], tuple[bytes, str]]
+Forger = Callable[[Keys, Path, int, Guard], tuple[bytes, str]]
 
 
-def _other_app(keys: Keys, tmp: Path, port: int, w: Proc) -> tuple[bytes, str]:
+def _other_app(keys: Keys, tmp: Path, port: int, w: Guard) -> tuple[bytes, str]:
     other = tmp / "other"
     keygen("otherapp", other)
-    key, der, _ = _cert_der(other / "otherapp.client", "client")
+    key, der, _ = _cert_der(other / "otherapp.client")
     ours = load_credential(keys.client, "client").app_id  # the header is public knowledge
     return announcement(ours, key, der, port), "not issued by the application CA"
 
 
-def _lookalike(keys: Keys, tmp: Path, port: int, w: Proc) -> tuple[bytes, str]:
+def _lookalike(keys: Keys, tmp: Path, port: int, w: Guard) -> tuple[bytes, str]:
     path = forged_credential(tmp / "fake.client", lookalike_ca(keys.app), "client", "client")
-    key, der, _ = _cert_der(path, "client")
+    key, der, _ = _cert_der(path)
     ours = load_credential(keys.client, "client").app_id
     return announcement(ours, key, der, port), "not issued by the application CA"
 
 
-def _expired(keys: Keys, tmp: Path, port: int, w: Proc) -> tuple[bytes, str]:
+def _expired(keys: Keys, tmp: Path, port: int, w: Guard) -> tuple[bytes, str]:
     path = forged_credential(tmp / "old.client", our_ca(keys), "client", "old", age_days=10)
-    key, der, app_id = _cert_der(path, "client")
+    key, der, app_id = _cert_der(path)
     return announcement(app_id, key, der, port), r"client certificate expired on \d{4}-"
 
 
-def _not_yet_valid(keys: Keys, tmp: Path, port: int, w: Proc) -> tuple[bytes, str]:
+def _not_yet_valid(keys: Keys, tmp: Path, port: int, w: Guard) -> tuple[bytes, str]:
     path = forged_credential(tmp / "new.client", our_ca(keys), "client", "new", age_days=-3)
-    key, der, app_id = _cert_der(path, "client")
+    key, der, app_id = _cert_der(path)
     return announcement(app_id, key, der, port), "client certificate not valid before"
 
 
-def _revoked(keys: Keys, tmp: Path, port: int, w: Proc) -> tuple[bytes, str]:
+def _revoked(keys: Keys, tmp: Path, port: int, w: Guard) -> tuple[bytes, str]:
     path = forged_credential(tmp / "eve.client", our_ca(keys), "client", "eve")
     serial = serial_hex(x509.load_pem_x509_certificates(path.read_bytes())[0])
-    Path(w.revoked).write_text(f"{serial} client eve\n")  # type: ignore[attr-defined]
+    w.revoked.write_text(f"{serial} client eve\n")
     time.sleep(RECHECK + 0.1)  # the worker looks at the file at most every RECHECK s
-    key, der, app_id = _cert_der(path, "client")
+    key, der, app_id = _cert_der(path)
     return (announcement(app_id, key, der, port),
             r"client certificate 'eve' \(serial \w+\) is revoked")
 
 
-def _forged_signature(keys: Keys, tmp: Path, port: int, w: Proc) -> tuple[bytes, str]:
+def _forged_signature(keys: Keys, tmp: Path, port: int, w: Guard) -> tuple[bytes, str]:
     real = load_credential(keys.client, "client")
     return (announcement(real.app_id, Ed25519PrivateKey.generate(), real.cert_der, port),
             "bad signature on announcement")
 
 
-def _oversized(keys: Keys, tmp: Path, port: int, w: Proc) -> tuple[bytes, str]:
+def _oversized(keys: Keys, tmp: Path, port: int, w: Guard) -> tuple[bytes, str]:
     real = load_credential(keys.client, "client")
     good = announcement(real.app_id, real.key, real.cert_der, port)
     return good + b"\0" * (60_000 - len(good)), "malformed datagram"
@@ -175,26 +182,26 @@ def _oversized(keys: Keys, tmp: Path, port: int, w: Proc) -> tuple[bytes, str]:
 @pytest.mark.parametrize("forge", [_other_app, _lookalike, _expired, _not_yet_valid, _revoked,
                                    _forged_signature, _oversized],
                          ids=lambda f: f.__name__.strip("_"))
-def test_bad_announcement_is_refused_and_never_answered(keys: Keys, worker: Proc,
+def test_bad_announcement_is_refused_and_never_answered(keys: Keys, worker: Guard,
                                                         tmp_path: Path, forge: Forger) -> None:
     trap = ConnectBackTrap()
     try:
         data, complaint = forge(keys, tmp_path, trap.port, worker)
-        send_to_worker(data, worker.addr)  # type: ignore[attr-defined]
-        worker.wait_for(r"complaint: announcement refused: .*" + complaint)
+        send_to_worker(data, worker.addr)
+        worker.proc.wait_for(r"complaint: announcement refused: .*" + complaint)
         assert not trap.connected(NO_CONNECT_WAIT), "the worker answered an impostor"
-        assert "started for" not in worker.output
+        assert "started for" not in worker.proc.output
     finally:
         trap.close()
 
 
-def test_a_good_announcement_is_answered(keys: Keys, worker: Proc) -> None:
+def test_a_good_announcement_is_answered(keys: Keys, worker: Guard) -> None:
     """The control for the test above: the trap does see a worker that answers."""
     trap = ConnectBackTrap()
     try:
         real = load_credential(keys.client, "client")
         send_to_worker(announcement(real.app_id, real.key, real.cert_der, trap.port),
-                       worker.addr)  # type: ignore[attr-defined]
+                       worker.addr)
         assert trap.connected(5)
     finally:
         trap.close()
