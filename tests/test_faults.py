@@ -78,8 +78,30 @@ def dropped_packets(host: Host) -> int:
     if netem_available()[0]:
         stats = host.run(["tc", "-s", "qdisc", "show"]).stdout
         return sum(int(m) for m in re.findall(r"dropped (\d+)", stats))
+    return nft_dropped(host)
+
+
+def nft_dropped(host: Host) -> int:
     rules = host.run(["nft", "list", "table", "inet", "rexfault"]).stdout
     return sum(int(m) for m in re.findall(r"counter packets (\d+)", rules))
+
+
+def test_lost_announcements_are_resent_and_make_one_job(bed: NetBed, keys: Keys) -> None:
+    """The client's first three announcements are dropped on its way out: the resends
+    (50, 100, 200 ms apart) find the worker, and the job runs once."""
+    lan = bed.add_subnet("lan")
+    client, host = (bed.add_host(name, [lan]) for name in ("client", "w1"))
+    worker = worker_on(host, keys)
+    rules = ("add table inet rexfault\n"
+             "add chain inet rexfault out { type filter hook output priority 0 ; }\n"
+             "add rule inet rexfault out udp dport 3010 numgen inc mod 1000 < 3 counter drop\n")
+    assert client.run(["nft", "-f", "-"], input=rules).returncode == 0
+    t0 = time.monotonic()
+    done = job(client, keys, "echo once")
+    assert done.returncode == 0 and done.stdout == b"once\n", done.stderr
+    assert time.monotonic() - t0 >= 0.35  # it did wait for the fourth announcement
+    assert nft_dropped(client) == 3
+    assert worker.output.count("started for") == 1
 
 
 def test_a_client_killed_leaves_no_process_of_its_job(bed: NetBed, keys: Keys) -> None:
