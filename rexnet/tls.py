@@ -48,7 +48,11 @@ class _ExplainingOptions(ssl.CertificateOptions):
         def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
                    ok: int) -> bool:
             if not ok and not hasattr(protocol, VERIFY_ERROR):
-                setattr(protocol, VERIFY_ERROR, explain(cert.to_cryptography(), ca_cert, errno))
+                try:  # an exception here would replace OpenSSL's own error
+                    why = explain(cert.to_cryptography(), ca_cert, errno)
+                except Exception:
+                    why = f"peer certificate refused (OpenSSL verification error {errno})"
+                setattr(protocol, VERIFY_ERROR, why)
             return bool(ok)
 
         connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
