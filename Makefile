@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install clean tools
+.PHONY: demo test lint typecheck unit install clean tools fuzz soak
 
 # A regular (non-editable) install: setuptools' editable mode hides twisted/plugins from twistd.
 $(STAMP): pyproject.toml setup.py $(shell find rexnet twisted -name '*.py')
@@ -44,3 +44,16 @@ tools:
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# Longer runs than CI's: every decoder under atheris (FUZZ_RUNS each), the full soak.
+FUZZ_RUNS ?= 200000
+fuzz: $(STAMP)
+	cd tests/fuzz && for t in announcement crat credential datagram frames revocation \
+	  trust_file worker_datagram; do \
+	  ../../$(BIN)/python atheris_run.py $$t -runs=$(FUZZ_RUNS) -max_len=5000 || exit 1; done
+
+# The full soak (1,000 jobs, 4 clients, 4 workers; CI runs 200) and a 30 s flood.
+SOAK_JOBS ?= 1000
+soak: tools $(STAMP)
+	CI=true REXNET_SOAK_JOBS=$(SOAK_JOBS) $(BIN)/python -m pytest -q -s tests/test_soak.py
+	CI=true REXNET_FLOOD_SECONDS=30 $(BIN)/python -m pytest -q -s tests/test_flood.py

@@ -22,6 +22,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from rexnet import wire
 from rexnet.credentials import CertInfo, Credential, check_validity, identity, issued_by
+from rexnet.tls import Revocations
 
 DEFAULT_PORT = 3010
 FRESH_MS = 30_000
@@ -107,6 +108,7 @@ class ClientCert:
 
     public_key: Ed25519PublicKey
     info: CertInfo
+    cert: x509.Certificate
 
 
 def verify_signature(key: Ed25519PublicKey, dgram: wire.Datagram) -> bool:
@@ -120,9 +122,11 @@ def verify_signature(key: Ed25519PublicKey, dgram: wire.Datagram) -> bool:
 class AnnounceChecker:
     """Checks datagrams for one application (sans-IO: time comes from NOW_MS)."""
 
-    def __init__(self, credential: Credential, now: Callable[[], int] = now_ms) -> None:
+    def __init__(self, credential: Credential, now: Callable[[], int] = now_ms,
+                 revoked: Revocations | None = None) -> None:
         self.credential = credential
         self.now = now
+        self.revoked = revoked
         self.replays = ReplayCache()
         self._certs: OrderedDict[bytes, ClientCert] = OrderedDict()
 
@@ -132,6 +136,7 @@ class AnnounceChecker:
         cached = self._certs.get(digest)
         if cached is not None:
             self._certs.move_to_end(digest)
+            self._check_current(cached)
             return cached
         try:
             cert = x509.load_der_x509_certificate(der)
@@ -147,17 +152,25 @@ class AnnounceChecker:
             dns = []
         if info.role != role or identity(role, self.credential.app) not in dns:
             raise Rejected(f"certificate of role {info.role!r}, not a {role} credential")
-        problem = check_validity(cert)
-        if problem:
-            raise Rejected(f"{role} certificate {problem}")
         key = cert.public_key()
         if not isinstance(key, Ed25519PublicKey):
             raise Rejected(f"{role} certificate key is not Ed25519")
-        checked = ClientCert(key, info)
+        checked = ClientCert(key, info, cert)
         self._certs[digest] = checked
         if len(self._certs) > CERT_CACHE:
             self._certs.popitem(last=False)
+        self._check_current(checked)
         return checked
+
+    def _check_current(self, checked: ClientCert) -> None:
+        """Checks that can change while a certificate sits in the cache: expiry and the
+        revocation list."""
+        problem = check_validity(checked.cert)
+        if problem:
+            raise Rejected(f"{checked.info.role} certificate {problem}")
+        reason = self.revoked.reason(checked.cert) if self.revoked is not None else None
+        if reason:
+            raise Rejected(reason)
 
     def decode(self, data: bytes) -> wire.Datagram | None:
         """The datagram if it is for our application, None if for another; or Rejected."""

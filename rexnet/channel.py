@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from rexnet import wire
 from rexnet.credentials import Credential
-from rexnet.tls import check_peer
+from rexnet.tls import Revocations, check_peer
 
 WINDOW = 1 << 20
 PING_INTERVAL = 1.0
@@ -162,6 +162,7 @@ class Channel(Protocol):
     """
 
     credential: Credential
+    revoked: Revocations | None = None  # set by subclasses that check revocation
 
     def __init__(self, credential: Credential) -> None:
         self.credential = credential
@@ -182,7 +183,8 @@ class Channel(Protocol):
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
-        cert, problem = check_peer(self.transport.getPeerCertificate(), self.credential)  # type: ignore[union-attr]
+        peer = self.transport.getPeerCertificate()  # type: ignore[union-attr]
+        cert, problem = check_peer(peer, self.credential, self.revoked)
         if problem:
             self.refused(problem)
             self.transport.abortConnection()  # type: ignore[union-attr]
@@ -269,6 +271,9 @@ class Channel(Protocol):
         if abort:
             self.transport.abortConnection()  # type: ignore[union-attr]
         else:
+            # TLS shuts down only once no producer is registered: without this the
+            # connection (and its descriptor) stayed open until the peer process exited
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- congestion of the TLS link (IPushProducer, called by the transport) ------------

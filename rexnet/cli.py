@@ -49,7 +49,19 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         fail(f"--days must be between 1 and {MAX_DAYS}", exitcodes.USAGE)
     if not args.issue and (args.name or args.out):
         fail("--name and --out go with --issue", exitcodes.USAGE)
+    if args.revoke and args.issue:
+        fail("--revoke and --issue are separate commands", exitcodes.USAGE)
+    from rexnet import revocation
+
     try:
+        if args.revoke:
+            ca = c.load_ca(Path(args.target))
+            target, added = revocation.revoke(ca.path, ca.cert, args.revoke)
+            for line in added:
+                print(f"revoked {line}")
+            print(f"{target}: {len(added)} added; copy it to the workers' and clients' "
+                  "--revoked FILE")
+            return 0
         if args.issue:
             if not args.name:
                 fail("--issue needs --name NAME", exitcodes.USAGE)
@@ -60,9 +72,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
                 Path(args.dir) if args.dir else ca_path.parent
             ) / f"{ca.app}.{args.name}.{args.issue}"
             c.write_private(out, c.credential_file_bytes(key, cert, ca.cert))
+            revocation.record_issued(ca_path, ca.app, [cert])
             print(f"wrote {out} ({args.issue} credential {args.name!r} of {ca.app})")
             return 0
         paths = c.keygen(args.target, Path(args.dir or "."), args.days)
+        revocation.record_issued(paths[0], args.target, [
+            c.load_credential(path, role).cert
+            for path, role in zip(paths[1:], c.ROLES, strict=True)])
     except c.CredentialError as e:
         fail(str(e), exitcodes.CREDENTIAL)
     print(f"wrote {paths[0]} (keep it with the administrator), {paths[1]} (for workers), "
@@ -146,9 +162,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if tty and fds:
         fail("--fd cannot be combined with a terminal; add -T", exitcodes.USAGE)
     from rexnet.credentials import CredentialError, load_credential
+    from rexnet.revocation import open_list
 
     try:
         credential = load_credential(Path(args.keyfile), "client")
+        args.revoked = open_list(args.revoked, Path(args.keyfile), credential.app)
     except CredentialError as e:
         fail(str(e), exitcodes.CREDENTIAL)
     from rexnet import wire
@@ -186,6 +204,7 @@ def run_job(credential: object, targets: list[tuple[str, int]], request: object,
     alerts = AlertSender(reactor, credential, alert_targets)  # type: ignore[arg-type]
     job = ClientJob(reactor, credential, targets, request, timeout=args.timeout,  # type: ignore[arg-type]
                     say=say, alerts=alerts)
+    job.revoked = getattr(args, "revoked", None)
     outcome: dict[str, object] = {}
 
     def done(result: object) -> None:
@@ -355,6 +374,9 @@ def exec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fd", metavar="N", type=int, action="append", default=[],
                    help="carry descriptor N to the same number in the job (repeatable): "
                    "read-only and write-only ones as pipes, read-write ones as sockets")
+    p.add_argument("--revoked", metavar="FILE", help="refuse workers whose certificates "
+                   "are listed in FILE (rexnet keygen --revoke; default: APP.revoked beside "
+                   "KEYFILE, if there is one)")
     p.add_argument("-e", "--env", metavar="NAME[=VALUE]", action="append", default=[],
                    help="set a variable in the job's environment, if the worker accepts it "
                    "(repeatable; NAME alone sends this process's value)")
@@ -385,6 +407,9 @@ def parser() -> argparse.ArgumentParser:
     kg.add_argument("--out", "-o", metavar="FILE", help="file for --issue "
                     "(default: APP.NAME.ROLE)")
     kg.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    kg.add_argument("--revoke", metavar="NAME|FILE", help="revoke every credential issued "
+                    "to NAME (as recorded in APP.issued), or the credential FILE: adds it to "
+                    "APP.revoked beside APP.ca")
     kg.set_defaults(func=cmd_keygen)
 
     ex = sub.add_parser("exec", help="run a job on the cluster",

@@ -29,7 +29,7 @@ from rexnet.announce import DatagramSender, now_ms, source_address
 from rexnet.channel import Channel, InStream, OutStream
 from rexnet.credentials import CertInfo, Credential
 from rexnet.job import PipeReader
-from rexnet.tls import listening_options
+from rexnet.tls import VERIFY_ERROR, Revocations, listening_options
 
 RESEND_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 RESEND_MAX = 2.0
@@ -266,6 +266,7 @@ class ClientJob:
         self._early_signals: list[int] = []
         self.worker_error = ""
         self._t0 = reactor.seconds()
+        self.revoked: Revocations | None = None  # workers whose certificates are revoked
         # called with the worker's name and the job's id once the job runs there
         self.on_started: Callable[[str, str], None] | None = None
 
@@ -467,6 +468,7 @@ class ClientChannel(Channel):
 
     def __init__(self, job: ClientJob) -> None:
         super().__init__(job.credential)
+        self.revoked = job.revoked
         self.job = job
         self.hello: wire.Hello | None = None
         self.exited = False
@@ -511,7 +513,8 @@ class ClientChannel(Channel):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if not self.verified and not self.closed_by_us:
-            self.job.auth_failed(self, f"TLS handshake failed: {tls_reason(reason)}")
+            why = getattr(self.transport, VERIFY_ERROR, None) or tls_reason(reason)
+            self.job.auth_failed(self, f"TLS handshake failed: {why}")
         self.job.channel_lost(self)
 
     @property

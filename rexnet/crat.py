@@ -44,6 +44,7 @@ from rexnet.credentials import (
     check_validity,
     identity,
     issued_by,
+    load_pem_certificates,
 )
 
 FRESH_MS = 5 * 60 * 1000
@@ -516,7 +517,7 @@ def read_ca_certificate(path: Path) -> x509.Certificate:
     except OSError as e:
         raise CratError(f"cannot read {path}: {e.strerror}") from None
     try:
-        certs = x509.load_pem_x509_certificates(data)
+        certs = load_pem_certificates(data)
     except ValueError:
         raise CratError(f"{path} holds no PEM certificate (give APP.worker, APP.client or "
                         "the application's CA certificate)") from None

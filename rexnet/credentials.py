@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -99,7 +99,7 @@ def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
     """True when CA_CERT's key signed CERT (names and signature both match)."""
     try:
         cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 
@@ -289,13 +289,32 @@ def _read_private_file(path: Path) -> bytes:
         raise CredentialError(f"cannot read {path}: {e.strerror}") from None
 
 
+def load_pem_certificates(data: bytes) -> list[x509.Certificate]:
+    """The PEM certificates in DATA, every field parsed; ValueError if any is damaged.
+
+    cryptography parses fields lazily and raises several kinds of error (ValueError,
+    InvalidVersion, UnsupportedAlgorithm, DuplicateExtension...): all become ValueError here.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+        for cert in certs:
+            cert.subject, cert.issuer, cert.extensions, cert.public_key()
+            cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(reason[:160]) from None
+    return certs
+
+
 def _parse_pem(path: Path, data: bytes) -> tuple[Ed25519PrivateKey, list[x509.Certificate]]:
     try:
         key = serialization.load_pem_private_key(data, password=None)
-        certs = x509.load_pem_x509_certificates(data)
-    except (ValueError, TypeError) as e:
+        certs = load_pem_certificates(data)
+    except Exception as e:  # damaged keys raise ValueError, UnsupportedAlgorithm, even
+        # InternalError: whatever the damage, the file is not a credential
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CredentialError(f"{path} is not a rexnet credential (corrupt: {reason})") from None
+        raise CredentialError(f"{path} is not a rexnet credential (corrupt: {reason[:160]})"
+                              ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise CredentialError(f"{path} is not a rexnet credential (not an Ed25519 key)")
     return key, certs

@@ -7,15 +7,17 @@ check the peer's role with service-identity once the handshake completes.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 from cryptography import x509
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from rexnet.credentials import Credential
+from rexnet.credentials import Credential, check_validity, issued_by
 
 
 def _private_certificate(cred: Credential) -> ssl.PrivateCertificate:
@@ -30,15 +32,54 @@ def _trust_root(cred: Credential) -> IOpenSSLTrustRoot:
         cred.ca_cert))])
 
 
+VERIFY_ERROR = "rexnet_verify_error"  # attribute of the TLS transport, set on failure
+
+
+class _ExplainingOptions(ssl.CertificateOptions):
+    """CertificateOptions that, when OpenSSL refuses the peer's certificate, note why in
+    our own words on the TLS transport (attribute VERIFY_ERROR), for the complaint."""
+
+    ca_cert: x509.Certificate
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        connection = super().serverConnectionForTLS(protocol)
+        ca_cert = self.ca_cert
+
+        def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+                   ok: int) -> bool:
+            if not ok and not hasattr(protocol, VERIFY_ERROR):
+                try:  # an exception here would replace OpenSSL's own error
+                    why = explain(cert.to_cryptography(), ca_cert, errno)
+                except Exception:
+                    why = f"peer certificate refused (OpenSSL verification error {errno})"
+                setattr(protocol, VERIFY_ERROR, why)
+            return bool(ok)
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
+
+
+def explain(cert: x509.Certificate, ca_cert: x509.Certificate, errno: int) -> str:
+    """Why OpenSSL refused CERT (verification error ERRNO), in a complaint's words."""
+    if not issued_by(cert, ca_cert):
+        return "peer certificate not issued by the application CA"
+    problem = check_validity(cert)
+    if problem:
+        return f"peer certificate {problem}"
+    return f"peer certificate refused (OpenSSL verification error {errno})"
+
+
 def listening_options(cred: Credential) -> ssl.CertificateOptions:
     """For the side that accepts connections (the rexnet client): demand a peer cert."""
     mine = _private_certificate(cred)
-    return ssl.CertificateOptions(
+    options = _ExplainingOptions(
         privateKey=mine.privateKey.original,
         certificate=mine.original,
         trustRoot=_trust_root(cred),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
+    options.ca_cert = cred.ca_cert
+    return options
 
 
 def connecting_options(cred: Credential) -> IOpenSSLClientConnectionCreator:
@@ -51,8 +92,14 @@ def connecting_options(cred: Credential) -> IOpenSSLClientConnectionCreator:
     )
 
 
-def check_peer(peer: object, cred: Credential) -> tuple[x509.Certificate | None, str | None]:
-    """(certificate, None) if PEER (a pyOpenSSL X509) is the role we expect, else a reason."""
+class Revocations(Protocol):
+    def reason(self, cert: x509.Certificate) -> str | None: ...
+
+
+def check_peer(peer: object, cred: Credential, revoked: Revocations | None = None
+               ) -> tuple[x509.Certificate | None, str | None]:
+    """(certificate, None) if PEER (a pyOpenSSL X509) is the role we expect, valid now and
+    not in the REVOKED list, else a reason."""
     if peer is None:
         return None, "peer presented no certificate"
     if not isinstance(peer, crypto.X509):
@@ -62,4 +109,10 @@ def check_peer(peer: object, cred: Credential) -> tuple[x509.Certificate | None,
         verify_certificate_hostname(cert, cred.peer_identity())
     except VerificationError:
         return None, f"peer certificate is not a {cred.peer_identity()} credential"
+    problem = check_validity(cert)  # OpenSSL checked it too; this says why in our words
+    if problem:
+        return None, f"peer certificate {problem}"
+    reason = revoked.reason(cert) if revoked is not None else None
+    if reason:
+        return None, f"peer {reason}"
     return cert, None

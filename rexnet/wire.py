@@ -655,7 +655,9 @@ class FrameDecoder:
             end = offset + size + length
             if len(buf) < end:
                 break
-            frames.append(_parse(kind, stream, bytes(buf[offset + size : end])))
+            with memoryview(buf) as view:  # one copy of the payload, not two
+                payload = bytes(view[offset + size : end])
+            frames.append(_parse(kind, stream, payload))
             offset = end
         if offset:
             del buf[:offset]

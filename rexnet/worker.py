@@ -33,16 +33,20 @@ from rexnet.announce import (
 )
 from rexnet.channel import Channel
 from rexnet.credentials import CertInfo, Credential
+from rexnet.hardening import make_undumpable
 from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
 from rexnet.load import HostLoad, connect_back_delay, load_figure, sample_host
 from rexnet.metrics import NO_METRICS, NoMetrics
-from rexnet.tls import connecting_options
+from rexnet.tls import Revocations, connecting_options
 
 CONNECT_TIMEOUT = 5.0
 START_TIMEOUT = 10.0
 TRIED_JOBS = 10_000
 COMPLAINT_INTERVAL = 1.0
+COMPLAINT_RATE = 20.0  # complaint lines (and alerts) a second, all sources together
 STATUS_INTERVAL = 5.0  # seconds between worker-status alerts
+GLOBAL_RATE = 2000.0  # datagrams per second checked, all sources together
+GLOBAL_BURST = 4000.0
 
 log = Logger()
 
@@ -63,6 +67,7 @@ class WorkerSettings:
     alert_targets: tuple[tuple[str, int], ...] = ()
     chdir: str | None = None
     limits: Limits = field(default_factory=Limits)
+    revoked: Revocations | None = None  # rexnet.revocation.RevokedFile
 
     def accepts_env(self, name: str) -> bool:
         """Whether a job may set variable NAME (sshd's AcceptEnv patterns)."""
@@ -104,25 +109,30 @@ def connect_back_target(dgram: wire.Datagram, addrs: tuple[str, ...], port: int,
 
 
 class Complaints:
-    """Logs complaints about peers, at most one line per source per interval."""
+    """Logs complaints about peers (and sends them as alerts): at most one line per source
+    per interval, and at most COMPLAINT_RATE lines a second from all sources together, so
+    that a flood from many sources cannot flood the log or the network with alerts."""
 
     def __init__(self, clock: Callable[[], float],
                  alert: Callable[..., None] = lambda event, **fields: None) -> None:
         self.clock = clock
         self.alert = alert
         self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._all = RateLimiter(COMPLAINT_RATE, COMPLAINT_RATE * 2, 1)
         self.count = 0
+        self.logged = 0
 
     def __call__(self, source: str, what: str) -> None:
         self.count += 1
         now = self.clock()
         last, suppressed = self._last.pop(source, (-1e18, 0))
-        if now - last < COMPLAINT_INTERVAL:
+        if now - last < COMPLAINT_INTERVAL or not self._all.allow("", now):
             self._last[source] = (last, suppressed + 1)
         else:
             log.warn("complaint: {what} (from {source}; {suppressed} more suppressed)",
                      what=what, source=source, suppressed=suppressed)
             self.alert("complaint", what=what, source=source, suppressed=suppressed)
+            self.logged += 1
             self._last[source] = (now, 0)
         while len(self._last) > 4096:
             self._last.popitem(last=False)
@@ -144,8 +154,10 @@ class Worker:
         self.reactor = reactor
         self.sample = sample
         self.jitter = jitter
-        self.checker = AnnounceChecker(settings.credential)
+        self.checker = AnnounceChecker(settings.credential, revoked=settings.revoked)
         self.limiter = RateLimiter()
+        self.all_sources = RateLimiter(GLOBAL_RATE, GLOBAL_BURST, 1)
+        self.received = 0
         self.alerts = AlertSender(reactor, settings.credential, settings.alert_targets)
         self.complain = Complaints(reactor.seconds, self.alerts.send)
         self.started_at = reactor.seconds()
@@ -166,7 +178,10 @@ class Worker:
     # -- datagrams --------------------------------------------------------------------
 
     def datagram(self, data: bytes, host: str, port: int) -> None:
-        if not self.limiter.allow(host, self.reactor.seconds()):
+        self.received += 1
+        now = self.reactor.seconds()
+        # per source first, so that a source over its limit spends no global tokens
+        if not self.limiter.allow(host, now) or not self.all_sources.allow("", now):
             self.rate_limited += 1
             self.metrics.rate_limited()
             return
@@ -369,6 +384,7 @@ class WorkerChannel(Channel):
 
     def __init__(self, worker: Worker, pending: Pending) -> None:
         super().__init__(worker.settings.credential)
+        self.revoked = worker.settings.revoked
         self.worker = worker
         self.pending = pending
         self.job: str | None = None
@@ -451,6 +467,7 @@ class WorkerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        make_undumpable()  # after twistd's privilege drop: jobs cannot read our memory
         if self.port is None:
             self.bind()
         s = self.worker.settings
@@ -474,6 +491,11 @@ class WorkerService(Service):
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
+        w = self.worker
+        log.info("worker {name} stopping: {jobs} jobs run; {received} datagrams received, "
+                 "{limited} dropped by rate limits, {complaints} complaints",
+                 name=w.settings.name, jobs=w.jobs_run, received=w.received,
+                 limited=w.rate_limited, complaints=w.complain.count)
         if self.reporter is not None and self.reporter.running:
             self.reporter.stop()
         jobs_gone = self.worker.stop_all()

@@ -26,6 +26,7 @@ from rexnet.load import cpu_count, load_figure
 from rexnet.multiworker import SharedWorkerService
 from rexnet.registration import WorkerRegistration
 from rexnet.remote import RUNNER
+from rexnet.revocation import open_list
 from rexnet.tls import connecting_options
 from rexnet.version import VersionOption
 from rexnet.worker import Worker, WorkerService, WorkerSettings
@@ -58,6 +59,9 @@ class Options(VersionOption):
         ["config", "c", None, "Serve the applications of this TOML FILE instead of KEYFILE "
          "COMMAND (see rexnet(1) and etc/rexnet.toml.example)."],
         ["metrics", None, None, "Serve Prometheus metrics over HTTP on TCP HOST:PORT."],
+        ["revoked", None, None, "Refuse clients whose certificates are listed in FILE "
+         "(made by rexnet keygen --revoke; re-read when it changes; default: APP.revoked "
+         "beside KEYFILE, if there is one)."],
     ]
     optFlags = [
         ["allow-args", None, "Append the client's extra arguments to COMMAND."],
@@ -306,6 +310,7 @@ def worker_for(config: Options, top: MultiService, reactor: Any) -> Worker:
     """The Worker of one application's options (and its registrations with cproxies)."""
     try:
         credential = load_credential(Path(config["keyfile"]), "worker")
+        revoked = open_list(config["revoked"], Path(config["keyfile"]), credential.app)
     except CredentialError as e:
         origin = config.get("credential_origin")
         raise fail(f"{origin}: {e}" if origin else str(e), CREDENTIAL) from None
@@ -322,6 +327,7 @@ def worker_for(config: Options, top: MultiService, reactor: Any) -> Worker:
         alert_targets=tuple(config["alerts"]),
         chdir=config["chdir"],
         limits=Limits(config["job-timeout"], config["job-memory"]),
+        revoked=revoked,
     )
     worker = Worker(settings, reactor)
     if config["register"]:

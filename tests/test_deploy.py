@@ -27,8 +27,13 @@ ETC = ROOT / "etc"
 UNITS = ["rexnet-worker@.service", "crat.service", "cproxy.service"]
 SANDBOX = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
            "PrivateTmp": "yes", "PrivateDevices": "yes", "RestrictNamespaces": "yes",
-           "RestrictSUIDSGID": "yes", "CapabilityBoundingSet": "", "User": "rexnet",
+           "RestrictSUIDSGID": "yes",
            "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX AF_NETLINK"}
+# crat and cproxy run as the dedicated user; the worker starts as root with only the
+# capabilities to drop to it (twistd --uid/--gid), after reading its root-only credential
+RUN_AS = {"crat.service": {"User": "rexnet", "CapabilityBoundingSet": ""},
+          "cproxy.service": {"User": "rexnet", "CapabilityBoundingSet": ""},
+          "rexnet-worker@.service": {"CapabilityBoundingSet": "CAP_SETUID CAP_SETGID"}}
 
 
 def service_section(name: str) -> dict[str, str]:
@@ -66,7 +71,7 @@ def exec_start(name: str, instance: str = "config", etc: str = "/etc/rexnet",
 def test_units_run_as_a_dedicated_user_in_a_sandbox() -> None:
     for name in UNITS:
         settings = service_section(name)
-        for key, value in SANDBOX.items():
+        for key, value in {**SANDBOX, **RUN_AS[name]}.items():
             assert settings.get(key) == value, (name, key, settings.get(key))
         assert settings["ExecStart"].startswith("/opt/rexnet/bin/twistd --nodaemon --pidfile= "
                                                 "--logger=rexnet.logs.json_logger ")
@@ -100,12 +105,16 @@ def test_exec_start_lines_parse_with_twistds_own_parser() -> None:
                 "cproxy": ("listen_addr", ("10.0.0.1", 3010))}
     for name, env in [("rexnet-worker@.service", {}), ("crat.service", {}),
                       ("cproxy.service", {"CPROXY_OPTIONS": example.group(1)})]:
-        argv = exec_start(name, instance="web", env=env)
+        # this machine has no rexnet user: the worker's drop to it is read as nobody's
+        drop = {"--uid=rexnet": "--uid=nobody", "--gid=rexnet": "--gid=nogroup"}
+        argv = [drop.get(word, word) for word in exec_start(name, instance="web", env=env)]
         assert argv[0] == TWISTD
         options = ServerOptions()
         options.parseOptions(argv[1:])
         assert options["nodaemon"] and options["pidfile"] == ""
         assert options["logger"] is json_logger
+        if name.startswith("rexnet-worker"):
+            assert (options["uid"], options["gid"]) == (65534, 65534)
         key, value = expected[str(options.subCommand)]
         assert options.subOptions[key] == value
 
@@ -181,22 +190,23 @@ def deploy_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def as_dedicated_user() -> list[str]:
-    """Run as `nobody`, as a systemd unit's User= with NoNewPrivileges would; plain root
-    when this checkout is not readable by nobody (the test then says so in its output)."""
+def as_dedicated_user() -> dict[str, str]:
+    """How the units' `--uid=rexnet --gid=rexnet` are run here: as `nobody`/`nogroup` (this
+    bed has no rexnet user); no drop at all when this checkout is not readable by nobody
+    (the test then says so in its output)."""
     probe = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
              "--no-new-privs"]
     if shutil.which("setpriv") and subprocess.run(
             [*probe, TWISTD, "--version"], capture_output=True, timeout=30).returncode == 0:
-        return probe
-    print("the venv is not readable by nobody: the worker runs as root")
-    return []
+        return {"--uid=rexnet": "--uid=nobody", "--gid=rexnet": "--gid=nogroup"}
+    print("the venv is not readable by nobody: the worker stays root")
+    return {"--uid=rexnet": "", "--gid=rexnet": ""}
 
 
 def test_readme_deployment_on_a_namespace_bed(bed: NetBed, deploy_root: Path) -> None:
     lan = bed.add_subnet("lan")
     w1, w2, client = (bed.add_host(name, [lan]) for name in ("w1", "w2", "client"))
-    # 2. credentials: made once; the worker's installed 0600 for the dedicated user
+    # 2. credentials: made once; the worker's installed 0600 for root
     ca_dir = deploy_root / "admin"
     ca_dir.mkdir()
     for app in ("ogg", "gz"):
@@ -222,12 +232,14 @@ def test_readme_deployment_on_a_namespace_bed(bed: NetBed, deploy_root: Path) ->
                             '["sh", "-c", "cat; echo \\" by $REXNET_WORKER\\""]')
         text = text.replace("[worker]\n", f'[worker]\nname = "{host.name}"\n', 1)
         (etc / "config.toml").write_text(text)
-        if user:
-            for path in (etc / "ogg.worker", etc / "gz.worker", state):
-                os.chown(path, 65534, 65534)
-        # 4. the unit's command line, as its user, in its working directory
-        argv = exec_start("rexnet-worker@.service", "config", str(etc))
-        workers.append(Proc(host.argv([*user, *argv]), cwd=state))
+        # the credentials stay root's (0600); the unit's ExecStartPre gives the state to
+        # the user the worker drops to
+        if user["--uid=rexnet"]:
+            os.chown(state, 65534, 65534)
+        # 4. the unit's command line, started as root, in its working directory
+        argv = [user.get(word, word)
+                for word in exec_start("rexnet-worker@.service", "config", str(etc))]
+        workers.append(Proc(host.argv([word for word in argv if word]), cwd=state))
     for worker in workers:
         worker.wait_for(r'"message": "worker w\d serves ogg .*listening on 0\.0\.0\.0:3010"')
     workers[1].wait_for(r'"message": "worker w2 serves gz .*sharing 0\.0\.0\.0:3010"')
@@ -270,7 +282,7 @@ def test_readme_deployment_on_a_namespace_bed(bed: NetBed, deploy_root: Path) ->
     assert started is not None
     assert float(started.group(1)) == sum(
         1 for line in workers[0].output.splitlines() if "started for client" in line)
-    if user:
+    if user["--uid=rexnet"]:  # served as nobody with a key only root can read
         status = Path(f"/proc/{workers[0].pid}/status").read_text()
         assert re.search(r"^Uid:\s+65534\s+65534", status, re.M), status
     for worker in workers:  # twistd ends by its signal, as systemd expects of a service

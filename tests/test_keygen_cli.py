@@ -59,7 +59,8 @@ def test_keygen_writes_credentials(tmp_path: Path) -> None:
         f"wrote {out}/myapp.ca (keep it with the administrator), {out}/myapp.worker "
         f"(for workers), {out}/myapp.client (for clients)\n"
     )
-    assert sorted(p.name for p in out.iterdir()) == ["myapp.ca", "myapp.client", "myapp.worker"]
+    assert sorted(p.name for p in out.iterdir()) == ["myapp.ca", "myapp.client", "myapp.issued",
+                                                      "myapp.worker"]
     assert all(mode_of(p) == 0o600 for p in out.iterdir())
     assert load_ca(out / "myapp.ca").app == "myapp"
     assert load_credential(out / "myapp.worker", "worker").app == "myapp"
@@ -70,7 +71,7 @@ def test_keygen_defaults_to_the_current_directory(tmp_path: Path) -> None:
     proc = run("keygen", "myapp", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "myapp.ca", "myapp.client", "myapp.worker"
+        "myapp.ca", "myapp.client", "myapp.issued", "myapp.worker"
     ]
 
 
