@@ -4,6 +4,9 @@ Every subnet is a Linux bridge inside a dedicated "switch" namespace owned by th
 every host is a namespace with ``lo`` up and one veth per subnet whose peer is enslaved to
 that subnet's bridge. Nothing is created in the root namespace. Requires root and iproute2.
 
+:meth:`Host.impair` puts loss and delay on a host's link without the netem qdisc (which the CI
+kernel lacks): the veth is replaced by two TAPs joined by a userspace shuttle (tests/impair.py).
+
 Typical use::
 
     @pytest.fixture
@@ -22,13 +25,17 @@ import atexit
 import contextlib
 import functools
 import itertools
+import json
 import os
 import re
+import selectors
 import signal
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -49,6 +56,7 @@ NS_PREFIX = "rxt"
 """Every namespace created by this module is named ``rxt<pid>-...``."""
 
 DEFAULT_RUN_TIMEOUT = 10.0
+IMPAIR_SCRIPT = Path(__file__).with_name("impair.py")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 _STALE_RE = re.compile(rf"^{NS_PREFIX}(\d+)-")
 
@@ -232,6 +240,7 @@ class Host:
         self.netns = netns
         self.subnets: list[Subnet] = []
         self._addrs: dict[str, str] = {}
+        self._shuttles: dict[str, subprocess.Popen[str]] = {}
 
     def _subnet(self, subnet: Subnet | str | None) -> Subnet:
         if not self.subnets:
@@ -303,6 +312,51 @@ class Host:
                 ),
                 f"netem on {self.name}/{iface}",
             )  # fmt: skip
+
+    def impair(
+        self, loss_percent: float = 0, delay_ms: float = 0, subnet: Subnet | str | None = None
+    ) -> None:
+        """Egress loss/delay on all interfaces (or only ``subnet``'s), like :meth:`netem`,
+        but in userspace: works on kernels without queueing disciplines.
+
+        Each interface's veth is replaced by a TAP with the same name, MAC and address (and
+        the default route, if it went through it), whose frames a shuttle process
+        (tests/impair.py, tracked by the bed) forwards to a TAP port of the subnet's bridge:
+        dropped with probability ``loss_percent``/100, otherwise ``delay_ms`` later, in
+        order. Frames to the host pass unimpaired, as with netem (egress only). A shuttle
+        exits when the bed closes or this process dies (its stdin pipe closes). Call it
+        before adding routes of your own through the interface: they go with the veth.
+        """
+        if not 0 <= loss_percent <= 100 or delay_ms < 0:
+            raise ValueError(f"want 0 <= loss_percent <= 100 and delay_ms >= 0, not "
+                             f"{loss_percent}, {delay_ms}")
+        for s in self.subnets if subnet is None else [self._subnet(subnet)]:
+            if s.name in self._shuttles:
+                raise NetBedError(f"host {self.name} is already impaired on {s.name}")
+            self.bed._impair(self, s, loss_percent, delay_ms)
+
+    @property
+    def shuttle_pids(self) -> list[int]:
+        """Pids of this host's shuttle processes (one per impaired interface)."""
+        return [proc.pid for proc in self._shuttles.values()]
+
+    def impair_counters(self) -> dict[str, int]:
+        """Frames the shuttles of this host saw so far, summed over its impaired links:
+        ``frames``, ``lost``, ``overflow``, ``delivered``, ``waiting``, ``unsent`` (egress)."""
+        total: dict[str, int] = {}
+        for name, proc in self._shuttles.items():
+            assert proc.stdout is not None
+            os.kill(proc.pid, signal.SIGUSR1)
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                if not sel.select(DEFAULT_RUN_TIMEOUT):
+                    raise NetBedError(f"shuttle of {self.name} on {name} does not answer")
+            line = proc.stdout.readline()
+            if not line:
+                raise NetBedError(f"shuttle of {self.name} on {name} exited {proc.poll()}")
+            for key, value in json.loads(line)["egress"].items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def __repr__(self) -> str:
         addrs = ", ".join(f"{k}={v}" for k, v in self._addrs.items())
@@ -410,6 +464,39 @@ class NetBed:
         host.subnets.append(subnet)
         host._addrs[subnet.name] = addr
         subnet.hosts.append(host)
+
+    def _impair(self, host: Host, subnet: Subnet, loss_percent: float, delay_ms: float) -> None:
+        sw, ns, iface = self.switch_netns, host.netns, subnet.iface_name
+        port = f"t{host.index:04x}{subnet.bridge[2:]}"
+        link = _run_checked(["ip", "-n", ns, "-o", "link", "show", "dev", iface], "link")
+        mac = re.search(r"link/ether ([0-9a-f:]{17})", link)
+        if mac is None:
+            raise NetBedError(f"no MAC address on {host.name}/{iface}: {link}")
+        default = _run_checked(["ip", "-n", ns, "route", "show", "default", "dev", iface], "route")
+        _run_checked(["ip", "-n", ns, "link", "del", iface], "deleting the veth")  # and its peer
+        _run_checked(["ip", "-n", ns, "tuntap", "add", "dev", iface, "mode", "tap"], "host TAP")
+        _run_checked(["ip", "-n", sw, "tuntap", "add", "dev", port, "mode", "tap"], "bridge TAP")
+        _run_checked(["ip", "-n", sw, "link", "set", port, "master", subnet.bridge, "up"], "port")
+        shuttle = self._popen(
+            _ns_argv(ns, [
+                sys.executable, str(IMPAIR_SCRIPT), "--host-tap", iface, "--switch-netns", sw,
+                "--switch-tap", port, "--loss", str(loss_percent), "--delay-ms", str(delay_ms),
+            ]),
+            {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True},
+        )  # fmt: skip
+        assert shuttle.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(shuttle.stdout, selectors.EVENT_READ)
+            ready = sel.select(DEFAULT_RUN_TIMEOUT) and shuttle.stdout.readline() == "ready\n"
+        if not ready:
+            raise NetBedError(f"shuttle for {host.name}/{iface} did not start: {shuttle.poll()}")
+        host._shuttles[subnet.name] = shuttle
+        addr = f"{host._addrs[subnet.name]}/{subnet.prefixlen}"
+        _run_checked(["ip", "-n", ns, "link", "set", iface, "address", mac.group(1)], "MAC")
+        _run_checked(["ip", "-n", ns, "addr", "add", addr, "brd", "+", "dev", iface], "address")
+        _run_checked(["ip", "-n", ns, "link", "set", iface, "up"], "link up")
+        if default.strip():
+            _run_checked(["ip", "-n", ns, "route", "add", "default", "dev", iface], "route")
 
     # -- processes ----------------------------------------------------------------------
 

@@ -53,6 +53,22 @@ for _ in range(tries):
 sys.exit(1)
 """
 
+RTT_CLIENT = """
+import socket, sys, time
+host, port, count, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(timeout)
+for n in range(count):
+    t0 = time.monotonic()
+    s.sendto(str(n).encode(), (host, port))
+    try:
+        while s.recv(64) != str(n).encode():  # a late answer to an earlier probe
+            pass
+    except OSError:
+        continue
+    print(time.monotonic() - t0)
+"""
+
 BCAST_RECEIVER = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -97,7 +113,7 @@ def _readline(proc: subprocess.Popen[Any], timeout: float = 5.0) -> str:
     return line.strip()
 
 
-def _start_echo(host: nb.Host) -> subprocess.Popen[Any]:
+def start_echo(host: nb.Host) -> subprocess.Popen[Any]:
     proc = host.popen(_py(ECHO_SERVER, PORT), stdout=subprocess.PIPE, text=True)
     assert _readline(proc) == "ready"
     return proc
@@ -106,6 +122,14 @@ def _start_echo(host: nb.Host) -> subprocess.Popen[Any]:
 def _udp_reachable(src: nb.Host, addr: str, tries: int = 3, timeout: float = 0.4) -> bool:
     """True if an echo server on ``addr`` answers a datagram sent from ``src``."""
     return src.run(_py(ECHO_CLIENT, addr, PORT, tries, timeout)).returncode == 0
+
+
+def udp_rtts(src: nb.Host, dst: nb.Host, count: int = 10, timeout: float = 1.0) -> list[float]:
+    """Round-trip times (s) of ``count`` datagrams from ``src`` to an echo server on ``dst``;
+    lost probes are left out. Start the echo server first: ``start_echo(dst)``."""
+    out = src.run(_py(RTT_CLIENT, dst.addr(), PORT, count, timeout),
+                  timeout=count * timeout + 10).stdout
+    return [float(line) for line in out.split()]
 
 
 def _our_namespaces(prefix: str) -> list[str]:
@@ -146,7 +170,7 @@ def test_hosts_on_one_subnet_reach_each_other(bed: nb.NetBed) -> None:
     assert "default dev " + a.iface() in a.run(["ip", "route"]).stdout
     if shutil.which("ping"):
         assert a.run(["ping", "-c1", "-W1", b.addr()]).returncode == 0
-    _start_echo(b)
+    start_echo(b)
     assert _udp_reachable(a, b.addr())
     # The host namespaces really are separate: b's address is not local to a.
     assert b.addr() not in a.run(["ip", "-br", "addr"]).stdout
@@ -179,7 +203,7 @@ def test_two_homed_host_without_forwarding_does_not_route(bed: nb.NetBed) -> Non
     a.run(["ip", "route", "add", s2.cidr, "via", r.addr(s1)], check=True)
     b.run(["ip", "route", "add", s1.cidr, "via", r.addr(s2)], check=True)
     assert r.run(["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout.strip() == "0"
-    _start_echo(b)
+    start_echo(b)
     assert _udp_reachable(r, b.addr())  # r sits on both subnets
     assert not _udp_reachable(a, b.addr(), tries=2, timeout=0.4)
     # Control: the same topology does route once forwarding is on.
@@ -297,12 +321,84 @@ def test_netem_loss_blocks_traffic(bed: nb.NetBed) -> None:
         pytest.skip(reason)
     lan = bed.add_subnet("lan")
     a, b = bed.add_host("a", [lan]), bed.add_host("b", [lan])
-    _start_echo(b)
+    start_echo(b)
     a.netem(loss_percent=100)
     assert "netem" in a.run(["tc", "qdisc", "show", "dev", a.iface()]).stdout
     assert not _udp_reachable(a, b.addr(), tries=2, timeout=0.3)
     a.netem(loss_percent=0, delay_ms=1)
     assert _udp_reachable(a, b.addr())
+
+
+def test_impair_delays_egress_on_each_host_and_cleans_up(bed: nb.NetBed) -> None:
+    lan = bed.add_subnet("lan")
+    a, b = bed.add_host("a", [lan]), bed.add_host("b", [lan])
+    start_echo(b)
+    assert max(udp_rtts(a, b, count=3)) < 0.05  # the plain veth: well under a millisecond
+    macs = [h.run(["ip", "-o", "link", "show", h.iface()]).stdout.split("link/ether")[1][:18]
+            for h in (a, b)]
+    a.impair(delay_ms=50)
+    b.impair(delay_ms=30)
+    assert [h.run(["ip", "-o", "link", "show", h.iface()]).stdout.split("link/ether")[1][:18]
+            for h in (a, b)] == macs  # same MACs: peers' ARP caches stay right
+    assert "default dev" in a.run(["ip", "route"]).stdout
+    rtts = udp_rtts(a, b, count=10)
+    print(f"RTT with 50 + 30 ms egress delay: min {min(rtts) * 1000:.1f} ms, "
+          f"max {max(rtts) * 1000:.1f} ms")
+    assert len(rtts) == 10  # no loss asked, none happened
+    assert min(rtts) >= 0.080 and max(rtts) < 0.5
+    counters = a.impair_counters()
+    assert counters["frames"] >= 10 and counters["lost"] == counters["overflow"] == 0
+    assert counters["delivered"] + counters["waiting"] == counters["frames"]
+    pids = a.shuttle_pids + b.shuttle_pids
+    assert len(pids) == 2
+    ours = [f"t{h.index:04x}" for h in (a, b)]
+    bed.close()
+    assert all(_wait_gone(pid) for pid in pids)
+    root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert not any(name in root_links for name in [*ours, lan.iface_name])
+
+
+def test_impair_loses_frames_at_its_rate(bed: nb.NetBed) -> None:
+    lan = bed.add_subnet("lan")
+    a, b, c = (bed.add_host(name, [lan]) for name in ("a", "b", "c"))
+    start_echo(b)
+    a.impair(loss_percent=100)
+    assert not _udp_reachable(a, b.addr(), tries=2, timeout=0.3)
+    assert a.impair_counters()["lost"] == a.impair_counters()["frames"] > 0
+    c.impair(loss_percent=50)
+    rtts = udp_rtts(c, b, count=40, timeout=0.2)  # c's requests lost half the time
+    lost = c.impair_counters()
+    print(f"50% loss: {len(rtts)}/40 answered; shuttle: {lost}")
+    assert 0 < len(rtts) < 40
+    assert 0 < lost["lost"] < lost["frames"]
+    with pytest.raises(nb.NetBedError, match="already impaired"):
+        c.impair(loss_percent=1)
+    with pytest.raises(ValueError, match="loss_percent"):
+        b.impair(loss_percent=110)
+    assert _udp_reachable(c, b.addr(), tries=10, timeout=0.3)  # b's veth is untouched
+
+
+CRASHED_IMPAIR = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import netbed
+bed = netbed.NetBed()
+host = bed.add_host("h", [bed.add_subnet("lan")])
+host.impair(loss_percent=10, delay_ms=50)
+print(bed.prefix, *host.shuttle_pids, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_shuttle_ends_when_its_test_run_crashes() -> None:
+    nb.require_netns()
+    here = os.path.dirname(os.path.abspath(nb.__file__))
+    res = subprocess.run(_py(CRASHED_IMPAIR, here), capture_output=True, text=True, timeout=20)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    prefix, pid = res.stdout.split()
+    assert _wait_gone(int(pid))  # its stdin pipe closed with the crashed run
+    nb.sweep_stale()
+    assert _our_namespaces(prefix) == []
 
 
 def test_require_netns_skips_locally_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
