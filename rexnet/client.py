@@ -224,6 +224,19 @@ class StdioStreams:
 
         return done.addBoth(close_dups)
 
+    def abort(self) -> None:
+        """Stop using the descriptors at once, written or not (the agent lets go of its
+        launcher's descriptors when the job ends or the launcher goes away)."""
+        for reader in self._readers.values():
+            reader.stopReading()
+        for writer in self._writers.values():
+            writer.stopReading()
+            writer.stopWriting()
+        for fd in self._dups:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._dups = []
+
     def descriptors(self) -> list[int]:
         return sorted({0, 1, 2, *self.fds})
 
