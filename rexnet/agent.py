@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import socket
 import struct
@@ -89,7 +90,7 @@ class Session(Protocol):
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.decoder = agentwire.Decoder()
+        self.decoder = agentwire.Decoder(json.loads)
         self.fds: list[int] = []
         self.job: Any = None
         self.streams: Any = None

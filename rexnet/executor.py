@@ -136,7 +136,8 @@ class Executor(concurrent.futures.Executor):
         self.log = log or (lambda message: None)
         self.workers: collections.Counter[str] = collections.Counter()  # jobs started there
         self._reactor = running_reactor()
-        self._pool = WarmPool(self._reactor)  # warm channels, used in the reactor thread
+        # warm channels, used in the reactor thread; our own jobs come and go on them
+        self._pool = WarmPool(self._reactor, discount_own=True)
         self._lock = threading.RLock()
         self._queue: collections.deque[tuple[concurrent.futures.Future[Any],
                                              Callable[[], defer.Deferred[Any]]]] = (

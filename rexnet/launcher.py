@@ -7,6 +7,9 @@ socket, relay signals and window sizes, and exit with the job's status. Everythi
 --no-agent or REXNET_NO_AGENT=1) goes to the full command line, rexnet.cli, which runs
 standalone as before. The launcher owns the terminal: it sets raw mode and restores it
 however the job or the agent ends.
+
+Start-up time is the point: the launcher uses _socket and _signal rather than socket and
+signal (which import enum), and agentwire's own JSON rather than json (which imports re).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
+    import _socket
     from collections.abc import Callable, Sequence
     from types import ModuleType
 
@@ -181,10 +184,10 @@ def launch(tokens: Sequence[str], full: Callable[[], int]) -> int:
     return Launcher(sock, path, request, numbers).run()
 
 
-def connect(path: str) -> socket.socket | None:
-    import socket
+def connect(path: str) -> _socket.socket | None:
+    import _socket
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError:
@@ -193,7 +196,7 @@ def connect(path: str) -> socket.socket | None:
     return sock
 
 
-def start_agent(path: str, numbers: Sequence[int]) -> socket.socket | None:
+def start_agent(path: str, numbers: Sequence[int]) -> _socket.socket | None:
     """Start a detached agent at PATH (it forks away once its socket listens) and connect;
     None if it could not start (it said why on stderr)."""
     import time
@@ -217,7 +220,7 @@ def start_agent(path: str, numbers: Sequence[int]) -> socket.socket | None:
 class Launcher:
     """One job through the agent: descriptors out, signals relayed, status back."""
 
-    def __init__(self, sock: socket.socket, path: str, request: dict[str, object],
+    def __init__(self, sock: _socket.socket, path: str, request: dict[str, object],
                  numbers: list[int]) -> None:
         self.sock = sock
         self.path = path
@@ -237,7 +240,7 @@ class Launcher:
             pass
 
     def run(self) -> int:
-        import signal
+        import _signal as signal
 
         from rexnet import agentwire
 
@@ -250,9 +253,9 @@ class Launcher:
                 self.relay(agentwire.encode("winch", rows=rows, cols=cols))
 
         for name in FORWARDED:
-            signal.signal(getattr(signal, name), forward)
+            signal.signal(getattr(signal, name), forward)  # type: ignore[arg-type]
         if self.request["tty"]:
-            signal.signal(signal.SIGWINCH, resized)
+            signal.signal(signal.SIGWINCH, resized)  # type: ignore[arg-type]
         saved = None
         if self.request["raw"]:
             import termios
@@ -273,7 +276,8 @@ class Launcher:
         return status
 
     def exchange(self) -> tuple[int, str]:
-        import socket
+        import _socket
+        import array
 
         from rexnet import agentwire
 
@@ -287,7 +291,10 @@ class Launcher:
                 opened.append(null)
                 fds.append(null)
         try:
-            socket.send_fds(self.sock, [agentwire.encode("exec", **self.request)], fds)
+            data = agentwire.encode("exec", **self.request)
+            sent = self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                               array.array("i", fds))])
+            self.sock.sendall(data[sent:])
         except OSError as e:
             return 255, f"rexnet: cannot reach the agent at {self.path}: {e.strerror}"
         finally:

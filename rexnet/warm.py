@@ -4,9 +4,10 @@ A job's client asks its worker (START with keep) to keep the channel open after 
 worker then waits for the next START on it and sends a fresh HELLO (its load) every second.
 The pool holds such idle channels for one client process (the agent, or an Executor) and
 hands one out only while its worker is still the best choice: its load report is fresh,
-it has a free slot, it runs no more jobs of other clients than when it won an
-announcement (when it was the quickest of all workers to answer), and its load figure,
-less this client's own jobs there, has not grown by REUSE_MARGIN since. Otherwise the job is
+it has a free slot, it runs no more jobs than when it won an announcement (when it was
+the quickest of all workers to answer), and its load figure has not grown by REUSE_MARGIN
+since. A pool that spreads many jobs of its own (an Executor: DISCOUNT_OWN) leaves its
+own running jobs out of both counts, as they come and go. Otherwise the job is
 announced as usual and the workers compete again. A channel is never shared: the pool
 gives it to one job at a time, and pools are per client process (per user).
 """
@@ -40,18 +41,22 @@ class WarmPool:
     """Idle warm channels of one client process, by key (credential and announce targets)."""
 
     def __init__(self, reactor: Any, idle: float = IDLE, fresh: float = FRESH,
-                 margin: float = REUSE_MARGIN, per_worker: int = PER_WORKER) -> None:
+                 margin: float = REUSE_MARGIN, per_worker: int = PER_WORKER,
+                 discount_own: bool = False) -> None:
         self.reactor = reactor
         self.idle_for = idle
         self.fresh = fresh
         self.margin = margin
         self.per_worker = per_worker
+        self.discount_own = discount_own
         self.idle: dict[ClientChannel, Idle] = {}
         self.busy: dict[ClientChannel, str] = {}  # channels running this client's jobs
         self.reused = 0
 
     def own(self, worker: str) -> int:
-        """How many of this client's jobs run on WORKER now."""
+        """How many of this client's jobs run on WORKER now (0 unless DISCOUNT_OWN)."""
+        if not self.discount_own:
+            return 0
         return sum(name == worker for name in self.busy.values())
 
     def own_share(self, channel: ClientChannel) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -68,6 +69,9 @@ def stop_agents(directory: Path) -> None:
     for pidfile in directory.rglob("*.pid"):
         try:
             pid = int(pidfile.read_text())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"agent" not in f.read():
+                    continue  # that agent is gone (killed by the test); its pid is reused
             os.kill(pid, signal.SIGTERM)
             pids.append(pid)
         except (OSError, ValueError):
@@ -76,7 +80,5 @@ def stop_agents(directory: Path) -> None:
     for pid in pids:
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
             time.sleep(0.02)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
