@@ -277,7 +277,7 @@ class Launcher:
 
     def exchange(self) -> tuple[int, str]:
         import _socket
-        import array
+        import struct
 
         from rexnet import agentwire
 
@@ -292,8 +292,8 @@ class Launcher:
                 fds.append(null)
         try:
             data = agentwire.encode("exec", **self.request)
-            sent = self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                                               array.array("i", fds))])
+            rights = struct.pack(f"{len(fds)}i", *fds)  # not array: it imports collections
+            sent = self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
             self.sock.sendall(data[sent:])
         except OSError as e:
             return 255, f"rexnet: cannot reach the agent at {self.path}: {e.strerror}"
