@@ -5,7 +5,7 @@ Run from the repository:
 
     .venv/bin/python benchmarks/jobs_per_second.py [JOBS] [MAX_JOBS]
 
-Starts two workers (`true`, 8 slots each) on 127.x addresses and prints:
+Starts two workers (`true`, 32 slots each) on 127.x addresses and prints:
 - Executor: JOBS jobs with MAX_JOBS (default 16) at once, warm channels (the first jobs
   announce; later ones reuse authenticated channels while their workers stay the best);
 - the same with a fresh channel per job (announce, TLS handshake) for comparison;
@@ -74,7 +74,7 @@ def main() -> None:
         os.environ["XDG_RUNTIME_DIR"] = str(work)  # this run's own agent
         _, worker_key, client_key = keygen("jps", work)
         targets = [f"{loopback_address()}:3010", f"{loopback_address()}:3010"]
-        workers = [start_worker(worker_key, ["true"], addr, f"w{i}", "--slots", "8")
+        workers = [start_worker(worker_key, ["true"], addr, f"w{i}", "--slots", "32")
                    for i, addr in enumerate(targets, 1)]
         try:
             rows = []

@@ -185,7 +185,7 @@ class Session(Protocol):
         except ValueError as e:
             self.finish(exitcodes.USAGE, f"rexnet: --announce: {e}")
             return
-        from rexnet.alerts import CRAT_PORT, AlertSender, crat_targets
+        from rexnet.alerts import CRAT_PORT, crat_targets
 
         try:
             alert_to = [parse_target(t, CRAT_PORT) for t in m["alerts"]]
@@ -206,11 +206,11 @@ class Session(Protocol):
             except CredentialError as e:
                 self.finish(exitcodes.CREDENTIAL, f"rexnet: {str(e).replace(path, given)}")
                 return
-        self.run(m, credential, targets, alert_to or crat_targets(targets), AlertSender,
+        self.run(m, credential, targets, alert_to or crat_targets(targets),
                  dict(zip([0, 1, 2, *numbers], self.fds, strict=True)))
 
     def run(self, m: dict[str, Any], credential: Credential, targets: list[tuple[str, int]],
-            alert_to: list[tuple[str, int]], sender: Any, local: dict[int, int]) -> None:
+            alert_to: list[tuple[str, int]], local: dict[int, int]) -> None:
         from rexnet.client import ClientJob, StdioStreams
         from rexnet.logs import message_observer
 
@@ -229,7 +229,7 @@ class Session(Protocol):
         self.streams = StdioStreams(self.agent.reactor, request.tty, dict(fds), local)
         self.job = job = ClientJob(self.agent.reactor, credential, targets, request,
                                    self.streams, timeout=m["timeout"], say=say,
-                                   alerts=sender(self.agent.reactor, credential, alert_to),
+                                   alerts=self.agent.pool.alerts(credential, alert_to),
                                    pool=self.agent.pool, logger=logger)
         self.agent.jobs += 1
         job.run().addBoth(self.ended)

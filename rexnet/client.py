@@ -555,6 +555,7 @@ class ClientChannel(Channel):
         self.heard_at = 0.0  # when the last HELLO came
         self.won_load = 0.0  # the worker's load when it won (see rexnet.warm)
         self.won_others = 0  # other clients' jobs on the worker then
+        self.own_at_hello = 0  # this client's jobs there when the last HELLO came
         self.jobs = 0  # jobs started on this channel
         self.parked: WarmPool | None = None  # idle in this pool, between jobs
         self.exited = False
@@ -584,6 +585,9 @@ class ClientChannel(Channel):
         if isinstance(frame, wire.Hello):
             self.hello = frame
             self.heard_at = self.job.reactor.seconds()
+            pool = self.parked or self.job.pool
+            if pool is not None:
+                pool.heard(self)
         elif self.parked is not None or self.job.result.called:
             return  # idle between jobs: late frames of the last job
         elif self is not self.job.chosen:
@@ -963,8 +967,10 @@ async def _dispatch(
     while True:
         attempt += 1
         streams = make_streams()
+        sender = (pool.alerts(cred, alert_to) if pool is not None
+                  else AlertSender(reactor, cred, alert_to))
         job = ClientJob(reactor, cred, targets, request, streams, timeout, say=tell,
-                        alerts=AlertSender(reactor, cred, alert_to), pool=pool)
+                        alerts=sender, pool=pool)
         job.on_started = on_started
         try:
             result = await job.run()

@@ -14,19 +14,32 @@ gives it to one job at a time, and pools are per client process (per user).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall
 
+from rexnet.alerts import AlertSender
+
 if TYPE_CHECKING:
     from rexnet.client import ClientChannel
+    from rexnet.credentials import Credential
 
 IDLE = 25.0  # seconds an idle channel is kept (the worker keeps it 30 s)
 FRESH = 3.0  # a load report older than this is not trusted
 REUSE_MARGIN = 0.5  # load growth since the worker won after which the job is announced
 PER_WORKER = 32  # idle channels kept per worker
+
+
+class KeptAlertSender(AlertSender):
+    """An AlertSender that jobs share: its UDP port stays open until the pool closes."""
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        super().stop()
 
 
 @dataclass
@@ -52,12 +65,27 @@ class WarmPool:
         self.idle: dict[ClientChannel, Idle] = {}
         self.busy: dict[ClientChannel, str] = {}  # channels running this client's jobs
         self.reused = 0
+        self._alerts: dict[tuple[bytes, tuple[tuple[str, int], ...]], KeptAlertSender] = {}
+
+    def alerts(self, credential: Credential, targets: Sequence[tuple[str, int]]
+               ) -> AlertSender:
+        """One alert sender (one UDP port) for all jobs of CREDENTIAL to TARGETS."""
+        key = (credential.cert_der, tuple(targets))
+        if key not in self._alerts:
+            self._alerts[key] = KeptAlertSender(self.reactor, credential, targets)
+        return self._alerts[key]
 
     def own(self, worker: str) -> int:
         """How many of this client's jobs run on WORKER now (0 unless DISCOUNT_OWN)."""
         if not self.discount_own:
             return 0
-        return sum(name == worker for name in self.busy.values())
+        return sum(name == worker and not channel.exited
+                   for channel, name in self.busy.items())
+
+    def heard(self, channel: ClientChannel) -> None:
+        """CHANNEL's worker reported its load: note how much of it was this client's."""
+        if self.discount_own and channel.hello is not None:
+            channel.own_at_hello = self.own(channel.hello.worker)
 
     def own_share(self, channel: ClientChannel) -> float:
         """The part of CHANNEL's worker's load figure that is this client's own jobs."""
@@ -74,13 +102,14 @@ class WarmPool:
         channel.jobs += 1
 
     def usable(self, channel: ClientChannel, now: float) -> bool:
-        """Whether CHANNEL's worker is still the best choice for a job."""
+        """Whether CHANNEL's worker is still the best choice for a job (with DISCOUNT_OWN,
+        less this client's jobs that ran there when it reported)."""
         hello = channel.hello
-        return (hello is not None and not channel.closed
-                and now - channel.heard_at <= self.fresh
-                and hello.running < hello.slots
-                and hello.running - self.own(hello.worker) <= channel.won_others
-                and hello.load - self.own_share(channel) - channel.won_load < self.margin)
+        if hello is None or channel.closed or now - channel.heard_at > self.fresh:
+            return False
+        mine = channel.own_at_hello if self.discount_own else 0
+        return (hello.running < hello.slots and hello.running - mine <= channel.won_others
+                and hello.load - mine / max(hello.slots, 1) - channel.won_load < self.margin)
 
     def take(self, key: Hashable) -> ClientChannel | None:
         """The idle channel of KEY whose worker is least loaded, if one is still a good
@@ -131,3 +160,6 @@ class WarmPool:
         for channel in list(self.idle):
             self._remove(channel)
             channel.close()
+        for sender in self._alerts.values():
+            sender.close()
+        self._alerts.clear()
