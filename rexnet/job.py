@@ -58,6 +58,10 @@ def reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+DEFAULT_SIGNALS = frozenset(int(s) for s in signal.valid_signals()
+                            if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
 class SessionProcess(process.Process):
     """A child process that leads its own session, so its whole group can be signalled.
 
@@ -83,7 +87,7 @@ class SessionProcess(process.Process):
             executable, args, os.environ if environment is None else environment,
             file_actions=actions(state, kwargs.get("fdmap"), doClose=process._PS_CLOSE,
                                  doDup2=process._PS_DUP2),
-            setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP},
+            setsigdef=DEFAULT_SIGNALS,
             setsigmask=(), setsid=True)
         self.status = -1
         return True

@@ -45,6 +45,7 @@ STATUS_INTERVAL = 5.0  # seconds between worker-status alerts
 WARM_IDLE = 30.0  # how long a warm channel may wait for its client's next job
 WARM_REPORT = 1.0  # seconds between fresh HELLOs (load figures) on an idle warm channel
 MAX_WARM = 64  # idle warm channels a worker keeps at most
+SAMPLE_AGE = 0.1  # seconds a host sample serves warm channels' reports
 
 log = Logger()
 
@@ -157,6 +158,7 @@ class Worker:
         self.jobs_run = 0
         self.rate_limited = 0
         self.warm: set[WorkerChannel] = set()  # idle channels kept for their client's next job
+        self._sampled: tuple[float, HostLoad] | None = None  # for warm channels' reports
         self._idle: defer.Deferred[None] | None = None
 
     @property
@@ -268,7 +270,10 @@ class Worker:
         """Who this worker is and its load now (or, on a fresh channel, when it answered)."""
         s, p = self.settings, channel.pending
         if channel.jobs:
-            load = load_figure(self.sample(), self.busy, s.slots)
+            now = self.reactor.seconds()
+            if self._sampled is None or now - self._sampled[0] > SAMPLE_AGE:
+                self._sampled = (now, self.sample())
+            load = load_figure(self._sampled[1], self.busy, s.slots)
             return wire.Hello(s.name, __version__, round(load, 4), 0.0, s.slots,
                               len(self.running))
         return wire.Hello(s.name, __version__, round(p.load, 4), round(p.delay * 1000, 3),

@@ -280,3 +280,17 @@ def test_a_warm_worker_that_became_loaded_is_passed_over(bed: NetBed, keys: Keys
                    in done.stderr for done in after), [d.stderr for d in after]
     assert placed.count(other) >= 2, placed
     blocker.kill()
+
+
+def test_the_launcher_imports_nothing_heavy(keys: Keys, worker: tuple[Proc, str]) -> None:
+    assert sh(keys, worker[1], "true").returncode == 0  # the agent runs
+    done = subprocess.run(exec_argv(keys.client, [worker[1]], "--", "true"),
+                          capture_output=True, timeout=60,
+                          env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.decode().splitlines()
+                if line.startswith("import time:")}
+    assert "rexnet.launcher" in imported and "_socket" in imported
+    heavy = {"twisted", "cryptography", "OpenSSL", "json", "re", "enum", "socket", "signal",
+             "typing", "collections", "rexnet.cli", "argparse"}
+    assert not imported & heavy, imported & heavy
