@@ -73,7 +73,13 @@ def main() -> None:
         cold = client.argv(exec_argv(client_key, [f"{worker.addr()}:3010"], "--no-agent"))
         timed(agent, 3)  # starts the agent, warms its channel
         timed(client.argv([*ssh, "true"]), 2)
+        stop = client.argv([REXNET, "agent", "--stop"])
+        first: list[float] = []
+        for _ in range(max(n // 3, 5)):  # no agent runs: the launcher starts one
+            subprocess.run(stop, capture_output=True)
+            first += timed(agent, 1)
         rows = [("rexnet exec → true, through the agent (warm)", timed(agent, n)),
+                ("rexnet exec → true, starting the agent (first run)", first),
                 ("rexnet exec --no-agent → true (cold)", timed(cold, max(n // 3, 5))),
                 ("ssh host true", timed(client.argv([*ssh, "true"]), n)),
                 ("ssh host true (curve25519)", timed(client.argv(
@@ -85,7 +91,7 @@ def main() -> None:
             [*ssh[:1], "-S", control, *ssh[1:], "true"]), n)))
         master.terminate()
         rows += floors(n, client.argv)
-        subprocess.run(client.argv([REXNET, "agent", "--stop"]), capture_output=True)
+        subprocess.run(stop, capture_output=True)
         # without `ip netns exec` in front: loopback in this namespace
         addr = f"{loopback_address()}:3010"
         local = start_worker(worker_key, ["true"], addr, "lo")
