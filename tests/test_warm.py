@@ -1,12 +1,17 @@
 """The warm pool's choice (unit tests with a fake clock; tests/test_agent.py shows it end to
-end with real workers): reuse a channel only while its worker is still the best choice."""
+end with real workers): reuse a channel only while its worker is still the best choice; and a
+worker that is full after all answers a warm START with BUSY (real worker)."""
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 
+from cluster import exec_argv, loopback_address, start_worker
+from conftest import Keys
 from twisted.internet.task import Clock
 
+import rexnet
 from rexnet import wire
 from rexnet.warm import FRESH, IDLE, WarmPool
 
@@ -120,3 +125,28 @@ def test_a_lost_channel_leaves_the_pool() -> None:
     link = won(pool, clock, "a", 0.1)
     pool.lost(link)  # type: ignore[arg-type]
     assert pool.take("key") is None and not clock.getDelayedCalls()
+
+
+def test_a_full_worker_answers_a_warm_start_with_busy_and_the_job_is_announced(
+        keys: Keys) -> None:
+    addr = f"{loopback_address()}:3010"
+    worker = start_worker(keys.worker, ["sh", "-c"], addr, "single", "--allow-args",
+                          "--slots", "1")
+    said: list[str] = []
+    try:
+        with rexnet.Executor(keys.client, [addr], 1, log=said.append) as ex:
+            pool = ex._pool
+            assert ex.submit(["echo one"]).result().stdout == b"one\n"
+            blocker = subprocess.Popen(
+                exec_argv(keys.client, [addr], "--no-agent", "--", "sleep 2 # blocker"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            worker.wait_for(r"started for client .*blocker")
+            # as if the pool had not heard yet that the worker is full (a race of < 1 s)
+            pool.usable = lambda channel, now: True  # type: ignore[method-assign]
+            done = ex.submit(["echo two"]).result()
+            blocker.wait(10)
+        assert done.stdout == b"two\n" and done.returncode == 0
+        assert any("has no free slot: announcing the job" in s for s in said), said
+        worker.wait_for(r"no free slot for the next job on a warm channel")
+    finally:
+        worker.stop()
