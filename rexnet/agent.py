@@ -53,7 +53,10 @@ class Agent:
     def credential(self, path: str) -> Credential:
         """The client credential in PATH, loaded again only if the file changed (its
         mode and owner are part of the check, so a file made unsafe is refused)."""
-        info = os.stat(path)
+        try:
+            info = os.stat(path)
+        except OSError:
+            return load_credential(Path(path), "client")  # which says why, in its words
         stamp = (info.st_ino, info.st_dev, info.st_mtime_ns, info.st_size, info.st_mode,
                  info.st_uid)
         cached = self._credentials.get(path)
@@ -195,17 +198,9 @@ class Session(Protocol):
         given, path = m["keyfile"], m["keypath"]
         try:
             credential = self.agent.credential(path)
-        except OSError:
-            credential = None  # load_credential says why, in its words
-        except CredentialError as e:
+        except CredentialError as e:  # in the words of the path the user gave
             self.finish(exitcodes.CREDENTIAL, f"rexnet: {str(e).replace(path, given)}")
             return
-        if credential is None:
-            try:
-                credential = load_credential(Path(path), "client")
-            except CredentialError as e:
-                self.finish(exitcodes.CREDENTIAL, f"rexnet: {str(e).replace(path, given)}")
-                return
         self.run(m, credential, targets, alert_to or crat_targets(targets),
                  dict(zip([0, 1, 2, *numbers], self.fds, strict=True)))
 
@@ -276,9 +271,9 @@ class AgentError(Exception):
 
 
 def listen(path: str) -> tuple[socket.socket, int]:
-    """Bind the agent's socket at PATH (mode 0600) and hold its lock file; a socket left
-    by a dead agent is replaced. (None, 0)... never: AgentError if another agent holds the
-    lock (it runs, or is starting)."""
+    """Bind the agent's socket at PATH (mode 0600, in a private directory) and take its
+    lock file; a socket left by a dead agent is replaced. AgentError if another agent holds
+    the lock (it runs, or is starting) or the directory is not safe."""
     try:
         agentwire.safe_directory(path)
     except agentwire.UnsafeDirectory as e:

@@ -32,7 +32,7 @@ KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "exec": {"keyfile": str, "keypath": str, "args": list, "announce": list, "alerts": list,
              "timeout": (int, float), "verbose": bool, "tty": bool, "raw": bool,
              "term": str, "rows": int, "cols": int, "fds": list, "env": list,
-             "group": str, "netns": int, "prog": str},
+             "group": str, "netns": int},
     "signal": {"number": int},
     "winch": {"rows": int, "cols": int},
     "stop": {},

@@ -408,8 +408,9 @@ class ClientJob:
             why = "first to connect back"
         self.say(f"job {started.job} runs on worker {name} ({channel.peer_address()}): {why}")
         if started.refused_env:
-            self.log.warn("worker {name} did not accept the environment variable(s) {names} "
-                     "(see its --accept-env)", name=name, names=", ".join(started.refused_env))
+            self.log.warn("worker {name} did not accept the environment variable(s) "
+                          "{names} (see its --accept-env)", name=name,
+                          names=", ".join(started.refused_env))
         if self.pool is not None:
             self.pool.started(channel)
         if self.on_started is not None:
@@ -471,7 +472,7 @@ class ClientJob:
     def auth_failed(self, channel: ClientChannel, problem: str) -> None:
         self.auth_failures.append(problem)
         self.log.warn("complaint: connection from {peer} refused: {problem}",
-                 peer=channel.peer_address(), problem=problem)
+                      peer=channel.peer_address(), problem=problem)
         self.alerts.send("complaint", what=f"connection refused: {problem}",
                          source=channel.peer_address(), client=self.credential.name)
 

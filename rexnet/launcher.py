@@ -180,7 +180,6 @@ def launch(tokens: Sequence[str], full: Callable[[], int]) -> int:
               file=sys.stderr)
         return full()
     request["netns"] = agentwire.netns_id()
-    request["prog"] = "rexnet exec"
     return Launcher(sock, path, request, numbers).run()
 
 

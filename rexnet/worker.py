@@ -32,7 +32,7 @@ from rexnet.announce import (
     now_ms,
 )
 from rexnet.channel import Channel
-from rexnet.credentials import CertInfo, Credential
+from rexnet.credentials import CertInfo, Credential, check_validity
 from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
 from rexnet.load import HostLoad, connect_back_delay, load_figure, sample_host
 from rexnet.tls import connecting_options
@@ -283,6 +283,10 @@ class Worker:
         pending = channel.pending
         self.release(pending)
         s = self.settings
+        expired = check_validity(channel.peer_cert) if channel.jobs else None
+        if expired:  # a warm channel outlived the client's certificate
+            channel.refuse_job("auth", f"the client's certificate is {expired}")
+            return
         if channel.jobs and self.busy >= s.slots:
             log.info("no free slot for the next job on a warm channel from {peer}",
                      peer=channel.peer_address())

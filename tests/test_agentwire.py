@@ -21,8 +21,7 @@ JSON = st.recursive(
 
 EXEC = {"keyfile": "k", "keypath": "/k", "args": ["a"], "announce": [], "alerts": [],
         "timeout": 30.0, "verbose": False, "tty": False, "raw": False, "term": "", "rows": 0,
-        "cols": 0, "fds": [[3, "r"]], "env": [["A", "1"]], "group": "", "netns": 1,
-        "prog": "rexnet exec"}
+        "cols": 0, "fds": [[3, "r"]], "env": [["A", "1"]], "group": "", "netns": 1}
 
 
 def same(a: object, b: object) -> bool:
