@@ -403,7 +403,7 @@ def stop(path: str) -> int:
 
 def command(path: str | None, foreground: bool, stop_it: bool, idle_timeout: float) -> int:
     """`rexnet agent`: run (detached unless FOREGROUND) or STOP_IT."""
-    path = path or agentwire.socket_path()
+    path = os.path.abspath(path) if path else agentwire.socket_path()
     if stop_it:
         return stop(path)
     try:
@@ -415,5 +415,7 @@ def command(path: str | None, foreground: bool, stop_it: bool, idle_timeout: flo
         print(f"rexnet: agent: {e}", file=sys.stderr)
         return exitcodes.CREDENTIAL
     if not foreground:
-        daemonize(path.removesuffix(".sock") + ".log", {sock.fileno(), lock})
+        from rexnet.launcher import log_path
+
+        daemonize(log_path(path), {sock.fileno(), lock})
     return serve(sock, lock, path, idle_timeout)

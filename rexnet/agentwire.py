@@ -331,7 +331,7 @@ def socket_path() -> str:
     /tmp/rexnet-UID/agent-NETNS.sock: one agent per user and network namespace."""
     explicit = os.environ.get("REXNET_AGENT_SOCKET")
     if explicit:
-        return explicit
+        return os.path.abspath(explicit)
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = os.path.join(runtime, "rexnet") if runtime else f"/tmp/rexnet-{os.getuid()}"
     return os.path.join(base, f"agent-{netns_id()}.sock")

@@ -176,8 +176,8 @@ def launch(tokens: Sequence[str], full: Callable[[], int]) -> int:
     numbers = [fd for fd, _ in request["fds"]]  # type: ignore[attr-defined]
     sock = connect(path) or start_agent(path, numbers)
     if sock is None:
-        print("rexnet: no agent could start (see above); running without one",
-              file=sys.stderr)
+        print(f"rexnet: no agent could start (see above, or {log_path(path)}); running "
+              "without one", file=sys.stderr)
         return full()
     request["netns"] = agentwire.netns_id()
     return Launcher(sock, path, request, numbers).run()
@@ -309,9 +309,8 @@ class Launcher:
             except OSError:
                 data = b""
             if not data:
-                log = self.path.removesuffix(".sock") + ".log"
                 return 255, (f"rexnet: lost the agent before the job finished (its log: "
-                             f"{log}); the job was ended")
+                             f"{log_path(self.path)}); the job was ended")
             try:
                 messages = decoder.feed(data)
             except agentwire.AgentWireError as e:
@@ -334,6 +333,11 @@ class Launcher:
                     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
             except OSError:
                 pass
+
+
+def log_path(socket_path: str) -> str:
+    """Where the agent at SOCKET_PATH logs (as rexnet.agent writes it)."""
+    return socket_path.removesuffix(".sock") + ".log"
 
 
 def write(text: str) -> None:
