@@ -28,24 +28,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import psutil  # noqa: E402
 from cluster import REXNET, exec_argv, loopback_address, start_worker  # noqa: E402
 
 import rexnet  # noqa: E402
 from rexnet.credentials import keygen  # noqa: E402
 
 
-def executor_rate(key: Path, targets: list[str], jobs: int, max_jobs: int, warm: bool
-                  ) -> tuple[float, dict[str, int], int]:
+def cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU of these processes and their reaped children (the workers' jobs)."""
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def executor_rate(key: Path, targets: list[str], jobs: int, max_jobs: int, warm: bool,
+                  workers: list[int]) -> tuple[float, dict[str, int], int, float, float]:
     with rexnet.Executor(key, targets, max_jobs) as ex:
         pool = ex._pool
         if not warm:  # a pool that never hands out a channel: every job announces
             pool.take = lambda key: None  # type: ignore[method-assign]
         list(ex.map([], [b""] * max_jobs))  # warm up (connections, imports)
+        me, others = cpu_seconds([os.getpid()]), cpu_seconds(workers)
         t0 = time.perf_counter()
         done = list(ex.map([], [b""] * jobs))
         elapsed = time.perf_counter() - t0
+        me, others = cpu_seconds([os.getpid()]) - me, cpu_seconds(workers) - others
         assert all(d.returncode == 0 for d in done)
-        return jobs / elapsed, dict(ex.workers), pool.reused
+        return (jobs / elapsed, dict(ex.workers), pool.reused, me * 1000 / jobs,
+                others * 1000 / jobs)
 
 
 def local_rate(jobs: int, max_jobs: int) -> float:
@@ -78,10 +91,13 @@ def main() -> None:
                    for i, addr in enumerate(targets, 1)]
         try:
             rows = []
-            rate, placed, reused = executor_rate(client_key, targets, jobs, max_jobs, True)
+            pids = [w.pid for w in workers]
+            rate, placed, reused, mine, theirs = executor_rate(client_key, targets, jobs,
+                                                               max_jobs, True, pids)
             rows.append((f"Executor, warm channels ({reused} reused, placed {placed})", rate))
             cold_jobs = max(jobs // 10, 50)
-            rate, placed, _ = executor_rate(client_key, targets, cold_jobs, max_jobs, False)
+            rate, placed, _, _, _ = executor_rate(client_key, targets, cold_jobs, max_jobs,
+                                                  False, pids)
             rows.append((f"Executor, a new channel per job ({cold_jobs} jobs)", rate))
             argv = exec_argv(client_key, targets, "--", "")[:-2]
             exec_times(argv, 3)
@@ -100,7 +116,9 @@ def main() -> None:
     print("| what | jobs/s | peer/this |\n| --- | --- | --- |")
     for name, rate in rows:
         print(f"| {name} | {rate:.0f} | {peer / rate:.2f} |")
-    print(f"\nrexnet exec via agent: median {statistics.median(warm):.1f} ms, min "
+    print(f"\nCPU per job with warm channels: client {mine:.2f} ms, workers and jobs "
+          f"{theirs:.2f} ms (the machine has {os.cpu_count()} CPUs)")
+    print(f"rexnet exec via agent: median {statistics.median(warm):.1f} ms, min "
           f"{min(warm):.1f}, max {max(warm):.1f}; --no-agent: median "
           f"{statistics.median(cold):.1f} ms, min {min(cold):.1f}, max {max(cold):.1f}")
 
