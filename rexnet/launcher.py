@@ -63,6 +63,8 @@ def parse(tokens: Sequence[str]) -> dict[str, object] | None:
     while i < len(tokens):
         token = tokens[i]
         i += 1
+        if only_positional and token == "--":
+            return None  # argparse drops some of these and not others
         if only_positional or token == "-" or not token.startswith("-"):
             if block == "after":
                 return None
@@ -70,6 +72,8 @@ def parse(tokens: Sequence[str]) -> dict[str, object] | None:
             positional.append(token)
             continue
         if token == "--":
+            if block == "after":
+                return None  # the positional block is over: argparse refuses what follows
             only_positional = True
             continue
         if block == "in":
