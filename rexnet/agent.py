@@ -296,6 +296,10 @@ def listen(path: str) -> tuple[socket.socket, int]:
     umask = os.umask(0o177)
     try:
         sock.bind(path)
+    except OSError as e:
+        os.close(lock)
+        sock.close()
+        raise AgentError(f"cannot listen on {path}: {e.strerror or e}") from None
     finally:
         os.umask(umask)
     os.chmod(path, 0o600)

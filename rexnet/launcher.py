@@ -207,7 +207,8 @@ def start_agent(path: str, numbers: Sequence[int]) -> _socket.socket | None:
     actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
                *((os.POSIX_SPAWN_CLOSE, fd) for fd in numbers)]
-    argv = [sys.executable, "-m", "rexnet.cli", "agent", "--socket", path]
+    # -P: the installed rexnet, not a source tree that happens to be the current directory
+    argv = [sys.executable, "-P", "-m", "rexnet.cli", "agent", "--socket", path]
     pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions)
     _, status = os.waitpid(pid, 0)
     if status != 0:
