@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # not typing's: `import rexnet` must stay cheap for the launcher
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

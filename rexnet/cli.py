@@ -380,6 +380,9 @@ def exec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--env", metavar="NAME[=VALUE]", action="append", default=[],
                    help="set a variable in the job's environment, if the worker accepts it "
                    "(repeatable; NAME alone sends this process's value)")
+    p.add_argument("--no-agent", action="store_true",
+                   help="run without the agent (as does REXNET_NO_AGENT=1): this process "
+                   "finds the worker itself (see `rexnet agent --help`)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -472,7 +475,31 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--wait", metavar="SECONDS", type=float, default=1.0,
                     help="how long to collect answers each round (default 1)")
     st.set_defaults(func=cmd_status)
+
+    ag = sub.add_parser("agent", help="run the client agent that `rexnet exec` uses",
+                        description="The client agent keeps credentials and warm channels "
+                        "to workers for `rexnet exec`, which passes it its descriptors over "
+                        "a Unix socket (one agent per user and network namespace). exec "
+                        "starts one on demand; it stops after --idle-timeout.",
+                        epilog="socket: $REXNET_AGENT_SOCKET, else "
+                        "$XDG_RUNTIME_DIR/rexnet/agent-NETNS.sock, else "
+                        "/tmp/rexnet-UID/agent-NETNS.sock; its log is beside it (.log)")
+    ag.add_argument("--socket", metavar="PATH", help="the agent's socket (default: see below)")
+    ag.add_argument("--foreground", action="store_true",
+                    help="stay in the foreground, logging to stderr")
+    ag.add_argument("--stop", action="store_true", help="stop the agent at the socket")
+    ag.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
+                    help="stop after this long without a launcher (default 600)")
+    ag.set_defaults(func=cmd_agent)
     return top
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    if args.idle_timeout <= 0:
+        fail("--idle-timeout must be positive", exitcodes.USAGE)
+    from rexnet import agent
+
+    return agent.command(args.socket, args.foreground, args.stop, args.idle_timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from rexnet.channel import Channel, InStream, OutStream
 from rexnet.credentials import CertInfo, Credential
 from rexnet.job import PipeReader
 from rexnet.tls import VERIFY_ERROR, Revocations, listening_options
+from rexnet.warm import WarmPool
 
 RESEND_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 RESEND_MAX = 2.0
@@ -133,12 +134,14 @@ class StdioStreams:
 
     Descriptors 0, 1 and 2 always (in a terminal, 1 carries the terminal's output and 2 is
     unused); further descriptors by FDS: "r" the job reads it, "w" the job writes it,
-    "rw" both.
+    "rw" both. LOCAL maps a stream to the descriptor that serves it here (the agent's
+    copies of its launcher's descriptors); by default the stream's own number.
     """
 
-    def __init__(self, reactor: Any, tty: bool = False, fds: dict[int, str] | None = None
-                 ) -> None:
+    def __init__(self, reactor: Any, tty: bool = False, fds: dict[int, str] | None = None,
+                 local: dict[int, int] | None = None) -> None:
         self.reactor = reactor
+        self.local = dict(local or {})
         self.tty = tty
         self.fds = dict(fds or {})
         self.outputs = [1] if tty else [1, 2]
@@ -154,9 +157,9 @@ class StdioStreams:
         """Be ready for the job's output (before the job starts)."""
         self.channel = channel
         for fd in self.outputs:
-            target = fd
+            target = self.local.get(fd, fd)
             if fd in self.inputs:  # read-write: a second descriptor for the writer
-                target = os.dup(fd)
+                target = os.dup(target)
                 self._dups.append(target)
             writer = process.ProcessWriter(self.reactor, self, ("out", fd), target)
             self._writers[fd] = writer
@@ -170,7 +173,7 @@ class StdioStreams:
             out = OutStream(self.channel, fd)
             self.channel.outs[fd] = out
             try:
-                reader = PipeReader(self.reactor, self, ("in", fd), fd)
+                reader = PipeReader(self.reactor, self, ("in", fd), self.local.get(fd, fd))
             except OSError:
                 out.close()  # the descriptor is closed: the job reads EOF
                 continue
@@ -195,7 +198,7 @@ class StdioStreams:
                 self.channel.send(wire.Shut(fd))
         if fd in self.inputs:
             with contextlib.suppress(OSError):
-                socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_WR)
+                socket.socket(fileno=os.dup(self.local.get(fd, fd))).shutdown(socket.SHUT_WR)
         flushed = self._flushed.get(fd)
         if flushed is not None and not flushed.called:
             flushed.callback(None)
@@ -221,6 +224,19 @@ class StdioStreams:
 
         return done.addBoth(close_dups)
 
+    def abort(self) -> None:
+        """Stop using the descriptors at once, written or not (the agent lets go of its
+        launcher's descriptors when the job ends or the launcher goes away)."""
+        for reader in self._readers.values():
+            reader.stopReading()
+        for writer in self._writers.values():
+            writer.stopReading()
+            writer.stopWriting()
+        for fd in self._dups:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._dups = []
+
     def descriptors(self) -> list[int]:
         return sorted({0, 1, 2, *self.fds})
 
@@ -239,12 +255,19 @@ class ClientJob:
         say: Callable[[str], None] = lambda message: None,
         now: Callable[[], int] = now_ms,
         alerts: AlertSender | None = None,
+        pool: WarmPool | None = None,
+        logger: Logger | None = None,
     ) -> None:
         self.reactor = reactor
+        self.pool = pool
+        self.log = logger or log
+        self.reused = False
         self.alerts = alerts or AlertSender(reactor, credential, [])
         self.credential = credential
         self.targets = list(targets)
         self.request = request = request or wire.Start()
+        if pool is not None:  # ask the worker to keep the channel for our next job
+            self.request = replace(request, keep=True)
         self.streams: JobStreams = streams or StdioStreams(reactor, request.tty,
                                                            dict(request.fds))
         self.timeout = timeout
@@ -273,11 +296,45 @@ class ClientJob:
     # -- setting up -------------------------------------------------------------------
 
     def run(self) -> defer.Deferred[JobResult]:
+        """Run the job on a warm channel if the pool has a good one, else announce it."""
+        channel = self.pool.take(self.pool_key) if self.pool is not None else None
+        if channel is not None:
+            self._reuse(channel)
+        else:
+            self._look()
+        return self.result
+
+    @property
+    def pool_key(self) -> tuple[bytes, tuple[tuple[str, int], ...]]:
+        """Warm channels serve jobs of the same credential and announce targets."""
+        return self.credential.cert_der, tuple(self.targets)
+
+    def _reuse(self, channel: ClientChannel) -> None:
+        self.reused = True
+        channel.job = self
+        channel.exited = False
+        channel.ins.clear()
+        channel.outs.clear()
+        self.channels.add(channel)
+        self.chosen = channel
+        channel.send(self.request)  # the streams are prepared once the worker says STARTED
+
+    def warm_refused(self, channel: ClientChannel, why: str) -> None:
+        """The warm channel's worker cannot take the job after all: announce it."""
+        self.channels.discard(channel)
+        channel.close()
+        self.chosen = None
+        self.reused = False
+        self.say(f"warm channel to worker {channel.hello.worker if channel.hello else '?'} "
+                 f"{why}: announcing the job")
+        self._look()
+
+    def _look(self) -> None:
         addrs = {a for a in (source_address(t) for t in self.targets) if a}
         if not addrs:
             self._fail(NoWorker("no announce target can be reached from this host: "
                                 + ", ".join(f"{h}:{p}" for h, p in self.targets)))
-            return self.result
+            return
         self._addrs = tuple(sorted(addrs))[: wire.MAX_ADDRS]
         interface = self._addrs[0] if len(self._addrs) == 1 else ""
         factory = Factory.forProtocol(lambda: ClientChannel(self))
@@ -289,7 +346,6 @@ class ClientJob:
         udp_port.setBroadcastAllowed(True)
         self._deadline = self.reactor.callLater(self.timeout, self._timed_out)
         self._announce()
-        return self.result
 
     def _send_failed(self, target: tuple[str, int], error: OSError) -> None:
         self.say(f"cannot send to {target[0]}:{target[1]}: {error.strerror}")
@@ -340,7 +396,11 @@ class ClientJob:
         self.started = started
         hello = channel.hello
         name = hello.worker if hello else CertInfo.of(channel.peer_cert).name
-        if hello:
+        if hello and self.reused:
+            why = (f"reused warm channel (its load {hello.load:.2f} reported "
+                   f"{(self.reactor.seconds() - channel.heard_at) * 1000:.0f} ms before, "
+                   f"{hello.running}/{hello.slots} slots busy)")
+        elif hello:
             why = (f"first of {self.answered} to connect back, after "
                    f"{(self.reactor.seconds() - self._t0) * 1000:.1f} ms; its load "
                    f"{hello.load:.2f}, delay {hello.delay_ms:.1f} ms, "
@@ -349,10 +409,15 @@ class ClientJob:
             why = "first to connect back"
         self.say(f"job {started.job} runs on worker {name} ({channel.peer_address()}): {why}")
         if started.refused_env:
-            log.warn("worker {name} did not accept the environment variable(s) {names} "
-                     "(see its --accept-env)", name=name, names=", ".join(started.refused_env))
+            self.log.warn("worker {name} did not accept the environment variable(s) "
+                          "{names} (see its --accept-env)", name=name,
+                          names=", ".join(started.refused_env))
+        if self.pool is not None:
+            self.pool.started(channel)
         if self.on_started is not None:
             self.on_started(name, started.job)
+        if self.reused:
+            self.streams.prepare(channel)
         self.streams.start_input()
         for sig in self._early_signals:
             channel.send(wire.Signal(sig))
@@ -393,7 +458,8 @@ class ClientJob:
         hello = channel.hello
         result = JobResult(exit.code, exit.signal, hello.worker if hello else "?",
                            channel.peer_address(), self.started.job if self.started else "?")
-        channel.close()
+        if self.pool is None:
+            channel.close()
         finished = self.streams.finish()
         finished.addCallback(lambda _: self._succeed(result))
 
@@ -406,13 +472,17 @@ class ClientJob:
 
     def auth_failed(self, channel: ClientChannel, problem: str) -> None:
         self.auth_failures.append(problem)
-        log.warn("complaint: connection from {peer} refused: {problem}",
-                 peer=channel.peer_address(), problem=problem)
+        self.log.warn("complaint: connection from {peer} refused: {problem}",
+                      peer=channel.peer_address(), problem=problem)
         self.alerts.send("complaint", what=f"connection refused: {problem}",
                          source=channel.peer_address(), client=self.credential.name)
 
     def channel_lost(self, channel: ClientChannel) -> None:
         self.channels.discard(channel)
+        if (channel is self.chosen and self.reused and self.started is None
+                and not self.result.called):
+            self.warm_refused(channel, "was lost before the job started")
+            return
         if channel is self.chosen and not self.result.called and not channel.exited:
             hello = channel.hello
             who = hello.worker if hello else channel.peer_address()
@@ -436,6 +506,8 @@ class ClientJob:
     # -- ending -----------------------------------------------------------------------
 
     def _cleanup(self) -> None:
+        if self.pool is not None and self.chosen is not None and self.chosen.parked is None:
+            self.pool.lost(self.chosen)  # the job failed: its channel closes below
         self._stop_looking()
         self.alerts.stop()
         if self._udp is not None and self._udp.transport is not None:
@@ -443,9 +515,21 @@ class ClientJob:
         for channel in list(self.channels):
             channel.close(abort=True)
 
+    def abandon(self) -> None:
+        """The job's owner went away (the agent's launcher died): end it, as a client that
+        dies would (its worker ends the job's processes)."""
+        if self.chosen is not None and self.chosen.parked is None:
+            self.chosen.close(abort=True)
+        self._fail(Interrupted("the job's launcher went away", exitcodes.WORKER_LOST))
+
     def _succeed(self, result: JobResult) -> None:
         if not self.result.called:
             chosen = self.chosen
+            if (self.pool is not None and chosen is not None and chosen.exited
+                    and not chosen.closed):
+                self.channels.discard(chosen)
+                if not self.pool.park(self.pool_key, chosen):
+                    chosen.close()
             self.alerts.send(
                 "job-finished", job=result.job, worker=result.worker, worker_addr=result.address,
                 client=self.credential.name, status=result.status, signal=result.signal,
@@ -471,6 +555,12 @@ class ClientChannel(Channel):
         self.revoked = job.revoked
         self.job = job
         self.hello: wire.Hello | None = None
+        self.heard_at = 0.0  # when the last HELLO came
+        self.won_load = 0.0  # the worker's load when it won (see rexnet.warm)
+        self.won_others = 0  # other clients' jobs on the worker then
+        self.own_at_hello = 0  # this client's jobs there when the last HELLO came
+        self.jobs = 0  # jobs started on this channel
+        self.parked: WarmPool | None = None  # idle in this pool, between jobs
         self.exited = False
         self._timer: IDelayedCall | None = None
 
@@ -495,8 +585,14 @@ class ClientChannel(Channel):
         self.job.auth_failed(self, problem)
 
     def controlReceived(self, frame: wire.Frame) -> None:
-        if isinstance(frame, wire.Hello) and self.hello is None:
+        if isinstance(frame, wire.Hello):
             self.hello = frame
+            self.heard_at = self.job.reactor.seconds()
+            pool = self.parked or self.job.pool
+            if pool is not None:
+                pool.heard(self)
+        elif self.parked is not None or self.job.result.called:
+            return  # idle between jobs: late frames of the last job
         elif self is not self.job.chosen:
             return  # a worker that lost the race: ignore it while it closes
         elif isinstance(frame, wire.Started) and self.job.started is None:
@@ -506,10 +602,15 @@ class ClientChannel(Channel):
             self.job.job_exited(self, frame)
         elif isinstance(frame, wire.Error):
             self.job.job_error(self, frame)
+        elif isinstance(frame, wire.Busy) and self.job.reused and self.job.started is None:
+            self.job.warm_refused(self, "has no free slot")
         else:
             super().controlReceived(frame)
 
     def lost(self, reason: Failure) -> None:
+        if self.parked is not None:
+            self.parked.lost(self)
+            return
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if not self.verified and not self.closed_by_us:
@@ -851,6 +952,7 @@ async def _dispatch(
     say: Callable[[str], None] | None,
     alerts: Sequence[Target] | None,
     on_started: Callable[[str, str], None] | None,
+    pool: WarmPool | None = None,
 ) -> tuple[JobResult, JobStreams, int]:
     """Run one job, again on WorkerLost before any output (up to RETRIES more times)."""
     from rexnet.alerts import CRAT_PORT, crat_targets
@@ -869,8 +971,10 @@ async def _dispatch(
     while True:
         attempt += 1
         streams = make_streams()
+        sender = (pool.alerts(cred, alert_to) if pool is not None
+                  else AlertSender(reactor, cred, alert_to))
         job = ClientJob(reactor, cred, targets, request, streams, timeout, say=tell,
-                        alerts=AlertSender(reactor, cred, alert_to))
+                        alerts=sender, pool=pool)
         job.on_started = on_started
         try:
             result = await job.run()
@@ -897,6 +1001,7 @@ def run(
     say: Callable[[str], None] | None = None,
     alerts: Sequence[Target] | None = None,
     on_started: Callable[[str, str], None] | None = None,
+    pool: WarmPool | None = None,
 ) -> defer.Deferred[CompletedJob]:
     """Run one job with STDIN as its input; fires with a CompletedJob (its status, stdout,
     stderr and worker) or fails with a JobFailed subclass (NoWorker, AuthFailed, JobRefused,
@@ -909,13 +1014,15 @@ def run(
     any of its output runs again (on whichever worker answers next); one that produced
     output fails with WorkerLost, never silently rerun. SAY gets progress messages (default:
     Twisted's log); ON_STARTED(worker, job_id) is called when the job runs somewhere;
-    ALERTS are crat addresses (default: the announce targets on port 3011).
+    ALERTS are crat addresses (default: the announce targets on port 3011). POOL keeps the
+    job's channel warm afterwards, and runs it on a warm channel if one is a good choice
+    (see rexnet.warm).
     """
 
     async def go() -> CompletedJob:
         result, streams, attempts = await _dispatch(
             reactor, credential, args, lambda: BytesStreams(stdin, max_output), announce,
-            timeout, env, retries, say, alerts, on_started)
+            timeout, env, retries, say, alerts, on_started, pool)
         assert isinstance(streams, BytesStreams)
         completed = CompletedJob(tuple(args), result.status, streams.stdout.getvalue(),
                                  streams.stderr.getvalue(), result.worker, result.address,

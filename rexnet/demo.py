@@ -58,6 +58,7 @@ def wait_listening(log: Path, proc: subprocess.Popen[bytes], timeout: float = 20
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rexnet-demo-") as tmp:
         work = Path(tmp)
+        os.environ["REXNET_AGENT_SOCKET"] = str(work / "agent.sock")  # the demo's own agent
         step("rexnet keygen demo")
         subprocess.run([BIN / "rexnet", "keygen", "demo", "--dir", work], check=True)
 
@@ -130,6 +131,14 @@ def main() -> int:
             for name, count in sorted(placed.items()):
                 print(f"   {name}: {count} job(s)")
 
+            step(f"rexnet exec -v {' '.join(announce)} demo.client  (twice, through the agent)")
+            for _ in range(2):
+                t0 = time.monotonic()
+                run = subprocess.run([BIN / "rexnet", "exec", "-v", *announce,
+                                      work / "demo.client"], capture_output=True)
+                said = run.stderr.decode().strip().split("runs on worker ", 1)[-1]
+                print(f"   {(time.monotonic() - t0) * 1000:.0f} ms: {said}")
+
             step("what crat logged (signed alerts, verified against the CA)")
             time.sleep(0.3)
             for line in crat_log.read_text().splitlines():
@@ -139,7 +148,8 @@ def main() -> int:
             records = (work / "alerts.jsonl").read_text().splitlines()
             print(f"   alerts.jsonl holds {len(records)} records")
         finally:
-            step("stopping crat and the workers")
+            step("stopping crat, the workers and the agent")
+            subprocess.run([BIN / "rexnet", "agent", "--stop"], capture_output=True)
             for proc in workers:
                 proc.terminate()
             for proc in workers:

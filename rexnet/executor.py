@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from rexnet import client, remote
 from rexnet.client import CompletedJob, JobFailed, Target
 from rexnet.credentials import Credential
+from rexnet.warm import WarmPool
 
 T = TypeVar("T")
 
@@ -135,6 +136,8 @@ class Executor(concurrent.futures.Executor):
         self.log = log or (lambda message: None)
         self.workers: collections.Counter[str] = collections.Counter()  # jobs started there
         self._reactor = running_reactor()
+        # warm channels, used in the reactor thread; our own jobs come and go on them
+        self._pool = WarmPool(self._reactor, discount_own=True)
         self._lock = threading.RLock()
         self._queue: collections.deque[tuple[concurrent.futures.Future[Any],
                                              Callable[[], defer.Deferred[Any]]]] = (
@@ -202,7 +205,7 @@ class Executor(concurrent.futures.Executor):
 
         return client.run(self._reactor, self.credential, args, stdin, self.targets,
                           self.timeout, env, max_output, self.retries, self.log, self.alerts,
-                          started)
+                          started, self._pool)
 
     def _enqueue(self, start: Callable[[], defer.Deferred[Any]]
                  ) -> concurrent.futures.Future[Any]:
@@ -250,6 +253,8 @@ class Executor(concurrent.futures.Executor):
         else:
             future.set_result(result)
         self._pump()
+        if self._shutdown and not self._running:
+            self._pool.close()  # no more jobs: the warm channels go
 
     # -- ending -----------------------------------------------------------------------
 
@@ -274,6 +279,8 @@ class Executor(concurrent.futures.Executor):
             if in_reactor_thread():
                 raise RuntimeError("Executor.shutdown(wait=True) would block the reactor thread")
             concurrent.futures.wait(futures)
+        if not futures:
+            self._reactor.callFromThread(self._pool.close)
 
     def map(self, fn: Any, *iterables: Any, timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:

@@ -58,13 +58,39 @@ def reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+DEFAULT_SIGNALS = frozenset(int(s) for s in signal.valid_signals()
+                            if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
 class SessionProcess(process.Process):
-    """A child process that leads its own session, so its whole group can be signalled."""
+    """A child process that leads its own session, so its whole group can be signalled.
+
+    Started with posix_spawn (setsid, every signal default, none blocked): the worker is a
+    large process, and fork copies its page tables for every job, a few milliseconds each
+    (posix_spawn uses vfork). Where posix_spawn cannot serve (a --chdir), fork and setsid.
+    """
 
     processReaderFactory = PipeReader
 
-    def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
-        return False  # posix_spawn cannot call setsid here; fork and setsid instead
+    def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: Any,
+                               args: Any, environment: Any, kwargs: Any) -> bool:
+        listing = getattr(process, "_listOpenFDs", None)
+        actions = getattr(process, "_getFileActions", None)
+        if (uid is not None or gid is not None or listing is None or actions is None
+                or (path is not None and os.path.abspath(path) != os.path.abspath("."))):
+            return False
+        state = []
+        for fd in listing():
+            with contextlib.suppress(OSError):
+                state.append((fd, fcntl.fcntl(fd, fcntl.F_GETFD, fcntl.FD_CLOEXEC)))
+        self.pid = os.posix_spawnp(
+            executable, args, os.environ if environment is None else environment,
+            file_actions=actions(state, kwargs.get("fdmap"), doClose=process._PS_CLOSE,
+                                 doDup2=process._PS_DUP2),
+            setsigdef=DEFAULT_SIGNALS,
+            setsigmask=(), setsid=True)
+        self.status = -1
+        return True
 
     def _setupChild(self, *args: Any, **kwargs: Any) -> None:
         os.setsid()

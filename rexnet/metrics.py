@@ -79,7 +79,8 @@ class Metrics:
                                  "clients.", app, registry=r)
         self.connect_backs = Counter("rexnet_connect_backs", "Connect-backs by outcome: won "
                                      "(the client chose this worker), lost (another worker "
-                                     "took the job), failed (no connection).",
+                                     "took the job), failed (no connection); warm: jobs that came "
+                                     "over a kept channel, with no connect-back.",
                                      [*app, "outcome"], registry=r)
         self.auth_failures = Counter("rexnet_auth_failures", "Job channels whose peer failed "
                                      "mutual authentication.", app, registry=r)
@@ -117,7 +118,7 @@ class WorkerMetrics(NoMetrics):
     def __init__(self, metrics: Metrics, app: str) -> None:
         self.m = metrics
         self.app = app
-        for outcome in ("won", "lost", "failed"):
+        for outcome in ("won", "lost", "failed", "warm"):
             metrics.connect_backs.labels(app, outcome)
         for cls in ("ok", "error", "signal", "time-limit", "memory-limit"):
             metrics.finished.labels(app, cls)

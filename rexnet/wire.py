@@ -446,6 +446,8 @@ class Start:
     ARGS are appended to the worker's command (if it allows that); ENV holds variables the
     client asks for; TTY asks for a pseudo-terminal of ROWS x COLS with TERM; FDS maps
     further descriptor numbers to "r" (the job reads), "w" (the job writes) or "rw".
+    KEEP asks the worker to keep the channel open after EXIT, idle, for the client's next
+    START (a warm channel; the worker sends fresh HELLOs while it is idle).
     """
 
     KIND: ClassVar[FrameKind] = FrameKind.START
@@ -456,6 +458,7 @@ class Start:
     rows: int = 0
     cols: int = 0
     fds: tuple[tuple[int, str], ...] = ()
+    keep: bool = False
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Start:
@@ -474,11 +477,14 @@ class Start:
         tty = o.get("tty", False)
         if not isinstance(tty, bool):
             raise WireError("field 'tty' is not a boolean")
+        keep = o.get("keep", False)
+        if not isinstance(keep, bool):
+            raise WireError("field 'keep' is not a boolean")
         args = _str_list(o, "args", 4096, 65536) if "args" in o else ()
         return cls(args, tuple(env), tty,
                    _str(o, "term", 64) if "term" in o else "",
                    _int(o, "rows", 0, 0xFFFF) if "rows" in o else 0,
-                   _int(o, "cols", 0, 0xFFFF) if "cols" in o else 0, tuple(fds))
+                   _int(o, "cols", 0, 0xFFFF) if "cols" in o else 0, tuple(fds), keep)
 
 
 def _pairs(value: Any, limit: int) -> list[tuple[Any, Any]]:

@@ -32,7 +32,7 @@ from rexnet.announce import (
     now_ms,
 )
 from rexnet.channel import Channel
-from rexnet.credentials import CertInfo, Credential
+from rexnet.credentials import CertInfo, Credential, check_validity
 from rexnet.hardening import make_undumpable
 from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
 from rexnet.load import HostLoad, connect_back_delay, load_figure, sample_host
@@ -47,6 +47,10 @@ COMPLAINT_RATE = 20.0  # complaint lines (and alerts) a second, all sources toge
 STATUS_INTERVAL = 5.0  # seconds between worker-status alerts
 GLOBAL_RATE = 2000.0  # datagrams per second checked, all sources together
 GLOBAL_BURST = 4000.0
+WARM_IDLE = 30.0  # how long a warm channel may wait for its client's next job
+WARM_REPORT = 1.0  # seconds between fresh HELLOs (load figures) on an idle warm channel
+MAX_WARM = 64  # idle warm channels a worker keeps at most
+SAMPLE_AGE = 0.1  # seconds a host sample serves warm channels' reports
 
 log = Logger()
 
@@ -168,6 +172,8 @@ class Worker:
         self.tried: OrderedDict[bytes, None] = OrderedDict()
         self.jobs_run = 0
         self.rate_limited = 0
+        self.warm: set[WorkerChannel] = set()  # idle channels kept for their client's next job
+        self._sampled: tuple[float, HostLoad] | None = None  # for warm channels' reports
         self._idle: defer.Deferred[None] | None = None
 
     @property
@@ -281,11 +287,39 @@ class Worker:
 
     # -- jobs -------------------------------------------------------------------------
 
+    def hello(self, channel: WorkerChannel) -> wire.Hello:
+        """Who this worker is and its load now (or, on a fresh channel, when it answered)."""
+        s, p = self.settings, channel.pending
+        if channel.jobs:
+            now = self.reactor.seconds()
+            if self._sampled is None or now - self._sampled[0] > SAMPLE_AGE:
+                self._sampled = (now, self.sample())
+            load = load_figure(self._sampled[1], self.busy, s.slots)
+            return wire.Hello(s.name, __version__, round(load, 4), 0.0, s.slots,
+                              len(self.running))
+        return wire.Hello(s.name, __version__, round(p.load, 4), round(p.delay * 1000, 3),
+                          s.slots, len(self.running))
+
     def start_job(self, channel: WorkerChannel, start: wire.Start) -> None:
         pending = channel.pending
         self.release(pending)
-        self.metrics.connect_back("won")
         s = self.settings
+        if channel.jobs:  # a warm channel may outlive the client's certificate
+            expired = check_validity(channel.peer_cert)
+            revoked = s.revoked.reason(channel.peer_cert) if s.revoked is not None else None
+            if expired or revoked:
+                channel.refuse_job("auth", f"the client's certificate {expired}" if expired
+                                   else f"the client's {revoked}")
+                return
+            self.metrics.connect_back("warm")
+        else:
+            self.metrics.connect_back("won")
+        if channel.jobs and self.busy >= s.slots:
+            log.info("no free slot for the next job on a warm channel from {peer}",
+                     peer=channel.peer_address())
+            channel.send(wire.Busy())  # the client announces instead
+            channel.close()
+            return
         if start.args and not s.allow_args:
             channel.refuse_job("args", "this worker does not accept extra arguments "
                                "(its administrator can allow them with --allow-args)")
@@ -318,9 +352,12 @@ class Worker:
         self.metrics.job_started()
         channel.job = job
         channel.process = proto
+        channel.keep = start.keep
+        warm = " on a warm channel" if channel.jobs else ""
+        channel.jobs += 1
         channel.send(wire.Started(job, refused))
-        log.info("job {job} started for {client} from {peer}: {argv}{tty}", job=job,
-                 client=client, peer=channel.peer_address(), argv=argv,
+        log.info("job {job} started for {client} from {peer}{warm}: {argv}{tty}", job=job,
+                 client=client, peer=channel.peer_address(), argv=argv, warm=warm,
                  tty=" (in a terminal)" if start.tty else "")
 
     def _ended(self, job: str, code: int | None, sig: int | None, limit: str) -> None:
@@ -342,12 +379,17 @@ class Worker:
         if limit:
             self.complain(channel.peer_address(), f"job {job} hit its {limit} limit")
         channel.send(wire.Exit(code, sig, limit))
-        channel.close()
+        if (channel.keep and not channel.closed and not limit and self._idle is None
+                and len(self.warm) < MAX_WARM):
+            channel.wait_for_next()
+        else:
+            channel.close()
         if not self.running and self._idle is not None and not self._idle.called:
             self._idle.callback(None)
 
     def channel_lost(self, channel: WorkerChannel) -> None:
         self.release(channel.pending)
+        self.warm.discard(channel)
         running = self.running.get(channel.job or "")
         if running is not None and not running.process.ended:
             log.warn("client of job {job} went away; ending the job's process group",
@@ -361,6 +403,8 @@ class Worker:
             if pending.call is not None and pending.call.active():
                 pending.call.cancel()
             self.release(pending)
+        for channel in list(self.warm):
+            channel.close()
         if not self.running:
             return defer.succeed(None)
         self._idle = defer.Deferred()
@@ -389,15 +433,52 @@ class WorkerChannel(Channel):
         self.pending = pending
         self.job: str | None = None
         self.process: JobProcess | None = None
+        self.keep = False  # the client asked to keep the channel for its next job
+        self.jobs = 0  # jobs started on this channel
         self._start_timer: IDelayedCall | None = None
+        self._reporter: LoopingCall | None = None
         pending.channel = self
 
     def peerVerified(self) -> None:
-        w, p = self.worker, self.pending
-        self.send(wire.Hello(w.settings.name, __version__, round(p.load, 4),
-                             round(p.delay * 1000, 3), w.settings.slots, len(w.running)))
+        w = self.worker
+        self.send(w.hello(self))
         self._start_timer = w.reactor.callLater(START_TIMEOUT, self._no_start)
         self.start_heartbeat(w.reactor)
+
+    def wait_for_next(self) -> None:
+        """The job ended and its client asked to keep the channel: wait, idle, for its
+        next START (up to WARM_IDLE seconds), telling it this worker's load meanwhile."""
+        w = self.worker
+        self.job, self.process = None, None
+        self.ins.clear()
+        self.outs.clear()
+        w.warm.add(self)
+        self._start_timer = w.reactor.callLater(WARM_IDLE, self._idle_too_long)
+        self._reporter = LoopingCall(self._report)
+        self._reporter.clock = w.reactor
+        self._reporter.start(WARM_REPORT, now=True)
+
+    def _report(self) -> None:
+        try:
+            self.send(self.worker.hello(self))
+        except Exception:
+            log.failure("cannot read the host's load for a warm channel")
+
+    def _idle_too_long(self) -> None:
+        self._start_timer = None
+        self.close()
+
+    def _stop_waiting(self) -> None:
+        self.worker.warm.discard(self)
+        if self._reporter is not None and self._reporter.running:
+            self._reporter.stop()
+        if self._start_timer is not None and self._start_timer.active():
+            self._start_timer.cancel()
+
+    def frameReceived(self, frame: wire.Frame) -> None:
+        if self.job is None and self.jobs and isinstance(frame, wire.Data | wire.Eof):
+            return  # the last job's input, sent before the client saw its EXIT
+        super().frameReceived(frame)
 
     def _no_start(self) -> None:
         self._start_timer = None
@@ -405,8 +486,10 @@ class WorkerChannel(Channel):
         self.close(abort=True)
 
     def controlReceived(self, frame: wire.Frame) -> None:
-        if self.job is None and self._start_timer is not None and self._start_timer.active():
-            self._start_timer.cancel()
+        if self.job is None and self.jobs and isinstance(frame, wire.Signal | wire.Winsize):
+            return  # meant for the last job, sent before the client saw its EXIT
+        if self.job is None:
+            self._stop_waiting()
         if isinstance(frame, wire.Start) and self.job is None:
             self.worker.start_job(self, frame)
         elif isinstance(frame, wire.Signal) and self.process is not None:
@@ -433,8 +516,7 @@ class WorkerChannel(Channel):
         self.worker.complain(self.peer_address(), f"authentication failed: {problem}")
 
     def lost(self, reason: Failure) -> None:
-        if self._start_timer is not None and self._start_timer.active():
-            self._start_timer.cancel()
+        self._stop_waiting()
         if not self.verified:
             self.worker.metrics.auth_failure()
             self.worker.complain(self.peer_address(),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,3 +48,37 @@ def bed() -> Iterator[object]:
     from netbed import netbed_fixture
 
     yield from netbed_fixture()
+
+
+@pytest.fixture(autouse=True)
+def agent_sockets(tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Each test has its own agents (XDG_RUNTIME_DIR in a fresh directory: one agent per
+    network namespace the test runs `rexnet exec` in); they are stopped afterwards."""
+    runtime = tmp_path_factory.mktemp("run")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv("REXNET_AGENT_SOCKET", raising=False)
+    monkeypatch.delenv("REXNET_NO_AGENT", raising=False)
+    yield runtime
+    stop_agents(runtime)
+
+
+def stop_agents(directory: Path) -> None:
+    """End the agents whose pid files are under DIRECTORY (they were started by a test)."""
+    pids = []
+    for pidfile in directory.rglob("*.pid"):
+        try:
+            pid = int(pidfile.read_text())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"agent" not in f.read():
+                    continue  # that agent is gone (killed by the test); its pid is reused
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+        except (OSError, ValueError):
+            continue
+    deadline = time.monotonic() + 5
+    for pid in pids:
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -19,7 +19,8 @@ from rexnet.manpages import PLUGINS, Page, escape, options_of, pages, render
 
 SHARE = Path(sys.prefix, "share")
 EXPECTED = {"rexnet.1", "rexnet-exec.1", "rexnet-keygen.1", "rexnet-status.1",
-            "rexnet-parallel.1", "rexnet-worker.8", "crat.8", "cproxy.8", "rexnet-tunnel.8"}
+            "rexnet-parallel.1", "rexnet-agent.1", "rexnet-worker.8", "crat.8", "cproxy.8",
+            "rexnet-tunnel.8"}
 
 
 def man(path: Path) -> str:

@@ -101,7 +101,10 @@ def test_a_scrape_counts_what_the_worker_did(keys: Keys) -> None:
         assert value(after, "rexnet_jobs_running") == 0
         assert value(after, "rexnet_job_bytes_received_total") == 1000
         assert value(after, "rexnet_job_bytes_sent_total") >= 1000 + len(b"no\n")
-        assert value(after, "rexnet_connect_backs_total", outcome="won") == 3
+        # the first job's connect-back won; later ones may come over its kept (warm) channel
+        assert value(after, "rexnet_connect_backs_total", outcome="won") >= 1
+        assert (value(after, "rexnet_connect_backs_total", outcome="won")
+                + value(after, "rexnet_connect_backs_total", outcome="warm")) == 3
         assert value(after, "rexnet_auth_failures_total") == 1
         assert value(after, "rexnet_announcements_rate_limited_total") > 0
     finally:

@@ -215,7 +215,14 @@ def test_worker_refuses_a_client_revoked_while_it_runs(app: Path) -> None:
         assert rexnet("keygen", "--revoke", "alice", ca).returncode == 0
         listed.write_bytes((app / "revo.revoked").read_bytes())  # the admin copies it over
         time.sleep(RECHECK + 0.2)
+        # the agent still holds a warm channel to this worker: the next job is refused
+        # over it, with the reason
         done = run_exec(alice, [addr], "--timeout", "2")
+        assert done.returncode == exitcodes.REFUSED, done.stderr
+        assert b"the client's client certificate 'alice'" in done.stderr
+        assert b"is revoked" in done.stderr and done.stdout == b""
+        # a new connection never comes: the worker drops the announcement
+        done = run_exec(alice, [addr], "--timeout", "2", "--no-agent")
         assert done.returncode == exitcodes.NO_WORKER, done.stderr
         worker.wait_for(r"re-read: 1 revoked")
         worker.wait_for(r"complaint: announcement refused: client certificate 'alice' "

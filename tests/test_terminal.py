@@ -319,9 +319,10 @@ def client_of(term: Tmux) -> psutil.Process:
     ("job killed by a signal", 128 + signal.SIGKILL),
     ("worker killed", exitcodes.WORKER_LOST),
     ("client sent SIGTERM", 128 + signal.SIGTERM),
+    ("agent killed", exitcodes.WORKER_LOST),
 ])
 def test_the_local_terminal_is_restored(term: Tmux, bed: NetBed, keys: Keys, ending: str,
-                                        status: int) -> None:
+                                        status: int, agent_sockets: Path) -> None:
     client, worker = setup(bed, keys)
     local_shell(term, client)
     cooked = term.tty_modes()
@@ -339,6 +340,9 @@ def test_the_local_terminal_is_restored(term: Tmux, bed: NetBed, keys: Keys, end
         term.type("hello")  # read by the job through its own terminal
     elif ending == "worker killed":
         worker.stop(signal.SIGKILL)
+    elif ending == "agent killed":  # the launcher owns the terminal: it restores it
+        (pidfile,) = agent_sockets.rglob("agent-*.sock.pid")
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
     else:
         client_of(term).send_signal(signal.SIGTERM)
         worker.wait_for(r"job \w+ ended: signal 15")
@@ -347,6 +351,8 @@ def test_the_local_terminal_is_restored(term: Tmux, bed: NetBed, keys: Keys, end
         term.wait_for(r"^got hello$")
     if ending == "worker killed":  # said after the terminal is back: at the line's start
         term.wait_for(r"^rexnet: lost worker w1 before the job finished")
+    if ending == "agent killed":
+        term.wait_for(r"^rexnet: lost the agent before the job finished")
 
     attrs = term.tty_modes()
     assert attrs[3] & RAW_FLAGS == RAW_FLAGS, "the local terminal was left raw"

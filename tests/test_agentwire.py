@@ -1,0 +1,138 @@
+"""The launcher <-> agent messages: JSON without the json module, a bounded decoder, fuzzed."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rexnet import agentwire
+from rexnet.agentwire import AgentWireError, Decoder, dumps, encode, loads
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
+    max_leaves=20)
+
+EXEC = {"keyfile": "k", "keypath": "/k", "args": ["a"], "announce": [], "alerts": [],
+        "timeout": 30.0, "verbose": False, "tty": False, "raw": False, "term": "", "rows": 0,
+        "cols": 0, "fds": [[3, "r"]], "env": [["A", "1"]], "group": "", "netns": 1, "revoked": ""}
+
+
+def same(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+@given(JSON)
+def test_dumps_writes_what_json_reads_and_loads_reads_it_back(value: object) -> None:
+    text = dumps(value)
+    assert json.loads(text) == value
+    assert loads(text) == json.loads(text)
+
+
+@given(st.text(max_size=200))
+def test_loads_accepts_only_what_json_accepts_and_agrees(text: str) -> None:
+    try:
+        ours = loads(text)
+    except ValueError:
+        return
+    assert ours == json.loads(text)
+
+
+@given(JSON, st.integers(0, 50), st.sampled_from(["", " ", "]", "}", ",", '"', "\\", "x",
+                                                  "0", "-", "e", "\\u12", "\x01"]))
+def test_mangled_json_is_read_like_json_or_refused(value: object, at: int, junk: str) -> None:
+    text = json.dumps(value)
+    text = text[:at] + junk + text[at:]
+    try:
+        theirs = json.loads(text)
+    except ValueError:
+        theirs = ValueError
+    try:
+        ours = loads(text)
+    except ValueError:
+        ours = ValueError
+    if theirs is ValueError or agentwire.depth(theirs) > agentwire.MAX_DEPTH or (
+            isinstance(theirs, float) and not math.isfinite(theirs)):
+        assert ours is ValueError or ours == theirs
+    else:
+        assert ours == theirs
+
+
+def test_strings_escape_controls_quotes_and_lone_surrogates() -> None:
+    text = dumps({"a": 'q"\\\n\x01\udcff\U0001f600'})
+    assert json.loads(text) == {"a": 'q"\\\n\x01\udcff\U0001f600'}
+    assert loads('"\\ud83d\\ude00"') == "\U0001f600"
+    for bad in ('"\\x"', '"\x01"', "01", "1.", "-", "[1,]", "{1:2}", "nul", "[" * 20 + "]" * 20):
+        with pytest.raises(ValueError):
+            loads(bad)
+
+
+def test_a_message_round_trips_in_any_chunks() -> None:
+    data = encode("exec", **EXEC) + encode("signal", number=2) + encode("winch", rows=3, cols=4)
+    for size in (1, 7, len(data)):
+        decoder = Decoder()
+        got = []
+        for i in range(0, len(data), size):
+            got += decoder.feed(data[i:i + size])
+        assert [m["op"] for m in got] == ["exec", "signal", "winch"]
+        assert got[0]["fds"] == [[3, "r"]]
+
+
+def test_the_decoder_refuses_a_long_message_from_its_header() -> None:
+    with pytest.raises(AgentWireError, match="too long"):
+        Decoder().feed(struct.pack("!I", agentwire.MAX_MESSAGE + 1))
+
+
+@pytest.mark.parametrize("message", [
+    {"op": "exec", **EXEC, "fds": [[2, "r"]]},
+    {"op": "exec", **EXEC, "fds": [[3, "x"]]},
+    {"op": "exec", **EXEC, "timeout": 0},
+    {"op": "exec", **EXEC, "args": "a"},
+    {"op": "exec", **EXEC, "env": [["A"]]},
+    {"op": "exec", **EXEC, "tty": 1},
+    {"op": "signal", "number": 0},
+    {"op": "signal", "number": True},
+    {"op": "exit", "status": 256, "message": ""},
+    {"op": "winch", "rows": -1, "cols": 2},
+    {"op": "launch"},
+    ["op", "stop"],
+])
+def test_malformed_messages_are_refused(message: object) -> None:
+    body = json.dumps(message).encode()
+    with pytest.raises(AgentWireError):
+        Decoder(json.loads).feed(struct.pack("!I", len(body)) + body)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_any_bytes_give_messages_or_an_agent_wire_error(data: bytes) -> None:
+    for loads_with in (None, json.loads):
+        decoder = Decoder(loads_with)
+        try:
+            for message in decoder.feed(data):
+                assert message["op"] in agentwire.KINDS
+        except AgentWireError:
+            pass
+
+
+@given(st.dictionaries(st.sampled_from(sorted(EXEC)), JSON, max_size=4))
+def test_exec_messages_with_wrong_fields_are_refused_never_crash(changes: dict) -> None:
+    body = dumps({"op": "exec", **EXEC, **changes}).encode()
+    try:
+        (message,) = Decoder().feed(struct.pack("!I", len(body)) + body)
+    except AgentWireError:
+        return
+    for name, kind in agentwire.KINDS["exec"].items():  # what passes is well-typed
+        assert isinstance(message[name], kind)
+    fds, timeout, args = message["fds"], message["timeout"], message["args"]
+    assert isinstance(fds, list) and isinstance(args, list) and isinstance(timeout, int | float)
+    assert all(3 <= fd <= 255 and mode in ("r", "w", "rw") for fd, mode in fds)
+    assert timeout > 0 and all(isinstance(a, str) for a in args)
