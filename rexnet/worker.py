@@ -34,7 +34,7 @@ from rexnet.announce import (
 from rexnet.channel import Channel
 from rexnet.credentials import CertInfo, Credential
 from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
-from rexnet.load import HostLoad, connect_back_delay, load_figure, sample_host
+from rexnet.load import Crowd, HostLoad, connect_back_delay, load_figure, sample_host
 from rexnet.tls import connecting_options
 
 CONNECT_TIMEOUT = 5.0
@@ -153,6 +153,7 @@ class Worker:
         self.tried: OrderedDict[bytes, None] = OrderedDict()
         self.jobs_run = 0
         self.rate_limited = 0
+        self.crowd = Crowd()
         self._idle: defer.Deferred[None] | None = None
 
     @property
@@ -213,7 +214,8 @@ class Worker:
             log.debug("no free slot for job from {client}", client=client.info.name)
             return
         load = load_figure(self.sample(), self.busy, self.settings.slots)
-        delay = connect_back_delay(load, self.settings.speed, self.jitter)
+        delay = connect_back_delay(load, self.settings.speed, self.jitter,
+                                   self.crowd.size(self.reactor.seconds()))
         pending = Pending(ann.job_id, client, load, delay)
         self.pending[ann.job_id] = pending
         self.tried[ann.job_id] = None
@@ -224,9 +226,12 @@ class Worker:
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
         pending = self.pending.get(taken.job_id)
-        if pending is None or pending.channel is not None:
-            return  # nothing to cancel, or the client will tell us over TLS
+        if pending is None:
+            return  # nothing to cancel (and no certificate to check it with)
         self.checker.check_taken(dgram, pending.client)
+        self.crowd.observe(taken.answered, self.reactor.seconds())
+        if pending.channel is not None:
+            return  # the client will tell us over TLS
         if pending.call is not None and pending.call.active():
             pending.call.cancel()
         if pending.connecting is not None:
