@@ -104,10 +104,13 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
                     pending.call.reset(max(0.0, pending.delay - lag))
 
         def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
+            pending = self.pending.get(taken.job_id)
             super()._taken(dgram, taken)
-            if self.settings.name == "sim0":
-                print(f"taken {taken.job_id.hex()} answered {taken.answered} crowd "
-                      f"{self.crowd.size(reactor.seconds()):.0f}", flush=True)
+            if self.settings.name == "sim0" and pending is not None:
+                since = (reactor.seconds() - pending.heard) * 1000
+                print(f"taken {taken.job_id.hex()} answered {taken.answered} after "
+                      f"{since:.1f} ms; crowd {self.crowd.size(reactor.seconds()):.0f}",
+                      flush=True)
 
         def _connect_back(self, pending: Any, host: str, port: int) -> None:
             print(f"cb {pending.job_id.hex()} {self.settings.name}", flush=True)
@@ -121,7 +124,7 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
         worker.checker = checker  # type: ignore[assignment]
         worker.tls = tls
         if fixed:  # the delay before crowds were learnt: everyone within 1 ms
-            worker.crowd.observe = lambda answered, now: None  # type: ignore[method-assign]
+            worker.crowd.observe = lambda *args: None  # type: ignore[method-assign]
         service = WorkerService(worker)
         service.bind()
         service.startService()

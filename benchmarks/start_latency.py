@@ -72,7 +72,7 @@ def start_sshd(host: Host, work: Path, keyfile: Path | None = None) -> list[str]
     config = work / "sshd_config"
     config.write_text(f"Port 2222\nHostKey {work / 'host'}\nAuthorizedKeysFile {keys}\n"
                       "StrictModes no\nUsePAM no\nPidFile none\nPrintMotd no\n"
-                      "PasswordAuthentication no\n")
+                      "PasswordAuthentication no\nMaxStartups 200\nMaxSessions 64\n")
     host.popen(["/usr/sbin/sshd", "-D", "-f", str(config)], stdout=subprocess.DEVNULL,
                stderr=subprocess.DEVNULL)
     time.sleep(1.0)

@@ -9,9 +9,9 @@ An idle worker answers after about IDLE_MS; each unit of load per CPU adds
 LOAD_MS, well above network jitter (cexec's 0.1 ms per unit drowned in it).  A faster
 worker (speed 2.0) answers in half the time of a slower one at the same load.
 
-CROWD is how many workers this worker has seen answer one announcement (the count a
-client's TAKEN carries, remembered with a slow decay).  N equally idle workers drawing
-from a window of S ms waste about (N - 1) * T / S connect-backs per job, T being the
+CROWD is how many workers answer one announcement, as this worker has learnt it from
+the clients' TAKENs (see Crowd).  N equally idle workers drawing from a window of S ms
+waste about (N - 1) * T / S connect-backs per job, T being the
 time from the first connect-back to the TAKEN reaching the others (a TLS handshake, a
 few ms); the first answer comes after about S / N.  A window growing as (N - 1) ** 1.5
 keeps a lone worker exactly as before and two workers within half a millisecond of it,
@@ -22,6 +22,7 @@ about 50 ms later.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ JITTER_MS = 1.0
 CROWD_MS = 1.5
 CROWD_MAX = 4096  # a bound on what one TAKEN can make us believe
 CROWD_HALF_LIFE = 3600.0  # seconds: a cluster that shrank is believed within hours
+CROWD_WEIGHT = 0.3  # weight of a new estimate of the crowd (in log space)
+FIRST_DRAW_BIAS = math.exp(0.5772)  # e^(Euler's constant)
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,16 @@ def connect_back_delay(
 
 
 class Crowd:
-    """How many workers answer one announcement: the largest count seen in a client's
-    TAKEN, decaying towards 1 with a half-life of CROWD_HALF_LIFE seconds."""
+    """How many workers answer one announcement, learnt from the clients' TAKENs.
+
+    A TAKEN says how many workers had connected back when the client chose (COUNT: at
+    least that many answer).  When the window was wider than the time the TAKEN took to
+    come (ELAPSED < SPREAD), the first of N workers drawing from a window of SPREAD ms
+    answered after about SPREAD / N, so COUNT * SPREAD / ELAPSED estimates N (divided by
+    e^0.577, the mean of log(1/X) for that first draw X).  Estimates are blended in log
+    space (CROWD_WEIGHT), never below COUNT, and decay towards 1 with a half-life of
+    CROWD_HALF_LIFE seconds (a cluster that shrank is believed again).
+    """
 
     def __init__(self) -> None:
         self._size = 1.0
@@ -92,9 +103,19 @@ class Crowd:
         decay = 0.5 ** (max(now - self._at, 0.0) / CROWD_HALF_LIFE)
         return 1.0 + (self._size - 1.0) * decay
 
-    def observe(self, answered: int, now: float) -> None:
-        """A TAKEN said ANSWERED workers had connected back when the client chose."""
-        self._size = max(self.size(now), float(min(answered, CROWD_MAX)))
+    def observe(self, count: int, now: float, spread: float = 0.0, elapsed: float = 0.0
+                ) -> None:
+        """A TAKEN said COUNT workers had answered; it came ELAPSED ms after the earliest
+        moment anyone could answer, for a window of SPREAD ms."""
+        if count < 1:
+            return  # a client that does not say
+        count = min(count, CROWD_MAX)
+        estimate = float(count)
+        if 0.0 < elapsed < spread:
+            estimate = max(estimate, count * spread / elapsed / FIRST_DRAW_BIAS)
+        blended = math.exp((1 - CROWD_WEIGHT) * math.log(self.size(now))
+                           + CROWD_WEIGHT * math.log(estimate))
+        self._size = min(max(float(count), blended), float(CROWD_MAX))
         self._at = now
 
 

@@ -34,7 +34,15 @@ from rexnet.announce import (
 from rexnet.channel import Channel
 from rexnet.credentials import CertInfo, Credential
 from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
-from rexnet.load import Crowd, HostLoad, connect_back_delay, load_figure, sample_host
+from rexnet.load import (
+    IDLE_MS,
+    Crowd,
+    HostLoad,
+    connect_back_delay,
+    load_figure,
+    sample_host,
+    spread_ms,
+)
 from rexnet.tls import connecting_options
 
 CONNECT_TIMEOUT = 5.0
@@ -77,6 +85,8 @@ class Pending:
     load: float
     delay: float
     call: IDelayedCall | None = None
+    heard: float = 0.0  # when the announcement came (reactor time)
+    spread: float = 0.0  # the width of the random part of DELAY, in ms
     connecting: defer.Deferred[Any] | None = None
     channel: WorkerChannel | None = None
 
@@ -214,9 +224,10 @@ class Worker:
             log.debug("no free slot for job from {client}", client=client.info.name)
             return
         load = load_figure(self.sample(), self.busy, self.settings.slots)
-        delay = connect_back_delay(load, self.settings.speed, self.jitter,
-                                   self.crowd.size(self.reactor.seconds()))
-        pending = Pending(ann.job_id, client, load, delay)
+        now = self.reactor.seconds()
+        crowd = self.crowd.size(now)
+        delay = connect_back_delay(load, self.settings.speed, self.jitter, crowd)
+        pending = Pending(ann.job_id, client, load, delay, heard=now, spread=spread_ms(crowd))
         self.pending[ann.job_id] = pending
         self.tried[ann.job_id] = None
         if len(self.tried) > TRIED_JOBS:
@@ -229,7 +240,9 @@ class Worker:
         if pending is None:
             return  # nothing to cancel (and no certificate to check it with)
         self.checker.check_taken(dgram, pending.client)
-        self.crowd.observe(taken.answered, self.reactor.seconds())
+        now = self.reactor.seconds()
+        self.crowd.observe(taken.answered, now, pending.spread,
+                           (now - pending.heard) * 1000 - IDLE_MS)
         if pending.channel is not None:
             return  # the client will tell us over TLS
         if pending.call is not None and pending.call.active():

@@ -19,6 +19,8 @@ from rexnet.credentials import load_credential
 from rexnet.load import (
     CROWD_HALF_LIFE,
     CROWD_MAX,
+    CROWD_WEIGHT,
+    FIRST_DRAW_BIAS,
     IDLE_MS,
     JITTER_MS,
     Crowd,
@@ -60,20 +62,42 @@ def test_spread_grows_with_the_crowd() -> None:
     assert widths == sorted(widths) and widths[-1] > 1000 * widths[0]
 
 
-def test_crowd_remembers_the_largest_count_and_decays() -> None:
+def test_a_count_is_a_floor_and_fades_with_time() -> None:
     crowd = Crowd()
     assert crowd.size(0.0) == 1.0
-    crowd.observe(1000, 10.0)
+    crowd.observe(1000, 10.0)  # the first storm: at least 1000 answered
     assert crowd.size(10.0) == 1000.0
-    crowd.observe(3, 11.0)  # a later, quieter job does not forget the crowd
-    assert crowd.size(11.0) == pytest.approx(1000.0, rel=1e-3)
-    assert crowd.size(11.0 + CROWD_HALF_LIFE) == pytest.approx(1 + 999 / 2, rel=1e-3)
-    assert crowd.size(11.0 + 40 * CROWD_HALF_LIFE) == pytest.approx(1.0)
+    assert crowd.size(10.0 + CROWD_HALF_LIFE) == pytest.approx(1 + 999 / 2)
+    assert crowd.size(10.0 + 40 * CROWD_HALF_LIFE) == pytest.approx(1.0)
+    crowd.observe(0, 20.0)  # a client that does not say teaches nothing
+    assert crowd._at == 10.0
+
+
+def first_answer(workers: float, spread: float) -> float:
+    """When the first of WORKERS answers, typically (ms after the idle delay)."""
+    return spread / workers / FIRST_DRAW_BIAS
+
+
+def test_the_first_answer_tells_the_crowd() -> None:
+    crowd = Crowd()
+    crowd.observe(1000, 0.0)
+    spread = spread_ms(1000)
+    # one connect-back, and the TAKEN came when the first of 1000 would answer: stay
+    crowd.observe(1, 1.0, spread, first_answer(1000, spread))
+    assert crowd.size(1.0) == pytest.approx(1000, rel=1e-3)
+    # it came sooner, as the first of 4000 would: believe more workers, a step at a time
+    crowd.observe(1, 2.0, spread, first_answer(4000, spread))
+    assert crowd.size(2.0) == pytest.approx(1000 * 4 ** CROWD_WEIGHT, rel=1e-3)
+    # a TAKEN later than the whole window says only its count
+    crowd.observe(3, 3.0, 1.0, 5.0)
+    assert 3 <= crowd.size(3.0) < 1000
 
 
 def test_crowd_is_bounded() -> None:
     crowd = Crowd()
     crowd.observe(10**9, 0.0)
+    assert crowd.size(0.0) == CROWD_MAX
+    crowd.observe(1, 0.0, spread_ms(CROWD_MAX), 1e-9)
     assert crowd.size(0.0) == CROWD_MAX
 
 
@@ -118,13 +142,13 @@ def test_worker_widens_its_window_after_a_crowded_taken(
     assert job not in w.pending  # cancelled, and the crowd learnt
     job2, data2 = client.announce()
     w.datagram(data2, "192.0.2.7", 5000)
-    assert w.pending[job2].delay == pytest.approx((IDLE_MS + spread_ms(1000)) / 1000)
-    clock.advance(2 * CROWD_HALF_LIFE)
+    spread = spread_ms(1000)
+    assert w.pending[job2].delay == pytest.approx((IDLE_MS + spread) / 1000)
+    # the next TAKEN comes when the first of 1000 would have answered: the crowd holds
+    clock.advance((IDLE_MS + first_answer(1000, spread)) / 1000)
     w.datagram(client.taken(job2, 1), "192.0.2.7", 5000)
-    job3, data3 = client.announce()
-    w.datagram(data3, "192.0.2.7", 5000)
-    assert w.pending[job3].delay == pytest.approx(
-        (IDLE_MS + spread_ms(1 + 999 / 4)) / 1000, rel=1e-3)
+    assert job2 not in w.pending
+    assert w.crowd.size(clock.seconds()) == pytest.approx(1000, rel=1e-3)
 
 
 def test_a_forged_taken_teaches_nothing(keys: Keys, other_keys: Keys,
