@@ -440,11 +440,13 @@ def scale(bed: NetBed, keys: Keys, workers: int, jobs: int) -> list[ScaleResult]
 def scale_lines(results: list[ScaleResult]) -> list[str]:
     lines = ["| workers | connect-back window | first job: connect-backs | first job: "
              "start ms | later jobs: connect-backs per job (max) | later jobs: start ms "
-             "median (min-max) |", "| --- | --- | --- | --- | --- | --- |"]
+             "median (min-max) | crowd learnt | first connect-back to TAKEN, ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         cbs, starts = r.steady()
         lines.append(f"| {r.workers} | {r.mode} | {r.connect_backs[0]} | {r.start_ms[0]:.1f} | "
-                     f"{statistics.mean(cbs):.3f} ({max(cbs)}) | {Row.cell(starts)} |")
+                     f"{statistics.mean(cbs):.3f} ({max(cbs)}) | {Row.cell(starts)} | "
+                     f"{r.crowd:.0f} | {Row.cell(r.cancel_ms)} |")
     return lines
 
 

@@ -8,7 +8,9 @@ another namespace.  Two corrections make one process stand in for N machines:
 - the announcement is verified once and the result shared (N machines verify in parallel;
   one process verifying N times would spread the workers over N signature checks);
 - each worker's delay counts from when the announcement reached the process, not from when
-  the process got round to that worker (SimWorker._announce resets the timer).
+  the process got round to that worker (SimWorker._announce resets the timer), and a
+  timer that fires after the job's TAKEN reached the process counts as cancelled (each
+  machine would have read its TAKEN at once; this process reads 1,000 copies in turn).
 
 Run by benchmarks/bench.py; alone (as root, from the repository):
 
@@ -23,7 +25,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
     decoded: dict[bytes, Any] = {}
     checked: dict[int, Any] = {}
     arrived: dict[bytes, float] = {}
+    taken_at: dict[bytes, float] = {}  # job id: when its (first) TAKEN reached the process
 
     class SharedChecker:
         """One verification per datagram, the result shared by every simulated worker."""
@@ -62,7 +65,9 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
         def decode(self, data: bytes) -> wire.Datagram | None:
             if data not in decoded:
                 arrived[data] = time.monotonic()
-                decoded[data] = shared.decode(data)
+                decoded[data] = dgram = shared.decode(data)
+                if dgram is not None and isinstance(dgram.message, wire.Taken):
+                    taken_at.setdefault(dgram.message.job_id, arrived[data])
             return decoded[data]  # type: ignore[no-any-return]
 
         def _once(self, key: int, check: Any, *args: Any) -> Any:
@@ -113,7 +118,14 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
                       flush=True)
 
         def _connect_back(self, pending: Any, host: str, port: int) -> None:
-            print(f"cb {pending.job_id.hex()} {self.settings.name}", flush=True)
+            if pending.job_id in taken_at:
+                # the TAKEN reached this "machine" before the timer fired: a real worker
+                # would have cancelled; this process had not got round to it yet
+                pending.call = None
+                self.release(pending)
+                return
+            since = (reactor.seconds() - pending.heard) * 1000
+            print(f"cb {pending.job_id.hex()} {self.settings.name} {since:.1f}", flush=True)
             super()._connect_back(pending, host, port)
 
     services = []
@@ -143,6 +155,7 @@ class ScaleResult:
     connect_backs: list[int]  # per job, in order
     start_ms: list[float]  # client's time from announcing to a started job
     crowd: float = 1.0  # the crowd the first simulated worker believed in at the end
+    cancel_ms: list[float] = field(default_factory=list)  # first connect-back to TAKEN
 
     def steady(self) -> tuple[list[int], list[float]]:
         """Jobs after the first (the first teaches the workers the crowd)."""
@@ -179,9 +192,18 @@ def run_scale(bed: Any, keys: Any, workers: int, jobs: int, fixed: bool) -> Scal
     finally:
         proc.stop()
     crowd = 1.0
+    first_cb: dict[str, float] = {}
+    cancel_ms: list[float] = []  # first connect-back to the TAKEN heard, per job
+    for line in proc.output.splitlines():
+        if line.startswith("cb "):
+            job, since = line.split()[1], float(line.split()[3])
+            first_cb[job] = min(first_cb.get(job, since), since)
     for line in proc.output.splitlines():
         if line.startswith("taken "):
-            crowd = float(line.split()[-1])
+            words = line.split()
+            crowd = float(words[-1])
+            if words[1] in first_cb:
+                cancel_ms.append(float(words[5]) - first_cb[words[1]])
     order: list[str] = []
     counts: dict[str, int] = {}
     for line in proc.output.splitlines():
@@ -191,7 +213,7 @@ def run_scale(bed: Any, keys: Any, workers: int, jobs: int, fixed: bool) -> Scal
                 order.append(job)
             counts[job] = counts.get(job, 0) + 1
     return ScaleResult(workers, "fixed 1 ms jitter" if fixed else "crowd-scaled window",
-                       [counts[j] for j in order], starts, crowd)
+                       [counts[j] for j in order], starts, crowd, cancel_ms)
 
 
 def summary(result: ScaleResult) -> str:
@@ -200,7 +222,8 @@ def summary(result: ScaleResult) -> str:
             f"connect-backs, {result.start_ms[0]:.1f} ms; jobs 2-{len(result.start_ms)}: "
             f"{statistics.mean(cbs):.3f} connect-backs per job (max {max(cbs)}), "
             f"start {statistics.median(starts):.1f} ms median "
-            f"({min(starts):.1f}-{max(starts):.1f}); crowd learnt {result.crowd:.0f}")
+            f"({min(starts):.1f}-{max(starts):.1f}); crowd learnt {result.crowd:.0f}; "
+            f"first connect-back to TAKEN {statistics.median(result.cancel_ms or [0]):.1f} ms")
 
 
 def main() -> None:

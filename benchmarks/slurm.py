@@ -67,7 +67,7 @@ SlurmdPort=6818
 NodeName={name} NodeAddr={addr} CPUs={os.cpu_count() or 1} State=UNKNOWN
 PartitionName=bench Nodes={name} Default=YES MaxTime=INFINITE State=UP
 """)
-        (w / "cgroup.conf").write_text("CgroupPlugin=disabled\n")
+        (w / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n")
         socket_path = Path("/run/munge/munge.socket.2")
         if not socket_path.exists():
             Path("/run/munge").mkdir(exist_ok=True)
