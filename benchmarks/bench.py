@@ -406,7 +406,7 @@ def tiny_jobs(b: Bed, jobs: int, n: int) -> list[Row]:
             n, lambda: jobs_rate(rex_parallel, jobs),
             lambda: jobs_rate(parallel, jobs), lambda: jobs_rate(xargs, jobs, stdin=pairs),
             lambda: executor_rate(b, jobs, 8))
-        exe16 = alternate(n, lambda: executor_rate(b, max(jobs, 1000), 16))[0]
+        exe16 = alternate(n, lambda: executor_rate(b, 1000, 16))[0]
     finally:
         for m in masters:
             m.terminate()
@@ -500,7 +500,7 @@ def main() -> None:
     args = parser.parse_args()
     runs = args.runs or (5 if args.quick else 15)
     bulk_runs = 1 if args.quick else 3
-    jobs = 200 if args.quick else 1000
+    jobs = 200 if args.quick else 500
     scale_jobs = 6 if args.quick else 12
     require_netns()
     sweep_stale()

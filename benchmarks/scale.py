@@ -226,15 +226,51 @@ def summary(result: ScaleResult) -> str:
             f"first connect-back to TAKEN {statistics.median(result.cancel_ms or [0]):.1f} ms")
 
 
+def model(workers: int, jobs: int, cancel_ms: float, seed: int = 1) -> tuple[float, float]:
+    """The same rules without processes: WORKERS idle workers draw their delays with
+    rexnet.load's window and crowd estimate; those that fire before the TAKEN (CANCEL_MS
+    after the first) connect back; the TAKEN's count is what fired by 0.8 CANCEL_MS.
+    Returns (connect-backs per job, median first answer in ms) over jobs after the first."""
+    import random
+
+    from rexnet.load import IDLE_MS, Crowd, spread_ms
+
+    rng = random.Random(seed)
+    crowds = [Crowd() for _ in range(workers)]
+    fired: list[int] = []
+    firsts: list[float] = []
+    for job in range(jobs):
+        now = float(job)
+        spreads = [spread_ms(c.size(now)) for c in crowds]
+        delays = [IDLE_MS + rng.random() * s for s in spreads]
+        first = min(delays)
+        taken = first + cancel_ms
+        count = sum(1 for d in delays if d < first + 0.8 * cancel_ms)
+        for crowd, s in zip(crowds, spreads, strict=True):
+            crowd.observe(count, now, s, taken - IDLE_MS)
+        fired.append(sum(1 for d in delays if d < taken))
+        firsts.append(first)
+    return statistics.mean(fired[1:]), statistics.median(firsts[1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--model", type=float, metavar="MS",
+                        help="no processes: the statistical model, with a TAKEN that "
+                        "comes MS after the first connect-back")
     parser.add_argument("--serve", metavar="KEYFILE", help=argparse.SUPPRESS)
     parser.add_argument("--fixed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.workers, args.fixed)
+        return
+    if args.model is not None:
+        per_job, first = model(args.workers, args.jobs, args.model)
+        print(f"model: {args.workers} workers, TAKEN {args.model:g} ms after the first "
+              f"connect-back: {per_job:.3f} connect-backs per job, first answer "
+              f"{first:.1f} ms after the announcement (jobs 2-{args.jobs})")
         return
     import tempfile
 
