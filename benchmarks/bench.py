@@ -302,12 +302,18 @@ def srun_latency(b: Bed, n: int) -> list[Row]:
 
 
 def agent_pid(b: Bed) -> int | None:
+    """The agent this run started: a rexnet process with our agent socket in its command
+    line or environment (other users' agents on the machine are not ours)."""
     sock = b.agent_env["REXNET_AGENT_SOCKET"]
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if "agent" in cmd and "rexnet" in cmd and proc.pid != os.getpid() and (
-                sock in cmd or "--serve" in cmd or "agent" in cmd.split()):
-            return int(proc.pid)
+        if "rexnet" not in cmd or "agent" not in cmd or proc.pid == os.getpid():
+            continue
+        try:
+            if sock in cmd or proc.environ().get("REXNET_AGENT_SOCKET") == sock:
+                return int(proc.pid)
+        except psutil.Error:
+            continue
     return None
 
 

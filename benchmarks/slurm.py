@@ -89,8 +89,8 @@ PartitionName=bench Nodes={name} Default=YES MaxTime=INFINITE State=UP
             done = self.host.run(self.srun(["true"]), env=self.env, timeout=20)
             if done.returncode == 0:
                 return ""
-            last = (done.stderr or "").strip().splitlines()[-1:] or [""]
-            last = last[0]
+            lines = (done.stderr or "").strip().splitlines()
+            last = lines[-1] if lines else ""
             time.sleep(1.0)
         self.stop()
         return f"srun did not work within 30 s: {last[:200]}"
