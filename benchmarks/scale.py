@@ -9,8 +9,9 @@ another namespace.  Two corrections make one process stand in for N machines:
   one process verifying N times would spread the workers over N signature checks);
 - each worker's delay counts from when the announcement reached the process, not from when
   the process got round to that worker (SimWorker._announce resets the timer), and a
-  timer that fires after the job's TAKEN reached the process counts as cancelled (each
-  machine would have read its TAKEN at once; this process reads 1,000 copies in turn).
+  timer that fires after the job's TAKEN reached the process counts as cancelled, and
+  the crowd estimate sees the TAKEN's time of arrival (each machine would have read its
+  TAKEN at once; this process reads 1,000 copies in turn).
 
 Run by benchmarks/bench.py; alone (as root, from the repository):
 
@@ -105,11 +106,15 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
             lag = time.monotonic() - arrived.get(self._data, time.monotonic())
             for job_id in set(self.pending) - before:
                 pending = self.pending[job_id]
+                pending.heard -= lag
                 if pending.call is not None and pending.call.active():
                     pending.call.reset(max(0.0, pending.delay - lag))
 
         def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
             pending = self.pending.get(taken.job_id)
+            if pending is not None:  # as if read when it reached the "machine"
+                pending.heard += time.monotonic() - taken_at.get(taken.job_id,
+                                                                 time.monotonic())
             super()._taken(dgram, taken)
             if self.settings.name == "sim0" and pending is not None:
                 since = (reactor.seconds() - pending.heard) * 1000
