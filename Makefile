@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install clean tools fuzz soak
+.PHONY: demo test lint typecheck unit install clean tools fuzz soak bench
 
 # A regular (non-editable) install: setuptools' editable mode hides twisted/plugins from twistd.
 $(STAMP): pyproject.toml setup.py $(shell find rexnet twisted -name '*.py')
@@ -29,6 +29,11 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: tools $(STAMP) lint typecheck unit
+
+# Benchmarks against ssh, GNU parallel and Slurm on a namespace bed (root; installs
+# openssh-server, parallel and, if it can, slurm-wlm with apt). BENCH_ARGS=--quick is faster.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 # Tools the multi-host and terminal tests use (installed with apt when root on Debian;
 # elsewhere those tests skip with a reason, or fail under CI=true).

@@ -56,24 +56,27 @@ def ensure_sshd() -> None:
     Path("/run/sshd").mkdir(exist_ok=True)
 
 
-def start_sshd(host: Host, work: Path) -> list[str]:
-    """sshd on HOST:2222 for USER; returns the ssh argv prefix that logs in."""
+def start_sshd(host: Host, work: Path, keyfile: Path | None = None) -> list[str]:
+    """sshd on HOST:2222 for USER; returns the ssh argv prefix that logs in (with KEYFILE,
+    made if missing; default WORK/user)."""
+    user = keyfile or work / "user"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "host"],
                    check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "user"],
-                   check=True)
+    if not user.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", user],
+                       check=True)
     keys = work / "authorized_keys"
-    keys.write_text((work / "user.pub").read_text())
+    keys.write_text(Path(f"{user}.pub").read_text())
     keys.chmod(0o644)
     work.chmod(0o755)
     config = work / "sshd_config"
     config.write_text(f"Port 2222\nHostKey {work / 'host'}\nAuthorizedKeysFile {keys}\n"
                       "StrictModes no\nUsePAM no\nPidFile none\nPrintMotd no\n"
-                      "PasswordAuthentication no\n")
+                      "PasswordAuthentication no\nMaxStartups 200\nMaxSessions 64\n")
     host.popen(["/usr/sbin/sshd", "-D", "-f", str(config)], stdout=subprocess.DEVNULL,
                stderr=subprocess.DEVNULL)
     time.sleep(1.0)
-    return ["ssh", "-F", "/dev/null", "-i", str(work / "user"), "-o", "BatchMode=yes",
+    return ["ssh", "-F", "/dev/null", "-i", str(user), "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "LogLevel=ERROR", "-p", "2222", f"{USER}@{host.addr()}"]
 

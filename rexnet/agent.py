@@ -281,6 +281,9 @@ class Session(Protocol):
 # -- starting and stopping ------------------------------------------------------------
 
 
+ON_DEMAND = "REXNET_AGENT_ON_DEMAND"  # set by a launcher that starts the agent
+
+
 class AgentError(Exception):
     """The agent cannot start (its socket's directory is unsafe, or in use)."""
 
@@ -366,7 +369,6 @@ def serve(sock: socket.socket, lock: int, path: str, idle_timeout: float) -> int
     sock.setblocking(False)
     reactor.adoptStreamPort(sock.fileno(), socket.AF_UNIX, factory)  # type: ignore[attr-defined]
     os.chmod(path, 0o600)  # Twisted makes an adopted Unix port 0666; the directory is 0700
-    inode = os.stat(path).st_ino
     sock.close()
     with open(path + ".pid", "w") as f:
         f.write(f"{os.getpid()}\n")
@@ -375,11 +377,11 @@ def serve(sock: socket.socket, lock: int, path: str, idle_timeout: float) -> int
     checker.start(min(5.0, max(idle_timeout / 4, 0.05)), now=False)
 
     def cleanup() -> None:
+        # the socket is still ours (a successor needs the lock we hold until we exit);
+        # Twisted removes it when the port closes
         agent.shutdown()
         with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == inode:  # still ours, not a successor's
-                os.unlink(path)
-                os.unlink(path + ".pid")
+            os.unlink(path + ".pid")
 
     reactor.addSystemEventTrigger("before", "shutdown", cleanup)  # type: ignore[attr-defined]
     log.info("rexnet agent {pid} serves {path} (idle timeout {idle:g} s)", pid=os.getpid(),
@@ -429,7 +431,8 @@ def command(path: str | None, foreground: bool, stop_it: bool, idle_timeout: flo
         sock, lock = listen(path)
     except AgentError as e:
         if "already serves" in str(e):
-            print(f"rexnet: {e}", file=sys.stderr)
+            if not os.environ.get(ON_DEMAND):  # a launcher's start lost a race: no news
+                print(f"rexnet: {e}", file=sys.stderr)
             return 0
         print(f"rexnet: agent: {e}", file=sys.stderr)
         return exitcodes.CREDENTIAL

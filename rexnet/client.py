@@ -379,7 +379,7 @@ class ClientJob:
             return
         self.chosen = channel
         self._stop_looking()
-        taken = wire.encode_datagram(wire.Taken(self.job_id, self.now()),
+        taken = wire.encode_datagram(wire.Taken(self.job_id, self.now(), self.answered),
                                      self.credential.app_id, self.credential.key)
         for target in self.targets:
             self._udp.send(taken, target)

@@ -217,7 +217,20 @@ def launch(tokens: Sequence[str], full: Callable[[], int]) -> int:
               "without one", file=sys.stderr)
         return full()
     request["netns"] = agentwire.netns_id()
-    return Launcher(sock, path, request, numbers).run()
+    try:
+        return Launcher(sock, path, request, numbers).run()
+    except Unsent:  # the agent went away before it had the request: nothing ran; once more
+        sock.close()
+        sock = connect(path) or start_agent(path, numbers)
+        if sock is None:
+            print(f"rexnet: no agent could start (see above, or {log_path(path)}); running "
+                  "without one", file=sys.stderr)
+            return full()
+        return Launcher(sock, path, request, numbers, last_try=True).run()
+
+
+class Unsent(Exception):
+    """The request could not be sent to the agent (it stopped meanwhile)."""
 
 
 def connect(path: str) -> _socket.socket | None:
@@ -242,7 +255,8 @@ def start_agent(path: str, numbers: Sequence[int]) -> _socket.socket | None:
                *((os.POSIX_SPAWN_CLOSE, fd) for fd in numbers)]
     # -P: the installed rexnet, not a source tree that happens to be the current directory
     argv = [sys.executable, "-P", "-m", "rexnet.cli", "agent", "--socket", path]
-    pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions)
+    env = dict(os.environ, REXNET_AGENT_ON_DEMAND="1")  # see rexnet.agent.ON_DEMAND
+    pid = os.posix_spawn(sys.executable, argv, env, file_actions=actions)
     _, status = os.waitpid(pid, 0)
     if status != 0:
         return None
@@ -258,7 +272,8 @@ class Launcher:
     """One job through the agent: descriptors out, signals relayed, status back."""
 
     def __init__(self, sock: _socket.socket, path: str, request: dict[str, object],
-                 numbers: list[int]) -> None:
+                 numbers: list[int], last_try: bool = False) -> None:
+        self.last_try = last_try
         self.sock = sock
         self.path = path
         self.request = request
@@ -333,6 +348,8 @@ class Launcher:
             sent = self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
             self.sock.sendall(data[sent:])
         except OSError as e:
+            if not self.last_try:
+                raise Unsent() from None
             return 255, f"rexnet: cannot reach the agent at {self.path}: {e.strerror}"
         finally:
             for fd in opened:

@@ -162,13 +162,18 @@ class Taken:
     KIND: ClassVar[Kind] = Kind.TAKEN
     job_id: bytes
     ts_ms: int
+    answered: int = 0  # connect-backs the client had when it chose (0: not said)
 
     def body(self) -> dict[str, Any]:
-        return {"job": self.job_id.hex(), "ts": self.ts_ms}
+        body: dict[str, Any] = {"job": self.job_id.hex(), "ts": self.ts_ms}
+        if self.answered:
+            body["answered"] = self.answered
+        return body
 
     @classmethod
     def from_body(cls, obj: dict[str, Any]) -> Taken:
-        return cls(_hex_id(obj, "job"), _int(obj, "ts", 0, 2**63 - 1))
+        answered = _int(obj, "answered", 0, 0xFFFFFF) if "answered" in obj else 0
+        return cls(_hex_id(obj, "job"), _int(obj, "ts", 0, 2**63 - 1), answered)
 
 
 ALERT_EVENTS = ("job-started", "job-finished", "complaint", "worker-status")

@@ -35,7 +35,15 @@ from rexnet.channel import Channel
 from rexnet.credentials import CertInfo, Credential, check_validity
 from rexnet.hardening import make_undumpable
 from rexnet.job import KILL_GRACE, JobProcess, Limits, spawn
-from rexnet.load import HostLoad, connect_back_delay, load_figure, sample_host
+from rexnet.load import (
+    IDLE_MS,
+    Crowd,
+    HostLoad,
+    connect_back_delay,
+    load_figure,
+    sample_host,
+    spread_ms,
+)
 from rexnet.metrics import NO_METRICS, NoMetrics
 from rexnet.tls import Revocations, connecting_options
 
@@ -87,6 +95,8 @@ class Pending:
     load: float
     delay: float
     call: IDelayedCall | None = None
+    heard: float = 0.0  # when the announcement came (reactor time)
+    spread: float = 0.0  # the width of the random part of DELAY, in ms
     connecting: defer.Deferred[Any] | None = None
     channel: WorkerChannel | None = None
 
@@ -174,6 +184,7 @@ class Worker:
         self.rate_limited = 0
         self.warm: set[WorkerChannel] = set()  # idle channels kept for their client's next job
         self._sampled: tuple[float, HostLoad] | None = None  # for warm channels' reports
+        self.crowd = Crowd()
         self._idle: defer.Deferred[None] | None = None
 
     @property
@@ -238,8 +249,10 @@ class Worker:
             log.debug("no free slot for job from {client}", client=client.info.name)
             return
         load = load_figure(self.sample(), self.busy, self.settings.slots)
-        delay = connect_back_delay(load, self.settings.speed, self.jitter)
-        pending = Pending(ann.job_id, client, load, delay)
+        now = self.reactor.seconds()
+        crowd = self.crowd.size(now)
+        delay = connect_back_delay(load, self.settings.speed, self.jitter, crowd)
+        pending = Pending(ann.job_id, client, load, delay, heard=now, spread=spread_ms(crowd))
         self.pending[ann.job_id] = pending
         self.tried[ann.job_id] = None
         if len(self.tried) > TRIED_JOBS:
@@ -249,9 +262,14 @@ class Worker:
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
         pending = self.pending.get(taken.job_id)
-        if pending is None or pending.channel is not None:
-            return  # nothing to cancel, or the client will tell us over TLS
+        if pending is None:
+            return  # nothing to cancel (and no certificate to check it with)
         self.checker.check_taken(dgram, pending.client)
+        now = self.reactor.seconds()
+        self.crowd.observe(taken.answered, now, pending.spread,
+                           (now - pending.heard) * 1000 - IDLE_MS)
+        if pending.channel is not None:
+            return  # the client will tell us over TLS
         if pending.call is not None and pending.call.active():
             pending.call.cancel()
         if pending.connecting is not None:

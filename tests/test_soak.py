@@ -15,10 +15,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 from cluster import REXNET, Proc, start_worker
-from conftest import Keys
+from conftest import Keys, stop_agents
 from netbed import NetBed, list_netns, require_netns
 
 JOBS = int(os.environ.get("REXNET_SOAK_JOBS", "200"))
@@ -93,7 +94,7 @@ def counts(proc: Proc) -> tuple[int, int, int]:
     return len(me.children(recursive=True)), me.num_fds(), me.memory_info().rss
 
 
-def test_soak(keys: Keys) -> None:
+def test_soak(keys: Keys, agent_sockets: Path) -> None:
     require_netns()
     with NetBed() as bed:
         lan = bed.add_subnet("lan")
@@ -118,6 +119,9 @@ def test_soak(keys: Keys) -> None:
             assert line, proc.communicate(timeout=30)[1].decode()[-3000:]
             reports.append(json.loads(line))
         elapsed = time.monotonic() - t0
+        # the agents (of the jobs run by the command line) keep warm channels to the
+        # workers: open on purpose, not leaked; they close with the agents
+        stop_agents(agent_sockets)
         time.sleep(1.5)  # a job's last processes get 1 s to finish after it exits
         after = [counts(w) for w in workers]  # measured while the clients still run
         for proc in runs:

@@ -85,7 +85,8 @@ announces = st.builds(
     port=st.integers(1, 0xFFFF),
     addrs=st.lists(st.ip_addresses().map(str), max_size=wire.MAX_ADDRS).map(tuple),
 )
-takens = st.builds(wire.Taken, job_id=job_ids, ts_ms=st.integers(0, 2**63 - 1))
+takens = st.builds(wire.Taken, job_id=job_ids, ts_ms=st.integers(0, 2**63 - 1),
+                   answered=st.integers(0, 0xFFFFFF))
 messages: st.SearchStrategy[wire.DatagramMessage] = st.one_of(announces, takens)
 
 frames: st.SearchStrategy[wire.Frame] = st.one_of(

@@ -1,0 +1,573 @@
+"""rexnet against its peers on one namespace test bed, every figure in the same run.
+
+Run as root from the repository (`make bench`, or `make bench BENCH_ARGS=--quick`):
+
+    .venv/bin/python benchmarks/bench.py [--quick] [--runs N] [--no-write]
+
+Builds a bed of three namespaces on one bridge (client, w1, w2), starts a rexnet worker
+(`sh -c`, --allow-args) and an sshd (port 2222, user rexbench whose shell reads no rc
+files) on w1 and w2, then measures, alternating rexnet and its peer run by run:
+
+- start of a trivial job: cold (`ssh host true`, default and curve25519 key exchange,
+  against `rexnet exec --no-agent`), warm (ssh ControlMaster against `rexnet exec` through
+  the agent), and Slurm's `srun true` where Slurm runs here;
+- 1 GiB one way (`cat > /dev/null`) and in and back out through `cat` (ssh default cipher
+  and aes128-gcm), with the peak RSS of worker, agent and client while streaming;
+- tiny jobs 8 at a time across both workers: GNU parallel -S with ControlMaster and
+  ssh+xargs -P8 with ControlMaster against `rexnet parallel` and the Python Executor;
+- the scale simulation (benchmarks/scale.py): 1,000 workers answering one announcement,
+  connect-backs per job and time to a started job, with and without the crowd-scaled
+  window; and the same at 2 workers (the cost for a small cluster).
+
+Prints a table and rewrites the generated part of benchmarks/RESULTS.md (everything above
+the line "## History"; that section is written by hand and kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cluster import REXNET, Proc, start_worker  # noqa: E402
+from conftest import Keys, make_keys  # noqa: E402
+from netbed import Host, NetBed, require_netns, sweep_stale  # noqa: E402
+from scale import ScaleResult, run_scale  # noqa: E402
+from slurm import Slurm  # noqa: E402
+from start_latency import USER, ensure_sshd, start_sshd  # noqa: E402
+
+GIB = 1 << 30
+BLOCK = 1 << 20
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+HISTORY = "## History"
+
+
+@dataclass
+class Row:
+    """One figure: rexnet's samples next to a peer's, and which way is better."""
+
+    section: str
+    what: str
+    unit: str
+    rexnet: list[float]
+    peer_name: str = ""
+    peer: list[float] = field(default_factory=list)
+    higher_is_better: bool = False
+    goal: str = ""
+    note: str = ""
+
+    @staticmethod
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "-"
+        digits = 0 if statistics.median(values) >= 100 else 1 if statistics.median(
+            values) >= 10 else 2
+        return (f"{statistics.median(values):.{digits}f} "
+                f"({min(values):.{digits}f}-{max(values):.{digits}f})")
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.rexnet or not self.peer:
+            return None
+        return statistics.median(self.rexnet) / statistics.median(self.peer)
+
+    @property
+    def met(self) -> str:
+        if not self.goal or self.ratio is None:
+            return ""
+        ok = self.ratio >= 1 if self.higher_is_better else self.ratio <= 1
+        return "yes" if ok else "no"
+
+    def markdown(self) -> str:
+        ratio = f"{self.ratio:.2f}" if self.ratio is not None else "-"
+        return (f"| {self.what} | {self.unit} | {self.cell(self.rexnet)} | {self.peer_name} | "
+                f"{self.cell(self.peer)} | {ratio} | {self.goal} {self.met} | {self.note} |")
+
+
+# -- measuring --------------------------------------------------------------------------
+
+
+def run_ms(argv: Sequence[str], env: dict[str, str] | None = None) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, env=env, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    elapsed = (time.perf_counter() - t0) * 1000
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv} failed ({done.returncode}): {done.stderr.decode()[-400:]}")
+    return elapsed
+
+
+def alternate(n: int, *fns: Callable[[], float]) -> list[list[float]]:
+    """Call each of FNS N times, round-robin, so that noise from the rest of the machine
+    falls on all of them alike; returns the samples of each."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(n):
+        for i, fn in enumerate(fns):
+            samples[i].append(fn())
+    return samples
+
+
+class PeakRSS:
+    """Samples the resident memory of named processes until stopped."""
+
+    def __init__(self, find: Callable[[], dict[str, int]]) -> None:
+        self.find = find
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, pid in self.find().items():
+                try:
+                    rss = psutil.Process(pid).memory_info().rss
+                except psutil.Error:
+                    continue
+                self.peak[name] = max(self.peak.get(name, 0), rss)
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def stream(argv: Sequence[str], size: int, back: bool, env: dict[str, str] | None = None,
+           memory: PeakRSS | None = None) -> float:
+    """Feed SIZE bytes to ARGV's stdin (reading back as many if BACK); return MB/s."""
+    block = os.urandom(BLOCK)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdin is not None and proc.stdout is not None
+    if memory is not None:
+        memory.client_pid = proc.pid  # type: ignore[attr-defined]
+
+    def feed() -> None:
+        assert proc.stdin is not None
+        try:
+            for _ in range(size // BLOCK):
+                proc.stdin.write(block)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    t0 = time.perf_counter()
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    got = 0
+    while True:
+        data = proc.stdout.read1(BLOCK)  # type: ignore[attr-defined]
+        if not data:
+            break
+        got += len(data)
+    writer.join()
+    status = proc.wait(120)
+    elapsed = time.perf_counter() - t0
+    err = proc.stderr.read().decode()[-400:] if proc.stderr else ""
+    if status != 0 or got != (size if back else 0):
+        raise RuntimeError(f"{argv}: status {status}, {got} bytes back: {err}")
+    return size / elapsed / 1e6
+
+
+# -- the bed ----------------------------------------------------------------------------
+
+
+@dataclass
+class Bed:
+    bed: NetBed
+    keys: Keys
+    work: Path
+    client: Host
+    workers: list[Host]
+    ssh: list[str]  # argv prefix without the host
+    agent: bool
+    agent_env: dict[str, str]
+    worker_procs: list[Proc]
+
+    def rex(self, *args: str, agent: bool = False, targets: Sequence[Host] = ()) -> list[str]:
+        hosts = targets or self.workers[:1]
+        argv = [REXNET, "exec"]
+        if self.agent and not agent:
+            argv.append("--no-agent")
+        for h in hosts:
+            argv += ["-a", f"{h.addr()}:3010"]
+        return self.client.argv([*argv, "-T", str(self.keys.client), *args])
+
+    def ssh_to(self, host: Host, *options: str) -> list[str]:
+        return self.client.argv([self.ssh[0], *options, *self.ssh[1:],
+                                 f"{USER}@{host.addr()}"])
+
+
+def has_agent(client: Host) -> bool:
+    return client.run([REXNET, "agent", "--help"]).returncode == 0
+
+
+def build(bed: NetBed, work: Path) -> Bed:
+    keys = make_keys(work, "bench")
+    lan = bed.add_subnet("lan")
+    client = bed.add_host("client", [lan])
+    workers = [bed.add_host(f"w{i}", [lan]) for i in (1, 2)]
+    procs = [start_worker(keys.worker, ["sh", "-c"], "0.0.0.0:3010", h.name, "--allow-args",
+                          "--slots", "8", popen=h.popen) for h in workers]
+    ssh: list[str] = []
+    for h in workers:
+        (work / f"ssh-{h.name}").mkdir()
+        ssh = start_sshd(h, work / f"ssh-{h.name}", keyfile=work / "user")
+    prefix = ssh[:-1]  # start_sshd's argv ends with user@host
+    agent = has_agent(client)
+    env = dict(os.environ, REXNET_AGENT_SOCKET=str(work / "agent.sock"))
+    return Bed(bed, keys, work, client, workers, prefix, agent, env, procs)
+
+
+# -- the figures ------------------------------------------------------------------------
+
+
+def start_latency(b: Bed, n: int) -> list[Row]:
+    w1 = b.workers[0]
+    cold = b.rex("true")
+    ssh_default = [*b.ssh_to(w1), "true"]
+    ssh_curve = [*b.ssh_to(w1, "-o", "KexAlgorithms=curve25519-sha256"), "true"]
+    for argv in (cold, ssh_default):
+        run_ms(argv)
+    rex, default, curve = alternate(n, lambda: run_ms(cold), lambda: run_ms(ssh_default),
+                                    lambda: run_ms(ssh_curve))
+    label = "`rexnet exec --no-agent true`" if b.agent else "`rexnet exec true` (cold)"
+    rows = [Row("start", f"cold start: {label}", "ms", rex, "`ssh host true`", default,
+                goal="<= 1"),
+            Row("start", f"cold start: {label}", "ms", rex, "`ssh` curve25519", curve)]
+    control = str(b.work / "control-w1")
+    master = subprocess.Popen(b.client.argv([b.ssh[0], "-M", "-S", control, "-N", *b.ssh[1:],
+                                             f"{USER}@{w1.addr()}"]))
+    try:
+        time.sleep(1.0)
+        warm_ssh = b.client.argv([b.ssh[0], "-S", control, *b.ssh[1:],
+                                  f"{USER}@{w1.addr()}", "true"])
+        run_ms(warm_ssh)
+        if b.agent:
+            warm = b.rex("true", agent=True)
+            for _ in range(3):
+                run_ms(warm, b.agent_env)
+            rex_warm, ssh_warm = alternate(n, lambda: run_ms(warm, b.agent_env),
+                                           lambda: run_ms(warm_ssh))
+            rows.append(Row("start", "warm start: `rexnet exec true` (agent)", "ms", rex_warm,
+                            "ssh ControlMaster", ssh_warm, goal="<= 1"))
+        else:
+            ssh_warm = alternate(n, lambda: run_ms(warm_ssh))[0]
+            rows.append(Row("start", "warm start: rexnet agent", "ms", [], "ssh ControlMaster",
+                            ssh_warm, goal="<= 1", note="agent not available on this branch"))
+    finally:
+        master.terminate()
+        master.wait(10)
+    return rows
+
+
+def srun_latency(b: Bed, n: int) -> list[Row]:
+    slurm = Slurm(b.workers[0], b.work / "slurm")
+    problem = slurm.start()
+    if problem:
+        return [Row("start", "`srun true` (single node)", "ms", [], "Slurm srun", [],
+                    note=f"Slurm not measured: {problem}")]
+    try:
+        srun = b.workers[0].argv(slurm.srun(["true"]))  # srun on the node itself
+        cold = b.rex("true")
+        run_ms(srun, slurm.env)
+        rex, peer = alternate(n, lambda: run_ms(cold), lambda: run_ms(srun, slurm.env))
+        return [Row("start", "cold start: `rexnet exec --no-agent true`" if b.agent
+                    else "cold start: `rexnet exec true`", "ms", rex,
+                    "`srun true` (one node)", peer,
+                    note="srun runs on the node; rexnet from the client host")]
+    finally:
+        slurm.stop()
+
+
+def agent_pid(b: Bed) -> int | None:
+    """The agent this run started: a rexnet process with our agent socket in its command
+    line or environment (other users' agents on the machine are not ours)."""
+    sock = b.agent_env["REXNET_AGENT_SOCKET"]
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "rexnet" not in cmd or "agent" not in cmd or proc.pid == os.getpid():
+            continue
+        try:
+            if sock in cmd or proc.environ().get("REXNET_AGENT_SOCKET") == sock:
+                return int(proc.pid)
+        except psutil.Error:
+            continue
+    return None
+
+
+def bulk(b: Bed, n: int) -> tuple[list[Row], dict[str, int]]:
+    w1 = b.workers[0]
+    env = b.agent_env if b.agent else None
+    rex_one = b.rex("cat > /dev/null", agent=b.agent)
+    rex_back = b.rex("cat", agent=b.agent)
+    gcm = ("-c", "aes128-gcm@openssh.com")
+    ssh_one, gcm_one = [*b.ssh_to(w1), "cat > /dev/null"], [*b.ssh_to(w1, *gcm), "cat > /dev/null"]
+    ssh_back, gcm_back = [*b.ssh_to(w1), "cat"], [*b.ssh_to(w1, *gcm), "cat"]
+    worker_pid = b.worker_procs[0].pid
+    memory = PeakRSS(lambda: {k: v for k, v in {
+        "worker": worker_pid, "client": getattr(memory, "client_pid", None),
+        "agent": agent_pid(b) if b.agent else None}.items() if v})
+    with memory:
+        rex_b = [stream(rex_back, GIB, True, env, memory)]
+    rex_b_more, gcm_b, def_b = alternate(
+        n, lambda: stream(rex_back, GIB, True, env), lambda: stream(gcm_back, GIB, True),
+        lambda: stream(ssh_back, GIB, True))
+    rex_o, gcm_o, def_o = alternate(
+        n, lambda: stream(rex_one, GIB, False, env), lambda: stream(gcm_one, GIB, False),
+        lambda: stream(ssh_one, GIB, False))
+    rex_b += rex_b_more
+    via = " (agent)" if b.agent else ""
+    rows = [
+        Row("bulk", f"1 GiB in and back out through `cat`{via}", "MB/s", rex_b,
+            "ssh aes128-gcm", gcm_b, True, ">= 1"),
+        Row("bulk", f"1 GiB in and back out through `cat`{via}", "MB/s", rex_b,
+            "ssh default cipher", def_b, True),
+        Row("bulk", f"1 GiB one way (`cat > /dev/null`){via}", "MB/s", rex_o,
+            "ssh aes128-gcm", gcm_o, True),
+        Row("bulk", f"1 GiB one way (`cat > /dev/null`){via}", "MB/s", rex_o,
+            "ssh default cipher", def_o, True),
+    ]
+    return rows, memory.peak
+
+
+def jobs_rate(argv: Sequence[str], jobs: int, env: dict[str, str] | None = None,
+              stdin: bytes | None = None) -> float:
+    """Jobs per second of ARGV running JOBS jobs.  Its output goes to a file, not a pipe:
+    GNU parallel -M leaves a helper holding its stdout after it exits."""
+    with tempfile.TemporaryFile() as out:
+        t0 = time.perf_counter()
+        done = subprocess.run(argv, input=stdin, stdout=out, stderr=out, env=env, timeout=600,
+                              stdin=None if stdin is not None else subprocess.DEVNULL)
+        elapsed = time.perf_counter() - t0
+        out.seek(0)
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv[-6:]} failed ({done.returncode}): "
+                               f"{out.read().decode(errors='replace')[-400:]}")
+    return jobs / elapsed
+
+
+def reap(host: Host, word: str) -> None:
+    """End the processes in HOST's namespace whose command line has WORD (what a run of
+    ours left behind: GNU parallel's control-master helper)."""
+    pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True,
+                          text=True).stdout.split()
+    for pid in map(int, pids):
+        try:
+            proc = psutil.Process(pid)
+            if word in " ".join(proc.cmdline()):
+                proc.terminate()
+        except psutil.Error:
+            continue
+
+
+EXECUTOR = """
+import sys, time, rexnet
+key, jobs, width, targets = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+with rexnet.Executor(key, targets, width) as ex:
+    list(ex.map(["true"], [b""] * width))
+    t0 = time.perf_counter()
+    done = list(ex.map(["true"], [b""] * jobs))
+    rate = jobs / (time.perf_counter() - t0)
+assert all(d.returncode == 0 for d in done)
+print(rate)
+"""
+
+
+def executor_rate(b: Bed, jobs: int, width: int) -> float:
+    targets = [f"{h.addr()}:3010" for h in b.workers]
+    done = b.client.run([sys.executable, "-c", EXECUTOR, str(b.keys.client), str(jobs),
+                         str(width), *targets], timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"Executor run failed: {done.stderr[-600:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def tiny_jobs(b: Bed, jobs: int, n: int) -> list[Row]:
+    w1, w2 = b.workers
+    controls = [str(b.work / f"control-{h.name}") for h in b.workers]
+    masters = [subprocess.Popen(b.client.argv([b.ssh[0], "-M", "-S", c, "-N", *b.ssh[1:],
+                                               f"{USER}@{h.addr()}"]))
+               for c, h in zip(controls, b.workers, strict=True)]
+    try:
+        time.sleep(1.0)
+        ssh_cmd = " ".join(b.ssh)
+        parallel = b.client.argv(
+            ["parallel", "-j8", "-M", "--ssh", ssh_cmd, "-S",
+             f"4/{USER}@{w1.addr()},4/{USER}@{w2.addr()}", "true", ":::",
+             *map(str, range(jobs))])
+        pairs = "".join(f"{controls[i % 2]} {USER}@{b.workers[i % 2].addr()}\n"
+                        for i in range(jobs)).encode()
+        xargs = b.client.argv(["xargs", "-P8", "-n2", "sh", "-c",
+                               f'exec {ssh_cmd} -S "$0" "$1" true'])
+        rex_parallel = b.client.argv(
+            [REXNET, "parallel", "-j", "8", "-a", f"{w1.addr()}:3010", "-a",
+             f"{w2.addr()}:3010", str(b.keys.client), "--", "true", ":::",
+             *map(str, range(jobs))])
+        def gnu_parallel() -> float:
+            rate = jobs_rate(parallel, jobs)
+            reap(b.client, "/usr/bin/parallel")
+            return rate
+
+        rex_p, par, xar, exe = alternate(
+            n, lambda: jobs_rate(rex_parallel, jobs), gnu_parallel,
+            lambda: jobs_rate(xargs, jobs, stdin=pairs), lambda: executor_rate(b, jobs, 8))
+        exe16 = alternate(n, lambda: executor_rate(b, 1000, 16))[0]
+    finally:
+        for m in masters:
+            m.terminate()
+            m.wait(10)
+    rows = [
+        Row("jobs", "`rexnet parallel -j8`, 2 workers", "jobs/s", rex_p,
+            "GNU parallel -S -M, 8 at a time", par, True),
+        Row("jobs", "`rexnet parallel -j8`, 2 workers", "jobs/s", rex_p,
+            "ssh+xargs -P8, ControlMaster", xar, True),
+        Row("jobs", "rexnet.Executor, 8 at a time, 2 workers", "jobs/s", exe,
+            "GNU parallel -S -M, 8 at a time", par, True),
+        Row("jobs", "rexnet.Executor, 8 at a time, 2 workers", "jobs/s", exe,
+            "ssh+xargs -P8, ControlMaster", xar, True),
+        Row("jobs", "rexnet.Executor, 16 at a time, 2 workers", "jobs/s", exe16,
+            "(goal 1,000 jobs/s)", [1000.0], True, ">= 1"),
+    ]
+    return rows
+
+
+def scale(bed: NetBed, keys: Keys, workers: int, jobs: int) -> list[ScaleResult]:
+    results = []
+    for count, n in ((workers, jobs), (2, max(jobs, 20))):
+        for fixed in (False, True):
+            results.append(run_scale(bed, keys, count, n, fixed))
+    return results
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def scale_lines(results: list[ScaleResult]) -> list[str]:
+    lines = ["| workers | connect-back window | first job: connect-backs | first job: "
+             "start ms | later jobs: connect-backs per job (max) | later jobs: start ms "
+             "median (min-max) | crowd learnt | first connect-back to TAKEN, ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        cbs, starts = r.steady()
+        lines.append(f"| {r.workers} | {r.mode} | {r.connect_backs[0]} | {r.start_ms[0]:.1f} | "
+                     f"{statistics.mean(cbs):.3f} ({max(cbs)}) | {Row.cell(starts)} | "
+                     f"{r.crowd:.0f} | {Row.cell(r.cancel_ms)} |")
+    return lines
+
+
+def report(rows: list[Row], peak: dict[str, int], scaled: list[ScaleResult], argv: list[str],
+           seconds: float, agent: bool) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()
+    lines = [
+        "# Benchmark results", "",
+        f"Generated by `{' '.join(argv)}` on {now} in {seconds:.0f} s: "
+        f"{platform.machine()}, {psutil.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, load average {load[0]:.2f} at the end (the machine "
+        "is shared: the figures of one row were taken alternately, run by run, so that the "
+        "ratios compare like with like).", "",
+        "Hosts are network namespaces on one bridge (tests/netbed.py): `client`, `w1`, `w2`. "
+        "Each worker host runs a rexnet worker (`sh -c`, --allow-args, 8 slots) and an sshd "
+        f"on port 2222 for the user `{USER}` (shell /bin/sh, no rc files). rexnet agent: "
+        f"{'present' if agent else 'not on this branch (warm rows empty)'}.", "",
+        "Cells are median (min-max). The ratio is rexnet/peer: below 1 is better for times, "
+        "above 1 for rates.", "",
+        "| figure | unit | rexnet | peer | peer figure | ratio | goal met | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *[r.markdown() for r in rows], "",
+        "Peak resident memory while streaming 1 GiB through `cat`: " + ", ".join(
+            f"{name} {size / 1e6:.1f} MB" for name, size in sorted(peak.items())) + ".", "",
+        "### Scale simulation", "",
+        "Simulated workers are real Worker objects in one process (benchmarks/scale.py), all "
+        "on one multicast group in a namespace; the client is a real `rexnet exec -v` in "
+        "another. Connect-backs are the attempts the workers made per job, counted in the "
+        "workers; start is the client's time from announcing to a started job. The first job "
+        "is where the workers learn the crowd from the client's TAKEN.", "",
+        *scale_lines(scaled), "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(text: str) -> None:
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    history = old[old.index(HISTORY):] if HISTORY in old else f"{HISTORY}\n"
+    RESULTS.write_text(text + "\n" + history)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer runs and jobs (a few minutes)")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 15, quick 5)")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print only; leave benchmarks/RESULTS.md alone")
+    parser.add_argument("--scale-workers", type=int, default=1000)
+    args = parser.parse_args()
+    runs = args.runs or (5 if args.quick else 15)
+    bulk_runs = 1 if args.quick else 3
+    jobs = 200 if args.quick else 500
+    scale_jobs = 6 if args.quick else 12
+    require_netns()
+    sweep_stale()
+    # a TERM (or ^C) unwinds through the bed's cleanup: namespaces, sshd, workers
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    ensure_sshd()
+    if not shutil.which("parallel"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "parallel"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    started = time.monotonic()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp, NetBed() as bed:
+        work = Path(tmp)
+        work.chmod(0o755)  # sshd reads the authorized keys as the user
+        b = build(bed, work)
+        try:
+            steps: list[tuple[str, Callable[[], object]]] = [
+                ("start latency", lambda: rows.extend(start_latency(b, runs))),
+                ("srun", lambda: rows.extend(srun_latency(b, runs))),
+                ("tiny jobs", lambda: rows.extend(tiny_jobs(b, jobs, max(2, runs // 5)))),
+            ]
+            for name, step in steps:
+                print(f"-- {name}", flush=True)
+                step()
+            print("-- 1 GiB streams", flush=True)
+            bulk_rows, peak = bulk(b, bulk_runs)
+            rows.extend(bulk_rows)
+            print("-- scale simulation", flush=True)
+            scaled = scale(bed, b.keys, args.scale_workers, scale_jobs)
+        finally:
+            if b.agent:
+                b.client.run([REXNET, "agent", "--stop"], env=b.agent_env)
+    text = report(rows, peak, scaled, ["make", "bench"] if os.environ.get("MAKELEVEL") else
+                  [".venv/bin/python", "benchmarks/bench.py", *sys.argv[1:]],
+                  time.monotonic() - started, b.agent)
+    print(text)
+    if not args.no_write:
+        write_results(text)
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
