@@ -186,7 +186,9 @@ def run_scale(bed: Any, keys: Any, workers: int, jobs: int, fixed: bool) -> Scal
         proc.wait_for(rf"ready {workers}", timeout=120)
         starts: list[float] = []
         for _ in range(jobs):
-            done = client.run([REXNET, "exec", "-v", "--timeout", "30", "-a",
+            # --no-agent: every job is announced to the whole crowd (an agent would reuse
+            # a warm channel and announce nothing)
+            done = client.run([REXNET, "exec", "--no-agent", "-v", "--timeout", "30", "-a",
                                f"{GROUP}:{PORT}", str(keys.client)], timeout=60, text=True)
             match = START.search(done.stderr)
             if done.returncode != 0 or not match:
