@@ -1055,12 +1055,14 @@ def run_streaming(
     say: Callable[[str], None] | None = None,
     alerts: Sequence[Target] | None = None,
     on_started: Callable[[str, str], None] | None = None,
+    pool: WarmPool | None = None,
 ) -> defer.Deferred[JobResult]:
     """Run one job streaming: STDIN is a push producer with startProducing(consumer) (as
     twisted.web's IBodyProducer; None: empty input), STDOUT and STDERR are IConsumers that
     may pause the stream (None: discarded). Fires with a JobResult once every byte of
     output was written to the consumers, or fails as run() does. RETRIES (as for run())
-    needs STDIN None: a producer cannot be replayed."""
+    needs STDIN None: a producer cannot be replayed. POOL (a rexnet.warm.WarmPool) lets
+    jobs reuse warm channels, as for run()."""
     if retries and stdin is not None:
         return defer.fail(ValueError("retries need stdin=None: a producer cannot be replayed"))
     if stdin is not None and not callable(getattr(stdin, "startProducing", None)):
@@ -1071,7 +1073,7 @@ def run_streaming(
     async def go() -> JobResult:
         result, _, _ = await _dispatch(
             reactor, credential, args, lambda: ProducerStreams(stdin, stdout, stderr),
-            announce, timeout, env, retries, say, alerts, on_started)
+            announce, timeout, env, retries, say, alerts, on_started, pool)
         return result
 
     return defer.Deferred.fromCoroutine(go())

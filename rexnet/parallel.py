@@ -32,6 +32,7 @@ from rexnet import client
 from rexnet.client import JobFailed, JobResult, Target
 from rexnet.credentials import Credential
 from rexnet.logs import message_observer
+from rexnet.warm import WarmPool
 
 SPOOL_MEMORY = 1 << 20
 MAX_FAILED_STATUS = 101  # as GNU parallel: the number of failed jobs, at most 101
@@ -216,6 +217,9 @@ class Parallel:
         self._launching = False
         self.t0 = reactor.seconds()
         self.all_done: defer.Deferred[None] = defer.Deferred()
+        # warm channels: the next job reuses a finished job's authenticated channel while
+        # its worker stays the best choice (this run's own jobs discounted, as the Executor)
+        self.pool = WarmPool(reactor, discount_own=True)
 
     def start(self) -> defer.Deferred[None]:
         self._launch()
@@ -244,6 +248,7 @@ class Parallel:
         self._progress()
         if (not self.running and (self.next >= len(self.tasks) or self.stopping)
                 and not self.all_done.called):
+            self.pool.close()
             self.all_done.callback(None)
 
     def _run(self, task: Task) -> None:
@@ -264,7 +269,7 @@ class Parallel:
         running = client.run_streaming(
             self.reactor, self.credential, task.args, None, FileConsumer(task.stdout),
             FileConsumer(task.stderr), self.targets, self.timeout, self.env, self.retries,
-            say, self.alerts, started)
+            say, self.alerts, started, self.pool)
         running.addBoth(self._ended, task)
 
     def _ended(self, result: JobResult | Failure, task: Task) -> None:
