@@ -121,6 +121,11 @@ def test_one_worker_process_serves_two_applications_and_exec_finds_them_by_name(
         assert done.returncode == 0, done.stderr
         assert done.stdout == b"both green\n"
         assert b"0/3 slots busy" in done.stderr
+        # an application's name goes through the agent too: the next job reuses its channel
+        done = subprocess.run([REXNET, "exec", "-v", "testapp", "--", "echo again"],
+                              cwd=tmp_path, capture_output=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == b"again\n", done.stderr
+        assert b"reused warm channel" in done.stderr
         done = subprocess.run([REXNET, "exec", "otherapp"], cwd=tmp_path, input=b"shout\n",
                               capture_output=True, timeout=60)
         assert done.returncode == 0, done.stderr
