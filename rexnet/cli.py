@@ -321,16 +321,18 @@ def cmd_parallel(args: argparse.Namespace) -> int:
     except ValueError as e:
         fail(str(e), exitcodes.USAGE)
     from rexnet.credentials import CredentialError, load_credential
+    from rexnet.revocation import open_list
 
     try:
         credential = load_credential(Path(args.keyfile), "client")
+        revoked = open_list(args.revoked, Path(args.keyfile), credential.app)
     except CredentialError as e:
         fail(str(e), exitcodes.CREDENTIAL)
     if values is None:
         values = parallel.read_inputs(sys.stdin)
     return parallel.main(credential, targets, template, values,
                          args.jobs or os.cpu_count() or 1, args.keep_order, args.retries,
-                         args.timeout, environment(args.env), alerts, args.verbose)
+                         args.timeout, environment(args.env), alerts, args.verbose, revoked)
 
 
 PARALLEL_HELP = """\
@@ -444,6 +446,9 @@ def parser() -> argparse.ArgumentParser:
     par.add_argument("--retries", type=int, default=0, metavar="N",
                      help="run a job again (up to N times) if its worker is lost before it "
                      "wrote any output; a job that wrote output is never rerun")
+    par.add_argument("--revoked", metavar="FILE", help="refuse workers whose certificates "
+                     "are listed in FILE (rexnet keygen --revoke; default: APP.revoked "
+                     "beside KEYFILE, if there is one)")
     par.add_argument("-a", "--announce", metavar="ADDR[:PORT]", action="append", default=[],
                      help="where to announce the jobs (as for exec)")
     par.add_argument("--timeout", type=float, default=None, metavar="SECONDS",

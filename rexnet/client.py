@@ -907,6 +907,19 @@ def client_credential(credential: Credential | str | os.PathLike[str]) -> Creden
     return load_credential(Path(credential), "client")
 
 
+def revocations_beside(credential: Credential | str | os.PathLike[str],
+                       loaded: Credential) -> Revocations | None:
+    """APP.revoked beside CREDENTIAL's file, if it is a path and there is one (the default
+    of `rexnet exec`); CredentialError if that list cannot be read."""
+    if isinstance(credential, Credential):
+        return None
+    from pathlib import Path
+
+    from rexnet.revocation import open_list
+
+    return open_list(None, Path(credential), loaded.app)
+
+
 Target = str | tuple[str, int]
 
 
@@ -953,12 +966,15 @@ async def _dispatch(
     alerts: Sequence[Target] | None,
     on_started: Callable[[str, str], None] | None,
     pool: WarmPool | None = None,
+    revoked: Revocations | None = None,
 ) -> tuple[JobResult, JobStreams, int]:
     """Run one job, again on WorkerLost before any output (up to RETRIES more times)."""
     from rexnet.alerts import CRAT_PORT, crat_targets
     from rexnet.announce import parse_target
 
     cred = client_credential(credential)
+    if revoked is None:
+        revoked = revocations_beside(credential, cred)
     targets = announce_targets(announce)
     alert_to = crat_targets(targets) if alerts is None else [
         (t[0], int(t[1])) if isinstance(t, tuple) else parse_target(t, CRAT_PORT)
@@ -975,6 +991,7 @@ async def _dispatch(
                   else AlertSender(reactor, cred, alert_to))
         job = ClientJob(reactor, cred, targets, request, streams, timeout, say=tell,
                         alerts=sender, pool=pool)
+        job.revoked = revoked
         job.on_started = on_started
         try:
             result = await job.run()
@@ -1002,6 +1019,7 @@ def run(
     alerts: Sequence[Target] | None = None,
     on_started: Callable[[str, str], None] | None = None,
     pool: WarmPool | None = None,
+    revoked: Revocations | None = None,
 ) -> defer.Deferred[CompletedJob]:
     """Run one job with STDIN as its input; fires with a CompletedJob (its status, stdout,
     stderr and worker) or fails with a JobFailed subclass (NoWorker, AuthFailed, JobRefused,
@@ -1016,13 +1034,14 @@ def run(
     Twisted's log); ON_STARTED(worker, job_id) is called when the job runs somewhere;
     ALERTS are crat addresses (default: the announce targets on port 3011). POOL keeps the
     job's channel warm afterwards, and runs it on a warm channel if one is a good choice
-    (see rexnet.warm).
+    (see rexnet.warm). REVOKED lists workers to refuse (rexnet.revocation.open_list; by
+    default APP.revoked beside CREDENTIAL's file, if there is one, as for `rexnet exec`).
     """
 
     async def go() -> CompletedJob:
         result, streams, attempts = await _dispatch(
             reactor, credential, args, lambda: BytesStreams(stdin, max_output), announce,
-            timeout, env, retries, say, alerts, on_started, pool)
+            timeout, env, retries, say, alerts, on_started, pool, revoked)
         assert isinstance(streams, BytesStreams)
         completed = CompletedJob(tuple(args), result.status, streams.stdout.getvalue(),
                                  streams.stderr.getvalue(), result.worker, result.address,
@@ -1056,6 +1075,7 @@ def run_streaming(
     alerts: Sequence[Target] | None = None,
     on_started: Callable[[str, str], None] | None = None,
     pool: WarmPool | None = None,
+    revoked: Revocations | None = None,
 ) -> defer.Deferred[JobResult]:
     """Run one job streaming: STDIN is a push producer with startProducing(consumer) (as
     twisted.web's IBodyProducer; None: empty input), STDOUT and STDERR are IConsumers that
@@ -1073,7 +1093,7 @@ def run_streaming(
     async def go() -> JobResult:
         result, _, _ = await _dispatch(
             reactor, credential, args, lambda: ProducerStreams(stdin, stdout, stderr),
-            announce, timeout, env, retries, say, alerts, on_started, pool)
+            announce, timeout, env, retries, say, alerts, on_started, pool, revoked)
         return result
 
     return defer.Deferred.fromCoroutine(go())

@@ -122,6 +122,7 @@ class Executor(concurrent.futures.Executor):
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.credential = client.client_credential(credential)
+        self._revoked = client.revocations_beside(credential, self.credential)
         self.targets = client.announce_targets(announce)
         self.max_jobs = max_jobs if max_jobs is not None else (os.cpu_count() or 1)
         if self.max_jobs < 1:
@@ -205,7 +206,7 @@ class Executor(concurrent.futures.Executor):
 
         return client.run(self._reactor, self.credential, args, stdin, self.targets,
                           self.timeout, env, max_output, self.retries, self.log, self.alerts,
-                          started, self._pool)
+                          started, self._pool, self._revoked)
 
     def _enqueue(self, start: Callable[[], defer.Deferred[Any]]
                  ) -> concurrent.futures.Future[Any]:

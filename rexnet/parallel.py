@@ -32,6 +32,7 @@ from rexnet import client
 from rexnet.client import JobFailed, JobResult, Target
 from rexnet.credentials import Credential
 from rexnet.logs import message_observer
+from rexnet.tls import Revocations
 from rexnet.warm import WarmPool
 
 SPOOL_MEMORY = 1 << 20
@@ -220,6 +221,7 @@ class Parallel:
         # warm channels: the next job reuses a finished job's authenticated channel while
         # its worker stays the best choice (this run's own jobs discounted, as the Executor)
         self.pool = WarmPool(reactor, discount_own=True)
+        self.revoked: Revocations | None = None  # workers to refuse (see --revoked)
 
     def start(self) -> defer.Deferred[None]:
         self._launch()
@@ -269,7 +271,7 @@ class Parallel:
         running = client.run_streaming(
             self.reactor, self.credential, task.args, None, FileConsumer(task.stdout),
             FileConsumer(task.stderr), self.targets, self.timeout, self.env, self.retries,
-            say, self.alerts, started, self.pool)
+            say, self.alerts, started, self.pool, self.revoked)
         running.addBoth(self._ended, task)
 
     def _ended(self, result: JobResult | Failure, task: Task) -> None:
@@ -342,7 +344,7 @@ INTERRUPTS = ("SIGINT", "SIGTERM", "SIGHUP")
 def main(credential: Credential, targets: Sequence[Target], template: Sequence[str],
          values: Sequence[str], jobs: int, keep_order: bool, retries: int, timeout: float,
          env: Sequence[tuple[str, str]], alerts: Sequence[Target] | None,
-         verbose: bool) -> int:
+         verbose: bool, revoked: Revocations | None = None) -> int:
     """Run the jobs, write their outputs and the summary; the exit status (the number of
     failed jobs, at most 101; 128+N if signal N interrupted the run)."""
     from twisted.internet import reactor
@@ -358,6 +360,7 @@ def main(credential: Credential, targets: Sequence[Target], template: Sequence[s
     tasks = [Task(i, value, job_arguments(template, value)) for i, value in enumerate(values)]
     run = Parallel(reactor, credential, targets, tasks, writer, jobs, keep_order, retries,
                    timeout, env, alerts, verbose)
+    run.revoked = revoked
     interrupted: list[int] = []
 
     def interrupt(number: int, frame: object) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -244,6 +245,24 @@ def test_client_refuses_a_revoked_worker_and_the_job_never_starts(app: Path) -> 
         assert done.returncode == exitcodes.AUTH_FAILED, done.stderr
         assert b"refused: peer worker certificate 'worker' (serial" in done.stderr
         assert b"is revoked" in done.stderr and done.stdout == b""
+        # the Python Executor and rexnet parallel take the same default
+        script = ("import sys\n"
+                  "from rexnet import Executor\n"
+                  "from rexnet.client import AuthFailed\n"
+                  f"with Executor({str(app / 'revo.client')!r}, announce=[{addr!r}],"
+                  " timeout=2) as ex:\n"
+                  "    error = ex.submit([]).exception()\n"
+                  "print(type(error).__name__, error)\n")
+        # (the worker, refused, may try again: the error names the last attempt's failure)
+        api = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                             timeout=60, text=True)
+        assert api.stdout.startswith("AuthFailed"), (api.stdout, api.stderr)
+        assert "failed authentication" in api.stdout
+        par = subprocess.run([REXNET, "parallel", "--announce", addr, "--timeout", "2",
+                              str(app / "revo.client"), "--", ":::", "x"],
+                             capture_output=True, timeout=60, text=True)
+        assert par.returncode == 1, par.stderr
+        assert "failed authentication" in par.stderr and par.stdout == ""
         assert "started for" not in worker.output
     finally:
         worker.stop()
