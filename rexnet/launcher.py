@@ -346,7 +346,8 @@ class Launcher:
             data = agentwire.encode("exec", **self.request)
             rights = struct.pack(f"{len(fds)}i", *fds)  # not array: it imports collections
             sent = self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
-            self.sock.sendall(data[sent:])
+            if sent < len(data):  # sendall(b"") still calls send(): EPIPE if the agent
+                self.sock.sendall(data[sent:])  # already answered (a missing credential)
         except OSError as e:
             if not self.last_try:
                 raise Unsent() from None
