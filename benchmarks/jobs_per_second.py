@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import psutil  # noqa: E402
 from cluster import REXNET, exec_argv, loopback_address, start_worker  # noqa: E402
+from start_latency import timed  # noqa: E402
 
 import rexnet  # noqa: E402
 from rexnet.credentials import keygen  # noqa: E402
@@ -68,17 +69,6 @@ def local_rate(jobs: int, max_jobs: int) -> float:
         return jobs / (time.perf_counter() - t0)
 
 
-def exec_times(argv: list[str], n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        done = subprocess.run(argv, capture_output=True)
-        times.append((time.perf_counter() - t0) * 1000)
-        if done.returncode != 0:
-            raise SystemExit(f"{argv} failed: {done.stderr.decode()}")
-    return times
-
-
 def main() -> None:
     jobs = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
     max_jobs = int(sys.argv[2]) if len(sys.argv) > 2 else 16
@@ -100,9 +90,9 @@ def main() -> None:
                                                   False, pids)
             rows.append((f"Executor, a new channel per job ({cold_jobs} jobs)", rate))
             argv = exec_argv(client_key, targets, "--", "")[:-2]
-            exec_times(argv, 3)
-            warm = exec_times(argv, 50)
-            cold = exec_times([*argv[:2], "--no-agent", *argv[2:]], 10)
+            timed(argv, 3)
+            warm = timed(argv, 50)
+            cold = timed([*argv[:2], "--no-agent", *argv[2:]], 10)
             rows.append(("rexnet exec through the agent, one at a time",
                          1000 / statistics.median(warm)))
             rows.append(("rexnet exec --no-agent, one at a time", 1000 / statistics.median(cold)))
