@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,13 +405,19 @@ def apply_application(args: Any) -> None:
             print(f"rexnet: no such credential file: {keyfile}, nor an application "
                   f"[applications.{keyfile}] in {looked}", file=sys.stderr)
             raise SystemExit(exitcodes.CREDENTIAL)
-        else:
-            args.keyfile = app.credential
-            if not args.announce:
-                args.announce = list(app.announce)
-            if not getattr(args, "alerts", True):
-                args.alerts = list(app.alerts)
-            if getattr(args, "timeout", 0) is None and app.timeout is not None:
-                args.timeout = float(app.timeout)
-    if getattr(args, "timeout", 0) is None:
+        fill_in(app, vars(args))
+    elif getattr(args, "timeout", 0) is None:
         args.timeout = DEFAULT_TIMEOUT
+
+
+def fill_in(app: Application, values: MutableMapping[str, Any]) -> None:
+    """Take APP's credential into VALUES["keyfile"], and its announce and alert targets and
+    timeout where VALUES has those keys and the command line gave none (then the timeout is
+    DEFAULT_TIMEOUT). Used by the full command line and by the launcher (rexnet.launcher)."""
+    values["keyfile"] = app.credential
+    if not values["announce"]:
+        values["announce"] = list(app.announce)
+    if "alerts" in values and not values["alerts"]:
+        values["alerts"] = list(app.alerts)
+    if "timeout" in values and values["timeout"] is None:
+        values["timeout"] = DEFAULT_TIMEOUT if app.timeout is None else float(app.timeout)

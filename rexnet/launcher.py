@@ -175,14 +175,8 @@ def application(opts: dict[str, object]) -> bool:
             return False
         if app is None:
             return False
-        opts["keyfile"] = str(app.credential)
-        if not opts["announce"]:
-            opts["announce"] = list(app.announce)
-        if not opts["alerts"]:
-            opts["alerts"] = list(app.alerts)
-        if opts["timeout"] is None and app.timeout is not None:
-            opts["timeout"] = float(app.timeout)
-    if opts["timeout"] is None:
+        config.fill_in(app, opts)
+    elif opts["timeout"] is None:
         opts["timeout"] = 30.0
     return True
 
