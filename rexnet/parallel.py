@@ -194,7 +194,8 @@ class Parallel:
                  tasks: list[Task], writer: Writer, jobs: int, keep_order: bool = False,
                  retries: int = 0, timeout: float = client.DEFAULT_TIMEOUT,
                  env: Sequence[tuple[str, str]] = (),
-                 alerts: Sequence[Target] | None = None, verbose: bool = False) -> None:
+                 alerts: Sequence[Target] | None = None, verbose: bool = False,
+                 revoked: Revocations | None = None) -> None:
         self.reactor = reactor
         self.credential = credential
         self.targets = list(targets)
@@ -221,7 +222,7 @@ class Parallel:
         # warm channels: the next job reuses a finished job's authenticated channel while
         # its worker stays the best choice (this run's own jobs discounted, as the Executor)
         self.pool = WarmPool(reactor, discount_own=True)
-        self.revoked: Revocations | None = None  # workers to refuse (see --revoked)
+        self.revoked = revoked  # workers to refuse (see --revoked)
 
     def start(self) -> defer.Deferred[None]:
         self._launch()
@@ -359,8 +360,7 @@ def main(credential: Credential, targets: Sequence[Target], template: Sequence[s
                                      redirectStandardIO=False)
     tasks = [Task(i, value, job_arguments(template, value)) for i, value in enumerate(values)]
     run = Parallel(reactor, credential, targets, tasks, writer, jobs, keep_order, retries,
-                   timeout, env, alerts, verbose)
-    run.revoked = revoked
+                   timeout, env, alerts, verbose, revoked)
     interrupted: list[int] = []
 
     def interrupt(number: int, frame: object) -> None:
