@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py $(shell find rexnet twisted -name '*.py')
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m rexnet.demo
+	$(BIN)/python -m rexnet.cli.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check rexnet twisted tests benchmarks

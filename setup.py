@@ -1,5 +1,5 @@
 """Build step: the manual pages and the bash completion are written at build time from
-the option definitions the commands use (rexnet.manpages, rexnet.completion), so they
+the option definitions the commands use (rexnet.cli.manpages, rexnet.cli.completion), so they
 cannot drift; they install into share/man and share/bash-completion. Everything else is
 in pyproject.toml."""
 
@@ -15,8 +15,8 @@ GENERATED = Path("build", "generated")
 
 def generate() -> list[tuple[str, Sequence[str]]]:
     sys.path.insert(0, str(HERE))  # this source tree's rexnet, not an installed one
-    from rexnet.completion import script
-    from rexnet.manpages import write_all
+    from rexnet.cli.completion import script
+    from rexnet.cli.manpages import write_all
 
     data: dict[str, Sequence[str]] = {}
     for path in write_all(HERE / GENERATED / "man"):

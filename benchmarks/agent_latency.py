@@ -7,7 +7,7 @@ Run as root from the repository (installs openssh-server with apt if it is missi
 
 Prints the median, min and max of N (default 30) runs of each, and ratios to the warm
 agent. Also the floors of a Python launcher: `python -I -S -c pass`, the venv's `python -c
-pass` (with site) and `python -P -c 'import rexnet.launcher'` (-P: the installed package,
+pass` (with site) and `python -P -c 'import rexnet.cli.launcher'` (-P: the installed package,
 not a source tree in the current directory), and `/bin/true` (what a native
 launcher would start in). Every command runs through
 `ip netns exec` (the same cost for all), so a loopback run without namespaces follows.
@@ -32,7 +32,7 @@ from cluster import REXNET, exec_argv, loopback_address, start_worker  # noqa: E
 from netbed import NetBed, require_netns  # noqa: E402
 from start_latency import ensure_sshd, start_sshd, timed  # noqa: E402
 
-from rexnet.credentials import keygen  # noqa: E402
+from rexnet.security.credentials import keygen  # noqa: E402
 
 
 def table(title: str, rows: list[tuple[str, list[float]]]) -> None:
@@ -51,8 +51,8 @@ def floors(n: int, wrap: Callable[[list[str]], list[str]] = list
     return [("python -I -S -c pass (interpreter floor)",
              timed(wrap([python, "-I", "-S", "-c", "pass"]), n)),
             ("python -c pass (venv, with site)", timed(wrap([python, "-c", "pass"]), n)),
-            ("python -P -c 'import rexnet.launcher' (installed, compiled)",
-             timed(wrap([python, "-P", "-c", "import rexnet.launcher"]), n)),
+            ("python -P -c 'import rexnet.cli.launcher' (installed, compiled)",
+             timed(wrap([python, "-P", "-c", "import rexnet.cli.launcher"]), n)),
             ("/bin/true (the floor of a native launcher)", timed(wrap(["/bin/true"]), n))]
 
 

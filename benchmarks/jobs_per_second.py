@@ -33,7 +33,7 @@ from cluster import REXNET, exec_argv, loopback_address, start_worker  # noqa: E
 from start_latency import timed  # noqa: E402
 
 import rexnet  # noqa: E402
-from rexnet.credentials import keygen  # noqa: E402
+from rexnet.security.credentials import keygen  # noqa: E402
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -44,12 +44,12 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
     """Run COUNT workers on GROUP:PORT until killed; print one line per connect-back."""
     from twisted.internet import reactor
 
-    from rexnet import wire
-    from rexnet.announce import AnnounceChecker, Rejected
-    from rexnet.credentials import load_credential
-    from rexnet.load import HostLoad
-    from rexnet.tls import connecting_options
-    from rexnet.worker import Worker, WorkerService, WorkerSettings
+    from rexnet.net.announce import AnnounceChecker, Rejected
+    from rexnet.protocol import wire
+    from rexnet.security.credentials import load_credential
+    from rexnet.security.tls import connecting_options
+    from rexnet.worker.load import HostLoad
+    from rexnet.worker.service import Worker, WorkerService, WorkerSettings
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
@@ -235,12 +235,12 @@ def summary(result: ScaleResult) -> str:
 
 def model(workers: int, jobs: int, cancel_ms: float, seed: int = 1) -> tuple[float, float]:
     """The same rules without processes: WORKERS idle workers draw their delays with
-    rexnet.load's window and crowd estimate; those that fire before the TAKEN (CANCEL_MS
+    rexnet.worker.load's window and crowd estimate; those that fire before the TAKEN (CANCEL_MS
     after the first) connect back; the TAKEN's count is what fired by 0.8 CANCEL_MS.
     Returns (connect-backs per job, median first answer in ms) over jobs after the first."""
     import random
 
-    from rexnet.load import IDLE_MS, Crowd, spread_ms
+    from rexnet.worker.load import IDLE_MS, Crowd, spread_ms
 
     rng = random.Random(seed)
     crowds = [Crowd() for _ in range(workers)]

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from cluster import exec_argv, start_worker  # noqa: E402
 from netbed import Host, NetBed, require_netns  # noqa: E402
 
-from rexnet.credentials import keygen  # noqa: E402
+from rexnet.security.credentials import keygen  # noqa: E402
 
 USER = "rexbench"
 

@@ -7,7 +7,7 @@ import shlex
 from twisted.application.service import Application
 from twisted.python import usage
 
-from rexnet.cproxy_tap import Options, makeService
+from rexnet.relay.cproxy_tap import Options, makeService
 
 options = Options()
 try:

@@ -7,7 +7,7 @@ import shlex
 from twisted.application.service import Application
 from twisted.python import usage
 
-from rexnet.crat_tap import Options, makeService
+from rexnet.crat.tap import Options, makeService
 
 options = Options()
 try:

@@ -7,7 +7,7 @@ import shlex
 from twisted.application.service import Application
 from twisted.python import usage
 
-from rexnet.worker_tap import Options, makeService
+from rexnet.worker.tap import Options, makeService
 
 options = Options()
 try:

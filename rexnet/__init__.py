@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+from rexnet.version import __version__
+
 TYPE_CHECKING = False  # not typing's: `import rexnet` must stay cheap for the launcher
 if TYPE_CHECKING:
     from typing import Any
 
-__version__ = "0.1.0"
-
-if TYPE_CHECKING:
-    from rexnet.client import CompletedJob, JobFailed
-    from rexnet.executor import CallFailed, Executor
-    from rexnet.remote import RemoteError
+    from rexnet.client.executor import CallFailed, Executor
+    from rexnet.client.job import CompletedJob, JobFailed
+    from rexnet.protocol.remotecall import RemoteError
 
 # imported on first use, so that `import rexnet` (and `rexnet --help`) stays quick
-_LAZY = {"Executor": "rexnet.executor", "CallFailed": "rexnet.executor",
-         "CompletedJob": "rexnet.client", "JobFailed": "rexnet.client",
-         "RemoteError": "rexnet.remote"}
+_LAZY = {"Executor": "rexnet.client.executor", "CallFailed": "rexnet.client.executor",
+         "CompletedJob": "rexnet.client.job", "JobFailed": "rexnet.client.job",
+         "RemoteError": "rexnet.protocol.remotecall"}
 
 __all__ = ["CallFailed", "CompletedJob", "Executor", "JobFailed", "RemoteError",
            "__version__"]

@@ -138,9 +138,15 @@ def _is_str_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def validate(source: Source) -> None:
-    """Check every table and key of SOURCE; raise ConfigError at the first mistake."""
-    from rexnet.announce import parse_target
+WorkerKeys = tuple[set[str], set[str], set[str]]  # parameters, flags, repeatable options
+
+
+def validate(source: Source, worker_keys: WorkerKeys | None = None) -> None:
+    """Check every table and key of SOURCE; raise ConfigError at the first mistake. The keys
+    of worker tables are checked against WORKER_KEYS (rexnet.worker.tap.config_keys(), the
+    worker's own option definitions) when given: the worker checks them, a client only
+    reads the application tables."""
+    from rexnet.net.announce import parse_target
 
     data = source.data
     for key in data:
@@ -150,7 +156,7 @@ def validate(source: Source) -> None:
     worker = data.get("worker", {})
     if not isinstance(worker, dict):
         raise source.error([], "worker", "'worker' must be a table")
-    validate_worker_table(source, ["worker"], worker, top=True)
+    validate_worker_table(source, ["worker"], worker, True, worker_keys)
     apps = data.get("applications", {})
     if not isinstance(apps, dict):
         raise source.error([], "applications", "'applications' must be a table")
@@ -181,15 +187,17 @@ def validate(source: Source) -> None:
             if key == "worker":
                 if not isinstance(value, dict):
                     raise source.error(where, key, "worker must be a table")
-                validate_worker_table(source, [*where, "worker"], value, top=False)
+                validate_worker_table(source, [*where, "worker"], value, False,
+                                      worker_keys)
 
 
 def validate_worker_table(source: Source, where: list[str], table: dict[str, Any],
-                          top: bool) -> None:
-    """Keys of a worker table are the long options of twistd rexnet-worker."""
-    from rexnet.worker_tap import config_keys
-
-    params, flags, lists = config_keys()
+                          top: bool, worker_keys: WorkerKeys | None) -> None:
+    """Keys of a worker table are the long options of twistd rexnet-worker (WORKER_KEYS;
+    None: not checked here)."""
+    if worker_keys is None:
+        return
+    params, flags, lists = worker_keys
     known = params | flags | lists | {"command"} | (WORKER_PROCESS_KEYS if top else
                                                   {"credential"})
     for key, value in table.items():
@@ -311,12 +319,12 @@ class WorkerApp:
         return [*self.options, *overrides, *self.positional]
 
 
-def worker_apps(source: Source) -> tuple[list[WorkerApp], dict[str, Any]]:
+def worker_apps(source: Source, worker_keys: WorkerKeys) -> tuple[list[WorkerApp],
+                                                                  dict[str, Any]]:
     """The applications of SOURCE with a worker table, as rexnet-worker argument lists
-    ([worker] supplies defaults); and the process settings (metrics)."""
-    from rexnet.worker_tap import config_keys
-
-    params, flags, lists = config_keys()
+    ([worker] supplies defaults); and the process settings (metrics). WORKER_KEYS: the
+    worker's options (rexnet.worker.tap.config_keys())."""
+    params, flags, lists = worker_keys
     top: dict[str, Any] = source.data.get("worker", {})
     process = {k: v for k, v in top.items() if k in WORKER_PROCESS_KEYS}
     apps = []
@@ -391,7 +399,7 @@ def apply_application(args: Any) -> None:
     configuration file ends the command with exit status 249 and FILE:LINE."""
     import sys
 
-    from rexnet import exitcodes
+    from rexnet.protocol import exitcodes
 
     keyfile = args.keyfile
     if not os.path.exists(keyfile) and "/" not in keyfile:
@@ -413,7 +421,7 @@ def apply_application(args: Any) -> None:
 def fill_in(app: Application, values: MutableMapping[str, Any]) -> None:
     """Take APP's credential into VALUES["keyfile"], and its announce and alert targets and
     timeout where VALUES has those keys and the command line gave none (then the timeout is
-    DEFAULT_TIMEOUT). Used by the full command line and by the launcher (rexnet.launcher)."""
+    DEFAULT_TIMEOUT). Used by the full command line and by the launcher (rexnet.cli.launcher)."""
     values["keyfile"] = app.credential
     if not values["announce"]:
         values["announce"] = list(app.announce)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rexnet.credentials import keygen
+from rexnet.security.credentials import keygen
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,19 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 
-from rexnet import wire
-from rexnet.announce import AnnounceChecker, Rejected
-from rexnet.crat import Crat, CratError, read_ca_certificate
-from rexnet.credentials import Credential, CredentialError, keygen, load_ca, load_credential
-from rexnet.load import HostLoad
-from rexnet.revocation import RevocationError, parse
-from rexnet.worker import Worker, WorkerSettings
+from rexnet.crat.core import Crat, CratError, read_ca_certificate
+from rexnet.net.announce import AnnounceChecker, Rejected
+from rexnet.protocol import wire
+from rexnet.security.credentials import (
+    Credential,
+    CredentialError,
+    keygen,
+    load_ca,
+    load_credential,
+)
+from rexnet.security.revocation import RevocationError, parse
+from rexnet.worker.load import HostLoad
+from rexnet.worker.service import Worker, WorkerSettings
 
 _dir = Path(tempfile.mkdtemp(prefix="rexnet-fuzz-"))
 atexit.register(shutil.rmtree, _dir, True)

@@ -19,7 +19,8 @@ from cluster import REXNET, Proc, exec_argv, loopback_address, run_exec, start_w
 from conftest import Keys, stop_agents
 from netbed import NetBed
 
-from rexnet import agentwire, exitcodes
+from rexnet.agent import paths
+from rexnet.protocol import exitcodes
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_exec_starts_an_agent_and_the_next_exec_reuses_it_and_its_channel(
     assert first.returncode == 0 and first.stdout == b"one\n", first.stderr
     assert b"first of 1 to connect back" in first.stderr
     pid = agent_pid(agent_sockets)
-    path = Path(agentwire.socket_path())
+    path = Path(paths.socket_path())
     assert path.parent == agent_sockets / "rexnet"
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -83,8 +84,8 @@ def test_exec_starts_an_agent_and_the_next_exec_reuses_it_and_its_channel(
 
 def test_a_stale_socket_is_replaced(keys: Keys, worker: tuple[Proc, str],
                                     agent_sockets: Path) -> None:
-    path = agentwire.socket_path()
-    agentwire.safe_directory(path)
+    path = paths.socket_path()
+    paths.safe_directory(path)
     dead = socket.socket(socket.AF_UNIX)
     dead.bind(path)
     dead.close()  # the file stays; connecting to it is refused, as after an agent's crash
@@ -232,7 +233,7 @@ def test_agent_stop(keys: Keys, worker: tuple[Proc, str], agent_sockets: Path) -
     assert stopped.returncode == 0
     assert f"stopped the agent {pid}".encode() in stopped.stderr
     assert wait_gone(pid)
-    assert not Path(agentwire.socket_path()).exists()
+    assert not Path(paths.socket_path()).exists()
 
 
 def test_an_idle_agent_stops_by_itself(agent_sockets: Path) -> None:
@@ -290,7 +291,7 @@ def test_the_launcher_imports_nothing_heavy(keys: Keys, worker: tuple[Proc, str]
     assert done.returncode == 0, done.stderr
     imported = {line.split("|")[-1].strip() for line in done.stderr.decode().splitlines()
                 if line.startswith("import time:")}
-    assert "rexnet.launcher" in imported and "_socket" in imported
+    assert "rexnet.cli.launcher" in imported and "_socket" in imported
     heavy = {"twisted", "cryptography", "OpenSSL", "json", "re", "enum", "socket", "signal",
-             "typing", "collections", "rexnet.cli", "argparse"}
+             "typing", "collections", "rexnet.cli.main", "argparse"}
     assert not imported & heavy, imported & heavy

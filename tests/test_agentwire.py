@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexnet import agentwire
-from rexnet.agentwire import AgentWireError, Decoder, dumps, encode, loads
+from rexnet.protocol import agentwire
+from rexnet.protocol.agentwire import AgentWireError, Decoder, dumps, encode, loads
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70)

@@ -1,4 +1,4 @@
-"""Announcements (rexnet.announce): targets, rate limits, replays and the worker's checks.
+"""Announcements (rexnet.net.announce): targets, rate limits, replays and the worker's checks.
 
 AnnounceChecker runs on a fake clock with real credentials: a datagram is acted on
 only when fresh, signed by a client of the same application, not a replay, and sent
@@ -15,8 +15,7 @@ from conftest import Keys
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from rexnet import wire
-from rexnet.announce import (
+from rexnet.net.announce import (
     DEFAULT_PORT,
     FRESH_MS,
     AnnounceChecker,
@@ -26,7 +25,8 @@ from rexnet.announce import (
     ReplayCache,
     parse_target,
 )
-from rexnet.credentials import Credential, load_credential
+from rexnet.protocol import wire
+from rexnet.security.credentials import Credential, load_credential
 
 T0 = 1_700_000_000_000
 JOB = bytes(range(16))

@@ -1,4 +1,4 @@
-"""Flow control and framing of the job channel (rexnet.channel), over string transports.
+"""Flow control and framing of the job channel (rexnet.net.channel), over string transports.
 
 The TLS layer is left out: a channel is connected to a StringTransport and marked
 verified by hand, as handshakeCompleted would after checking the peer's certificate.
@@ -12,9 +12,9 @@ import pytest
 from conftest import Keys
 from twisted.internet.testing import StringTransport
 
-from rexnet import wire
-from rexnet.channel import GRANT_STEP, MAX_OVERRUN, WINDOW, Channel, InStream, OutStream
-from rexnet.credentials import Credential, load_credential
+from rexnet.net.channel import GRANT_STEP, MAX_OVERRUN, WINDOW, Channel, InStream, OutStream
+from rexnet.protocol import wire
+from rexnet.security.credentials import Credential, load_credential
 
 
 class Peer(Channel):

@@ -11,7 +11,9 @@ import pytest
 from cluster import REXNET, TWISTD, Proc, loopback_address
 from conftest import Keys
 
-from rexnet import config, exitcodes
+from rexnet import config
+from rexnet.protocol import exitcodes
+from rexnet.worker.tap import config_keys
 
 
 def write(path: Path, text: str) -> Path:
@@ -35,9 +37,11 @@ def write(path: Path, text: str) -> Path:
 ])
 def test_mistakes_name_the_file_and_line(tmp_path: Path, text: str, line: int,
                                          message: str) -> None:
+    """The worker's check (all of them, worker tables too); a client only reads the
+    application tables and leaves worker tables to the worker."""
     path = write(tmp_path / "rexnet.toml", text)
     with pytest.raises(config.ConfigError) as e:
-        config.load([path])
+        config.validate(config.read(path), config_keys())
     assert str(e.value).startswith(f"{path}:{line}: "), e.value
     assert message in str(e.value)
 
@@ -193,7 +197,7 @@ def test_a_keyfile_that_exists_is_used_without_reading_any_config(tmp_path: Path
 def test_each_bad_worker_value_names_its_line(tmp_path: Path, keys: Keys,
                                               capsys: pytest.CaptureFixture[str], line: str,
                                               message: str) -> None:
-    from rexnet.worker_tap import from_config
+    from rexnet.worker.tap import from_config
 
     path = write(tmp_path / "w.toml", f'[worker]\nname = "w"\n\n[applications.testapp.worker]\n'
                  f'credential = "{keys.worker}"\ncommand = ["cat"]\n{line}\n')
@@ -213,3 +217,14 @@ def test_a_missing_worker_credential_names_its_line(tmp_path: Path) -> None:
     assert done.returncode == exitcodes.CREDENTIAL
     assert done.stderr == (f"rexnet-worker: {path}:3: no such credential file: "
                            f"{tmp_path}/missing.worker\n")
+
+
+def test_a_client_leaves_worker_tables_to_the_worker(tmp_path: Path) -> None:
+    """rexnet exec NAME reads the application's own table; a worker option it does not know
+    is the worker's to refuse (twistd rexnet-worker --config), not the client's."""
+    path = write(tmp_path / "rexnet.toml", '[applications.ogg]\ncredential = "a"\n'
+                 '[applications.ogg.worker]\ncredential = "w"\ncommand = ["cat"]\nslotz = 3\n')
+    app = config.load([path]).application("ogg")
+    assert app is not None and app.credential == str(tmp_path / "a")
+    with pytest.raises(config.ConfigError, match="unknown key 'slotz'"):
+        config.validate(config.read(path), config_keys())

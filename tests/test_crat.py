@@ -1,4 +1,4 @@
-"""crat (rexnet.crat, rexnet.crat_tap): verifying, rate-limiting and recording alerts.
+"""crat (rexnet.crat.core, rexnet.crat.tap): verifying, rate-limiting and recording alerts.
 
 The core runs on a fake clock with real credentials: an alert is verified only when its
 certificate comes from a trusted CA, names a worker or client of that CA's application,
@@ -39,9 +39,8 @@ from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.python import usage
 from zope.interface import provider
 
-from rexnet import crat_tap, exitcodes, wire
-from rexnet.alerts import CRAT_PORT
-from rexnet.crat import (
+from rexnet.crat import tap as crat_tap
+from rexnet.crat.core import (
     CERT_CACHE,
     FRESH_MS,
     MAX_REASONS,
@@ -56,7 +55,9 @@ from rexnet.crat import (
     read_ca_certificate,
     readable,
 )
-from rexnet.credentials import CA, Credential, identity, issue, load_ca, load_credential
+from rexnet.net.alerts import CRAT_PORT
+from rexnet.protocol import exitcodes, wire
+from rexnet.security.credentials import CA, Credential, identity, issue, load_ca, load_credential
 
 SOURCE = "192.0.2.7"
 
@@ -126,7 +127,7 @@ def bench(creds: Creds, *trusted: x509.Certificate, recent: int = 1000) -> Bench
     def observe(event: dict[str, Any]) -> None:
         events.append(event)
 
-    log = Logger(namespace="rexnet.crat", observer=observe)
+    log = Logger(namespace="rexnet.crat.core", observer=observe)
     crat = Crat(trusted or [creds.worker.ca_cert], clock, [records.append], log, recent)
     return Bench(crat, clock, records, events)
 

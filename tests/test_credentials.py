@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import Keys, make_keys
 
-from rexnet.credentials import (
+from rexnet.security.credentials import (
     Credential,
     CredentialError,
     Role,

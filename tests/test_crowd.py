@@ -13,10 +13,10 @@ import pytest
 from conftest import Keys
 from twisted.internet.task import Clock
 
-from rexnet import wire
-from rexnet.announce import now_ms
-from rexnet.credentials import load_credential
-from rexnet.load import (
+from rexnet.net.announce import now_ms
+from rexnet.protocol import wire
+from rexnet.security.credentials import load_credential
+from rexnet.worker.load import (
     CROWD_HALF_LIFE,
     CROWD_MAX,
     CROWD_WEIGHT,
@@ -28,7 +28,7 @@ from rexnet.load import (
     connect_back_delay,
     spread_ms,
 )
-from rexnet.worker import Worker, WorkerSettings
+from rexnet.worker.service import Worker, WorkerSettings
 
 HANDSHAKE_MS = 2.0  # first connect-back to TAKEN heard, as measured between namespaces
 

@@ -1,4 +1,4 @@
-"""crat's dashboard (rexnet.dashboard, twistd crat --web): state, resources, a real browser.
+"""crat's dashboard (rexnet.crat.dashboard, twistd crat --web): state, resources, a real browser.
 
 First the state the dashboard builds from crat's records (a real Crat, real credentials,
 a fake clock), and its resources rendered with twisted.web's DummyRequest: /api/state,
@@ -38,10 +38,9 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import provider
 
-from rexnet import crat_tap, exitcodes, wire
-from rexnet.crat import Crat, CratService
-from rexnet.credentials import Credential, load_credential
-from rexnet.dashboard import (
+from rexnet.crat import tap as crat_tap
+from rexnet.crat.core import Crat, CratService
+from rexnet.crat.dashboard import (
     ALERTS,
     CSP,
     HISTORY,
@@ -53,6 +52,8 @@ from rexnet.dashboard import (
     DashboardService,
     EventClient,
 )
+from rexnet.protocol import exitcodes, wire
+from rexnet.security.credentials import Credential, load_credential
 
 SOURCE = "192.0.2.9"
 XSS = '<img src=x onerror="document.title=\'pwned\'">'
@@ -452,7 +453,7 @@ def test_event_stream_clients_are_bounded(b: Bench) -> None:
 def test_the_service_sends_heartbeats_and_ends_streams_when_stopping(b: Bench) -> None:
     from twisted.internet.testing import MemoryReactorClock
 
-    from rexnet.dashboard import HEARTBEAT, bind_tcp
+    from rexnet.crat.dashboard import HEARTBEAT, bind_tcp
 
     reactor = MemoryReactorClock()
     service = DashboardService(b.dash, bind_tcp("127.0.0.1", 0), reactor)
@@ -509,7 +510,7 @@ def test_make_service_with_web_binds_loopback_by_default(keys: Keys) -> None:
 
 
 def test_the_dashboard_on_ipv6_loopback(b: Bench) -> None:
-    from rexnet.dashboard import bind_tcp
+    from rexnet.crat.dashboard import bind_tcp
 
     try:
         sock = bind_tcp("::1", 0)

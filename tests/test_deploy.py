@@ -20,7 +20,9 @@ from cluster import BIN, REXNET, TWISTD, Proc, loopback_address
 from conftest import Keys
 from netbed import NetBed
 
-from rexnet import config, exitcodes
+from rexnet import config
+from rexnet.protocol import exitcodes
+from rexnet.worker.tap import config_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 ETC = ROOT / "etc"
@@ -169,8 +171,8 @@ def test_a_tac_with_bad_options_says_so_in_one_line() -> None:
 
 def test_the_example_configuration_is_valid_and_serves_two_applications() -> None:
     source = config.read(ETC / "rexnet.toml.example")
-    config.validate(source)
-    apps, process = config.worker_apps(source)
+    config.validate(source, config_keys())
+    apps, process = config.worker_apps(source, config_keys())
     assert [app.name for app in apps] == ["ogg", "gz"]
     assert process == {"metrics": "127.0.0.1:9310"}
     assert apps[0].argv()[-3:] == ["oggenc", "-Q", "-"]

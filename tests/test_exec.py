@@ -13,8 +13,8 @@ import pytest
 from cluster import Proc, exec_argv, loopback_address, run_exec, start_worker
 from conftest import Keys
 
-from rexnet import exitcodes, wire
-from rexnet.credentials import load_credential
+from rexnet.protocol import exitcodes, wire
+from rexnet.security.credentials import load_credential
 
 SHELL = ["sh", "-c"]
 
@@ -229,7 +229,7 @@ def test_worker_refuses_a_replayed_announcement(keys: Keys) -> None:
 
 
 def wire_now() -> int:
-    from rexnet.announce import now_ms
+    from rexnet.net.announce import now_ms
 
     return now_ms()
 

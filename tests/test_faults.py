@@ -31,7 +31,7 @@ from test_crat import start_crat
 from test_multihost import BROADCAST, job, worker_on
 from test_netbed import start_echo, udp_rtts
 
-from rexnet import exitcodes
+from rexnet.protocol import exitcodes
 
 LOSS = 10
 DELAY_MS = 50

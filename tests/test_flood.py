@@ -27,11 +27,11 @@ from conftest import Keys
 from netbed import NetBed
 from twisted.internet.task import Clock
 
-from rexnet import wire
-from rexnet.announce import BURST, RATE, now_ms
-from rexnet.credentials import load_credential
-from rexnet.load import HostLoad
-from rexnet.worker import (
+from rexnet.net.announce import BURST, RATE, now_ms
+from rexnet.protocol import wire
+from rexnet.security.credentials import load_credential
+from rexnet.worker.load import HostLoad
+from rexnet.worker.service import (
     COMPLAINT_RATE,
     GLOBAL_BURST,
     GLOBAL_RATE,

@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rexnet import wire
-from rexnet.credentials import CredentialError, load_credential
+from rexnet.protocol import wire
+from rexnet.security.credentials import CredentialError, load_credential
 
 FUZZ = Path(__file__).parent / "fuzz"
 NAMES = sorted(targets.TARGETS)

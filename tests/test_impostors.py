@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_exec import run_against_impostor
 
-from rexnet import exitcodes, wire
-from rexnet.announce import now_ms
-from rexnet.credentials import (
+from rexnet.net.announce import now_ms
+from rexnet.protocol import exitcodes, wire
+from rexnet.security.credentials import (
     app_id_of,
     credential_file_bytes,
     issue,
@@ -39,7 +39,7 @@ from rexnet.credentials import (
     make_ca,
     write_private,
 )
-from rexnet.revocation import RECHECK, serial_hex
+from rexnet.security.revocation import RECHECK, serial_hex
 
 NO_CONNECT_WAIT = 1.5  # an idle worker connects back within milliseconds of a good one
 

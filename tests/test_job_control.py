@@ -14,7 +14,7 @@ from cluster import Proc, exec_argv, start_worker
 from conftest import Keys
 from netbed import Host, NetBed
 
-from rexnet import exitcodes
+from rexnet.protocol import exitcodes
 
 BROADCAST = "255.255.255.255:3010"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import Keys
 
-from rexnet import exitcodes
-from rexnet.credentials import load_ca, load_credential
+from rexnet.protocol import exitcodes
+from rexnet.security.credentials import load_ca, load_credential
 
 BIN = Path(sys.executable).parent
 REXNET = BIN / "rexnet"

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexnet import cli, launcher
+from rexnet.cli import launcher
+from rexnet.cli import main as cli
 
 TOKENS = st.sampled_from(["-v", "-t", "-T", "-vT", "-tv", "--verbose", "--no-agent", "-a",
                           "--announce", "--announce=h:1", "-ah:2", "--timeout", "--timeout=2",

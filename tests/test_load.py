@@ -1,4 +1,4 @@
-"""The load figure and the connect-back delay (rexnet.load).
+"""The load figure and the connect-back delay (rexnet.worker.load).
 
 An idle worker answers within a couple of milliseconds; each unit of load per CPU adds
 LOAD_MS; a worker of speed S waits 1/S as long; jitter adds at most JITTER_MS.
@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rexnet.load import IDLE_MS, JITTER_MS, LOAD_MS, HostLoad, connect_back_delay, load_figure
+from rexnet.worker.load import (
+    IDLE_MS,
+    JITTER_MS,
+    LOAD_MS,
+    HostLoad,
+    connect_back_delay,
+    load_figure,
+)
 
 
 def no_jitter() -> float:

@@ -15,7 +15,7 @@ from cluster import BIN, REXNET, TWISTD, Proc, loopback_address, worker_argv
 from conftest import Keys
 
 from rexnet import __version__
-from rexnet.manpages import PLUGINS, Page, escape, options_of, pages, render
+from rexnet.cli.manpages import PLUGINS, Page, escape, options_of, pages, render
 
 SHARE = Path(sys.prefix, "share")
 EXPECTED = {"rexnet.1", "rexnet-exec.1", "rexnet-keygen.1", "rexnet-status.1",
@@ -97,7 +97,7 @@ def complete(words: list[str], cwd: Path | None = None) -> list[str]:
 
 
 def test_the_completion_is_installed_for_both_command_names() -> None:
-    from rexnet.completion import script
+    from rexnet.cli.completion import script
 
     for command in ("rexnet", "cexec"):
         assert (SHARE / "bash-completion" / "completions" / command).read_text() == script()
@@ -149,14 +149,14 @@ def test_twistd_logger_writes_json_lines(keys: Keys) -> None:
         worker.stop()
     records = [json.loads(line) for line in worker.output.splitlines() if line.strip()]
     serving = next(r for r in records if r["message"].startswith("worker jsonny serves"))
-    assert serving["namespace"] == "rexnet.worker" and serving["level"] == "info"
+    assert serving["namespace"] == "rexnet.worker.service" and serving["level"] == "info"
     assert serving["name"] == "jsonny" and serving["port"] == 3010
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00", serving["time"])
     assert any(r["message"].startswith("Received SIGTERM") for r in records)
 
 
 def test_the_worker_page_lists_every_metric_the_worker_serves() -> None:
-    from rexnet.metrics import Metrics
+    from rexnet.worker.metrics import Metrics
 
     text = man(SHARE / "man" / "man8" / "rexnet-worker.8")
     names = [f.name + ("_total" if f.type == "counter" else "")

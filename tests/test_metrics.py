@@ -11,10 +11,10 @@ from cluster import loopback_address, run_exec, start_worker, worker_argv
 from conftest import Keys
 from prometheus_client.parser import text_string_to_metric_families
 
-from rexnet import exitcodes, wire
-from rexnet.announce import now_ms
-from rexnet.credentials import load_credential
-from rexnet.metrics import exit_class
+from rexnet.net.announce import now_ms
+from rexnet.protocol import exitcodes, wire
+from rexnet.security.credentials import load_credential
+from rexnet.worker.metrics import exit_class
 
 
 def free_port(host: str) -> int:
@@ -125,7 +125,7 @@ def test_a_busy_metrics_port_is_a_one_line_error(keys: Keys) -> None:
 
 
 def test_a_failing_load_figure_reads_as_nan_and_the_scrape_still_works() -> None:
-    from rexnet.metrics import Metrics
+    from rexnet.worker.metrics import Metrics
 
     def broken() -> float:
         raise OSError("no /proc")

@@ -12,7 +12,7 @@ from cluster import Proc, exec_argv, run_exec, start_worker
 from conftest import Keys
 from netbed import Host, NetBed
 
-from rexnet import exitcodes
+from rexnet.protocol import exitcodes
 
 SHELL = ["sh", "-c"]
 BROADCAST = "255.255.255.255:3010"

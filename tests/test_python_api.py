@@ -1,4 +1,4 @@
-"""The Python API through real workers on loopback: rexnet.client.run (Twisted),
+"""The Python API through real workers on loopback: rexnet.client.job.run (Twisted),
 rexnet.Executor (threads and futures), re-dispatch after a lost worker, remote calls."""
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from twisted.internet.threads import blockingCallFromThread
 from zope.interface import implementer
 
 import rexnet
-from rexnet import client, exitcodes
-from rexnet.client import CompletedJob, JobRefused, NoWorker, OutputLimit, WorkerLost
-from rexnet.executor import CallFailed, Executor, running_reactor
-from rexnet.remote import RemoteError
+from rexnet.client import job as client
+from rexnet.client.executor import CallFailed, Executor, running_reactor
+from rexnet.client.job import CompletedJob, JobRefused, NoWorker, OutputLimit, WorkerLost
+from rexnet.protocol import exitcodes
+from rexnet.protocol.remotecall import RemoteError
 
 SHELL = ["sh", "-c"]
 TESTS = Path(__file__).parent
@@ -55,7 +56,7 @@ def python_worker(keys: Keys) -> Iterator[str]:
 
 
 def twisted_run(**kwargs: Any) -> Any:
-    """rexnet.client.run in the reactor thread, from this (test) thread."""
+    """rexnet.client.job.run in the reactor thread, from this (test) thread."""
     reactor = running_reactor()
 
     def call() -> Any:
@@ -64,7 +65,7 @@ def twisted_run(**kwargs: Any) -> Any:
     return blockingCallFromThread(reactor, call)
 
 
-# -- rexnet.client.run ------------------------------------------------------------------
+# -- rexnet.client.job.run ------------------------------------------------------------------
 
 
 def test_run_gives_status_stdout_stderr_and_worker(keys: Keys, shell_worker: str) -> None:
@@ -408,8 +409,8 @@ def test_worker_python_option(keys: Keys) -> None:
 
     from twisted.python import usage
 
-    from rexnet.remote import RUNNER
-    from rexnet.worker_tap import Options
+    from rexnet.protocol.remotecall import RUNNER
+    from rexnet.worker.tap import Options
 
     def parse(*args: str) -> Options:
         options = Options()

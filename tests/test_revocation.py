@@ -1,4 +1,4 @@
-"""Revocation (rexnet.revocation): the file format, re-reading, `rexnet keygen --revoke`,
+"""Revocation (rexnet.security.revocation): the file format, re-reading, `rexnet keygen --revoke`,
 and revoked workers and clients refused end to end (issue P6, point 2)."""
 
 from __future__ import annotations
@@ -15,9 +15,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_tls import connect
 
-from rexnet import exitcodes
-from rexnet.credentials import CertInfo, Credential, app_id_of, issue, load_ca, load_credential
-from rexnet.revocation import (
+from rexnet.protocol import exitcodes
+from rexnet.security.credentials import (
+    CertInfo,
+    Credential,
+    app_id_of,
+    issue,
+    load_ca,
+    load_credential,
+)
+from rexnet.security.revocation import (
     MAX_FILE_BYTES,
     RECHECK,
     RevocationError,
@@ -26,7 +33,7 @@ from rexnet.revocation import (
     parse,
     serial_hex,
 )
-from rexnet.tls import VERIFY_ERROR, check_peer, connecting_options, listening_options
+from rexnet.security.tls import VERIFY_ERROR, check_peer, connecting_options, listening_options
 
 
 def rexnet(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -248,7 +255,7 @@ def test_client_refuses_a_revoked_worker_and_the_job_never_starts(app: Path) -> 
         # the Python Executor and rexnet parallel take the same default
         script = ("import sys\n"
                   "from rexnet import Executor\n"
-                  "from rexnet.client import AuthFailed\n"
+                  "from rexnet.client.job import AuthFailed\n"
                   f"with Executor({str(app / 'revo.client')!r}, announce=[{addr!r}],"
                   " timeout=2) as ex:\n"
                   "    error = ex.submit([]).exception()\n"

@@ -11,8 +11,8 @@ from cluster import REXNET, Proc, loopback_address, start_worker
 from conftest import Keys
 from netbed import NetBed
 
-from rexnet import exitcodes, wire
-from rexnet.credentials import load_credential
+from rexnet.protocol import exitcodes, wire
+from rexnet.security.credentials import load_credential
 
 
 def status_argv(keys: Keys, targets: list[str], *options: str) -> list[str]:
@@ -102,6 +102,6 @@ def test_workers_ignore_unsigned_or_forged_status_queries(keys: Keys) -> None:
 
 
 def _now() -> int:
-    from rexnet.announce import now_ms
+    from rexnet.net.announce import now_ms
 
     return now_ms()

@@ -31,7 +31,8 @@ from cluster import Proc, exec_argv, run_exec, start_worker
 from conftest import Keys
 from netbed import Host, NetBed
 
-from rexnet import exitcodes, job, wire
+from rexnet.protocol import exitcodes, wire
+from rexnet.worker import job
 
 SHELL = ["sh", "-c"]
 BROADCAST = "255.255.255.255:3010"

@@ -24,8 +24,8 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from zope.interface import implementer
 
-from rexnet.credentials import Credential, issue, load_ca, load_credential
-from rexnet.tls import check_peer, connecting_options, listening_options
+from rexnet.security.credentials import Credential, issue, load_ca, load_credential
+from rexnet.security.tls import check_peer, connecting_options, listening_options
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 3010)
 
@@ -109,7 +109,7 @@ def test_client_and_worker_of_one_app_authenticate_each_other(keys: Keys) -> Non
 
 
 def test_another_holder_of_the_right_role_is_accepted(keys: Keys, tmp_path: Path) -> None:
-    from rexnet.credentials import credential_file_bytes, write_private
+    from rexnet.security.credentials import credential_file_bytes, write_private
 
     ca = load_ca(keys.ca)
     key, cert = issue(ca.key, ca.cert, "worker", "host-7")

@@ -14,7 +14,7 @@ from netbed import Host, NetBed
 SPY = r"""
 import socket, sys
 sys.path[:0] = [p for p in sys.argv[1:]]
-from rexnet import wire
+from rexnet.protocol import wire
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 3010))

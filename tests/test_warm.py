@@ -12,8 +12,8 @@ from conftest import Keys
 from twisted.internet.task import Clock
 
 import rexnet
-from rexnet import wire
-from rexnet.warm import FRESH, IDLE, WarmPool
+from rexnet.client.warm import FRESH, IDLE, WarmPool
+from rexnet.protocol import wire
 
 
 @dataclass(eq=False)

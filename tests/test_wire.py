@@ -1,4 +1,4 @@
-"""The wire formats (rexnet.wire): byte layout, round trips, bounds and fuzzing.
+"""The wire formats (rexnet.protocol.wire): byte layout, round trips, bounds and fuzzing.
 
 Decoders must be bounded and total: whatever the bytes, decode_datagram and
 FrameDecoder.feed either return well-formed messages or raise WireError.
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexnet import wire
+from rexnet.protocol import wire
 
 APP_ID = bytes(range(0xA0, 0xB0))
 JOB_ID = bytes(range(16))

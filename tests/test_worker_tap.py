@@ -18,10 +18,10 @@ from conftest import Keys
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.python import usage
 
-from rexnet import exitcodes
-from rexnet.load import cpu_count
-from rexnet.worker import WorkerService
-from rexnet.worker_tap import Options, makeService
+from rexnet.protocol import exitcodes
+from rexnet.worker.load import cpu_count
+from rexnet.worker.service import WorkerService
+from rexnet.worker.tap import Options, makeService
 
 TWISTD = Path(sys.executable).parent / "twistd"
 PLUGINS = Path(__file__).parent.parent / "twisted" / "plugins" / "rexnet_plugins.py"

@@ -3,18 +3,18 @@
 from twisted.application.service import ServiceMaker
 
 rexnet_worker = ServiceMaker(
-    "rexnet worker", "rexnet.worker_tap", "Serve one rexnet application (cexec's cservice)",
+    "rexnet worker", "rexnet.worker.tap", "Serve one rexnet application (cexec's cservice)",
     "rexnet-worker",
 )
 
-crat = ServiceMaker("rexnet crat", "rexnet.crat_tap", "Receive and log rexnet alerts", "crat")
+crat = ServiceMaker("rexnet crat", "rexnet.crat.tap", "Receive and log rexnet alerts", "crat")
 
 cproxy = ServiceMaker(
-    "rexnet cproxy", "rexnet.cproxy_tap", "Relay rexnet announcements and connect-backs "
+    "rexnet cproxy", "rexnet.relay.cproxy_tap", "Relay rexnet announcements and connect-backs "
     "between two networks", "cproxy",
 )
 
 rexnet_tunnel = ServiceMaker(
-    "rexnet tunnel", "rexnet.tunnel_tap", "Join rexnet announce domains of several sites "
+    "rexnet tunnel", "rexnet.relay.tunnel_tap", "Join rexnet announce domains of several sites "
     "over TLS", "rexnet-tunnel",
 )

@@ -1,0 +1,443 @@
+"""The client agent: one per user and network namespace, on a 0600 Unix socket.
+
+It keeps what a cold `rexnet exec` pays for on every run (the interpreter with Twisted and
+cryptography imported, loaded credentials, and warm channels to workers, see rexnet.client.warm)
+and runs the jobs of thin launchers (rexnet.cli.launcher), which pass it their descriptors
+with SCM_RIGHTS and relay their signals; it answers with the job's exit status. The
+socket is the trust boundary: a peer of another uid (SO_PEERCRED) is refused with a logged
+complaint. A launcher that goes away ends its job, as a client that dies would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.interfaces import IFileDescriptorReceiver
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from rexnet.agent import paths
+from rexnet.client.warm import WarmPool
+from rexnet.protocol import agentwire, exitcodes, wire
+from rexnet.protocol.agentwire import AgentWireError
+from rexnet.security.credentials import Credential, CredentialError, load_credential
+from rexnet.security.revocation import RevokedFile, default_file, open_list
+
+DEFAULT_IDLE = 600.0
+DEFAULT_ANNOUNCE = "255.255.255.255"
+
+log = Logger()
+
+
+class Agent:
+    """The agent's state: its sessions (one per launcher), credentials and warm channels."""
+
+    def __init__(self, reactor: Any, idle_timeout: float = DEFAULT_IDLE) -> None:
+        self.reactor = reactor
+        self.idle_timeout = idle_timeout
+        self.pool = WarmPool(reactor)
+        self.sessions: set[Session] = set()
+        self.last_active = reactor.seconds()
+        self.netns = paths.netns_id()
+        self._credentials: dict[str, tuple[tuple[int, ...], Credential]] = {}
+        self._revoked: dict[str, RevokedFile | None] = {}
+        self.jobs = 0
+
+    def credential(self, path: str) -> Credential:
+        """The client credential in PATH, loaded again only if the file changed (its
+        mode and owner are part of the check, so a file made unsafe is refused)."""
+        try:
+            info = os.stat(path)
+        except OSError:
+            return load_credential(Path(path), "client")  # which says why, in its words
+        stamp = (info.st_ino, info.st_dev, info.st_mtime_ns, info.st_size, info.st_mode,
+                 info.st_uid)
+        cached = self._credentials.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        credential = load_credential(Path(path), "client")
+        self._credentials[path] = (stamp, credential)
+        return credential
+
+    def revocations(self, option: str, keypath: str, app: str) -> RevokedFile | None:
+        """The revocation list of --revoked OPTION (else APP.revoked beside the credential,
+        if there is one); kept, as it re-reads its file when that changes."""
+        path = option or str(default_file(Path(keypath), app) or "")
+        if not path:
+            return None
+        if path not in self._revoked:
+            self._revoked[path] = open_list(path, Path(keypath), app)
+        return self._revoked[path]
+
+    def idle_check(self) -> None:
+        if self.sessions:
+            self.last_active = self.reactor.seconds()
+        elif self.reactor.seconds() - self.last_active >= self.idle_timeout:
+            log.info("idle for {s:g} s: the agent stops", s=self.idle_timeout)
+            self.reactor.stop()
+
+    def shutdown(self) -> None:
+        self.pool.close()
+        for session in list(self.sessions):
+            session.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def peer_uid(transport: Any) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    raw = transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                      struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", raw)
+    return pid, uid
+
+
+@implementer(IFileDescriptorReceiver)
+class Session(Protocol):
+    """One launcher's connection: its descriptors, its job, its signals."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.decoder = agentwire.Decoder(json.loads)
+        self.fds: list[int] = []
+        self.job: Any = None
+        self.streams: Any = None
+        self.refused = False
+        self.finished = False
+        self.verbose = False
+
+    # -- the connection ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        pid, uid = peer_uid(self.transport)
+        if uid != os.getuid():
+            self.refused = True
+            log.warn("complaint: refused a connection from pid {pid} of uid {uid}: this agent "
+                     "serves uid {me} only", pid=pid, uid=uid, me=os.getuid())
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.agent.sessions.add(self)
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        if self.refused or self.job is not None or len(self.fds) >= agentwire.MAX_FDS:
+            os.close(descriptor)
+            self.refused = True
+            log.warn("complaint: a launcher sent descriptors it should not have")
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.fds.append(descriptor)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        try:
+            messages = self.decoder.feed(data)
+        except AgentWireError as e:
+            log.warn("complaint: bad message from a launcher: {e}", e=e)
+            self.finish(exitcodes.WORKER_LOST, f"rexnet: the agent refused a bad message: {e}")
+            return
+        for message in messages:
+            self.handle(message)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.agent.sessions.discard(self)
+        self.agent.last_active = self.agent.reactor.seconds()
+        if self.job is not None and not self.finished:
+            log.info("the launcher of a job went away: ending the job")
+            self.job.abandon()
+        self.finish(exitcodes.WORKER_LOST, "")
+
+    def send(self, kind: str, **fields: object) -> None:
+        if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]
+            self.transport.write(agentwire.encode(kind, **fields))
+
+    def say(self, text: str) -> None:
+        self.send("say", text=text)
+
+    # -- messages ---------------------------------------------------------------------
+
+    def handle(self, message: dict[str, object]) -> None:
+        op = message["op"]
+        if op == "exec" and self.job is None and not self.finished:
+            self.start(message)
+        elif op == "signal" and self.job is not None:
+            self.job.send_signal(message["number"])
+        elif op == "winch" and self.job is not None:
+            self.job.resize(message["rows"], message["cols"])
+        elif op == "stop":
+            log.info("asked to stop")
+            self.send("stopped", pid=os.getpid())
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.agent.reactor.callLater(0.05, self.agent.reactor.stop)
+        elif op not in ("signal", "winch"):
+            log.warn("complaint: unexpected {op!r} message from a launcher", op=op)
+            self.finish(exitcodes.WORKER_LOST, f"rexnet: the agent refused an unexpected "
+                        f"{op!r} message")
+
+    def start(self, m: dict[str, Any]) -> None:
+        from rexnet.net.announce import parse_target
+
+        numbers = [fd for fd, _ in m["fds"]]
+        if len(self.fds) != 3 + len(numbers):
+            self.finish(exitcodes.WORKER_LOST, f"rexnet: the agent got {len(self.fds)} "
+                        f"descriptors, not {3 + len(numbers)}")
+            return
+        if m["netns"] and m["netns"] != self.agent.netns:
+            self.finish(exitcodes.USAGE, "rexnet: the agent at this socket serves another "
+                        "network namespace; use --no-agent or another REXNET_AGENT_SOCKET")
+            return
+        self.verbose = m["verbose"]
+        try:
+            targets = [parse_target(t) for t in m["announce"] or [m["group"] or
+                                                                DEFAULT_ANNOUNCE]]
+        except ValueError as e:
+            self.finish(exitcodes.USAGE, f"rexnet: --announce: {e}")
+            return
+        from rexnet.net.alerts import CRAT_PORT, crat_targets
+
+        try:
+            alert_to = [parse_target(t, CRAT_PORT) for t in m["alerts"]]
+        except ValueError as e:
+            self.finish(exitcodes.USAGE, f"rexnet: --alerts: {e}")
+            return
+        given, path = m["keyfile"], m["keypath"]
+        try:
+            credential = self.agent.credential(path)
+            revoked = self.agent.revocations(m["revoked"], path, credential.app)
+        except CredentialError as e:  # in the words of the path the user gave
+            self.finish(exitcodes.CREDENTIAL, f"rexnet: {str(e).replace(path, given)}")
+            return
+        self.run(m, credential, targets, alert_to or crat_targets(targets),
+                 dict(zip([0, 1, 2, *numbers], self.fds, strict=True)), revoked)
+
+    def run(self, m: dict[str, Any], credential: Credential, targets: list[tuple[str, int]],
+            alert_to: list[tuple[str, int]], local: dict[int, int],
+            revoked: RevokedFile | None = None) -> None:
+        from rexnet.client.job import ClientJob, StdioStreams
+        from rexnet.logs import message_observer
+
+        fds = tuple((fd, mode) for fd, mode in m["fds"])
+        request = wire.Start(tuple(m["args"]), tuple((k, v) for k, v in m["env"]), m["tty"],
+                             m["term"] if m["tty"] else "", m["rows"], m["cols"], fds)
+        end = "\r\n" if m["raw"] else "\n"
+        verbose = self.verbose
+
+        def say(message: str) -> None:
+            if verbose:
+                self.say(f"rexnet: {message}{end}")
+
+        logger = Logger("rexnet.client.job", observer=message_observer(
+            lambda text: self.say(f"rexnet: {text}{end}"), verbose))
+        self.streams = StdioStreams(self.agent.reactor, request.tty, dict(fds), local)
+        self.job = job = ClientJob(self.agent.reactor, credential, targets, request,
+                                   self.streams, timeout=m["timeout"], say=say,
+                                   alerts=self.agent.pool.alerts(credential, alert_to),
+                                   pool=self.agent.pool, logger=logger)
+        job.revoked = revoked
+        self.agent.jobs += 1
+        job.run().addBoth(self.ended)
+
+    def ended(self, result: object) -> None:
+        from rexnet.client.job import JobFailed, JobResult
+
+        if isinstance(result, JobResult):
+            self.finish(result.status, "")
+            return
+        error = result.value if isinstance(result, Failure) else None
+        if isinstance(error, JobFailed):
+            self.finish(error.exit_code, f"rexnet: {error}")
+        else:
+            log.failure("a job failed inside the agent", result)  # type: ignore[arg-type]
+            self.finish(exitcodes.WORKER_LOST, f"rexnet: internal error: {result}")
+
+    def finish(self, status: int, message: str) -> None:
+        """Tell the launcher how to exit; let go of its descriptors first (so that a pipe
+        the job wrote to sees its end once the launcher exits)."""
+        if self.finished:
+            return
+        self.finished = True
+        from twisted.internet.fdesc import setBlocking
+
+        if self.streams is not None:
+            self.streams.abort()
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                setBlocking(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+        self.send("exit", status=status, message=message)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+# -- starting and stopping ------------------------------------------------------------
+
+
+ON_DEMAND = "REXNET_AGENT_ON_DEMAND"  # set by a launcher that starts the agent
+
+
+class AgentError(Exception):
+    """The agent cannot start (its socket's directory is unsafe, or in use)."""
+
+
+def listen(path: str) -> tuple[socket.socket, int]:
+    """Bind the agent's socket at PATH (mode 0600, in a private directory) and take its
+    lock file; a socket left by a dead agent is replaced. AgentError if another agent holds
+    the lock (it runs, or is starting) or the directory is not safe."""
+    try:
+        paths.safe_directory(path)
+    except paths.UnsafeDirectory as e:
+        raise AgentError(str(e)) from None
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise AgentError(f"an agent already serves {path}") from None
+    if os.path.lexists(path):  # we hold the lock: whoever made it is gone
+        import stat
+
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.close(lock)
+            raise AgentError(f"{path} exists and is not a socket; remove it")
+        log.info("replacing the stale socket {path}", path=path)
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        os.close(lock)
+        sock.close()
+        raise AgentError(f"cannot listen on {path}: {e.strerror or e}") from None
+    finally:
+        os.umask(umask)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock, lock
+
+
+def daemonize(log_path: str, keep: set[int]) -> None:
+    """Double fork and setsid; the first process exits 0 once the agent is detached (the
+    socket is already listening). Stdio goes to /dev/null, stderr to LOG_PATH."""
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        os._exit(0 if status == 0 else 1)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    logfile = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(logfile, 2)
+    for fd in range(3, 1024):
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    os.chdir("/")
+
+
+def serve(sock: socket.socket, lock: int, path: str, idle_timeout: float) -> int:
+    """Run the agent on the listening SOCK until stopped or idle."""
+    from twisted.internet import reactor
+    from twisted.internet.task import LoopingCall
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    levels.setLogLevelForNamespace("rexnet", LogLevel.info)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(sys.stderr), [levels])],
+        redirectStandardIO=False)
+    agent = Agent(reactor, idle_timeout)
+    factory = Factory.forProtocol(lambda: Session(agent))
+    sock.setblocking(False)
+    reactor.adoptStreamPort(sock.fileno(), socket.AF_UNIX, factory)  # type: ignore[attr-defined]
+    os.chmod(path, 0o600)  # Twisted makes an adopted Unix port 0666; the directory is 0700
+    sock.close()
+    with open(path + ".pid", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    checker = LoopingCall(agent.idle_check)
+    checker.clock = reactor
+    checker.start(min(5.0, max(idle_timeout / 4, 0.05)), now=False)
+
+    def cleanup() -> None:
+        # the socket is still ours (a successor needs the lock we hold until we exit);
+        # Twisted removes it when the port closes
+        agent.shutdown()
+        with contextlib.suppress(OSError):
+            os.unlink(path + ".pid")
+
+    reactor.addSystemEventTrigger("before", "shutdown", cleanup)  # type: ignore[attr-defined]
+    log.info("rexnet agent {pid} serves {path} (idle timeout {idle:g} s)", pid=os.getpid(),
+             path=path, idle=idle_timeout)
+    reactor.run()  # type: ignore[attr-defined]
+    os.close(lock)
+    return 0
+
+
+def stop(path: str) -> int:
+    """Ask the agent at PATH to stop; 0 if it did or none ran."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"rexnet: no agent runs at {path}", file=sys.stderr)
+        return 0
+    sock.sendall(agentwire.encode("stop"))
+    decoder = agentwire.Decoder()
+    pid = 0
+    with contextlib.suppress(OSError):
+        while not pid:
+            data = sock.recv(4096)
+            if not data:
+                break
+            for message in decoder.feed(data):
+                if message["op"] == "stopped":
+                    pid = int(message["pid"])  # type: ignore[call-overload]
+    sock.close()
+    if pid:  # wait (briefly) until it is gone, so a new agent can take over at once
+        import time
+
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.02)
+        print(f"rexnet: stopped the agent {pid} at {path}", file=sys.stderr)
+    return 0
+
+
+def command(path: str | None, foreground: bool, stop_it: bool, idle_timeout: float) -> int:
+    """`rexnet agent`: run (detached unless FOREGROUND) or STOP_IT."""
+    path = os.path.abspath(path) if path else paths.socket_path()
+    if stop_it:
+        return stop(path)
+    try:
+        sock, lock = listen(path)
+    except AgentError as e:
+        if "already serves" in str(e):
+            if not os.environ.get(ON_DEMAND):  # a launcher's start lost a race: no news
+                print(f"rexnet: {e}", file=sys.stderr)
+            return 0
+        print(f"rexnet: agent: {e}", file=sys.stderr)
+        return exitcodes.CREDENTIAL
+    if not foreground:
+
+        daemonize(paths.log_path(path), {sock.fileno(), lock})
+    return serve(sock, lock, path, idle_timeout)

@@ -1,0 +1,397 @@
+"""The `rexnet` and `cexec` commands' entry point: a thin launcher in front of the agent.
+
+`rexnet exec` (and `cexec`) parse their options here with the standard library alone,
+hand their descriptors to the user's agent (rexnet.agent.server; started on demand) over its Unix
+socket, relay signals and window sizes, and exit with the job's status. Everything else
+(other subcommands, --help, a command line this parser does not follow, a usage error,
+--no-agent or REXNET_NO_AGENT=1) goes to the full command line, rexnet.cli.main, which runs
+standalone as before. The launcher owns the terminal: it sets raw mode and restores it
+however the job or the agent ends.
+
+Start-up time is the point: the launcher uses _socket and _signal rather than socket and
+signal (which import enum), and agentwire's own JSON rather than json (which imports re).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import _socket
+    from collections.abc import Callable, Sequence
+    from types import ModuleType
+
+FLAGS = {"-v": "verbose", "--verbose": "verbose", "-t": "tty", "-T": "no_tty",
+         "--no-agent": "no_agent"}
+VALUED = {"-a": "announce", "--announce": "announce", "--timeout": "timeout",
+          "--alerts": "alerts", "--fd": "fd", "-e": "env", "--env": "env",
+          "--revoked": "revoked"}
+FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+START_WAIT = 5.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`rexnet ...`: exec through the agent; anything else by rexnet.cli.main."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["exec"]:
+        return launch(args[1:], lambda: _cli().main(args))
+    return _cli().main(args)
+
+
+def cexec_main(argv: Sequence[str] | None = None) -> int:
+    """`cexec KEYFILE [ARG...]`: the same as `rexnet exec`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return launch(args, lambda: _cli().cexec_main(args))
+
+
+def _cli() -> ModuleType:
+    from rexnet.cli import main as cli
+
+    return cli
+
+
+def parse(tokens: Sequence[str]) -> dict[str, object] | None:
+    """exec's options as argparse would read them, or None for anything unusual (the full
+    parser then reads the command line and says what is wrong with it)."""
+    opts: dict[str, object] = {"verbose": False, "tty": False, "no_tty": False,
+                               "no_agent": False, "announce": [], "alerts": [], "fd": [],
+                               "env": [], "timeout": None, "revoked": ""}
+    positional: list[str] = []
+    block = "before"  # the positional arguments come in one block (as argparse wants)
+    i, only_positional = 0, False
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if only_positional and token == "--":
+            return None  # argparse drops some of these and not others
+        if only_positional or token == "-" or not token.startswith("-"):
+            if block == "after":
+                return None
+            block = "in"
+            positional.append(token)
+            continue
+        if token == "--":
+            if block == "after":
+                return None  # the positional block is over: argparse refuses what follows
+            only_positional = True
+            continue
+        if block == "in":
+            block = "after"
+        name, eq, value = token.partition("=") if token.startswith("--") else (
+            token[:2], "", token[2:])
+        if name in FLAGS and not eq and not value:
+            opts[FLAGS[name]] = True
+            continue
+        if not name.startswith("--") and name not in VALUED and all(
+                f"-{c}" in FLAGS and c != "-" for c in token[1:]):
+            for c in token[1:]:  # -vT
+                opts[FLAGS[f"-{c}"]] = True
+            continue
+        if name not in VALUED:
+            return None
+        if not eq and not value:
+            if i >= len(tokens) or tokens[i].startswith("-"):
+                return None
+            value = tokens[i]
+            i += 1
+        key = VALUED[name]
+        try:
+            if key == "timeout":
+                opts[key] = float(value)
+            elif key == "fd":
+                opts[key].append(int(value))  # type: ignore[attr-defined]
+            elif key == "revoked":
+                opts[key] = value
+            else:
+                opts[key].append(value)  # type: ignore[attr-defined]
+        except ValueError:
+            return None
+    if not positional:
+        return None
+    opts["keyfile"], opts["args"] = positional[0], positional[1:]
+    return opts
+
+
+def checked(opts: dict[str, object]) -> dict[str, object] | None:
+    """OPTS completed for the agent (descriptor modes, variables, terminal), or None if
+    the full command line should report a mistake."""
+    import fcntl
+
+    if not application(opts):
+        return None
+    timeout = opts["timeout"]
+    if not isinstance(timeout, float) or not 0 < timeout <= 1e9 or (
+            opts["tty"] and opts["no_tty"]):
+        return None
+    modes = []
+    for fd in opts["fd"]:  # type: ignore[attr-defined]
+        if not 3 <= fd <= 255:
+            return None
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError:
+            return None
+        modes.append([fd, {os.O_RDONLY: "r", os.O_WRONLY: "w"}.get(flags & os.O_ACCMODE,
+                                                                   "rw")])
+    env = []
+    for spec in opts["env"]:  # type: ignore[attr-defined]
+        name, sep, value = spec.partition("=")
+        if not name or "\0" in spec:
+            return None
+        if not sep:
+            if name not in os.environ:
+                continue
+            value = os.environ[name]
+        env.append([name, value])
+    tty = bool(opts["tty"] or (not opts["no_tty"] and os.isatty(0)))
+    if tty and modes:
+        return None
+    rows = cols = 0
+    if tty:
+        rows, cols = window_size()
+    keyfile = str(opts["keyfile"])
+    return {"keyfile": keyfile, "keypath": os.path.abspath(keyfile), "args": opts["args"],
+            "announce": opts["announce"], "alerts": opts["alerts"], "timeout": timeout,
+            "verbose": opts["verbose"], "tty": tty, "raw": tty and os.isatty(0),
+            "term": os.environ.get("TERM", "") if tty else "", "rows": rows, "cols": cols,
+            "fds": modes, "env": env, "group": os.environ.get("GROUP", ""),
+            "revoked": os.path.abspath(str(opts["revoked"])) if opts["revoked"] else ""}
+
+
+def application(opts: dict[str, object]) -> bool:
+    """When KEYFILE is no file but an application of rexnet.toml, take its credential,
+    announce and alert targets and timeout (as the full command line would; options given
+    win); False when the full command line should say what is wrong. Only then is the
+    configuration read (rexnet.config costs some 30 ms to import)."""
+    keyfile = str(opts["keyfile"])
+    if not os.path.exists(keyfile) and "/" not in keyfile:
+        from rexnet import config
+
+        try:
+            app = config.load().application(keyfile)
+        except config.ConfigError:
+            return False
+        if app is None:
+            return False
+        config.fill_in(app, opts)
+    elif opts["timeout"] is None:
+        opts["timeout"] = 30.0
+    return True
+
+
+def window_size() -> tuple[int, int]:
+    import fcntl
+    import struct
+    import termios
+
+    try:
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        return 0, 0
+    return rows, cols
+
+
+def launch(tokens: Sequence[str], full: Callable[[], int]) -> int:
+    """Run the job through the agent, or call FULL (the standalone command line)."""
+    if os.environ.get("REXNET_NO_AGENT", "") not in ("", "0"):
+        return full()
+    opts = parse(tokens)
+    request = checked(opts) if opts is not None and not opts["no_agent"] else None
+    if request is None:
+        return full()
+    from rexnet.agent import paths
+
+    path = paths.socket_path()
+    numbers = [fd for fd, _ in request["fds"]]  # type: ignore[attr-defined]
+    sock = connect(path) or start_agent(path, numbers)
+    if sock is None:
+        print(f"rexnet: no agent could start (see above, or {paths.log_path(path)}); running "
+              "without one", file=sys.stderr)
+        return full()
+    request["netns"] = paths.netns_id()
+    try:
+        return Launcher(sock, path, request, numbers).run()
+    except Unsent:  # the agent went away before it had the request: nothing ran; once more
+        sock.close()
+        sock = connect(path) or start_agent(path, numbers)
+        if sock is None:
+            print(f"rexnet: no agent could start (see above, or {paths.log_path(path)}); running "
+                  "without one", file=sys.stderr)
+            return full()
+        return Launcher(sock, path, request, numbers, last_try=True).run()
+
+
+class Unsent(Exception):
+    """The request could not be sent to the agent (it stopped meanwhile)."""
+
+
+def connect(path: str) -> _socket.socket | None:
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def start_agent(path: str, numbers: Sequence[int]) -> _socket.socket | None:
+    """Start a detached agent at PATH (it forks away once its socket listens) and connect;
+    None if it could not start (it said why on stderr)."""
+    import time
+
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+               *((os.POSIX_SPAWN_CLOSE, fd) for fd in numbers)]
+    # -P: the installed rexnet, not a source tree that happens to be the current directory
+    argv = [sys.executable, "-P", "-m", "rexnet.cli.main", "agent", "--socket", path]
+    env = dict(os.environ, REXNET_AGENT_ON_DEMAND="1")  # see rexnet.agent.server.ON_DEMAND
+    pid = os.posix_spawn(sys.executable, argv, env, file_actions=actions)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        return None
+    deadline = time.monotonic() + START_WAIT  # another launcher's agent may be starting
+    while True:
+        sock = connect(path)
+        if sock is not None or time.monotonic() > deadline:
+            return sock
+        time.sleep(0.01)
+
+
+class Launcher:
+    """One job through the agent: descriptors out, signals relayed, status back."""
+
+    def __init__(self, sock: _socket.socket, path: str, request: dict[str, object],
+                 numbers: list[int], last_try: bool = False) -> None:
+        self.last_try = last_try
+        self.sock = sock
+        self.path = path
+        self.request = request
+        self.numbers = numbers
+        self.ready = False
+        self.pending: list[bytes] = []
+
+    def relay(self, message: bytes) -> None:
+        """Send MESSAGE (from a signal handler) once the request is sent."""
+        if not self.ready:
+            self.pending.append(message)
+            return
+        try:  # noqa: SIM105 (contextlib is not imported here: it costs start-up time)
+            self.sock.sendall(message)
+        except OSError:
+            pass
+
+    def run(self) -> int:
+        import _signal as signal
+
+        from rexnet.protocol import agentwire
+
+        def forward(number: int, frame: object) -> None:
+            self.relay(agentwire.encode("signal", number=number))
+
+        def resized(number: int, frame: object) -> None:
+            rows, cols = window_size()
+            if rows and cols:
+                self.relay(agentwire.encode("winch", rows=rows, cols=cols))
+
+        for name in FORWARDED:
+            signal.signal(getattr(signal, name), forward)  # type: ignore[arg-type]
+        if self.request["tty"]:
+            signal.signal(signal.SIGWINCH, resized)  # type: ignore[arg-type]
+        saved = None
+        if self.request["raw"]:
+            import termios
+            import tty
+
+            saved = termios.tcgetattr(0)
+            tty.setraw(0, termios.TCSANOW)
+        try:
+            status, message = self.exchange()
+        finally:
+            if saved is not None:
+                import termios
+
+                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            self.blocking()
+        if message:
+            write(message + "\n")
+        return status
+
+    def exchange(self) -> tuple[int, str]:
+        import _socket
+        import struct
+
+        from rexnet.agent import paths
+        from rexnet.protocol import agentwire
+
+        fds, opened = [], []
+        for fd in (0, 1, 2, *self.numbers):
+            try:
+                os.fstat(fd)
+                fds.append(fd)
+            except OSError:  # closed: the job reads EOF there, or its output goes nowhere
+                null = os.open(os.devnull, os.O_RDWR)
+                opened.append(null)
+                fds.append(null)
+        try:
+            data = agentwire.encode("exec", **self.request)
+            rights = struct.pack(f"{len(fds)}i", *fds)  # not array: it imports collections
+            sent = self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+            if sent < len(data):  # sendall(b"") still calls send(): EPIPE if the agent
+                self.sock.sendall(data[sent:])  # already answered (a missing credential)
+        except OSError as e:
+            if not self.last_try:
+                raise Unsent() from None
+            return 255, f"rexnet: cannot reach the agent at {self.path}: {e.strerror}"
+        finally:
+            for fd in opened:
+                os.close(fd)
+        self.ready = True
+        for message in self.pending:
+            self.relay(message)
+        decoder = agentwire.Decoder()
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                return 255, (f"rexnet: lost the agent before the job finished (its log: "
+                             f"{paths.log_path(self.path)}); the job was ended")
+            try:
+                messages = decoder.feed(data)
+            except agentwire.AgentWireError as e:
+                return 255, f"rexnet: bad message from the agent: {e}"
+            for m in messages:
+                if m["op"] == "say":
+                    write(str(m["text"]))
+                elif m["op"] == "exit":
+                    return int(m["status"]), str(m["message"])  # type: ignore[call-overload]
+
+    def blocking(self) -> None:
+        """Leave our descriptors blocking, as a standalone run does (the agent's reactor
+        made the shared ones non-blocking)."""
+        import fcntl
+
+        for fd in (0, 1, 2, *self.numbers):
+            try:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if flags & os.O_NONBLOCK:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+            except OSError:
+                pass
+
+
+def write(text: str) -> None:
+    try:  # noqa: SIM105
+        os.write(2, text.encode(errors="replace"))
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

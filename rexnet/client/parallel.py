@@ -1,0 +1,396 @@
+"""`rexnet parallel`: one job per input across the cluster, in the way of GNU parallel.
+
+Each job's output is spooled (in memory, on disk past SPOOL_MEMORY bytes) and written out
+in one piece when the job ends, so outputs of different jobs never interleave; with
+--keep-order they come in input order. All writing to the terminal happens in one writer
+thread, so a slow reader of our output never stalls the reactor (whose silence would make
+workers give up on their jobs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IConsumer
+from twisted.logger import globalLogBeginner
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from rexnet.client import job as client
+from rexnet.client.job import JobFailed, JobResult, Target
+from rexnet.client.warm import WarmPool
+from rexnet.logs import message_observer
+from rexnet.security.credentials import Credential
+from rexnet.security.tls import Revocations
+
+SPOOL_MEMORY = 1 << 20
+MAX_FAILED_STATUS = 101  # as GNU parallel: the number of failed jobs, at most 101
+MAX_FAILURES_LISTED = 10
+PLACEHOLDER = "{}"
+SEPARATOR = ":::"
+
+
+def split_arguments(words: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """ARG... ::: VALUE... as (ARGs, VALUEs); without ":::", (ARGs, None): read stdin.
+    ValueError for more than one ":::"."""
+    words = list(words)
+    if SEPARATOR not in words:
+        return words, None
+    at = words.index(SEPARATOR)
+    template, values = words[:at], words[at + 1:]
+    if SEPARATOR in values:
+        raise ValueError(f"only one {SEPARATOR} is supported")
+    return template, values
+
+
+def job_arguments(template: Sequence[str], value: str) -> tuple[str, ...]:
+    """TEMPLATE with {} replaced by VALUE, or VALUE appended if there is no {}."""
+    if any(PLACEHOLDER in word for word in template):
+        return tuple(word.replace(PLACEHOLDER, value) for word in template)
+    return (*template, value)
+
+
+@implementer(IConsumer)
+class FileConsumer:
+    """Writes a stream into a (spooled temporary) file."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.size += len(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+def spool() -> IO[bytes]:
+    """A file for a job's output: in memory up to SPOOL_MEMORY bytes, then on disk."""
+    return tempfile.SpooledTemporaryFile(SPOOL_MEMORY)
+
+
+@dataclass
+class Task:
+    """One input and what became of its job."""
+
+    index: int
+    value: str
+    args: tuple[str, ...]
+    stdout: IO[bytes] | None = None  # spools, made when the job starts
+    stderr: IO[bytes] | None = None
+    worker: str | None = None
+    dispatches: int = 0
+    status: int | None = None
+    error: JobFailed | None = None
+    done: bool = False
+    interrupted: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return (self.done and not self.interrupted
+                and (self.error is not None or self.status != 0))
+
+    def outcome(self) -> str:
+        where = f" on {self.worker}" if self.worker else ""
+        if self.error is not None:
+            return str(self.error)
+        return f"exit status {self.status}{where}"
+
+
+class Writer(threading.Thread):
+    """Everything that goes to stdout and stderr: job outputs in one piece each, messages,
+    and (on a terminal) a progress line kept at the bottom of stderr."""
+
+    def __init__(self, stdout: IO[bytes], stderr: IO[bytes], progress: bool,
+                 width: Callable[[], int]) -> None:
+        super().__init__(name="rexnet-parallel-writer", daemon=True)
+        self.stdout = stdout
+        self.stderr = stderr
+        self.progress = progress
+        self.width = width
+        self.items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._line = ""
+        self._shown = False
+
+    def output(self, task: Task) -> None:
+        self.items.put(("output", task))
+
+    def message(self, text: str) -> None:
+        self.items.put(("message", text))
+
+    def status(self, text: str) -> None:
+        if self.progress:
+            self.items.put(("status", text))
+
+    def close(self) -> None:
+        self.items.put(("end", None))
+        self.join()
+
+    def run(self) -> None:
+        while True:
+            kind, item = self.items.get()
+            if kind == "end":
+                self._clear()
+                return
+            if kind == "status":
+                self._line = item
+            else:
+                self._clear()
+                with contextlib.suppress(OSError, ValueError):
+                    self._write(kind, item)
+            if self.items.empty():
+                self._draw()
+
+    def _write(self, kind: str, item: Any) -> None:
+        if kind == "message":
+            self.stderr.write(f"rexnet: {item}\n".encode(errors="replace"))
+            self.stderr.flush()
+            return
+        task: Task = item
+        for file, out in ((task.stdout, self.stdout), (task.stderr, self.stderr)):
+            if file is not None:
+                file.seek(0)
+                shutil.copyfileobj(file, out)
+                file.close()
+                out.flush()
+
+    def _clear(self) -> None:
+        if self._shown:
+            self._shown = False
+            with contextlib.suppress(OSError, ValueError):
+                self.stderr.write(b"\r\x1b[K")
+                self.stderr.flush()
+
+    def _draw(self) -> None:
+        if self.progress and self._line:
+            text = self._line[: max(self.width() - 1, 10)]
+            with contextlib.suppress(OSError, ValueError):
+                self.stderr.write(f"\r\x1b[K{text}".encode(errors="replace"))
+                self.stderr.flush()
+                self._shown = True
+
+
+class Parallel:
+    """Runs TASKS on the cluster, at most JOBS at a time, from the reactor thread."""
+
+    def __init__(self, reactor: Any, credential: Credential, targets: Sequence[Target],
+                 tasks: list[Task], writer: Writer, jobs: int, keep_order: bool = False,
+                 retries: int = 0, timeout: float = client.DEFAULT_TIMEOUT,
+                 env: Sequence[tuple[str, str]] = (),
+                 alerts: Sequence[Target] | None = None, verbose: bool = False,
+                 revoked: Revocations | None = None) -> None:
+        self.reactor = reactor
+        self.credential = credential
+        self.targets = list(targets)
+        self.tasks = tasks
+        self.writer = writer
+        self.jobs = jobs
+        self.keep_order = keep_order
+        self.retries = retries
+        self.timeout = timeout
+        self.env = env
+        self.alerts = alerts
+        self.verbose = verbose
+        self.next = 0  # the next task to start
+        self.printed = 0  # with keep_order: the next task to print
+        self.running: dict[int, Task] = {}
+        self.finished = 0
+        self.failures = 0
+        self.redispatched = 0
+        self.per_worker: Counter[str] = Counter()  # jobs finished there
+        self.stopping = False
+        self._launching = False
+        self.t0 = reactor.seconds()
+        self.all_done: defer.Deferred[None] = defer.Deferred()
+        # warm channels: the next job reuses a finished job's authenticated channel while
+        # its worker stays the best choice (this run's own jobs discounted, as the Executor)
+        self.pool = WarmPool(reactor, discount_own=True)
+        self.revoked = revoked  # workers to refuse (see --revoked)
+
+    def start(self) -> defer.Deferred[None]:
+        self._launch()
+        return self.all_done
+
+    def stop(self) -> None:
+        """Start no more jobs; the running ones end with this process (their workers end
+        them when the connection goes) and count as interrupted, not failed."""
+        self.stopping = True
+        for task in self.running.values():
+            task.interrupted = True
+
+    def _launch(self) -> None:
+        if self._launching:
+            return  # a job failed at once, inside the loop below: the loop goes on
+        self._launching = True
+        try:
+            while not self.stopping and len(self.running) < self.jobs and self.next < len(
+                    self.tasks):
+                task = self.tasks[self.next]
+                self.next += 1
+                self.running[task.index] = task
+                self._run(task)
+        finally:
+            self._launching = False
+        self._progress()
+        if (not self.running and (self.next >= len(self.tasks) or self.stopping)
+                and not self.all_done.called):
+            self.pool.close()
+            self.all_done.callback(None)
+
+    def _run(self, task: Task) -> None:
+        def started(worker: str, job: str) -> None:
+            task.dispatches += 1
+            if task.dispatches > 1:
+                self.redispatched += 1
+                self.writer.message(f"input {task.value!r}: {task.worker} was lost before "
+                                    f"the job wrote anything; it runs again on {worker}")
+            task.worker = worker
+            self._progress()
+
+        def say(message: str) -> None:
+            if self.verbose:
+                self.writer.message(f"input {task.value!r}: {message}")
+
+        task.stdout, task.stderr = spool(), spool()
+        running = client.run_streaming(
+            self.reactor, self.credential, task.args, None, FileConsumer(task.stdout),
+            FileConsumer(task.stderr), self.targets, self.timeout, self.env, self.retries,
+            say, self.alerts, started, self.pool, self.revoked)
+        running.addBoth(self._ended, task)
+
+    def _ended(self, result: JobResult | Failure, task: Task) -> None:
+        del self.running[task.index]
+        task.done = True
+        if isinstance(result, JobResult):
+            task.status = result.status
+            task.worker = result.worker
+        elif isinstance(result.value, JobFailed):
+            task.error = result.value
+            task.worker = result.value.worker or task.worker
+        else:
+            task.error = JobFailed(f"internal error: {result.getErrorMessage()}")
+        if task.interrupted:
+            return  # the reactor is stopping: nothing more is written or started
+        self.finished += 1
+        if task.failed:
+            self.failures += 1
+        if task.worker and task.dispatches:
+            self.per_worker[task.worker] += 1
+        if self.keep_order:
+            while self.printed < len(self.tasks) and self.tasks[self.printed].done:
+                self.writer.output(self.tasks[self.printed])
+                self.printed += 1
+        else:
+            self.writer.output(task)
+        self._launch()
+
+    def _progress(self) -> None:
+        running = Counter(t.worker for t in self.running.values() if t.worker)
+        workers = sorted(set(self.per_worker) | set(running))
+        per = ", ".join(f"{w} {self.per_worker[w]}"
+                        + (f"+{running[w]}" if running[w] else "") for w in workers)
+        self.writer.status(
+            f"rexnet parallel: {self.finished}/{len(self.tasks)} done, {self.failures} "
+            f"failed, {len(self.running)} running" + (f" | {per}" if per else ""))
+
+    def summary(self) -> list[str]:
+        failed = [t for t in self.tasks if t.failed]
+        lines = [f"failed: input {t.value!r}: {t.outcome()}"
+                 for t in failed[:MAX_FAILURES_LISTED]]
+        if len(failed) > MAX_FAILURES_LISTED:
+            lines.append(f"... and {len(failed) - MAX_FAILURES_LISTED} more failed")
+        interrupted = sum(t.interrupted for t in self.tasks)
+        not_run = len(self.tasks) - self.finished - interrupted
+        workers = ", ".join(f"{w} {n}" for w, n in sorted(self.per_worker.items()))
+        lines.append(
+            f"{len(self.tasks)} job(s): {self.finished - self.failures} succeeded, "
+            f"{self.failures} failed"
+            + (f", {interrupted} interrupted" if interrupted else "")
+            + (f", {not_run} not run" if not_run else "")
+            + (f", {self.redispatched} re-dispatched" if self.redispatched else "")
+            + f" in {self.reactor.seconds() - self.t0:.1f} s"
+            + (f"; per worker: {workers}" if workers else ""))
+        return lines
+
+
+def exit_status(failures: int) -> int:
+    return min(failures, MAX_FAILED_STATUS)
+
+
+def read_inputs(stream: IO[str]) -> list[str]:
+    """One input per line (the line's end removed)."""
+    return [line[:-1] if line.endswith("\n") else line for line in stream]
+
+
+INTERRUPTS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def main(credential: Credential, targets: Sequence[Target], template: Sequence[str],
+         values: Sequence[str], jobs: int, keep_order: bool, retries: int, timeout: float,
+         env: Sequence[tuple[str, str]], alerts: Sequence[Target] | None,
+         verbose: bool, revoked: Revocations | None = None) -> int:
+    """Run the jobs, write their outputs and the summary; the exit status (the number of
+    failed jobs, at most 101; 128+N if signal N interrupted the run)."""
+    from twisted.internet import reactor
+
+    from rexnet.client.terminal import window_size
+
+    progress = os.isatty(2)
+    writer = Writer(sys.stdout.buffer, sys.stderr.buffer, progress,
+                    lambda: window_size(2)[1] or 80)
+    writer.start()
+    globalLogBeginner.beginLoggingTo([message_observer(writer.message, verbose)],
+                                     redirectStandardIO=False)
+    tasks = [Task(i, value, job_arguments(template, value)) for i, value in enumerate(values)]
+    run = Parallel(reactor, credential, targets, tasks, writer, jobs, keep_order, retries,
+                   timeout, env, alerts, verbose, revoked)
+    interrupted: list[int] = []
+
+    def interrupt(number: int, frame: object) -> None:
+        def stop() -> None:
+            if not interrupted:
+                interrupted.append(number)
+                run.stop()
+                reactor.stop()  # type: ignore[attr-defined]
+
+        reactor.callFromThread(stop)  # type: ignore[attr-defined]
+
+    for name in INTERRUPTS:
+        signal.signal(getattr(signal, name), interrupt)
+
+    def finished(_: object) -> None:
+        if not interrupted:
+            reactor.stop()  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(lambda: run.start().addBoth(finished))  # type: ignore[attr-defined]
+    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined,call-arg]
+    if interrupted:
+        writer.message(f"interrupted by signal {interrupted[0]}: the running jobs are ended")
+    for line in run.summary():
+        writer.message(line)
+    writer.close()
+    for task in tasks:  # spools of jobs that never ended or were never printed
+        for file in (task.stdout, task.stderr):
+            if file is not None:
+                file.close()
+    if interrupted:
+        return 128 + interrupted[0]
+    return exit_status(run.failures)
+

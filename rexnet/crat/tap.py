@@ -1,0 +1,108 @@
+"""twistd crat: options and the service tree of the alert receiver."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from rexnet.crat.core import Crat, CratError, CratService, bind_udp, open_jsonl, read_ca_certificate
+from rexnet.net.alerts import CRAT_PORT
+from rexnet.net.announce import parse_target
+from rexnet.net.tapoptions import VersionOption
+from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
+
+
+class Options(VersionOption):
+    synopsis = ("[--listen HOST:PORT] --trust FILE [--trust FILE ...] [--jsonl FILE] "
+                "[--web PORT [--web-interface HOST]]")
+    longdesc = (
+        "Receive the signed alerts of rexnet workers and clients (jobs started and "
+        "finished, complaints) and log them, each marked verified or UNVERIFIED by the "
+        "application CAs given with --trust. FILE is a credential (APP.worker or "
+        "APP.client: only its CA certificate is used) or a PEM file holding the CA "
+        "certificate; APP.ca is refused, as the CA's private key must stay with its "
+        "administrator. With --jsonl, every alert is also appended to FILE as one JSON "
+        "object a line. Floods of garbage and unverified alerts are rate-limited; drops "
+        "are summarised in the log. With --web, a dashboard (workers and their load over "
+        "time, running jobs, recent alerts, updated live) is served on that TCP port of "
+        "127.0.0.1 (or of --web-interface)."
+    )
+    optParameters = [
+        ["listen", "l", f"0.0.0.0:{CRAT_PORT}", "UDP HOST:PORT to receive alerts on."],
+        ["jsonl", None, None, "Append every alert to FILE, one JSON object a line."],
+        ["web", None, None, "Serve the dashboard on this TCP PORT (0: any free port)."],
+        ["web-interface", None, "127.0.0.1", "Address to serve the dashboard on."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["trust"] = []
+
+    def opt_trust(self, path: str) -> None:
+        """Believe alerts signed by credentials of this application: FILE is APP.worker,
+        APP.client or the CA certificate (repeatable)."""
+        self["trust"].append(path)
+
+    def postOptions(self) -> None:
+        try:
+            self["listen_addr"] = parse_target(self["listen"], CRAT_PORT, any_port=True)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["web"] is not None:
+            try:
+                self["web_port"] = int(self["web"])
+            except ValueError:
+                self["web_port"] = -1
+            if not 0 <= self["web_port"] <= 65535:
+                raise usage.UsageError(f"bad --web port {self['web']!r} (give 0 to 65535)")
+        else:
+            self["web_port"] = None
+        if not self["trust"]:
+            raise usage.UsageError("give --trust at least once (APP.worker, APP.client or "
+                                   "a CA certificate): without it no alert can be verified")
+
+
+def fail(message: str, code: int) -> SystemExit:
+    """A one-line error for the administrator, and an exit without a traceback."""
+    print(f"crat: {message}", file=sys.stderr)
+    return SystemExit(code)
+
+
+def makeService(config: Options) -> IService:
+    from twisted.internet import reactor
+
+    cas: list[x509.Certificate] = []
+    try:
+        for path in config["trust"]:
+            cas.append(read_ca_certificate(Path(path)))
+    except CratError as e:
+        raise fail(str(e), CREDENTIAL) from None
+    closing = []
+    sinks = []
+    try:
+        if config["jsonl"] is not None:
+            jsonl = open_jsonl(config["jsonl"])
+            sinks.append(jsonl)
+            closing.append(jsonl.close)
+        sock = bind_udp(*config["listen_addr"])  # now: a busy port is a one-line error
+    except CratError as e:
+        raise fail(str(e), USAGE) from None
+    crat = Crat(cas, reactor.seconds, sinks)  # type: ignore[attr-defined]
+    top = MultiService()
+    CratService(crat, sock, reactor, closing).setServiceParent(top)
+    if config["web_port"] is not None:
+        from rexnet.crat.dashboard import make_dashboard
+
+        try:
+            web = make_dashboard(crat, config["web-interface"], config["web_port"], reactor)
+        except CratError as e:
+            sock.close()
+            for action in closing:
+                action()
+            raise fail(str(e), USAGE) from None
+        web.setServiceParent(top)
+    return top

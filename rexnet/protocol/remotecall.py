@@ -1,0 +1,139 @@
+"""Remote calls: the pickled call a client sends, and what a `rexnet-worker --python` runs.
+
+The worker runs each job as ``python -c RUNNER`` (its own interpreter, sys.executable):
+the process reads MAGIC_CALL + pickle((fn, args, kwargs)) from stdin, calls fn, and writes
+MAGIC_RESULT + pickle(envelope) on its stdout, where the envelope says whether the call
+returned or raised and carries the value or the exception (pickled on their own, so that
+an exception that cannot be unpickled on the client still arrives as a RemoteError with
+its type, message and traceback text). Anything the call prints goes to the job's stderr.
+
+cloudpickle is used when it is installed (lambdas, closures and functions of __main__ go
+by value); otherwise the standard pickle (module-level functions, by reference). Either
+way the same code must be importable on every host, and pickle runs code when it loads:
+a worker started with --python trusts its authenticated clients, and the clients trust
+the application's authenticated workers.
+
+This module imports only the standard library (and cloudpickle), so the worker's Python
+processes start quickly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import sys
+import traceback
+from typing import Any
+
+MAGIC_CALL = b"rexnet-call/1\n"
+MAGIC_RESULT = b"rexnet-result/1\n"
+RUNNER = "from rexnet.protocol.remotecall import serve; serve()"
+
+
+def dumps(obj: object) -> bytes:
+    """Pickle OBJ with cloudpickle if it is installed, else with pickle (imported here, so
+    that the worker's options, which need only RUNNER, do not load it)."""
+    try:
+        import cloudpickle
+    except ImportError:  # pragma: no cover - cloudpickle is a dependency
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
+
+
+class RemoteError(Exception):
+    """An exception raised by a remote call that could not travel back as itself (it
+    could not be pickled on the worker or unpickled here)."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RemoteError, (self.type_name, self.message, self.remote_traceback))
+
+
+def encode_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """The job's stdin for calling FN(*ARGS, **KWARGS) (pickling errors raise here)."""
+    return MAGIC_CALL + dumps((fn, args, kwargs))
+
+
+def _error_envelope(exc: BaseException) -> dict[str, Any]:
+    text = "".join(traceback.format_exception(exc))
+    try:
+        value: bytes | None = dumps(exc)
+    except Exception:  # an exception that cannot be pickled: its type, text and traceback
+        value = None
+    return {"ok": False, "value": value, "traceback": text,
+            "type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc)}
+
+
+def serve() -> None:
+    """Run one call: the body of the worker's ``python -c`` job process."""
+    data = sys.stdin.buffer.read()
+    result = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever the call prints goes to stderr, not into the result
+    if not data.startswith(MAGIC_CALL):
+        sys.stderr.write("rexnet: this worker runs Python calls (rexnet-worker --python); "
+                         "send them with rexnet.Executor.call\n")
+        sys.exit(2)
+    envelope: dict[str, Any]
+    try:
+        fn, args, kwargs = pickle.loads(data[len(MAGIC_CALL):])
+        del data
+        value = fn(*args, **kwargs)
+    except BaseException as exc:
+        envelope = _error_envelope(exc)
+    else:
+        try:
+            envelope = {"ok": True, "value": dumps(value)}
+        except Exception as exc:
+            error = TypeError(f"the call's result ({type(value).__qualname__}) cannot be "
+                              f"pickled: {exc}")
+            error.__cause__ = exc
+            envelope = _error_envelope(error)
+    sys.stdout.flush()
+    result.write(MAGIC_RESULT + pickle.dumps(envelope, protocol=pickle.HIGHEST_PROTOCOL))
+    result.close()
+
+
+class NoResult(Exception):
+    """The job's stdout holds no result (the process was no call runner, or died)."""
+
+
+class Unloadable(Exception):
+    """The call's value cannot be unpickled here (its code is missing, or differs)."""
+
+
+def decode_result(stdout: bytes, worker: str) -> tuple[bool, Any]:
+    """From a call job's STDOUT: (True, value), or (False, the exception it raised, with the
+    remote traceback text as ``remote_traceback`` and as a note; a RemoteError if the
+    exception itself could not travel). NoResult or Unloadable if there is no usable
+    result."""
+    if not stdout.startswith(MAGIC_RESULT):
+        raise NoResult("no result")
+    try:
+        envelope = pickle.loads(stdout[len(MAGIC_RESULT):])
+    except Exception as e:
+        raise NoResult(f"a damaged result: {e}") from e
+    if envelope["ok"]:
+        try:
+            return True, pickle.loads(envelope["value"])
+        except Exception as e:
+            raise Unloadable(f"{type(e).__name__}: {e}") from e
+    text: str = envelope["traceback"]
+    exc: Any = None
+    if envelope["value"] is not None:
+        try:
+            exc = pickle.loads(envelope["value"])
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(envelope["type"], envelope["message"], text)
+    with contextlib.suppress(AttributeError):  # an exception type with __slots__
+        exc.remote_traceback = text
+    exc.add_note(f"remote traceback (worker {worker}):\n{text.rstrip()}")
+    return False, exc

@@ -1,0 +1,345 @@
+"""One running job on a worker: its process, descriptors, terminal and limits."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import struct
+import termios
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import process
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rexnet.net.channel import Channel, InStream, OutStream
+from rexnet.net.pipes import PipeReader
+from rexnet.protocol import wire
+from rexnet.worker.load import group_rss
+
+KILL_GRACE = 2.0
+OUTPUT_GRACE = 1.0  # how long a job's leftover processes may hold its output after it exits
+MEMORY_CHECK = 0.2
+
+log = Logger()
+
+
+def reset_signals() -> None:
+    """In a forked child: default dispositions for every signal, as a login would give
+    (the worker's own ignored signals, such as Python's SIGPIPE, must not leak into jobs)."""
+    for number in range(1, signal.NSIG):
+        if number not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+DEFAULT_SIGNALS = frozenset(int(s) for s in signal.valid_signals()
+                            if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
+class SessionProcess(process.Process):
+    """A child process that leads its own session, so its whole group can be signalled.
+
+    Started with posix_spawn (setsid, every signal default, none blocked): the worker is a
+    large process, and fork copies its page tables for every job, a few milliseconds each
+    (posix_spawn uses vfork). Where posix_spawn cannot serve (a --chdir), fork and setsid.
+    """
+
+    processReaderFactory = PipeReader
+
+    def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: Any,
+                               args: Any, environment: Any, kwargs: Any) -> bool:
+        listing = getattr(process, "_listOpenFDs", None)
+        actions = getattr(process, "_getFileActions", None)
+        if (uid is not None or gid is not None or listing is None or actions is None
+                or (path is not None and os.path.abspath(path) != os.path.abspath("."))):
+            return False
+        state = []
+        for fd in listing():
+            with contextlib.suppress(OSError):
+                state.append((fd, fcntl.fcntl(fd, fcntl.F_GETFD, fcntl.FD_CLOEXEC)))
+        self.pid = os.posix_spawnp(
+            executable, args, os.environ if environment is None else environment,
+            file_actions=actions(state, kwargs.get("fdmap"), doClose=process._PS_CLOSE,
+                                 doDup2=process._PS_DUP2),
+            setsigdef=DEFAULT_SIGNALS,
+            setsigmask=(), setsid=True)
+        self.status = -1
+        return True
+
+    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        os.setsid()
+        reset_signals()
+        super()._setupChild(*args, **kwargs)
+
+
+class TerminalProcess(process.PTYProcess):
+    """A child process in a pseudo-terminal (PTYProcess already makes it a session)."""
+
+    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        reset_signals()
+        super()._setupChild(*args, **kwargs)
+
+
+def exit_status(reason: Failure) -> tuple[int | None, int | None]:
+    """(exit code, None) or (None, signal number) from a processEnded reason."""
+    value = reason.value
+    sig = getattr(value, "signal", None)
+    if sig:
+        return None, int(sig)
+    code = getattr(value, "exitCode", None)
+    return (int(code) if code is not None else 0), None
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one job; 0 means none."""
+
+    seconds: float = 0.0
+    memory: int = 0
+
+
+class SocketEnd:
+    """The worker's end of a socketpair standing in for a read-write descriptor FD."""
+
+    def __init__(self, job: JobProcess, fd: int, sock: socket.socket) -> None:
+        self.job = job
+        self.fd = fd
+        self.sock = sock
+        self.reader = PipeReader(job.reactor, self, "r", sock.fileno())
+        self.writer = process.ProcessWriter(job.reactor, self, "w", os.dup(sock.fileno()))
+
+    # called by the reader and writer, as a Process would be
+    def childDataReceived(self, name: str, data: bytes) -> None:
+        self.job.childDataReceived(self.fd, data)
+
+    def childConnectionLost(self, name: str, reason: Failure) -> None:
+        if name == "w":
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                os.close(self.writer.fd)
+        else:
+            self.job._output_done(self.fd)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class JobProcess(ProcessProtocol):
+    """Bridges a job's descriptors (or its terminal) to the streams of a channel.
+
+    Streams are descriptor numbers. ON_END is called once the process has ended and every
+    output stream has been sent, with (code, signal, limit) where limit names the limit
+    the worker ended the job for, if any.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        reactor: Any,
+        on_end: Callable[[int | None, int | None, str], None],
+        start: wire.Start,
+        limits: Limits = Limits(),
+    ) -> None:
+        self.channel = channel
+        self.reactor = reactor
+        self.on_end = on_end
+        self.start = start
+        self.limits = limits
+        self.ended = False
+        self.status: tuple[int | None, int | None] | None = None
+        self.limit_hit = ""
+        self.pid: int | None = None
+        self.open_outputs: set[int] = set()
+        self.reported = False
+        self._pairs: dict[int, socket.socket] = {}
+        self.sockets: dict[int, SocketEnd] = {}
+        self._timers: list[Any] = []
+        self._memory: LoopingCall | None = None
+
+    # -- wiring -----------------------------------------------------------------------
+
+    def child_fds(self) -> tuple[dict[int, Any], dict[int, socket.socket]]:
+        """The childFDs for spawnProcess, and the job's ends of any socketpairs."""
+        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        children: dict[int, socket.socket] = {}
+        for fd, mode in self.start.fds:
+            if mode == "rw":
+                mine, theirs = socket.socketpair()
+                self._pairs[fd] = mine
+                children[fd] = theirs
+                fds[fd] = theirs.fileno()
+            else:
+                fds[fd] = "w" if mode == "r" else "r"
+        return fds, children
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        self.pid = transport.pid
+        channel = self.channel
+        if self.start.tty:  # the client's EOF must not hang up the terminal
+            channel.ins[0] = InStream(channel, 0, transport, close_on_eof=False)
+            self._output(1, transport)
+        else:
+            pipes = transport.pipes
+            channel.ins[0] = InStream(channel, 0, pipes[0])
+            for fd in (1, 2):
+                self._output(fd, pipes[fd])
+            for fd, mode in self.start.fds:
+                if mode == "rw":
+                    end = self.sockets[fd] = SocketEnd(self, fd, self._pairs.pop(fd))
+                    channel.ins[fd] = InStream(channel, fd, end.writer)
+                    self._output(fd, end.reader)
+                elif mode == "r":
+                    channel.ins[fd] = InStream(channel, fd, pipes[fd])
+                else:
+                    self._output(fd, pipes[fd])
+        if self.limits.seconds:
+            self._timers.append(self.reactor.callLater(self.limits.seconds, self._limit, "time"))
+        if self.limits.memory:
+            self._memory = LoopingCall(self._check_memory)
+            self._memory.clock = self.reactor
+            self._memory.start(MEMORY_CHECK, now=False)
+
+    def _output(self, fd: int, source: Any) -> None:
+        out = OutStream(self.channel, fd)
+        self.channel.outs[fd] = out
+        self.open_outputs.add(fd)
+        out.attach(source)
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.start.tty and not self.ended:
+            set_winsize(self.transport.fileno(), rows, cols)  # type: ignore[union-attr]
+
+    # -- the process's descriptors --------------------------------------------------
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.channel.outs[childFD].write(data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        stream = self.channel.ins.get(childFD)
+        if stream is not None and childFD not in self.open_outputs:
+            if not stream.eof:  # the job closed its input: tell the client to stop
+                stream.drop_sink()
+                self.channel.send(wire.Shut(childFD))
+            return
+        self._output_done(childFD)
+
+    def _output_done(self, fd: int) -> None:
+        if fd in self.open_outputs:
+            self.open_outputs.discard(fd)
+            self.channel.outs[fd].close()
+            self._maybe_end()
+
+    def processExited(self, reason: Failure) -> None:
+        """The job's process is gone; its descendants may still hold its output open."""
+        self._timers.append(self.reactor.callLater(OUTPUT_GRACE, self._end_leftovers))
+
+    def _end_leftovers(self) -> None:
+        if not self.ended:
+            log.info("job process {pid} exited; ending the processes it left running",
+                     pid=self.pid)
+            self.kill_group()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        self.status = exit_status(reason)
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        if self._memory is not None and self._memory.running:
+            self._memory.stop()
+        if self.start.tty:
+            self._output_done(1)
+        self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        """Report the end once the process is gone and all its output is sent."""
+        if self.status is None or self.open_outputs or self.reported:
+            return
+        self.reported = True
+        for end in self.sockets.values():
+            end.close()
+        self.on_end(*self.status, self.limit_hit)
+
+    # -- signals and limits ---------------------------------------------------------
+
+    def deliver_signal(self, number: int) -> None:
+        """Deliver a signal from the client to the job's process group."""
+        if not self.ended and self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, number)
+
+    def _limit(self, which: str) -> None:
+        if not self.ended and not self.limit_hit:
+            self.limit_hit = which
+            log.warn("job process {pid} hit its {which} limit; ending it", pid=self.pid,
+                     which=which)
+            self.kill_group()
+
+    def _check_memory(self) -> None:
+        if self.pid is not None and group_rss(self.pid) > self.limits.memory:
+            self._limit("memory")
+
+    def kill_group(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the job's process group; KILL it if it outlives the grace period."""
+        if self.ended or self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            return
+        if sig != signal.SIGKILL:
+            self._timers.append(self.reactor.callLater(KILL_GRACE, self._force))
+
+    def _force(self) -> None:
+        if not self.ended and self.pid is not None:
+            log.warn("job process group {pid} outlived SIGTERM; sending SIGKILL", pid=self.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+
+def spawn(
+    reactor: Any,
+    proto: JobProcess,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str | None = None,
+) -> Any:
+    """Start ARGV as the job of PROTO: with pipes (and socketpairs), or in a pty."""
+    start = proto.start
+    if start.tty:
+        # the terminal has its own size: LINES and COLUMNS (say, inherited from the
+        # worker's environment) would override it for curses programs, resizes included
+        env = {k: v for k, v in env.items() if k not in ("LINES", "COLUMNS")}
+        master, slave = os.openpty()
+        set_winsize(slave, start.rows or 24, start.cols or 80)
+        try:  # PTYProcess closes both once forked (the slave in the parent), not before
+            return TerminalProcess(reactor, argv[0], list(argv), dict(env), cwd, proto,
+                                   None, None, (master, slave, os.ttyname(slave)))
+        except BaseException:
+            for fd in (master, slave):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+    fds, children = proto.child_fds()
+    try:
+        return SessionProcess(reactor, argv[0], list(argv), dict(env), cwd, proto, None, None,
+                              fds)
+    finally:
+        for sock in children.values():
+            sock.close()

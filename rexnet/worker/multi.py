@@ -1,0 +1,64 @@
+"""Several applications' workers on one UDP socket (twistd rexnet-worker --config)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from rexnet.protocol import wire
+from rexnet.worker.service import STATUS_INTERVAL, Worker, WorkerService
+
+log = Logger()
+
+
+class SharedWorkerService(WorkerService):
+    """One announcement socket for WORKERS (which listen on the same address): each
+    datagram goes to the worker of the application id in its header; datagrams of no
+    served application go to the first worker, which ignores or complains as usual."""
+
+    def __init__(self, workers: Sequence[Worker]) -> None:
+        super().__init__(workers[0])
+        self.others = list(workers[1:])
+        self.by_app = {w.settings.credential.app_id: w for w in workers}
+        self.reporters: list[LoopingCall] = []
+
+    def bind(self) -> None:
+        super().bind()
+        assert self.receiver is not None
+        self.receiver.handler = self.dispatch
+
+    def dispatch(self, data: bytes, host: str, port: int) -> None:
+        self.by_app.get(wire.peek_app_id(data) or b"", self.worker).datagram(data, host, port)
+
+    def startService(self) -> None:
+        super().startService()
+        for worker in self.others:
+            worker.reply = self.worker.reply
+            if worker.alerts.targets:
+                reporter = LoopingCall(worker.report_status)
+                reporter.clock = worker.reactor
+                reporter.start(STATUS_INTERVAL, now=True)
+                self.reporters.append(reporter)
+            s = worker.settings
+            log.info("worker {name} serves {app} ({command}) with {slots} slots at speed "
+                     "{speed}; sharing {host}:{port}", name=s.name, app=s.credential.app,
+                     command=" ".join(s.command), slots=s.slots, speed=s.speed,
+                     host=s.listen[0],
+                     port=self.port.getHost().port)  # type: ignore[union-attr]
+
+    def stopService(self) -> defer.Deferred[Any]:
+        for reporter in self.reporters:
+            if reporter.running:
+                reporter.stop()
+        waits = [super().stopService()]
+        for worker in self.others:
+            waits.append(worker.stop_all().addBoth(_stop_alerts, worker))
+        return defer.gatherResults(waits)
+
+
+def _stop_alerts(result: object, worker: Worker) -> None:
+    worker.alerts.stop()
