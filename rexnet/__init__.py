@@ -9,12 +9,12 @@ if TYPE_CHECKING:
     from typing import Any
 
     from rexnet.client.executor import CallFailed, Executor
-    from rexnet.client.job import CompletedJob, JobFailed
+    from rexnet.client.results import CompletedJob, JobFailed
     from rexnet.protocol.remotecall import RemoteError
 
 # imported on first use, so that `import rexnet` (and `rexnet --help`) stays quick
 _LAZY = {"Executor": "rexnet.client.executor", "CallFailed": "rexnet.client.executor",
-         "CompletedJob": "rexnet.client.job", "JobFailed": "rexnet.client.job",
+         "CompletedJob": "rexnet.client.results", "JobFailed": "rexnet.client.results",
          "RemoteError": "rexnet.protocol.remotecall"}
 
 __all__ = ["CallFailed", "CompletedJob", "Executor", "JobFailed", "RemoteError",

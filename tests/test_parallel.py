@@ -290,7 +290,7 @@ def test_thousands_of_jobs_that_fail_at_once(bed: NetBed, keys: Keys) -> None:
     assert "2000 job(s): 0 succeeded, 2000 failed" in done.stderr
     assert "no announce target can be reached from this host" in done.stderr
     script = ("from rexnet import Executor\n"
-              "from rexnet.client.job import NoWorker\n"
+              "from rexnet.client import NoWorker\n"
               f"with Executor({str(keys.client)!r}, announce=['10.9.9.9'], max_jobs=2) as ex:\n"
               "    futures = [ex.submit(['true']) for _ in range(2000)]\n"
               "print(sum(isinstance(f.exception(), NoWorker) for f in futures))\n")

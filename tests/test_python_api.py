@@ -1,4 +1,4 @@
-"""The Python API through real workers on loopback: rexnet.client.job.run (Twisted),
+"""The Python API through real workers on loopback: rexnet.client.run (Twisted),
 rexnet.Executor (threads and futures), re-dispatch after a lost worker, remote calls."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from twisted.internet.threads import blockingCallFromThread
 from zope.interface import implementer
 
 import rexnet
-from rexnet.client import job as client
+from rexnet.client import api as client
 from rexnet.client.executor import CallFailed, Executor, running_reactor
-from rexnet.client.job import CompletedJob, JobRefused, NoWorker, OutputLimit, WorkerLost
+from rexnet.client.results import CompletedJob, JobRefused, NoWorker, OutputLimit, WorkerLost
 from rexnet.protocol import exitcodes
 from rexnet.protocol.remotecall import RemoteError
 
@@ -56,7 +56,7 @@ def python_worker(keys: Keys) -> Iterator[str]:
 
 
 def twisted_run(**kwargs: Any) -> Any:
-    """rexnet.client.job.run in the reactor thread, from this (test) thread."""
+    """rexnet.client.run in the reactor thread, from this (test) thread."""
     reactor = running_reactor()
 
     def call() -> Any:
@@ -65,7 +65,7 @@ def twisted_run(**kwargs: Any) -> Any:
     return blockingCallFromThread(reactor, call)
 
 
-# -- rexnet.client.job.run ------------------------------------------------------------------
+# -- rexnet.client.run ------------------------------------------------------------------
 
 
 def test_run_gives_status_stdout_stderr_and_worker(keys: Keys, shell_worker: str) -> None:

@@ -255,7 +255,7 @@ def test_client_refuses_a_revoked_worker_and_the_job_never_starts(app: Path) -> 
         # the Python Executor and rexnet parallel take the same default
         script = ("import sys\n"
                   "from rexnet import Executor\n"
-                  "from rexnet.client.job import AuthFailed\n"
+                  "from rexnet.client import AuthFailed\n"
                   f"with Executor({str(app / 'revo.client')!r}, announce=[{addr!r}],"
                   " timeout=2) as ex:\n"
                   "    error = ex.submit([]).exception()\n"

@@ -4,7 +4,7 @@ process, file descriptor or namespace left behind.
 
 REXNET_SOAK_JOBS sets the number of jobs: CI runs a short form (the default), and
 `make soak` runs 1,000.  Each client host runs one Python process that keeps
-CONCURRENCY jobs in flight through the Python API (rexnet.client.job.run), and a few of its
+CONCURRENCY jobs in flight through the Python API (rexnet.client.run), and a few of its
 jobs through the `rexnet exec` command line, so both paths soak.
 """
 
@@ -30,7 +30,8 @@ MAX_PAYLOAD = int(os.environ.get("REXNET_SOAK_MAX_BYTES", str(1 << 20)))
 CLIENT = r"""
 import hashlib, json, os, random, subprocess, sys
 from twisted.internet import defer, task, threads
-from rexnet.client.job import JobFailed, run
+from rexnet.client.api import run
+from rexnet.client.results import JobFailed
 
 keyfile, announce, jobs, concurrency, seed, max_bytes, rexnet = sys.argv[1:8]
 rng = random.Random(int(seed))

@@ -221,7 +221,8 @@ class Session(Protocol):
     def run(self, m: dict[str, Any], credential: Credential, targets: list[tuple[str, int]],
             alert_to: list[tuple[str, int]], local: dict[int, int],
             revoked: RevokedFile | None = None) -> None:
-        from rexnet.client.job import ClientJob, StdioStreams
+        from rexnet.client.job import ClientJob
+        from rexnet.client.streams import StdioStreams
         from rexnet.logs import message_observer
 
         fds = tuple((fd, mode) for fd, mode in m["fds"])
@@ -246,7 +247,7 @@ class Session(Protocol):
         job.run().addBoth(self.ended)
 
     def ended(self, result: object) -> None:
-        from rexnet.client.job import JobFailed, JobResult
+        from rexnet.client.results import JobFailed, JobResult
 
         if isinstance(result, JobResult):
             self.finish(result.status, "")

@@ -188,7 +188,8 @@ def run_job(credential: object, targets: list[tuple[str, int]], request: object,
     from twisted.internet.fdesc import setBlocking
     from twisted.logger import globalLogBeginner
 
-    from rexnet.client.job import ClientJob, JobFailed, JobResult
+    from rexnet.client.job import ClientJob
+    from rexnet.client.results import JobFailed, JobResult
     from rexnet.client.terminal import raw_mode, window_size
     from rexnet.logs import stderr_observer
     from rexnet.net.alerts import AlertSender, crat_targets

@@ -21,8 +21,9 @@ from twisted.internet import defer
 from twisted.python import threadable
 from twisted.python.failure import Failure
 
-from rexnet.client import job as client
-from rexnet.client.job import CompletedJob, JobFailed, Target
+from rexnet.client import api as client
+from rexnet.client.api import Target
+from rexnet.client.results import CompletedJob, JobFailed
 from rexnet.client.warm import WarmPool
 from rexnet.protocol import remotecall as remote
 from rexnet.security.credentials import Credential
@@ -101,12 +102,12 @@ class Executor(concurrent.futures.Executor):
     (default: this host's CPU count) bounds the jobs running at once; keep it within the
     cluster's free slots, or jobs wait for a worker and may fail with NoWorker after
     TIMEOUT (which bounds each search for a worker). RETRIES re-dispatches a job whose
-    worker is lost before any of its output arrived (see rexnet.client.job.run). ENV and
+    worker is lost before any of its output arrived (see rexnet.client.run). ENV and
     MAX_OUTPUT (per stream, in bytes) apply to every job. LOG gets progress messages
     (which worker took a job, re-dispatches); the default discards them.
 
     Not for code that runs in the reactor thread itself (Twisted code): use
-    rexnet.client.job.run there.
+    rexnet.client.run there.
     """
 
     def __init__(

@@ -28,8 +28,9 @@ from twisted.logger import globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from rexnet.client import job as client
-from rexnet.client.job import JobFailed, JobResult, Target
+from rexnet.client import api as client
+from rexnet.client.api import Target
+from rexnet.client.results import JobFailed, JobResult
 from rexnet.client.warm import WarmPool
 from rexnet.logs import message_observer
 from rexnet.security.credentials import Credential

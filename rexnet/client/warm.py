@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall
 from rexnet.net.alerts import AlertSender
 
 if TYPE_CHECKING:
-    from rexnet.client.job import ClientChannel
+    from rexnet.client.channel import ClientChannel
     from rexnet.security.credentials import Credential
 
 IDLE = 25.0  # seconds an idle channel is kept (the worker keeps it 30 s)

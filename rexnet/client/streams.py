@@ -1,0 +1,143 @@
+"""The job's streams on the client: JobStreams, and StdioStreams for `rexnet exec`'s descriptors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import typing
+from typing import Any
+
+from twisted.internet import defer, process
+from twisted.python.failure import Failure
+
+from rexnet.net.channel import Channel, InStream, OutStream
+from rexnet.net.pipes import PipeReader
+from rexnet.protocol import wire
+
+
+class JobStreams(typing.Protocol):
+    """Where a ClientJob's streams go: StdioStreams (descriptors), ProducerStreams
+    (Twisted producers and consumers) or BytesStreams (bytes in, buffers out)."""
+
+    def prepare(self, channel: Channel) -> None:
+        """Be ready for the job's output (a worker was chosen; the job has not started)."""
+
+    def start_input(self) -> None:
+        """The job started: send its input."""
+
+    def finish(self) -> defer.Deferred[Any]:
+        """The job ended (or failed): stop input; fire once the output is delivered."""
+        ...
+
+
+class StdioStreams:
+    """Connects the client's descriptors to a job channel's streams.
+
+    Descriptors 0, 1 and 2 always (in a terminal, 1 carries the terminal's output and 2 is
+    unused); further descriptors by FDS: "r" the job reads it, "w" the job writes it,
+    "rw" both. LOCAL maps a stream to the descriptor that serves it here (the agent's
+    copies of its launcher's descriptors); by default the stream's own number.
+    """
+
+    def __init__(self, reactor: Any, tty: bool = False, fds: dict[int, str] | None = None,
+                 local: dict[int, int] | None = None) -> None:
+        self.reactor = reactor
+        self.local = dict(local or {})
+        self.tty = tty
+        self.fds = dict(fds or {})
+        self.outputs = [1] if tty else [1, 2]
+        self.outputs += [fd for fd, mode in self.fds.items() if "w" in mode]
+        self.inputs = [0, *(fd for fd, mode in self.fds.items() if "r" in mode)]
+        self._flushed: dict[int, defer.Deferred[None]] = {}
+        self._writers: dict[int, process.ProcessWriter] = {}
+        self._readers: dict[int, PipeReader] = {}
+        self._dups: list[int] = []
+        self.channel: Channel | None = None
+
+    def prepare(self, channel: Channel) -> None:
+        """Be ready for the job's output (before the job starts)."""
+        self.channel = channel
+        for fd in self.outputs:
+            target = self.local.get(fd, fd)
+            if fd in self.inputs:  # read-write: a second descriptor for the writer
+                target = os.dup(target)
+                self._dups.append(target)
+            writer = process.ProcessWriter(self.reactor, self, ("out", fd), target)
+            self._writers[fd] = writer
+            self._flushed[fd] = defer.Deferred()
+            channel.ins[fd] = InStream(channel, fd, writer)
+
+    def start_input(self) -> None:
+        """The worker accepted the job: start sending our input descriptors."""
+        assert self.channel is not None
+        for fd in self.inputs:
+            out = OutStream(self.channel, fd)
+            self.channel.outs[fd] = out
+            try:
+                reader = PipeReader(self.reactor, self, ("in", fd), self.local.get(fd, fd))
+            except OSError:
+                out.close()  # the descriptor is closed: the job reads EOF
+                continue
+            self._readers[fd] = reader
+            out.attach(reader)
+
+    # the ProcessReader/ProcessWriter callbacks
+    def childDataReceived(self, name: tuple[str, int], data: bytes) -> None:
+        assert self.channel is not None
+        self.channel.outs[name[1]].write(data)
+
+    def childConnectionLost(self, name: tuple[str, int], reason: Failure) -> None:
+        direction, fd = name
+        if direction == "in":
+            if self.channel is not None and fd in self.channel.outs:
+                self.channel.outs[fd].close()
+            return
+        stream = self.channel.ins.get(fd) if self.channel else None
+        if stream is not None and stream.sink is not None:
+            stream.drop_sink()  # our reader went away: discard the rest
+            if self.channel is not None:
+                self.channel.send(wire.Shut(fd))
+        if fd in self.inputs:
+            with contextlib.suppress(OSError):
+                socket.socket(fileno=os.dup(self.local.get(fd, fd))).shutdown(socket.SHUT_WR)
+        flushed = self._flushed.get(fd)
+        if flushed is not None and not flushed.called:
+            flushed.callback(None)
+
+    def finish(self) -> defer.Deferred[Any]:
+        """Fires once every byte of output is written; stops reading input."""
+        for reader in self._readers.values():
+            if reader.connected:
+                reader.stopReading()
+                reader.connected = False
+        for writer in self._writers.values():
+            if writer.connected and not writer.disconnecting:
+                writer.unregisterProducer()
+                writer.loseConnection()
+        done = defer.gatherResults(list(self._flushed.values()))
+
+        def close_dups(result: object) -> object:
+            for fd in self._dups:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._dups = []
+            return result
+
+        return done.addBoth(close_dups)
+
+    def abort(self) -> None:
+        """Stop using the descriptors at once, written or not (the agent lets go of its
+        launcher's descriptors when the job ends or the launcher goes away)."""
+        for reader in self._readers.values():
+            reader.stopReading()
+        for writer in self._writers.values():
+            writer.stopReading()
+            writer.stopWriting()
+        for fd in self._dups:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._dups = []
+
+    def descriptors(self) -> list[int]:
+        return sorted({0, 1, 2, *self.fds})
