@@ -1,5 +1,6 @@
-"""The client side of a job, and the Python API: run(), run_streaming(), Executor (rexnet),
-the errors a job can end with, rexnet parallel and rexnet status."""
+"""The client side of a job (ClientJob and its channel), warm channels, and the Python API
+built on it: run(), run_streaming(), Executor, rexnet parallel, rexnet status; the errors a
+job can end with."""
 
 from rexnet.client.api import Target, run, run_streaming
 from rexnet.client.results import (

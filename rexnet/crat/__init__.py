@@ -1,1 +1,1 @@
-""""""
+"""twistd crat: verifies, rate-limits and records signed alerts; the live dashboard."""
