@@ -285,13 +285,31 @@ class Application:
     timeout: float | None = None
 
 
+def check_owner(path: Path) -> None:
+    """A configuration file names credentials and where jobs go: it must belong to this user
+    (or root) and be writable by nobody else, or another local user could steer this user's
+    jobs (a ./rexnet.toml planted in a shared directory). ConfigError if not."""
+    try:
+        info = path.stat()
+    except OSError:
+        return  # read() says what is wrong with it
+    if info.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"{path}: owned by uid {info.st_uid}, not by you (uid "
+                          f"{os.getuid()}) or root: refusing it (remove it, or run elsewhere)")
+    if info.st_mode & 0o022:
+        raise ConfigError(f"{path}: writable by others (mode {info.st_mode & 0o777:o}): "
+                          f"refusing it (chmod go-w {path})")
+
+
 def load(paths: Iterable[Path] | None = None) -> Config:
-    """Read and check the files of PATHS (default: the search path) that exist."""
+    """Read and check the files of PATHS (default: the search path) that exist; each must
+    be owned by this user or root and writable by nobody else (check_owner)."""
     config = Config()
     explicit = paths is not None or bool(os.environ.get(ENV))
     for path in search_path() if paths is None else paths:
         if not explicit and not path.is_file():
             continue
+        check_owner(path)
         source = read(path)
         validate(source)
         config.sources.append(source)

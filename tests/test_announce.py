@@ -24,6 +24,7 @@ from rexnet.net.announce import (
     Rejected,
     ReplayCache,
     parse_target,
+    source_key,
 )
 from rexnet.protocol import wire
 from rexnet.security.credentials import Credential, load_credential
@@ -170,6 +171,17 @@ def test_rate_limiter_counts_each_source_apart() -> None:
     limiter = RateLimiter(rate=1.0, burst=2.0)
     assert allowed(limiter, "a", 0.0, 5) == 2
     assert allowed(limiter, "b", 0.0, 5) == 2
+
+
+def test_rate_limiter_counts_an_ipv6_slash_64_as_one_source() -> None:
+    """One host holds a whole /64: 10,000 of its addresses share one bucket, and an
+    IPv4-mapped address shares its IPv4 address's."""
+    limiter = RateLimiter(rate=1.0, burst=5.0)
+    assert sum(limiter.allow(f"2001:db8:1:2::{i:x}", 0.0) for i in range(10_000)) == 5
+    assert allowed(limiter, "2001:db8:1:3::1", 0.0, 10) == 5  # the next /64 is another
+    assert allowed(limiter, "192.0.2.7", 0.0, 3) == 3
+    assert allowed(limiter, "::ffff:192.0.2.7", 0.0, 10) == 2
+    assert source_key("fe80::1%eth0") == "fe80::/64" and source_key("bogus:") == "bogus:"
 
 
 def test_rate_limiter_survives_the_clock_stepping_back() -> None:

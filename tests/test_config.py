@@ -228,3 +228,29 @@ def test_a_client_leaves_worker_tables_to_the_worker(tmp_path: Path) -> None:
     assert app is not None and app.credential == str(tmp_path / "a")
     with pytest.raises(config.ConfigError, match="unknown key 'slotz'"):
         config.validate(config.read(path), config_keys())
+
+
+def test_a_configuration_file_another_user_can_write_is_refused(tmp_path: Path) -> None:
+    """An attacker who can write ./rexnet.toml (a shared directory) could point rexnet exec
+    NAME at their own credential and workers: such a file is refused, with what to do."""
+    path = write(tmp_path / "rexnet.toml", '[applications.ogg]\ncredential = "a"\n')
+    path.chmod(0o666)
+    with pytest.raises(config.ConfigError, match=r"writable by others .*\(chmod go-w"):
+        config.load([path])
+    path.chmod(0o644)
+    assert config.load([path]).application("ogg") is not None
+    os.chown(path, 65534, 65534) if os.getuid() == 0 else pytest.skip("chown needs root")
+    with pytest.raises(config.ConfigError, match="owned by uid 65534, not by you"):
+        config.load([path])
+
+
+def test_rexnet_exec_refuses_a_planted_rexnet_toml(tmp_path: Path) -> None:
+    """Through the real command: exit 249 and a one-line message, nothing announced."""
+    write(tmp_path / "rexnet.toml", '[applications.ogg]\ncredential = "ogg.client"\n'
+          'announce = ["127.0.0.1:9"]\n').chmod(0o666)
+    env = {k: v for k, v in os.environ.items() if k != "REXNET_CONFIG"}
+    done = subprocess.run([REXNET, "exec", "--timeout", "1", "ogg"], cwd=tmp_path, env=env,
+                          capture_output=True, timeout=30)
+    assert done.returncode == exitcodes.CONFIG, done.stderr
+    assert b"rexnet.toml: writable by others" in done.stderr
+    assert done.stderr.count(b"\n") == 1

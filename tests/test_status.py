@@ -105,3 +105,24 @@ def _now() -> int:
     from rexnet.net.announce import now_ms
 
     return now_ms()
+
+
+def test_a_worker_name_cannot_write_escape_sequences_to_the_terminal(keys: Keys) -> None:
+    """A worker (any worker credential) picks its own name: rexnet status prints it
+    escaped, so it cannot retitle the window, move the cursor or forge lines."""
+    addr = loopback_address()
+    evil = "w\x1b]0;pwned\x07\x1b[2J\rforged\n"
+    worker = start_worker(keys.worker, ["true"], f"{addr}:3010", evil)
+    try:
+        done = subprocess.run(status_argv(keys, [f"{addr}:3010"]), capture_output=True,
+                              timeout=30)
+        assert done.returncode == 0, done.stderr
+        out = done.stdout.decode()
+        assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+        assert len(out.splitlines()) == 2  # the header and one worker, no forged line
+        assert out.splitlines()[1].startswith("w\\x1b]0;pwned\\x07\\x1b[2J\\rforged\\n ")
+        as_json = json.loads(subprocess.run(status_argv(keys, [f"{addr}:3010"], "--json"),
+                                            capture_output=True, timeout=30).stdout)
+        assert as_json[0]["worker"] == evil  # JSON keeps the name exactly (escaped by JSON)
+    finally:
+        worker.stop()

@@ -585,3 +585,13 @@ def test_fuzz_frame_decoder_mutated(data: st.DataObject, sent: list[wire.Frame])
                      "job", "code", "signal", "reason", "message"]))
 def test_fuzz_control_frame_json_bodies(kind: wire.FrameKind, body: dict[str, Any]) -> None:
     check_feed(wire.FrameDecoder(), raw_frame(kind, json.dumps(body).encode()))
+
+
+def test_printable_escapes_what_a_terminal_would_obey() -> None:
+    from rexnet.protocol.text import printable
+
+    assert printable("alpha-1.example") == "alpha-1.example"
+    assert printable("a\x1b[2Jb\x07\r\n\x9b\x7f\u2028\\") == (
+        "a\\x1b[2Jb\\x07\\r\\n\\x9b\\x7f\\u2028\\\\")
+    assert printable("é漢字") == "é漢字"
+    assert printable("x" * 300, limit=10) == "x" * 10 + "..."

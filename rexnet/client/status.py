@@ -16,6 +16,7 @@ from twisted.internet import defer
 
 from rexnet.net.announce import AnnounceChecker, DatagramReceiver, Rejected, now_ms, source_address
 from rexnet.protocol import wire
+from rexnet.protocol.text import printable
 from rexnet.security.credentials import Credential
 
 RESEND_AFTER = 0.3
@@ -99,16 +100,16 @@ def _age(seconds: float) -> str:
 
 
 def table(seen: Sequence[Seen], now: float) -> str:
-    """The cluster as a readable table."""
+    """The cluster as a readable table (what workers say about themselves escaped)."""
     head = ("WORKER", "ADDRESS", "LOAD", "CPUS", "SPEED", "SLOTS", "FREE MEM", "JOBS",
             "UPTIME", "VERSION", "STATE")
     rows = [head]
     for s in seen:
         r = s.reply
         state = "ok" if s.answering else f"not answering ({_age(now - s.seen_at)})"
-        rows.append((r.worker, s.address, f"{r.load:.2f}", str(r.cpus), f"{r.speed:g}",
+        rows.append((printable(r.worker), s.address, f"{r.load:.2f}", str(r.cpus), f"{r.speed:g}",
                      f"{r.running}/{r.slots}", f"{r.free_memory / 2**30:.1f} GiB",
-                     str(r.jobs_run), _age(r.uptime), r.version, state))
+                     str(r.jobs_run), _age(r.uptime), printable(r.version), state))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
                      .rstrip() for row in rows)

@@ -9,6 +9,7 @@ and the sender is within its rate limit.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import socket
 import time
 from collections import OrderedDict
@@ -65,8 +66,24 @@ def parse_target(
     return host, port
 
 
+def source_key(address: str) -> str:
+    """The rate-limited unit an address belongs to: an IPv4 address itself, an IPv6
+    address's /64 (one host usually holds a whole /64, so per-address buckets would let it
+    act as unlimited sources); an IPv4-mapped IPv6 address counts as its IPv4 address."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
 class RateLimiter:
-    """A token bucket per source address, for a bounded number of sources."""
+    """A token bucket per source (an IPv4 address or an IPv6 /64: see source_key), for a
+    bounded number of sources."""
 
     def __init__(self, rate: float = RATE, burst: float = BURST,
                  sources: int = RATE_SOURCES) -> None:
@@ -74,6 +91,7 @@ class RateLimiter:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def allow(self, source: str, now: float) -> bool:
+        source = source_key(source)
         tokens, last = self._buckets.pop(source, (self.burst, now))
         tokens = min(self.burst, tokens + max(now - last, 0.0) * self.rate)
         allowed = tokens >= 1.0
