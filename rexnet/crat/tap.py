@@ -9,7 +9,10 @@ from cryptography import x509
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from rexnet.crat.core import Crat, CratError, CratService, bind_udp, open_jsonl, read_ca_certificate
+from rexnet.crat.core import Crat, CratError
+from rexnet.crat.service import CratService, bind_udp
+from rexnet.crat.sinks import open_jsonl
+from rexnet.crat.trust import read_ca_certificate
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import parse_target
 from rexnet.net.tapoptions import VersionOption
