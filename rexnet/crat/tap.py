@@ -98,7 +98,7 @@ def makeService(config: Options) -> IService:
     top = MultiService()
     CratService(crat, sock, reactor, closing).setServiceParent(top)
     if config["web_port"] is not None:
-        from rexnet.crat.dashboard import make_dashboard
+        from rexnet.crat.dashboard.web import make_dashboard
 
         try:
             web = make_dashboard(crat, config["web-interface"], config["web_port"], reactor)
