@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint typecheck unit install clean tools fuzz soak bench
 
 # A regular (non-editable) install: setuptools' editable mode hides twisted/plugins from twistd.
-$(STAMP): pyproject.toml setup.py $(shell find rexnet twisted -name '*.py')
+$(STAMP): pyproject.toml setup.py $(shell find rexnet twisted -name '*.py') \
+          $(wildcard rexnet/crat/dashboard/static/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '.[test]'

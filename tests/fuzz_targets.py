@@ -14,7 +14,8 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 
-from rexnet.crat.core import Crat, CratError, read_ca_certificate
+from rexnet.crat.core import Crat, CratError
+from rexnet.crat.trust import read_ca_certificate
 from rexnet.net.announce import AnnounceChecker, Rejected
 from rexnet.protocol import wire
 from rexnet.security.credentials import (

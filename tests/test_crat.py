@@ -42,19 +42,18 @@ from zope.interface import provider
 from rexnet.crat import tap as crat_tap
 from rexnet.crat.core import (
     CERT_CACHE,
-    FRESH_MS,
     MAX_REASONS,
     UNVERIFIED_BURST,
     UNVERIFIED_RATE,
     VERIFIED_BURST,
     Crat,
     CratError,
-    CratService,
-    JsonlSink,
-    SeenAlerts,
-    read_ca_certificate,
     readable,
 )
+from rexnet.crat.service import CratService
+from rexnet.crat.sinks import JsonlSink
+from rexnet.crat.trust import read_ca_certificate
+from rexnet.crat.verify import FRESH_MS, SeenAlerts
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.protocol import exitcodes, wire
 from rexnet.security.credentials import CA, Credential, identity, issue, load_ca, load_credential

@@ -39,19 +39,19 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import provider
 
 from rexnet.crat import tap as crat_tap
-from rexnet.crat.core import Crat, CratService
-from rexnet.crat.dashboard import (
-    ALERTS,
+from rexnet.crat.core import Crat
+from rexnet.crat.dashboard.events import EventClient
+from rexnet.crat.dashboard.state import ALERTS, HISTORY
+from rexnet.crat.dashboard.web import (
     CSP,
-    HISTORY,
     ICON,
     PAGE,
     SCRIPT,
     STYLE,
     Dashboard,
     DashboardService,
-    EventClient,
 )
+from rexnet.crat.service import CratService
 from rexnet.protocol import exitcodes, wire
 from rexnet.security.credentials import Credential, load_credential
 
@@ -453,7 +453,8 @@ def test_event_stream_clients_are_bounded(b: Bench) -> None:
 def test_the_service_sends_heartbeats_and_ends_streams_when_stopping(b: Bench) -> None:
     from twisted.internet.testing import MemoryReactorClock
 
-    from rexnet.crat.dashboard import HEARTBEAT, bind_tcp
+    from rexnet.crat.dashboard.events import HEARTBEAT
+    from rexnet.crat.dashboard.web import bind_tcp
 
     reactor = MemoryReactorClock()
     service = DashboardService(b.dash, bind_tcp("127.0.0.1", 0), reactor)
@@ -510,7 +511,7 @@ def test_make_service_with_web_binds_loopback_by_default(keys: Keys) -> None:
 
 
 def test_the_dashboard_on_ipv6_loopback(b: Bench) -> None:
-    from rexnet.crat.dashboard import bind_tcp
+    from rexnet.crat.dashboard.web import bind_tcp
 
     try:
         sock = bind_tcp("::1", 0)

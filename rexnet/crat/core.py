@@ -1,12 +1,10 @@
 """crat: receives the signed ALERT datagrams of workers and clients and records them.
 
 The core (Crat) is sans-IO: it is handed datagrams as (bytes, source host, port) and time
-by a clock; what it records goes to sinks (the JSONL file) and to the log.  Each alert is
-marked *verified* when its embedded certificate was issued by one of the trusted CAs,
-is currently valid, is a worker or client certificate of that CA's application, its
-timestamp is within FRESH_MS of now, it is not a copy of one seen before, and its
-Ed25519 signature checks.  Anything else is recorded as *unverified* with the reason; datagrams
-that are not rexnet datagrams at all are *garbage*.
+by a clock; what it records goes to sinks (rexnet.crat.sinks, the dashboard) and to the
+log.  Each alert is marked *verified* when it passes the checks of rexnet.crat.verify;
+anything else is recorded as *unverified* with the reason; datagrams that are not rexnet
+datagrams at all are *garbage*.
 
 Rate limits keep a flood from crowding verified alerts out of the log: verified alerts
 get a generous token bucket per source address; unverified alerts and garbage share a
@@ -16,39 +14,30 @@ summarised in one log line per SUMMARY_INTERVAL.  Nothing here raises on bad inp
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
-import os
-import socket
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from twisted.application.service import Service
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from rexnet.net.announce import DatagramReceiver, RateLimiter, verify_signature
-from rexnet.protocol import wire
-from rexnet.security.credentials import (
-    ROLES,
-    CertInfo,
-    app_id_of,
-    check_validity,
-    identity,
-    issued_by,
-    load_pem_certificates,
+from rexnet.crat.verify import (
+    REPLAY_ENTRIES,
+    SeenAlerts,
+    Sender,
+    TrustedCA,
+    Unverified,
+    check_alert,
+    check_certificate,
+    claims,
 )
+from rexnet.net.announce import RateLimiter
+from rexnet.protocol import wire
 
-FRESH_MS = 5 * 60 * 1000
-"""An alert whose timestamp is further than this from crat's clock is marked unverified."""
 VERIFIED_RATE, VERIFIED_BURST = 200.0, 400.0
 """Token bucket of verified alerts, per source address."""
 UNVERIFIED_RATE, UNVERIFIED_BURST = 20.0, 50.0
@@ -57,12 +46,10 @@ SOURCE_RATE, SOURCE_BURST = 5.0, 10.0
 """Token bucket of unverified alerts and garbage, per source address."""
 RATE_SOURCES = 4096
 CERT_CACHE = 1024
-REPLAY_ENTRIES = 100_000
 RECENT = 1000
 MAX_REASONS = 64  # distinct reasons counted; any more are counted as "other"
 SUMMARY_INTERVAL = 10.0
 SUMMARY_SOURCES = 65_536
-RECEIVE_BUFFER = 4 << 20
 
 # the fields of an alert shown first in its log line, in this order; then the rest, sorted
 _FIRST_FIELDS = ("job", "status", "signal", "limit", "duration", "bytes_in", "bytes_out",
@@ -74,36 +61,6 @@ Sink = Callable[[Record], None]
 
 class CratError(Exception):
     """crat cannot start: the message says why, in one line."""
-
-
-@dataclass(frozen=True)
-class TrustedCA:
-    """An application CA whose workers and clients crat believes."""
-
-    cert: x509.Certificate
-    app: str
-    app_id: bytes
-
-    @classmethod
-    def of(cls, cert: x509.Certificate) -> TrustedCA:
-        return cls(cert, CertInfo.of(cert).app, app_id_of(cert))
-
-
-@dataclass(frozen=True)
-class Sender:
-    """A certificate that passed the checks that do not depend on time."""
-
-    key: Ed25519PublicKey
-    info: CertInfo
-    cert: x509.Certificate
-
-
-class Unverified(Exception):
-    """An alert that cannot be believed; the message says why, KIND sums it up."""
-
-    def __init__(self, reason: str, kind: str | None = None) -> None:
-        super().__init__(reason)
-        self.kind = kind or reason
 
 
 @dataclass
@@ -125,26 +82,6 @@ class Counts:
         return {**{k: v for k, v in self.__dict__.items() if k != "reasons"},
                 "reasons": dict(self.reasons.most_common(20))}
 
-
-class SeenAlerts:
-    """Digests of verified alerts, kept until they could no longer pass as fresh."""
-
-    def __init__(self, entries: int = REPLAY_ENTRIES) -> None:
-        self.entries = entries
-        self._seen: OrderedDict[bytes, int] = OrderedDict()
-
-    def seen(self, digest: bytes, now_ms: int) -> bool:
-        while self._seen and next(iter(self._seen.values())) < now_ms:
-            self._seen.popitem(last=False)
-        return digest in self._seen
-
-    def add(self, digest: bytes, expires_ms: int) -> None:
-        while len(self._seen) >= self.entries:
-            self._seen.popitem(last=False)
-        self._seen[digest] = expires_ms
-
-    def __len__(self) -> int:
-        return len(self._seen)
 
 
 class _Drops:
@@ -248,7 +185,7 @@ class Crat:
         reason: str | None = None
         try:
             sender = self._sender(dgram)
-            self._check(dgram, alert, sender, now)
+            check_alert(dgram, alert, sender, now, self.replays)
         except Unverified as e:
             reason = str(e)
             self._count_reason(e.kind)
@@ -288,7 +225,7 @@ class Crat:
         cached = self._certs.get(digest)
         if cached is None:
             try:
-                cached = self._check_cert(dgram)
+                cached = check_certificate(dgram.cert_der, dgram.app_id, self.trusted)
             except Exception:  # crafted DER can upset the parser in many ways
                 cached = "unreadable certificate"
             self._certs[digest] = cached
@@ -300,73 +237,23 @@ class Crat:
             raise Unverified(cached)
         return cached
 
-    def _check_cert(self, dgram: wire.Datagram) -> Sender | str:
-        cert = x509.load_der_x509_certificate(dgram.cert_der)
-        info = CertInfo.of(cert)
-        ca = self.trusted.get(dgram.app_id)
-        if ca is None or not issued_by(cert, ca.cert):
-            return "certificate not issued by a trusted CA"
-        if info.app != ca.app:
-            return f"certificate names application {info.app!r}, its CA is {ca.app!r}'s"
-        try:
-            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            dns = names.value.get_values_for_type(x509.DNSName)
-        except x509.ExtensionNotFound:
-            dns = []
-        if info.role not in ROLES:
-            return f"certificate of role {info.role!r}, not a worker or client credential"
-        if identity(info.role, ca.app) not in dns:
-            return f"certificate lacks the name {identity(info.role, ca.app)}"
-        key = cert.public_key()
-        if not isinstance(key, Ed25519PublicKey):
-            return "certificate key is not Ed25519"
-        return Sender(key, info, cert)
-
-    def _check(self, dgram: wire.Datagram, alert: wire.Alert, sender: Sender,
-               now: float) -> None:
-        problem = check_validity(sender.cert, datetime.datetime.fromtimestamp(now, datetime.UTC))
-        if problem:
-            raise Unverified(f"certificate {problem}", "certificate not valid now")
-        now_ms = int(now * 1000)
-        off = alert.ts_ms - now_ms
-        if abs(off) > FRESH_MS:
-            raise Unverified(f"stale: sent {abs(off) / 1000:.0f} s "
-                             f"{'ahead of' if off > 0 else 'before'} crat's clock", "stale")
-        # the cheap checks first: a flood of copies costs no signature check
-        digest = hashlib.sha256(dgram.signed_part + dgram.signature).digest()
-        if self.replays.seen(digest, now_ms):
-            raise Unverified("replay of an alert already received")
-        if not verify_signature(sender.key, dgram):
-            raise Unverified("bad signature")
-        self.replays.add(digest, alert.ts_ms + FRESH_MS)
-
     # -- records ----------------------------------------------------------------------
 
     def _record(self, now: float, source: str, dgram: wire.Datagram, alert: wire.Alert,
                 sender: Sender | None, reason: str | None) -> Record:
-        claims = sender.info if sender is not None else self._claims(dgram.cert_der)
+        claimed = sender.info if sender is not None else claims(dgram.cert_der)
         return {
             "received": iso_time(now),
             "source": source,
             "verified": reason is None,
             "reason": reason,
-            "app": claims.app if claims else None,
-            "role": claims.role if claims else None,
-            "sender": claims.name if claims else None,
+            "app": claimed.app if claimed else None,
+            "role": claimed.role if claimed else None,
+            "sender": claimed.name if claimed else None,
             "event": alert.event,
             "ts": alert.ts_ms,
             "fields": dict(alert.fields),
         }
-
-    @staticmethod
-    def _claims(der: bytes) -> CertInfo | None:
-        """What an unverified certificate claims (for the record), if it can be read."""
-        if not der:
-            return None
-        try:
-            return CertInfo.of(x509.load_der_x509_certificate(der))
-        except Exception:
-            return None
 
     def _emit(self, record: Record) -> None:
         self.recent.append(record)
@@ -417,128 +304,3 @@ class Crat:
         return {"counts": self.counts.as_dict(),
                 "trusted": sorted(ca.app for ca in self.trusted.values()),
                 "recent": len(self.recent)}
-
-
-# -- adapters -----------------------------------------------------------------------
-
-
-class JsonlSink:
-    """Appends each record to a file as one JSON object a line, flushed per line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
-        except OSError as e:
-            raise CratError(f"cannot write alerts to {path}: {e.strerror}") from None
-
-    def __call__(self, record: Record) -> None:
-        self.file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def bind_udp(host: str, port: int) -> socket.socket:
-    """A UDP socket bound to HOST:PORT, with a large receive buffer; CratError if not."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    with contextlib.suppress(OSError):  # room for a burst: a flood must not fill the queue
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise CratError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
-class CratService(Service):
-    """Feeds the datagrams of a bound UDP socket to a Crat; summarises drops."""
-
-    def __init__(self, crat: Crat, sock: socket.socket, reactor: Any,
-                 closing: Sequence[Callable[[], None]] = ()) -> None:
-        self.crat = crat
-        self.sock = sock
-        self.reactor = reactor
-        self.closing = list(closing)
-        self.port: IListeningPort | None = None
-        self.summary = task.LoopingCall(crat.tick)
-        self.summary.clock = reactor
-
-    def startService(self) -> None:
-        super().startService()
-        receiver = DatagramReceiver(self.crat.datagram)
-        receiver.noisy = False
-        self.port = self.reactor.adoptDatagramPort(self.sock.fileno(), self.sock.family,
-                                                   receiver)
-        host, port = self.sock.getsockname()[:2]
-        self.sock.close()  # the reactor holds its own copy
-        self.summary.start(SUMMARY_INTERVAL, now=False)
-        apps = ", ".join(sorted(ca.app for ca in self.crat.trusted.values())) or "nothing"
-        self.crat.log.info("crat listening on {address}, trusting {apps}",
-                           address=host_port(host, port), apps=apps)
-
-    def stopService(self) -> defer.Deferred[Any]:
-        super().stopService()
-        if self.summary.running:
-            self.summary.stop()
-        self.crat.tick()
-        stopped = self.port.stopListening() if self.port is not None else None
-        done: defer.Deferred[Any] = stopped if stopped is not None else defer.succeed(None)
-
-        def close(result: object) -> object:
-            for action in self.closing:
-                action()
-            return result
-
-        return done.addBoth(close)
-
-
-def read_ca_certificate(path: Path) -> x509.Certificate:
-    """The application CA certificate of a trust FILE; CratError saying what is wrong.
-
-    FILE is a credential (APP.worker or APP.client: crat takes its last certificate, the
-    CA's) or a PEM file holding the CA certificate alone.  An APP.ca file is refused: it
-    holds the CA's private key, which must stay with the administrator.
-    """
-    if path.name.endswith(".ca"):
-        raise CratError(
-            f"{path} holds the application CA's private key, which must stay with the "
-            "administrator: trust APP.worker, APP.client or the CA certificate alone "
-            f"(openssl x509 -in {path} -out {path.name}.pem)")
-    try:
-        size = path.stat().st_size
-        if size > 64 * 1024:
-            raise CratError(f"{path} is too large to be a rexnet credential or certificate")
-        data = path.read_bytes()
-    except OSError as e:
-        raise CratError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        certs = load_pem_certificates(data)
-    except ValueError:
-        raise CratError(f"{path} holds no PEM certificate (give APP.worker, APP.client or "
-                        "the application's CA certificate)") from None
-    ca = certs[-1]
-    has_key = b"PRIVATE KEY-----" in data
-    try:
-        info = CertInfo.of(ca)
-    except ValueError:
-        info = CertInfo("", "", "")
-    if info.role != "ca" or not issued_by(ca, ca):
-        raise CratError(f"{path} does not end with an application CA certificate "
-                        "(give APP.worker, APP.client or the CA certificate)")
-    if has_key and len(certs) == 1:
-        raise CratError(
-            f"{path} holds the application CA's private key, which must stay with the "
-            "administrator: trust APP.worker, APP.client or the CA certificate alone")
-    problem = check_validity(ca)
-    if problem:
-        raise CratError(f"{path}: the CA certificate of {info.app} {problem}")
-    return ca
-
-
-def open_jsonl(path: str) -> JsonlSink:
-    return JsonlSink(Path(os.path.abspath(path)))

@@ -9,7 +9,10 @@ from cryptography import x509
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from rexnet.crat.core import Crat, CratError, CratService, bind_udp, open_jsonl, read_ca_certificate
+from rexnet.crat.core import Crat, CratError
+from rexnet.crat.service import CratService, bind_udp
+from rexnet.crat.sinks import open_jsonl
+from rexnet.crat.trust import read_ca_certificate
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import parse_target
 from rexnet.net.tapoptions import VersionOption
@@ -95,7 +98,7 @@ def makeService(config: Options) -> IService:
     top = MultiService()
     CratService(crat, sock, reactor, closing).setServiceParent(top)
     if config["web_port"] is not None:
-        from rexnet.crat.dashboard import make_dashboard
+        from rexnet.crat.dashboard.web import make_dashboard
 
         try:
             web = make_dashboard(crat, config["web-interface"], config["web_port"], reactor)
