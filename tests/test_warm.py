@@ -147,7 +147,7 @@ def test_a_full_worker_answers_a_warm_start_with_busy_and_the_job_is_announced(
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             worker.wait_for(r"started for client .*blocker")
             # as if the pool had not heard yet that the worker is full (a race of < 1 s)
-            pool.usable = lambda channel, now: True  # type: ignore[method-assign]
+            pool.usable = lambda warm, now: True  # type: ignore[method-assign]
             done = ex.submit(["echo two"]).result()
             blocker.wait(10)
         assert done.stdout == b"two\n" and done.returncode == 0

@@ -1,35 +1,39 @@
-"""The client job's state machine (Automat's TypeMachineBuilder).
+"""The client job's state machine (Automat's TypeMachineBuilder: JobMachine).
 
-States and transitions (``automat-visualize rexnet.client.machine`` draws them); each
-input not shown is ignored in that state, except that hello (a load report: noted for
-the pool) and refused (a complaint) are heard in every state but done::
+``automat-visualize rexnet.client.machine`` draws it (with graphviz installed). In text,
+state --input--> state  [what happens]::
 
-    idle --look--> looking                       (listen, announce; resend with backoff)
-    idle --reuse--> reusing                      (START over a warm channel of the pool)
-    looking --connected--> handshaking           (a connect-back: TLS under way)
-    looking --unreachable--> done                NoWorker: no announce target reachable
-    handshaking --connected/refused/lost--> handshaking  (a failed handshake complains)
-    handshaking --none_pending--> looking        (every handshake failed: keep announcing)
-    handshaking --verified--> chosen             (TAKEN to all, BUSY to the others, START)
-    looking, handshaking --timed_out--> done     AuthFailed if a handshake failed, else NoWorker
-    idle, looking, handshaking --signal--> done  Interrupted (128+N): the job never started
-    chosen, reusing --signal--> (same)           kept until STARTED, then sent
-    reusing --busy--> looking                    "warm channel ... has no free slot"
-    reusing --worker_lost--> looking             "warm channel ... was lost before the job started"
-    chosen, reusing --started--> running         (input flows; early signals sent)
-    chosen, reusing --error--> done              JobRefused
-    chosen --worker_lost--> draining             WorkerLost
-    running --error--> ending                    (the worker is ending the job: keep its output)
-    ending --error--> ending                     (its latest word)
-    chosen, reusing, running --exited--> draining    the job's status, or LimitHit
-    ending --exited--> draining                  WorkerLost ("lost worker: ERROR")
-    running, ending --worker_lost--> draining    WorkerLost
-    draining --drained--> done                   (every byte of output written locally)
-    chosen, reusing, running, ending, draining --abandon--> done   Interrupted (channel aborted)
-    idle, looking, handshaking --abandon--> done Interrupted
-    chosen .. draining --verified--> (same)      a worker verified too late is told BUSY
-    chosen .. draining --started/busy/unexpected--> (same)  protocol error (not when awaited)
-    done --lost/worker_lost--> done              (the pool forgets the channel)
+    idle --look--> looking                 listen, announce; resend with backoff
+    idle --reuse--> reusing                START over a warm channel from the pool
+    looking --unreachable--> done          NoWorker: no announce target can be reached
+    looking --connected--> handshaking     a worker connected back: TLS under way
+    handshaking --connected--> handshaking     (several may be in flight)
+    handshaking --refused, lost--> handshaking a failed handshake is a complaint
+    handshaking --none_pending--> looking  every handshake failed: keep announcing
+    handshaking --verified--> chosen       TAKEN to the targets, BUSY to the other
+                                           verified, abort the rest; START
+    looking, handshaking --timed_out--> done   AuthFailed if a handshake failed,
+                                               else NoWorker
+    reusing --busy--> looking              "warm channel to worker W has no free slot"
+    reusing --worker_lost--> looking       "... was lost before the job started"
+    chosen, reusing --started--> running   input flows; signals kept so far are sent
+    chosen, reusing --error--> done        JobRefused
+    running --error--> ending              the worker ends the job: keep its output
+    ending --error--> ending               (its latest word is kept)
+    chosen, reusing, running --exited--> draining   the status, or LimitHit
+    ending --exited--> draining            WorkerLost "lost worker: ERROR"
+    chosen, running, ending --worker_lost--> draining   WorkerLost
+    draining --drained--> done             every byte of output written: the result
+    idle, looking, handshaking --signal--> done   Interrupted (128+N)
+    idle .. draining --abandon--> done     Interrupted (a chosen channel is aborted)
+
+    and loops: signal (kept until STARTED, then sent) and resize (WINSIZE; before a
+    worker is chosen, the START's size) in chosen .. draining; started, busy,
+    unexpected frames and a second EXIT out of place there are protocol errors; a
+    worker verified after the choice (chosen .. done) is told BUSY; a connection in
+    done is aborted; hello (a load report, for the pool) and refused (a complaint)
+    are heard in every state but done; lost and worker_lost in draining and done let
+    the pool forget the channel. Any other input is ignored in that state.
 
 Frames of a channel other than the chosen one reach the machine only as connected,
 verified, refused, hello and lost (ChannelRouter): a worker that lost the race is
