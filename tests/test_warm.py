@@ -18,17 +18,9 @@ from rexnet.protocol import wire
 
 @dataclass(eq=False)
 class Link:
-    """The parts of a ClientChannel the pool reads and writes."""
+    """What the pool needs of a channel: to see whether it is closed, and to close it."""
 
-    hello: wire.Hello | None
-    heard_at: float = 0.0
-    won_load: float = 0.0
-    won_others: int = 0
-    own_at_hello: int = 0
-    jobs: int = 0
-    exited: bool = False
     closed: bool = False
-    parked: object = None
 
     def close(self) -> None:
         self.closed = True
@@ -38,22 +30,23 @@ def hello(worker: str, load: float, running: int = 0, slots: int = 4) -> wire.He
     return wire.Hello(worker, "0", load, 0.0, slots, running)
 
 
-def won(pool: WarmPool, clock: Clock, worker: str, load: float, running: int = 0) -> Link:
+def won(pool: WarmPool, worker: str, load: float, running: int = 0) -> Link:
     """A channel whose worker just won an announcement, ran one job and reported again."""
-    link = Link(hello(worker, load, running), heard_at=clock.seconds())
-    pool.started(link)  # type: ignore[arg-type]
-    link.exited = True
-    assert pool.park("key", link)  # type: ignore[arg-type]
+    link = Link()
+    pool.heard(link, hello(worker, load, running))
+    pool.started(link)
+    pool.exited(link)
+    assert pool.park("key", link)
     return link
 
 
 def test_the_least_loaded_fresh_channel_of_the_key_is_taken() -> None:
     clock = Clock()
     pool = WarmPool(clock)
-    busy = won(pool, clock, "a", 0.5)
-    idle = won(pool, clock, "b", 0.1)
+    busy = won(pool, "a", 0.5)
+    idle = won(pool, "b", 0.1)
     assert pool.take("other") is None
-    assert pool.take("key") is idle and idle.parked is None
+    assert pool.take("key") is idle and not pool.parked(idle)
     assert pool.take("key") is busy
     assert pool.take("key") is None
 
@@ -61,60 +54,62 @@ def test_the_least_loaded_fresh_channel_of_the_key_is_taken() -> None:
 def test_a_stale_report_is_not_trusted() -> None:
     clock = Clock()
     pool = WarmPool(clock)
-    link = won(pool, clock, "a", 0.1)
+    link = won(pool, "a", 0.1)
     clock.advance(FRESH + 0.1)
     assert pool.take("key") is None
-    link.heard_at = clock.seconds()  # the worker's next HELLO
+    pool.heard(link, hello("a", 0.1))  # the worker's next HELLO
     assert pool.take("key") is link
 
 
 def test_a_worker_loaded_since_it_won_is_passed_over() -> None:
     clock = Clock()
     pool = WarmPool(clock)
-    link = won(pool, clock, "a", 0.1)
-    link.hello = hello("a", 0.35, running=1)  # another client's job runs there now
+    link = won(pool, "a", 0.1)
+    pool.heard(link, hello("a", 0.35, running=1))  # another client's job runs there now
     assert pool.take("key") is None
-    link.hello = hello("a", 0.1 + pool.margin)  # or its host got busier
+    pool.heard(link, hello("a", 0.1 + pool.margin))  # or its host got busier
     assert pool.take("key") is None
-    link.hello = hello("a", 0.3, running=0)  # a little busier, nothing else: still best
+    pool.heard(link, hello("a", 0.3, running=0))  # a little busier, nothing else: still best
     assert pool.take("key") is link
 
 
 def test_a_full_worker_is_passed_over() -> None:
     clock = Clock()
     pool = WarmPool(clock, margin=10)
-    link = won(pool, clock, "a", 0.1, running=4)
-    link.won_others = 4
-    assert pool.take("key") is None
+    won(pool, "a", 0.1, running=4)  # all 4 slots busy with other clients' jobs
+    assert pool.records and pool.take("key") is None
 
 
 def test_an_executor_discounts_its_own_jobs() -> None:
     clock = Clock()
     pool = WarmPool(clock, discount_own=True)
-    mine = [Link(hello("a", 0.1), heard_at=0.0) for _ in range(3)]
+    mine = [Link() for _ in range(3)]
     for link in mine:
-        pool.started(link)  # type: ignore[arg-type]
+        pool.heard(link, hello("a", 0.1))
+        pool.started(link)
     done = mine[0]
-    done.exited = True
-    done.hello = hello("a", 0.6, running=2)  # its report counts our two other jobs
-    pool.heard(done)  # type: ignore[arg-type]
-    assert done.own_at_hello == 2
-    assert pool.park("key", done)  # type: ignore[arg-type]
+    pool.exited(done)
+    pool.heard(done, hello("a", 0.6, running=2))  # its report counts our two other jobs
+    assert pool.record(done).own_at_hello == 2
+    assert pool.park("key", done)
     assert pool.take("key") is done
     plain = WarmPool(clock)  # without the discount, the same report means "busier"
-    other = Link(hello("a", 0.1))
-    plain.started(other)  # type: ignore[arg-type]
-    other.hello, other.exited = hello("a", 0.6, running=2), True
-    assert plain.park("key", other)  # type: ignore[arg-type]
+    other = Link()
+    plain.heard(other, hello("a", 0.1))
+    plain.started(other)
+    plain.heard(other, hello("a", 0.6, running=2))
+    plain.exited(other)
+    assert plain.park("key", other)
     assert plain.take("key") is None
 
 
 def test_idle_channels_are_capped_per_worker_and_closed_when_idle_too_long() -> None:
     clock = Clock()
     pool = WarmPool(clock, per_worker=2)
-    first, second = won(pool, clock, "a", 0.1), won(pool, clock, "a", 0.1)
-    third = Link(hello("a", 0.1), heard_at=clock.seconds())
-    assert not pool.park("key", third)  # type: ignore[arg-type]
+    first, second = won(pool, "a", 0.1), won(pool, "a", 0.1)
+    third = Link()
+    pool.heard(third, hello("a", 0.1))
+    assert not pool.park("key", third)
     clock.advance(IDLE + 1)
     assert first.closed and second.closed and not pool.idle
 
@@ -122,9 +117,19 @@ def test_idle_channels_are_capped_per_worker_and_closed_when_idle_too_long() -> 
 def test_a_lost_channel_leaves_the_pool() -> None:
     clock = Clock()
     pool = WarmPool(clock)
-    link = won(pool, clock, "a", 0.1)
-    pool.lost(link)  # type: ignore[arg-type]
-    assert pool.take("key") is None and not clock.getDelayedCalls()
+    link = won(pool, "a", 0.1)
+    pool.lost(link)
+    assert pool.take("key") is None and not clock.getDelayedCalls() and not pool.records
+
+
+def test_the_pool_keeps_its_own_record_and_never_writes_the_channel() -> None:
+    clock = Clock()
+    pool = WarmPool(clock)
+    link = won(pool, "a", 0.2, running=1)
+    record = pool.record(link)
+    assert (record.worker, record.load, record.running, record.jobs) == ("a", 0.2, 1, 1)
+    assert (record.won_load, record.won_others) == (0.2, 1)
+    assert vars(link) == {"closed": False}
 
 
 def test_a_full_worker_answers_a_warm_start_with_busy_and_the_job_is_announced(
@@ -142,7 +147,7 @@ def test_a_full_worker_answers_a_warm_start_with_busy_and_the_job_is_announced(
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             worker.wait_for(r"started for client .*blocker")
             # as if the pool had not heard yet that the worker is full (a race of < 1 s)
-            pool.usable = lambda channel, now: True  # type: ignore[method-assign]
+            pool.usable = lambda warm, now: True  # type: ignore[method-assign]
             done = ex.submit(["echo two"]).result()
             blocker.wait(10)
         assert done.stdout == b"two\n" and done.returncode == 0

@@ -241,8 +241,7 @@ class Session(Protocol):
         self.job = job = ClientJob(self.agent.reactor, credential, targets, request,
                                    self.streams, timeout=m["timeout"], say=say,
                                    alerts=self.agent.pool.alerts(credential, alert_to),
-                                   pool=self.agent.pool, logger=logger)
-        job.revoked = revoked
+                                   pool=self.agent.pool, logger=logger, revoked=revoked)
         self.agent.jobs += 1
         job.run().addBoth(self.ended)
 

@@ -205,8 +205,7 @@ def run_job(credential: object, targets: list[tuple[str, int]], request: object,
     alert_targets = args.alerts or crat_targets(targets)
     alerts = AlertSender(reactor, credential, alert_targets)  # type: ignore[arg-type]
     job = ClientJob(reactor, credential, targets, request, timeout=args.timeout,  # type: ignore[arg-type]
-                    say=say, alerts=alerts)
-    job.revoked = getattr(args, "revoked", None)
+                    say=say, alerts=alerts, revoked=getattr(args, "revoked", None))
     outcome: dict[str, object] = {}
 
     def done(result: object) -> None:

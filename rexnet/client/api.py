@@ -119,9 +119,7 @@ async def _dispatch(
         sender = (pool.alerts(cred, alert_to) if pool is not None
                   else AlertSender(reactor, cred, alert_to))
         job = ClientJob(reactor, cred, targets, request, streams, timeout, say=tell,
-                        alerts=sender, pool=pool)
-        job.revoked = revoked
-        job.on_started = on_started
+                        alerts=sender, pool=pool, revoked=revoked, on_started=on_started)
         try:
             result = await job.run()
         except JobFailed as error:

@@ -16,20 +16,29 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall
 
 from rexnet.net.alerts import AlertSender
+from rexnet.protocol import wire
 
 if TYPE_CHECKING:
-    from rexnet.client.channel import ClientChannel
     from rexnet.security.credentials import Credential
 
 IDLE = 25.0  # seconds an idle channel is kept (the worker keeps it 30 s)
 FRESH = 3.0  # a load report older than this is not trusted
 REUSE_MARGIN = 0.5  # load growth since the worker won after which the job is announced
 PER_WORKER = 32  # idle channels kept per worker
+
+
+class Link(Protocol):
+    """What the pool needs of a channel (a rexnet.client.channel.ClientChannel)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class KeptAlertSender(AlertSender):
@@ -42,12 +51,29 @@ class KeptAlertSender(AlertSender):
         super().stop()
 
 
-@dataclass
-class Idle:
-    channel: ClientChannel
-    key: Hashable
-    worker: str
-    expiry: IDelayedCall
+@dataclass(eq=False)
+class Warm:
+    """The pool's record of one channel: its worker's last report, how the worker stood
+    when it won, and the channel's jobs. The pool never writes the channel itself."""
+
+    link: Link
+    worker: str = "?"
+    load: float = 0.0
+    running: int = 0
+    slots: int = 1
+    heard_at: float | None = None  # when the last HELLO came (None: none yet)
+    own_at_hello: int = 0  # this client's jobs on the worker when the last HELLO came
+    won_load: float = 0.0  # the worker's load when it won an announcement
+    won_others: int = 0  # other clients' jobs on the worker then
+    jobs: int = 0  # jobs started on this channel
+    busy: bool = False  # it runs (or just ran) one of this client's jobs
+    exited: bool = False  # that job has exited
+    key: Hashable = None  # idle: which jobs it may serve
+    expiry: IDelayedCall | None = None  # idle: when it is closed
+
+    @property
+    def idle(self) -> bool:
+        return self.expiry is not None
 
 
 class WarmPool:
@@ -62,9 +88,9 @@ class WarmPool:
         self.margin = margin
         self.per_worker = per_worker
         self.discount_own = discount_own
-        self.idle: dict[ClientChannel, Idle] = {}
-        self.busy: dict[ClientChannel, str] = {}  # channels running this client's jobs
+        self.records: dict[Link, Warm] = {}
         self.reused = 0
+        self.idle_events = IdleEvents(self)  # the owner of its idle channels' events
         self._alerts: dict[tuple[bytes, tuple[tuple[str, int], ...]], KeptAlertSender] = {}
 
     def alerts(self, credential: Credential, targets: Sequence[tuple[str, int]]
@@ -75,91 +101,151 @@ class WarmPool:
             self._alerts[key] = KeptAlertSender(self.reactor, credential, targets)
         return self._alerts[key]
 
+    @property
+    def idle(self) -> list[Warm]:
+        """The records of the idle channels."""
+        return [w for w in self.records.values() if w.idle]
+
+    def record(self, link: Link) -> Warm:
+        """The pool's record of LINK (a new one if it has none)."""
+        if link not in self.records:
+            self.records[link] = Warm(link)
+        return self.records[link]
+
     def own(self, worker: str) -> int:
         """How many of this client's jobs run on WORKER now (0 unless DISCOUNT_OWN)."""
         if not self.discount_own:
             return 0
-        return sum(name == worker and not channel.exited
-                   for channel, name in self.busy.items())
+        return sum(w.busy and not w.exited and w.worker == worker
+                   for w in self.records.values())
 
-    def heard(self, channel: ClientChannel) -> None:
-        """CHANNEL's worker reported its load: note how much of it was this client's."""
-        if self.discount_own and channel.hello is not None:
-            channel.own_at_hello = self.own(channel.hello.worker)
+    def heard(self, link: Link, hello: wire.Hello) -> None:
+        """LINK's worker reported its load: note it, and how much of it was this client's."""
+        warm = self.record(link)
+        warm.worker, warm.load = hello.worker, hello.load
+        warm.running, warm.slots = hello.running, hello.slots
+        warm.heard_at = self.reactor.seconds()
+        if self.discount_own:
+            warm.own_at_hello = self.own(hello.worker)
 
-    def own_share(self, channel: ClientChannel) -> float:
-        """The part of CHANNEL's worker's load figure that is this client's own jobs."""
-        hello = channel.hello
-        return self.own(hello.worker) / max(hello.slots, 1) if hello else 0.0
+    def own_share(self, warm: Warm) -> float:
+        """The part of WARM's worker's load figure that is this client's own jobs."""
+        return self.own(warm.worker) / max(warm.slots, 1)
 
-    def started(self, channel: ClientChannel) -> None:
-        """A job of this client started on CHANNEL (fresh or warm)."""
-        if channel.hello is not None and channel not in self.busy:
-            if not channel.jobs:  # a fresh channel: its worker just won an announcement
-                channel.won_load = channel.hello.load - self.own_share(channel)
-                channel.won_others = channel.hello.running - self.own(channel.hello.worker)
-            self.busy[channel] = channel.hello.worker
-        channel.jobs += 1
+    def started(self, link: Link) -> None:
+        """A job of this client started on LINK (fresh or warm)."""
+        warm = self.record(link)
+        if warm.heard_at is not None and not warm.busy:
+            if not warm.jobs:  # a fresh channel: its worker just won an announcement
+                warm.won_load = warm.load - self.own_share(warm)
+                warm.won_others = warm.running - self.own(warm.worker)
+            warm.busy = True
+        warm.exited = False
+        warm.jobs += 1
 
-    def usable(self, channel: ClientChannel, now: float) -> bool:
-        """Whether CHANNEL's worker is still the best choice for a job (with DISCOUNT_OWN,
+    def exited(self, link: Link) -> None:
+        """The job on LINK exited (its channel may be parked once its output is written)."""
+        self.record(link).exited = True
+
+    def usable(self, warm: Warm, now: float) -> bool:
+        """Whether WARM's worker is still the best choice for a job (with DISCOUNT_OWN,
         less this client's jobs that ran there when it reported)."""
-        hello = channel.hello
-        if hello is None or channel.closed or now - channel.heard_at > self.fresh:
+        if warm.heard_at is None or warm.link.closed or now - warm.heard_at > self.fresh:
             return False
-        mine = channel.own_at_hello if self.discount_own else 0
-        return (hello.running < hello.slots and hello.running - mine <= channel.won_others
-                and hello.load - mine / max(hello.slots, 1) - channel.won_load < self.margin)
+        mine = warm.own_at_hello if self.discount_own else 0
+        return (warm.running < warm.slots and warm.running - mine <= warm.won_others
+                and warm.load - mine / max(warm.slots, 1) - warm.won_load < self.margin)
 
-    def take(self, key: Hashable) -> ClientChannel | None:
+    def take(self, key: Hashable) -> Link | None:
         """The idle channel of KEY whose worker is least loaded, if one is still a good
         choice (see usable); it leaves the pool."""
         now = self.reactor.seconds()
-        best = min((i for i in self.idle.values()
-                    if i.key == key and self.usable(i.channel, now)),
-                   key=lambda i: i.channel.hello.load if i.channel.hello else 0.0,
-                   default=None)
+        best = min((w for w in self.idle if w.key == key and self.usable(w, now)),
+                   key=lambda w: w.load, default=None)
         if best is None:
             return None
-        self._remove(best.channel)
+        self._unpark(best)
         self.reused += 1
-        return best.channel
+        return best.link
 
-    def park(self, key: Hashable, channel: ClientChannel) -> bool:
-        """Keep CHANNEL (its job ended, the worker keeps it open) for a later job of KEY;
+    def park(self, key: Hashable, link: Link) -> bool:
+        """Keep LINK (its job ended, the worker keeps it open) for a later job of KEY;
         False if the pool has enough of that worker's channels (then close it)."""
-        self.busy.pop(channel, None)
-        worker = channel.hello.worker if channel.hello else "?"
-        if channel.closed or sum(i.worker == worker for i in self.idle.values()) >= \
-                self.per_worker:
+        warm = self.record(link)
+        warm.busy = False
+        if link.closed or sum(w.worker == warm.worker for w in self.idle) >= self.per_worker:
             return False
-        channel.parked = self
-        expiry = self.reactor.callLater(self.idle_for, self._expire, channel)
-        self.idle[channel] = Idle(channel, key, worker, expiry)
+        warm.key = key
+        warm.expiry = self.reactor.callLater(self.idle_for, self._expire, link)
         return True
 
-    def _expire(self, channel: ClientChannel) -> None:
-        if channel in self.idle:
-            del self.idle[channel]
-            channel.parked = None
-            channel.close()
+    def parked(self, link: Link) -> bool:
+        """Whether LINK is idle in this pool."""
+        warm = self.records.get(link)
+        return warm is not None and warm.idle
 
-    def _remove(self, channel: ClientChannel) -> None:
-        idle = self.idle.pop(channel, None)
-        channel.parked = None
-        if idle is not None and idle.expiry.active():
-            idle.expiry.cancel()
+    def _expire(self, link: Link) -> None:
+        warm = self.records.get(link)
+        if warm is not None and warm.idle:
+            warm.expiry = None
+            self.lost(link)
+            link.close()
 
-    def lost(self, channel: ClientChannel) -> None:
-        """CHANNEL's connection is gone, or its job failed: it is of no further use."""
-        self.busy.pop(channel, None)
-        self._remove(channel)
+    def _unpark(self, warm: Warm) -> None:
+        if warm.expiry is not None and warm.expiry.active():
+            warm.expiry.cancel()
+        warm.expiry = None
+
+    def lost(self, link: Link) -> None:
+        """LINK's connection is gone, or its job failed: it is of no further use."""
+        warm = self.records.pop(link, None)
+        if warm is not None:
+            self._unpark(warm)
 
     def close(self) -> None:
         """Close every idle channel."""
-        for channel in list(self.idle):
-            self._remove(channel)
-            channel.close()
+        for warm in self.idle:
+            self.lost(warm.link)
+            warm.link.close()
         for sender in self._alerts.values():
             sender.close()
         self._alerts.clear()
+
+
+class IdleEvents:
+    """What an idle channel's events do while it waits in POOL (its owner, in the sense of
+    rexnet.client.channel.ChannelEvents): load reports are noted, a loss ends its record,
+    anything else (late frames of its last job) is ignored."""
+
+    def __init__(self, pool: WarmPool) -> None:
+        self.pool = pool
+
+    def hello(self, link: Link, hello: wire.Hello) -> None:
+        self.pool.heard(link, hello)
+
+    def lost(self, link: Link, problem: str) -> None:
+        self.pool.lost(link)
+
+    def connected(self, link: Link) -> None:
+        pass
+
+    def verified(self, link: Link) -> None:
+        pass
+
+    def refused(self, link: Link, problem: str) -> None:
+        pass
+
+    def started(self, link: Link, started: wire.Started) -> None:
+        pass
+
+    def exited(self, link: Link, exit: wire.Exit) -> None:
+        pass
+
+    def error(self, link: Link, error: wire.Error) -> None:
+        pass
+
+    def busy(self, link: Link) -> None:
+        pass
+
+    def unexpected(self, link: Link, frame: wire.Frame) -> None:
+        pass

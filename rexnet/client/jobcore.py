@@ -1,0 +1,401 @@
+"""What a client job does: announce, talk to workers, run the job's streams, end it.
+
+JobCore holds the job's data and performs its actions; it makes no decision about what
+comes next: rexnet.client.machine calls it as the outputs of its transitions, and the
+core reports what happens later (a timeout, the output written) as machine inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rexnet.client.channel import ChannelEvents, ClientChannel
+from rexnet.client.results import (
+    AuthFailed,
+    Interrupted,
+    JobFailed,
+    JobRefused,
+    JobResult,
+    LimitHit,
+    NoWorker,
+    WorkerLost,
+)
+from rexnet.client.streams import JobStreams
+from rexnet.client.warm import WarmPool
+from rexnet.net.alerts import AlertSender
+from rexnet.net.announce import DatagramSender, source_address
+from rexnet.protocol import exitcodes, wire
+from rexnet.security.credentials import CertInfo, Credential
+from rexnet.security.tls import Revocations, listening_options
+
+RESEND_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+RESEND_MAX = 2.0
+
+
+class Later(Protocol):
+    """The inputs the core itself gives its machine (rexnet.client.machine.JobInputs)."""
+
+    def timed_out(self) -> None: ...
+
+    def drained(self) -> None: ...
+
+
+class JobCore:
+    """One job's data and actions (see the module's docstring)."""
+
+    machine: Later  # set once the machine is built around this core
+    events: ChannelEvents  # what the job's channels tell (routed to the machine)
+
+    def __init__(self, reactor: Any, credential: Credential,
+                 targets: Sequence[tuple[str, int]], request: wire.Start,
+                 streams: JobStreams, timeout: float, say: Callable[[str], None],
+                 now: Callable[[], int], alerts: AlertSender, pool: WarmPool | None,
+                 logger: Logger, revoked: Revocations | None,
+                 on_started: Callable[[str, str], None] | None) -> None:
+        self.reactor = reactor
+        self.credential = credential
+        self.targets = list(targets)
+        self.request = request
+        self.streams = streams
+        self.timeout = timeout
+        self.say = say
+        self.now = now
+        self.alerts = alerts
+        self.pool = pool
+        self.log = logger
+        self.revoked = revoked  # workers whose certificates are revoked
+        self.on_started = on_started  # called with the worker's name and the job's id
+        self.job_id = os.urandom(16)
+        self.seq = 0
+        self.result: defer.Deferred[JobResult] = defer.Deferred()
+        self.channels: set[ClientChannel] = set()  # connected, not yet given up
+        self.chosen: ClientChannel | None = None
+        self.reused = False  # the chosen channel is a warm one
+        self.parked = False  # the chosen channel went back to the pool
+        self.started: wire.Started | None = None
+        self.auth_failures: list[str] = []
+        self.answered = 0
+        self.worker_error = ""  # the worker's ERROR after the job started
+        self.outcome: JobResult | JobFailed | None = None  # decided, not yet delivered
+        self._early_signals: list[int] = []
+        self._port: IListeningPort | None = None
+        self._udp: Any = None
+        self._resend: IDelayedCall | None = None
+        self._deadline: IDelayedCall | None = None
+        self._addrs: tuple[str, ...] = ()
+        self._t0 = reactor.seconds()
+
+    @property
+    def pool_key(self) -> tuple[bytes, tuple[tuple[str, int], ...]]:
+        """Warm channels serve jobs of the same credential and announce targets."""
+        return self.credential.cert_der, tuple(self.targets)
+
+    # -- looking for a worker ---------------------------------------------------------
+
+    def listen(self) -> bool:
+        """Open the connect-back port and announce the job; False if no announce target
+        can be reached from this host."""
+        addrs = {a for a in (source_address(t) for t in self.targets) if a}
+        if not addrs:
+            return False
+        self._addrs = tuple(sorted(addrs))[: wire.MAX_ADDRS]
+        interface = self._addrs[0] if len(self._addrs) == 1 else ""
+        factory = Factory.forProtocol(
+            lambda: ClientChannel(self.events, self.credential, self.reactor, self.revoked))
+        self._port = self.reactor.listenSSL(
+            0, factory, listening_options(self.credential), interface=interface
+        )
+        if self._udp is None:
+            self._udp = DatagramSender(self._send_failed)
+            udp_port = self.reactor.listenUDP(0, self._udp)
+            udp_port.setBroadcastAllowed(True)
+        self._deadline = self.reactor.callLater(self.timeout, self.machine.timed_out)
+        self._announce()
+        return True
+
+    def unreachable(self) -> None:
+        self.fail(NoWorker("no announce target can be reached from this host: "
+                           + ", ".join(f"{h}:{p}" for h, p in self.targets)))
+
+    def _send_failed(self, target: tuple[str, int], error: OSError) -> None:
+        self.say(f"cannot send to {target[0]}:{target[1]}: {error.strerror}")
+
+    def _announce(self) -> None:
+        assert self._port is not None
+        ann = wire.Announce(self.job_id, self.seq, self.now(),
+                            self._port.getHost().port, self._addrs)  # type: ignore[attr-defined]
+        data = wire.encode_datagram(ann, self.credential.app_id, self.credential.key,
+                                    self.credential.cert_der)
+        for target in self.targets:
+            self._udp.send(data, target)
+        delay = RESEND_DELAYS[self.seq] if self.seq < len(RESEND_DELAYS) else RESEND_MAX
+        self.seq += 1
+        self._resend = self.reactor.callLater(delay, self._announce)
+
+    def _stop_looking(self) -> None:
+        for call in (self._resend, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        if self._port is not None:
+            self._port.stopListening()
+            self._port = None
+
+    def time_out(self) -> None:
+        """No worker was verified in time."""
+        self._deadline = None
+        if self.auth_failures:
+            self.fail(AuthFailed(
+                f"{len(self.auth_failures)} connection(s) failed authentication "
+                f"(last: {self.auth_failures[-1]}); is the worker of the same application?"))
+        else:
+            targets = ", ".join(f"{h}:{p}" for h, p in self.targets)
+            self.fail(NoWorker(f"no worker answered within {self.timeout:g} s "
+                               f"(announced to {targets})"))
+
+    # -- connections ------------------------------------------------------------------
+
+    def connected(self, channel: ClientChannel) -> None:
+        self.channels.add(channel)
+        self.answered += 1
+
+    def forget(self, channel: ClientChannel) -> None:
+        """CHANNEL's connection is gone."""
+        self.channels.discard(channel)
+        if self.pool is not None:
+            self.pool.lost(channel)
+
+    def heard(self, channel: ClientChannel, hello: wire.Hello) -> None:
+        if self.pool is not None:
+            self.pool.heard(channel, hello)
+
+    def auth_failed(self, channel: ClientChannel, problem: str) -> None:
+        self.auth_failures.append(problem)
+        self.log.warn("complaint: connection from {peer} refused: {problem}",
+                      peer=channel.peer_address(), problem=problem)
+        self.alerts.send("complaint", what=f"connection refused: {problem}",
+                         source=channel.peer_address(), client=self.credential.name)
+
+    def turn_away(self, channel: ClientChannel) -> None:
+        """A worker verified after another was chosen (or after the end): it is told."""
+        self.channels.discard(channel)
+        channel.send(wire.Busy())
+        channel.close()
+
+    def drop(self, channel: ClientChannel) -> None:
+        """A connection that came too late: closed at once."""
+        channel.close(abort=True)
+
+    def choose(self, channel: ClientChannel) -> None:
+        """CHANNEL's worker is the first verified: it gets the job, the others are told."""
+        self.chosen = channel
+        self._stop_looking()
+        taken = wire.encode_datagram(wire.Taken(self.job_id, self.now(), self.answered),
+                                     self.credential.app_id, self.credential.key)
+        for target in self.targets:
+            self._udp.send(taken, target)
+        for other in list(self.channels):
+            if other is not channel:
+                if other.verified:
+                    other.send(wire.Busy())
+                other.close(abort=not other.verified)
+        self.streams.prepare(channel)
+        channel.start_heartbeat(self.reactor)
+        channel.send(self.request)
+
+    def reuse(self, channel: ClientChannel) -> None:
+        """Send the job over a warm channel from the pool (the streams are prepared once
+        the worker says STARTED)."""
+        self.reused = True
+        channel.attach(self.events)
+        channel.ins.clear()
+        channel.outs.clear()
+        self.channels.add(channel)
+        self.chosen = channel
+        channel.send(self.request)
+
+    def warm_refused(self, why: str) -> None:
+        """The warm channel's worker cannot take the job after all: it is closed."""
+        channel = self.chosen
+        assert channel is not None
+        self.channels.discard(channel)
+        channel.close()
+        self.chosen = None
+        self.reused = False
+        self.say(f"warm channel to worker {channel.hello.worker if channel.hello else '?'} "
+                 f"{why}: announcing the job")
+
+    # -- the job ----------------------------------------------------------------------
+
+    def job_started(self, started: wire.Started) -> None:
+        channel = self.chosen
+        assert channel is not None
+        self.started = started
+        hello = channel.hello
+        name = hello.worker if hello else CertInfo.of(channel.peer_cert).name
+        if hello and self.reused:
+            why = (f"reused warm channel (its load {hello.load:.2f} reported "
+                   f"{(self.reactor.seconds() - channel.heard_at) * 1000:.0f} ms before, "
+                   f"{hello.running}/{hello.slots} slots busy)")
+        elif hello:
+            why = (f"first of {self.answered} to connect back, after "
+                   f"{(self.reactor.seconds() - self._t0) * 1000:.1f} ms; its load "
+                   f"{hello.load:.2f}, delay {hello.delay_ms:.1f} ms, "
+                   f"{hello.running}/{hello.slots} slots busy")
+        else:
+            why = "first to connect back"
+        self.say(f"job {started.job} runs on worker {name} ({channel.peer_address()}): {why}")
+        if started.refused_env:
+            self.log.warn("worker {name} did not accept the environment variable(s) "
+                          "{names} (see its --accept-env)", name=name,
+                          names=", ".join(started.refused_env))
+        if self.pool is not None:
+            self.pool.started(channel)
+        if self.on_started is not None:
+            self.on_started(name, started.job)
+        if self.reused:
+            self.streams.prepare(channel)
+        self.streams.start_input()
+        for sig in self._early_signals:
+            channel.send(wire.Signal(sig))
+
+    def signal(self, number: int) -> None:
+        """Deliver signal NUMBER to the job; before it runs, once it does."""
+        assert self.chosen is not None
+        if self.started is not None:
+            self.chosen.send(wire.Signal(number))
+        else:
+            self._early_signals.append(number)
+
+    def interrupted(self, number: int) -> None:
+        self.fail(Interrupted(f"interrupted by signal {number} before the job started",
+                              128 + number))
+
+    def resize_request(self, rows: int, cols: int) -> None:
+        """No worker yet: the job will start with the terminal's new size."""
+        if self.request.tty:
+            self.request = replace(self.request, rows=rows, cols=cols)
+
+    def resize(self, rows: int, cols: int) -> None:
+        assert self.chosen is not None
+        self.chosen.send(wire.Winsize(rows, cols))
+
+    def protocol_error(self, frame: wire.Frame) -> None:
+        """The chosen worker sent a frame that makes no sense now."""
+        assert self.chosen is not None
+        self.chosen.protocolError(f"unexpected {type(frame).__name__} frame")
+
+    def job_exited(self, exit: wire.Exit) -> None:
+        """EXIT: decide the outcome, then write the rest of the output (see drain)."""
+        channel = self.chosen
+        assert channel is not None
+        if self.pool is not None:
+            self.pool.exited(channel)
+        if self.worker_error:
+            channel.close()
+            self.drain(WorkerLost(f"lost worker: {self.worker_error}"))
+            return
+        if exit.limit:
+            channel.close()
+            error = LimitHit(f"the worker ended the job: it hit its {exit.limit} limit "
+                             "(see the worker's --job-timeout / --job-memory)")
+            error.exit_code = (exitcodes.TIME_LIMIT if exit.limit == "time"
+                               else exitcodes.MEMORY_LIMIT)
+            self.drain(error)
+            return
+        hello = channel.hello
+        result = JobResult(exit.code, exit.signal, hello.worker if hello else "?",
+                           channel.peer_address(), self.started.job if self.started else "?")
+        if self.pool is None:
+            channel.close()
+        self.drain(result)
+
+    def worker_lost(self) -> None:
+        """The chosen worker's connection is gone before EXIT."""
+        channel = self.chosen
+        assert channel is not None
+        self.channels.discard(channel)
+        hello = channel.hello
+        who = hello.worker if hello else channel.peer_address()
+        why = f": {self.worker_error}" if self.worker_error else ""
+        self.drain(WorkerLost(f"lost worker {who} before the job finished{why}"))
+
+    def refuse(self, error: wire.Error) -> None:
+        """The worker answered START with ERROR."""
+        assert self.chosen is not None
+        address = self.chosen.peer_address()
+        self.fail(JobRefused(f"worker {address}: {error.message}"))
+        self.chosen.close()
+
+    def drain(self, outcome: JobResult | JobFailed) -> None:
+        """OUTCOME is decided: write the job's output, then the machine hears drained."""
+        self.outcome = outcome
+
+        def written(result: object) -> None:
+            if isinstance(result, Failure):
+                self.log.failure("the job's output could not be written", result)
+            self.machine.drained()
+
+        self.streams.finish().addBoth(written)
+
+    def deliver(self) -> None:
+        outcome = self.outcome
+        if isinstance(outcome, JobResult):
+            self.succeed(outcome)
+        elif outcome is not None:
+            self.fail(outcome)
+
+    # -- ending -----------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        """The job's owner went away (the agent's launcher died): end it, as a client that
+        dies would (its worker ends the job's processes)."""
+        if self.chosen is not None and not self.parked:
+            self.chosen.close(abort=True)
+        self.fail(Interrupted("the job's launcher went away", exitcodes.WORKER_LOST))
+
+    def _cleanup(self) -> None:
+        if self.pool is not None and self.chosen is not None and not self.parked:
+            self.pool.lost(self.chosen)  # the job failed: its channel closes below
+        self._stop_looking()
+        self.alerts.stop()
+        if self._udp is not None and self._udp.transport is not None:
+            self._udp.transport.stopListening()
+        for channel in list(self.channels):
+            channel.close(abort=True)
+
+    def succeed(self, result: JobResult) -> None:
+        if self.result.called:
+            return
+        chosen = self.chosen
+        if self.pool is not None and chosen is not None and not chosen.closed:
+            self.channels.discard(chosen)
+            if self.pool.park(self.pool_key, chosen):
+                self.parked = True
+                chosen.attach(self.pool.idle_events)
+            else:
+                chosen.close()
+        self.alerts.send(
+            "job-finished", job=result.job, worker=result.worker, worker_addr=result.address,
+            client=self.credential.name, status=result.status, signal=result.signal,
+            duration=round(self.reactor.seconds() - self._t0, 3),
+            bytes_in=sum(s.sent for s in chosen.outs.values()) if chosen else 0,
+            bytes_out=sum(s.received for s in chosen.ins.values()) if chosen else 0)
+        self._cleanup()
+        self.result.callback(result)
+
+    def fail(self, error: JobFailed) -> None:
+        if self.result.called:
+            return
+        self.alerts.send("complaint", what=str(error), client=self.credential.name,
+                         job=self.started.job if self.started else None)
+        self._cleanup()
+        self.result.errback(Failure(error))
