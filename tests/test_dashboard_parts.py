@@ -40,12 +40,13 @@ class FakeClock:
 
 
 def record(event: str, verified: bool = True, role: str = "worker", ts: int = 0,
-           **fields: Any) -> dict[str, Any]:
-    """A record as crat makes it, for application "app"."""
+           sender: str | None = None, serial: str = "5E41A1", **fields: Any) -> dict[str, Any]:
+    """A record as crat makes it, for application "app": signed by a certificate named
+    SENDER (by default the worker's name: each worker has a credential of its own)."""
     return {"received": "2023-11-14T22:13:20.000+00:00", "source": "192.0.2.7:40000",
             "verified": verified, "reason": None if verified else "bad signature",
-            "app": "app", "role": role, "sender": "w.example", "event": event, "ts": ts,
-            "fields": fields}
+            "app": "app", "role": role, "sender": sender or fields.get("worker", "w.example"),
+            "serial": serial, "event": event, "ts": ts, "fields": fields}
 
 
 @pytest.fixture
@@ -100,9 +101,12 @@ def test_a_job_is_listed_from_its_start_to_its_finish(st: DashboardState,
     st(record("job-started", job="j1", worker="w1", command="make", client="alice"))
     (job,) = st.snapshot()["running"]
     assert (job["key"], job["command"], job["started"]) == ("app/j1", "make", clock.seconds)
-    st(record("job-finished", role="client", job="j1", status=0))
+    st(record("job-finished", role="client", sender="alice", job="j1", status=0))
+    assert len(st.snapshot()["running"]) == 1  # the client's word ends nothing
+    st(record("job-finished", job="j1", worker="w1", status=0))
     assert st.snapshot()["running"] == []
-    assert [a["event"] for a in st.snapshot()["alerts"]] == ["job-finished", "job-started"]
+    assert [a["event"] for a in st.snapshot()["alerts"]] == [
+        "job-finished", "job-finished", "job-started"]
 
 
 def test_a_clients_job_started_lists_no_job(st: DashboardState) -> None:
@@ -114,9 +118,9 @@ def test_an_unverified_record_is_an_alert_only(st: DashboardState) -> None:
     st(record("worker-status", verified=False, worker="w1", load=9.0))
     st(record("job-started", verified=False, job="j1", worker="w1"))
     snap = st.snapshot()
-    assert snap["workers"] == [] and snap["running"] == []
-    assert [a["verified"] for a in snap["alerts"]] == [False, False]
-    assert snap["alerts"][0]["reason"] == "bad signature"
+    assert snap["workers"] == [] and snap["running"] == [] and snap["alerts"] == []
+    assert [a["verified"] for a in snap["unverified"]] == [False, False]
+    assert snap["unverified"][0]["reason"] == "bad signature"
 
 
 def test_alerts_are_bounded_newest_first(st: DashboardState) -> None:
