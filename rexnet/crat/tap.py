@@ -31,11 +31,14 @@ class Options(VersionOption):
         "certificate; APP.ca is refused, as the CA's private key must stay with its "
         "administrator. With --revoked (an APP.revoked file of rexnet keygen --revoke; "
         "repeatable, e.g. one per trusted CA; re-read when it changes), the alerts of a "
-        "revoked certificate are recorded as UNVERIFIED, saying so. With --jsonl, every alert is also appended to FILE as one JSON "
-        "object a line. Floods of garbage and unverified alerts are rate-limited; drops "
-        "are summarised in the log. With --web, a dashboard (workers and their load over "
-        "time, running jobs, recent alerts, updated live) is served on that TCP port of "
-        "127.0.0.1 (or of --web-interface)."
+        "revoked certificate are recorded as UNVERIFIED, saying so. With --jsonl, every "
+        "alert is also appended to FILE as one JSON object a line. Floods of garbage and "
+        "unverified alerts are rate-limited; drops are summarised in the log. With --web, "
+        "a dashboard (workers and their load over time, running jobs, recent verified and "
+        "unverified alerts apart, updated live) is served on that TCP port of 127.0.0.1 "
+        "(or of --web-interface). A worker's row is named by the certificate that signs "
+        "its alerts (NAME, or CERTIFICATE/NAME when the worker calls itself otherwise); a "
+        "running job is ended only by the certificate that reported its start."
     )
     optParameters = [
         ["listen", "l", f"0.0.0.0:{CRAT_PORT}", "UDP HOST:PORT to receive alerts on."],

@@ -86,7 +86,8 @@ class WorkerView:
     def as_dict(self, history: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
             "key": self.key, "name": self.name, "app": self.app, "sender": self.sender,
-            "claimed": self.claimed, "address": self.address, "seen": self.seen, "status_seen": self.status_seen,
+            "claimed": self.claimed, "address": self.address, "seen": self.seen,
+            "status_seen": self.status_seen,
             **{k: self.figures.get(k) for k in STATUS_FIELDS},
         }
         if history:
@@ -184,11 +185,24 @@ class DashboardState:
         if worker is None:
             worker = WorkerView(app, name, sender, address, now, claimed)
             worker.history = deque(maxlen=self.history)
+            self._new_row(worker)
         worker.seen, worker.address = now, address
         self.workers[key] = worker  # the most recently heard last
         while len(self.workers) > MAX_WORKERS:
             self.workers.popitem(last=False)
         return worker
+
+    def _new_row(self, worker: WorkerView) -> None:
+        """Say so when a certificate calls itself by the name of another certificate that
+        has a row: it gets a row of its own (CERT/NAME), never the other one's."""
+        if worker.claimed == worker.sender or not any(
+                w.app == worker.app and w.sender == worker.claimed
+                for w in self.workers.values()):
+            return
+        log.warn("dashboard: worker certificate {sender} of {app} calls itself {claimed}, "
+                 "the name of another certificate: its alerts are listed as {name}, never "
+                 "as {claimed}'s", sender=readable(worker.sender), app=readable(worker.app),
+                 claimed=readable(worker.claimed), name=readable(worker.name))
 
     def _status(self, worker: WorkerView, record: Record, fields: dict[str, Any],
                 now: float) -> list[float] | None:
