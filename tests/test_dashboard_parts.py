@@ -129,6 +129,41 @@ def test_alerts_are_bounded_newest_first(st: DashboardState) -> None:
     assert [a["fields"]["what"] for a in st.snapshot()["alerts"]] == ["c5", "c4", "c3", "c2"]
 
 
+def test_rows_belong_to_the_certificate_that_signs(st: DashboardState) -> None:
+    st(record("worker-status", worker="w3", load=0.5))
+    st(record("worker-status", sender="w4", worker="w3", load=99.0))  # w4 says it is w3
+    st(record("worker-status", sender="worker", worker="alpha", load=1.0))  # shared cred
+    st(record("worker-status", sender="w4", load=2.0))  # no name: no row
+    workers = {w["name"]: w for w in st.snapshot()["workers"]}
+    assert set(workers) == {"w3", "w4/w3", "worker/alpha"}
+    assert (workers["w3"]["load"], workers["w3"]["sender"]) == (0.5, "w3")
+    assert (workers["w4/w3"]["load"], workers["w4/w3"]["claimed"]) == (99.0, "w3")
+    assert workers["worker/alpha"]["key"] == "app/worker/alpha"
+
+
+def test_only_the_certificate_that_reported_the_start_ends_a_job(st: DashboardState) -> None:
+    st(record("job-started", job="j1", worker="w3", client="alice", serial="A1"))
+    st(record("job-started", job="j1", worker="w4", serial="B2"))  # a takeover: refused
+    st(record("job-finished", job="j1", worker="w3", serial="C3"))  # same name, other cert
+    st(record("job-finished", job="j1", sender="w4", worker="w3", serial="B2"))
+    st(record("job-finished", job="j1", role="client", sender="alice"))  # its client
+    st(record("worker-status", sender="w4", worker="w3", running=0, ts=99))  # not w3's row
+    (job,) = st.snapshot()["running"]
+    assert (job["worker"], job["sender"], job["serial"]) == ("w3", "w3", "A1")
+    st(record("job-finished", job="j1", worker="w3", serial="A1"))
+    assert st.snapshot()["running"] == []
+
+
+def test_unverified_alerts_never_push_verified_ones_out(st: DashboardState) -> None:
+    st(record("complaint", what="real"))
+    for n in range(10):
+        st(record("complaint", verified=False, what=f"junk {n}"))
+    snap = st.snapshot()
+    assert [a["fields"]["what"] for a in snap["alerts"]] == ["real"]
+    assert [a["fields"]["what"] for a in snap["unverified"]] == [
+        "junk 9", "junk 8", "junk 7", "junk 6"]  # alerts=4, each list
+
+
 def test_a_failing_listener_is_counted_and_the_others_still_hear(st: DashboardState) -> None:
     heard: list[dict[str, Any]] = []
 
