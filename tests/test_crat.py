@@ -187,7 +187,9 @@ def test_a_workers_alert_is_verified(b: Bench, creds: Creds) -> None:
         "received": datetime.datetime.fromtimestamp(b.clock.seconds, datetime.UTC).isoformat(
             timespec="milliseconds"),
         "source": f"{SOURCE}:40000", "verified": True, "reason": None, "app": "testapp",
-        "role": "worker", "sender": "worker", "event": "job-finished", "ts": b.clock.ms - 7,
+        "role": "worker", "sender": "worker",
+        "serial": f"{creds.worker.cert.serial_number:X}",  # which certificate signed it
+        "event": "job-finished", "ts": b.clock.ms - 7,
         "fields": {"job": "abc", "status": 0, "duration": 1.5, "bytes_in": 10, "worker": "w1"},
     }
     assert b.lines == [f"alert [verified] testapp worker worker: job-finished job=abc status=0 "

@@ -138,8 +138,10 @@ def test_worker_status_builds_the_workers_and_their_bounded_load_history(b: Benc
     b.status(name="w2", load=1.75, running=3)
     state = b.state()
     w1, w2 = state["workers"]
-    assert (w1["key"], w1["name"], w1["app"], w1["sender"], w1["address"]) == (
-        "testapp/w1", "w1", "testapp", "worker", SOURCE)
+    # rows are the certificate's: workers sharing APP.worker (named "worker") are
+    # worker/NAME, NAME being what each calls itself
+    assert (w1["key"], w1["name"], w1["app"], w1["sender"], w1["claimed"], w1["address"]) == (
+        "testapp/worker/w1", "worker/w1", "testapp", "worker", "w1", SOURCE)
     assert (w1["load"], w1["running"], w1["slots"], w1["cpus"], w1["speed"],
             w1["free_memory"], w1["jobs_run"]) == ((HISTORY + 9) / 100, 0, 4, 2, 1.5,
                                                    1 << 30, 7)
@@ -168,7 +170,7 @@ def test_running_jobs_are_started_minus_finished(b: Bench) -> None:
     assert [j["job"] for j in running] == ["j3"]
     (j3,) = running
     assert (j3["key"], j3["app"], j3["worker"], j3["client"], j3["client_addr"],
-            j3["command"]) == ("testapp/j3", "testapp", "w1", "alice", "10.0.0.7:5555",
+            j3["command"]) == ("testapp/j3", "testapp", "worker/w1", "alice", "10.0.0.7:5555",
                                "sh -c work")
     assert isinstance(j3["started"], float)
     events = [a["event"] for a in b.state()["alerts"]]
@@ -212,9 +214,10 @@ def test_unverified_alerts_are_listed_with_the_reason_and_change_nothing_else(
     b.send(b.worker, "job-started", job="real", worker="w1", client="alice")
     b.send(b.stranger, "job-finished", job="real", worker="w1", status=0)
     state = b.state()
-    assert [w["name"] for w in state["workers"]] == ["w1"]
     assert [j["job"] for j in state["running"]] == ["real"]
-    unverified = [a for a in state["alerts"] if not a["verified"]]
+    assert [w["name"] for w in state["workers"]] == ["worker/w1"]
+    assert [a["event"] for a in state["alerts"]] == ["job-started"]  # kept apart
+    unverified = state["unverified"]
     assert [a["event"] for a in unverified] == ["job-finished", "job-started",
                                                 "worker-status"]
     assert all(a["reason"] == "certificate not issued by a trusted CA" and
@@ -228,7 +231,7 @@ def test_each_record_publishes_a_compact_update(b: Bench) -> None:
     b.send(b.worker, "job-finished", job="j1", worker="w1", status=0)
     status, started, finished = b.updates
     assert status["alert"] is None and status["point"] == [pytest.approx(b.clock()), 0.5]
-    assert status["worker"]["key"] == "testapp/w1" and "history" not in status["worker"]
+    assert status["worker"]["key"] == "testapp/worker/w1" and "history" not in status["worker"]
     assert started["job_started"]["key"] == "testapp/j1"
     assert started["alert"]["event"] == "job-started"
     assert finished["jobs_ended"] == ["testapp/j1"] and finished["job_started"] is None
@@ -252,9 +255,9 @@ def test_odd_records_neither_raise_nor_reach_the_tables(b: Bench) -> None:
     assert state["running"] == []
     (worker,) = state["workers"]
     assert (worker["key"], worker["sender"], worker["address"], worker["load"]) == (
-        "a/w", "s", "2001:db8::1", None)
+        "a/s/w", "s", "2001:db8::1", None)
     assert worker["history"] == []
-    assert len(state["alerts"]) == 3
+    assert len(state["alerts"]) == 2 and len(state["unverified"]) == 1  # {} is not verified
 
 
 def test_records_crat_made_before_the_dashboard_are_taken_in(
@@ -266,7 +269,7 @@ def test_records_crat_made_before_the_dashboard_are_taken_in(
                   SOURCE, 1)
     state = Dashboard(crat).state.snapshot()
     assert [j["job"] for j in state["running"]] == ["early"]
-    assert [w["name"] for w in state["workers"]] == ["w1"]
+    assert [w["name"] for w in state["workers"]] == ["worker/w1"]
 
 
 def test_the_dashboard_is_a_sink_of_crat(b: Bench) -> None:
@@ -321,7 +324,7 @@ def test_api_state_over_a_request(b: Bench) -> None:
     assert header(req, "content-type") == "application/json; charset=utf-8"
     assert header(req, "cache-control") == "no-store"
     state = json.loads(body(req))
-    assert state["workers"][0]["name"] == "w1"
+    assert state["workers"][0]["name"] == "worker/w1"
     assert state["alerts"][0]["fields"]["what"] == XSS  # data, kept as it was said
 
 
@@ -416,7 +419,7 @@ def test_the_event_stream_sends_an_update_per_alert(b: Bench) -> None:
     b.send(b.worker, "complaint", what="line one\nline two " + XSS)
     (n1, u1), (n2, u2) = events(req)
     assert n1 == n2 == "update"
-    assert u1["point"][1] == 0.75 and u1["worker"]["name"] == "w1"
+    assert u1["point"][1] == 0.75 and u1["worker"]["name"] == "worker/w1"
     assert u2["alert"]["fields"]["what"] == "line one\nline two " + XSS
     assert body(req).count(b"\n\n") == 3  # the newline stayed inside the JSON
     b.dash.hub.heartbeat()
@@ -660,7 +663,7 @@ def test_a_real_event_stream_and_a_clean_stop(keys: Keys) -> None:
                          client="alice"))
         name, update = read_event(resp)
         assert name == "update" and update["job_started"]["job"] == "j9"
-        assert update["worker"]["name"] == "w9"
+        assert update["worker"]["name"] == "worker/w9"
     finally:
         status = crat.stop()
     assert status in (0, -signal.SIGTERM)
@@ -827,7 +830,7 @@ def test_the_page_shows_a_real_job_live(browser: Any, keys: Keys, site: Site,
     driver.get(site.crat.url)
     wait_until(driver, "the live event stream", lambda d: d.find_element(
         "id", "conn").get_attribute("data-mode") == "live")
-    row = 'tr[data-worker="testapp/w1"]'
+    row = 'tr[data-worker="testapp/worker/w1"]'  # w1 holds the shared APP.worker
     wait_until(driver, "worker w1", lambda d: css(d, row))
     driver.execute_script("window.rexnetNotReloaded = 42;")
     before = screenshot(driver, tmp_path / "before.png")
@@ -840,7 +843,7 @@ def test_the_page_shows_a_real_job_live(browser: Any, keys: Keys, site: Site,
         running = f'#jobs tr[data-job="{job_id}"]'
         wait_until(driver, f"job {job_id} running", lambda d: css(d, running))
         cells = [c.text for c in css(driver, running + " td")]
-        assert cells[:4] == [job_id, "testapp", "w1", "client"], cells
+        assert cells[:4] == [job_id, "testapp", "worker/w1", "client"], cells
         screenshot(driver, tmp_path / "running.png")
         out, err = job.communicate(b"now\n", timeout=WAIT)
     finally:
@@ -859,7 +862,7 @@ def test_the_page_shows_a_real_job_live(browser: Any, keys: Keys, site: Site,
     wait_until(driver, "w1 counting its job", lambda d: int(
         css(d, row + " td")[9].text or 0) >= 1)
     cells = [c.text for c in css(driver, row + " td")]
-    assert cells[0] == "w1" and cells[1] == "testapp", cells
+    assert cells[0] == "worker/w1" and cells[1] == "testapp", cells
     assert re.fullmatch(r"\d+\.\d\d", cells[4]), cells  # the last load figure
     assert re.fullmatch(r"\d+ / \d+", cells[5]), cells  # running jobs / slots
     points = css(driver, row + " svg.spark polyline")[0].get_attribute("points")
@@ -892,13 +895,18 @@ def test_alert_text_is_text_and_only_unverified_alerts_are_marked(
     site.crat.send(signed(stranger, "complaint", now_ms(), what=f"{marker} forged <i>x</i>"))
 
     def rows(d: Any) -> list[Any]:
-        found = [r for r in css(d, '#alerts tr[data-event="complaint"]') if marker in r.text]
+        found = [r for table in ("alerts", "unverified")
+                 for r in css(d, f'#{table} tr[data-event="complaint"]') if marker in r.text]
         return found if len(found) == 2 else []
 
-    forged, real = wait_until(driver, "both complaints", rows)  # newest first
+    # verified and unverified alerts are listed apart
+    real, forged = wait_until(driver, "both complaints", rows)
     assert f"{marker} {XSS}" in real.text and "source=<b>bold</b>" in real.text
     assert f"{marker} forged <i>x</i>" in forged.text
-    assert not css(driver, "#alerts img, #alerts b, #alerts i"), "alert text became markup"
+    assert not any(marker in r.text for r in css(driver, "#alerts tr.unverified"))
+    assert any(marker in r.text for r in css(driver, "#unverified tr.unverified"))
+    assert not css(driver, "#alerts img, #alerts b, #alerts i, #unverified img, "
+                   "#unverified b, #unverified i"), "alert text became markup"
     assert not css(driver, "img")
     assert driver.title == title
     # only the unverified one is marked, with the reason

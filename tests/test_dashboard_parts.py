@@ -40,12 +40,13 @@ class FakeClock:
 
 
 def record(event: str, verified: bool = True, role: str = "worker", ts: int = 0,
-           **fields: Any) -> dict[str, Any]:
-    """A record as crat makes it, for application "app"."""
+           sender: str | None = None, serial: str = "5E41A1", **fields: Any) -> dict[str, Any]:
+    """A record as crat makes it, for application "app": signed by a certificate named
+    SENDER (by default the worker's name: each worker has a credential of its own)."""
     return {"received": "2023-11-14T22:13:20.000+00:00", "source": "192.0.2.7:40000",
             "verified": verified, "reason": None if verified else "bad signature",
-            "app": "app", "role": role, "sender": "w.example", "event": event, "ts": ts,
-            "fields": fields}
+            "app": "app", "role": role, "sender": sender or fields.get("worker", "w.example"),
+            "serial": serial, "event": event, "ts": ts, "fields": fields}
 
 
 @pytest.fixture
@@ -100,9 +101,12 @@ def test_a_job_is_listed_from_its_start_to_its_finish(st: DashboardState,
     st(record("job-started", job="j1", worker="w1", command="make", client="alice"))
     (job,) = st.snapshot()["running"]
     assert (job["key"], job["command"], job["started"]) == ("app/j1", "make", clock.seconds)
-    st(record("job-finished", role="client", job="j1", status=0))
+    st(record("job-finished", role="client", sender="alice", job="j1", status=0))
+    assert len(st.snapshot()["running"]) == 1  # the client's word ends nothing
+    st(record("job-finished", job="j1", worker="w1", status=0))
     assert st.snapshot()["running"] == []
-    assert [a["event"] for a in st.snapshot()["alerts"]] == ["job-finished", "job-started"]
+    assert [a["event"] for a in st.snapshot()["alerts"]] == [
+        "job-finished", "job-finished", "job-started"]
 
 
 def test_a_clients_job_started_lists_no_job(st: DashboardState) -> None:
@@ -114,15 +118,50 @@ def test_an_unverified_record_is_an_alert_only(st: DashboardState) -> None:
     st(record("worker-status", verified=False, worker="w1", load=9.0))
     st(record("job-started", verified=False, job="j1", worker="w1"))
     snap = st.snapshot()
-    assert snap["workers"] == [] and snap["running"] == []
-    assert [a["verified"] for a in snap["alerts"]] == [False, False]
-    assert snap["alerts"][0]["reason"] == "bad signature"
+    assert snap["workers"] == [] and snap["running"] == [] and snap["alerts"] == []
+    assert [a["verified"] for a in snap["unverified"]] == [False, False]
+    assert snap["unverified"][0]["reason"] == "bad signature"
 
 
 def test_alerts_are_bounded_newest_first(st: DashboardState) -> None:
     for n in range(6):
         st(record("complaint", what=f"c{n}"))
     assert [a["fields"]["what"] for a in st.snapshot()["alerts"]] == ["c5", "c4", "c3", "c2"]
+
+
+def test_rows_belong_to_the_certificate_that_signs(st: DashboardState) -> None:
+    st(record("worker-status", worker="w3", load=0.5))
+    st(record("worker-status", sender="w4", worker="w3", load=99.0))  # w4 says it is w3
+    st(record("worker-status", sender="worker", worker="alpha", load=1.0))  # shared cred
+    st(record("worker-status", sender="w4", load=2.0))  # no name: no row
+    workers = {w["name"]: w for w in st.snapshot()["workers"]}
+    assert set(workers) == {"w3", "w4/w3", "worker/alpha"}
+    assert (workers["w3"]["load"], workers["w3"]["sender"]) == (0.5, "w3")
+    assert (workers["w4/w3"]["load"], workers["w4/w3"]["claimed"]) == (99.0, "w3")
+    assert workers["worker/alpha"]["key"] == "app/worker/alpha"
+
+
+def test_only_the_certificate_that_reported_the_start_ends_a_job(st: DashboardState) -> None:
+    st(record("job-started", job="j1", worker="w3", client="alice", serial="A1"))
+    st(record("job-started", job="j1", worker="w4", serial="B2"))  # a takeover: refused
+    st(record("job-finished", job="j1", worker="w3", serial="C3"))  # same name, other cert
+    st(record("job-finished", job="j1", sender="w4", worker="w3", serial="B2"))
+    st(record("job-finished", job="j1", role="client", sender="alice"))  # its client
+    st(record("worker-status", sender="w4", worker="w3", running=0, ts=99))  # not w3's row
+    (job,) = st.snapshot()["running"]
+    assert (job["worker"], job["sender"], job["serial"]) == ("w3", "w3", "A1")
+    st(record("job-finished", job="j1", worker="w3", serial="A1"))
+    assert st.snapshot()["running"] == []
+
+
+def test_unverified_alerts_never_push_verified_ones_out(st: DashboardState) -> None:
+    st(record("complaint", what="real"))
+    for n in range(10):
+        st(record("complaint", verified=False, what=f"junk {n}"))
+    snap = st.snapshot()
+    assert [a["fields"]["what"] for a in snap["alerts"]] == ["real"]
+    assert [a["fields"]["what"] for a in snap["unverified"]] == [
+        "junk 9", "junk 8", "junk 7", "junk 6"]  # alerts=4, each list
 
 
 def test_a_failing_listener_is_counted_and_the_others_still_hear(st: DashboardState) -> None:

@@ -3,13 +3,16 @@
 The core (Crat) is sans-IO: it is handed datagrams as (bytes, source host, port) and time
 by a clock; what it records goes to sinks (rexnet.crat.sinks, the dashboard) and to the
 log.  Each alert is marked *verified* when it passes the checks of rexnet.crat.verify;
-anything else is recorded as *unverified* with the reason; datagrams that are not rexnet
-datagrams at all are *garbage*.
+anything else is recorded as *unverified* with the reason (a certificate listed in one of
+the revocation lists crat was given makes its alerts unverified: "... is revoked");
+datagrams that are not rexnet datagrams at all are *garbage*.
 
 Rate limits keep a flood from crowding verified alerts out of the log: verified alerts
 get a generous token bucket per source address; unverified alerts and garbage share a
 small global budget (and smaller buckets per source).  What is dropped is counted and
-summarised in one log line per SUMMARY_INTERVAL.  Nothing here raises on bad input.
+summarised in one log line per SUMMARY_INTERVAL.  The recent records are kept in two
+bounded lists, verified and not, so that junk never pushes a verified record out.  Nothing
+here raises on bad input.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from rexnet.crat.verify import (
 )
 from rexnet.net.announce import RateLimiter
 from rexnet.protocol import wire
+from rexnet.security.revocation import RevokedFile
 
 VERIFIED_RATE, VERIFIED_BURST = 200.0, 400.0
 """Token bucket of verified alerts, per source address."""
@@ -134,6 +138,7 @@ class Crat:
         sinks: Sequence[Sink] = (),
         log: Logger | None = None,
         recent: int = RECENT,
+        revoked: Sequence[RevokedFile] = (),
     ) -> None:
         self.trusted: dict[bytes, TrustedCA] = {}
         for cert in trusted:
@@ -143,7 +148,9 @@ class Crat:
         self.sinks = list(sinks)
         self.log = log or Logger()
         self.counts = Counts()
-        self.recent: deque[Record] = deque(maxlen=recent)
+        self.revoked = list(revoked)
+        self.recent: deque[Record] = deque(maxlen=recent)  # verified records
+        self.recent_unverified: deque[Record] = deque(maxlen=recent)
         self.replays = SeenAlerts(REPLAY_ENTRIES)
         self._certs: OrderedDict[bytes, Sender | str] = OrderedDict()
         self._verified_limit = RateLimiter(VERIFIED_RATE, VERIFIED_BURST, RATE_SOURCES)
@@ -185,6 +192,7 @@ class Crat:
         reason: str | None = None
         try:
             sender = self._sender(dgram)
+            self._check_revoked(sender)
             check_alert(dgram, alert, sender, now, self.replays)
         except Unverified as e:
             reason = str(e)
@@ -237,6 +245,14 @@ class Crat:
             raise Unverified(cached)
         return cached
 
+    def _check_revoked(self, sender: Sender) -> None:
+        """Raise Unverified if a revocation list names SENDER's certificate (the lists
+        re-read their files when these change)."""
+        for revoked in self.revoked:
+            reason = revoked.reason(sender.cert)
+            if reason:
+                raise Unverified(reason, "revoked")
+
     # -- records ----------------------------------------------------------------------
 
     def _record(self, now: float, source: str, dgram: wire.Datagram, alert: wire.Alert,
@@ -250,13 +266,14 @@ class Crat:
             "app": claimed.app if claimed else None,
             "role": claimed.role if claimed else None,
             "sender": claimed.name if claimed else None,
+            "serial": f"{sender.cert.serial_number:X}" if sender is not None else None,
             "event": alert.event,
             "ts": alert.ts_ms,
             "fields": dict(alert.fields),
         }
 
     def _emit(self, record: Record) -> None:
-        self.recent.append(record)
+        (self.recent if record["verified"] else self.recent_unverified).append(record)
         fields: dict[str, Any] = record["fields"]
         order = [k for k in _FIRST_FIELDS if k in fields] + sorted(
             k for k in fields if k not in _FIRST_FIELDS)
@@ -303,4 +320,4 @@ class Crat:
         """Counts and the trusted applications, for a dashboard."""
         return {"counts": self.counts.as_dict(),
                 "trusted": sorted(ca.app for ca in self.trusted.values()),
-                "recent": len(self.recent)}
+                "recent": len(self.recent) + len(self.recent_unverified)}

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IListeningPort
 
 from rexnet.crat.core import SUMMARY_INTERVAL, Crat, CratError, host_port
 from rexnet.net.announce import DatagramReceiver
+from rexnet.security.revocation import RevokedFile
 
 RECEIVE_BUFFER = 4 << 20
 
@@ -30,6 +31,14 @@ def bind_udp(host: str, port: int) -> socket.socket:
         raise CratError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def revocation_in_force(lists: Sequence[RevokedFile]) -> str:
+    """What the start-up line says of the revocation lists in force."""
+    if not lists:
+        return "no revocation list (give --revoked APP.revoked)"
+    return "revocation lists: " + ", ".join(
+        f"{revoked.path} ({len(revoked.current.serials)} revoked)" for revoked in lists)
 
 
 class CratService(Service):
@@ -55,8 +64,9 @@ class CratService(Service):
         self.sock.close()  # the reactor holds its own copy
         self.summary.start(SUMMARY_INTERVAL, now=False)
         apps = ", ".join(sorted(ca.app for ca in self.crat.trusted.values())) or "nothing"
-        self.crat.log.info("crat listening on {address}, trusting {apps}",
-                           address=host_port(host, port), apps=apps)
+        self.crat.log.info("crat listening on {address}, trusting {apps}; {revocation}",
+                           address=host_port(host, port), apps=apps,
+                           revocation=revocation_in_force(self.crat.revoked))
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()

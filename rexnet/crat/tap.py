@@ -17,22 +17,28 @@ from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import parse_target
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
+from rexnet.security.revocation import RevocationError, RevokedFile
 
 
 class Options(VersionOption):
-    synopsis = ("[--listen HOST:PORT] --trust FILE [--trust FILE ...] [--jsonl FILE] "
-                "[--web PORT [--web-interface HOST]]")
+    synopsis = ("[--listen HOST:PORT] --trust FILE [--trust FILE ...] [--revoked FILE ...] "
+                "[--jsonl FILE] [--web PORT [--web-interface HOST]]")
     longdesc = (
         "Receive the signed alerts of rexnet workers and clients (jobs started and "
         "finished, complaints) and log them, each marked verified or UNVERIFIED by the "
         "application CAs given with --trust. FILE is a credential (APP.worker or "
         "APP.client: only its CA certificate is used) or a PEM file holding the CA "
         "certificate; APP.ca is refused, as the CA's private key must stay with its "
-        "administrator. With --jsonl, every alert is also appended to FILE as one JSON "
-        "object a line. Floods of garbage and unverified alerts are rate-limited; drops "
-        "are summarised in the log. With --web, a dashboard (workers and their load over "
-        "time, running jobs, recent alerts, updated live) is served on that TCP port of "
-        "127.0.0.1 (or of --web-interface)."
+        "administrator. With --revoked (an APP.revoked file of rexnet keygen --revoke; "
+        "repeatable, e.g. one per trusted CA; re-read when it changes), the alerts of a "
+        "revoked certificate are recorded as UNVERIFIED, saying so. With --jsonl, every "
+        "alert is also appended to FILE as one JSON object a line. Floods of garbage and "
+        "unverified alerts are rate-limited; drops are summarised in the log. With --web, "
+        "a dashboard (workers and their load over time, running jobs, recent verified and "
+        "unverified alerts apart, updated live) is served on that TCP port of 127.0.0.1 "
+        "(or of --web-interface). A worker's row is named by the certificate that signs "
+        "its alerts (NAME, or CERTIFICATE/NAME when the worker calls itself otherwise); a "
+        "running job is ended only by the certificate that reported its start."
     )
     optParameters = [
         ["listen", "l", f"0.0.0.0:{CRAT_PORT}", "UDP HOST:PORT to receive alerts on."],
@@ -44,11 +50,17 @@ class Options(VersionOption):
     def __init__(self) -> None:
         super().__init__()
         self["trust"] = []
+        self["revoked"] = []
 
     def opt_trust(self, path: str) -> None:
         """Believe alerts signed by credentials of this application: FILE is APP.worker,
         APP.client or the CA certificate (repeatable)."""
         self["trust"].append(path)
+
+    def opt_revoked(self, path: str) -> None:
+        """Alerts signed by a certificate listed in FILE (APP.revoked, made by rexnet keygen
+        --revoke) are unverified; FILE is re-read when it changes (repeatable)."""
+        self["revoked"].append(path)
 
     def postOptions(self) -> None:
         try:
@@ -84,6 +96,12 @@ def makeService(config: Options) -> IService:
             cas.append(read_ca_certificate(Path(path)))
     except CratError as e:
         raise fail(str(e), CREDENTIAL) from None
+    revoked: list[RevokedFile] = []
+    try:
+        for path in config["revoked"]:
+            revoked.append(RevokedFile(Path(path)))
+    except RevocationError as e:
+        raise fail(f"revocation list: {e}", CREDENTIAL) from None
     closing = []
     sinks = []
     try:
@@ -94,7 +112,8 @@ def makeService(config: Options) -> IService:
         sock = bind_udp(*config["listen_addr"])  # now: a busy port is a one-line error
     except CratError as e:
         raise fail(str(e), USAGE) from None
-    crat = Crat(cas, reactor.seconds, sinks)  # type: ignore[attr-defined]
+    crat = Crat(cas, reactor.seconds, sinks,  # type: ignore[attr-defined]
+                revoked=revoked)
     top = MultiService()
     CratService(crat, sock, reactor, closing).setServiceParent(top)
     if config["web_port"] is not None:

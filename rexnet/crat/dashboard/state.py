@@ -1,10 +1,20 @@
 """What the dashboard shows, built from crat's records: workers, load, jobs, alerts.
 
 DashboardState is a crat sink.  Only *verified* alerts change the workers and running
-jobs shown: an unverified alert is listed among the recent alerts, marked UNVERIFIED with
-the reason, and changes nothing else.  Verified worker-status alerts (every 5 s per
-worker) feed the workers' load history rather than the list of alerts.  Everything is
-bounded: workers, history points, running jobs, alerts.  No I/O; time comes from a clock.
+jobs shown: an unverified alert is listed among the unverified alerts, with the reason,
+and changes nothing else.  Verified and unverified alerts are kept in two bounded lists,
+so that junk never pushes a verified alert out.  Verified worker-status alerts (every 5 s
+per worker) feed the workers' load history rather than the list of alerts.
+
+Rows belong to certificates, not to the names senders write in their alerts: a worker's
+row is named by the name in the certificate that signed its alerts (`w3`), or, when the
+worker calls itself something else, `CERTIFICATE/NAME` (`worker/alpha` for workers that
+share the application's APP.worker credential).  No certificate can make or change
+another certificate's rows.  A running job is ended only by the certificate that reported
+its start (its job-finished, or its status report of no running job); a job-finished
+from anyone else ends nothing and, unless it is the job's own client reporting, is
+logged as a complaint.  Everything is bounded: workers, history points, running jobs,
+alerts.  No I/O; time comes from a clock.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from rexnet.crat.core import Crat, Record
+from rexnet.crat.core import Crat, Record, readable
 
 HISTORY = 120
 """Load figures kept per worker (one every 5 s: the last 10 minutes)."""
@@ -28,6 +38,14 @@ MAX_JOBS = 4096
 STATUS_FIELDS = ("load", "running", "slots", "cpus", "speed", "free_memory", "jobs_run")
 
 log = Logger()
+
+
+def row_name(certificate: str | None, claimed: str | None) -> str:
+    """The name of a worker's row: its CERTIFICATE's name, with the name it CLAIMED in its
+    alerts after a slash when that differs.  Certificate names hold no slash, so a row
+    name always tells which certificate it belongs to."""
+    cert = certificate or "?"
+    return cert if not claimed or claimed == cert else f"{cert}/{claimed}"
 
 
 def _number(value: object) -> float | int | None:
@@ -49,13 +67,14 @@ def _address(source: str) -> str:
 
 @dataclass
 class WorkerView:
-    """What the dashboard knows of one worker (by application and name)."""
+    """What the dashboard knows of one worker (by application and row name)."""
 
     app: str
-    name: str
-    sender: str | None
+    name: str  # row_name(sender, claimed)
+    sender: str | None  # the name in its certificate
     address: str
     seen: float
+    claimed: str | None = None  # the name it gives itself in its alerts
     figures: dict[str, float | int | None] = field(default_factory=dict)
     status_seen: float | None = None
     history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=HISTORY))
@@ -67,7 +86,8 @@ class WorkerView:
     def as_dict(self, history: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
             "key": self.key, "name": self.name, "app": self.app, "sender": self.sender,
-            "address": self.address, "seen": self.seen, "status_seen": self.status_seen,
+            "claimed": self.claimed, "address": self.address, "seen": self.seen,
+            "status_seen": self.status_seen,
             **{k: self.figures.get(k) for k in STATUS_FIELDS},
         }
         if history:
@@ -88,7 +108,8 @@ class DashboardState:
         self.history = history
         self.workers: OrderedDict[str, WorkerView] = OrderedDict()
         self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.alerts: deque[Record] = deque(maxlen=alerts)
+        self.alerts: deque[Record] = deque(maxlen=alerts)  # verified, newest first
+        self.unverified: deque[Record] = deque(maxlen=alerts)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.errors = 0
 
@@ -126,7 +147,7 @@ class DashboardState:
         verified = record.get("verified") is True
         if not (verified and event == "worker-status"):
             alert = self._alert(record)
-            self.alerts.appendleft(alert)
+            (self.alerts if verified else self.unverified).appendleft(alert)
             update["alert"] = alert
         if verified:
             app = _text(record.get("app")) or "?"
@@ -139,7 +160,7 @@ class DashboardState:
             elif event == "job-started" and record.get("role") == "worker":
                 update["job_started"] = self._started(record, fields, app, now)
             elif event == "job-finished":
-                update["jobs_ended"] = self._finished(fields, app)
+                update["jobs_ended"] = self._finished(record, fields, app)
             if worker is not None:
                 update["worker"] = worker.as_dict(history=False)
         update["counts"] = self.crat.counts.as_dict()
@@ -153,21 +174,35 @@ class DashboardState:
 
     def _worker(self, record: Record, fields: dict[str, Any], app: str,
                 now: float) -> WorkerView | None:
-        name = _text(fields.get("worker"))  # complaints name no worker: they make no row
-        if not name:
+        claimed = _text(fields.get("worker"))  # complaints name no worker: they make no row
+        if not claimed:
             return None
+        sender = _text(record.get("sender"))
+        name = row_name(sender, claimed)
         key = f"{app}/{name}"
         worker = self.workers.pop(key, None)
         address = _address(str(record.get("source") or ""))
         if worker is None:
-            worker = WorkerView(app, name, _text(record.get("sender")), address, now)
+            worker = WorkerView(app, name, sender, address, now, claimed)
             worker.history = deque(maxlen=self.history)
+            self._new_row(worker)
         worker.seen, worker.address = now, address
-        worker.sender = _text(record.get("sender"))
         self.workers[key] = worker  # the most recently heard last
         while len(self.workers) > MAX_WORKERS:
             self.workers.popitem(last=False)
         return worker
+
+    def _new_row(self, worker: WorkerView) -> None:
+        """Say so when a certificate calls itself by the name of another certificate that
+        has a row: it gets a row of its own (CERT/NAME), never the other one's."""
+        if worker.claimed == worker.sender or not any(
+                w.app == worker.app and w.sender == worker.claimed
+                for w in self.workers.values()):
+            return
+        log.warn("dashboard: worker certificate {sender} of {app} calls itself {claimed}, "
+                 "the name of another certificate: its alerts are listed as {name}, never "
+                 "as {claimed}'s", sender=readable(worker.sender), app=readable(worker.app),
+                 claimed=readable(worker.claimed), name=readable(worker.name))
 
     def _status(self, worker: WorkerView, record: Record, fields: dict[str, Any],
                 now: float) -> list[float] | None:
@@ -200,9 +235,19 @@ class DashboardState:
         if job_id is None:
             return None
         key = f"{app}/{job_id}"
+        sender, serial = _text(record.get("sender")), _text(record.get("serial"))
+        old = self.jobs.get(key)
+        if old is not None and (old["sender"], old["serial"]) != (sender, serial):
+            log.warn("dashboard: ignored job-started of job {job} from worker certificate "
+                     "{sender} (serial {serial}): the job was started by {starter} (serial "
+                     "{starter_serial})", job=readable(job_id), sender=readable(sender),
+                     serial=serial, starter=readable(old["sender"]),
+                     starter_serial=old["serial"])
+            return None
         job: dict[str, Any] = {
             "key": key, "job": job_id, "app": app,
-            "worker": _text(fields.get("worker")) or "?",
+            "worker": row_name(sender, _text(fields.get("worker"))),
+            "sender": sender, "serial": serial,
             "client": _text(fields.get("client")), "client_addr": _text(fields.get("client_addr")),
             "command": _text(fields.get("command")), "started": now,
             "ts": record.get("ts") if isinstance(record.get("ts"), int) else 0,
@@ -213,10 +258,26 @@ class DashboardState:
             self.jobs.popitem(last=False)
         return job
 
-    def _finished(self, fields: dict[str, Any], app: str) -> list[str]:
+    def _finished(self, record: Record, fields: dict[str, Any], app: str) -> list[str]:
+        """Only the certificate that reported the job's start ends it.  Anyone else's
+        job-finished ends nothing; it is a complaint unless the job's client sent it."""
         job_id = _text(fields.get("job"))
         key = f"{app}/{job_id}"
-        return [key] if job_id is not None and self.jobs.pop(key, None) is not None else []
+        job = self.jobs.get(key) if job_id is not None else None
+        if job is None:
+            return []
+        role, sender = record.get("role"), _text(record.get("sender"))
+        if role == "worker" and (sender, _text(record.get("serial"))) == (
+                job["sender"], job["serial"]):
+            del self.jobs[key]
+            return [key]
+        if role != "client" or sender != job["client"]:
+            log.warn("dashboard: ignored job-finished of job {job} from {role} certificate "
+                     "{sender}: only the worker certificate that reported its start "
+                     "({starter}, serial {serial}) ends it", job=readable(job_id),
+                     role=readable(role), sender=readable(sender),
+                     starter=readable(job["sender"]), serial=job["serial"])
+        return []
 
     # -- the whole picture ----------------------------------------------------------------
 
@@ -229,6 +290,7 @@ class DashboardState:
                                                     key=lambda w: (w.app, w.name))],
             "running": sorted(self.jobs.values(), key=lambda j: (j["started"], j["key"])),
             "alerts": list(self.alerts),
+            "unverified": list(self.unverified),
             "counts": stats["counts"],
             "trusted": stats["trusted"],
             "limits": {"history": self.history, "alerts": self.alerts.maxlen,

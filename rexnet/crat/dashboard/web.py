@@ -162,6 +162,7 @@ class Dashboard:
         self.crat = crat
         self.state = DashboardState(crat)
         self.state.feed(crat.recent)
+        self.state.feed(crat.recent_unverified)
         self.hub = EventHub(self.state)
         crat.sinks.append(self.state)
         self.root = Root(self.state, self.hub, hosts)

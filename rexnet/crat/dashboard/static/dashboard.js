@@ -8,7 +8,8 @@
     ["sink_errors", "sink errors"], ["errors", "errors"]];
   const FIRST = ["job", "status", "signal", "limit", "duration", "bytes_in", "bytes_out",
     "worker", "client", "what"];
-  const st = { workers: new Map(), jobs: new Map(), alerts: [], counts: {}, trusted: [],
+  const st = { workers: new Map(), jobs: new Map(), alerts: [], unverified: [],
+    counts: {}, trusted: [],
     history: 120, maxAlerts: 50, interval: 5, offset: 0, fresh: new Set() };
   let es = null, pollTimer = null, renderTimer = null, lastUpdate = null;
 
@@ -53,6 +54,7 @@
     st.workers = new Map(s.workers.map((w) => [w.key, w]));
     st.jobs = new Map(s.running.map((j) => [j.key, j]));
     st.alerts = s.alerts.slice(0, st.maxAlerts);
+    st.unverified = (s.unverified || []).slice(0, st.maxAlerts);
     st.counts = s.counts; st.trusted = s.trusted;
     lastUpdate = Date.now();
     scheduleRender();
@@ -71,10 +73,11 @@
     }
     if (u.job_started) st.jobs.set(u.job_started.key, u.job_started);
     for (const key of u.jobs_ended || []) st.jobs.delete(key);
-    if (u.alert) {
-      st.alerts.unshift(u.alert);
+    if (u.alert) {  // verified and unverified alerts are kept apart, each list bounded
+      const list = u.alert.verified ? st.alerts : st.unverified;
+      list.unshift(u.alert);
       st.fresh.add(u.alert);
-      if (st.alerts.length > st.maxAlerts) st.alerts.length = st.maxAlerts;
+      if (list.length > st.maxAlerts) list.length = st.maxAlerts;
     }
     if (u.counts) st.counts = u.counts;
     lastUpdate = Date.now();
@@ -137,7 +140,9 @@
 
   function render() {
     renderTimer = null;
-    renderCounts(); renderWorkers(); renderJobs(); renderAlerts();
+    renderCounts(); renderWorkers(); renderJobs();
+    renderAlerts(st.alerts, "alerts"); renderAlerts(st.unverified, "unverified");
+    st.fresh.clear();
     $("trusted").textContent = st.trusted.length ? "trusting " + st.trusted.join(", ") : "";
     $("updated").textContent = lastUpdate ?
       "updated " + new Date(lastUpdate).toLocaleTimeString() : "";
@@ -208,6 +213,8 @@
       const tr = el("tr", silent ? "stale" : null);
       tr.dataset.worker = w.key;
       const name = td(w.name, "name");
+      name.title = "alerts signed by the certificate " + String(w.sender) +
+        (w.claimed && w.claimed !== w.sender ? ", calling itself " + String(w.claimed) : "");
       if (silent) { name.append(" ", el("span", "badge silent", "silent")); }
       const spark = td(null, "spark-cell");
       spark.append(sparkline(w.history || [], now));
@@ -239,9 +246,9 @@
     $("jobs-empty").classList.toggle("hidden", jobs.length > 0);
   }
 
-  function renderAlerts() {
+  function renderAlerts(alerts, id) {
     const body = el("tbody");
-    for (const a of st.alerts) {
+    for (const a of alerts) {
       const tr = el("tr", a.verified ? "alert" : "alert unverified");
       if (st.fresh.has(a)) tr.classList.add("fresh");
       tr.dataset.event = String(a.event);
@@ -266,9 +273,8 @@
         td(a.source, "mono"));
       body.append(tr);
     }
-    st.fresh.clear();
-    $("alerts").tBodies[0].replaceWith(body);
-    $("alerts-empty").classList.toggle("hidden", st.alerts.length > 0);
+    $(id).tBodies[0].replaceWith(body);
+    $(id + "-empty").classList.toggle("hidden", alerts.length > 0);
   }
 
   setInterval(scheduleRender, 5000);  // ages and silent workers move on by themselves
