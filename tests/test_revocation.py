@@ -275,6 +275,31 @@ def test_client_refuses_a_revoked_worker_and_the_job_never_starts(app: Path) -> 
         worker.stop()
 
 
+def test_client_stops_reusing_a_warm_channel_to_a_worker_revoked_while_it_runs(
+        app: Path) -> None:
+    """The agent keeps a warm channel to the worker; the worker's credential is revoked
+    (the list beside the client's credential changes): the next job does not go over the
+    old channel but is announced, and the worker, now refused at the handshake, never
+    gets it (issue P10, point 6)."""
+    ca = app / "revo.ca"
+    assert rexnet("keygen", "--issue", "worker", "--name", "w2", ca).returncode == 0
+    (app / "revo.revoked").write_text("# nothing revoked yet\n")
+    addr = f"{loopback_address()}:3010"
+    worker = start_worker(app / "revo.w2.worker", ["echo", "ran"], addr, "w2")
+    try:
+        assert run_exec(app / "revo.client", [addr]).stdout == b"ran\n"
+        done = run_exec(app / "revo.client", [addr], "-v")
+        assert b"reused warm channel" in done.stderr and done.stdout == b"ran\n"
+        assert rexnet("keygen", "--revoke", "w2", ca).returncode == 0
+        time.sleep(RECHECK + 0.2)
+        done = run_exec(app / "revo.client", [addr], "--timeout", "2", "-v")
+        assert done.returncode == exitcodes.AUTH_FAILED, done.stderr
+        assert b"reused warm channel" not in done.stderr and done.stdout == b""
+        assert worker.output.count("started for") == 2
+    finally:
+        worker.stop()
+
+
 def test_bad_revoked_option_is_a_one_line_error(app: Path) -> None:
     done = rexnet("exec", "--revoked", app / "missing", app / "revo.client")
     assert done.returncode == exitcodes.CREDENTIAL

@@ -23,7 +23,7 @@ from rexnet.client.warm import WarmPool
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import now_ms
 from rexnet.protocol import wire
-from rexnet.security.credentials import Credential
+from rexnet.security.credentials import Credential, check_validity
 from rexnet.security.tls import Revocations
 
 DEFAULT_TIMEOUT = 30.0
@@ -70,13 +70,28 @@ class ClientJob:
 
     def run(self) -> defer.Deferred[JobResult]:
         """Run the job on a warm channel if the pool has a good one, else announce it."""
-        link = self.pool.take(self.core.pool_key) if self.pool is not None else None
+        link = (self.pool.take(self.core.pool_key, self.distrust) if self.pool is not None
+                else None)
         if link is not None:
             assert isinstance(link, ClientChannel)
             self.machine.reuse(link)
         else:
             self.machine.look()
         return self.core.result
+
+    def distrust(self, link: object) -> str | None:
+        """Why LINK's worker is no longer to be trusted with a job, or None: its
+        certificate is checked again (expiry, revocation list as it is now) before every
+        job on a warm channel, as the worker checks the client's."""
+        cert = getattr(link, "peer_cert", None)
+        if cert is None:
+            return "its certificate is unknown"
+        problem = check_validity(cert)
+        if problem:
+            return f"its certificate {problem}"
+        revoked = self.core.revoked
+        reason = revoked.reason(cert) if revoked is not None else None
+        return f"worker {reason}" if reason else None
 
     def send_signal(self, number: int) -> None:
         """Deliver signal NUMBER to the job; before the job runs, give up with 128+N."""

@@ -14,11 +14,12 @@ gives it to one job at a time, and pools are per client process (per user).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
 
 from rexnet.net.alerts import AlertSender
 from rexnet.protocol import wire
@@ -30,6 +31,8 @@ IDLE = 25.0  # seconds an idle channel is kept (the worker keeps it 30 s)
 FRESH = 3.0  # a load report older than this is not trusted
 REUSE_MARGIN = 0.5  # load growth since the worker won after which the job is announced
 PER_WORKER = 32  # idle channels kept per worker
+
+log = Logger()
 
 
 class Link(Protocol):
@@ -156,17 +159,27 @@ class WarmPool:
         return (warm.running < warm.slots and warm.running - mine <= warm.won_others
                 and warm.load - mine / max(warm.slots, 1) - warm.won_load < self.margin)
 
-    def take(self, key: Hashable) -> Link | None:
+    def take(self, key: Hashable,
+             distrust: Callable[[Link], str | None] = lambda link: None) -> Link | None:
         """The idle channel of KEY whose worker is least loaded, if one is still a good
-        choice (see usable); it leaves the pool."""
+        choice (see usable); it leaves the pool. DISTRUST(link) says why a channel's worker
+        is no longer to be trusted (its certificate expired or was revoked since the
+        handshake), or None: such a channel is closed, with a logged complaint, and the
+        next best is tried."""
         now = self.reactor.seconds()
-        best = min((w for w in self.idle if w.key == key and self.usable(w, now)),
-                   key=lambda w: w.load, default=None)
-        if best is None:
-            return None
-        self._unpark(best)
-        self.reused += 1
-        return best.link
+        for best in sorted((w for w in self.idle if w.key == key and self.usable(w, now)),
+                           key=lambda w: w.load):
+            problem = distrust(best.link)
+            if problem is not None:
+                log.warn("closed the warm channel to worker {worker}: {problem}",
+                         worker=best.worker, problem=problem)
+                self.lost(best.link)
+                best.link.close()
+                continue
+            self._unpark(best)
+            self.reused += 1
+            return best.link
+        return None
 
     def park(self, key: Hashable, link: Link) -> bool:
         """Keep LINK (its job ended, the worker keeps it open) for a later job of KEY;
