@@ -204,10 +204,10 @@ class Channel(Protocol):
     def start_heartbeat(self, clock: IReactorTime) -> None:
         """Ping the peer when idle; give up on a silent peer (rexnet.net.heartbeat)."""
         if self.heartbeat is None:
-            self.heartbeat = Heartbeat(clock, lambda: self.send(wire.Ping()), self._silent)
+            self.heartbeat = Heartbeat(clock, lambda: self.send(wire.Ping()), self._peer_silent)
         self.heartbeat.start()
 
-    def _silent(self, seconds: float) -> None:
+    def _peer_silent(self, seconds: float) -> None:
         log.warn("peer {peer} silent for {s:.0f} s: connection considered lost",
                  peer=self.peer_address(), s=seconds)
         self.close(abort=True)
