@@ -20,7 +20,6 @@ class WorkerChannel(Channel):
                  revoked: Revocations | None = None) -> None:
         super().__init__(credential)
         self.revoked = revoked
-        self.worker = worker
         self.pending = pending
         self.core = ChannelCore(worker, self, pending)
         self.machine: ChannelInputs = WorkerMachine(self.core)
@@ -65,10 +64,6 @@ class WorkerChannel(Channel):
             self.machine.rest()
         else:
             self.machine.finish()
-
-    @property
-    def jobs(self) -> int:
-        return self.core.jobs
 
     # -- for the machine (rexnet.worker.machine.Link) ---------------------------------------
 
