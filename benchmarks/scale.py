@@ -48,7 +48,7 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
     from rexnet.protocol import wire
     from rexnet.security.credentials import load_credential
     from rexnet.security.tls import connecting_options
-    from rexnet.worker.load import HostLoad
+    from rexnet.worker.load import Crowd, HostLoad
     from rexnet.worker.service import Worker, WorkerService, WorkerSettings
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -95,6 +95,12 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
     tls = connecting_options(cred)
     checker = SharedChecker()
 
+    class FixedCrowd(Crowd):
+        """The delay before crowds were learnt: everyone within 1 ms."""
+
+        def observe(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
     class SimWorker(Worker):
         def datagram(self, data: bytes, host: str, port: int) -> None:
             self._data = data
@@ -137,11 +143,9 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
     for i in range(count):
         settings = WorkerSettings(cred, ("true",), f"sim{i}", slots=2,
                                   listen=("0.0.0.0", PORT), groups=(GROUP,))
-        worker = SimWorker(settings, reactor, sample=lambda: idle)
-        worker.checker = checker  # type: ignore[assignment]
-        worker.tls = tls
-        if fixed:  # the delay before crowds were learnt: everyone within 1 ms
-            worker.crowd.observe = lambda *args: None  # type: ignore[method-assign]
+        worker = SimWorker(settings, reactor, sample=lambda: idle,
+                           checker=checker,  # type: ignore[arg-type]
+                           tls=tls, crowd=FixedCrowd() if fixed else None)
         service = WorkerService(worker)
         service.bind()
         service.startService()

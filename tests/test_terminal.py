@@ -32,7 +32,7 @@ from conftest import Keys
 from netbed import Host, NetBed
 
 from rexnet.protocol import exitcodes, wire
-from rexnet.worker import job
+from rexnet.worker import job, spawn
 
 SHELL = ["sh", "-c"]
 BROADCAST = "255.255.255.255:3010"
@@ -456,11 +456,11 @@ def test_a_terminal_job_that_cannot_fork_leaks_no_descriptor(
         seen.update(environment)
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(job.TerminalProcess, "_fork", fork_fails)
+    monkeypatch.setattr(spawn.TerminalProcess, "_fork", fork_fails)
     proto = job.JobProcess(cast(Any, None), None, lambda code, sig, limit: None,
                            wire.Start(tty=True, rows=30, cols=100))
     before = open_terminals()
     with pytest.raises(OSError):
-        job.spawn(None, proto, ["sh"], {"PATH": "/bin", "LINES": "24", "COLUMNS": "80"})
+        spawn.spawn(None, proto, ["sh"], {"PATH": "/bin", "LINES": "24", "COLUMNS": "80"})
     assert open_terminals() == before  # both ends of the new pty are closed again
     assert seen == {"PATH": "/bin"}  # a terminal's size is its own, not the environment's

@@ -15,18 +15,16 @@ from typing import Any
 from twisted.internet import interfaces
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rexnet.net.heartbeat import Heartbeat
 from rexnet.protocol import wire
 from rexnet.security.credentials import Credential
 from rexnet.security.tls import Revocations, check_peer
 
 WINDOW = 1 << 20
-PING_INTERVAL = 1.0
-DEAD_AFTER = 3.0
 GRANT_STEP = WINDOW // 4
 MAX_OVERRUN = WINDOW + wire.MAX_FRAME
 
@@ -173,9 +171,7 @@ class Channel(Protocol):
         self.verified = False
         self.congested = False
         self.closed = False
-        self._clock: IReactorTime | None = None
-        self._heartbeat: LoopingCall | None = None
-        self._sent_at = self._heard_at = 0.0
+        self.heartbeat: Heartbeat | None = None
 
     # -- TLS --------------------------------------------------------------------------
 
@@ -201,33 +197,27 @@ class Channel(Protocol):
 
     def send(self, frame: wire.Frame) -> None:
         if not self.closed:
-            self._sent_at = self._clock.seconds() if self._clock else 0.0
+            if self.heartbeat is not None:
+                self.heartbeat.sent()
             self.transport.write(wire.encode_frame(frame))  # type: ignore[union-attr]
 
     def start_heartbeat(self, clock: IReactorTime) -> None:
-        """Ping the peer when idle; give up on a peer silent for DEAD_AFTER seconds."""
-        self._clock = clock
-        self._sent_at = self._heard_at = clock.seconds()
-        self._heartbeat = LoopingCall(self._beat)
-        self._heartbeat.clock = clock
-        self._heartbeat.start(PING_INTERVAL, now=False)
+        """Ping the peer when idle; give up on a silent peer (rexnet.net.heartbeat)."""
+        if self.heartbeat is None:
+            self.heartbeat = Heartbeat(clock, lambda: self.send(wire.Ping()), self._peer_silent)
+        self.heartbeat.start()
 
-    def _beat(self) -> None:
-        assert self._clock is not None
-        now = self._clock.seconds()
-        if now - self._heard_at > DEAD_AFTER:
-            log.warn("peer {peer} silent for {s:.0f} s: connection considered lost",
-                     peer=self.peer_address(), s=now - self._heard_at)
-            self.close(abort=True)
-        elif now - self._sent_at >= PING_INTERVAL:
-            self.send(wire.Ping())
+    def _peer_silent(self, seconds: float) -> None:
+        log.warn("peer {peer} silent for {s:.0f} s: connection considered lost",
+                 peer=self.peer_address(), s=seconds)
+        self.close(abort=True)
 
     def dataReceived(self, data: bytes) -> None:
         if not self.verified:
             self.protocolError("data before the peer was verified")
             return
-        if self._clock is not None:
-            self._heard_at = self._clock.seconds()
+        if self.heartbeat is not None:
+            self.heartbeat.heard()
         try:
             for frame in self.decoder.feed(data):
                 if self.closed:
@@ -293,8 +283,8 @@ class Channel(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.lost(reason)
 
     # -- for subclasses -------------------------------------------------------------

@@ -12,16 +12,13 @@ from typing import Protocol as TypingProtocol
 
 from twisted.internet import interfaces
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rexnet.net.heartbeat import Heartbeat
 from rexnet.protocol import wire
 from rexnet.security.credentials import CertInfo
-
-PING_INTERVAL = 1.0
-DEAD_AFTER = 5.0
 
 log = Logger()
 
@@ -44,8 +41,7 @@ class DatagramLink(Protocol):
         self.decoder = wire.FrameDecoder()
         self.verified = False
         self.peer = "?"
-        self._beat: LoopingCall | None = None
-        self._heard = 0.0
+        self.heartbeat: Heartbeat | None = None
 
     def handshakeCompleted(self) -> None:
         transport: Any = self.transport
@@ -59,28 +55,29 @@ class DatagramLink(Protocol):
             transport.abortConnection()
             return
         self.verified = True
-        self._heard = self.owner.reactor.seconds()
-        self._beat = LoopingCall(self._ping)
-        self._beat.clock = self.owner.reactor
-        self._beat.start(PING_INTERVAL, now=False)
+        self.heartbeat = Heartbeat(self.owner.reactor, self._ping, self._silent)
+        self.heartbeat.start()
         self.owner.links.add(self)
         log.info("link up with {peer} ({name})", peer=self.peer, name=info.name)
 
     def _ping(self) -> None:
-        if self.owner.reactor.seconds() - self._heard > DEAD_AFTER:
-            log.warn("link peer {peer} silent: dropping the link", peer=self.peer)
-            self.transport.abortConnection()  # type: ignore[union-attr]
-        else:
-            self.transport.write(wire.encode_frame(wire.Ping()))  # type: ignore[union-attr]
+        self.transport.write(wire.encode_frame(wire.Ping()))  # type: ignore[union-attr]
+
+    def _silent(self, seconds: float) -> None:
+        log.warn("link peer {peer} silent: dropping the link", peer=self.peer)
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def send(self, data: bytes) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.sent()
         self.transport.write(wire.encode_frame(wire.Data(0, data)))  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         if not self.verified:
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        self._heard = self.owner.reactor.seconds()
+        if self.heartbeat is not None:
+            self.heartbeat.heard()
         try:
             frames = self.decoder.feed(data)
         except wire.WireError as e:
@@ -92,8 +89,8 @@ class DatagramLink(Protocol):
                 self.owner.from_link(self, frame.payload)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._beat is not None and self._beat.running:
-            self._beat.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self in self.owner.links:
             self.owner.links.discard(self)
             log.info("link with {peer} down", peer=self.peer)

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -182,7 +184,14 @@ class MetricsService(Service):
         site = QuietSite(Exposition())
         site.displayTracebacks = False
         host, port = self.address
-        self.port = self.reactor.listenTCP(port, site, interface=host)
+        endpoint_type = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+        listening = endpoint_type(self.reactor, port, interface=host).listen(site)
+        # a TCP endpoint listens at once: its Deferred has fired (or failed) already
+        outcome: list[Any] = []
+        listening.addBoth(outcome.append)
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
 
     def startService(self) -> None:
         super().startService()

@@ -9,35 +9,26 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from rexnet.protocol import wire
 from rexnet.worker.service import STATUS_INTERVAL, Worker, WorkerService
 
 log = Logger()
 
 
 class SharedWorkerService(WorkerService):
-    """One announcement socket for WORKERS (which listen on the same address): each
-    datagram goes to the worker of the application id in its header; datagrams of no
-    served application go to the first worker, which ignores or complains as usual."""
+    """One announcement socket for WORKERS (which listen on the same address and were
+    made with the same AnnounceSocket, which hands each datagram to the worker of its
+    application; rexnet.worker.datagrams)."""
 
     def __init__(self, workers: Sequence[Worker]) -> None:
         super().__init__(workers[0])
         self.others = list(workers[1:])
-        self.by_app = {w.settings.credential.app_id: w for w in workers}
+        if any(w.socket is not self.worker.socket for w in self.others):
+            raise ValueError("workers sharing an address must share its AnnounceSocket")
         self.reporters: list[LoopingCall] = []
-
-    def bind(self) -> None:
-        super().bind()
-        assert self.receiver is not None
-        self.receiver.handler = self.dispatch
-
-    def dispatch(self, data: bytes, host: str, port: int) -> None:
-        self.by_app.get(wire.peek_app_id(data) or b"", self.worker).datagram(data, host, port)
 
     def startService(self) -> None:
         super().startService()
         for worker in self.others:
-            worker.reply = self.worker.reply
             if worker.alerts.targets:
                 reporter = LoopingCall(worker.report_status)
                 reporter.clock = worker.reactor

@@ -26,8 +26,10 @@ from rexnet.protocol.remotecall import RUNNER
 from rexnet.security.credentials import CredentialError, load_credential
 from rexnet.security.revocation import open_list
 from rexnet.security.tls import connecting_options
+from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.job import Limits
-from rexnet.worker.load import cpu_count, load_figure
+from rexnet.worker.load import cpu_count
+from rexnet.worker.metrics import Metrics
 from rexnet.worker.multi import SharedWorkerService
 from rexnet.worker.service import Worker, WorkerService, WorkerSettings
 
@@ -269,7 +271,7 @@ def makeService(config: Options) -> IService:
     metrics_addr = config.get("metrics_addr") or metrics_addr  # the command line wins
     metrics = None
     if metrics_addr is not None:
-        from rexnet.worker.metrics import Metrics, MetricsService
+        from rexnet.worker.metrics import MetricsService
 
         metrics = Metrics()
         server = MetricsService(metrics, metrics_addr[0], metrics_addr[1], reactor)
@@ -279,15 +281,10 @@ def makeService(config: Options) -> IService:
             raise fail(f"--metrics: cannot listen on {metrics_addr[0]}:{metrics_addr[1]}: "
                        f"{e.socketError}", USAGE) from None
         server.setServiceParent(top)
-    workers = [worker_for(options, top, reactor) for options in apps]
-    if metrics is not None:
-        for worker in workers:
-            s = worker.settings
-            worker.metrics = metrics.for_worker(
-                s.credential.app, s.slots, lambda w=worker: w.busy,  # type: ignore[misc]
-                lambda w=worker: len(w.running),  # type: ignore[misc]
-                lambda w=worker: load_figure(w.sample(), w.busy,  # type: ignore[misc]
-                                             w.settings.slots))
+    sockets: dict[tuple[str, int], AnnounceSocket] = {}
+    workers = [worker_for(options, top, reactor, metrics,
+                          sockets.setdefault(options["listen_addr"], AnnounceSocket()))
+               for options in apps]
     by_address: dict[tuple[str, int], list[Worker]] = {}
     for worker in workers:
         by_address.setdefault(worker.settings.listen, []).append(worker)
@@ -306,8 +303,11 @@ def makeService(config: Options) -> IService:
     return top
 
 
-def worker_for(config: Options, top: MultiService, reactor: Any) -> Worker:
-    """The Worker of one application's options (and its registrations with cproxies)."""
+def worker_for(config: Options, top: MultiService, reactor: Any,
+               metrics: Metrics | None = None, announce: AnnounceSocket | None = None
+               ) -> Worker:
+    """The Worker of one application's options (and its registrations with cproxies),
+    collecting into METRICS and hearing announcements on ANNOUNCE."""
     try:
         credential = load_credential(Path(config["keyfile"]), "worker")
         revoked = open_list(config["revoked"], Path(config["keyfile"]), credential.app)
@@ -329,7 +329,7 @@ def worker_for(config: Options, top: MultiService, reactor: Any) -> Worker:
         limits=Limits(config["job-timeout"], config["job-memory"]),
         revoked=revoked,
     )
-    worker = Worker(settings, reactor)
+    worker = Worker(settings, reactor, socket=announce, metrics=metrics)
     if config["register"]:
         registration = WorkerRegistration(reactor, credential, worker.datagram)
         factory = DatagramLink.factory_for(registration)

@@ -1,0 +1,148 @@
+"""Connect-backs a worker has promised: each waits the delay its load earned, holds a
+slot until settled, and is cancelled when the client's TAKEN says another worker won."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rexnet.net.announce import ClientCert
+from rexnet.protocol import wire
+from rexnet.worker.load import IDLE_MS, Crowd, connect_back_delay, spread_ms
+from rexnet.worker.metrics import NoMetrics
+
+CONNECT_TIMEOUT = 5.0
+TRIED_JOBS = 10_000  # job ids remembered, so that resent announcements are not answered
+
+log = Logger()
+
+
+@dataclass(eq=False)
+class Pending:
+    """A connect-back this worker has promised: it holds a slot until settled."""
+
+    job_id: bytes
+    client: ClientCert
+    load: float
+    delay: float
+    call: IDelayedCall | None = None
+    heard: float = 0.0  # when the announcement came (reactor time)
+    spread: float = 0.0  # the width of the random part of DELAY, in ms
+    connecting: defer.Deferred[Any] | None = None
+    connected: bool = False  # TCP is up: the client will say over TLS whether we won
+
+
+def connect_back_target(dgram: wire.Datagram, addrs: tuple[str, ...], port: int,
+                        source: str) -> tuple[str, int]:
+    """Where to answer: the client itself, a cproxy that relayed it (at the source, on
+    the relay's port), or, through a tunnel, the first address the client signed."""
+    if dgram.relay_port:
+        return source, dgram.relay_port
+    if dgram.relay_port == 0 and source not in addrs and addrs:
+        return addrs[0], port
+    return source, port
+
+
+class ConnectBacks:
+    """The promised connect-backs of one worker.
+
+    When a promise is due, DUE(pending, host, port) is called (the worker opens the
+    channel with connect()); a TAKEN for the job cancels it unless TCP is already up.
+    """
+
+    def __init__(self, reactor: Any, tls: IOpenSSLClientConnectionCreator,
+                 metrics: NoMetrics, due: Callable[[Pending, str, int], None],
+                 jitter: Callable[[], float], crowd: Crowd | None = None) -> None:
+        self.reactor = reactor
+        self.tls = tls
+        self.metrics = metrics
+        self.due = due
+        self.jitter = jitter
+        self.crowd = crowd if crowd is not None else Crowd()
+        self.pending: dict[bytes, Pending] = {}
+        self.tried: OrderedDict[bytes, None] = OrderedDict()
+
+    def answered(self, job_id: bytes) -> bool:
+        """Whether this worker already promised (or made) a connect-back for JOB_ID."""
+        return job_id in self.tried
+
+    def promise(self, job_id: bytes, client: ClientCert, load: float, speed: float,
+                target: tuple[str, int]) -> Pending:
+        """Connect back to TARGET after the delay LOAD and SPEED earn in today's crowd."""
+        now = self.reactor.seconds()
+        crowd = self.crowd.size(now)
+        delay = connect_back_delay(load, speed, self.jitter, crowd)
+        pending = Pending(job_id, client, load, delay, heard=now, spread=spread_ms(crowd))
+        self.pending[job_id] = pending
+        self.tried[job_id] = None
+        if len(self.tried) > TRIED_JOBS:
+            self.tried.popitem(last=False)
+        pending.call = self.reactor.callLater(delay, self._due, pending, *target)
+        return pending
+
+    def _due(self, pending: Pending, host: str, port: int) -> None:
+        pending.call = None
+        self.due(pending, host, port)
+
+    def connect(self, pending: Pending, host: str, port: int,
+                channel: Callable[[], Protocol]) -> None:
+        """Open the TLS connection of PENDING to HOST:PORT, with a CHANNEL protocol."""
+        endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+        endpoint = wrapClientTLS(
+            self.tls, endpoint_type(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
+        )
+
+        def build() -> Protocol:
+            pending.connected = True
+            return channel()
+
+        pending.connecting = endpoint.connect(Factory.forProtocol(build))
+
+        def failed(reason: Failure) -> None:
+            if not reason.check(defer.CancelledError):
+                log.info("connect-back to {host}:{port} failed: {why}", host=host, port=port,
+                         why=reason.getErrorMessage())
+                self.metrics.connect_back("failed")
+            self.release(pending)
+
+        pending.connecting.addErrback(failed)
+
+    def taken(self, pending: Pending, answered: int) -> None:
+        """A checked TAKEN for PENDING's job: learn the crowd; cancel unless connected."""
+        now = self.reactor.seconds()
+        self.crowd.observe(answered, now, pending.spread,
+                           (now - pending.heard) * 1000 - IDLE_MS)
+        if pending.connected:
+            return  # the client will tell us over TLS
+        self._cancel(pending)
+        self.metrics.connect_back("lost")
+        log.info("connect-back for job {job} cancelled: taken by another worker",
+                 job=pending.job_id.hex()[:12])
+
+    def _cancel(self, pending: Pending) -> None:
+        if pending.call is not None and pending.call.active():
+            pending.call.cancel()
+        if pending.connecting is not None:
+            pending.connecting.cancel()
+        self.release(pending)
+
+    def release(self, pending: Pending) -> None:
+        """PENDING no longer holds a slot (won, lost or failed)."""
+        if self.pending.get(pending.job_id) is pending:
+            del self.pending[pending.job_id]
+
+    def cancel_waiting(self) -> None:
+        """The worker is stopping: no connect-back that has not started will."""
+        for pending in list(self.pending.values()):
+            if pending.call is not None and pending.call.active():
+                pending.call.cancel()
+            self.release(pending)

@@ -1,0 +1,129 @@
+"""Starting a job's process: a session of its own, with pipes, socketpairs or a terminal.
+
+The worker is a large process, and fork copies its page tables for every job (a few
+milliseconds each), so jobs start with posix_spawn where it can serve. That path goes
+through Twisted's private process API (Process._trySpawnInsteadOfFork, _listOpenFDs,
+_getFileActions, _PS_CLOSE, _PS_DUP2, _setupChild): this module is the only one that
+uses it, and tests/test_twisted_private.py says which name a Twisted release removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import struct
+import termios
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from twisted.internet import process
+from twisted.internet.protocol import ProcessProtocol
+
+from rexnet.net.pipes import PipeReader
+from rexnet.protocol import wire
+
+
+def reset_signals() -> None:
+    """In a forked child: default dispositions for every signal, as a login would give
+    (the worker's own ignored signals, such as Python's SIGPIPE, must not leak into jobs)."""
+    for number in range(1, signal.NSIG):
+        if number not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+DEFAULT_SIGNALS = frozenset(int(s) for s in signal.valid_signals()
+                            if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
+class SessionProcess(process.Process):
+    """A child process that leads its own session, so its whole group can be signalled.
+
+    Started with posix_spawn (setsid, every signal default, none blocked), which uses
+    vfork. Where posix_spawn cannot serve (a --chdir), fork and setsid.
+    """
+
+    processReaderFactory = PipeReader
+
+    def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: Any,
+                               args: Any, environment: Any, kwargs: Any) -> bool:
+        listing = getattr(process, "_listOpenFDs", None)
+        actions = getattr(process, "_getFileActions", None)
+        if (uid is not None or gid is not None or listing is None or actions is None
+                or (path is not None and os.path.abspath(path) != os.path.abspath("."))):
+            return False
+        state = []
+        for fd in listing():
+            with contextlib.suppress(OSError):
+                state.append((fd, fcntl.fcntl(fd, fcntl.F_GETFD, fcntl.FD_CLOEXEC)))
+        self.pid = os.posix_spawnp(
+            executable, args, os.environ if environment is None else environment,
+            file_actions=actions(state, kwargs.get("fdmap"), doClose=process._PS_CLOSE,
+                                 doDup2=process._PS_DUP2),
+            setsigdef=DEFAULT_SIGNALS,
+            setsigmask=(), setsid=True)
+        self.status = -1
+        return True
+
+    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        os.setsid()
+        reset_signals()
+        super()._setupChild(*args, **kwargs)
+
+
+class TerminalProcess(process.PTYProcess):
+    """A child process in a pseudo-terminal (PTYProcess already makes it a session)."""
+
+    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        reset_signals()
+        super()._setupChild(*args, **kwargs)
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+class Spawnable(Protocol):
+    """What spawn needs of a job's process protocol (rexnet.worker.job.JobProcess)."""
+
+    start: wire.Start
+
+    def child_fds(self) -> tuple[dict[int, Any], dict[int, socket.socket]]: ...
+
+
+def spawn(
+    reactor: Any,
+    proto: Spawnable,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str | None = None,
+) -> Any:
+    """Start ARGV as the job of PROTO: with pipes (and socketpairs), or in a pty."""
+    assert isinstance(proto, ProcessProtocol)
+    start = proto.start
+    if start.tty:
+        # the terminal has its own size: LINES and COLUMNS (say, inherited from the
+        # worker's environment) would override it for curses programs, resizes included
+        env = {k: v for k, v in env.items() if k not in ("LINES", "COLUMNS")}
+        master, slave = os.openpty()
+        set_winsize(slave, start.rows or 24, start.cols or 80)
+        try:  # PTYProcess closes both once forked (the slave in the parent), not before
+            return TerminalProcess(reactor, argv[0], list(argv), dict(env), cwd, proto,
+                                   None, None, (master, slave, os.ttyname(slave)))
+        except BaseException:
+            for fd in (master, slave):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+    fds, children = proto.child_fds()
+    try:
+        return SessionProcess(reactor, argv[0], list(argv), dict(env), cwd, proto, None, None,
+                              fds)
+    finally:
+        for sock in children.values():
+            sock.close()
