@@ -1,7 +1,8 @@
 """The client side of a job, and the Python API: run(), run_streaming(), Executor (rexnet),
-the errors a job can end with, rexnet parallel and rexnet status."""
+the Cluster they run on, the errors a job can end with, rexnet parallel and rexnet status."""
 
-from rexnet.client.api import Target, run, run_streaming
+from rexnet.client.api import request_of, run, run_on, run_streaming, stream_on
+from rexnet.client.cluster import Cluster, Target
 from rexnet.client.results import (
     AuthFailed,
     CompletedJob,
@@ -15,6 +16,6 @@ from rexnet.client.results import (
     WorkerLost,
 )
 
-__all__ = ["AuthFailed", "CompletedJob", "Interrupted", "JobFailed", "JobRefused", "JobResult",
-           "LimitHit", "NoWorker", "OutputLimit", "Target", "WorkerLost", "run",
-           "run_streaming"]
+__all__ = ["AuthFailed", "Cluster", "CompletedJob", "Interrupted", "JobFailed", "JobRefused",
+           "JobResult", "LimitHit", "NoWorker", "OutputLimit", "Target", "WorkerLost",
+           "request_of", "run", "run_on", "run_streaming", "stream_on"]

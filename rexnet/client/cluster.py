@@ -126,15 +126,12 @@ class Cluster:
 
     def job(self, reactor: Any, request: ExecRequest, streams: JobStreams | None = None, *,
             say: Callable[[str], None] = lambda message: None,
-            pool: WarmPool | None = None, alerts: AlertSender | None = None,
-            logger: Logger | None = None,
+            pool: WarmPool | None = None, logger: Logger | None = None,
             on_started: Callable[[str, str], None] | None = None) -> ClientJob:
         """The ClientJob of REQUEST on this cluster (not started: call its run()). Its
-        alerts go through POOL's shared sender if there is a pool, else ALERTS, else a
-        sender of its own."""
-        if alerts is None:
-            alerts = (pool.alerts(self.credential, self.alert_targets) if pool is not None
-                      else AlertSender(reactor, self.credential, self.alert_targets))
+        alerts go through POOL's shared sender if there is a pool, else its own."""
+        alerts = (pool.alerts(self.credential, self.alert_targets) if pool is not None
+                  else AlertSender(reactor, self.credential, self.alert_targets))
         job = ClientJob(reactor, self.credential, self.targets, request.start(), streams,
                         self.timeout, say=say, alerts=alerts, pool=pool, logger=logger)
         job.revoked = self.revoked
