@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rexnet.protocol.request import DEFAULT_TIMEOUT
+
 ENV = "REXNET_CONFIG"
 APP_KEYS = {"credential", "announce", "alerts", "timeout", "worker"}
 """Keys of an [applications.NAME] table (rexnet exec, status and parallel use them)."""
@@ -407,39 +409,10 @@ def blame(app: WorkerApp, message: str) -> str:
 # -- the command line --------------------------------------------------------------------
 
 
-DEFAULT_TIMEOUT = 30.0
-
-
-def apply_application(args: Any) -> None:
-    """For rexnet exec, status and parallel: when KEYFILE is no file but the name of an
-    application in the configuration, take its credential, announce targets, alert
-    targets and timeout (options given on the command line win). A mistake in a
-    configuration file ends the command with exit status 249 and FILE:LINE."""
-    import sys
-
-    from rexnet.protocol import exitcodes
-
-    keyfile = args.keyfile
-    if not os.path.exists(keyfile) and "/" not in keyfile:
-        try:
-            app = load().application(keyfile)
-        except ConfigError as e:
-            print(f"rexnet: {e}", file=sys.stderr)
-            raise SystemExit(exitcodes.CONFIG) from None
-        if app is None:
-            looked = ", ".join(str(p) for p in search_path())
-            print(f"rexnet: no such credential file: {keyfile}, nor an application "
-                  f"[applications.{keyfile}] in {looked}", file=sys.stderr)
-            raise SystemExit(exitcodes.CREDENTIAL)
-        fill_in(app, vars(args))
-    elif getattr(args, "timeout", 0) is None:
-        args.timeout = DEFAULT_TIMEOUT
-
-
 def fill_in(app: Application, values: MutableMapping[str, Any]) -> None:
     """Take APP's credential into VALUES["keyfile"], and its announce and alert targets and
     timeout where VALUES has those keys and the command line gave none (then the timeout is
-    DEFAULT_TIMEOUT). Used by the full command line and by the launcher (rexnet.cli.launcher)."""
+    DEFAULT_TIMEOUT). rexnet.cli.request.application calls it, for every command line."""
     values["keyfile"] = app.credential
     if not values["announce"]:
         values["announce"] = list(app.announce)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -17,7 +18,8 @@ from twisted.internet.task import Clock
 from rexnet.crat.core import Crat, CratError
 from rexnet.crat.trust import read_ca_certificate
 from rexnet.net.announce import AnnounceChecker, Rejected
-from rexnet.protocol import wire
+from rexnet.protocol import agentwire, wire
+from rexnet.protocol.request import ExecRequest
 from rexnet.security.credentials import (
     Credential,
     CredentialError,
@@ -75,6 +77,22 @@ def frames(data: bytes) -> None:
     assert decoder.buffered <= wire.FRAME_HEADER.size + wire.MAX_FRAME
 
 
+def agent_messages(data: bytes) -> None:
+    """The agent's (json.loads) and the launcher's (its own JSON) decoders of the agent
+    socket: typed messages within their bounds, or AgentWireError."""
+    for loads in (json.loads, None):
+        decoder = agentwire.Decoder(loads)
+        try:
+            for start in range(0, len(data), 61):
+                for message in decoder.feed(data[start:start + 61]):
+                    assert agentwire.KINDS[message.OP] is type(message)
+                    if isinstance(message, agentwire.Exec):
+                        message.request.check()
+        except agentwire.AgentWireError:
+            pass
+        assert len(decoder._buffer) <= agentwire.HEADER.size + agentwire.MAX_MESSAGE
+
+
 def credential(data: bytes) -> None:
     path = _write_private(data)
     for role in ("worker", "client"):
@@ -129,6 +147,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "datagram": datagram,
     "announcement": announcement,
     "frames": frames,
+    "agent_messages": agent_messages,
     "credential": credential,
     "trust_file": trust_file,
     "revocation": revocation,
@@ -149,7 +168,12 @@ def seeds() -> dict[str, list[bytes]]:
     stream = b"".join(wire.encode_frame(f) for f in (
         wire.Hello("w", "0.1", 0.5, 1.0, 2, 0), wire.Data(1, b"x" * 100), wire.Eof(1),
         wire.Exit(0, None, "")))
+    agent = b"".join(m.encode() for m in (
+        agentwire.Exec(ExecRequest(keyfile="k", keypath="/k", args=("a",), fds=((3, "r"),),
+                                   env=(("A", "1"),)), 1),
+        agentwire.Signal(2), agentwire.Winch(24, 80), agentwire.Exit(0, "")))
     return {"datagram": [ann, alert], "announcement": [ann], "frames": [stream],
+            "agent_messages": [agent],
             "credential": [WORKER.read_bytes(), CA.read_bytes()],
             "trust_file": [WORKER.read_bytes()], "revocation": [b"# x\n0A client a\n"],
             "crat": [alert], "worker_datagram": [ann],

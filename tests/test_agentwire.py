@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rexnet.protocol import agentwire
-from rexnet.protocol.agentwire import AgentWireError, Decoder, dumps, encode, loads
+from rexnet.protocol.agentwire import AgentWireError, Decoder, Exec, Signal, Winch, dumps, loads
+from rexnet.protocol.request import ExecRequest
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70)
@@ -21,7 +22,9 @@ JSON = st.recursive(
 
 EXEC = {"keyfile": "k", "keypath": "/k", "args": ["a"], "announce": [], "alerts": [],
         "timeout": 30.0, "verbose": False, "tty": False, "raw": False, "term": "", "rows": 0,
-        "cols": 0, "fds": [[3, "r"]], "env": [["A", "1"]], "group": "", "netns": 1, "revoked": ""}
+        "cols": 0, "fds": [[3, "r"]], "env": [["A", "1"]], "netns": 1, "revoked": ""}
+REQUEST = ExecRequest(keyfile="k", keypath="/k", args=("a",), fds=((3, "r"),),
+                      env=(("A", "1"),))
 
 
 def same(a: object, b: object) -> bool:
@@ -76,14 +79,36 @@ def test_strings_escape_controls_quotes_and_lone_surrogates() -> None:
 
 
 def test_a_message_round_trips_in_any_chunks() -> None:
-    data = encode("exec", **EXEC) + encode("signal", number=2) + encode("winch", rows=3, cols=4)
+    messages = [Exec(REQUEST, 1), Signal(2), Winch(3, 4)]
+    data = b"".join(m.encode() for m in messages)
+    assert json.loads(data[4:4 + struct.unpack("!I", data[:4])[0]]) == {"op": "exec", **EXEC}
     for size in (1, 7, len(data)):
-        decoder = Decoder()
-        got = []
-        for i in range(0, len(data), size):
-            got += decoder.feed(data[i:i + size])
-        assert [m["op"] for m in got] == ["exec", "signal", "winch"]
-        assert got[0]["fds"] == [[3, "r"]]
+        for loads_with in (None, json.loads):
+            decoder = Decoder(loads_with)
+            got = []
+            for i in range(0, len(data), size):
+                got += decoder.feed(data[i:i + size])
+            assert got == messages
+
+
+@given(st.builds(
+    ExecRequest, keyfile=st.text(), keypath=st.text(),
+    args=st.lists(st.text().filter(lambda t: "\0" not in t), max_size=5).map(tuple),
+    announce=st.lists(st.text(max_size=20).filter(lambda t: "\0" not in t),
+                      max_size=3).map(tuple),
+    timeout=st.floats(0.001, 1e9), verbose=st.booleans(), raw=st.booleans(),
+    rows=st.integers(0, 0xFFFF), cols=st.integers(0, 0xFFFF),
+    fds=st.dictionaries(st.integers(3, 255), st.sampled_from(["r", "w", "rw"]),
+                        max_size=4).map(lambda d: tuple(d.items())),
+    env=st.lists(st.tuples(st.text(min_size=1, max_size=10).filter(
+        lambda t: "=" not in t and "\0" not in t), st.text().filter(lambda t: "\0" not in t)),
+        max_size=4).map(tuple)),
+    st.integers(0, 2**32))
+def test_every_request_the_builder_can_make_round_trips(req: ExecRequest,
+                                                       netns: int) -> None:
+    req.check()
+    (got,) = Decoder().feed(Exec(req, netns).encode())
+    assert got == Exec(req, netns)
 
 
 def test_the_decoder_refuses_a_long_message_from_its_header() -> None:
@@ -98,6 +123,10 @@ def test_the_decoder_refuses_a_long_message_from_its_header() -> None:
     {"op": "exec", **EXEC, "args": "a"},
     {"op": "exec", **EXEC, "env": [["A"]]},
     {"op": "exec", **EXEC, "tty": 1},
+    {"op": "exec", **EXEC, "timeout": 10**400},
+    {"op": "exec", **EXEC, "fds": [[3, "r"], [3, "w"]]},
+    {"op": "exec", **EXEC, "env": [["A=B", "1"]]},
+    {"op": "exec", **EXEC, "tty": True, "fds": [[3, "r"]]},
     {"op": "signal", "number": 0},
     {"op": "signal", "number": True},
     {"op": "exit", "status": 256, "message": ""},
@@ -118,7 +147,8 @@ def test_any_bytes_give_messages_or_an_agent_wire_error(data: bytes) -> None:
         decoder = Decoder(loads_with)
         try:
             for message in decoder.feed(data):
-                assert message["op"] in agentwire.KINDS
+                assert isinstance(message, agentwire.Message)
+                assert agentwire.KINDS[message.OP] is type(message)
         except AgentWireError:
             pass
 
@@ -130,9 +160,14 @@ def test_exec_messages_with_wrong_fields_are_refused_never_crash(changes: dict) 
         (message,) = Decoder().feed(struct.pack("!I", len(body)) + body)
     except AgentWireError:
         return
-    for name, kind in agentwire.KINDS["exec"].items():  # what passes is well-typed
-        assert isinstance(message[name], kind)
-    fds, timeout, args = message["fds"], message["timeout"], message["args"]
-    assert isinstance(fds, list) and isinstance(args, list) and isinstance(timeout, int | float)
-    assert all(3 <= fd <= 255 and mode in ("r", "w", "rw") for fd, mode in fds)
-    assert timeout > 0 and all(isinstance(a, str) for a in args)
+    assert isinstance(message, Exec)  # what passes is well-typed, and within bounds
+    request = message.request
+    for name, kind in Exec.SCHEMA.items():
+        if name != "netns":
+            value = getattr(request, name)
+            assert isinstance(value, tuple if kind is list else kind)
+    assert isinstance(request.timeout, float) and 0 < request.timeout <= 1e9
+    assert all(isinstance(a, str) for a in request.args)
+    assert all(3 <= fd <= 255 and mode in ("r", "w", "rw") for fd, mode in request.fds)
+    assert all(isinstance(n, str) and isinstance(v, str) for n, v in request.env)
+    request.check()

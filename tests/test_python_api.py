@@ -181,6 +181,23 @@ def test_executor_submit_and_map(keys: Keys, shell_worker: str) -> None:
         assert ex.workers["shelly"] == 5
 
 
+def test_executor_and_run_on_a_cluster_built_once(keys: Keys, shell_worker: str) -> None:
+    cluster = client.Cluster.build(keys.client, [shell_worker], timeout=10)
+    with Executor(cluster, max_jobs=2) as ex:
+        done = [f.result(60) for f in [ex.submit(["echo $REXNET_WORKER"]) for _ in range(3)]]
+    assert [d.stdout for d in done] == [b"shelly\n"] * 3
+    reactor = running_reactor()
+    request = client.request_of(["cat; echo x"])
+
+    def call() -> Any:
+        return client.run_on(reactor, cluster, request, b"in ")
+
+    got = blockingCallFromThread(reactor, call)
+    assert got.stdout == b"in x\n" and got.args == ("cat; echo x",)
+    with pytest.raises(TypeError, match="give announce, alerts and timeout to the Cluster"):
+        Executor(cluster, announce=[shell_worker])
+
+
 def test_executor_max_jobs_bounds_concurrency(keys: Keys, shell_worker: str) -> None:
     script = "date +%s.%N; sleep 0.4; date +%s.%N"
     with Executor(keys.client, announce=[shell_worker], max_jobs=2) as ex:

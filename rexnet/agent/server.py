@@ -27,14 +27,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rexnet.agent import paths
+from rexnet.client.cluster import Cluster
 from rexnet.client.warm import WarmPool
-from rexnet.protocol import agentwire, exitcodes, wire
+from rexnet.protocol import agentwire, exitcodes
 from rexnet.protocol.agentwire import AgentWireError
-from rexnet.security.credentials import Credential, CredentialError, load_credential
+from rexnet.protocol.request import ExecRequest, RequestError
+from rexnet.security.credentials import Credential, load_credential
 from rexnet.security.revocation import RevokedFile, default_file, open_list
 
 DEFAULT_IDLE = 600.0
-DEFAULT_ANNOUNCE = "255.255.255.255"
 
 log = Logger()
 
@@ -155,80 +156,59 @@ class Session(Protocol):
             self.job.abandon()
         self.finish(exitcodes.WORKER_LOST, "")
 
-    def send(self, kind: str, **fields: object) -> None:
+    def send(self, message: agentwire.Message) -> None:
         if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]
-            self.transport.write(agentwire.encode(kind, **fields))
+            self.transport.write(message.encode())
 
     def say(self, text: str) -> None:
-        self.send("say", text=text)
+        self.send(agentwire.Say(text))
 
     # -- messages ---------------------------------------------------------------------
 
-    def handle(self, message: dict[str, object]) -> None:
-        op = message["op"]
-        if op == "exec" and self.job is None and not self.finished:
+    def handle(self, message: agentwire.Message) -> None:
+        if isinstance(message, agentwire.Exec) and self.job is None and not self.finished:
             self.start(message)
-        elif op == "signal" and self.job is not None:
-            self.job.send_signal(message["number"])
-        elif op == "winch" and self.job is not None:
-            self.job.resize(message["rows"], message["cols"])
-        elif op == "stop":
+        elif isinstance(message, agentwire.Signal):
+            if self.job is not None:
+                self.job.send_signal(message.number)
+        elif isinstance(message, agentwire.Winch):
+            if self.job is not None:
+                self.job.resize(message.rows, message.cols)
+        elif isinstance(message, agentwire.Stop):
             log.info("asked to stop")
-            self.send("stopped", pid=os.getpid())
+            self.send(agentwire.Stopped(os.getpid()))
             self.transport.loseConnection()  # type: ignore[union-attr]
             self.agent.reactor.callLater(0.05, self.agent.reactor.stop)
-        elif op not in ("signal", "winch"):
-            log.warn("complaint: unexpected {op!r} message from a launcher", op=op)
+        else:
+            log.warn("complaint: unexpected {op!r} message from a launcher", op=message.OP)
             self.finish(exitcodes.WORKER_LOST, f"rexnet: the agent refused an unexpected "
-                        f"{op!r} message")
+                        f"{message.OP!r} message")
 
-    def start(self, m: dict[str, Any]) -> None:
-        from rexnet.net.announce import parse_target
-
-        numbers = [fd for fd, _ in m["fds"]]
+    def start(self, message: agentwire.Exec) -> None:
+        request = message.request
+        numbers = [fd for fd, _ in request.fds]
         if len(self.fds) != 3 + len(numbers):
             self.finish(exitcodes.WORKER_LOST, f"rexnet: the agent got {len(self.fds)} "
                         f"descriptors, not {3 + len(numbers)}")
             return
-        if m["netns"] and m["netns"] != self.agent.netns:
+        if message.netns and message.netns != self.agent.netns:
             self.finish(exitcodes.USAGE, "rexnet: the agent at this socket serves another "
                         "network namespace; use --no-agent or another REXNET_AGENT_SOCKET")
             return
-        self.verbose = m["verbose"]
+        self.verbose = request.verbose
         try:
-            targets = [parse_target(t) for t in m["announce"] or [m["group"] or
-                                                                DEFAULT_ANNOUNCE]]
-        except ValueError as e:
-            self.finish(exitcodes.USAGE, f"rexnet: --announce: {e}")
+            cluster = Cluster.for_request(request, self.agent.credential,
+                                          self.agent.revocations)
+        except RequestError as e:
+            self.finish(e.exit_code, f"rexnet: {e.message}")
             return
-        from rexnet.net.alerts import CRAT_PORT, crat_targets
+        self.run(request, cluster, dict(zip([0, 1, 2, *numbers], self.fds, strict=True)))
 
-        try:
-            alert_to = [parse_target(t, CRAT_PORT) for t in m["alerts"]]
-        except ValueError as e:
-            self.finish(exitcodes.USAGE, f"rexnet: --alerts: {e}")
-            return
-        given, path = m["keyfile"], m["keypath"]
-        try:
-            credential = self.agent.credential(path)
-            revoked = self.agent.revocations(m["revoked"], path, credential.app)
-        except CredentialError as e:  # in the words of the path the user gave
-            self.finish(exitcodes.CREDENTIAL, f"rexnet: {str(e).replace(path, given)}")
-            return
-        self.run(m, credential, targets, alert_to or crat_targets(targets),
-                 dict(zip([0, 1, 2, *numbers], self.fds, strict=True)), revoked)
-
-    def run(self, m: dict[str, Any], credential: Credential, targets: list[tuple[str, int]],
-            alert_to: list[tuple[str, int]], local: dict[int, int],
-            revoked: RevokedFile | None = None) -> None:
-        from rexnet.client.job import ClientJob
+    def run(self, request: ExecRequest, cluster: Cluster, local: dict[int, int]) -> None:
         from rexnet.client.streams import StdioStreams
         from rexnet.logs import message_observer
 
-        fds = tuple((fd, mode) for fd, mode in m["fds"])
-        request = wire.Start(tuple(m["args"]), tuple((k, v) for k, v in m["env"]), m["tty"],
-                             m["term"] if m["tty"] else "", m["rows"], m["cols"], fds)
-        end = "\r\n" if m["raw"] else "\n"
+        end = "\r\n" if request.raw else "\n"
         verbose = self.verbose
 
         def say(message: str) -> None:
@@ -237,11 +217,9 @@ class Session(Protocol):
 
         logger = Logger("rexnet.client.job", observer=message_observer(
             lambda text: self.say(f"rexnet: {text}{end}"), verbose))
-        self.streams = StdioStreams(self.agent.reactor, request.tty, dict(fds), local)
-        self.job = job = ClientJob(self.agent.reactor, credential, targets, request,
-                                   self.streams, timeout=m["timeout"], say=say,
-                                   alerts=self.agent.pool.alerts(credential, alert_to),
-                                   pool=self.agent.pool, logger=logger, revoked=revoked)
+        self.streams = StdioStreams(self.agent.reactor, request.tty, dict(request.fds), local)
+        self.job = job = cluster.job(self.agent.reactor, request, self.streams, say=say,
+                                     pool=self.agent.pool, logger=logger)
         self.agent.jobs += 1
         job.run().addBoth(self.ended)
 
@@ -274,7 +252,7 @@ class Session(Protocol):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds = []
-        self.send("exit", status=status, message=message)
+        self.send(agentwire.Exit(status, message))
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -401,7 +379,7 @@ def stop(path: str) -> int:
     except (FileNotFoundError, ConnectionRefusedError):
         print(f"rexnet: no agent runs at {path}", file=sys.stderr)
         return 0
-    sock.sendall(agentwire.encode("stop"))
+    sock.sendall(agentwire.Stop().encode())
     decoder = agentwire.Decoder()
     pid = 0
     with contextlib.suppress(OSError):
@@ -410,8 +388,8 @@ def stop(path: str) -> int:
             if not data:
                 break
             for message in decoder.feed(data):
-                if message["op"] == "stopped":
-                    pid = int(message["pid"])  # type: ignore[call-overload]
+                if isinstance(message, agentwire.Stopped):
+                    pid = message.pid
     sock.close()
     if pid:  # wait (briefly) until it is gone, so a new agent can take over at once
         import time

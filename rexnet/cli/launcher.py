@@ -1,7 +1,8 @@
 """The `rexnet` and `cexec` commands' entry point: a thin launcher in front of the agent.
 
 `rexnet exec` (and `cexec`) parse their options here with the standard library alone,
-hand their descriptors to the user's agent (rexnet.agent.server; started on demand) over its Unix
+build their ExecRequest as the full command line does (rexnet.cli.request), hand it and
+their descriptors to the user's agent (rexnet.agent.server; started on demand) over its Unix
 socket, relay signals and window sizes, and exit with the job's status. Everything else
 (other subcommands, --help, a command line this parser does not follow, a usage error,
 --no-agent or REXNET_NO_AGENT=1) goes to the full command line, rexnet.cli.main, which runs
@@ -23,12 +24,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from types import ModuleType
 
+    from rexnet.protocol.request import ExecRequest
+
 FLAGS = {"-v": "verbose", "--verbose": "verbose", "-t": "tty", "-T": "no_tty",
          "--no-agent": "no_agent"}
 VALUED = {"-a": "announce", "--announce": "announce", "--timeout": "timeout",
           "--alerts": "alerts", "--fd": "fd", "-e": "env", "--env": "env",
           "--revoked": "revoked"}
-FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 START_WAIT = 5.0
 
 
@@ -114,105 +116,32 @@ def parse(tokens: Sequence[str]) -> dict[str, object] | None:
     return opts
 
 
-def checked(opts: dict[str, object]) -> dict[str, object] | None:
-    """OPTS completed for the agent (descriptor modes, variables, terminal), or None if
-    the full command line should report a mistake."""
-    import fcntl
-
-    if not application(opts):
-        return None
-    timeout = opts["timeout"]
-    if not isinstance(timeout, float) or not 0 < timeout <= 1e9 or (
-            opts["tty"] and opts["no_tty"]):
-        return None
-    modes = []
-    for fd in opts["fd"]:  # type: ignore[attr-defined]
-        if not 3 <= fd <= 255:
-            return None
-        try:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        except OSError:
-            return None
-        modes.append([fd, {os.O_RDONLY: "r", os.O_WRONLY: "w"}.get(flags & os.O_ACCMODE,
-                                                                   "rw")])
-    env = []
-    for spec in opts["env"]:  # type: ignore[attr-defined]
-        name, sep, value = spec.partition("=")
-        if not name or "\0" in spec:
-            return None
-        if not sep:
-            if name not in os.environ:
-                continue
-            value = os.environ[name]
-        env.append([name, value])
-    tty = bool(opts["tty"] or (not opts["no_tty"] and os.isatty(0)))
-    if tty and modes:
-        return None
-    rows = cols = 0
-    if tty:
-        rows, cols = window_size()
-    keyfile = str(opts["keyfile"])
-    return {"keyfile": keyfile, "keypath": os.path.abspath(keyfile), "args": opts["args"],
-            "announce": opts["announce"], "alerts": opts["alerts"], "timeout": timeout,
-            "verbose": opts["verbose"], "tty": tty, "raw": tty and os.isatty(0),
-            "term": os.environ.get("TERM", "") if tty else "", "rows": rows, "cols": cols,
-            "fds": modes, "env": env, "group": os.environ.get("GROUP", ""),
-            "revoked": os.path.abspath(str(opts["revoked"])) if opts["revoked"] else ""}
-
-
-def application(opts: dict[str, object]) -> bool:
-    """When KEYFILE is no file but an application of rexnet.toml, take its credential,
-    announce and alert targets and timeout (as the full command line would; options given
-    win); False when the full command line should say what is wrong. Only then is the
-    configuration read (rexnet.config costs some 30 ms to import)."""
-    keyfile = str(opts["keyfile"])
-    if not os.path.exists(keyfile) and "/" not in keyfile:
-        from rexnet import config
-
-        try:
-            app = config.load().application(keyfile)
-        except config.ConfigError:
-            return False
-        if app is None:
-            return False
-        config.fill_in(app, opts)
-    elif opts["timeout"] is None:
-        opts["timeout"] = 30.0
-    return True
-
-
-def window_size() -> tuple[int, int]:
-    import fcntl
-    import struct
-    import termios
-
-    try:
-        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
-    except OSError:
-        return 0, 0
-    return rows, cols
-
-
 def launch(tokens: Sequence[str], full: Callable[[], int]) -> int:
     """Run the job through the agent, or call FULL (the standalone command line)."""
     if os.environ.get("REXNET_NO_AGENT", "") not in ("", "0"):
         return full()
     opts = parse(tokens)
-    request = checked(opts) if opts is not None and not opts["no_agent"] else None
-    if request is None:
+    if opts is None or opts["no_agent"]:
         return full()
+    from rexnet.cli.request import build
+    from rexnet.protocol.request import RequestError
+
+    try:
+        request = build(opts)
+    except RequestError:
+        return full()  # which says what is wrong, in the same words
     from rexnet.agent import paths
 
     path = paths.socket_path()
-    numbers = [fd for fd, _ in request["fds"]]  # type: ignore[attr-defined]
+    numbers = [fd for fd, _ in request.fds]
     sock = connect(path) or start_agent(path, numbers)
     if sock is None:
         print(f"rexnet: no agent could start (see above, or {paths.log_path(path)}); running "
               "without one", file=sys.stderr)
         return full()
-    request["netns"] = paths.netns_id()
+    netns = paths.netns_id()
     try:
-        return Launcher(sock, path, request, numbers).run()
+        return Launcher(sock, path, request, netns).run()
     except Unsent:  # the agent went away before it had the request: nothing ran; once more
         sock.close()
         sock = connect(path) or start_agent(path, numbers)
@@ -220,7 +149,7 @@ def launch(tokens: Sequence[str], full: Callable[[], int]) -> int:
             print(f"rexnet: no agent could start (see above, or {paths.log_path(path)}); running "
                   "without one", file=sys.stderr)
             return full()
-        return Launcher(sock, path, request, numbers, last_try=True).run()
+        return Launcher(sock, path, request, netns, last_try=True).run()
 
 
 class Unsent(Exception):
@@ -265,13 +194,14 @@ def start_agent(path: str, numbers: Sequence[int]) -> _socket.socket | None:
 class Launcher:
     """One job through the agent: descriptors out, signals relayed, status back."""
 
-    def __init__(self, sock: _socket.socket, path: str, request: dict[str, object],
-                 numbers: list[int], last_try: bool = False) -> None:
+    def __init__(self, sock: _socket.socket, path: str, request: ExecRequest, netns: int,
+                 last_try: bool = False) -> None:
         self.last_try = last_try
         self.sock = sock
         self.path = path
         self.request = request
-        self.numbers = numbers
+        self.netns = netns
+        self.numbers = [fd for fd, _ in request.fds]
         self.ready = False
         self.pending: list[bytes] = []
 
@@ -288,22 +218,24 @@ class Launcher:
     def run(self) -> int:
         import _signal as signal
 
+        from rexnet.cli.request import window_size
         from rexnet.protocol import agentwire
+        from rexnet.protocol.request import FORWARDED
 
         def forward(number: int, frame: object) -> None:
-            self.relay(agentwire.encode("signal", number=number))
+            self.relay(agentwire.Signal(number).encode())
 
         def resized(number: int, frame: object) -> None:
             rows, cols = window_size()
             if rows and cols:
-                self.relay(agentwire.encode("winch", rows=rows, cols=cols))
+                self.relay(agentwire.Winch(rows, cols).encode())
 
         for name in FORWARDED:
             signal.signal(getattr(signal, name), forward)  # type: ignore[arg-type]
-        if self.request["tty"]:
+        if self.request.tty:
             signal.signal(signal.SIGWINCH, resized)  # type: ignore[arg-type]
         saved = None
-        if self.request["raw"]:
+        if self.request.raw:
             import termios
             import tty
 
@@ -338,7 +270,7 @@ class Launcher:
                 opened.append(null)
                 fds.append(null)
         try:
-            data = agentwire.encode("exec", **self.request)
+            data = agentwire.Exec(self.request, self.netns).encode()
             rights = struct.pack(f"{len(fds)}i", *fds)  # not array: it imports collections
             sent = self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
             if sent < len(data):  # sendall(b"") still calls send(): EPIPE if the agent
@@ -367,10 +299,10 @@ class Launcher:
             except agentwire.AgentWireError as e:
                 return 255, f"rexnet: bad message from the agent: {e}"
             for m in messages:
-                if m["op"] == "say":
-                    write(str(m["text"]))
-                elif m["op"] == "exit":
-                    return int(m["status"]), str(m["message"])  # type: ignore[call-overload]
+                if isinstance(m, agentwire.Say):
+                    write(m.text)
+                elif isinstance(m, agentwire.Exit):
+                    return m.status, m.message
 
     def blocking(self) -> None:
         """Leave our descriptors blocking, as a standalone run does (the agent's reactor

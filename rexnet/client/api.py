@@ -11,60 +11,32 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 
-from rexnet.client.job import DEFAULT_TIMEOUT, ClientJob
+from rexnet.client.cluster import Cluster, Target
+from rexnet.client.job import ClientJob
 from rexnet.client.pystreams import BytesStreams, ProducerStreams
 from rexnet.client.results import CompletedJob, JobFailed, JobResult, OutputLimit, WorkerLost
 from rexnet.client.streams import JobStreams
 from rexnet.client.warm import WarmPool
-from rexnet.net.alerts import AlertSender
-from rexnet.protocol import wire
+from rexnet.protocol.request import DEFAULT_TIMEOUT, ExecRequest
 from rexnet.security.credentials import CertInfo, Credential
 from rexnet.security.tls import Revocations
 
-DEFAULT_ANNOUNCE = "255.255.255.255"
+__all__ = ["DEFAULT_TIMEOUT", "Cluster", "Target", "dispatch", "run", "run_on", "run_streaming",
+           "stream_on"]
 
 log = Logger()
 
-def client_credential(credential: Credential | str | os.PathLike[str]) -> Credential:
-    """A client credential, or the path of one to load (CredentialError if it is refused)."""
-    if isinstance(credential, Credential):
-        return credential
-    from pathlib import Path
-
-    from rexnet.security.credentials import load_credential
-
-    return load_credential(Path(credential), "client")
+Env = Mapping[str, str] | Sequence[tuple[str, str]]
 
 
-def revocations_beside(credential: Credential | str | os.PathLike[str],
-                       loaded: Credential) -> Revocations | None:
-    """APP.revoked beside CREDENTIAL's file, if it is a path and there is one (the default
-    of `rexnet exec`); CredentialError if that list cannot be read."""
-    if isinstance(credential, Credential):
-        return None
-    from pathlib import Path
-
-    from rexnet.security.revocation import open_list
-
-    return open_list(None, Path(credential), loaded.app)
-
-
-Target = str | tuple[str, int]
-
-
-def announce_targets(announce: Sequence[Target] | None = None) -> list[tuple[str, int]]:
-    """Targets from "ADDR[:PORT]" texts (or pairs); none: $GROUP, else the broadcast address,
-    as `rexnet exec` does. ValueError for a bad address."""
-    from rexnet.net.announce import parse_target
-
-    texts: list[Target] = list(announce) if announce else [
-        os.environ.get("GROUP") or DEFAULT_ANNOUNCE]
-    return [(t[0], int(t[1])) if isinstance(t, tuple) else parse_target(t) for t in texts]
-
-
-def _env_pairs(env: Mapping[str, str] | Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+def env_pairs(env: Env) -> tuple[tuple[str, str], ...]:
     items = env.items() if isinstance(env, Mapping) else env
     return tuple((str(k), str(v)) for k, v in items)
+
+
+def request_of(args: Sequence[str], env: Env = ()) -> ExecRequest:
+    """The request of a job of the Python API: its extra ARGS and ENV."""
+    return ExecRequest(args=tuple(args), env=env_pairs(env))
 
 
 def _failure_details(error: JobFailed, job: ClientJob, streams: JobStreams,
@@ -82,44 +54,23 @@ def _failure_details(error: JobFailed, job: ClientJob, streams: JobStreams,
     error.attempts = attempt
 
 
-async def _dispatch(
-    reactor: Any,
-    credential: Credential | str | os.PathLike[str],
-    args: Sequence[str],
-    make_streams: Callable[[], JobStreams],
-    announce: Sequence[Target] | None,
-    timeout: float,
-    env: Mapping[str, str] | Sequence[tuple[str, str]],
-    retries: int,
-    say: Callable[[str], None] | None,
-    alerts: Sequence[Target] | None,
-    on_started: Callable[[str, str], None] | None,
-    pool: WarmPool | None = None,
-    revoked: Revocations | None = None,
+async def dispatch(
+    reactor: Any, cluster: Cluster, request: ExecRequest,
+    make_streams: Callable[[], JobStreams], *, retries: int = 0,
+    say: Callable[[str], None] | None = None,
+    on_started: Callable[[str, str], None] | None = None, pool: WarmPool | None = None,
 ) -> tuple[JobResult, JobStreams, int]:
-    """Run one job, again on WorkerLost before any output (up to RETRIES more times)."""
-    from rexnet.net.alerts import CRAT_PORT, crat_targets
-    from rexnet.net.announce import parse_target
-
-    cred = client_credential(credential)
-    if revoked is None:
-        revoked = revocations_beside(credential, cred)
-    targets = announce_targets(announce)
-    alert_to = crat_targets(targets) if alerts is None else [
-        (t[0], int(t[1])) if isinstance(t, tuple) else parse_target(t, CRAT_PORT)
-        for t in alerts]
-    if retries < 0 or timeout <= 0:
-        raise ValueError("retries must be >= 0 and timeout positive")
+    """Run REQUEST on CLUSTER, again on WorkerLost before any output (up to RETRIES more
+    times); its result, its last streams and the number of attempts."""
+    if retries < 0:
+        raise ValueError("retries must be >= 0")
     tell = say or (lambda message: log.info("{message}", message=message))
-    request = wire.Start(tuple(args), _env_pairs(env))
     attempt = 0
     while True:
         attempt += 1
         streams = make_streams()
-        sender = (pool.alerts(cred, alert_to) if pool is not None
-                  else AlertSender(reactor, cred, alert_to))
-        job = ClientJob(reactor, cred, targets, request, streams, timeout, say=tell,
-                        alerts=sender, pool=pool, revoked=revoked, on_started=on_started)
+        job = cluster.job(reactor, request, streams, say=tell, pool=pool,
+                          on_started=on_started)
         try:
             result = await job.run()
         except JobFailed as error:
@@ -132,6 +83,59 @@ async def _dispatch(
         return result, streams, attempt
 
 
+def run_on(
+    reactor: Any, cluster: Cluster, request: ExecRequest, stdin: bytes = b"", *,
+    max_output: int | None = None, retries: int = 0,
+    say: Callable[[str], None] | None = None,
+    on_started: Callable[[str, str], None] | None = None, pool: WarmPool | None = None,
+) -> defer.Deferred[CompletedJob]:
+    """run() of REQUEST on CLUSTER (built once for many jobs)."""
+
+    async def go() -> CompletedJob:
+        result, streams, attempts = await dispatch(
+            reactor, cluster, request, lambda: BytesStreams(stdin, max_output),
+            retries=retries, say=say, on_started=on_started, pool=pool)
+        assert isinstance(streams, BytesStreams)
+        completed = CompletedJob(request.args, result.status, streams.stdout.getvalue(),
+                                 streams.stderr.getvalue(), result.worker, result.address,
+                                 result.job, result.signal, attempts)
+        if streams.overflowed:
+            which = " and ".join("stdout" if fd == 1 else "stderr"
+                                 for fd in sorted(set(streams.overflowed)))
+            error = OutputLimit(f"job {result.job} on worker {result.worker} wrote more than "
+                                f"{max_output} bytes on {which}; the rest was discarded",
+                                completed)
+            error.worker, error.attempts = result.worker, attempts
+            error.stdout, error.stderr = completed.stdout, completed.stderr
+            raise error
+        return completed
+
+    return defer.Deferred.fromCoroutine(go())
+
+
+def stream_on(
+    reactor: Any, cluster: Cluster, request: ExecRequest, stdin: Any = None,
+    stdout: IConsumer | None = None, stderr: IConsumer | None = None, *, retries: int = 0,
+    say: Callable[[str], None] | None = None,
+    on_started: Callable[[str, str], None] | None = None, pool: WarmPool | None = None,
+) -> defer.Deferred[JobResult]:
+    """run_streaming() of REQUEST on CLUSTER (built once for many jobs)."""
+    if retries and stdin is not None:
+        return defer.fail(ValueError("retries need stdin=None: a producer cannot be replayed"))
+    if stdin is not None and not callable(getattr(stdin, "startProducing", None)):
+        return defer.fail(TypeError("stdin must be a push producer with "
+                                    "startProducing(consumer), as twisted.web's "
+                                    "IBodyProducer (FileBodyProducer, BytesProducer)"))
+
+    async def go() -> JobResult:
+        result, _, _ = await dispatch(
+            reactor, cluster, request, lambda: ProducerStreams(stdin, stdout, stderr),
+            retries=retries, say=say, on_started=on_started, pool=pool)
+        return result
+
+    return defer.Deferred.fromCoroutine(go())
+
+
 def run(
     reactor: Any,
     credential: Credential | str | os.PathLike[str],
@@ -139,7 +143,7 @@ def run(
     stdin: bytes = b"",
     announce: Sequence[Target] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    env: Mapping[str, str] | Sequence[tuple[str, str]] = (),
+    env: Env = (),
     max_output: int | None = None,
     retries: int = 0,
     say: Callable[[str], None] | None = None,
@@ -166,26 +170,12 @@ def run(
     if there is one, as for `rexnet exec`).
     """
 
-    async def go() -> CompletedJob:
-        result, streams, attempts = await _dispatch(
-            reactor, credential, args, lambda: BytesStreams(stdin, max_output), announce,
-            timeout, env, retries, say, alerts, on_started, pool, revoked)
-        assert isinstance(streams, BytesStreams)
-        completed = CompletedJob(tuple(args), result.status, streams.stdout.getvalue(),
-                                 streams.stderr.getvalue(), result.worker, result.address,
-                                 result.job, result.signal, attempts)
-        if streams.overflowed:
-            which = " and ".join("stdout" if fd == 1 else "stderr"
-                                 for fd in sorted(set(streams.overflowed)))
-            error = OutputLimit(f"job {result.job} on worker {result.worker} wrote more than "
-                                f"{max_output} bytes on {which}; the rest was discarded",
-                                completed)
-            error.worker, error.attempts = result.worker, attempts
-            error.stdout, error.stderr = completed.stdout, completed.stderr
-            raise error
-        return completed
-
-    return defer.Deferred.fromCoroutine(go())
+    try:
+        cluster = Cluster.build(credential, announce, alerts, timeout, revoked)
+    except Exception:
+        return defer.fail()
+    return run_on(reactor, cluster, request_of(args, env), stdin, max_output=max_output,
+                  retries=retries, say=say, on_started=on_started, pool=pool)
 
 
 def run_streaming(
@@ -197,7 +187,7 @@ def run_streaming(
     stderr: IConsumer | None = None,
     announce: Sequence[Target] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    env: Mapping[str, str] | Sequence[tuple[str, str]] = (),
+    env: Env = (),
     retries: int = 0,
     say: Callable[[str], None] | None = None,
     alerts: Sequence[Target] | None = None,
@@ -211,17 +201,9 @@ def run_streaming(
     output was written to the consumers, or fails as run() does. RETRIES (as for run())
     needs STDIN None: a producer cannot be replayed. POOL (a rexnet.client.warm.WarmPool) lets
     jobs reuse warm channels, as for run()."""
-    if retries and stdin is not None:
-        return defer.fail(ValueError("retries need stdin=None: a producer cannot be replayed"))
-    if stdin is not None and not callable(getattr(stdin, "startProducing", None)):
-        return defer.fail(TypeError("stdin must be a push producer with "
-                                    "startProducing(consumer), as twisted.web's "
-                                    "IBodyProducer (FileBodyProducer, BytesProducer)"))
-
-    async def go() -> JobResult:
-        result, _, _ = await _dispatch(
-            reactor, credential, args, lambda: ProducerStreams(stdin, stdout, stderr),
-            announce, timeout, env, retries, say, alerts, on_started, pool, revoked)
-        return result
-
-    return defer.Deferred.fromCoroutine(go())
+    try:
+        cluster = Cluster.build(credential, announce, alerts, timeout, revoked)
+    except Exception:
+        return defer.fail()
+    return stream_on(reactor, cluster, request_of(args, env), stdin, stdout, stderr,
+                     retries=retries, say=say, on_started=on_started, pool=pool)

@@ -14,7 +14,7 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, overload
 
 from twisted.internet import defer
@@ -22,10 +22,13 @@ from twisted.python import threadable
 from twisted.python.failure import Failure
 
 from rexnet.client import api as client
-from rexnet.client.api import Target
+from rexnet.client.api import Env
+from rexnet.client.bounded import Bounded
+from rexnet.client.cluster import Cluster, Target
 from rexnet.client.results import CompletedJob, JobFailed
 from rexnet.client.warm import WarmPool
 from rexnet.protocol import remotecall as remote
+from rexnet.protocol.request import DEFAULT_TIMEOUT
 from rexnet.security.credentials import Credential
 
 T = TypeVar("T")
@@ -101,7 +104,9 @@ class Executor(concurrent.futures.Executor):
     `rexnet exec --announce`; default $GROUP, else the broadcast address). MAX_JOBS
     (default: this host's CPU count) bounds the jobs running at once; keep it within the
     cluster's free slots, or jobs wait for a worker and may fail with NoWorker after
-    TIMEOUT (which bounds each search for a worker). RETRIES re-dispatches a job whose
+    TIMEOUT (default 30 s; it bounds each search for a worker). ALERTS are crat's
+    addresses (default: the announce targets on port 3011). CREDENTIAL may instead be a
+    rexnet.client.Cluster, which holds all of those. RETRIES re-dispatches a job whose
     worker is lost before any of its output arrived (see rexnet.client.run). ENV and
     MAX_OUTPUT (per stream, in bytes) apply to every job. LOG gets progress messages
     (which worker took a job, re-dispatches); the default discards them.
@@ -112,49 +117,47 @@ class Executor(concurrent.futures.Executor):
 
     def __init__(
         self,
-        credential: Credential | str | os.PathLike[str],
+        credential: Credential | str | os.PathLike[str] | Cluster,
         announce: Sequence[Target] | None = None,
         max_jobs: int | None = None,
         *,
-        timeout: float = client.DEFAULT_TIMEOUT,
+        timeout: float | None = None,
         retries: int = 0,
-        env: Mapping[str, str] | Sequence[tuple[str, str]] = (),
+        env: Env = (),
         max_output: int | None = None,
         alerts: Sequence[Target] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        self.credential = client.client_credential(credential)
-        self._revoked = client.revocations_beside(credential, self.credential)
-        self.targets = client.announce_targets(announce)
+        if isinstance(credential, Cluster):
+            if announce is not None or alerts is not None or timeout is not None:
+                raise TypeError("give announce, alerts and timeout to the Cluster")
+            self.cluster = credential
+        else:
+            self.cluster = Cluster.build(credential, announce, alerts,
+                                         DEFAULT_TIMEOUT if timeout is None else timeout)
         self.max_jobs = max_jobs if max_jobs is not None else (os.cpu_count() or 1)
         if self.max_jobs < 1:
             raise ValueError("max_jobs must be at least 1")
-        if timeout <= 0 or retries < 0:
-            raise ValueError("timeout must be positive and retries >= 0")
-        self.timeout = timeout
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
         self.retries = retries
         self.env = env
         self.max_output = max_output
-        self.alerts = alerts
         self.log = log or (lambda message: None)
         self.workers: collections.Counter[str] = collections.Counter()  # jobs started there
         self._reactor = running_reactor()
         # warm channels, used in the reactor thread; our own jobs come and go on them
         self._pool = WarmPool(self._reactor, discount_own=True)
+        self._jobs = Bounded(self.max_jobs, on_idle=self._idle)  # in the reactor thread
         self._lock = threading.RLock()
-        self._queue: collections.deque[tuple[concurrent.futures.Future[Any],
-                                             Callable[[], defer.Deferred[Any]]]] = (
-            collections.deque())
         self._futures: set[concurrent.futures.Future[Any]] = set()
-        self._running = 0  # touched only in the reactor thread
-        self._pumping = False
+        self._queued: set[concurrent.futures.Future[Any]] = set()  # not yet begun
         self._shutdown = False
 
     # -- submitting -------------------------------------------------------------------
 
     @overload
-    def submit(self, fn: Sequence[str], /, input: bytes = b"", *,
-               env: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    def submit(self, fn: Sequence[str], /, input: bytes = b"", *, env: Env | None = None,
                ) -> concurrent.futures.Future[CompletedJob]: ...
 
     @overload
@@ -200,15 +203,14 @@ class Executor(concurrent.futures.Executor):
 
         return self._enqueue(start)
 
-    def _run(self, args: tuple[str, ...], stdin: bytes,
-             env: Mapping[str, str] | Sequence[tuple[str, str]],
+    def _run(self, args: tuple[str, ...], stdin: bytes, env: Env,
              max_output: int | None) -> defer.Deferred[CompletedJob]:
         def started(worker: str, job: str) -> None:
             self.workers[worker] += 1
 
-        return client.run(self._reactor, self.credential, args, stdin, self.targets,
-                          self.timeout, env, max_output, self.retries, self.log, self.alerts,
-                          started, self._pool, self._revoked)
+        return client.run_on(self._reactor, self.cluster, client.request_of(args, env), stdin,
+                             max_output=max_output, retries=self.retries, say=self.log,
+                             on_started=started, pool=self._pool)
 
     def _enqueue(self, start: Callable[[], defer.Deferred[Any]]
                  ) -> concurrent.futures.Future[Any]:
@@ -216,10 +218,10 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._queue.append((future, start))
             self._futures.add(future)
+            self._queued.add(future)
         future.add_done_callback(self._forget)
-        self._reactor.callFromThread(self._pump)
+        self._reactor.callFromThread(self._queue, future, start)
         return future
 
     def _forget(self, future: concurrent.futures.Future[Any]) -> None:
@@ -228,35 +230,31 @@ class Executor(concurrent.futures.Executor):
 
     # -- in the reactor thread ------------------------------------------------------------
 
-    def _pump(self) -> None:
-        if self._pumping:
-            return  # a job ended at once, inside the loop below: the loop goes on
-        self._pumping = True
-        try:
-            while self._running < self.max_jobs:
-                with self._lock:
-                    if not self._queue:
-                        return
-                    future, start = self._queue.popleft()
-                if not future.set_running_or_notify_cancel():
-                    continue  # cancelled while queued
-                self._running += 1
-                try:
-                    running = start()
-                except Exception:
-                    running = defer.fail()
-                running.addBoth(self._settle, future)
-        finally:
-            self._pumping = False
+    def _queue(self, future: concurrent.futures.Future[Any],
+               start: Callable[[], defer.Deferred[Any]]) -> None:
+        self._jobs.run(self._begin, future, start).addBoth(self._settle, future)
+
+    def _begin(self, future: concurrent.futures.Future[Any],
+               start: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
+        """A slot is free: run the job, unless its future was cancelled meanwhile."""
+        with self._lock:
+            if future not in self._queued:
+                return defer.succeed(None)  # shutdown(cancel_futures=True) cancelled it
+            self._queued.discard(future)
+        if not future.set_running_or_notify_cancel():
+            return defer.succeed(None)  # its owner cancelled it
+        return start()
 
     def _settle(self, result: Any, future: concurrent.futures.Future[Any]) -> None:
-        self._running -= 1
+        if not future.running():
+            return  # cancelled before it ran
         if isinstance(result, Failure):
             future.set_exception(result.value)
         else:
             future.set_result(result)
-        self._pump()
-        if self._shutdown and not self._running:
+
+    def _idle(self) -> None:
+        if self._shutdown and not self._jobs.running and not self._jobs.waiting:
             self._pool.close()  # no more jobs: the warm channels go
 
     # -- ending -----------------------------------------------------------------------
@@ -270,10 +268,10 @@ class Executor(concurrent.futures.Executor):
         """
         with self._lock:
             self._shutdown = True
-            queued = list(self._queue) if cancel_futures else []
+            queued = list(self._queued) if cancel_futures else []
             if cancel_futures:
-                self._queue.clear()
-        for future, _ in queued:
+                self._queued.clear()  # so that they never begin (see _begin)
+        for future in queued:
             if future.cancel():
                 future.set_running_or_notify_cancel()  # tells wait() and as_completed()
         with self._lock:
@@ -282,8 +280,7 @@ class Executor(concurrent.futures.Executor):
             if in_reactor_thread():
                 raise RuntimeError("Executor.shutdown(wait=True) would block the reactor thread")
             concurrent.futures.wait(futures)
-        if not futures:
-            self._reactor.callFromThread(self._pool.close)
+        self._reactor.callFromThread(self._idle)
 
     def map(self, fn: Any, *iterables: Any, timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:

@@ -29,12 +29,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rexnet.client import api as client
-from rexnet.client.api import Target
+from rexnet.client.bounded import Bounded
+from rexnet.client.cluster import Cluster
 from rexnet.client.results import JobFailed, JobResult
 from rexnet.client.warm import WarmPool
 from rexnet.logs import message_observer
-from rexnet.security.credentials import Credential
-from rexnet.security.tls import Revocations
+from rexnet.protocol.request import ExecRequest
 
 SPOOL_MEMORY = 1 << 20
 MAX_FAILED_STATUS = 101  # as GNU parallel: the number of failed jobs, at most 101
@@ -189,44 +189,40 @@ class Writer(threading.Thread):
 
 
 class Parallel:
-    """Runs TASKS on the cluster, at most JOBS at a time, from the reactor thread."""
+    """Runs TASKS on CLUSTER, at most JOBS at a time, from the reactor thread."""
 
-    def __init__(self, reactor: Any, credential: Credential, targets: Sequence[Target],
-                 tasks: list[Task], writer: Writer, jobs: int, keep_order: bool = False,
-                 retries: int = 0, timeout: float = client.DEFAULT_TIMEOUT,
-                 env: Sequence[tuple[str, str]] = (),
-                 alerts: Sequence[Target] | None = None, verbose: bool = False,
-                 revoked: Revocations | None = None) -> None:
+    def __init__(self, reactor: Any, cluster: Cluster, tasks: list[Task], writer: Writer,
+                 jobs: int, keep_order: bool = False, retries: int = 0,
+                 env: Sequence[tuple[str, str]] = (), verbose: bool = False) -> None:
         self.reactor = reactor
-        self.credential = credential
-        self.targets = list(targets)
+        self.cluster = cluster
         self.tasks = tasks
         self.writer = writer
-        self.jobs = jobs
+        self.slots = Bounded(jobs)
         self.keep_order = keep_order
         self.retries = retries
-        self.timeout = timeout
-        self.env = env
-        self.alerts = alerts
+        self.env = tuple(env)
         self.verbose = verbose
-        self.next = 0  # the next task to start
+        self.next = 0  # the next task to queue
         self.printed = 0  # with keep_order: the next task to print
         self.running: dict[int, Task] = {}
+        self.settled = 0  # tasks that ended, or were never run (stopping)
         self.finished = 0
         self.failures = 0
         self.redispatched = 0
         self.per_worker: Counter[str] = Counter()  # jobs finished there
         self.stopping = False
-        self._launching = False
+        self._feeding = False
         self.t0 = reactor.seconds()
         self.all_done: defer.Deferred[None] = defer.Deferred()
         # warm channels: the next job reuses a finished job's authenticated channel while
         # its worker stays the best choice (this run's own jobs discounted, as the Executor)
         self.pool = WarmPool(reactor, discount_own=True)
-        self.revoked = revoked  # workers to refuse (see --revoked)
 
     def start(self) -> defer.Deferred[None]:
-        self._launch()
+        self._feed()
+        self._progress()
+        self._check_done()
         return self.all_done
 
     def stop(self) -> None:
@@ -236,26 +232,25 @@ class Parallel:
         for task in self.running.values():
             task.interrupted = True
 
-    def _launch(self) -> None:
-        if self._launching:
-            return  # a job failed at once, inside the loop below: the loop goes on
-        self._launching = True
+    def _feed(self) -> None:
+        """Queue tasks until one waits for a slot (so the inputs need not all be queued)."""
+        if self._feeding:
+            return  # a job started (or even ended) inside the loop below: the loop goes on
+        self._feeding = True
         try:
-            while not self.stopping and len(self.running) < self.jobs and self.next < len(
-                    self.tasks):
+            while not self.stopping and self.next < len(self.tasks) and not self.slots.waiting:
                 task = self.tasks[self.next]
                 self.next += 1
-                self.running[task.index] = task
-                self._run(task)
+                self.slots.run(self._run, task).addBoth(self._ended, task)
         finally:
-            self._launching = False
-        self._progress()
-        if (not self.running and (self.next >= len(self.tasks) or self.stopping)
-                and not self.all_done.called):
-            self.pool.close()
-            self.all_done.callback(None)
+            self._feeding = False
 
-    def _run(self, task: Task) -> None:
+    def _run(self, task: Task) -> defer.Deferred[Any]:
+        if self.stopping:
+            return defer.succeed(None)  # never run
+        self.running[task.index] = task
+        self._feed()  # the next task waits for the next free slot
+
         def started(worker: str, job: str) -> None:
             task.dispatches += 1
             if task.dispatches > 1:
@@ -270,13 +265,23 @@ class Parallel:
                 self.writer.message(f"input {task.value!r}: {message}")
 
         task.stdout, task.stderr = spool(), spool()
-        running = client.run_streaming(
-            self.reactor, self.credential, task.args, None, FileConsumer(task.stdout),
-            FileConsumer(task.stderr), self.targets, self.timeout, self.env, self.retries,
-            say, self.alerts, started, self.pool, self.revoked)
-        running.addBoth(self._ended, task)
+        request = ExecRequest(args=task.args, env=self.env)
+        return client.stream_on(
+            self.reactor, self.cluster, request, None, FileConsumer(task.stdout),
+            FileConsumer(task.stderr), retries=self.retries, say=say, on_started=started,
+            pool=self.pool)
 
-    def _ended(self, result: JobResult | Failure, task: Task) -> None:
+    def _check_done(self) -> None:
+        if (not self.running and (self.settled >= len(self.tasks) or self.stopping)
+                and not self.all_done.called):
+            self.pool.close()
+            self.all_done.callback(None)
+
+    def _ended(self, result: JobResult | Failure | None, task: Task) -> None:
+        self.settled += 1
+        if result is None:  # stopping: it never ran
+            self._check_done()
+            return
         del self.running[task.index]
         task.done = True
         if isinstance(result, JobResult):
@@ -300,7 +305,8 @@ class Parallel:
                 self.printed += 1
         else:
             self.writer.output(task)
-        self._launch()
+        self._progress()
+        self._check_done()
 
     def _progress(self) -> None:
         running = Counter(t.worker for t in self.running.values() if t.worker)
@@ -343,10 +349,9 @@ def read_inputs(stream: IO[str]) -> list[str]:
 INTERRUPTS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
-def main(credential: Credential, targets: Sequence[Target], template: Sequence[str],
-         values: Sequence[str], jobs: int, keep_order: bool, retries: int, timeout: float,
-         env: Sequence[tuple[str, str]], alerts: Sequence[Target] | None,
-         verbose: bool, revoked: Revocations | None = None) -> int:
+def main(cluster: Cluster, template: Sequence[str], values: Sequence[str], jobs: int,
+         keep_order: bool, retries: int, env: Sequence[tuple[str, str]],
+         verbose: bool) -> int:
     """Run the jobs, write their outputs and the summary; the exit status (the number of
     failed jobs, at most 101; 128+N if signal N interrupted the run)."""
     from twisted.internet import reactor
@@ -360,8 +365,7 @@ def main(credential: Credential, targets: Sequence[Target], template: Sequence[s
     globalLogBeginner.beginLoggingTo([message_observer(writer.message, verbose)],
                                      redirectStandardIO=False)
     tasks = [Task(i, value, job_arguments(template, value)) for i, value in enumerate(values)]
-    run = Parallel(reactor, credential, targets, tasks, writer, jobs, keep_order, retries,
-                   timeout, env, alerts, verbose, revoked)
+    run = Parallel(reactor, cluster, tasks, writer, jobs, keep_order, retries, env, verbose)
     interrupted: list[int] = []
 
     def interrupt(number: int, frame: object) -> None:

@@ -2,103 +2,203 @@
 the launcher imports this module, and nothing heavy.
 
 Messages are ``length u32 | JSON object`` (at most MAX_MESSAGE bytes, nesting at most
-MAX_DEPTH); the launcher's
-first message, "exec", carries its descriptors (0, 1, 2 and any --fd, in that order)
-with SCM_RIGHTS. Launcher to agent: exec, signal, winch, stop. Agent to launcher: say
-(a line for stderr), exit (the status to exit with, and an error message if rexnet
-failed), stopped. The decoder is bounded: a longer message, a malformed one or an
-unknown kind raises AgentWireError. JSON is written and read here by a small strict
-encoder and parser (`dumps`, `loads`): the json module imports re, which alone costs the
-launcher a few milliseconds of start-up; the agent reads with json.loads.
+MAX_DEPTH), one typed Message each: the object's "op" names the kind, its other members
+are the message's fields. The launcher's first message, Exec (an ExecRequest and the
+launcher's network namespace), carries its descriptors (0, 1, 2 and any --fd, in that
+order) with SCM_RIGHTS. Launcher to agent: Exec, Signal, Winch, Stop. Agent to launcher:
+Say (a line for stderr), Exit (the status to exit with, and an error message if rexnet
+failed), Stopped. The decoder is bounded: a longer message, a malformed one or an unknown
+kind raises AgentWireError. JSON is written and read here by a small strict encoder and
+parser (`dumps`, `loads`): the json module imports re, which alone costs the launcher a
+few milliseconds of start-up; the agent reads with json.loads.
 """
 
 from __future__ import annotations
 
 import struct
 
+from rexnet.protocol.record import Record
+from rexnet.protocol.request import ExecRequest
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any, ClassVar, Self
 
 MAX_MESSAGE = 1 << 20
 MAX_DEPTH = 8
 MAX_FDS = 3 + 64
 HEADER = struct.Struct("!I")
 
-# what each message may hold: field -> type (every field required)
-KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "exec": {"keyfile": str, "keypath": str, "args": list, "announce": list, "alerts": list,
-             "timeout": (int, float), "verbose": bool, "tty": bool, "raw": bool,
-             "term": str, "rows": int, "cols": int, "fds": list, "env": list,
-             "group": str, "netns": int, "revoked": str},
-    "signal": {"number": int},
-    "winch": {"rows": int, "cols": int},
-    "stop": {},
-    "say": {"text": str},
-    "exit": {"status": int, "message": str},
-    "stopped": {"pid": int},
-}
+Json = dict[str, object]
+Kind = type | tuple[type, ...]
 
 
 class AgentWireError(ValueError):
     """Bytes that are not a well-formed agent message."""
 
 
-def encode(kind: str, **fields: object) -> bytes:
-    body = dumps({"op": kind, **fields}).encode()
-    if len(body) > MAX_MESSAGE:
-        raise AgentWireError("message too long")
-    return HEADER.pack(len(body)) + body
+def _typed(obj: Json, schema: dict[str, Kind]) -> None:
+    """AgentWireError unless OBJ has every field of SCHEMA with the right JSON type (a
+    bool is no number)."""
+    for name, kind in schema.items():
+        value = obj.get(name)
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (
+                kind if isinstance(kind, tuple) else (kind,))):
+            raise AgentWireError(f"field {name!r} missing or of the wrong type")
 
 
-def check(obj: object) -> dict[str, object]:
-    """OBJ if it is a well-formed message (known kind, fields of the right types)."""
+class Message(Record):
+    """One agent message; SCHEMA gives its fields' JSON types (all required)."""
+
+    OP: ClassVar[str] = ""
+    SCHEMA: ClassVar[dict[str, Kind]] = {}
+
+    def fields(self) -> Json:
+        return {name: getattr(self, name) for name in self.__fields__}
+
+    def encode(self) -> bytes:
+        body = dumps({"op": self.OP, **self.fields()}).encode()
+        if len(body) > MAX_MESSAGE:
+            raise AgentWireError("message too long")
+        return HEADER.pack(len(body)) + body
+
+    @classmethod
+    def decode(cls, obj: Json) -> Self:
+        """The message in OBJ (a JSON object of kind OP), or AgentWireError."""
+        _typed(obj, cls.SCHEMA)
+        message = cls(**{name: obj[name] for name in cls.SCHEMA})
+        message.check()
+        return message
+
+    def check(self) -> None:
+        """AgentWireError if a field is out of range."""
+
+
+class Exec(Message):
+    """Launcher to agent, with its descriptors: run REQUEST (NETNS: the launcher's network
+    namespace, which the agent must share; 0 if unknown)."""
+
+    OP = "exec"
+    SCHEMA = {"keyfile": str, "keypath": str, "args": list, "announce": list,
+              "alerts": list, "timeout": (int, float), "revoked": str, "verbose": bool,
+              "tty": bool, "raw": bool, "term": str, "rows": int, "cols": int, "fds": list,
+              "env": list, "netns": int}
+    request: ExecRequest
+    netns: int = 0
+
+    def fields(self) -> Json:
+        return {**{name: getattr(self.request, name) for name in ExecRequest.__fields__},
+                "netns": self.netns}
+
+    @classmethod
+    def decode(cls, obj: Json) -> Self:
+        _typed(obj, cls.SCHEMA)
+        o: dict[str, Any] = obj
+        lists = [_strings(o[name]) for name in ("args", "announce", "alerts")]
+        if lists[0] is None or lists[1] is None or lists[2] is None:
+            raise AgentWireError("args, announce or alerts are not lists of short strings")
+        if not all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int
+                   and isinstance(p[1], str) for p in o["fds"]):
+            raise AgentWireError("fds is not a list of [descriptor 3-255, mode] pairs")
+        if not all(isinstance(p, list) and len(p) == 2 and _strings(p) for p in o["env"]):
+            raise AgentWireError("env is not a list of [name, value] pairs")
+        try:
+            timeout = float(o["timeout"])
+        except OverflowError:
+            raise AgentWireError("timeout out of range") from None
+        request = ExecRequest(
+            keyfile=o["keyfile"], keypath=o["keypath"], args=lists[0], announce=lists[1],
+            alerts=lists[2], timeout=timeout, revoked=o["revoked"], verbose=o["verbose"],
+            tty=o["tty"], raw=o["raw"], term=o["term"], rows=o["rows"], cols=o["cols"],
+            fds=tuple((fd, mode) for fd, mode in o["fds"]),
+            env=tuple((name, value) for name, value in o["env"]))
+        try:
+            request.check()
+        except ValueError as e:
+            raise AgentWireError(str(e)) from None
+        return cls(request, o["netns"])
+
+
+def _strings(value: object) -> tuple[str, ...] | None:
+    """VALUE as a tuple if it is a list of strings, else None."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return None
+
+
+class Signal(Message):
+    """Launcher to agent: deliver signal NUMBER to the job."""
+
+    OP = "signal"
+    SCHEMA = {"number": int}
+    number: int
+
+    def check(self) -> None:
+        if not 1 <= self.number <= 64:
+            raise AgentWireError("signal number out of range")
+
+
+class Winch(Message):
+    """Launcher to agent: the terminal is now ROWS x COLS."""
+
+    OP = "winch"
+    SCHEMA = {"rows": int, "cols": int}
+    rows: int
+    cols: int
+
+    def check(self) -> None:
+        if not (0 <= self.rows <= 0xFFFF and 0 <= self.cols <= 0xFFFF):
+            raise AgentWireError("window size out of range")
+
+
+class Stop(Message):
+    """`rexnet agent --stop` to agent: stop."""
+
+    OP = "stop"
+
+
+class Say(Message):
+    """Agent to launcher: TEXT for stderr."""
+
+    OP = "say"
+    SCHEMA = {"text": str}
+    text: str
+
+
+class Exit(Message):
+    """Agent to launcher: exit with STATUS, after writing MESSAGE (if any) on stderr."""
+
+    OP = "exit"
+    SCHEMA = {"status": int, "message": str}
+    status: int
+    message: str = ""
+
+    def check(self) -> None:
+        if not 0 <= self.status <= 255:
+            raise AgentWireError("exit status out of range")
+
+
+class Stopped(Message):
+    """Agent to `rexnet agent --stop`: the agent (process PID) is stopping."""
+
+    OP = "stopped"
+    SCHEMA = {"pid": int}
+    pid: int
+
+
+KINDS: dict[str, type[Message]] = {m.OP: m for m in (Exec, Signal, Winch, Stop, Say, Exit,
+                                                     Stopped)}
+
+
+def check(obj: object) -> Message:
+    """The message in OBJ (parsed JSON), or AgentWireError."""
     if not isinstance(obj, dict):
         raise AgentWireError("message is not a JSON object")
-    spec = KINDS.get(obj.get("op"))  # type: ignore[arg-type]
-    if spec is None:
+    kind = KINDS.get(obj.get("op"))  # type: ignore[arg-type]
+    if kind is None:
         raise AgentWireError("unknown message kind")
-    for name, kind in spec.items():
-        value = obj.get(name)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
-            raise AgentWireError(f"field {name!r} missing or of the wrong type")
-    op = obj["op"]
-    if op == "exec":
-        _check_exec(obj)
-    elif op == "signal" and not 1 <= obj["number"] <= 64:  # type: ignore[operator]
-        raise AgentWireError("signal number out of range")
-    elif op == "exit" and not 0 <= obj["status"] <= 255:  # type: ignore[operator]
-        raise AgentWireError("exit status out of range")
-    elif op == "winch" and not (0 <= obj["rows"] <= 0xFFFF and 0 <= obj["cols"] <= 0xFFFF):  # type: ignore[operator]
-        raise AgentWireError("window size out of range")
-    return obj
-
-
-def _strings(value: object, count: int, limit: int) -> bool:
-    return (isinstance(value, list) and len(value) <= count
-            and all(isinstance(v, str) and len(v) <= limit and "\0" not in v for v in value))
-
-
-def _check_exec(obj: dict[str, object]) -> None:
-    if not (_strings(obj["args"], 4096, 65536) and _strings(obj["announce"], 64, 300)
-            and _strings(obj["alerts"], 64, 300)):
-        raise AgentWireError("args, announce or alerts are not lists of short strings")
-    fds = obj["fds"]
-    assert isinstance(fds, list)
-    if len(fds) > MAX_FDS - 3 or not all(
-            isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 3 <= p[0] <= 255
-            and p[1] in ("r", "w", "rw") for p in fds):
-        raise AgentWireError("fds is not a list of [descriptor 3-255, mode] pairs")
-    env = obj["env"]
-    assert isinstance(env, list)
-    if len(env) > 256 or not all(isinstance(p, list) and len(p) == 2 and _strings(p, 2, 65536)
-                                 for p in env):
-        raise AgentWireError("env is not a list of [name, value] pairs")
-    for name in ("rows", "cols"):
-        if not 0 <= obj[name] <= 0xFFFF:  # type: ignore[operator]
-            raise AgentWireError(f"{name} out of range")
-    if not 0 < obj["timeout"] <= 1e9:  # type: ignore[operator]
-        raise AgentWireError("timeout out of range")
+    return kind.decode(obj)
 
 
 class Decoder:
@@ -109,7 +209,7 @@ class Decoder:
         self._buffer = bytearray()
         self._loads = loads or globals()["loads"]
 
-    def feed(self, data: bytes) -> list[dict[str, object]]:
+    def feed(self, data: bytes) -> list[Message]:
         self._buffer += data
         out = []
         while len(self._buffer) >= HEADER.size:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from twisted.application.internet import ClientService, StreamServerEndpointService
+from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint
 from twisted.python import usage
@@ -95,6 +95,6 @@ def makeService(config: Options) -> IService:
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     for host, port in config["connect"]:
         client = SSL4ClientEndpoint(reactor, host, port, options, timeout=5)
-        ClientService(client, factory, retryPolicy=lambda attempt: min(0.5 * 2 ** attempt, 5.0)
-                      ).setServiceParent(top)
+        ClientService(client, factory, retryPolicy=backoffPolicy(
+            0.5, 5.0, 2.0, jitter=lambda: 0.0)).setServiceParent(top)
     return top

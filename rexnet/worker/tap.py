@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import ClientService
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
@@ -336,7 +336,6 @@ def worker_for(config: Options, top: MultiService, reactor: Any,
         for host, port in config["register"]:
             endpoint = wrapClientTLS(connecting_options(credential),
                                      TCP4ClientEndpoint(reactor, host, port, timeout=5))
-            ClientService(endpoint, factory,
-                          retryPolicy=lambda attempt: min(0.5 * 2 ** attempt, 5.0)
-                          ).setServiceParent(top)
+            ClientService(endpoint, factory, retryPolicy=backoffPolicy(
+                0.5, 5.0, 2.0, jitter=lambda: 0.0)).setServiceParent(top)
     return worker

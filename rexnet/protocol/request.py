@@ -1,0 +1,132 @@
+"""ExecRequest: one `rexnet exec` request, whoever runs it.
+
+The launcher (rexnet.cli.launcher) and the full command line build it from the command
+line and rexnet.toml (rexnet.cli.request.build, the one place that does); the launcher
+sends it to the agent (rexnet.protocol.agentwire), which runs it; the Python API makes
+one from its arguments. Standard library only, and light: the launcher imports this.
+The defaults every client shares are here: where to announce (DEFAULT_ANNOUNCE, or
+$GROUP), how long to look for a worker, which signals reach the job.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rexnet.protocol.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from rexnet.protocol import wire
+
+DEFAULT_ANNOUNCE = "255.255.255.255"
+"""Where a job is announced when neither --announce nor $GROUP says (as cexec did)."""
+DEFAULT_TIMEOUT = 30.0
+"""Seconds to look for a worker when neither --timeout nor rexnet.toml says."""
+MAX_TIMEOUT = 1e9
+FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+"""Signals the client passes on to the job (and SIGWINCH as a window size, on a terminal)."""
+FD_MODES = ("r", "w", "rw")
+MAX_ARGS, MAX_ARG = 4096, 65536
+MAX_TARGETS, MAX_TARGET = 64, 300
+MAX_ENV, MAX_NAME = 256, 256
+MAX_FDS = 64
+
+
+class RequestError(Exception):
+    """A request that cannot run as given: MESSAGE for the user (after "rexnet: ") and
+    the EXIT_CODE to end with (rexnet.protocol.exitcodes)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def default_announce(environ: Mapping[str, str] = os.environ) -> str:
+    """Where to announce when no target is given: $GROUP, else DEFAULT_ANNOUNCE."""
+    return environ.get("GROUP") or DEFAULT_ANNOUNCE
+
+
+def announce_or_default(texts: tuple[str, ...] | list[str],
+                        environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """TEXTS, or the one default target if there are none."""
+    return tuple(texts) or (default_announce(environ),)
+
+
+def check_descriptor(fd: int) -> None:
+    """ValueError unless FD may be carried to the job (--fd N: 3 to 255)."""
+    if not 3 <= fd <= 255:
+        raise ValueError(f"--fd {fd}: use descriptors 3 to 255 (0, 1 and 2 always go)")
+
+
+def check_timeout(timeout: float, name: str = "--timeout") -> None:
+    """ValueError unless TIMEOUT is a usable number of seconds (positive, finite); the
+    message calls it NAME."""
+    if not 0 < timeout <= MAX_TIMEOUT:  # also refuses NaN
+        raise ValueError(f"{name} must be positive" if not timeout > 0 else
+                         f"{name} must be at most {MAX_TIMEOUT:g} seconds")
+
+
+def _short_strings(values: tuple[str, ...], count: int, limit: int) -> bool:
+    return len(values) <= count and all(len(v) <= limit and "\0" not in v for v in values)
+
+
+class ExecRequest(Record):
+    """What one `rexnet exec` asks for: the application, where to look for a worker, and
+    the job (its extra arguments, environment, terminal and descriptors)."""
+
+    keyfile: str = ""
+    """KEYFILE as the user wrote it (for messages); "" when the API got a Credential."""
+    keypath: str = ""
+    """KEYFILE's absolute path (the agent runs elsewhere)."""
+    args: tuple[str, ...] = ()
+    announce: tuple[str, ...] = ()
+    """"ADDR[:PORT]" targets; built from a command line, never empty (see default_announce)."""
+    alerts: tuple[str, ...] = ()
+    """crat's "ADDR[:PORT]"s; none: the announce targets on crat's port."""
+    timeout: float = DEFAULT_TIMEOUT
+    revoked: str = ""
+    """--revoked FILE (absolute); "": APP.revoked beside KEYFILE, if there is one."""
+    verbose: bool = False
+    tty: bool = False
+    raw: bool = False
+    """The client's stdin is a terminal the launcher puts in raw mode."""
+    term: str = ""
+    rows: int = 0
+    cols: int = 0
+    fds: tuple[tuple[int, str], ...] = ()
+    """(descriptor, "r" | "w" | "rw") carried to the same number in the job."""
+    env: tuple[tuple[str, str], ...] = ()
+
+    def check(self) -> None:
+        """ValueError naming the first field that is out of bounds (a decoder's check of
+        what another process sent, and the builder's last check)."""
+        if not _short_strings(self.args, MAX_ARGS, MAX_ARG):
+            raise ValueError(f"the job takes at most {MAX_ARGS} extra arguments of at most "
+                             f"{MAX_ARG} characters, without NUL")
+        if not (_short_strings(self.announce, MAX_TARGETS, MAX_TARGET)
+                and _short_strings(self.alerts, MAX_TARGETS, MAX_TARGET)):
+            raise ValueError(f"--announce and --alerts take at most {MAX_TARGETS} targets "
+                             f"of at most {MAX_TARGET} characters")
+        if len(self.fds) > MAX_FDS or len({fd for fd, _ in self.fds}) < len(self.fds) or not all(
+                3 <= fd <= 255 and mode in FD_MODES for fd, mode in self.fds):
+            raise ValueError("fds is not a list of [descriptor 3-255, mode] pairs")
+        if len(self.env) > MAX_ENV or not all(
+                0 < len(name) <= MAX_NAME and "=" not in name and "\0" not in name + value
+                and len(value) <= MAX_ARG for name, value in self.env):
+            raise ValueError(f"the job takes at most {MAX_ENV} variables (NAME without '=', "
+                             f"of at most {MAX_NAME} characters, and a VALUE without NUL)")
+        if not (0 <= self.rows <= 0xFFFF and 0 <= self.cols <= 0xFFFF):
+            raise ValueError("rows or cols out of range")
+        if self.tty and self.fds:
+            raise ValueError("--fd cannot be combined with a terminal; add -T")
+        check_timeout(self.timeout)
+
+    def start(self) -> wire.Start:
+        """The START frame that asks the worker for this job."""
+        from rexnet.protocol import wire
+
+        return wire.Start(self.args, self.env, self.tty, self.term if self.tty else "",
+                          self.rows, self.cols, self.fds)
