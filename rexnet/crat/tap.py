@@ -9,11 +9,13 @@ from cryptography import x509
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from rexnet.crat.core import Crat, CratError, CratService, bind_udp, open_jsonl, read_ca_certificate
+from rexnet.crat.core import Crat, CratError, CratService, bind_udp, open_jsonl
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import parse_target
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
+from rexnet.security.credentials import CredentialError
+from rexnet.security.trust import read_trust_file
 
 
 class Options(VersionOption):
@@ -22,10 +24,9 @@ class Options(VersionOption):
     longdesc = (
         "Receive the signed alerts of rexnet workers and clients (jobs started and "
         "finished, complaints) and log them, each marked verified or UNVERIFIED by the "
-        "application CAs given with --trust. FILE is a credential (APP.worker or "
-        "APP.client: only its CA certificate is used) or a PEM file holding the CA "
-        "certificate; APP.ca is refused, as the CA's private key must stay with its "
-        "administrator. With --jsonl, every alert is also appended to FILE as one JSON "
+        "application CAs given with --trust. FILE is APP.ca.pem, the CA certificate "
+        "alone (rexnet keygen writes it; rexnet keygen --export-ca APP.ca writes it again); "
+        "a file holding any private key (APP.ca, APP.worker, APP.client) is refused. With --jsonl, every alert is also appended to FILE as one JSON "
         "object a line. Floods of garbage and unverified alerts are rate-limited; drops "
         "are summarised in the log. With --web, a dashboard (workers and their load over "
         "time, running jobs, recent alerts, updated live) is served on that TCP port of "
@@ -43,8 +44,8 @@ class Options(VersionOption):
         self["trust"] = []
 
     def opt_trust(self, path: str) -> None:
-        """Believe alerts signed by credentials of this application: FILE is APP.worker,
-        APP.client or the CA certificate (repeatable)."""
+        """Believe alerts signed by credentials of this application: FILE is its CA
+        certificate, APP.ca.pem (repeatable)."""
         self["trust"].append(path)
 
     def postOptions(self) -> None:
@@ -62,8 +63,8 @@ class Options(VersionOption):
         else:
             self["web_port"] = None
         if not self["trust"]:
-            raise usage.UsageError("give --trust at least once (APP.worker, APP.client or "
-                                   "a CA certificate): without it no alert can be verified")
+            raise usage.UsageError("give --trust at least once (APP.ca.pem, the "
+                                   "CA certificate): without it no alert can be verified")
 
 
 def fail(message: str, code: int) -> SystemExit:
@@ -78,8 +79,8 @@ def makeService(config: Options) -> IService:
     cas: list[x509.Certificate] = []
     try:
         for path in config["trust"]:
-            cas.append(read_ca_certificate(Path(path)))
-    except CratError as e:
+            cas.append(read_trust_file(Path(path)))
+    except (CratError, CredentialError) as e:
         raise fail(str(e), CREDENTIAL) from None
     closing = []
     sinks = []
