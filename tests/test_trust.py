@@ -45,7 +45,7 @@ def test_a_trust_file_holding_a_private_key_is_refused(keys: Keys, tmp_path: Pat
     copy = tmp_path / "innocent.pem"  # whatever its name
     shutil.copy(source, copy)
     copy.chmod(0o644)
-    with pytest.raises(CredentialError, match="holds a private key.*--export-ca"):
+    with pytest.raises(CredentialError, match=r"holds a private key.*--export-ca"):
         read_trust_file(copy)
 
 
@@ -54,7 +54,7 @@ def test_other_bad_trust_files(keys: Keys, tmp_path: Path) -> None:
     junk.write_text("hello\n")
     with pytest.raises(CredentialError, match="does not hold exactly one PEM certificate"):
         read_trust_file(junk)
-    with pytest.raises(CredentialError, match="cannot read .*No such file"):
+    with pytest.raises(CredentialError, match=r"cannot read .*No such file"):
         read_trust_file(tmp_path / "missing")
     leaf = tmp_path / "leaf.pem"
     leaf.write_bytes(load_credential(keys.worker, "worker").cert.public_bytes(

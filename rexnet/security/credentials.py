@@ -3,8 +3,9 @@
 An application has a CA (``APP.ca``: the CA's private key and certificate; its
 certificate alone is also in ``APP.ca.pem``, for crat and cproxy) that issues credentials
 of two roles, ``worker`` and ``client``, and on demand of a third, ``relay`` (a cproxy:
-it may sign relay trailers and accept worker registrations, never run or take a job).  A credential file holds the
-holder's private key, its certificate and the CA certificate, PEM encoded, mode 0600.
+it may sign relay trailers and accept worker registrations, never run or take a job).
+A credential file holds the holder's private key, its certificate and the CA
+certificate, PEM encoded, mode 0600.
 
 A certificate names its role and application in two places: the subject
 (``O=APP, OU=ROLE, CN=NAME``) and a DNS subject-alternative name
