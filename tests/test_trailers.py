@@ -4,6 +4,7 @@ announcement with a forged trailer must not make a worker connect anywhere."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -76,10 +77,8 @@ def test_plain_and_tunnel_datagrams_have_no_signed_trailer(keys: Keys) -> None:
 
 @given(st.binary(max_size=5000))
 def test_fuzz_decode_relayed_raises_only_wire_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(wire.WireError):
         relaytrailer.decode_relayed(data + b"RLS")
-    except wire.WireError:
-        pass
 
 
 @given(st.integers(0, 700), st.binary(min_size=1, max_size=4))
@@ -120,14 +119,15 @@ def test_forged_trailers_are_refused(keys: Keys, relay: Credential, other_keys: 
     # the attack of issue P10 item 3: a captured announcement, an unsigned trailer
     forged = wire.with_relay(plain, 22)
     dgram, trailer = relaytrailer.decode_relayed(forged)
-    with pytest.raises(Rejected, match="unsigned relay trailer from 10.9.9.9, which is not "
+    with pytest.raises(Rejected, match=r"unsigned relay trailer from 10\.9\.9\.9, which is not "
                        "a configured relay"):
         connect_back_allowed(dgram, trailer, "10.9.9.9", certs)
     connect_back_allowed(dgram, trailer, "10.9.9.9", certs, relays={"10.9.9.9"})
     # a genuine signed trailer, replayed from a spoofed source
     genuine = relayed(plain, 5555, RELAY_ADDR, relay)
     dgram, trailer = relaytrailer.decode_relayed(genuine)
-    with pytest.raises(Rejected, match="names 10.1.0.1, but the datagram came from 10.9.9.9"):
+    with pytest.raises(Rejected,
+                       match=r"names 10\.1\.0\.1, but the datagram came from 10\.9\.9\.9"):
         connect_back_allowed(dgram, trailer, "10.9.9.9", certs)
     # its port changed
     block_start = len(plain.signed_part) + len(plain.signature)
@@ -155,7 +155,7 @@ def test_a_revoked_relay_is_refused(keys: Keys, relay: Credential) -> None:
     data = relayed(wire.decode_datagram(announcement(keys)), 5555, RELAY_ADDR, relay)
     dgram, trailer = relaytrailer.decode_relayed(data)
     revoked = checker(keys, Revoked(frozenset({relay.cert.serial_number})))
-    with pytest.raises(Rejected, match="relay certificate 'gw' .* is revoked"):
+    with pytest.raises(Rejected, match=r"relay certificate 'gw' .* is revoked"):
         connect_back_allowed(dgram, trailer, RELAY_ADDR, revoked)
 
 
@@ -178,5 +178,5 @@ def test_the_workers_announce_checker_applies_the_rule(keys: Keys, relay: Creden
         check.check_announce(forged, "10.9.9.9")
     genuine = check.decode(relayed(plain, 5555, RELAY_ADDR, relay))
     assert genuine is not None
-    ann, client = check.check_announce(genuine, RELAY_ADDR)
+    _, client = check.check_announce(genuine, RELAY_ADDR)
     assert genuine.relay_port == 5555 and client.info.role == "client"
