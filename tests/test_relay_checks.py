@@ -84,7 +84,7 @@ def relay_of(keys: Keys, revoked: Revoked | None = None) -> tuple[Relay, Sent,
 
 
 def test_a_genuine_announcement_is_relayed_with_a_signed_trailer(keys: Keys) -> None:
-    relay, _, reactor = relay_of(keys)
+    relay, sent, reactor = relay_of(keys)
     client = load_credential(keys.client, "client")
     relay.datagram(announce(client), CLIENT_ADDR, 5000)
     assert len(relay.jobs) == 1 and reactor.tcpServers[0][3] == "10.1.0.1"  # bound there
