@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from rexnet.net import datalink
 from rexnet.net.announce import now_ms
 from rexnet.net.certcheck import CertChecker
-from rexnet.net.datalink import GuardedFactory
+from rexnet.net.datalink import DatagramLink, GuardedFactory, Refused
 from rexnet.net.registration import RegisteredWorkers
 from rexnet.protocol import relaytrailer, wire
 from rexnet.relay import cproxy
@@ -178,7 +178,7 @@ def test_a_silent_link_peer_is_dropped_after_the_handshake_timeout(keys: Keys) -
     registered = owner(keys)
     factory = GuardedFactory(registered)
     link = factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1234))
-    assert link is not None
+    assert isinstance(link, DatagramLink)
     transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 1234))
     link.makeConnection(transport)
     registered.reactor.advance(datalink.HANDSHAKE_TIMEOUT - 0.1)
@@ -194,11 +194,16 @@ def test_a_listener_takes_at_most_per_source_connections_from_one_address(keys: 
     factory = GuardedFactory(owner(keys))
     addr = IPv4Address("TCP", "10.0.0.9", 1234)
     links = [factory.buildProtocol(addr) for _ in range(datalink.PER_SOURCE + 5)]
-    assert sum(link is not None for link in links) == datalink.PER_SOURCE
+    assert sum(isinstance(link, DatagramLink) for link in links) == datalink.PER_SOURCE
     assert factory.refused == 5
-    assert factory.buildProtocol(IPv4Address("TCP", "10.0.0.10", 1)) is not None
+    refused = links[-1]
+    assert isinstance(refused, Refused)
+    transport = StringTransport()
+    refused.makeConnection(transport)
+    assert transport.disconnecting  # closed at once
+    assert isinstance(factory.buildProtocol(IPv4Address("TCP", "10.0.0.10", 1)), DatagramLink)
     first = links[0]
-    assert first is not None
+    assert isinstance(first, DatagramLink)
     first.makeConnection(StringTransport())
     first.connectionLost()
-    assert factory.buildProtocol(addr) is not None  # a slot freed
+    assert isinstance(factory.buildProtocol(addr), DatagramLink)  # a slot freed

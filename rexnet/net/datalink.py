@@ -154,6 +154,14 @@ class DatagramLink(Protocol):
         return GuardedFactory(owner, cls)
 
 
+class Refused(Protocol):
+    """A connection over a listener's cap: closed as soon as it is made (returning None
+    from buildProtocol would not do under TLS: the TLS wrapper keeps the connection)."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+
 class GuardedFactory(Factory[DatagramLink]):
     """Builds links, taking at most PER_SOURCE connections from one address and
     MAX_UNVERIFIED still unverified; connections beyond are closed at once."""
@@ -171,7 +179,7 @@ class GuardedFactory(Factory[DatagramLink]):
         self.refused = 0
         self._complained = -1e18
 
-    def buildProtocol(self, addr: IAddress | None) -> DatagramLink | None:
+    def buildProtocol(self, addr: IAddress | None) -> DatagramLink | Refused:  # type: ignore[override]
         host = str(getattr(addr, "host", "?"))
         waiting = sum(1 for link in self.live if not link.verified)
         if self.sources[host] >= self.per_source or waiting >= self.unverified:
@@ -182,7 +190,7 @@ class GuardedFactory(Factory[DatagramLink]):
                 log.warn("complaint: link connection from {host} refused: {n} from it already "
                          "({refused} refused so far)", host=host, n=self.sources[host],
                          refused=self.refused)
-            return None
+            return Refused()
         link = self.link(self.owner)
         link.factory = self
         self.sources[host] += 1
