@@ -16,7 +16,7 @@ import pytest
 from cluster import REXNET, TWISTD, Proc, loopback_address, run_exec, start_worker
 from conftest import Keys
 from netbed import Host, NetBed
-from test_cproxy import cproxy_on, job, relay_key, worker_on  # noqa: F401 (fixture)
+from test_cproxy import cproxy_on, job, worker_on
 from test_tunnel import ring
 
 from rexnet.net import datalink
@@ -82,6 +82,14 @@ while True:
         continue
     print("datagram", type(dgram.message).__name__, dgram.relay_port, flush=True)
 """
+
+
+@pytest.fixture(scope="module")
+def relay_key(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("relay") / f"{keys.app}.gw.relay"
+    subprocess.run([REXNET, "keygen", "--issue", "relay", "--name", "gw", "--out", str(out),
+                    str(keys.ca)], check=True, capture_output=True)
+    return out
 
 
 def attack(host: Host, keys: Keys, what: str, target: str, port: int, signed_for: str,
