@@ -51,8 +51,8 @@ class Options(VersionOption):
          "UDP HOST:PORT to hear announcements on."],
         ["register", None, None, "Accept registrations of workers behind NAT on TCP "
          "HOST:PORT (needs --credential)."],
-        ["credential", None, None, "A relay credential of the application (rexnet keygen "
-         "--issue relay --name NAME APP.ca): signs relay trailers, serves --register."],
+        ["credential", None, None, "A relay credential of the application (APP.NAME.relay, "
+         "see above): it signs relay trailers and serves registrations."],
         ["bind", None, None, "Address the per-job ports listen on (default: this host's "
          "address toward the --announce targets when there is one, else all)."],
     ]
