@@ -24,6 +24,11 @@ class Keys:
     worker: Path
     client: Path
 
+    @property
+    def ca_pem(self) -> Path:
+        """The CA certificate alone (APP.ca.pem), what crat and cproxy --trust."""
+        return self.ca.with_name(f"{self.app}.ca.pem")
+
 
 def make_keys(directory: Path, app: str) -> Keys:
     ca, worker, client = keygen(app, directory)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cluster import REXNET, TWISTD, Proc, exec_argv, run_exec, start_worker
 from conftest import Keys
 from netbed import Host, NetBed
@@ -18,8 +19,22 @@ CONNECT = ("import socket\ntry:\n socket.create_connection(('{}', 6010), timeout
            "print('connected')\nexcept OSError:\n print('blocked')")
 
 
-def cproxy_on(host: Host, *announce: str) -> Proc:
-    argv = [TWISTD, "-n", "--pidfile=", "cproxy", "--listen", "0.0.0.0:3010"]
+@pytest.fixture(scope="module")
+def relay_key(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A relay credential of the application (what cproxy signs its trailers with)."""
+    out = tmp_path_factory.mktemp("relay") / f"{keys.app}.gw.relay"
+    subprocess.run([REXNET, "keygen", "--issue", "relay", "--name", "gw", "--out", str(out),
+                    str(keys.ca)], check=True, capture_output=True)
+    return out
+
+
+def cproxy_on(host: Host, relay_key: Path | None, *announce: str, trust: Path | None = None,
+              options: tuple[str, ...] = ()) -> Proc:
+    argv = [TWISTD, "-n", "--pidfile=", "cproxy", "--listen", "0.0.0.0:3010", *options]
+    if relay_key is not None:
+        argv += ["--credential", str(relay_key)]
+    if trust is not None:
+        argv += ["--trust", str(trust)]
     for target in announce:
         argv += ["--announce", target]
     proc = Proc(argv, popen=host.popen)
@@ -37,12 +52,13 @@ def job(client: Host, keys: Keys, target: str, script: str, input: bytes = b""
     return run_exec(keys.client, [target], "--", script, input=input, wrap=client.argv)
 
 
-def test_a_job_crosses_cproxy_to_the_least_loaded_worker(bed: NetBed, keys: Keys) -> None:
+def test_a_job_crosses_cproxy_to_the_least_loaded_worker(bed: NetBed, keys: Keys,
+                                                         relay_key: Path) -> None:
     a, b = bed.add_subnet("a"), bed.add_subnet("b")
     client = bed.add_host("client", [a])
     proxy = bed.add_host("proxy", [a, b])  # IP forwarding stays off
     w1, w2 = bed.add_host("w1", [b]), bed.add_host("w2", [b])
-    relay = cproxy_on(proxy, f"{b.broadcast}:3010")
+    relay = cproxy_on(proxy, relay_key, f"{b.broadcast}:3010")
     workers = {"w1": worker_on(w1, keys, "--slots", "2"),
                "w2": worker_on(w2, keys, "--slots", "2")}
     target = f"{a.broadcast}:3010"
@@ -68,13 +84,13 @@ def test_a_job_crosses_cproxy_to_the_least_loaded_worker(bed: NetBed, keys: Keys
     assert placed[other] >= 3, placed
 
 
-def test_a_chain_of_two_cproxies(bed: NetBed, keys: Keys) -> None:
+def test_a_chain_of_two_cproxies(bed: NetBed, keys: Keys, relay_key: Path) -> None:
     a, b, c = bed.add_subnet("a"), bed.add_subnet("b"), bed.add_subnet("c")
     client = bed.add_host("client", [a])
     first, second = bed.add_host("p1", [a, b]), bed.add_host("p2", [b, c])
     far = bed.add_host("far", [c])
-    cproxy_on(first, f"{b.broadcast}:3010")
-    cproxy_on(second, f"{c.broadcast}:3010")
+    cproxy_on(first, relay_key, f"{b.broadcast}:3010")
+    cproxy_on(second, relay_key, f"{c.broadcast}:3010")
     worker_on(far, keys)
     done = job(client, keys, f"{a.broadcast}:3010", "cat; echo $REXNET_WORKER", b"hello\n")
     assert done.returncode == 0, done.stderr
@@ -96,7 +112,7 @@ def test_workers_never_reach_the_client_directly(bed: NetBed, keys: Keys) -> Non
 
 
 def test_a_worker_behind_nat_serves_through_its_registration(
-        bed: NetBed, keys: Keys, tmp_path: Path) -> None:
+        bed: NetBed, keys: Keys, tmp_path: Path, relay_key: Path) -> None:
     a, b, c = bed.add_subnet("a"), bed.add_subnet("b"), bed.add_subnet("c")
     client = bed.add_host("client", [a])
     proxy = bed.add_host("proxy", [a, b])
@@ -123,9 +139,6 @@ table ip rexnet_nat {{
     inside = nat.run([sys.executable, "-c", CONNECT.format(hidden.addr())], timeout=20)
     assert inside.stdout.strip() == "connected", inside  # the listener does work
 
-    subprocess.run([REXNET, "keygen", "--issue", "client", "--name", "cproxy", "--dir",
-                    str(tmp_path), str(keys.ca)], check=True, capture_output=True)
-    relay_key = tmp_path / f"{keys.app}.cproxy.client"
     relay = Proc([TWISTD, "-n", "--pidfile=", "cproxy", "--listen", "0.0.0.0:3010",
                   "--register", "0.0.0.0:5010", "--credential", str(relay_key)],
                  popen=proxy.popen)
@@ -141,7 +154,8 @@ table ip rexnet_nat {{
     assert '"worker": "hidden"' in status.stdout, status.stderr
 
 
-def test_a_cproxy_restart_keeps_local_jobs_and_recovers(bed: NetBed, keys: Keys) -> None:
+def test_a_cproxy_restart_keeps_local_jobs_and_recovers(bed: NetBed, keys: Keys,
+                                                        relay_key: Path) -> None:
     a, b = bed.add_subnet("a"), bed.add_subnet("b")
     client = bed.add_host("client", [a])
     near = bed.add_host("near", [a])
@@ -149,13 +163,13 @@ def test_a_cproxy_restart_keeps_local_jobs_and_recovers(bed: NetBed, keys: Keys)
     far = bed.add_host("far", [b])
     near_worker = worker_on(near, keys)
     worker_on(far, keys)
-    relay = cproxy_on(proxy, f"{b.broadcast}:3010")
+    relay = cproxy_on(proxy, relay_key, f"{b.broadcast}:3010")
     # a job on the client's own network does not pass through cproxy
     local = client.popen(exec_argv(keys.client, [f"{near.addr()}:3010"], "--",
                                    "cat; echo $REXNET_WORKER"),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     relay.stop()
-    relay = cproxy_on(proxy, f"{b.broadcast}:3010")
+    relay = cproxy_on(proxy, relay_key, f"{b.broadcast}:3010")
     out, _ = local.communicate(b"kept\n", timeout=20)
     assert out == b"kept\nnear\n"
     # and the restarted cproxy carries the next jobs across to the only worker left

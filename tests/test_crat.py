@@ -616,8 +616,8 @@ def test_bad_options(args: tuple[str, ...], message: str) -> None:
 
 def test_make_service(keys: Keys, tmp_path: Path) -> None:
     addr = loopback_address()
-    config = parse("--listen", f"{addr}:0", "--trust", str(keys.worker), "--trust",
-                   str(keys.client), "--jsonl", str(tmp_path / "a.jsonl"))
+    config = parse("--listen", f"{addr}:0", "--trust", str(keys.ca_pem), "--trust",
+                   str(keys.ca_pem), "--jsonl", str(tmp_path / "a.jsonl"))
     top = crat_tap.makeService(config)
     assert isinstance(top, MultiService)
     (service,) = list(top)
@@ -637,7 +637,8 @@ def test_make_service_errors(keys: Keys, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     cases = [
         (("--trust", str(keys.ca)), exitcodes.CREDENTIAL, "private key"),
-        (("--trust", str(keys.worker), "--jsonl", str(tmp_path / "no" / "f")), exitcodes.USAGE,
+        (("--trust", str(keys.worker)), exitcodes.CREDENTIAL, "holds a private key"),
+        (("--trust", str(keys.ca_pem), "--jsonl", str(tmp_path / "no" / "f")), exitcodes.USAGE,
          "cannot write alerts to"),
     ]
     for args, code, message in cases:
@@ -658,7 +659,7 @@ def test_twistd_knows_crat(tmp_path: Path) -> None:
     assert any(line.split()[:1] == ["crat"] for line in listed.stdout.splitlines())
     helped = twistd("crat", "--help", cwd=tmp_path)
     assert helped.returncode == 0, helped.stderr
-    for word in ("--listen", "--trust", "--jsonl", "APP.ca is refused"):
+    for word in ("--listen", "--trust", "--jsonl", "private key", "is refused"):
         assert word in helped.stdout
 
 
@@ -669,9 +670,9 @@ def test_twistd_crat_refuses_with_one_line(keys: Keys, tmp_path: Path, what: str
     busy.bind((addr.split(":")[0], CRAT_PORT))
     args, code, message = {
         "ca file": (("--trust", keys.ca), exitcodes.CREDENTIAL, "private key"),
-        "unwritable jsonl": (("--trust", keys.worker, "--jsonl", tmp_path / "no" / "f"),
+        "unwritable jsonl": (("--trust", keys.ca_pem, "--jsonl", tmp_path / "no" / "f"),
                              exitcodes.USAGE, "cannot write alerts to"),
-        "busy port": (("--trust", keys.worker), exitcodes.USAGE,
+        "busy port": (("--trust", keys.ca_pem), exitcodes.USAGE,
                       f"cannot listen on {addr}: Address already in use"),
     }[what]
     try:
@@ -743,7 +744,7 @@ def site(keys: Keys, tmp_path: Path) -> Iterator[Site]:
     """crat and a worker sending it alerts, on loopback."""
     crat_addr = f"{loopback_address()}:{CRAT_PORT}"
     jsonl = tmp_path / "alerts.jsonl"
-    crat = start_crat(crat_addr, jsonl, keys.worker)
+    crat = start_crat(crat_addr, jsonl, keys.ca_pem)
     worker_addr = f"{loopback_address()}:3010"
     try:
         worker = start_worker(keys.worker, SHELL, worker_addr, "w1", "--allow-args",
@@ -859,14 +860,14 @@ def test_jobs_do_not_need_crat(keys: Keys) -> None:
 def test_crat_stops_cleanly_and_keeps_its_file(keys: Keys, tmp_path: Path) -> None:
     addr = f"{loopback_address()}:{CRAT_PORT}"
     jsonl = tmp_path / "a.jsonl"
-    proc = start_crat(addr, jsonl, keys.worker)
+    proc = start_crat(addr, jsonl, keys.ca_pem)
     mine = load_credential(keys.worker, "worker")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(alert(mine, ts=int(time.time() * 1000)), (addr.split(":")[0], CRAT_PORT))
     wait_for_record(jsonl, lambda r: r["verified"])
     assert stop(proc) in (0, -signal.SIGTERM)  # twistd re-raises it
     assert "Traceback" not in proc.output
-    proc = start_crat(addr, jsonl, keys.worker)  # appends to the same file
+    proc = start_crat(addr, jsonl, keys.ca_pem)  # appends to the same file
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(alert(mine, ts=int(time.time() * 1000) + 1), (addr.split(":")[0], CRAT_PORT))
     deadline = time.monotonic() + 10
@@ -894,7 +895,7 @@ def test_crat_on_a_third_host_hears_the_default_targets(bed: NetBed, keys: Keys,
     alone = job("echo alone")
     assert alone.returncode == 0 and alone.stdout == b"alone\n", alone.stderr
     jsonl = tmp_path / "alerts.jsonl"
-    crat = start_crat(f"0.0.0.0:{CRAT_PORT}", jsonl, keys.worker, keys.client,
+    crat = start_crat(f"0.0.0.0:{CRAT_PORT}", jsonl, keys.ca_pem,
                       popen=crat_host.popen)
     done = job("echo heard; exit 5")
     assert done.returncode == 5 and done.stdout == b"heard\n", done.stderr

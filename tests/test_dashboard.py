@@ -499,7 +499,7 @@ def test_web_options() -> None:
 
 def test_make_service_with_web_binds_loopback_by_default(keys: Keys) -> None:
     top = crat_tap.makeService(parse("--listen", f"{loopback_address()}:0", "--trust",
-                                     str(keys.worker), "--web", "0"))
+                                     str(keys.ca_pem), "--web", "0"))
     assert isinstance(top, MultiService)
     crat_service, web = list(top)
     assert isinstance(crat_service, CratService) and isinstance(web, DashboardService)
@@ -535,7 +535,7 @@ def test_a_busy_web_port_is_a_one_line_error(keys: Keys, tmp_path: Path,
         port = busy.getsockname()[1]
         with pytest.raises(SystemExit) as exit:
             crat_tap.makeService(parse(
-                "--listen", f"{loopback_address()}:0", "--trust", str(keys.worker),
+                "--listen", f"{loopback_address()}:0", "--trust", str(keys.ca_pem),
                 "--jsonl", str(tmp_path / "a.jsonl"), "--web", str(port)))
     assert exit.value.code == exitcodes.USAGE
     err = capsys.readouterr().err
@@ -571,7 +571,7 @@ class CratProc:
 def start_crat(keys: Keys, *options: str) -> CratProc:
     udp = (loopback_address(), 3011)
     argv = [TWISTD, "-n", "--pidfile=", "crat", "--listen", f"{udp[0]}:{udp[1]}",
-            "--trust", str(keys.worker), "--web", "0", *options]
+            "--trust", str(keys.ca_pem), "--web", "0", *options]
     proc = Proc(argv)
     match = proc.wait_for(r"crat dashboard on http://(\[[^\]]+\]|[^:/]+):(\d+)/", 30)
     proc.wait_for(r"crat listening on", 30)

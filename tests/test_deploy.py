@@ -149,9 +149,9 @@ def test_worker_tac_serves_a_configuration(tmp_path: Path, keys: Keys) -> None:
 
 def test_crat_and_cproxy_tacs_start_their_services(keys: Keys) -> None:
     addr, relay = loopback_address(), loopback_address()
-    crat = tac("crat.tac", "CRAT_OPTIONS", f"--listen {addr}:3011 --trust {keys.worker}")
+    crat = tac("crat.tac", "CRAT_OPTIONS", f"--listen {addr}:3011 --trust {keys.ca_pem}")
     cproxy = tac("cproxy.tac", "CPROXY_OPTIONS", f"--listen {relay}:3010 --announce "
-                 f"{loopback_address()}:3010")
+                 f"{loopback_address()}:3010 --trust {keys.ca_pem}")
     try:
         crat.wait_for(rf"crat listening on {re.escape(addr)}:3011, trusting testapp")
         cproxy.wait_for(rf"cproxy listening on {re.escape(relay)}:3010")

@@ -143,7 +143,7 @@ def test_crat_down_changes_nothing_for_jobs(bed: NetBed, keys: Keys, tmp_path: P
     client, host, logs = (bed.add_host(name, [lan]) for name in ("client", "w1", "logs"))
     alerts = f"{logs.addr()}:3011"
     worker_on(host, keys, "--alerts", alerts)
-    crat = start_crat(f"{logs.addr()}:3011", tmp_path / "a.jsonl", keys.worker, popen=logs.popen)
+    crat = start_crat(f"{logs.addr()}:3011", tmp_path / "a.jsonl", keys.ca_pem, popen=logs.popen)
 
     def timed_jobs() -> list[float]:
         times = []

@@ -16,6 +16,7 @@ from rexnet.net.datalink import DatagramLink
 from rexnet.net.heartbeat import Heartbeat
 from rexnet.protocol import wire
 from rexnet.security.credentials import CertInfo, load_credential
+from rexnet.security.tls import Revocations
 
 
 class Recorder:
@@ -132,6 +133,7 @@ class Owner:
     def __init__(self, clock: Clock) -> None:
         self.reactor = clock
         self.links: set[DatagramLink] = set()
+        self.revoked: Revocations | None = None
 
     def accepts(self, info: CertInfo) -> bool:
         return info.role == "worker"

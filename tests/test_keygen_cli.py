@@ -57,11 +57,13 @@ def test_keygen_writes_credentials(tmp_path: Path) -> None:
     assert proc.stderr == ""
     assert proc.stdout == (
         f"wrote {out}/myapp.ca (keep it with the administrator), {out}/myapp.worker "
-        f"(for workers), {out}/myapp.client (for clients)\n"
+        f"(for workers), {out}/myapp.client (for clients), {out}/myapp.ca.pem (the CA "
+        "certificate, for crat and cproxy)\n"
     )
-    assert sorted(p.name for p in out.iterdir()) == ["myapp.ca", "myapp.client", "myapp.issued",
-                                                      "myapp.worker"]
-    assert all(mode_of(p) == 0o600 for p in out.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == [
+        "myapp.ca", "myapp.ca.pem", "myapp.client", "myapp.issued", "myapp.worker"]
+    assert all(mode_of(p) == 0o600 for p in out.iterdir() if p.suffix != ".pem")
+    assert mode_of(out / "myapp.ca.pem") == 0o644  # the CA certificate alone: public
     assert load_ca(out / "myapp.ca").app == "myapp"
     assert load_credential(out / "myapp.worker", "worker").app == "myapp"
     assert load_credential(out / "myapp.client", "client").app == "myapp"
@@ -71,7 +73,7 @@ def test_keygen_defaults_to_the_current_directory(tmp_path: Path) -> None:
     proc = run("keygen", "myapp", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "myapp.ca", "myapp.client", "myapp.issued", "myapp.worker"
+        "myapp.ca", "myapp.ca.pem", "myapp.client", "myapp.issued", "myapp.worker"
     ]
 
 

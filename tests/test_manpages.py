@@ -107,7 +107,7 @@ def test_bash_completion_offers_commands_options_and_applications(tmp_path: Path
     assert complete(["rexnet", "e"]) == ["exec"]
     assert complete(["rexnet", "--config", "x", "st"]) == ["status"]
     assert complete(["rexnet", "exec", "--ti"]) == ["--timeout"]
-    assert complete(["rexnet", "keygen", "--issue", ""]) == ["client", "worker"]
+    assert complete(["rexnet", "keygen", "--issue", ""]) == ["client", "worker", "relay"]
     assert "--keep-order" in complete(["rexnet", "parallel", "--"])
     assert "--env" in complete(["cexec", "--"])
     (tmp_path / "rexnet.toml").write_text('[applications.ogg]\ncredential = "x"\n'

@@ -133,6 +133,31 @@ def test_a_missing_file_at_start_is_an_error(tmp_path: Path) -> None:
         RevokedFile(tmp_path / "nope")
 
 
+def test_a_default_list_missing_at_start_is_empty_and_read_when_it_appears(
+        tmp_path: Path) -> None:
+    path = tmp_path / "x.revoked"
+    clock = FakeClock()
+    listed = RevokedFile(path, clock, required=False)
+    assert listed.revoked().serials == frozenset()
+    clock.now += RECHECK
+    assert listed.revoked().serials == frozenset()  # still missing: no complaint, empty
+    path.write_text("0A\n")
+    clock.now += RECHECK
+    assert listed.revoked().serials == {10}
+
+
+def test_open_list_watches_the_default_path_and_requires_an_explicit_one(
+        tmp_path: Path) -> None:
+    from rexnet.security.credentials import CredentialError
+    from rexnet.security.revocation import open_list
+
+    watched = open_list(None, tmp_path / "app.worker", "app")
+    assert watched is not None and watched.path == tmp_path / "app.revoked"
+    assert watched.revoked().serials == frozenset()
+    with pytest.raises(CredentialError, match="cannot read"):
+        open_list(str(tmp_path / "given.revoked"), tmp_path / "app.worker", "app")
+
+
 # -- rexnet keygen --revoke -------------------------------------------------------------
 
 
@@ -237,6 +262,31 @@ def test_worker_refuses_a_client_revoked_while_it_runs(app: Path) -> None:
                         r"\(serial \w+\) is revoked")
         assert worker.output.count("started for alice") == 1
         assert run_exec(app / "revo.client", [addr]).stdout == b"ran\n"  # others still run
+    finally:
+        worker.stop()
+
+
+def test_worker_reads_a_default_list_that_appears_after_it_started(app: Path) -> None:
+    """Issue P10 item 5: no --revoked and no revo.revoked at start; the administrator
+    then revokes alice beside the worker's credential: the worker reads it."""
+    ca = app / "revo.ca"
+    assert rexnet("keygen", "--issue", "client", "--name", "alice", ca).returncode == 0
+    assert not (app / "revo.revoked").exists()
+    addr = f"{loopback_address()}:3010"
+    worker = start_worker(app / "revo.worker", ["echo", "ran"], addr, "w")
+    try:
+        worker.wait_for(r"revocation list \S*revo.revoked does not exist \(yet\): nothing "
+                        "revoked; watching it")
+        alice = app / "revo.alice.client"
+        assert run_exec(alice, [addr], "--no-agent").stdout == b"ran\n"
+        assert rexnet("keygen", "--revoke", "alice", ca).returncode == 0
+        time.sleep(RECHECK + 0.2)
+        done = run_exec(alice, [addr], "--timeout", "2", "--no-agent")
+        assert done.returncode == exitcodes.NO_WORKER, done.stderr
+        worker.wait_for(r"re-read: 1 revoked")
+        worker.wait_for(r"complaint: announcement refused: client certificate 'alice' "
+                        r"\(serial \w+\) is revoked")
+        assert run_exec(app / "revo.client", [addr], "--no-agent").stdout == b"ran\n"
     finally:
         worker.stop()
 

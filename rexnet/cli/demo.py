@@ -68,12 +68,12 @@ def main() -> int:
         targets = [f"{addr}:{port}" for addr in ADDRESSES]
         workers: list[subprocess.Popen[bytes]] = []
         try:
-            step(f"twistd crat --listen {crat_at} --trust demo.worker --jsonl alerts.jsonl")
+            step(f"twistd crat --listen {crat_at} --trust demo.ca.pem --jsonl alerts.jsonl")
             crat_log = work / "crat.log"
             with crat_log.open("wb") as out:
                 workers.append(subprocess.Popen(
                     [BIN / "twistd", "-n", "--pidfile=", "crat", "--listen", crat_at,
-                     "--trust", work / "demo.worker", "--jsonl", work / "alerts.jsonl"],
+                     "--trust", work / "demo.ca.pem", "--jsonl", work / "alerts.jsonl"],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
             wait_listening(crat_log, workers[-1])
             for name, addr, speed in (("alpha", ADDRESSES[0], "1"), ("beta", ADDRESSES[1], "1")):

@@ -16,13 +16,22 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
     if not 1 <= args.days <= MAX_DAYS:
         fail(f"--days must be between 1 and {MAX_DAYS}", exitcodes.USAGE)
-    if not args.issue and (args.name or args.out):
+    if not args.issue and (args.name or (args.out and not args.export_ca)):
         fail("--name and --out go with --issue", exitcodes.USAGE)
-    if args.revoke and args.issue:
-        fail("--revoke and --issue are separate commands", exitcodes.USAGE)
+    if sum(map(bool, (args.revoke, args.issue, args.export_ca))) > 1:
+        fail("--revoke, --issue and --export-ca are separate commands", exitcodes.USAGE)
     from rexnet.security import revocation
 
     try:
+        if args.export_ca:
+            ca = c.load_ca(Path(args.target))
+            out = Path(args.out) if args.out else Path(args.target).with_name(
+                f"{ca.app}{c.PEM_SUFFIX}")
+            from rexnet.security.trust import write_ca_pem
+
+            write_ca_pem(out, ca.cert, overwrite=True)
+            print(f"wrote {out} (the CA certificate alone, for crat --trust and cproxy --trust)")
+            return 0
         if args.revoke:
             ca = c.load_ca(Path(args.target))
             target, added = revocation.revoke(ca.path, ca.cert, args.revoke)
@@ -51,7 +60,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     except c.CredentialError as e:
         fail(str(e), exitcodes.CREDENTIAL)
     print(f"wrote {paths[0]} (keep it with the administrator), {paths[1]} (for workers), "
-          f"{paths[2]} (for clients)")
+          f"{paths[2]} (for clients), {paths[0]}.pem (the CA certificate, for crat and cproxy)")
     return 0
 
 
@@ -63,8 +72,11 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                     help="application name, or with --issue the CA file")
     kg.add_argument("--dir", "-d", metavar="DIR", help="where to write (default: . or, with "
                     "--issue, beside the CA file)")
-    kg.add_argument("--issue", choices=["client", "worker"],
-                    help="issue one more credential of this role from APP.ca")
+    kg.add_argument("--issue", choices=["client", "worker", "relay"],
+                    help="issue one more credential of this role from APP.ca (relay: for "
+                    "cproxy, which can sign relay trailers but never run a job)")
+    kg.add_argument("--export-ca", action="store_true", help="write APP.ca's certificate "
+                    "alone to APP.ca.pem (or --out), for crat --trust and cproxy --trust")
     kg.add_argument("--name", metavar="NAME", help="holder's name for --issue (a user or host)")
     kg.add_argument("--out", "-o", metavar="FILE", help="file for --issue "
                     "(default: APP.NAME.ROLE)")

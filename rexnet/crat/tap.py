@@ -12,12 +12,13 @@ from twisted.python import usage
 from rexnet.crat.core import Crat, CratError
 from rexnet.crat.service import CratService, bind_udp
 from rexnet.crat.sinks import open_jsonl
-from rexnet.crat.trust import read_ca_certificate
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import parse_target
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
+from rexnet.security.credentials import CredentialError
 from rexnet.security.revocation import RevocationError, RevokedFile
+from rexnet.security.trust import read_trust_file
 
 
 class Options(VersionOption):
@@ -26,10 +27,10 @@ class Options(VersionOption):
     longdesc = (
         "Receive the signed alerts of rexnet workers and clients (jobs started and "
         "finished, complaints) and log them, each marked verified or UNVERIFIED by the "
-        "application CAs given with --trust. FILE is a credential (APP.worker or "
-        "APP.client: only its CA certificate is used) or a PEM file holding the CA "
-        "certificate; APP.ca is refused, as the CA's private key must stay with its "
-        "administrator. With --revoked (an APP.revoked file of rexnet keygen --revoke; "
+        "application CAs given with --trust. FILE is APP.ca.pem, the CA certificate "
+        "alone (rexnet keygen writes it; rexnet keygen --export-ca APP.ca writes it again); "
+        "a file holding any private key (APP.ca, APP.worker, APP.client) is refused. "
+        "With --revoked (an APP.revoked file of rexnet keygen --revoke; "
         "repeatable, e.g. one per trusted CA; re-read when it changes), the alerts of a "
         "revoked certificate are recorded as UNVERIFIED, saying so. With --jsonl, every "
         "alert is also appended to FILE as one JSON object a line. Floods of garbage and "
@@ -53,8 +54,8 @@ class Options(VersionOption):
         self["revoked"] = []
 
     def opt_trust(self, path: str) -> None:
-        """Believe alerts signed by credentials of this application: FILE is APP.worker,
-        APP.client or the CA certificate (repeatable)."""
+        """Believe alerts signed by credentials of this application: FILE is its CA
+        certificate, APP.ca.pem (repeatable)."""
         self["trust"].append(path)
 
     def opt_revoked(self, path: str) -> None:
@@ -77,8 +78,8 @@ class Options(VersionOption):
         else:
             self["web_port"] = None
         if not self["trust"]:
-            raise usage.UsageError("give --trust at least once (APP.worker, APP.client or "
-                                   "a CA certificate): without it no alert can be verified")
+            raise usage.UsageError("give --trust at least once (APP.ca.pem, the "
+                                   "CA certificate): without it no alert can be verified")
 
 
 def fail(message: str, code: int) -> SystemExit:
@@ -93,8 +94,8 @@ def makeService(config: Options) -> IService:
     cas: list[x509.Certificate] = []
     try:
         for path in config["trust"]:
-            cas.append(read_ca_certificate(Path(path)))
-    except CratError as e:
+            cas.append(read_trust_file(Path(path)))
+    except (CratError, CredentialError) as e:
         raise fail(str(e), CREDENTIAL) from None
     revoked: list[RevokedFile] = []
     try:

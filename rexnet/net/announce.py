@@ -2,8 +2,9 @@
 
 A worker acts on an announcement only when it is well-formed, for its application,
 fresh (timestamp within FRESH_MS), signed by a client certificate issued by the
-application CA, not a replay (nonce cache), sent from an address the client signed,
-and the sender is within its rate limit.
+application CA, not a replay (nonce cache), sent from an address the client signed (or
+relayed with a trailer that may say where to connect: rexnet.net.trailers), and the
+sender is within its rate limit.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import ipaddress
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -21,7 +22,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.internet.protocol import DatagramProtocol
 
-from rexnet.protocol import wire
+from rexnet.net.certcheck import CertChecker, Rejected  # Rejected: also known by this module
+from rexnet.net.trailers import connect_back_allowed
+from rexnet.protocol import relaytrailer, wire
 from rexnet.security.credentials import CertInfo, Credential, check_validity, identity, issued_by
 from rexnet.security.tls import Revocations
 
@@ -32,10 +35,6 @@ CERT_CACHE = 1024
 RATE = 200.0  # datagrams per second per source address
 BURST = 400.0
 RATE_SOURCES = 4096
-
-
-class Rejected(Exception):
-    """A datagram that must be dropped and complained about; the message says why."""
 
 
 def now_ms() -> int:
@@ -141,12 +140,18 @@ class AnnounceChecker:
     """Checks datagrams for one application (sans-IO: time comes from NOW_MS)."""
 
     def __init__(self, credential: Credential, now: Callable[[], int] = now_ms,
-                 revoked: Revocations | None = None) -> None:
+                 revoked: Revocations | None = None, relays: Collection[str] = ()) -> None:
+        """RELAYS: addresses whose unsigned relay trailers are believed (see
+        rexnet.net.trailers); signed ones are checked against the CA and REVOKED."""
         self.credential = credential
         self.now = now
         self.revoked = revoked
+        self.relays = relays
         self.replays = ReplayCache()
         self._certs: OrderedDict[bytes, ClientCert] = OrderedDict()
+        self._relay_certs = CertChecker([credential.ca_cert], revoked)
+        # the signed trailer of the datagram decode() returned last (checked with it)
+        self._trailer: tuple[wire.Datagram, relaytrailer.SignedTrailer] | None = None
 
     def client_cert(self, der: bytes, role: str = "client") -> ClientCert:
         """The checked certificate of ROLE in DER (cached by digest)."""
@@ -195,9 +200,10 @@ class AnnounceChecker:
         if wire.peek_app_id(data) not in (None, self.credential.app_id):
             return None
         try:
-            dgram = wire.decode_datagram(data)
+            dgram, trailer = relaytrailer.decode_relayed(data)
         except wire.WireError as e:
             raise Rejected(f"malformed datagram: {e}") from None
+        self._trailer = (dgram, trailer) if trailer is not None else None
         return dgram
 
     def check_announce(self, dgram: wire.Datagram, source: str) -> tuple[wire.Announce, ClientCert]:
@@ -231,6 +237,8 @@ class AnnounceChecker:
             raise Rejected(f"bad signature on {what}")
         if source not in addrs and dgram.relay_port is None:
             raise Rejected(f"{what} sent from {source}, which the client did not sign")
+        trailer = self._trailer[1] if self._trailer and self._trailer[0] is dgram else None
+        connect_back_allowed(dgram, trailer, source, self._relay_certs, self.relays)
         if not self.replays.add(key, ts_ms + FRESH_MS, now):
             raise Rejected(f"replayed {what}")
         return client

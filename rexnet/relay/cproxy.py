@@ -1,33 +1,46 @@
 """cproxy: carries announcements from one network to another and splices connect-backs.
 
-A relay holds no credential and sees no job data: it re-emits each datagram unchanged
-but for a trailer naming its own port (outside the signed part, see wire.with_relay),
-and splices each TCP connection a worker makes to that port through to the client
-(or to the previous relay of a chain). TLS stays end to end between worker and client.
+A relay sees no job data: it re-emits each datagram unchanged but for a trailer naming
+its own address and port (outside the client's signature; signed by the relay's
+credential when it holds one, see rexnet.net.trailers), and splices each TCP connection a
+worker makes to that port through to the client (or to the previous relay of a chain).
+TLS stays end to end between worker and client.
+
+It carries only what it can check (rexnet.net.relaycheck): datagrams of the applications
+whose CA it trusts, signed by a valid, unrevoked credential of the right role, fresh; a
+job's port splices only to the address the client signed (or to the relay a verified
+trailer names). Junk never takes a table entry; each source has a quota of entries.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.protocols import portforward
 
 from rexnet.net.addresses import local_addresses
 from rexnet.net.alerts import CRAT_PORT
-from rexnet.net.announce import DatagramReceiver, RateLimiter
-from rexnet.protocol import wire
+from rexnet.net.announce import DatagramReceiver, RateLimiter, source_address
+from rexnet.net.certcheck import CertChecker, Rejected
+from rexnet.net.relaycheck import GLOBAL_BURST, GLOBAL_RATE, Complaints, RelayVerifier
+from rexnet.net.trailers import connect_back_allowed, relayed
+from rexnet.protocol import relaytrailer, wire
+from rexnet.security.credentials import Credential
 
 JOB_IDLE = 60.0  # seconds a job's relay port stays open after its last announcement
 TAKEN_LINGER = 5.0  # ... and after its TAKEN
 QUERY_IDLE = 10.0
-MAX_ENTRIES = 1024
+MAX_ENTRIES = 1024  # jobs (TCP ports) and, apart, status queries (UDP ports)
+MAX_PER_SOURCE = 64  # entries one source address may hold in each table
+MAX_SPLICES_PER_JOB = 16  # connections through one job's port at once
+MAX_SPLICES = 2048  # ... and through all of them (4 descriptors each: see cproxy.service)
 SEEN = 10_000
 
 log = Logger()
@@ -39,8 +52,11 @@ class Entry:
 
     upstream: tuple[str, int]
     port: IListeningPort
+    source: str  # who asked for it (its quota)
+    signer: bytes  # the DER certificate of the client that signed the announcement
     expiry: IDelayedCall | None = None
     taken: bool = False
+    splices: int = 0
 
     @property
     def number(self) -> int:
@@ -48,8 +64,49 @@ class Entry:
         return int(self.port.getHost().port)  # type: ignore[attr-defined]
 
 
-class QuietProxyFactory(portforward.ProxyFactory):
+class Splice(portforward.ProxyServer):
+    """One worker's connection through a job's port, counted while it lasts."""
+
+    relay: Relay
+    entry: Entry
+
+    def connectionMade(self) -> None:
+        self.relay.counters.spliced += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.relay.splices -= 1
+        self.entry.splices -= 1
+        super().connectionLost(reason)
+
+
+class JobPortFactory(portforward.ProxyFactory):
+    """A job's port: splices to the upstream, at most MAX_SPLICES_PER_JOB at once (and
+    MAX_SPLICES through all ports)."""
+
     noisy = False
+    protocol = Splice
+
+    def __init__(self, relay: Relay, job_id: bytes, upstream: tuple[str, int]) -> None:
+        super().__init__(*upstream)
+        self.relay = relay
+        self.job_id = job_id
+
+    def buildProtocol(self, addr: IAddress | None) -> Splice | None:
+        relay = self.relay
+        entry = relay.jobs.get(self.job_id)
+        if entry is None or entry.splices >= MAX_SPLICES_PER_JOB or \
+                relay.splices >= MAX_SPLICES:
+            relay.counters.refused_splices += 1
+            relay.complain(str(getattr(addr, "host", "?")),
+                           "connection to a job port refused: too many at once")
+            return None
+        splice = Splice()
+        splice.factory = self
+        splice.relay, splice.entry = relay, entry
+        entry.splices += 1
+        relay.splices += 1
+        return splice
 
 
 @dataclass
@@ -58,87 +115,154 @@ class RelayCounters:
         "announce": 0, "taken": 0, "status": 0, "status-reply": 0, "alert": 0})
     dropped: int = 0
     spliced: int = 0
+    refused_splices: int = 0
 
 
 class Relay:
     """The relay's logic: which datagram goes where, and the ports it opens for them."""
 
-    def __init__(self, reactor: Any, downstream: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, reactor: Any, downstream: Sequence[tuple[str, int]],
+                 certs: CertChecker, credential: Credential | None = None,
+                 bind: str = "") -> None:
+        """CERTS: the trusted CAs and revocations; CREDENTIAL: a relay credential, to sign
+        the trailers of its application's datagrams; BIND: where job ports listen."""
         self.reactor = reactor
         self.downstream = list(downstream)
         self.crat_downstream = sorted({(host, CRAT_PORT) for host, _ in downstream})
+        self.certs = certs
+        self.verifier = RelayVerifier(certs)
+        self.credential = credential
+        self.bind = bind
         self.limiter = RateLimiter()
+        self.all_sources = RateLimiter(GLOBAL_RATE, GLOBAL_BURST, 1)
+        self.complain = Complaints(reactor.seconds, "cproxy")
         self.jobs: OrderedDict[bytes, Entry] = OrderedDict()
         self.queries: OrderedDict[bytes, Entry] = OrderedDict()
+        self.quota: dict[str, Counter[str]] = {"jobs": Counter(), "queries": Counter()}
         self.seen: OrderedDict[bytes, None] = OrderedDict()
         self.counters = RelayCounters()
         self.own_addresses: set[str] = set()
+        self.splices = 0
+        self._sources: dict[tuple[str, int], str] = {}
         self.send: Any = None  # set by the service: send(data, target)
         self.registered: Any = None  # workers registered from behind NAT, if enabled
 
     def datagram(self, data: bytes, host: str, port: int) -> None:
-        if host in self.own_addresses or not self.limiter.allow(host, self.reactor.seconds()):
+        now = self.reactor.seconds()
+        if host in self.own_addresses or not self.limiter.allow(host, now) or \
+                not self.all_sources.allow("", now):
             self.counters.dropped += 1
+            return
+        if not self.certs.trusts(wire.peek_app_id(data)):
+            self.counters.dropped += 1  # not ours to carry: no complaint
             return
         try:
-            dgram = wire.decode_datagram(data)
-        except wire.WireError:
+            dgram, trailer = relaytrailer.decode_relayed(data)
+            if dgram.signature in self.seen:
+                return  # our own re-emission, or a loop through other relays
+            self.verifier.check(dgram)
+            self._carry(dgram, trailer, host, dgram.cert_der)
+        except (Rejected, wire.WireError) as e:
             self.counters.dropped += 1
-            return
-        signature = dgram.signature
-        if signature in self.seen:
-            return  # our own re-emission, or a loop through other relays
-        self.seen[signature] = None
+            self.complain(host, str(e))
+
+    def _carry(self, dgram: wire.Datagram, trailer: relaytrailer.SignedTrailer | None,
+               host: str, signer: bytes) -> None:
+        self.seen[dgram.signature] = None
         if len(self.seen) > SEEN:
             self.seen.popitem(last=False)
         message = dgram.message
-        upstream_port = dgram.relay_port
         if isinstance(message, wire.Announce):
-            entry = self._job(message.job_id, (host, upstream_port or message.port))
+            upstream = self._upstream(dgram, trailer, host, message.addrs, message.port)
+            entry = self._job(message.job_id, upstream, host, signer)
             if entry is not None:
-                self._emit(wire.with_relay(dgram, entry.number), "announce")
+                self._emit(dgram, entry.number, "announce")
         elif isinstance(message, wire.Taken):
             job = self.jobs.get(message.job_id)
-            if job is not None:
-                job.taken = True
-                self._expire_in(job, self.jobs, message.job_id, TAKEN_LINGER)
-            self._emit(data, "taken")
+            if job is None:
+                return  # not a job we carried: nobody beyond us waits for it
+            if job.signer != signer:
+                raise Rejected("TAKEN signed by another client than the announcement")
+            job.taken = True
+            self._expire_in(job, self.jobs, message.job_id, TAKEN_LINGER)
+            self._emit_raw(dgram.signed_part + dgram.signature, "taken")
         elif isinstance(message, wire.StatusQuery):
-            entry = self._query(message.nonce, (host, upstream_port or message.port))
+            upstream = self._upstream(dgram, trailer, host, message.addrs, message.port)
+            entry = self._query(message.nonce, upstream, host, signer)
             if entry is not None:
-                self._emit(wire.with_relay(dgram, entry.number), "status")
+                self._emit(dgram, entry.number, "status")
         elif isinstance(message, wire.Alert):
             self.counters.relayed["alert"] += 1
             for target in self.crat_downstream:
-                self.send(data, target)
+                self.send(dgram.signed_part + dgram.signature, target)
 
-    def _emit(self, data: bytes, what: str) -> None:
+    def _upstream(self, dgram: wire.Datagram, trailer: relaytrailer.SignedTrailer | None,
+                  host: str, addrs: tuple[str, ...], port: int) -> tuple[str, int]:
+        """Where a job's port splices to: the client at an address it signed, or the relay
+        (before us in a chain) that a verified trailer names."""
+        connect_back_allowed(dgram, trailer, host, self.certs)
+        if trailer is not None:
+            return trailer.addr, trailer.port
+        if dgram.relay_port == 0 and addrs:  # through a tunnel: the client's own address
+            return addrs[0], port
+        if host not in addrs:
+            raise Rejected(f"sent from {host}, which the client did not sign")
+        return host, port
+
+    def source_for(self, target: tuple[str, int]) -> str:
+        """The address of ours datagrams to TARGET leave from (what we sign)."""
+        if target not in self._sources:
+            self._sources[target] = source_address(target) or self.bind or "0.0.0.0"
+        return self._sources[target]
+
+    def _emit(self, dgram: wire.Datagram, port: int, what: str) -> None:
+        credential = self.credential
+        if credential is not None and dgram.app_id != credential.app_id:
+            credential = None  # another application's: an unsigned trailer
+        self.counters.relayed[what] += 1
+        for target in self.downstream:
+            self.send(relayed(dgram, port, self.source_for(target), credential), target)
+        if self.registered is not None:
+            self.registered.send_each(
+                lambda local: relayed(dgram, port, local, credential))
+
+    def _emit_raw(self, data: bytes, what: str) -> None:
         self.counters.relayed[what] += 1
         for target in self.downstream:
             self.send(data, target)
         if self.registered is not None:
             self.registered.send(data)
 
+    def _admit(self, table: str, entries: OrderedDict[bytes, Entry], source: str) -> bool:
+        """Whether SOURCE may open one more entry in TABLE (complaint if not)."""
+        if len(entries) >= MAX_ENTRIES:
+            why = f"the {table} table is full ({MAX_ENTRIES})"
+        elif self.quota[table][source] >= MAX_PER_SOURCE:
+            why = f"{source} already holds {MAX_PER_SOURCE} {table}"
+        else:
+            return True
+        self.counters.dropped += 1
+        self.complain(source, f"not relayed: {why}")
+        return False
+
+    def _added(self, table: str, entry: Entry) -> None:
+        self.quota[table][entry.source] += 1
+
     # -- per-job TCP ports ------------------------------------------------------------
 
-    def _job(self, job_id: bytes, upstream: tuple[str, int]) -> Entry | None:
+    def _job(self, job_id: bytes, upstream: tuple[str, int], source: str, signer: bytes
+             ) -> Entry | None:
         entry = self.jobs.get(job_id)
+        if entry is not None and entry.signer != signer:
+            raise Rejected("announcement of a job relayed for another client")
         if entry is None:
-            if len(self.jobs) >= MAX_ENTRIES:
-                self.counters.dropped += 1
+            if not self._admit("jobs", self.jobs, source):
                 return None
-            factory = QuietProxyFactory(*upstream)
-            relay = self
-
-            class Counted(portforward.ProxyServer):
-                def connectionMade(self) -> None:
-                    relay.counters.spliced += 1
-                    super().connectionMade()
-
-            factory.protocol = Counted
-            port = self.reactor.listenTCP(0, factory)  # reached from the other network
-            entry = Entry(upstream, port)
+            factory = JobPortFactory(self, job_id, upstream)
+            port = self.reactor.listenTCP(0, factory, interface=self.bind)
+            entry = Entry(upstream, port, source, signer)
             self.jobs[job_id] = entry
+            self._added("jobs", entry)
             log.info("relaying job {job} from {up[0]}:{up[1]} on port {port}",
                      job=job_id.hex()[:12], up=upstream, port=entry.number)
         if not entry.taken:
@@ -147,27 +271,33 @@ class Relay:
 
     # -- per-query UDP ports ------------------------------------------------------------
 
-    def _query(self, nonce: bytes, upstream: tuple[str, int]) -> Entry | None:
+    def _query(self, nonce: bytes, upstream: tuple[str, int], source: str, signer: bytes
+               ) -> Entry | None:
         entry = self.queries.get(nonce)
+        if entry is not None and entry.signer != signer:
+            raise Rejected("status query relayed for another client")
         if entry is None:
-            if len(self.queries) >= MAX_ENTRIES:
-                self.counters.dropped += 1
+            if not self._admit("queries", self.queries, source):
                 return None
 
             def reply(data: bytes, host: str, port: int) -> None:
                 try:
                     dgram = wire.decode_datagram(data)
-                except wire.WireError:
+                    if not isinstance(dgram.message, wire.StatusReply) or \
+                            dgram.message.nonce != nonce:
+                        raise Rejected("not an answer to the status query relayed here")
+                    self.verifier.check(dgram)
+                except (Rejected, wire.WireError) as e:
                     self.counters.dropped += 1
+                    self.complain(host, str(e))
                     return
-                if isinstance(dgram.message, wire.StatusReply) and \
-                        dgram.message.nonce == nonce:
-                    self.counters.relayed["status-reply"] += 1
-                    self.send(data, upstream)
+                self.counters.relayed["status-reply"] += 1
+                self.send(data, upstream)
 
-            port = self.reactor.listenUDP(0, DatagramReceiver(reply))
-            entry = Entry(upstream, port)
+            port = self.reactor.listenUDP(0, DatagramReceiver(reply), interface=self.bind)
+            entry = Entry(upstream, port, source, signer)
             self.queries[nonce] = entry
+            self._added("queries", entry)
         self._expire_in(entry, self.queries, nonce, QUERY_IDLE)
         return entry
 
@@ -180,6 +310,10 @@ class Relay:
     def _expire(self, table: OrderedDict[bytes, Entry], key: bytes) -> None:
         entry = table.pop(key, None)
         if entry is not None:
+            quota = self.quota["jobs" if table is self.jobs else "queries"]
+            quota[entry.source] -= 1
+            if quota[entry.source] <= 0:
+                del quota[entry.source]
             entry.port.stopListening()  # spliced connections live on until they end
 
     def stop(self) -> defer.Deferred[Any]:

@@ -15,6 +15,7 @@ from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL
 from rexnet.relay.tunnel import Tunnel, TunnelGroups, link_factory
 from rexnet.security.credentials import Credential, CredentialError, load_credential
+from rexnet.security.revocation import open_list
 from rexnet.security.tls import listening_options
 
 
@@ -31,8 +32,11 @@ class Options(VersionOption):
     )
     optParameters = [
         ["listen", "l", None, "Accept tunnel links on TCP HOST:PORT."],
-        ["credential", "c", None, "A credential of the application (APP.worker or "
-         "APP.client); peers must hold one of the same application."],
+        ["credential", "c", None, "A credential of the application (a relay credential: "
+         "rexnet keygen --issue relay; or APP.worker, APP.client); peers must hold one of "
+         "the same application."],
+        ["revoked", None, None, "Refuse links and datagrams of credentials listed in FILE "
+         "(re-read when it changes; default: APP.revoked beside the credential)."],
     ]
 
     def __init__(self) -> None:
@@ -69,7 +73,7 @@ class Options(VersionOption):
 
 
 def _credential(path: str) -> Credential:
-    for role in ("worker", "client"):
+    for role in ("relay", "worker", "client"):
         try:
             return load_credential(Path(path), role)  # type: ignore[arg-type]
         except CredentialError as e:
@@ -84,7 +88,12 @@ def makeService(config: Options) -> IService:
     from twisted.internet import reactor
 
     credential = _credential(config["credential"])
-    tunnel = Tunnel(reactor, credential, config["group"])
+    try:
+        revoked = open_list(config["revoked"], credential.path, credential.app)
+    except CredentialError as e:
+        print(f"rexnet-tunnel: {e}", file=sys.stderr)
+        raise SystemExit(CREDENTIAL) from None
+    tunnel = Tunnel(reactor, credential, config["group"], revoked)
     options = listening_options(credential)
     top = MultiService()
     TunnelGroups(tunnel).setServiceParent(top)

@@ -1,8 +1,11 @@
 """Application credentials: making them, loading them safely, and TLS options from them.
 
-An application has a CA (``APP.ca``: the CA's private key and certificate) that issues
-credentials of two roles, ``worker`` and ``client``.  A credential file holds the
-holder's private key, its certificate and the CA certificate, PEM encoded, mode 0600.
+An application has a CA (``APP.ca``: the CA's private key and certificate; its
+certificate alone is also in ``APP.ca.pem``, for crat and cproxy) that issues credentials
+of two roles, ``worker`` and ``client``, and on demand of a third, ``relay`` (a cproxy:
+it may sign relay trailers and accept worker registrations, never run or take a job).
+A credential file holds the holder's private key, its certificate and the CA
+certificate, PEM encoded, mode 0600.
 
 A certificate names its role and application in two places: the subject
 (``O=APP, OU=ROLE, CN=NAME``) and a DNS subject-alternative name
@@ -30,9 +33,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-Role = Literal["worker", "client"]
-ROLES: tuple[Role, ...] = ("worker", "client")
+Role = Literal["worker", "client", "relay"]
+ROLES: tuple[Role, ...] = ("worker", "client")  # what rexnet keygen APP makes
+ISSUABLE: tuple[Role, ...] = ("worker", "client", "relay")
 CA_SUFFIX = ".ca"
+PEM_SUFFIX = ".ca.pem"  # the CA certificate alone (public)
 DEFAULT_DAYS = 3650
 MAX_CREDENTIAL_BYTES = 64 * 1024
 
@@ -167,8 +172,8 @@ def issue(
     now: datetime.datetime | None = None,
 ) -> tuple[Ed25519PrivateKey, x509.Certificate]:
     """A new credential of ROLE for HOLDER, signed by the application CA."""
-    if role not in ROLES:
-        raise CredentialError(f"bad role {role!r}: use worker or client")
+    if role not in ISSUABLE:
+        raise CredentialError(f"bad role {role!r}: use worker, client or relay")
     check_holder_name(holder)
     app = CertInfo.of(ca_cert).app
     key = Ed25519PrivateKey.generate()
@@ -234,6 +239,20 @@ def write_private(path: Path, data: bytes, overwrite: bool = False) -> None:
         f.write(data)
 
 
+def write_public(path: Path, data: bytes, overwrite: bool = False) -> None:
+    """Write public DATA (a certificate) to PATH with mode 0644."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise CredentialError(f"{path} already exists; remove it first") from None
+    except OSError as e:
+        raise CredentialError(f"cannot write {path}: {e.strerror}") from None
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o644)
+        f.write(data)
+
+
 def ca_file_bytes(key: Ed25519PrivateKey, cert: x509.Certificate) -> bytes:
     return _pem_key(key) + _pem_cert(cert)
 
@@ -245,18 +264,21 @@ def credential_file_bytes(
 
 
 def keygen(app: str, directory: Path, days: int = DEFAULT_DAYS) -> list[Path]:
-    """Make APP.ca, APP.worker and APP.client in DIRECTORY; return their paths."""
+    """Make APP.ca, APP.worker and APP.client in DIRECTORY (and the public APP.ca.pem);
+    return the paths of the first three."""
     check_app_name(app)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CredentialError(f"cannot create directory {directory}: {e.strerror}") from None
     paths = [directory / f"{app}{suffix}" for suffix in (CA_SUFFIX, ".worker", ".client")]
-    for path in paths:
+    pem = directory / f"{app}{PEM_SUFFIX}"
+    for path in [*paths, pem]:
         if path.exists():
             raise CredentialError(f"{path} already exists; remove it first or use another --dir")
     ca_key, ca_cert = make_ca(app, days)
     write_private(paths[0], ca_file_bytes(ca_key, ca_cert))
+    write_public(pem, _pem_cert(ca_cert))
     for path, role in zip(paths[1:], ROLES, strict=True):
         key, cert = issue(ca_key, ca_cert, role, role, days)
         write_private(path, credential_file_bytes(key, cert, ca_cert))
@@ -378,7 +400,8 @@ class Credential:
         return self.cert.public_bytes(serialization.Encoding.DER)
 
     def peer_identity(self) -> str:
-        """The DNS-ID the other side of a job must present."""
+        """The DNS-ID the other side of a job (or, for a relay, of a registration) must
+        present."""
         return identity("client" if self.role == "worker" else "worker", self.app)
 
 

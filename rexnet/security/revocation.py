@@ -21,7 +21,9 @@ Workers (``--revoked FILE``) and clients (``rexnet exec --revoked FILE``) read t
 at start and again whenever it changes (size, mtime or inode), checked at most every
 RECHECK seconds: a peer whose certificate is listed is refused in TLS and its signed
 datagrams are dropped with a complaint.  If the file later disappears or becomes
-unreadable, the last list read stays in force and the problem is logged.
+unreadable, the last list read stays in force and the problem is logged.  Without
+``--revoked``, ``APP.revoked`` beside the credential is watched the same way, whether or
+not it exists yet (missing means nothing is revoked); the list in force is logged at start.
 """
 
 from __future__ import annotations
@@ -105,11 +107,21 @@ def read(path: Path) -> Revoked:
 class RevokedFile:
     """An APP.revoked file, re-read when it changes (checked at most every RECHECK s)."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic,
+                 required: bool = True) -> None:
+        """REQUIRED: the file must be readable now (RevocationError if not); otherwise a
+        missing file is an empty list, read when it appears."""
         self.path = path
         self.clock = clock
         self._stamp = self._stat()
-        self.current = read(path)  # raises RevocationError at start: fail loudly
+        if self._stamp is None and not required:
+            self.current = Revoked()
+            log.info("revocation list {path} does not exist (yet): nothing revoked; "
+                     "watching it", path=str(path))
+        else:
+            self.current = read(path)  # raises RevocationError at start: fail loudly
+            log.info("revocation list {path} in force: {n} revoked", path=str(path),
+                     n=len(self.current.serials))
         self._checked = clock()
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -158,15 +170,28 @@ def default_file(keyfile: Path, app: str) -> Path | None:
 
 
 def open_list(option: str | None, keyfile: Path, app: str) -> RevokedFile | None:
-    """The revocation list a worker or client uses: --revoked FILE, else APP.revoked beside
-    its credential if it exists, else none.  CredentialError if it cannot be read."""
-    path = Path(option) if option else default_file(keyfile, app)
-    if path is None:
-        return None
+    """The revocation list a worker or client uses: --revoked FILE (which must exist), else
+    APP.revoked beside its credential, watched even while it does not exist (missing means
+    nothing revoked).  CredentialError if a file that exists cannot be read."""
+    path = Path(option) if option else beside(keyfile, app)
     try:
-        return RevokedFile(path)
+        return RevokedFile(path, required=bool(option))
     except RevocationError as e:
         raise CredentialError(f"revocation list: {e}") from None
+
+
+class AnyList:
+    """Several revocation lists in force together (a relay trusting several CAs)."""
+
+    def __init__(self, lists: Iterable[RevokedFile]) -> None:
+        self.lists = list(lists)
+
+    def reason(self, cert: x509.Certificate) -> str | None:
+        for listed in self.lists:
+            reason = listed.reason(cert)
+            if reason:
+                return reason
+        return None
 
 
 # -- the administrator's side: the ledger and revoking -------------------------------

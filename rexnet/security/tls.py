@@ -17,7 +17,7 @@ from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from rexnet.security.credentials import Credential, check_validity, issued_by
+from rexnet.security.credentials import Credential, check_validity, identity, issued_by
 
 
 def _private_certificate(cred: Credential) -> ssl.PrivateCertificate:
@@ -82,10 +82,12 @@ def listening_options(cred: Credential) -> ssl.CertificateOptions:
     return options
 
 
-def connecting_options(cred: Credential) -> IOpenSSLClientConnectionCreator:
-    """For the side that connects (the worker): check the peer's role, present ours."""
+def connecting_options(cred: Credential, peer_role: str | None = None
+                       ) -> IOpenSSLClientConnectionCreator:
+    """For the side that connects (the worker): check the peer's role (PEER_ROLE, by
+    default the other side of a job), present ours."""
     return ssl.optionsForClientTLS(
-        cred.peer_identity(),
+        identity(peer_role, cred.app) if peer_role else cred.peer_identity(),
         trustRoot=_trust_root(cred),
         clientCertificate=_private_certificate(cred),
         extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},

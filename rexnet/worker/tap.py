@@ -19,13 +19,12 @@ from twisted.python import usage
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import DEFAULT_PORT, parse_target
 from rexnet.net.datalink import DatagramLink
-from rexnet.net.registration import WorkerRegistration
+from rexnet.net.registration import WorkerRegistration, registration_options
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
 from rexnet.protocol.remotecall import RUNNER
 from rexnet.security.credentials import CredentialError, load_credential
 from rexnet.security.revocation import open_list
-from rexnet.security.tls import connecting_options
 from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.job import Limits
 from rexnet.worker.load import cpu_count
@@ -331,10 +330,10 @@ def worker_for(config: Options, top: MultiService, reactor: Any,
     )
     worker = Worker(settings, reactor, socket=announce, metrics=metrics)
     if config["register"]:
-        registration = WorkerRegistration(reactor, credential, worker.datagram)
+        registration = WorkerRegistration(reactor, credential, worker.datagram, revoked)
         factory = DatagramLink.factory_for(registration)
         for host, port in config["register"]:
-            endpoint = wrapClientTLS(connecting_options(credential),
+            endpoint = wrapClientTLS(registration_options(credential),
                                      TCP4ClientEndpoint(reactor, host, port, timeout=5))
             ClientService(endpoint, factory, retryPolicy=backoffPolicy(
                 0.5, 5.0, 2.0, jitter=lambda: 0.0)).setServiceParent(top)
