@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rexnet.net.tuning import tune_connection
 from rexnet.protocol import wire
 from rexnet.security.credentials import CertInfo
 
@@ -46,6 +47,9 @@ class DatagramLink(Protocol):
         self.peer = "?"
         self._beat: LoopingCall | None = None
         self._heard = 0.0
+
+    def connectionMade(self) -> None:
+        tune_connection(self.transport)
 
     def handshakeCompleted(self) -> None:
         transport: Any = self.transport

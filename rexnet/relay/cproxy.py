@@ -22,6 +22,7 @@ from twisted.protocols import portforward
 from rexnet.net.addresses import local_addresses
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import DatagramReceiver, RateLimiter
+from rexnet.net.tuning import tune_connection
 from rexnet.protocol import wire
 
 JOB_IDLE = 60.0  # seconds a job's relay port stays open after its last announcement
@@ -50,6 +51,19 @@ class Entry:
 
 class QuietProxyFactory(portforward.ProxyFactory):
     noisy = False
+
+
+class TunedProxyClient(portforward.ProxyClient):
+    """The splice's leg towards the client (or the previous relay)."""
+
+    def connectionMade(self) -> None:
+        tune_connection(self.transport)
+        super().connectionMade()
+
+
+class TunedProxyClientFactory(portforward.ProxyClientFactory):
+    noisy = False
+    protocol = TunedProxyClient
 
 
 @dataclass
@@ -131,8 +145,11 @@ class Relay:
             relay = self
 
             class Counted(portforward.ProxyServer):
+                clientProtocolFactory = TunedProxyClientFactory
+
                 def connectionMade(self) -> None:
                     relay.counters.spliced += 1
+                    tune_connection(self.transport)
                     super().connectionMade()
 
             factory.protocol = Counted

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexnet.net.channel import Channel, InStream, OutStream
-from rexnet.net.pipes import PipeReader
+from rexnet.net.pipes import PipeReader, PipeWriter
 from rexnet.protocol import wire
 from rexnet.worker.load import group_rss
 
@@ -54,6 +54,7 @@ class SessionProcess(process.Process):
     """
 
     processReaderFactory = PipeReader
+    processWriterFactory = PipeWriter
 
     def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: Any,
                                args: Any, environment: Any, kwargs: Any) -> bool:
