@@ -1,11 +1,12 @@
 """Silences on the link during a transfer, from tcpdump's timestamps (issue P11, item 1).
 
 `LinkGaps` runs tcpdump (headers only) in a namespace of the bench while a transfer runs;
-`Gaps.of(pcap)` reads the capture's timestamps and reports, over the transfer (the first to
-the last packet carrying more than 1,000 bytes), the largest time without any packet in
-either direction, how many silences exceeded 20 ms and what share of the transfer's time
-the link spent in silences over 1 ms. A stalled TCP connection (nothing in flight, data
-held by Nagle or waiting for a delayed ACK) shows as exactly such silences.
+`Gaps.of(pcap)` reads the capture's timestamps and reports, over the transfer (from the
+first 1% of the bytes on the wire to the last 1%: no handshake, no job start or end), the
+largest time without any packet in either direction, how many silences exceeded 20 ms
+and what share of the transfer's time the link spent in silences over 1 ms. A stalled TCP
+connection (nothing in flight, data held by Nagle or waiting for a delayed ACK) shows as
+exactly such silences.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BIG = 1000  # bytes: a packet that carries data, not just an ACK
+EDGE = 0.01  # share of the bytes on the wire left out at each end of the capture
 STALL = 0.020  # seconds: the goal is no silence longer than this
 SILENT = 0.001  # seconds: silences longer than this count towards the silent share
 
@@ -36,12 +37,23 @@ class Gaps:
     @staticmethod
     def of(pcap: Path) -> Gaps:
         packets = sorted(read_pcap(pcap))
-        stamps = [t for t, size in packets if size > BIG]
-        if len(stamps) < 2:
-            return Gaps(len(stamps), 0.0, 0.0, 0, 0.0)
-        # every packet inside the transfer counts as a sound on the link, ACKs too
-        first, last = stamps[0], stamps[-1]
+        total = sum(size for _, size in packets)
+        if len(packets) < 2 or not total:
+            return Gaps(len(packets), 0.0, 0.0, 0, 0.0)
+        # the transfer: from the packet that brings the bytes seen to EDGE of the total
+        # to the one that brings them to 1 - EDGE (leaves out the handshake, the job's
+        # start and end); every packet inside counts as a sound on the link, ACKs too
+        first = last = packets[0][0]
+        seen = 0
+        for stamp, size in packets:
+            seen += size
+            if seen <= total * EDGE:
+                first = stamp
+            if seen <= total * (1 - EDGE):
+                last = stamp
         inside = [t for t, _ in packets if first <= t <= last]
+        if len(inside) < 2:
+            return Gaps(len(inside), 0.0, 0.0, 0, 0.0)
         gaps = [b - a for a, b in itertools.pairwise(inside)]
         span = last - first
         return Gaps(len(inside), span, max(gaps), sum(1 for g in gaps if g > STALL),
