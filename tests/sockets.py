@@ -64,3 +64,30 @@ def owner_of(address: tuple[str, int]) -> tuple[int, int]:
                 and conn.pid is not None:
             return conn.pid, conn.fd
     raise LookupError(f"no process has an established socket at {address}")
+
+
+def connected_tcp(pid: int) -> dict[int, tuple[Any, Any, bool]]:
+    """fd -> (local address, peer address, TCP_NODELAY) of every connected TCP socket of
+    process PID, in whatever network namespace it runs."""
+    found: dict[int, tuple[Any, Any, bool]] = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                continue
+            with borrowed(pid, int(name)) as mine:
+                sock = socket.socket(fileno=os.dup(mine))
+                try:
+                    if sock.family not in (socket.AF_INET, socket.AF_INET6) or \
+                            sock.type != socket.SOCK_STREAM:
+                        continue
+                    try:
+                        peer = sock.getpeername()
+                    except OSError:
+                        continue  # a listening socket
+                    found[int(name)] = (sock.getsockname(), peer, bool(
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+                finally:
+                    sock.close()
+        except FileNotFoundError:
+            continue  # closed meanwhile
+    return found

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster import Proc, exec_argv, loopback_address, start_worker
+from cluster import REXNET, TWISTD, Proc, exec_argv, loopback_address, start_worker
 from conftest import Keys
-from sockets import established, nodelay, owner_of, pipe_size
+from netbed import NetBed
+from sockets import connected_tcp, established, nodelay, owner_of, pipe_size
 from twisted.internet.testing import StringTransport
 
 from rexnet.net import tuning
@@ -111,3 +112,38 @@ def test_a_running_jobs_channel_and_pipes_are_tuned(
         err = client.stderr.read().decode() if client.stderr else ""
     assert status == 0, err
     assert rest == b""
+
+
+def test_cproxy_splices_and_registration_links_are_tuned(
+        bed: NetBed, keys: Keys, tmp_path: Path) -> None:
+    """Both legs of the cproxy's splice of a running job, and the registration link at both
+    ends (the tunnel's links are the same DatagramLink), have TCP_NODELAY set."""
+    a, b = bed.add_subnet("a"), bed.add_subnet("b")
+    client, proxy, far = (bed.add_host("client", [a]), bed.add_host("proxy", [a, b]),
+                          bed.add_host("far", [b]))
+    subprocess.run([REXNET, "keygen", "--issue", "client", "--name", "cproxy", "--dir",
+                    str(tmp_path), str(keys.ca)], check=True, capture_output=True)
+    relay = Proc([TWISTD, "-n", "--pidfile=", "cproxy", "--listen", "0.0.0.0:3010",
+                  "--register", "0.0.0.0:5010", "--credential",
+                  str(tmp_path / f"{keys.app}.cproxy.client")], popen=proxy.popen)
+    relay.wait_for("cproxy listening on")
+    worker = start_worker(keys.worker, ["cat"], "0.0.0.0:3010", "far",
+                          "--register", f"{proxy.addr(b)}:5010", popen=far.popen)
+    worker.wait_for("link up with", timeout=20)
+    job = client.popen(exec_argv(keys.client, [f"{a.broadcast}:3010"]),
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert job.stdin is not None and job.stdout is not None
+    job.stdin.write(b"through the splice\n")
+    job.stdin.flush()
+    assert job.stdout.readline() == b"through the splice\n"
+
+    # the worker: its registration link and the job's channel (through the relay)
+    at_worker = connected_tcp(worker.pid)
+    assert {peer[1] for _, peer, _ in at_worker.values()} >= {5010}, at_worker
+    assert len(at_worker) == 2 and all(on for _, _, on in at_worker.values()), at_worker
+    # the cproxy: the registration link, and the two legs of the job's splice
+    at_relay = connected_tcp(relay.pid)
+    assert len(at_relay) == 3 and all(on for _, _, on in at_relay.values()), at_relay
+    job.stdin.close()
+    assert job.stdout.read() == b""
+    assert job.wait(30) == 0, job.stderr.read() if job.stderr else ""
