@@ -17,7 +17,11 @@ from cluster import REXNET, TWISTD, Proc, exec_argv, loopback_address, start_wor
 from conftest import Keys
 from netbed import NetBed
 from sockets import connected_tcp, established, nodelay, owner_of, pipe_size
-from twisted.internet.testing import StringTransport
+from twisted.internet import tcp
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from rexnet.net import tuning
 
@@ -44,6 +48,20 @@ def test_widen_pipe_grows_a_pipe_and_leaves_other_descriptors_alone(tmp_path: Pa
 
 def test_tune_connection_ignores_transports_without_a_socket() -> None:
     assert tuning.tune_connection(StringTransport()) is False
+
+
+def test_tune_connection_reaches_the_tcp_socket_under_a_tls_wrapper() -> None:
+    """What wrapClientTLS gives a protocol: a TLS wrapper over the TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.create_connection(server.getsockname()) as mine:
+        connection = tcp.Connection(mine, Protocol(), MemoryReactor())
+        tls = TLSMemoryBIOFactory(CertificateOptions(), True, Factory())
+        wrapper = TLSMemoryBIOProtocol(tls, Protocol())
+        wrapper.transport = connection
+        assert not mine.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert tuning.tune_connection(wrapper) is True
+        assert mine.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert connection.bufferSize == tuning.TRANSPORT_BUFFER  # reads and send buffer
 
 
 def read_exactly(fd: int, n: int, timeout: float = 30.0) -> bytes:
