@@ -612,9 +612,10 @@ def main() -> None:
     # a TERM (or ^C) unwinds through the bed's cleanup: namespaces, sshd, workers
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     ensure_sshd()
-    if not shutil.which("parallel"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "parallel"], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    for tool in ("parallel", "tcpdump"):  # GNU parallel for "jobs", tcpdump for "gaps"
+        if not shutil.which(tool):
+            subprocess.run(["apt-get", "install", "-y", "-qq", tool], check=True,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     started = time.monotonic()
     rows: list[Row] = []
     peak: dict[str, int] = {}
