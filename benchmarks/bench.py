@@ -2,7 +2,7 @@
 
 Run as root from the repository (`make bench`, or `make bench BENCH_ARGS=--quick`):
 
-    .venv/bin/python benchmarks/bench.py [--quick] [--runs N] [--no-write]
+    .venv/bin/python benchmarks/bench.py [--quick] [--runs N] [--no-write] [--only STEP]
 
 Builds a bed of three namespaces on one bridge (client, w1, w2), starts a rexnet worker
 (`sh -c`, --allow-args) and an sshd (port 2222, user rexbench whose shell reads no rc
@@ -11,8 +11,11 @@ files) on w1 and w2, then measures, alternating rexnet and its peer run by run:
 - start of a trivial job: cold (`ssh host true`, default and curve25519 key exchange,
   against `rexnet exec --no-agent`), warm (ssh ControlMaster against `rexnet exec` through
   the agent), and Slurm's `srun true` where Slurm runs here;
+- a short job with a little stdin (`printf hi | rexnet exec cat`, through the agent)
+  against `printf hi | ssh` through a ControlMaster;
 - 1 GiB one way (`cat > /dev/null`) and in and back out through `cat` (ssh default cipher
-  and aes128-gcm), with the peak RSS of worker, agent and client while streaming;
+  and aes128-gcm), with the peak RSS of worker, agent and client while streaming; and
+  the largest silence on the link during the 1 GiB round trip (tcpdump, benchmarks/gaps.py);
 - tiny jobs 8 at a time across both workers: GNU parallel -S with ControlMaster and
   ssh+xargs -P8 with ControlMaster against `rexnet parallel` and the Python Executor;
 - the scale simulation (benchmarks/scale.py): 1,000 workers answering one announcement,
@@ -20,7 +23,8 @@ files) on w1 and w2, then measures, alternating rexnet and its peer run by run:
   window; and the same at 2 workers (the cost for a small cluster).
 
 Prints a table and rewrites the generated part of benchmarks/RESULTS.md (everything above
-the line "## History"; that section is written by hand and kept).
+the line "## History"; that section is written by hand and kept). `--only STEP` (repeatable)
+runs only those steps and prints their rows without touching RESULTS.md.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cluster import REXNET, Proc, start_worker  # noqa: E402
 from conftest import Keys, make_keys  # noqa: E402
+from gaps import Gaps, LinkGaps  # noqa: E402
+from gaps import available as gaps_available  # noqa: E402
 from netbed import Host, NetBed, require_netns, sweep_stale  # noqa: E402
 from scale import ScaleResult, run_scale  # noqa: E402
 from slurm import Slurm  # noqa: E402
@@ -58,6 +64,7 @@ GIB = 1 << 30
 BLOCK = 1 << 20
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 HISTORY = "## History"
+STEPS = ["start", "short", "srun", "jobs", "bulk", "gaps", "scale"]
 
 
 @dataclass
@@ -105,13 +112,17 @@ class Row:
 # -- measuring --------------------------------------------------------------------------
 
 
-def run_ms(argv: Sequence[str], env: dict[str, str] | None = None) -> float:
+def run_ms(argv: Sequence[str], env: dict[str, str] | None = None,
+           stdin: bytes | None = None) -> float:
+    """Milliseconds ARGV takes (STDIN its input, else /dev/null; with STDIN, its output
+    must be STDIN again: the short job runs `cat`)."""
     t0 = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, env=env, timeout=120,
-                          stdin=subprocess.DEVNULL)
+    done = subprocess.run(argv, capture_output=True, env=env, timeout=120, input=stdin,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)
     elapsed = (time.perf_counter() - t0) * 1000
-    if done.returncode != 0:
-        raise RuntimeError(f"{argv} failed ({done.returncode}): {done.stderr.decode()[-400:]}")
+    if done.returncode != 0 or (stdin is not None and done.stdout != stdin):
+        raise RuntimeError(f"{argv} failed ({done.returncode}, {done.stdout[:40]!r}): "
+                           f"{done.stderr.decode()[-400:]}")
     return elapsed
 
 
@@ -282,6 +293,35 @@ def start_latency(b: Bed, n: int) -> list[Row]:
     return rows
 
 
+def short_job(b: Bed, n: int) -> list[Row]:
+    """`printf hi | rexnet exec cat` (warm, through the agent) against `printf hi | ssh`
+    through a ControlMaster: the EXIT frame behind a little data is where a delayed ACK
+    (with Nagle) used to cost ~40 ms."""
+    w1 = b.workers[0]
+    control = str(b.work / "control-short")
+    master = subprocess.Popen(b.client.argv([b.ssh[0], "-M", "-S", control, "-N", *b.ssh[1:],
+                                             f"{USER}@{w1.addr()}"]))
+    try:
+        time.sleep(1.0)
+        ssh_cat = b.client.argv([b.ssh[0], "-S", control, *b.ssh[1:], f"{USER}@{w1.addr()}",
+                                 "cat"])
+        rex_cat = b.rex("cat", agent=b.agent)
+        env = b.agent_env if b.agent else None
+        for _ in range(3):
+            run_ms(rex_cat, env, b"hi")
+        run_ms(ssh_cat, stdin=b"hi")
+        rex, ssh = alternate(n, lambda: run_ms(rex_cat, env, b"hi"),
+                             lambda: run_ms(ssh_cat, stdin=b"hi"))
+    finally:
+        master.terminate()
+        master.wait(10)
+    slow = sum(1 for t in rex if t > statistics.median(ssh) + 30)
+    via = " (agent)" if b.agent else ""
+    return [Row("start", f"short job with a little stdin: `printf hi | rexnet exec cat`{via}",
+                "ms", rex, "ssh ControlMaster", ssh, goal="<= 1",
+                note=f"{slow} of {len(rex)} rexnet runs over the ssh median + 30 ms")]
+
+
 def srun_latency(b: Bed, n: int) -> list[Row]:
     slurm = Slurm(b.workers[0], b.work / "slurm")
     problem = slurm.start()
@@ -350,6 +390,40 @@ def bulk(b: Bed, n: int) -> tuple[list[Row], dict[str, int]]:
             "ssh default cipher", def_o, True),
     ]
     return rows, memory.peak
+
+
+def link_gaps(b: Bed, n: int) -> list[Row]:
+    """The largest silence on the client's link during 1 GiB in and back out through
+    `cat`, rexnet against ssh aes128-gcm, from tcpdump in the client's namespace."""
+    w1 = b.workers[0]
+    why = gaps_available()
+    what = "largest silence on the link, 1 GiB through `cat`"
+    if why:
+        return [Row("bulk", what, "ms", [], "ssh aes128-gcm", [], note=f"not measured: {why}")]
+    env = b.agent_env if b.agent else None
+    rex_back = b.rex("cat", agent=b.agent)
+    gcm_back = [*b.ssh_to(w1, "-c", "aes128-gcm@openssh.com"), "cat"]
+    found: dict[str, list[Gaps]] = {"rexnet": [], "ssh": []}
+
+    def capture(name: str, argv: list[str], expression: str) -> float:
+        with LinkGaps(b.client.argv([]), b.work / "gaps.pcap", expression) as gaps:
+            stream(argv, GIB, True, env if name == "rexnet" else None)
+        assert gaps.gaps is not None
+        found[name].append(gaps.gaps)
+        print(f"   {name}: {gaps.gaps.describe()}", flush=True)
+        return gaps.gaps.largest * 1000
+
+    host = f"tcp and host {w1.addr()}"
+    rex, ssh = alternate(n, lambda: capture("rexnet", rex_back, f"{host} and not port 2222"),
+                         lambda: capture("ssh", gcm_back, f"{host} and port 2222"))
+
+    def share(name: str) -> str:
+        return "/".join(f"{g.silent:.0%}" for g in found[name])
+
+    stalls = sum(g.over_stall for g in found["rexnet"])
+    return [Row("bulk", what, "ms", rex, "ssh aes128-gcm", ssh,
+                note=f"goal: none over 20 ms (rexnet: {stalls} over 20 ms in {len(rex)} runs); "
+                f"time in silences over 1 ms: rexnet {share('rexnet')}, ssh {share('ssh')}")]
 
 
 def jobs_rate(argv: Sequence[str], jobs: int, env: dict[str, str] | None = None,
@@ -524,7 +598,11 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true",
                         help="print only; leave benchmarks/RESULTS.md alone")
     parser.add_argument("--scale-workers", type=int, default=1000)
+    parser.add_argument("--only", action="append", choices=STEPS, metavar="STEP",
+                        help=f"run only this step ({', '.join(STEPS)}); repeatable; prints "
+                        "the rows and leaves benchmarks/RESULTS.md alone")
     args = parser.parse_args()
+    only = set(args.only or STEPS)
     runs = args.runs or (5 if args.quick else 15)
     bulk_runs = 1 if args.quick else 3
     jobs = 200 if args.quick else 500
@@ -534,29 +612,42 @@ def main() -> None:
     # a TERM (or ^C) unwinds through the bed's cleanup: namespaces, sshd, workers
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     ensure_sshd()
-    if not shutil.which("parallel"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "parallel"], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    for tool in ("parallel", "tcpdump"):  # GNU parallel for "jobs", tcpdump for "gaps"
+        if not shutil.which(tool):
+            subprocess.run(["apt-get", "install", "-y", "-qq", tool], check=True,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     started = time.monotonic()
     rows: list[Row] = []
+    peak: dict[str, int] = {}
+    scaled: list[ScaleResult] = []
     with tempfile.TemporaryDirectory() as tmp, NetBed() as bed:
         work = Path(tmp)
         work.chmod(0o755)  # sshd reads the authorized keys as the user
         b = build(bed, work)
         try:
-            steps: list[tuple[str, Callable[[], object]]] = [
-                ("start latency", lambda: rows.extend(start_latency(b, runs))),
-                ("srun", lambda: rows.extend(srun_latency(b, runs))),
-                ("tiny jobs", lambda: rows.extend(tiny_jobs(b, jobs, max(2, runs // 5)))),
-            ]
-            for name, step in steps:
-                print(f"-- {name}", flush=True)
-                step()
-            print("-- 1 GiB streams", flush=True)
-            bulk_rows, peak = bulk(b, bulk_runs)
-            rows.extend(bulk_rows)
-            print("-- scale simulation", flush=True)
-            scaled = scale(bed, b.keys, args.scale_workers, scale_jobs)
+            def bulk_step() -> None:
+                bulk_rows, peak_rss = bulk(b, bulk_runs)
+                rows.extend(bulk_rows)
+                peak.update(peak_rss)
+
+            steps: dict[str, Callable[[], object]] = {
+                "start": lambda: rows.extend(start_latency(b, runs)),
+                "short": lambda: rows.extend(short_job(b, runs)),
+                "srun": lambda: rows.extend(srun_latency(b, runs)),
+                "jobs": lambda: rows.extend(tiny_jobs(b, jobs, max(2, runs // 5))),
+                "bulk": bulk_step,
+                "gaps": lambda: rows.extend(link_gaps(b, bulk_runs)),
+                "scale": lambda: scaled.extend(
+                    scale(bed, b.keys, args.scale_workers, scale_jobs)),
+            }
+            assert list(steps) == STEPS
+            for name, step in steps.items():
+                if name in only:
+                    print(f"-- {name}", flush=True)
+                    done = len(rows)
+                    step()
+                    for row in rows[done:]:  # as they come: a later step may fail
+                        print(row.markdown(), flush=True)
         finally:
             if b.agent:
                 b.client.run([REXNET, "agent", "--stop"], env=b.agent_env)
@@ -564,7 +655,7 @@ def main() -> None:
                   [".venv/bin/python", "benchmarks/bench.py", *sys.argv[1:]],
                   time.monotonic() - started, b.agent)
     print(text)
-    if not args.no_write:
+    if not args.no_write and not args.only:
         write_results(text)
         print(f"wrote {RESULTS.relative_to(ROOT)}")
 

@@ -8,11 +8,11 @@ import socket
 import typing
 from typing import Any
 
-from twisted.internet import defer, process
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from rexnet.net.channel import Channel, InStream, OutStream
-from rexnet.net.pipes import PipeReader
+from rexnet.net.pipes import PipeReader, PipeWriter
 from rexnet.protocol import wire
 
 
@@ -50,7 +50,7 @@ class StdioStreams:
         self.outputs += [fd for fd, mode in self.fds.items() if "w" in mode]
         self.inputs = [0, *(fd for fd, mode in self.fds.items() if "r" in mode)]
         self._flushed: dict[int, defer.Deferred[None]] = {}
-        self._writers: dict[int, process.ProcessWriter] = {}
+        self._writers: dict[int, PipeWriter] = {}
         self._readers: dict[int, PipeReader] = {}
         self._dups: list[int] = []
         self.channel: Channel | None = None
@@ -63,7 +63,7 @@ class StdioStreams:
             if fd in self.inputs:  # read-write: a second descriptor for the writer
                 target = os.dup(target)
                 self._dups.append(target)
-            writer = process.ProcessWriter(self.reactor, self, ("out", fd), target)
+            writer = PipeWriter(self.reactor, self, ("out", fd), target)
             self._writers[fd] = writer
             self._flushed[fd] = defer.Deferred()
             channel.ins[fd] = InStream(channel, fd, writer)

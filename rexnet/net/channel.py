@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rexnet.net.heartbeat import Heartbeat
+from rexnet.net.tuning import tune_connection
 from rexnet.protocol import wire
 from rexnet.security.credentials import Credential
 from rexnet.security.tls import Revocations, check_peer
@@ -176,6 +177,7 @@ class Channel(Protocol):
     # -- TLS --------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        tune_connection(self.transport)  # TCP_NODELAY: no frame waits for a delayed ACK
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rexnet.net.heartbeat import Heartbeat
+from rexnet.net.tuning import tune_connection
 from rexnet.protocol import wire
 from rexnet.security.credentials import CertInfo, check_validity
 from rexnet.security.tls import Revocations
@@ -62,6 +63,7 @@ class DatagramLink(Protocol):
         self.on_lost: Any = None  # set by a guarding factory: called once, when lost
 
     def connectionMade(self) -> None:
+        tune_connection(self.transport)
         address: Any = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer = f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
         self._deadline = self.owner.reactor.callLater(HANDSHAKE_TIMEOUT, self._too_slow)

@@ -1,4 +1,5 @@
-"""Reading local pipes and sockets in large pieces (for the job's and the client's streams)."""
+"""Reading and writing local pipes and sockets in large pieces (the job's and the client's
+streams): reads of READ_SIZE, pipes widened to tuning.PIPE_SIZE where the kernel allows."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ from typing import Any
 
 from twisted.internet import main, process
 
-READ_SIZE = 64 * 1024
+from rexnet.net.tuning import widen_pipe
+
+READ_SIZE = 256 * 1024
 
 
 class PipeReader(process.ProcessReader):
-    """A pipe (or socket) reader that reads 64 KiB at a time (Twisted reads 8 KiB)."""
+    """A pipe (or socket) reader that reads 256 KiB at a time (Twisted reads 8 KiB)."""
+
+    def __init__(self, reactor: Any, proc: Any, name: Any, fileno: int) -> None:
+        widen_pipe(fileno)
+        super().__init__(reactor, proc, name, fileno)
 
     def doRead(self) -> Any:
         try:
@@ -25,3 +32,12 @@ class PipeReader(process.ProcessReader):
             return main.CONNECTION_DONE
         self.dataReceived(data)
         return None
+
+
+class PipeWriter(process.ProcessWriter):
+    """A pipe (or socket) writer whose pipe is widened first."""
+
+    def __init__(self, reactor: Any, proc: Any, name: Any, fileno: int,
+                 forceReadHack: bool = False) -> None:
+        widen_pipe(fileno)
+        super().__init__(reactor, proc, name, fileno, forceReadHack)

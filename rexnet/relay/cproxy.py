@@ -31,6 +31,7 @@ from rexnet.net.announce import DatagramReceiver, RateLimiter, source_address
 from rexnet.net.certcheck import CertChecker, Rejected
 from rexnet.net.relaycheck import GLOBAL_BURST, GLOBAL_RATE, Complaints, RelayVerifier
 from rexnet.net.trailers import connect_back_allowed, relayed
+from rexnet.net.tuning import tune_connection
 from rexnet.protocol import relaytrailer, wire
 from rexnet.security.credentials import Credential
 
@@ -64,14 +65,29 @@ class Entry:
         return int(self.port.getHost().port)  # type: ignore[attr-defined]
 
 
+class TunedProxyClient(portforward.ProxyClient):
+    """The splice's leg towards the client (or the previous relay)."""
+
+    def connectionMade(self) -> None:
+        tune_connection(self.transport)
+        super().connectionMade()
+
+
+class TunedProxyClientFactory(portforward.ProxyClientFactory):
+    noisy = False
+    protocol = TunedProxyClient
+
+
 class Splice(portforward.ProxyServer):
     """One worker's connection through a job's port, counted while it lasts."""
 
     relay: Relay
     entry: Entry
+    clientProtocolFactory = TunedProxyClientFactory
 
     def connectionMade(self) -> None:
         self.relay.counters.spliced += 1
+        tune_connection(self.transport)
         super().connectionMade()
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -107,6 +123,8 @@ class JobPortFactory(portforward.ProxyFactory):
         entry.splices += 1
         relay.splices += 1
         return splice
+
+
 
 
 @dataclass

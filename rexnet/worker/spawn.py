@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from twisted.internet import process
 from twisted.internet.protocol import ProcessProtocol
 
-from rexnet.net.pipes import PipeReader
+from rexnet.net.pipes import PipeReader, PipeWriter
 from rexnet.protocol import wire
 
 
@@ -48,6 +48,7 @@ class SessionProcess(process.Process):
     """
 
     processReaderFactory = PipeReader
+    processWriterFactory = PipeWriter
 
     def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: Any,
                                args: Any, environment: Any, kwargs: Any) -> bool:

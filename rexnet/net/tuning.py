@@ -1,0 +1,78 @@
+"""Socket and pipe tuning for every connection and job (issue P11: no stalls).
+
+Every TCP connection rexnet makes or accepts (job channels, warm channels, the cproxy's
+splices, tunnel and registration links) calls `tune_connection` in its connectionMade:
+
+- TCP_NODELAY: the channel writes small frames (WINDOW credit, EXIT) that must not wait
+  for the peer's delayed ACK behind Nagle's algorithm; with it off, both directions of a
+  bulk transfer stalled at zero credit for 10-120 ms at a time;
+- a TRANSPORT_BUFFER transport bufferSize: the size of each socket read, and how much
+  the transport buffers before it pauses its producer (Twisted's default is 64 KiB).
+
+`widen_pipe` grows a job's pipes (and those of the launcher the agent serves) to
+PIPE_SIZE, so a pipe holds more than a few reads' worth; where the kernel refuses
+(not a pipe, over /proc/sys/fs/pipe-max-size, the user's pipe quota spent) the pipe
+keeps its size, quietly. Per job that is at most a few pipes of PIPE_SIZE in the kernel
+and TRANSPORT_BUFFER (plus the channel's window) in the process: bounded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+from typing import Any
+
+from twisted.internet import abstract
+from twisted.logger import Logger
+
+PIPE_SIZE = 1 << 20
+TRANSPORT_BUFFER = 256 * 1024
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+
+log = Logger()
+
+
+def tcp_transport(transport: Any) -> abstract.FileDescriptor | None:
+    """The TCP connection under TRANSPORT: itself, or what a TLS wrapper (or the cproxy's
+    splice) writes to; None when there is no socket under it (test transports)."""
+    for _ in range(4):
+        if isinstance(transport, abstract.FileDescriptor):
+            return transport if isinstance(getattr(transport, "socket", None),
+                                           socket.socket) else None
+        transport = vars(transport).get("transport") if hasattr(transport, "__dict__") else None
+        if transport is None:
+            return None
+    return None
+
+
+def tune_connection(transport: Any) -> bool:
+    """TCP_NODELAY and a TRANSPORT_BUFFER bufferSize on TRANSPORT's TCP connection.
+
+    Returns whether a TCP socket was found and tuned (False for in-memory transports)."""
+    connection = tcp_transport(transport)
+    if connection is None:
+        return False
+    sock: socket.socket = connection.socket  # type: ignore[attr-defined]
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as e:  # a socket that is already gone: nothing to tune
+        log.debug("cannot set TCP_NODELAY: {e}", e=e)
+        return False
+    connection.bufferSize = TRANSPORT_BUFFER
+    return True
+
+
+def widen_pipe(fd: int, size: int = PIPE_SIZE) -> int:
+    """Grow the pipe FD to SIZE bytes where the kernel allows; returns its size (0 when FD is
+    not a pipe: a file, a terminal or a socket keeps what it is)."""
+    try:
+        current = fcntl.fcntl(fd, F_GETPIPE_SZ)
+    except OSError:
+        return 0
+    if current >= size:
+        return int(current)
+    try:
+        return int(fcntl.fcntl(fd, F_SETPIPE_SZ, size))
+    except OSError:  # EPERM: over pipe-max-size or the user's quota; keep the pipe as it is
+        return int(current)
