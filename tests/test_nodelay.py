@@ -139,11 +139,11 @@ def test_cproxy_splices_and_registration_links_are_tuned(
     a, b = bed.add_subnet("a"), bed.add_subnet("b")
     client, proxy, far = (bed.add_host("client", [a]), bed.add_host("proxy", [a, b]),
                           bed.add_host("far", [b]))
-    subprocess.run([REXNET, "keygen", "--issue", "client", "--name", "cproxy", "--dir",
+    subprocess.run([REXNET, "keygen", "--issue", "relay", "--name", "cproxy", "--dir",
                     str(tmp_path), str(keys.ca)], check=True, capture_output=True)
     relay = Proc([TWISTD, "-n", "--pidfile=", "cproxy", "--listen", "0.0.0.0:3010",
                   "--register", "0.0.0.0:5010", "--credential",
-                  str(tmp_path / f"{keys.app}.cproxy.client")], popen=proxy.popen)
+                  str(tmp_path / f"{keys.app}.cproxy.relay")], popen=proxy.popen)
     relay.wait_for("cproxy listening on")
     worker = start_worker(keys.worker, ["cat"], "0.0.0.0:3010", "far",
                           "--register", f"{proxy.addr(b)}:5010", popen=far.popen)
