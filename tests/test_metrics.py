@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -69,7 +70,9 @@ def test_a_scrape_counts_what_the_worker_did(keys: Keys) -> None:
         before = scrape(url)
         assert value(before, "rexnet_slots") == 3
         assert value(before, "rexnet_jobs_started_total") == 0
-        assert 0 <= value(before, "rexnet_load") <= 2
+        # run-queue per CPU (whatever else this machine is doing) + no job of its own
+        host = os.getloadavg()[0] / (os.cpu_count() or 1)
+        assert 0 <= value(before, "rexnet_load") <= host + 1
 
         announce = [f"{addr}:3010"]
         ok = run_exec(keys.client, announce, "--", "cat", input=b"x" * 1000)
