@@ -18,9 +18,12 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
+from rexnet.protocol.text import printable
+
 
 def message_observer(emit: Callable[[str], None], verbose: bool) -> ILogObserver:
-    """Warnings (complaints) always, info too when VERBOSE, each as one text to EMIT."""
+    """Warnings (complaints) always, info too when VERBOSE, each as one text to EMIT, with
+    control characters escaped (messages quote what peers say: worker names, errors)."""
 
     @provider(ILogObserver)
     def write(event: dict) -> None:  # type: ignore[type-arg]
@@ -28,7 +31,7 @@ def message_observer(emit: Callable[[str], None], verbose: bool) -> ILogObserver
         failure = event.get("log_failure")
         if failure is not None:
             text = f"{text}: {failure.getErrorMessage()}"
-        emit(text)
+        emit(printable(text, 4000))
 
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     if verbose:

@@ -6,6 +6,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,3 +249,56 @@ def test_a_busy_announcement_port_is_a_one_line_error(keys: Keys) -> None:
         assert b"Traceback" not in second.stdout + second.stderr
     finally:
         first.stop()
+
+
+def test_a_flood_of_silent_connections_to_the_clients_port_does_not_stop_the_job(
+        keys: Keys) -> None:
+    """An attacker who sees the announcement opens many TCP connections to the client's
+    connect-back port and never speaks TLS: the client keeps at most a bounded number in
+    their handshake (the rest are closed at once, with one complaint), and the real worker
+    still gets the job (issue P10, point 13)."""
+    from rexnet.client.jobcore import MAX_HANDSHAKES, PER_SOURCE
+
+    sniff = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sniff.bind((loopback_address(), 0))
+    sniff.settimeout(10)
+    worker_addr = loopback_address()
+    client = subprocess.Popen(
+        exec_argv(keys.client, [f"{sniff.getsockname()[0]}:{sniff.getsockname()[1]}",
+                                f"{worker_addr}:3010"], "--no-agent", "--timeout", "30"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    flood: list[socket.socket] = []
+    worker = None
+    try:
+        announce = wire.decode_datagram(sniff.recv(65536)).message
+        assert isinstance(announce, wire.Announce)
+        sources = [loopback_address() for _ in range(3)]  # a few attacking addresses
+        for i in range(3 * MAX_HANDSHAKES):
+            sock = socket.socket()
+            sock.bind((sources[i % len(sources)], 0))
+            sock.connect((announce.addrs[0], announce.port))
+            flood.append(sock)  # (the client may abort it at once: counted below)
+        time.sleep(1.0)
+        closed = 0
+        for sock in flood:
+            sock.settimeout(0.01)  # a socket the client aborted reads "" or a reset
+            try:
+                closed += sock.recv(1) == b""
+            except ConnectionResetError:  # aborted: what a refusal looks like
+                closed += 1
+            except TimeoutError:  # still open, in its handshake
+                pass
+        # at most PER_SOURCE per address stay open in their handshake
+        assert closed >= len(flood) - len(sources) * PER_SOURCE, closed
+        worker = start_worker(keys.worker, ["echo", "ran"], f"{worker_addr}:3010", "real")
+        out, err = client.communicate(timeout=40)
+        assert client.returncode == 0, err
+        assert out == b"ran\n"
+        assert err.count(b"too many connections still in their TLS handshake") == 1, err
+    finally:
+        for sock in flood:
+            sock.close()
+        if client.poll() is None:
+            client.kill()
+        if worker is not None:
+            worker.stop()

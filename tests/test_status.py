@@ -127,3 +127,23 @@ def test_a_worker_name_cannot_write_escape_sequences_to_the_terminal(keys: Keys)
         assert as_json[0]["worker"] == evil  # JSON keeps the name exactly (escaped by JSON)
     finally:
         worker.stop()
+
+
+def test_a_worker_name_is_escaped_in_what_rexnet_exec_says(keys: Keys) -> None:
+    """-v names the worker that took the job, and errors quote what workers say: a
+    worker's chosen name reaches the user's terminal escaped, through the agent and
+    without it."""
+    from cluster import exec_argv
+
+    addr = loopback_address()
+    evil = "w\x1b]0;pwned\x07\x1b[2J"
+    worker = start_worker(keys.worker, ["echo", "ran"], f"{addr}:3010", evil)
+    try:
+        for extra in ((), ("--no-agent",)):
+            done = subprocess.run(exec_argv(keys.client, [f"{addr}:3010"], "-v", *extra),
+                                  capture_output=True, timeout=30)
+            assert done.returncode == 0 and done.stdout == b"ran\n", done.stderr
+            assert b"runs on worker w\\x1b]0;pwned\\x07\\x1b[2J" in done.stderr, done.stderr
+            assert b"\x1b" not in done.stderr and b"\x07" not in done.stderr
+    finally:
+        worker.stop()

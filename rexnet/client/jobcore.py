@@ -33,12 +33,46 @@ from rexnet.client.streams import JobStreams
 from rexnet.client.warm import WarmPool
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import DatagramSender, source_address
+from rexnet.net.datalink import Refused
 from rexnet.protocol import exitcodes, wire
+from rexnet.protocol.text import printable
 from rexnet.security.credentials import CertInfo, Credential
 from rexnet.security.tls import Revocations, listening_options
 
 RESEND_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 RESEND_MAX = 2.0
+
+MAX_HANDSHAKES = 32  # connect-backs of one job in their TLS handshake at once
+PER_SOURCE = 4  # ... from one address
+
+
+class ConnectBackFactory(Factory):
+    """The job's connect-back port: a ClientChannel per connection, but at most
+    MAX_HANDSHAKES unauthenticated connections at once (PER_SOURCE from one address), so a
+    flood of silent connections cannot exhaust the client's descriptors or memory while
+    real workers still get through."""
+
+    noisy = False
+
+    def __init__(self, core: JobCore) -> None:
+        self.core = core
+        self.refused = 0
+
+    def buildProtocol(self, addr: Any) -> ClientChannel | Refused:  # type: ignore[override]
+        core = self.core
+        host = getattr(addr, "host", "?")
+        pending = [c for c in core.channels if not c.verified]
+        if (len(pending) >= MAX_HANDSHAKES
+                or sum(c.peer_address().rsplit(":", 1)[0] == host for c in pending)
+                >= PER_SOURCE):
+            self.refused += 1
+            if self.refused == 1:  # once per job: the flood itself is not logged per packet
+                core.log.warn("complaint: connect-backs from {host} refused: too many "
+                              "connections still in their TLS handshake", host=host)
+            return Refused()
+        channel = ClientChannel(core.events, core.credential, core.reactor, core.revoked)
+        channel.factory = self
+        return channel
 
 
 class Later(Protocol):
@@ -67,7 +101,7 @@ class JobCore:
         self.request = request
         self.streams = streams
         self.timeout = timeout
-        self.say = say
+        self.say: Callable[[str], None] = lambda message: say(printable(message, 4000))
         self.now = now
         self.alerts = alerts
         self.pool = pool
@@ -109,8 +143,7 @@ class JobCore:
             return False
         self._addrs = tuple(sorted(addrs))[: wire.MAX_ADDRS]
         interface = self._addrs[0] if len(self._addrs) == 1 else ""
-        factory = Factory.forProtocol(
-            lambda: ClientChannel(self.events, self.credential, self.reactor, self.revoked))
+        factory = ConnectBackFactory(self)
         self._port = self.reactor.listenSSL(
             0, factory, listening_options(self.credential), interface=interface
         )

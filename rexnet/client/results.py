@@ -6,6 +6,9 @@ import subprocess
 from dataclasses import dataclass
 
 from rexnet.protocol import exitcodes
+from rexnet.protocol.text import printable
+
+MESSAGE_LIMIT = 4000
 
 
 class JobFailed(Exception):
@@ -22,6 +25,11 @@ class JobFailed(Exception):
     stderr: bytes = b""
     output_bytes = 0
     attempts = 1
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        # messages quote what workers say (names, ERROR texts): printed escaped, a worker
+        # cannot write terminal control sequences to the user's terminal
+        super().__init__(printable(str(message), MESSAGE_LIMIT), *args)
 
 
 class NoWorker(JobFailed):
