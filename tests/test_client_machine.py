@@ -23,7 +23,7 @@ from zope.interface import provider
 from rexnet.client import machine
 from rexnet.client.channel import HANDSHAKE_TIMEOUT, ClientChannel
 from rexnet.client.job import ClientJob
-from rexnet.client.jobcore import RESEND_DELAYS
+from rexnet.client.jobcore import RESEND
 from rexnet.client.pystreams import BytesStreams
 from rexnet.client.results import (
     AuthFailed,
@@ -233,8 +233,8 @@ def test_the_job_is_announced_again_with_backoff_until_the_timeout(
     bed = make_bed(keys, certs, timeout=1.0)
     bed.run()
     assert bed.transitions == [("idle", "look", "looking")]
-    bed.reactor.advance(RESEND_DELAYS[0])
-    bed.reactor.advance(RESEND_DELAYS[1])
+    bed.reactor.advance(RESEND(0))
+    bed.reactor.advance(RESEND(1))
     announces = bed.datagrams()
     assert [a.seq for a in announces] == [0, 1, 2]  # type: ignore[attr-defined]
     assert all(isinstance(a, wire.Announce) for a in announces)

@@ -76,9 +76,9 @@ def relay_of(keys: Keys, revoked: Revoked | None = None) -> tuple[Relay, Sent,
                                                                    MemoryReactorClock]:
     reactor = Reactor()
     relay_cred = credential(keys, "relay", "gw")
+    sent = Sent()
     relay = Relay(reactor, [("10.1.255.255", 3010)],
-                  CertChecker([load_ca(keys.ca).cert], revoked), relay_cred, "10.1.0.1")
-    relay.send = sent = Sent()
+                  CertChecker([load_ca(keys.ca).cert], revoked), relay_cred, "10.1.0.1", sent)
     relay._sources[("10.1.255.255", 3010)] = "10.1.0.1"
     return relay, sent, reactor
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory
@@ -39,8 +40,8 @@ from rexnet.protocol.text import printable
 from rexnet.security.credentials import CertInfo, Credential
 from rexnet.security.tls import Revocations, listening_options
 
-RESEND_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
-RESEND_MAX = 2.0
+# the announcement is sent again after 50, 100, 200, 400, 800, 1600 ms, then every 2 s
+RESEND = backoffPolicy(initialDelay=0.05, maxDelay=2.0, factor=2.0, jitter=lambda: 0.0)
 
 MAX_HANDSHAKES = 32  # connect-backs of one job in their TLS handshake at once
 PER_SOURCE = 4  # ... from one address
@@ -170,7 +171,7 @@ class JobCore:
                                     self.credential.cert_der)
         for target in self.targets:
             self._udp.send(data, target)
-        delay = RESEND_DELAYS[self.seq] if self.seq < len(RESEND_DELAYS) else RESEND_MAX
+        delay = RESEND(self.seq)
         self.seq += 1
         self._resend = self.reactor.callLater(delay, self._announce)
 

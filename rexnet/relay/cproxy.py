@@ -15,7 +15,7 @@ trailer names). Junk never takes a table entry; each source has a quota of entri
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,9 +141,11 @@ class Relay:
 
     def __init__(self, reactor: Any, downstream: Sequence[tuple[str, int]],
                  certs: CertChecker, credential: Credential | None = None,
-                 bind: str = "") -> None:
+                 bind: str = "", send: Callable[[bytes, tuple[str, int]], None] | None = None
+                 ) -> None:
         """CERTS: the trusted CAs and revocations; CREDENTIAL: a relay credential, to sign
-        the trailers of its application's datagrams; BIND: where job ports listen."""
+        the trailers of its application's datagrams; BIND: where job ports listen; SEND:
+        where datagrams go out (default: an Outbound socket RelayService opens)."""
         self.reactor = reactor
         self.downstream = list(downstream)
         self.crat_downstream = sorted({(host, CRAT_PORT) for host, _ in downstream})
@@ -162,7 +164,7 @@ class Relay:
         self.own_addresses: set[str] = set()
         self.splices = 0
         self._sources: dict[tuple[str, int], str] = {}
-        self.send: Any = None  # set by the service: send(data, target)
+        self.send = send if send is not None else Outbound()
         self.registered: Any = None  # workers registered from behind NAT, if enabled
 
     def datagram(self, data: bytes, host: str, port: int) -> None:
@@ -345,6 +347,27 @@ class Relay:
         return defer.gatherResults(stops)
 
 
+class Outbound:
+    """Where a relay sends datagrams: the unbound UDP socket its service opens at start
+    (until then, and after an error, datagrams are dropped with a log line)."""
+
+    def __init__(self) -> None:
+        self.sender: DatagramReceiver | None = None
+
+    def attach(self, sender: DatagramReceiver) -> None:
+        self.sender = sender
+
+    def __call__(self, data: bytes, target: tuple[str, int]) -> None:
+        transport = self.sender.transport if self.sender is not None else None
+        if transport is None:
+            log.warn("cannot relay to {t[0]}:{t[1]}: not listening yet", t=target)
+            return
+        try:
+            transport.write(data, target)  # type: ignore[attr-defined]
+        except OSError as e:
+            log.warn("cannot relay to {t[0]}:{t[1]}: {e}", t=target, e=e.strerror)
+
+
 class RelayService(Service):
     """Listens for datagrams on the announce port and the crat port, for one Relay."""
 
@@ -364,14 +387,8 @@ class RelayService(Service):
         sender = DatagramReceiver(self.relay.datagram)
         self.ports.append(reactor.listenUDP(0, sender))
         self.ports[-1].setBroadcastAllowed(True)  # type: ignore[attr-defined]
-
-        def send(data: bytes, target: tuple[str, int]) -> None:
-            try:
-                sender.transport.write(data, target)  # type: ignore[union-attr]
-            except OSError as e:
-                log.warn("cannot relay to {t[0]}:{t[1]}: {e}", t=target, e=e.strerror)
-
-        self.relay.send = send
+        if isinstance(self.relay.send, Outbound):
+            self.relay.send.attach(sender)
         self.relay.own_addresses = set(local_addresses())
         if port != CRAT_PORT:
             self.ports.append(reactor.listenUDP(CRAT_PORT, DatagramReceiver(self.relay.datagram),
