@@ -244,7 +244,7 @@ class Web:
 @pytest.fixture
 def web(keys: Keys) -> Iterator[Web]:
     proc = Proc([TWISTD, "-n", "--pidfile=", "crat", "--listen", f"{loopback_address()}:0",
-                 "--trust", str(keys.worker), "--web", "0"])
+                 "--trust", str(keys.ca_pem), "--web", "0"])
     try:
         match = proc.wait_for(r"crat dashboard on http://([\d.]+):(\d+)/", 30)
         yield Web(proc, (match.group(1), int(match.group(2))))

@@ -26,6 +26,7 @@ from rexnet.protocol import exitcodes
 from rexnet.protocol.record import Record
 from rexnet.protocol.request import DEFAULT_ANNOUNCE, DEFAULT_TIMEOUT, ExecRequest, RequestError
 from rexnet.security.credentials import load_credential
+from rexnet.security.revocation import RevokedFile
 
 
 def options(keyfile: str, **given: object) -> dict[str, object]:
@@ -202,7 +203,11 @@ def test_the_cluster_of_a_request(keys: Keys) -> None:
     assert cluster.credential.name == load_credential(keys.client, "client").name
     assert cluster.targets == (("10.1.2.255", 3010), ("h", 99))
     assert cluster.alert_targets == (("10.1.2.255", CRAT_PORT), ("h", CRAT_PORT))
-    assert cluster.timeout == DEFAULT_TIMEOUT and cluster.revoked is None
+    assert cluster.timeout == DEFAULT_TIMEOUT
+    # APP.revoked beside the credential is watched even before it exists (nothing revoked)
+    assert isinstance(cluster.revoked, RevokedFile)
+    assert cluster.revoked.path == keys.client.parent / f"{keys.app}.revoked"
+    assert not cluster.revoked.revoked().serials
     alerted = Cluster.for_request(request.replace(alerts=("crat:1",), timeout=3.0))
     assert alerted.alert_targets == (("crat", 1),) and alerted.timeout == 3.0
 
