@@ -5,7 +5,7 @@ StringTransport whose peer presented a client certificate; frames are fed as byt
 read back from the transport. Only the job's process is a stand-in (the worker's
 start_job is overridden so that nothing is spawned on a Clock). Every transition:
 
-    verifying -> awaiting_start | closed (refused, lost)
+    verifying -> awaiting_start | closed (refused, lost, handshake timeout, TAKEN + grace)
     awaiting_start -> starting | closed (deadline, BUSY, ERROR, close, lost, protocol error)
     starting -> running | closed (refused job, no slot on a warm channel)
     running -> warm_idle | closed (finish, ERROR, close, lost, protocol error)
@@ -45,7 +45,13 @@ from rexnet.version import __version__
 from rexnet.worker.channel import WorkerChannel
 from rexnet.worker.connectback import Pending
 from rexnet.worker.load import HostLoad
-from rexnet.worker.machine import START_TIMEOUT, WARM_IDLE, Refusal
+from rexnet.worker.machine import (
+    HANDSHAKE_TIMEOUT,
+    START_TIMEOUT,
+    TAKEN_GRACE,
+    WARM_IDLE,
+    Refusal,
+)
 from rexnet.worker.metrics import Metrics
 from rexnet.worker.service import Running, Worker, WorkerSettings
 
@@ -222,6 +228,79 @@ def test_a_refused_client_is_complained_about_and_nothing_is_sent(bed: Bed,
     assert bed.metrics.registry.get_sample_value(
         "rexnet_auth_failures_total", {"app": bed.keys.app}) == 1.0
     assert channel.pending.job_id not in bed.worker.pending  # its slot is free again
+
+
+def handshaking(bed: Bed) -> tuple[WorkerChannel, PeerTransport]:
+    """A connect-back whose TCP is up and whose TLS handshake has not finished."""
+    pending = Pending(b"h" * 16, cast(Any, None), 0.25, 0.012, heard=bed.clock.seconds())
+    bed.worker.pending[pending.job_id] = pending
+    s = bed.worker.settings
+    channel = WorkerChannel(bed.worker, pending, s.credential, s.revoked)
+    pending.connected, pending.channel = True, channel
+    transport = PeerTransport(None)
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_a_silent_peer_is_closed_after_the_handshake_timeout(bed: Bed) -> None:
+    channel, transport = handshaking(bed)
+    bed.clock.advance(HANDSHAKE_TIMEOUT - 0.1)
+    assert not transport.disconnected and bed.worker.busy == 1
+    with capturedLogs() as logs:
+        bed.clock.advance(0.1)
+        lose(channel)
+    assert transport.disconnected and transport.value() == b""
+    assert bed.worker.pending == {}  # its slot is free
+    text = messages(logs)
+    assert any("no TLS handshake within 8 s on a connect-back" in m for m in text), text
+    assert not any("TLS with client failed" in m for m in text)  # one complaint, not two
+    assert bed.metrics.registry.get_sample_value(
+        "rexnet_auth_failures_total", {"app": bed.keys.app}) == 1.0
+
+
+def test_a_handshake_in_time_is_not_cut_short(bed: Bed) -> None:
+    channel, transport = handshaking(bed)
+    bed.clock.advance(HANDSHAKE_TIMEOUT - 0.2)
+    transport.cert = crypto.X509.from_cryptography(bed.client.cert)
+    channel.handshakeCompleted()
+    bed.clock.advance(1.0)  # past the handshake's deadline (the heartbeat allows 3 s)
+    assert not transport.disconnected
+    assert sent(transport)[0] == wire.Hello("w", __version__, 0.25, 12.0, 1, 0)
+
+
+def test_taken_before_the_handshake_finishes_gives_up_after_a_grace(bed: Bed) -> None:
+    channel, transport = handshaking(bed)
+    pending = channel.pending
+    with capturedLogs() as logs:
+        bed.worker.connect_backs.taken(pending, 2)
+        bed.clock.advance(TAKEN_GRACE - 0.1)
+        assert not transport.disconnected  # the handshake may still finish: we may be
+        bed.clock.advance(0.1)             # the one the client chose
+        lose(channel)
+    assert transport.disconnected and bed.worker.pending == {}
+    text = messages(logs)
+    assert any("cancelled: taken by another worker before its TLS handshake finished" in m
+               for m in text), text
+    assert bed.worker.complain.count == 0 and bed.connect_backs("lost") == 1.0
+
+
+def test_taken_then_the_handshake_finishing_in_the_grace_keeps_the_channel(bed: Bed) -> None:
+    channel, transport = handshaking(bed)
+    bed.worker.connect_backs.taken(channel.pending, 1)
+    transport.cert = crypto.X509.from_cryptography(bed.client.cert)
+    channel.handshakeCompleted()  # the client chose us: its TAKEN overtook our handshake
+    bed.clock.advance(TAKEN_GRACE * 2)
+    assert not transport.disconnected
+    feed(channel, wire.Start())
+    assert wire.Started("job1", ()) in sent(transport)
+
+
+def test_taken_for_a_verified_channel_changes_nothing(bed: Bed) -> None:
+    channel, transport = bed.channel()
+    channel.pending.connected, channel.pending.channel = True, channel
+    bed.worker.connect_backs.taken(channel.pending, 2)
+    bed.clock.advance(TAKEN_GRACE * 2)
+    assert not transport.disconnected and channel.pending.job_id in bed.worker.pending
 
 
 # -- awaiting_start ---------------------------------------------------------------------

@@ -26,6 +26,10 @@ class WorkerChannel(Channel):
 
     # -- from the connection to the machine -----------------------------------------------
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.machine.connected()
+
     def peerVerified(self) -> None:
         self.machine.verified()
 
@@ -57,6 +61,10 @@ class WorkerChannel(Channel):
         self.machine.lost(reason)
 
     # -- from the worker ------------------------------------------------------------------
+
+    def taken(self) -> None:
+        """The client's TAKEN came before this channel was verified: another worker won."""
+        self.machine.taken()
 
     def job_ended(self, keep: bool) -> None:
         """The job's EXIT is sent: keep the channel for the client's next job, or close."""

@@ -1,12 +1,13 @@
 """Connect-backs a worker has promised: each waits the delay its load earned, holds a
-slot until settled, and is cancelled when the client's TAKEN says another worker won."""
+slot until settled, and is cancelled when the client's TAKEN says another worker won
+(also once connected, while its TLS handshake is unfinished)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
@@ -20,7 +21,7 @@ from rexnet.protocol import wire
 from rexnet.worker.load import IDLE_MS, Crowd, connect_back_delay, spread_ms
 from rexnet.worker.metrics import NoMetrics
 
-CONNECT_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 5.0  # seconds for TCP; the TLS handshake has its own (worker.machine)
 TRIED_JOBS = 10_000  # job ids remembered, so that resent announcements are not answered
 
 log = Logger()
@@ -39,17 +40,32 @@ class Pending:
     spread: float = 0.0  # the width of the random part of DELAY, in ms
     connecting: defer.Deferred[Any] | None = None
     connected: bool = False  # TCP is up: the client will say over TLS whether we won
+    channel: Any = None  # the channel protocol, once TCP is up (rexnet.worker.channel)
+
+
+class Target(NamedTuple):
+    """Where a worker answers an announcement (or a status query), and why there."""
+
+    host: str
+    port: int
+    why: str
 
 
 def connect_back_target(dgram: wire.Datagram, addrs: tuple[str, ...], port: int,
-                        source: str) -> tuple[str, int]:
+                        source: str) -> Target:
     """Where to answer: the client itself, a cproxy that relayed it (at the source, on
-    the relay's port), or, through a tunnel, the first address the client signed."""
+    the relay's port), or, through a tunnel, the first address the client signed.
+
+    The one place that reads the relay trailer for the answer's address: a check of the
+    trailer (who may relay) belongs before this, in the announcement's checks.
+    """
     if dgram.relay_port:
-        return source, dgram.relay_port
+        return Target(source, dgram.relay_port,
+                      f"relayed by {source} (a cproxy: the port is its trailer's)")
     if dgram.relay_port == 0 and source not in addrs and addrs:
-        return addrs[0], port
-    return source, port
+        return Target(addrs[0], port, f"carried by a tunnel from {source}: the first "
+                      "address the client signed")
+    return Target(source, port, "the announcement's source, a client address it signed")
 
 
 class ConnectBacks:
@@ -76,7 +92,7 @@ class ConnectBacks:
         return job_id in self.tried
 
     def promise(self, job_id: bytes, client: ClientCert, load: float, speed: float,
-                target: tuple[str, int]) -> Pending:
+                target: Target) -> Pending:
         """Connect back to TARGET after the delay LOAD and SPEED earn in today's crowd."""
         now = self.reactor.seconds()
         crowd = self.crowd.size(now)
@@ -86,12 +102,15 @@ class ConnectBacks:
         self.tried[job_id] = None
         if len(self.tried) > TRIED_JOBS:
             self.tried.popitem(last=False)
-        pending.call = self.reactor.callLater(delay, self._due, pending, *target)
+        pending.call = self.reactor.callLater(delay, self._due, pending, target)
         return pending
 
-    def _due(self, pending: Pending, host: str, port: int) -> None:
+    def _due(self, pending: Pending, target: Target) -> None:
         pending.call = None
-        self.due(pending, host, port)
+        log.info("connecting back for job {job} of {client} to {host}:{port} ({why})",
+                 job=pending.job_id.hex()[:12], client=pending.client.info.name,
+                 host=target.host, port=target.port, why=target.why)
+        self.due(pending, target.host, target.port)
 
     def connect(self, pending: Pending, host: str, port: int,
                 channel: Callable[[], Protocol]) -> None:
@@ -103,7 +122,8 @@ class ConnectBacks:
 
         def build() -> Protocol:
             pending.connected = True
-            return channel()
+            made = pending.channel = channel()
+            return made
 
         pending.connecting = endpoint.connect(Factory.forProtocol(build))
 
@@ -117,11 +137,14 @@ class ConnectBacks:
         pending.connecting.addErrback(failed)
 
     def taken(self, pending: Pending, answered: int) -> None:
-        """A checked TAKEN for PENDING's job: learn the crowd; cancel unless connected."""
+        """A checked TAKEN for PENDING's job: learn the crowd; cancel unless connected and
+        verified (a channel whose handshake is unfinished gives up after a short grace)."""
         now = self.reactor.seconds()
         self.crowd.observe(answered, now, pending.spread,
                            (now - pending.heard) * 1000 - IDLE_MS)
         if pending.connected:
+            if pending.channel is not None and not pending.channel.verified:
+                pending.channel.taken()
             return  # the client will tell us over TLS
         self._cancel(pending)
         self.metrics.connect_back("lost")

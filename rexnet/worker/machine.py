@@ -1,10 +1,13 @@
 """The worker's job channel as an explicit state machine (Automat's TypeMachineBuilder).
 
     verifying --verified--> awaiting_start --start--> starting --started--> running
+    verifying --handshake_timeout / give_up (TAKEN, then a grace)--> closed
     running --rest--> warm_idle --start--> starting (again: a warm channel's next job)
     starting --refuse / no_slot--> closed;  running --finish--> closed
     any state --close / lost / the client's ERROR or BUSY / a deadline--> closed
 
+verifying waits HANDSHAKE_TIMEOUT for the TLS handshake (a silent peer must not hold a
+slot), and only TAKEN_GRACE once the client's TAKEN said another worker won;
 awaiting_start waits START_TIMEOUT for the client's START; warm_idle waits WARM_IDLE for
 the next one, sending HELLO (the worker's load) every WARM_REPORT seconds. A frame a state
 does not expect is a protocol error (the channel closes); frames meant for the last job
@@ -29,6 +32,8 @@ from rexnet.worker.connectback import Pending
 from rexnet.worker.job import JobProcess
 from rexnet.worker.metrics import NoMetrics
 
+HANDSHAKE_TIMEOUT = 8.0  # seconds a connect-back may take for its TLS handshake
+TAKEN_GRACE = 1.0  # ... and once TAKEN came (it may overtake the handshake's last bytes)
 START_TIMEOUT = 10.0  # seconds a fresh channel waits for the client's START
 WARM_IDLE = 30.0  # how long a warm channel may wait for its client's next job
 WARM_REPORT = 1.0  # seconds between fresh HELLOs (load figures) on an idle warm channel
@@ -95,6 +100,18 @@ class Link(Protocol):
 class ChannelInputs(Protocol):
     """The inputs of a worker's job channel."""
 
+    def connected(self) -> None:
+        "TCP is up: the TLS handshake begins."
+
+    def taken(self) -> None:
+        "The client's TAKEN says another worker won (while the handshake is unfinished)."
+
+    def handshake_timeout(self) -> None:
+        "The TLS handshake took too long."
+
+    def give_up(self) -> None:
+        "The grace after TAKEN is over and the handshake is still unfinished."
+
     def verified(self) -> None:
         "The TLS handshake is done and the client's certificate passed the checks."
 
@@ -159,6 +176,7 @@ class ChannelCore:
     jobs: int = 0  # jobs started on this channel
     timer: IDelayedCall | None = None
     reporter: LoopingCall | None = None
+    given_up: bool = False  # closed before its handshake finished, for a reason logged
 
     def wait(self, seconds: float, then: Callable[[], None]) -> None:
         self.timer = self.host.reactor.callLater(seconds, then)
@@ -186,8 +204,43 @@ Core = ChannelCore
 
 # -- verifying --------------------------------------------------------------------------
 
+@verifying.upon(Inputs.connected).loop()
+def _handshaking(self: Self, core: Core) -> None:
+    core.wait(HANDSHAKE_TIMEOUT, self.handshake_timeout)
+
+
+@verifying.upon(Inputs.taken).loop()
+def _taken_while_handshaking(self: Self, core: Core) -> None:
+    core.stop_waiting()
+    core.wait(TAKEN_GRACE, self.give_up)
+
+
+@verifying.upon(Inputs.handshake_timeout).to(closed)
+def _silent_peer(self: Self, core: Core) -> None:
+    core.timer = None
+    core.given_up = True
+    core.host.metrics.auth_failure()
+    core.host.complain(core.link.peer_address(), f"no TLS handshake within "
+                       f"{HANDSHAKE_TIMEOUT:g} s on a connect-back; closed, slot freed")
+    core.host.release(core.pending)
+    core.link.hang_up(abort=True)
+
+
+@verifying.upon(Inputs.give_up).to(closed)
+def _lost_the_race(self: Self, core: Core) -> None:
+    core.timer = None
+    core.given_up = True
+    log.info("connect-back for job {job} to {peer} cancelled: taken by another worker "
+             "before its TLS handshake finished", job=core.pending.job_id.hex()[:12],
+             peer=core.link.peer_address())
+    core.host.metrics.connect_back("lost")
+    core.host.release(core.pending)
+    core.link.hang_up(abort=True)
+
+
 @verifying.upon(Inputs.verified).to(awaiting_start)
 def _greet(self: Self, core: Core) -> None:
+    core.stop_waiting()
     host = core.host
     core.link.send(host.hello(core.pending))
     core.wait(START_TIMEOUT, self.deadline)
@@ -196,6 +249,7 @@ def _greet(self: Self, core: Core) -> None:
 
 @verifying.upon(Inputs.refused).to(closed)
 def _refused(self: Self, core: Core, problem: str) -> None:
+    core.stop_waiting()
     core.host.complain(core.link.peer_address(), f"authentication failed: {problem}")
 
 
@@ -366,7 +420,7 @@ def _close(self: Self, core: Core, abort: bool) -> None:
 def _gone(self: Self, core: Core, reason: Failure) -> None:
     core.stop_waiting()
     host, link = core.host, core.link
-    if not link.verified:
+    if not link.verified and not core.given_up:
         host.metrics.auth_failure()
         host.complain(link.peer_address(), f"TLS with client failed: {reason.getErrorMessage()}")
     host.release(core.pending)
@@ -389,7 +443,8 @@ def _too_late(self: Self, core: Core, *args: object) -> None:
 
 closed.upon(Inputs.lost).loop()(_gone)
 closed.upon(Inputs.close).loop()(_close)  # (a protocol error's close comes after the error)
-for _input in (Inputs.start, Inputs.signal, Inputs.stream, Inputs.busy, Inputs.client_error,
+for _input in (Inputs.connected, Inputs.taken, Inputs.handshake_timeout, Inputs.give_up,
+               Inputs.start, Inputs.signal, Inputs.stream, Inputs.busy, Inputs.client_error,
                Inputs.unexpected, Inputs.started, Inputs.refuse, Inputs.no_slot, Inputs.rest,
                Inputs.finish, Inputs.deadline, Inputs.report):
     closed.upon(_input).loop()(_too_late)

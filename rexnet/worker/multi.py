@@ -35,6 +35,7 @@ class SharedWorkerService(WorkerService):
                 reporter.start(STATUS_INTERVAL, now=True)
                 self.reporters.append(reporter)
             s = worker.settings
+            self.warn_about(worker)
             log.info("worker {name} serves {app} ({command}) with {slots} slots at speed "
                      "{speed}; sharing {host}:{port}", name=s.name, app=s.credential.app,
                      command=" ".join(s.command), slots=s.slots, speed=s.speed,

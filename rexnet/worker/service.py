@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
-import os
 import random
 import uuid
 from collections.abc import Callable
@@ -23,11 +21,14 @@ from rexnet.security.credentials import CertInfo, Credential, check_validity
 from rexnet.security.hardening import make_undumpable
 from rexnet.security.tls import Revocations, connecting_options
 from rexnet.version import __version__
+from rexnet.worker.arguments import ArgPolicy
 from rexnet.worker.channel import WorkerChannel
 from rexnet.worker.complaints import COMPLAINT_RATE, Complaints
 from rexnet.worker.connectback import ConnectBacks, Pending, connect_back_target
 from rexnet.worker.datagrams import AnnounceSocket
+from rexnet.worker.environment import EnvPolicy
 from rexnet.worker.job import KILL_GRACE, JobProcess, Limits
+from rexnet.worker.keyexposure import jobs_identity, key_warning
 from rexnet.worker.load import Crowd, HostLoad, load_figure, sample_host
 from rexnet.worker.machine import Refusal
 from rexnet.worker.metrics import NO_METRICS, Metrics, NoMetrics
@@ -58,14 +59,26 @@ class WorkerSettings:
     listen: tuple[str, int] = ("0.0.0.0", 3010)
     groups: tuple[str, ...] = ()
     accept_env: tuple[str, ...] = ()
+    job_env: tuple[tuple[str, str | None], ...] = ()  # --job-env NAME[=VALUE]
+    allow_arg: tuple[str, ...] = ()  # --allow-arg PATTERN
+    keyfile: str | None = None  # where the credential was read (for the start-up check)
     alert_targets: tuple[tuple[str, int], ...] = ()
     chdir: str | None = None
     limits: Limits = field(default_factory=Limits)
     revoked: Revocations | None = None  # rexnet.security.revocation.RevokedFile
 
+    @property
+    def env_policy(self) -> EnvPolicy:
+        return EnvPolicy(self.accept_env, self.job_env)
+
+    @property
+    def arg_policy(self) -> ArgPolicy:
+        return ArgPolicy(self.allow_args, self.allow_arg)
+
     def accepts_env(self, name: str) -> bool:
-        """Whether a job may set variable NAME (sshd's AcceptEnv patterns)."""
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.accept_env)
+        """Whether a job may set variable NAME (sshd's AcceptEnv patterns; never a
+        loader or interpreter hook: rexnet.worker.environment)."""
+        return self.env_policy.accepts(name)
 
 
 @dataclass
@@ -107,6 +120,7 @@ class Worker:
         self.limiter = RateLimiter()
         self.all_sources = RateLimiter(GLOBAL_RATE, GLOBAL_BURST, 1)
         self.received = 0
+        self.foreign = 0  # datagrams of other applications, ignored before any limit
         self.alerts = AlertSender(reactor, settings.credential, settings.alert_targets)
         self.complain = Complaints(reactor.seconds, self.alerts.send)
         self.started_at = reactor.seconds()
@@ -147,25 +161,31 @@ class Worker:
 
     def datagram(self, data: bytes, host: str, port: int) -> None:
         self.received += 1
+        if wire.peek_app_id(data) not in (None, self.settings.credential.app_id):
+            self.foreign += 1  # another application's: it spends none of our limits
+            return
         now = self.reactor.seconds()
         # per source first, so that a source over its limit spends no global tokens
         if not self.limiter.allow(host, now) or not self.all_sources.allow("", now):
             self.rate_limited += 1
             self.metrics.rate_limited()
             return
+        what = "announcement"
         try:
             dgram = self.checker.decode(data)
             if dgram is None:
-                return  # another application's traffic
+                return  # (not reached: another application's traffic is ignored above)
             message = dgram.message
             if isinstance(message, wire.Announce):
                 self._announce(dgram, host)
             elif isinstance(message, wire.Taken):
+                what = "TAKEN"
                 self._taken(dgram, message)
             elif isinstance(message, wire.StatusQuery):
+                what = "status query"
                 self._status(dgram, host)
         except Rejected as e:
-            self.complain(host, f"announcement refused: {e}")
+            self.complain(host, f"{what} refused: {e}")
 
     def report_status(self) -> None:
         """A periodic worker-status alert, for crat's view of load over time."""
@@ -190,7 +210,8 @@ class Worker:
             round(self.reactor.seconds() - self.started_at, 1))
         data = wire.encode_datagram(reply, s.credential.app_id, s.credential.key,
                                     s.credential.cert_der)
-        self.socket.reply(data, connect_back_target(dgram, query.addrs, query.port, host))
+        target = connect_back_target(dgram, query.addrs, query.port, host)
+        self.socket.reply(data, (target.host, target.port))
 
     def _announce(self, dgram: wire.Datagram, host: str) -> None:
         ann, client = self.checker.check_announce(dgram, host)
@@ -247,20 +268,26 @@ class Worker:
                   ) -> Running | Refusal:
         """Run START's job on CHANNEL, or say why not."""
         s = self.settings
-        if start.args and not s.allow_args:
-            return Refusal("args", "this worker does not accept extra arguments "
-                           "(its administrator can allow them with --allow-args)")
+        client = CertInfo.of(channel.peer_cert).name
+        bad_args = s.arg_policy.refusal(start.args)
+        if bad_args:
+            if start.args and s.arg_policy.allows_args:  # an argument outside the patterns
+                self.complain(channel.peer_address(), f"client {client}: {bad_args}")
+            return Refusal("args", bad_args)
         if start.tty and start.fds:
             return Refusal("fds", "--fd cannot be combined with a terminal (use -T)")
+        requested = s.env_policy.sort(start.env)
+        if requested.forbidden:
+            message = requested.forbidden_message()
+            self.complain(channel.peer_address(), f"client {client}: {message}")
+            return Refusal("env", message)
         job = uuid.uuid4().hex[:12]
-        client = CertInfo.of(channel.peer_cert).name
         argv = [*s.command, *start.args]
-        accepted = {k: v for k, v in start.env if s.accepts_env(k)}
-        refused = tuple(k for k, _ in start.env if k not in accepted)
-        env = dict(os.environ, **accepted, REXNET_JOB_ID=job, REXNET_WORKER=s.name,
-                   REXNET_CLIENT=client)
-        if start.tty:
-            env["TERM"] = start.term or "dumb"
+        refused = requested.refused
+        env = s.env_policy.build(
+            requested.accepted,
+            {"REXNET_JOB_ID": job, "REXNET_WORKER": s.name, "REXNET_CLIENT": client},
+            term=start.term if start.tty else None)
         proto = JobProcess(channel, self.reactor,
                            lambda code, sig, limit: self._ended(job, code, sig, limit),
                            start, s.limits)
@@ -337,6 +364,19 @@ class WorkerService(Service):
         self.port: IListeningPort | None = None
         self.reporter: LoopingCall | None = None
 
+    @staticmethod
+    def warn_about(worker: Worker) -> None:
+        """Start-up warnings (after twistd's privilege drop): a key the jobs' user can
+        read, and arguments appended unchecked."""
+        s = worker.settings
+        if s.keyfile is not None:
+            exposed = key_warning(s.keyfile, *jobs_identity())
+            if exposed:
+                log.warn("worker {name}: {warning}", name=s.name, warning=exposed)
+        unchecked = s.arg_policy.warning()
+        if unchecked:
+            log.warn("worker {name}: {warning}", name=s.name, warning=unchecked)
+
     def bind(self) -> None:
         """Open the announcement port now (makeService calls this, so that a busy port is
         a one-line error before twistd starts, not a traceback after)."""
@@ -363,6 +403,7 @@ class WorkerService(Service):
             self.reporter = LoopingCall(self.worker.report_status)
             self.reporter.clock = reactor
             self.reporter.start(STATUS_INTERVAL, now=True)
+        self.warn_about(self.worker)  # before "listening on", which says it is ready
         log.info("worker {name} serves {app} ({command}) with {slots} slots at speed {speed}; "
                  "listening on {host}:{port}", name=s.name, app=s.credential.app,
                  command=" ".join(s.command), slots=s.slots, speed=s.speed, host=host,
@@ -372,9 +413,10 @@ class WorkerService(Service):
         super().stopService()
         w = self.worker
         log.info("worker {name} stopping: {jobs} jobs run; {received} datagrams received, "
-                 "{limited} dropped by rate limits, {complaints} complaints",
-                 name=w.settings.name, jobs=w.jobs_run, received=w.received,
-                 limited=w.rate_limited, complaints=w.complain.count)
+                 "{limited} dropped by rate limits, {complaints} complaints, {foreign} of "
+                 "other applications ignored", name=w.settings.name, jobs=w.jobs_run,
+                 received=w.received, limited=w.rate_limited, complaints=w.complain.count,
+                 foreign=w.foreign)
         if self.reporter is not None and self.reporter.running:
             self.reporter.stop()
         jobs_gone = self.worker.stop_all()

@@ -26,6 +26,7 @@ from rexnet.protocol.remotecall import RUNNER
 from rexnet.security.credentials import CredentialError, load_credential
 from rexnet.security.revocation import open_list
 from rexnet.worker.datagrams import AnnounceSocket
+from rexnet.worker.environment import parse_job_env
 from rexnet.worker.job import Limits
 from rexnet.worker.load import cpu_count
 from rexnet.worker.metrics import Metrics
@@ -65,7 +66,9 @@ class Options(VersionOption):
          "beside KEYFILE, if there is one)."],
     ]
     optFlags = [
-        ["allow-args", None, "Append the client's extra arguments to COMMAND."],
+        ["allow-args", None, "Append any extra arguments of the client to COMMAND: option "
+         "and file injection (a client can name any file the jobs' user can read); prefer "
+         "--allow-arg."],
         ["python", None, "Run Python calls (rexnet.Executor.call) instead of a COMMAND: each "
          "job unpickles a callable and its arguments from its stdin in a fresh `python -c` "
          "process (the worker's own interpreter) and pickles back the result. "
@@ -76,6 +79,8 @@ class Options(VersionOption):
         super().__init__()
         self["join"] = []
         self["accept-env"] = []
+        self["job-env"] = []
+        self["allow-arg"] = []
         self["alerts"] = []
         self["register"] = []
 
@@ -101,8 +106,28 @@ class Options(VersionOption):
 
     def opt_accept_env(self, pattern: str) -> None:
         """Let clients set environment variables matching PATTERN (shell wildcards, as
-        sshd's AcceptEnv; repeatable). Others are refused and the client is told."""
+        sshd's AcceptEnv; repeatable). Others are refused and the client is told. Loader
+        and interpreter hooks (LD_*, PATH, BASH_ENV, ENV, PYTHON*, PERL5*, REXNET_*...)
+        are never accepted: a job asking for one is refused."""
         self["accept-env"].append(pattern)
+
+    def opt_job_env(self, spec: str) -> None:
+        """Give every job the variable NAME with the worker's own value of it, or VALUE
+        (NAME[=VALUE]; repeatable). Jobs start from PATH=/usr/local/bin:/usr/bin:/bin,
+        HOME, USER and LOGNAME of their user, LANG, TERM in a terminal and REXNET_JOB_ID,
+        REXNET_WORKER and REXNET_CLIENT; nothing else of the worker's environment."""
+        try:
+            self["job-env"].append(parse_job_env(spec))
+        except ValueError as e:
+            raise usage.UsageError(f"--job-env: {e}") from None
+
+    def opt_allow_arg(self, pattern: str) -> None:
+        """Let clients append extra arguments that match PATTERN to COMMAND (shell
+        wildcards, matched as file names are: * never matches / or a leading .;
+        repeatable). Each argument must match one pattern, or the job is refused."""
+        if not pattern:
+            raise usage.UsageError("--allow-arg: give a PATTERN (say, '[!-]*')")
+        self["allow-arg"].append(pattern)
 
     def parseOptions(self, options: Any = None) -> None:
         """Parse OPTIONS, remembering them: with --config they override the file's."""
@@ -179,9 +204,13 @@ class Options(VersionOption):
         if self["python"]:
             if self["command"]:
                 raise usage.UsageError("--python runs Python calls: give no COMMAND")
-            if self["allow-args"]:
-                raise usage.UsageError("--allow-args does not go with --python")
+            if self["allow-args"] or self["allow-arg"]:
+                given = "--allow-args" if self["allow-args"] else "--allow-arg"
+                raise usage.UsageError(f"{given} does not go with --python")
             self["command"] = (sys.executable, "-c", RUNNER)
+            named = {name for name, _ in self["job-env"]}
+            if "PYTHONPATH" in os.environ and "PYTHONPATH" not in named:
+                self["job-env"].append(("PYTHONPATH", None))  # the callables' modules
             return
         if not self["command"]:
             raise usage.UsageError("Wrong number of arguments: give KEYFILE COMMAND [ARG...] "
@@ -323,6 +352,9 @@ def worker_for(config: Options, top: MultiService, reactor: Any,
         listen=config["listen_addr"],
         groups=tuple(config["join"]),
         accept_env=tuple(config["accept-env"]),
+        job_env=tuple(config["job-env"]),
+        allow_arg=tuple(config["allow-arg"]),
+        keyfile=os.path.abspath(config["keyfile"]),
         alert_targets=tuple(config["alerts"]),
         chdir=config["chdir"],
         limits=Limits(config["job-timeout"], config["job-memory"]),
