@@ -31,7 +31,7 @@ from rexnet.worker.job import KILL_GRACE, JobProcess, Limits
 from rexnet.worker.load import Crowd, HostLoad, load_figure, sample_host
 from rexnet.worker.machine import Refusal
 from rexnet.worker.metrics import NO_METRICS, Metrics, NoMetrics
-from rexnet.worker.spawn import spawn
+from rexnet.worker.spawn import Isolator, spawn
 
 __all__ = ["COMPLAINT_RATE", "GLOBAL_BURST", "GLOBAL_RATE", "Complaints", "Worker",
            "WorkerService", "WorkerSettings"]
@@ -62,6 +62,7 @@ class WorkerSettings:
     chdir: str | None = None
     limits: Limits = field(default_factory=Limits)
     revoked: Revocations | None = None  # rexnet.security.revocation.RevokedFile
+    sandbox: Isolator | None = None  # rexnet.worker.sandbox.Sandbox (a worker started as root)
 
     def accepts_env(self, name: str) -> bool:
         """Whether a job may set variable NAME (sshd's AcceptEnv patterns)."""
@@ -265,7 +266,7 @@ class Worker:
                            lambda code, sig, limit: self._ended(job, code, sig, limit),
                            start, s.limits)
         try:
-            spawn(self.reactor, proto, argv, env, s.chdir)
+            spawn(self.reactor, proto, argv, env, s.chdir, s.sandbox)
         except OSError as e:
             return Refusal("spawn", f"cannot start {argv[0]}: {e.strerror}")
         running = self.running[job] = Running(job, channel, proto, client, argv,

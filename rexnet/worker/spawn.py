@@ -96,20 +96,32 @@ class Spawnable(Protocol):
     def child_fds(self) -> tuple[dict[int, Any], dict[int, socket.socket]]: ...
 
 
+class Isolator(Protocol):
+    """Starts jobs in sandboxes of their own (rexnet.worker.sandbox.Sandbox)."""
+
+    def spawn(self, reactor: Any, proto: Any, argv: Sequence[str], env: Mapping[str, str],
+              cwd: str | None) -> Any: ...
+
+
 def spawn(
     reactor: Any,
     proto: Spawnable,
     argv: Sequence[str],
     env: Mapping[str, str],
     cwd: str | None = None,
+    sandbox: Isolator | None = None,
 ) -> Any:
-    """Start ARGV as the job of PROTO: with pipes (and socketpairs), or in a pty."""
+    """Start ARGV as the job of PROTO: with pipes (and socketpairs), or in a pty; in a
+    sandbox of its own when SANDBOX is given."""
     assert isinstance(proto, ProcessProtocol)
     start = proto.start
     if start.tty:
         # the terminal has its own size: LINES and COLUMNS (say, inherited from the
         # worker's environment) would override it for curses programs, resizes included
         env = {k: v for k, v in env.items() if k not in ("LINES", "COLUMNS")}
+    if sandbox is not None:
+        return sandbox.spawn(reactor, proto, argv, env, cwd)
+    if start.tty:
         master, slave = os.openpty()
         set_winsize(slave, start.rows or 24, start.cols or 80)
         try:  # PTYProcess closes both once forked (the slave in the parent), not before
