@@ -35,6 +35,7 @@ import sys
 import termios
 from typing import Any
 
+from rexnet.worker import cgroups
 from rexnet.worker import sandboxwire as wire
 from rexnet.worker.cgroups import JobCgroup
 
@@ -44,6 +45,7 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 0x4
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 REQUEST_TIMEOUT = 10.0
+MEMORY_CHECK = 0.2
 FORWARDED = [s for s in signal.valid_signals()
              if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)]
 
@@ -142,16 +144,22 @@ def supervise(sock: socket.socket, users: list[tuple[int, int, str]]) -> int:
         raise wire.WireError("descriptors do not match their numbers")
     identity = _identity(sock, request, users)
     limits = request.get("limits", {})
-    group: JobCgroup | None = None
-    try:
-        group = JobCgroup(f"job-{os.getpid()}")
-        group.limit(int(limits.get("memory", 0)), int(limits.get("pids", 0)),
-                    float(limits.get("cpus", 0.0)))
-    except OSError as e:
-        print(f"rexnet-sandboxd: no control group for the job: {e}", file=sys.stderr)
+    memory = int(limits.get("memory", 0))
     unshare(CLONE_NEWNS)
     mount("none", "/", None, MS_REC | MS_PRIVATE)
     private_dirs(str(request.get("cwd") or "/"))
+    group: JobCgroup | None = None
+    try:
+        mount_cgroups()
+        group = JobCgroup(f"job-{os.getpid()}")
+        missing = group.limit(memory, int(limits.get("pids", 0)),
+                              float(limits.get("cpus", 0.0)))
+        if "memory" in missing or not group.dirs:
+            group = group if group.dirs else None
+            raise OSError("no memory controller")
+        memory = 0  # the kernel bounds it
+    except OSError as e:
+        print(f"rexnet-sandboxd: control group: {e}", file=sys.stderr)
     unshare(CLONE_NEWPID)
     status_r, status_w = os.pipe()
     init = os.fork()
@@ -163,12 +171,11 @@ def supervise(sock: socket.socket, users: list[tuple[int, int, str]]) -> int:
     for fd in fds:
         os.close(fd)
     sock.settimeout(None)
-    status, connected = _watch(sock, init, status_r)
+    status, connected, limit = _watch(sock, init, status_r, memory)
     os.waitpid(init, 0)
-    limit = ""
     if group is not None:
         group.kill()
-        limit = "memory" if group.memory_exceeded() else ""
+        limit = "memory" if group.memory_exceeded() else limit
         group.remove()
     if connected:
         code = os.waitstatus_to_exitcode(status) if status is not None else -signal.SIGKILL
@@ -197,16 +204,23 @@ def private_dirs(cwd: str) -> None:
                 os.close(keep)
 
 
-def _watch(sock: socket.socket, init: int, status_r: int) -> tuple[int | None, bool]:
+def _watch(sock: socket.socket, init: int, status_r: int, memory: int
+           ) -> tuple[int | None, bool, str]:
     """Pass signals on to the init until the command ends (its wait status) or the
-    trampoline goes (the namespace is then killed)."""
-    connected = True
+    trampoline goes (the namespace is then killed). MEMORY, when there is no control
+    group to bound it: the namespace's resident memory is checked every MEMORY_CHECK s."""
+    connected, limit = True, ""
     while True:
         watched = [sock.fileno(), status_r] if connected else [status_r]
-        ready, _, _ = select.select(watched, [], [])
+        ready, _, _ = select.select(watched, [], [], MEMORY_CHECK if memory else None)
         if status_r in ready:
             data = os.read(status_r, 64)
-            return (int(data) if data else None), connected
+            return (int(data) if data else None), connected, limit
+        if memory and not limit and namespace_rss() > memory:
+            limit = "memory"
+            os.kill(init, signal.SIGKILL)
+        if sock.fileno() not in ready or not connected:
+            continue
         try:
             got = wire.receive(sock)
         except (wire.WireError, OSError):
@@ -222,6 +236,40 @@ def _watch(sock: socket.socket, init: int, status_r: int) -> tuple[int | None, b
         if isinstance(number, int) and number in FORWARDED:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(init, number)
+
+
+def namespace_rss() -> int:
+    """Resident bytes of every process of the job's PID namespace (its /proc, mounted by
+    the init in the mount namespace this supervisor shares)."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError), \
+                    open(f"/proc/{name}/statm") as f:
+                total += int(f.read().split()[1]) * page
+    return total
+
+
+def mount_cgroups() -> None:
+    """Mount the host's control group hierarchies on /sys/fs/cgroup where this mount
+    namespace lacks them (`ip netns exec` mounts a fresh /sys without them)."""
+    if cgroups.version() or not os.path.isdir("/sys/fs/cgroup"):
+        return
+    with open("/proc/self/cgroup") as f:
+        hierarchies = [line.split(":")[1] for line in f.read().splitlines()]
+    if hierarchies == [""]:
+        mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        return
+    mount("tmpfs", "/sys/fs/cgroup", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755")
+    for controllers in hierarchies:
+        wanted = [c for c in controllers.split(",") if c in cgroups.V1_CONTROLLERS]
+        if wanted and controllers == wanted[0]:  # one controller: its own directory
+            target = f"/sys/fs/cgroup/{controllers}"
+            os.mkdir(target)
+            with contextlib.suppress(OSError):
+                mount("cgroup", target, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                      controllers)
 
 
 def _init(request: dict[str, Any], fds: list[int], targets: list[int],
