@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from rexnet.protocol import exitcodes
 from rexnet.worker.load import cpu_count
+from rexnet.worker.sandbox import SandboxService
 from rexnet.worker.service import WorkerService
 from rexnet.worker.tap import Options, makeService
 
@@ -177,9 +178,13 @@ def test_make_service(keys: Keys) -> None:
 
     assert isinstance(top, MultiService)
     children = list(top)
-    assert len(children) == 1
-    service = children[0]
+    # a worker started as root sandboxes its jobs: a helper service starts before it
+    sandboxes = [c for c in children if isinstance(c, SandboxService)]
+    assert len(sandboxes) == (1 if os.geteuid() == 0 else 0)
+    assert len(children) == 1 + len(sandboxes)
+    service = children[-1]
     assert isinstance(service, WorkerService)
+    assert service.worker.settings.sandbox is (sandboxes[0].sandbox if sandboxes else None)
     assert not service.running
     s = service.worker.settings
     assert s.credential.path == keys.worker

@@ -38,14 +38,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import process
 from twisted.logger import Logger
 
-from rexnet.net.pipes import PipeReader
 from rexnet.worker import cgroups
 from rexnet.worker import sandboxwire as wire
 from rexnet.worker.job import JobProcess
-from rexnet.worker.spawn import set_winsize
+from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 
 FORWARDED = [s for s in signal.valid_signals()
              if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE)]
@@ -312,38 +310,3 @@ class Trampoline:
         except BaseException:  # nothing may escape into the worker's code
             pass
         os._exit(code)
-
-
-class SandboxedProcess(process.Process):
-    """The trampoline of a job with pipes (and socketpairs), forked from the worker."""
-
-    processReaderFactory = PipeReader
-
-    def __init__(self, trampoline: Trampoline, *args: Any) -> None:
-        self.trampoline = trampoline
-        super().__init__(*args)
-
-    def _trySpawnInsteadOfFork(self, *args: Any) -> bool:
-        return False
-
-    def _setupChild(self, fdmap: dict[int, int]) -> None:
-        self._fdmap = fdmap
-
-    def _execChild(self, *args: Any) -> None:
-        self.trampoline.run(self._fdmap)
-
-
-class SandboxedTerminal(process.PTYProcess):
-    """The trampoline of a job in a terminal: the job's command takes the terminal as its
-    controlling terminal (the supervisor, root, may take it from the trampoline)."""
-
-    def __init__(self, trampoline: Trampoline, *args: Any) -> None:
-        self.trampoline = trampoline
-        super().__init__(*args)
-
-    def _setupChild(self, masterfd: int, slavefd: int) -> None:
-        os.close(masterfd)
-        self._fdmap = {0: slavefd, 1: slavefd, 2: slavefd}
-
-    def _execChild(self, *args: Any) -> None:
-        self.trampoline.run(self._fdmap)

@@ -83,6 +83,47 @@ class TerminalProcess(process.PTYProcess):
         super()._setupChild(*args, **kwargs)
 
 
+class Trampoline(Protocol):
+    """What a sandboxed job's forked child runs instead of exec (rexnet.worker.sandbox)."""
+
+    def run(self, fdmap: Mapping[int, int]) -> None: ...
+
+
+class SandboxedProcess(process.Process):
+    """The trampoline of a job with pipes (and socketpairs), forked from the worker."""
+
+    processReaderFactory = PipeReader
+
+    def __init__(self, trampoline: Trampoline, *args: Any) -> None:
+        self.trampoline = trampoline
+        super().__init__(*args)
+
+    def _trySpawnInsteadOfFork(self, *args: Any) -> bool:
+        return False
+
+    def _setupChild(self, fdmap: dict[int, int]) -> None:
+        self._fdmap = fdmap
+
+    def _execChild(self, *args: Any) -> None:
+        self.trampoline.run(self._fdmap)
+
+
+class SandboxedTerminal(process.PTYProcess):
+    """The trampoline of a job in a terminal: the job's command takes the terminal as its
+    controlling terminal (the supervisor, root, may take it from the trampoline)."""
+
+    def __init__(self, trampoline: Trampoline, *args: Any) -> None:
+        self.trampoline = trampoline
+        super().__init__(*args)
+
+    def _setupChild(self, masterfd: int, slavefd: int) -> None:
+        os.close(masterfd)
+        self._fdmap = {0: slavefd, 1: slavefd, 2: slavefd}
+
+    def _execChild(self, *args: Any) -> None:
+        self.trampoline.run(self._fdmap)
+
+
 def set_winsize(fd: int, rows: int, cols: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
