@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from cluster import Proc, exec_argv, start_worker
 from conftest import Keys
@@ -44,6 +45,22 @@ def wait_alive_gone(pid: int, timeout: float) -> bool:
     return False
 
 
+def leftover_mark() -> str:
+    """A sleep duration no other process has: its command line finds it on the host
+    (the job's own $! is a pid of its sandbox's namespace)."""
+    return f"60.{os.getpid()}{time.monotonic_ns() % 100000}"
+
+
+def host_pid(cmdline: str, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in psutil.process_iter(["cmdline"]):
+            if " ".join(p.info["cmdline"] or ()) == cmdline:
+                return p.pid
+        time.sleep(0.05)
+    raise AssertionError(f"no process {cmdline!r}")
+
+
 # -- signals ------------------------------------------------------------------------------
 
 
@@ -72,10 +89,11 @@ def test_an_untrapped_signal_kills_the_job_and_gives_128_plus_n(bed: NetBed, key
 
 def test_a_dropped_connection_ends_the_job_within_5_seconds(bed: NetBed, keys: Keys) -> None:
     client, _, worker = pair(bed, keys)
-    job = client.popen(argv(keys, "sleep 60 & echo $!; wait"), stdout=subprocess.PIPE,
-                       stderr=subprocess.DEVNULL)
-    assert job.stdout is not None
-    grandchild = int(job.stdout.readline())
+    mark = leftover_mark()
+    job = client.popen(argv(keys, f"sleep {mark} & echo started; wait"),
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert job.stdout is not None and job.stdout.readline() == b"started\n"
+    grandchild = host_pid(f"sleep {mark}")
     # the client's host vanishes from the network: no FIN, no RST reaches the worker
     client.run(["ip", "link", "set", client.iface(), "down"], check=True)
     t0 = time.monotonic()
@@ -88,11 +106,13 @@ def test_a_dropped_connection_ends_the_job_within_5_seconds(bed: NetBed, keys: K
 def test_stopping_the_worker_ends_jobs_and_clients_see_worker_lost(bed: NetBed,
                                                                   keys: Keys) -> None:
     client, _, worker = pair(bed, keys)
-    job = client.popen(argv(keys, "echo ready; sleep 60 & echo $!; wait"),
+    mark = leftover_mark()
+    job = client.popen(argv(keys, f"echo ready; sleep {mark} & echo started; wait"),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert job.stdout is not None and job.stderr is not None
     assert job.stdout.readline() == b"ready\n"
-    grandchild = int(job.stdout.readline())
+    assert job.stdout.readline() == b"started\n"
+    grandchild = host_pid(f"sleep {mark}")
     # twistd shuts down cleanly, then exits by the signal that stopped it
     assert worker.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     assert "Server Shut Down" in worker.output

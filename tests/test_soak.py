@@ -90,9 +90,11 @@ task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 
 
 def counts(proc: Proc) -> tuple[int, int, int]:
-    """(descendant processes, open descriptors, RSS) of a worker."""
+    """(descendant processes, open descriptors, RSS) of a worker; its sandbox helper is
+    not counted (the supervisors it forks for jobs are)."""
     me = psutil.Process(proc.pid)
-    return len(me.children(recursive=True)), me.num_fds(), me.memory_info().rss
+    helpers = [c for c in me.children() if "rexnet.worker.sandboxd" in " ".join(c.cmdline())]
+    return len(me.children(recursive=True)) - len(helpers), me.num_fds(), me.memory_info().rss
 
 
 def test_soak(keys: Keys, agent_sockets: Path) -> None:

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from conftest import Keys
 from twisted.application.service import IServiceMaker, MultiService
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 
 from rexnet.protocol import exitcodes
 from rexnet.worker.load import cpu_count
+from rexnet.worker.sandbox import SandboxService
 from rexnet.worker.service import WorkerService
 from rexnet.worker.tap import Options, makeService
 
@@ -177,9 +179,13 @@ def test_make_service(keys: Keys) -> None:
 
     assert isinstance(top, MultiService)
     children = list(top)
-    assert len(children) == 1
-    service = children[0]
+    # a worker started as root sandboxes its jobs: a helper service starts before it
+    sandboxes = [c for c in children if isinstance(c, SandboxService)]
+    assert len(sandboxes) == (1 if os.geteuid() == 0 else 0)
+    assert len(children) == 1 + len(sandboxes)
+    service = children[-1]
     assert isinstance(service, WorkerService)
+    assert service.worker.settings.sandbox is (sandboxes[0].sandbox if sandboxes else None)
     assert not service.running
     s = service.worker.settings
     assert s.credential.path == keys.worker
@@ -277,3 +283,35 @@ def test_twistd_starts_a_worker(keys: Keys, tmp_path: Path) -> None:
     # before the reactor installs its handlers just kills it).
     assert proc.returncode in (0, -signal.SIGTERM)
     assert "Traceback" not in "".join(seen) + rest
+
+
+# -- job isolation ----------------------------------------------------------------------
+
+
+def test_without_root_the_start_up_log_says_which_isolation_is_missing(
+        keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(usage.UsageError, match="--job-users needs a worker started as root"):
+        parse("--job-users", "61000-61003", str(keys.worker), "cat")
+    options = parse("--listen", "127.0.0.1:0", "--job-pids", "10", str(keys.worker), "cat")
+    with capturedLogs() as events:
+        top = makeService(options)
+    lines = [formatEvent(e) for e in events if "isolation" in formatEvent(e)]
+    assert len(lines) == 1
+    assert lines[0].startswith("job isolation missing: not started as root")
+    assert "PID namespace" in lines[0] and "--job-pids cannot be enforced" in lines[0]
+    assert isinstance(top, MultiService)
+    assert not any(isinstance(c, SandboxService) for c in top)
+
+
+def test_job_users_options(keys: Keys) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("--job-users needs root")
+    options = parse("--job-users", "61000-61001", str(keys.worker), "cat")
+    assert options["slots"] == min(cpu_count(), 2)  # no more slots than job users
+    with pytest.raises(usage.UsageError, match="give one user per slot"):
+        parse("--job-users", "61000-61001", "--slots", "3", str(keys.worker), "cat")
+    with pytest.raises(usage.UsageError, match="no such user"):
+        parse("--job-users", "no-such-rexjob0-1", str(keys.worker), "cat")
+    with pytest.raises(usage.UsageError, match="without --no-sandbox"):
+        parse("--no-sandbox", "--job-users", "61000", str(keys.worker), "cat")

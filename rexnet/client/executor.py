@@ -196,10 +196,11 @@ class Executor(concurrent.futures.Executor):
 
     def _submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> concurrent.futures.Future[Any]:
-        payload = remote.encode_call(fn, args, kwargs)  # pickling errors raise here
+        key = remote.new_key()  # the result must be authenticated with it
+        payload = remote.encode_call(fn, args, kwargs, key)  # pickling errors raise here
 
         def start() -> defer.Deferred[Any]:
-            return self._run((), payload, self.env, None).addCallback(_call_result)
+            return self._run((), payload, self.env, None).addCallback(_call_result, key)
 
         return self._enqueue(start)
 
@@ -290,12 +291,12 @@ class Executor(concurrent.futures.Executor):
         return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
 
 
-def _call_result(completed: CompletedJob) -> Any:
+def _call_result(completed: CompletedJob, key: bytes) -> Any:
     if completed.stderr:  # what the call printed, in one piece
         sys.stderr.write(completed.stderr.decode(errors="replace"))
         sys.stderr.flush()
     try:
-        ok, value = remote.decode_result(completed.stdout, completed.worker)
+        ok, value = remote.decode_result(completed.stdout, completed.worker, key)
     except remote.NoResult as e:
         tail = completed.stderr.decode(errors="replace").strip().splitlines()[-3:]
         error = CallFailed(

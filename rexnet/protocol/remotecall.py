@@ -1,17 +1,27 @@
 """Remote calls: the pickled call a client sends, and what a `rexnet-worker --python` runs.
 
 The worker runs each job as ``python -c RUNNER`` (its own interpreter, sys.executable):
-the process reads MAGIC_CALL + pickle((fn, args, kwargs)) from stdin, calls fn, and writes
-MAGIC_RESULT + pickle(envelope) on its stdout, where the envelope says whether the call
-returned or raised and carries the value or the exception (pickled on their own, so that
-an exception that cannot be unpickled on the client still arrives as a RemoteError with
-its type, message and traceback text). Anything the call prints goes to the job's stderr.
+the process reads MAGIC_CALL + a 32-byte key + pickle((fn, args, kwargs)) from stdin,
+calls fn, and writes MAGIC_RESULT + HMAC-SHA256(key, body) + body on its result channel,
+where the body is pickle(envelope) and the envelope says whether the call returned or
+raised and carries the value or the exception (pickled on their own, so that an
+exception that cannot be unpickled on the client still arrives as a RemoteError with its
+type, message and traceback text). Anything the call prints goes to the job's stderr.
+
+The result channel is the job's stdout pipe, taken away from fd 1 before any of the
+client's code is unpickled: the runner keeps it on a close-on-exec descriptor that its
+forked children close at once (os.register_at_fork), and fd 1 becomes stderr. So only
+the runner's own process holds it; no program the call starts, and no process it forks,
+can write into the result. The client unpickles nothing that is not authenticated with
+the key it chose for this call (a stray or forged result is a NoResult, never loaded).
+Other jobs are kept away from the pipe by the worker's sandbox (rexnet.worker.sandbox):
+another uid, another PID namespace, and no process of a finished job left running.
 
 cloudpickle is used when it is installed (lambdas, closures and functions of __main__ go
 by value); otherwise the standard pickle (module-level functions, by reference). Either
 way the same code must be importable on every host, and pickle runs code when it loads:
-a worker started with --python trusts its authenticated clients, and the clients trust
-the application's authenticated workers.
+a worker started with --python runs any code its authenticated clients send (as the job
+user), and the clients trust the application's authenticated workers.
 
 This module imports only the standard library (and cloudpickle), so the worker's Python
 processes start quickly.
@@ -20,14 +30,18 @@ processes start quickly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
 import pickle
 import sys
 import traceback
 from typing import Any
 
-MAGIC_CALL = b"rexnet-call/1\n"
-MAGIC_RESULT = b"rexnet-result/1\n"
+MAGIC_CALL = b"rexnet-call/2\n"
+MAGIC_RESULT = b"rexnet-result/2\n"
+KEY_SIZE = 32
+TAG_SIZE = 32
 RUNNER = "from rexnet.protocol.remotecall import serve; serve()"
 
 
@@ -56,9 +70,40 @@ class RemoteError(Exception):
         return (RemoteError, (self.type_name, self.message, self.remote_traceback))
 
 
-def encode_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """The job's stdin for calling FN(*ARGS, **KWARGS) (pickling errors raise here)."""
-    return MAGIC_CALL + dumps((fn, args, kwargs))
+def new_key() -> bytes:
+    """A fresh key for one call: its result must be authenticated with it."""
+    return os.urandom(KEY_SIZE)
+
+
+def encode_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: bytes) -> bytes:
+    """The job's stdin for calling FN(*ARGS, **KWARGS) whose result KEY authenticates
+    (pickling errors raise here)."""
+    if len(key) != KEY_SIZE:
+        raise ValueError(f"a call key is {KEY_SIZE} bytes")
+    return MAGIC_CALL + key + dumps((fn, args, kwargs))
+
+
+def _tag(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, MAGIC_RESULT + body, hashlib.sha256).digest()
+
+
+def encode_result(envelope: dict[str, Any], key: bytes) -> bytes:
+    body = pickle.dumps(envelope, protocol=pickle.HIGHEST_PROTOCOL)
+    return MAGIC_RESULT + _tag(key, body) + body
+
+
+def take_result_channel() -> Any:
+    """Move the result channel (fd 1, the job's stdout) to a descriptor of this process
+    alone (close-on-exec, closed in forked children), and send fd 1 to stderr."""
+    result = os.fdopen(os.dup(1), "wb")  # os.dup: not inheritable
+
+    def close_in_child() -> None:
+        with contextlib.suppress(OSError):
+            os.close(result.fileno())
+
+    os.register_at_fork(after_in_child=close_in_child)
+    os.dup2(2, 1)
+    return result
 
 
 def _error_envelope(exc: BaseException) -> dict[str, Any]:
@@ -73,16 +118,16 @@ def _error_envelope(exc: BaseException) -> dict[str, Any]:
 
 def serve() -> None:
     """Run one call: the body of the worker's ``python -c`` job process."""
+    result = take_result_channel()  # before any of the client's code runs
     data = sys.stdin.buffer.read()
-    result = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # whatever the call prints goes to stderr, not into the result
-    if not data.startswith(MAGIC_CALL):
-        sys.stderr.write("rexnet: this worker runs Python calls (rexnet-worker --python); "
-                         "send them with rexnet.Executor.call\n")
+    if not data.startswith(MAGIC_CALL) or len(data) < len(MAGIC_CALL) + KEY_SIZE:
+        sys.stderr.write("rexnet: this worker runs Python calls (rexnet-worker --python) "
+                         "of this rexnet version; send them with rexnet.Executor.call\n")
         sys.exit(2)
+    key = data[len(MAGIC_CALL):len(MAGIC_CALL) + KEY_SIZE]
     envelope: dict[str, Any]
     try:
-        fn, args, kwargs = pickle.loads(data[len(MAGIC_CALL):])
+        fn, args, kwargs = pickle.loads(data[len(MAGIC_CALL) + KEY_SIZE:])
         del data
         value = fn(*args, **kwargs)
     except BaseException as exc:
@@ -96,7 +141,7 @@ def serve() -> None:
             error.__cause__ = exc
             envelope = _error_envelope(error)
     sys.stdout.flush()
-    result.write(MAGIC_RESULT + pickle.dumps(envelope, protocol=pickle.HIGHEST_PROTOCOL))
+    result.write(encode_result(envelope, key))
     result.close()
 
 
@@ -108,15 +153,19 @@ class Unloadable(Exception):
     """The call's value cannot be unpickled here (its code is missing, or differs)."""
 
 
-def decode_result(stdout: bytes, worker: str) -> tuple[bool, Any]:
+def decode_result(stdout: bytes, worker: str, key: bytes) -> tuple[bool, Any]:
     """From a call job's STDOUT: (True, value), or (False, the exception it raised, with the
     remote traceback text as ``remote_traceback`` and as a note; a RemoteError if the
-    exception itself could not travel). NoResult or Unloadable if there is no usable
-    result."""
+    exception itself could not travel). NoResult if there is no result authenticated with
+    the call's KEY (nothing else is unpickled), Unloadable if its value cannot load here."""
     if not stdout.startswith(MAGIC_RESULT):
         raise NoResult("no result")
+    start = len(MAGIC_RESULT) + TAG_SIZE
+    body = stdout[start:]
+    if not hmac.compare_digest(stdout[len(MAGIC_RESULT):start], _tag(key, body)):
+        raise NoResult("a result not authenticated with this call's key (refused unread)")
     try:
-        envelope = pickle.loads(stdout[len(MAGIC_RESULT):])
+        envelope = pickle.loads(body)
     except Exception as e:
         raise NoResult(f"a damaged result: {e}") from e
     if envelope["ok"]:

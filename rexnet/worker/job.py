@@ -8,7 +8,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import process
 from twisted.internet.protocol import ProcessProtocol
@@ -41,10 +41,20 @@ def exit_status(reason: Failure) -> tuple[int | None, int | None]:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on one job; 0 means none."""
+    """Bounds on one job; 0 means none. PIDS and CPUS (processes at once, CPUs' worth of
+    time) need a sandbox (rexnet.worker.sandbox); the others are enforced without one."""
 
     seconds: float = 0.0
     memory: int = 0
+    pids: int = 0
+    cpus: float = 0.0
+
+
+class Isolation(Protocol):
+    """A job's sandbox, as its JobProcess sees it (rexnet.worker.sandbox.Isolated)."""
+
+    def finish(self) -> str:
+        """Called once the job's process has ended: the limit that ended it, or ''."""
 
 
 class SocketEnd:
@@ -105,6 +115,7 @@ class JobProcess(ProcessProtocol):
         self.sockets: dict[int, SocketEnd] = {}
         self._timers: list[Any] = []
         self._memory: LoopingCall | None = None
+        self.isolation: Isolation | None = None  # set by a sandbox before the spawn
 
     # -- wiring -----------------------------------------------------------------------
 
@@ -145,7 +156,7 @@ class JobProcess(ProcessProtocol):
                     self._output(fd, pipes[fd])
         if self.limits.seconds:
             self._timers.append(self.reactor.callLater(self.limits.seconds, self._limit, "time"))
-        if self.limits.memory:
+        if self.limits.memory and self.isolation is None:  # a sandbox's cgroup bounds it
             self._memory = LoopingCall(self._check_memory)
             self._memory.clock = self.reactor
             self._memory.start(MEMORY_CHECK, now=False)
@@ -193,6 +204,8 @@ class JobProcess(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
         self.status = exit_status(reason)
+        if self.isolation is not None:
+            self.limit_hit = self.limit_hit or self.isolation.finish()
         for timer in self._timers:
             if timer.active():
                 timer.cancel()

@@ -32,7 +32,7 @@ from rexnet.worker.keyexposure import jobs_identity, key_warning
 from rexnet.worker.load import Crowd, HostLoad, load_figure, sample_host
 from rexnet.worker.machine import Refusal
 from rexnet.worker.metrics import NO_METRICS, Metrics, NoMetrics
-from rexnet.worker.spawn import spawn
+from rexnet.worker.spawn import Isolator, spawn
 
 __all__ = ["COMPLAINT_RATE", "GLOBAL_BURST", "GLOBAL_RATE", "Complaints", "Worker",
            "WorkerService", "WorkerSettings"]
@@ -66,6 +66,7 @@ class WorkerSettings:
     chdir: str | None = None
     limits: Limits = field(default_factory=Limits)
     revoked: Revocations | None = None  # rexnet.security.revocation.RevokedFile
+    sandbox: Isolator | None = None  # rexnet.worker.sandbox.Sandbox (a worker started as root)
 
     @property
     def env_policy(self) -> EnvPolicy:
@@ -292,7 +293,7 @@ class Worker:
                            lambda code, sig, limit: self._ended(job, code, sig, limit),
                            start, s.limits)
         try:
-            spawn(self.reactor, proto, argv, env, s.chdir)
+            spawn(self.reactor, proto, argv, env, s.chdir, s.sandbox)
         except OSError as e:
             return Refusal("spawn", f"cannot start {argv[0]}: {e.strerror}")
         running = self.running[job] = Running(job, channel, proto, client, argv,

@@ -84,6 +84,47 @@ class TerminalProcess(process.PTYProcess):
         super()._setupChild(*args, **kwargs)
 
 
+class Trampoline(Protocol):
+    """What a sandboxed job's forked child runs instead of exec (rexnet.worker.sandbox)."""
+
+    def run(self, fdmap: Mapping[int, int]) -> None: ...
+
+
+class SandboxedProcess(process.Process):
+    """The trampoline of a job with pipes (and socketpairs), forked from the worker."""
+
+    processReaderFactory = PipeReader
+
+    def __init__(self, trampoline: Trampoline, *args: Any) -> None:
+        self.trampoline = trampoline
+        super().__init__(*args)
+
+    def _trySpawnInsteadOfFork(self, *args: Any) -> bool:
+        return False
+
+    def _setupChild(self, fdmap: dict[int, int]) -> None:
+        self._fdmap = fdmap
+
+    def _execChild(self, *args: Any) -> None:
+        self.trampoline.run(self._fdmap)
+
+
+class SandboxedTerminal(process.PTYProcess):
+    """The trampoline of a job in a terminal: the job's command takes the terminal as its
+    controlling terminal (the supervisor, root, may take it from the trampoline)."""
+
+    def __init__(self, trampoline: Trampoline, *args: Any) -> None:
+        self.trampoline = trampoline
+        super().__init__(*args)
+
+    def _setupChild(self, masterfd: int, slavefd: int) -> None:
+        os.close(masterfd)
+        self._fdmap = {0: slavefd, 1: slavefd, 2: slavefd}
+
+    def _execChild(self, *args: Any) -> None:
+        self.trampoline.run(self._fdmap)
+
+
 def set_winsize(fd: int, rows: int, cols: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
@@ -97,20 +138,32 @@ class Spawnable(Protocol):
     def child_fds(self) -> tuple[dict[int, Any], dict[int, socket.socket]]: ...
 
 
+class Isolator(Protocol):
+    """Starts jobs in sandboxes of their own (rexnet.worker.sandbox.Sandbox)."""
+
+    def spawn(self, reactor: Any, proto: Any, argv: Sequence[str], env: Mapping[str, str],
+              cwd: str | None) -> Any: ...
+
+
 def spawn(
     reactor: Any,
     proto: Spawnable,
     argv: Sequence[str],
     env: Mapping[str, str],
     cwd: str | None = None,
+    sandbox: Isolator | None = None,
 ) -> Any:
-    """Start ARGV as the job of PROTO: with pipes (and socketpairs), or in a pty."""
+    """Start ARGV as the job of PROTO: with pipes (and socketpairs), or in a pty; in a
+    sandbox of its own when SANDBOX is given."""
     assert isinstance(proto, ProcessProtocol)
     start = proto.start
     if start.tty:
         # the terminal has its own size: LINES and COLUMNS (say, inherited from the
         # worker's environment) would override it for curses programs, resizes included
         env = {k: v for k, v in env.items() if k not in ("LINES", "COLUMNS")}
+    if sandbox is not None:
+        return sandbox.spawn(reactor, proto, argv, env, cwd)
+    if start.tty:
         master, slave = os.openpty()
         set_winsize(slave, start.rows or 24, start.cols or 80)
         try:  # PTYProcess closes both once forked (the slave in the parent), not before

@@ -14,6 +14,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
 from rexnet.net.alerts import CRAT_PORT
@@ -31,7 +32,16 @@ from rexnet.worker.job import Limits
 from rexnet.worker.load import cpu_count
 from rexnet.worker.metrics import Metrics
 from rexnet.worker.multi import SharedWorkerService
+from rexnet.worker.sandbox import (
+    JobUsers,
+    Sandbox,
+    SandboxService,
+    missing_isolation,
+    parse_job_users,
+)
 from rexnet.worker.service import Worker, WorkerService, WorkerSettings
+
+log = Logger()
 
 
 class Options(VersionOption):
@@ -58,6 +68,14 @@ class Options(VersionOption):
         ["job-timeout", None, "0", "End a job after this many SECONDS (0: no limit)."],
         ["job-memory", None, "0", "End a job whose processes use more than this many BYTES "
          "of memory (suffixes K, M, G; 0: no limit)."],
+        ["job-pids", None, "0", "At most this many processes (and threads) per job (0: no "
+         "limit; needs a worker started as root)."],
+        ["job-cpus", None, "0", "At most this many CPUs' worth of time per job, e.g. 0.5 "
+         "(0: no limit; needs a worker started as root)."],
+        ["job-users", None, None, "Run each job as a user of its own from this pool: "
+         "rexjob0-15 (users rexjob0 to rexjob15), a uid range such as 61000-61015, or a "
+         "comma-separated list; one job per user at a time (needs a worker started as "
+         "root, which keeps root only in a small sandbox helper)."],
         ["config", "c", None, "Serve the applications of this TOML FILE instead of KEYFILE "
          "COMMAND (see rexnet(1) and etc/rexnet.toml.example)."],
         ["metrics", None, None, "Serve Prometheus metrics over HTTP on TCP HOST:PORT."],
@@ -69,6 +87,8 @@ class Options(VersionOption):
         ["allow-args", None, "Append any extra arguments of the client to COMMAND: option "
          "and file injection (a client can name any file the jobs' user can read); prefer "
          "--allow-arg."],
+        ["no-sandbox", None, "Run jobs without a sandbox even when started as root (no PID "
+         "namespace, control group, private /tmp or job users)."],
         ["python", None, "Run Python calls (rexnet.Executor.call) instead of a COMMAND: each "
          "job unpickles a callable and its arguments from its stdin in a fresh `python -c` "
          "process (the worker's own interpreter) and pickles back the result. "
@@ -178,6 +198,7 @@ class Options(VersionOption):
         except ValueError:
             raise usage.UsageError("--speed must be a number between 0.01 and 1000") from None
         slots = self["slots"]
+        self["slots_given"] = slots is not None
         try:
             self["slots"] = cpu_count() if slots is None else int(slots)
             if self["slots"] < 1:
@@ -197,6 +218,7 @@ class Options(VersionOption):
         except ValueError:
             raise usage.UsageError("--job-timeout must be a number of seconds >= 0") from None
         self["job-memory"] = parse_bytes(self["job-memory"])
+        self.sandbox_options()
         if self["chdir"] is not None:
             if not os.path.isdir(self["chdir"]):
                 raise usage.UsageError(f"--chdir: no such directory: {self['chdir']}")
@@ -220,6 +242,34 @@ class Options(VersionOption):
         if found is None:
             raise usage.UsageError(f"command not found: {command}")
         self["command"] = (os.path.abspath(found), *self["command"][1:])
+
+
+    def sandbox_options(self) -> None:
+        """--job-pids, --job-cpus, --job-users and --no-sandbox, checked together."""
+        try:
+            self["job-pids"] = int(self["job-pids"])
+            self["job-cpus"] = float(self["job-cpus"])
+            if self["job-pids"] < 0 or self["job-cpus"] < 0:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError("--job-pids and --job-cpus must be numbers >= 0") from None
+        self["sandboxed"] = os.geteuid() == 0 and not self["no-sandbox"]
+        if self["job-users"] is None:
+            self["job_users"] = []
+            return
+        if not self["sandboxed"]:
+            raise usage.UsageError("--job-users needs a worker started as root, without "
+                                   "--no-sandbox")
+        try:
+            self["job_users"] = parse_job_users(self["job-users"])
+        except ValueError as e:
+            raise usage.UsageError(f"--job-users: {e}") from None
+        if self["slots"] > len(self["job_users"]) and not self["slots_given"]:
+            self["slots"] = len(self["job_users"])
+        elif self["slots"] > len(self["job_users"]):
+            raise usage.UsageError(f"--job-users gives {len(self['job_users'])} users for "
+                                   f"{self['slots']} slots: give one user per slot (or "
+                                   "fewer --slots)")
 
 
 def parse_bytes(text: str) -> int:
@@ -331,6 +381,23 @@ def makeService(config: Options) -> IService:
     return top
 
 
+def sandbox_for(config: Options, top: MultiService) -> Sandbox | None:
+    """The sandbox of one application (its helper starts with TOP, while the worker is
+    still root), or None; either way the worker's start-up log says which isolation its
+    jobs get."""
+    if not config["sandboxed"]:
+        reason = ("job isolation off (--no-sandbox)" if config["no-sandbox"]
+                  else missing_isolation())
+        limits = [f"--{o}" for o in ("job-pids", "job-cpus") if config[o]]
+        log.warn("{reason}{ignored}", reason=reason, ignored=f"; {' and '.join(limits)} "
+                 "cannot be enforced" if limits else "")
+        return None
+    users = JobUsers(config["job_users"]) if config["job_users"] else None
+    sandbox = Sandbox(users)
+    SandboxService(sandbox).setServiceParent(top)
+    return sandbox
+
+
 def worker_for(config: Options, top: MultiService, reactor: Any,
                metrics: Metrics | None = None, announce: AnnounceSocket | None = None
                ) -> Worker:
@@ -357,8 +424,10 @@ def worker_for(config: Options, top: MultiService, reactor: Any,
         keyfile=os.path.abspath(config["keyfile"]),
         alert_targets=tuple(config["alerts"]),
         chdir=config["chdir"],
-        limits=Limits(config["job-timeout"], config["job-memory"]),
+        limits=Limits(config["job-timeout"], config["job-memory"], config["job-pids"],
+                      config["job-cpus"]),
         revoked=revoked,
+        sandbox=sandbox_for(config, top),
     )
     worker = Worker(settings, reactor, socket=announce, metrics=metrics)
     if config["register"]:

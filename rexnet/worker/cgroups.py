@@ -1,0 +1,173 @@
+"""A control group per job: its memory, pids and CPU bounds, and a kill of all it holds.
+
+Used by the root sandbox helper (rexnet.worker.sandboxd). cgroup v2 where /sys/fs/cgroup
+is the unified hierarchy (cgroup.kill, or cgroup.freeze and SIGKILL on older kernels);
+otherwise v1 with one directory per controller among memory, pids, cpu and freezer
+(freezer.state FROZEN, SIGKILL every task, THAWED). A job's group is created below the
+helper's own group of each hierarchy (as /proc/self/cgroup names it), so the worker's
+own limits still bound its jobs together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+CPU_PERIOD = 100_000  # microseconds
+PARENT = "rexnet-jobs"
+
+
+def _own_paths() -> dict[str, str]:
+    """This process's group in each hierarchy: {controller or "" (v2): path}."""
+    paths: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                paths[name] = path
+    return paths
+
+
+def version() -> int:
+    """2 on a unified hierarchy, 1 when v1 controllers are mounted, 0 without cgroups."""
+    if (ROOT / "cgroup.controllers").exists():
+        return 2
+    return 1 if any((ROOT / c / "cgroup.procs").exists() for c in V1_CONTROLLERS) else 0
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+class JobCgroup:
+    """The control group(s) of one job, NAME, below this process's own."""
+
+    def __init__(self, name: str) -> None:
+        self.version = version()
+        own = _own_paths()
+        if self.version == 2:
+            base = ROOT / own.get("", "/").lstrip("/") / PARENT
+            self.dirs = {"": base / name}
+            self._enable_v2(base)
+        else:
+            self.dirs = {c: ROOT / c / own.get(c, "/").lstrip("/") / PARENT / name
+                         for c in V1_CONTROLLERS if (ROOT / c / "cgroup.procs").exists()}
+        for d in self.dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _enable_v2(base: Path) -> None:
+        """Delegate memory, pids and cpu to the jobs' parent group (created if needed)."""
+        base.mkdir(exist_ok=True)
+        parent = base.parent
+        available = (parent / "cgroup.controllers").read_text().split()
+        wanted = " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in available)
+        for group in (parent, base):
+            if wanted:
+                with contextlib.suppress(OSError):  # EBUSY: processes in PARENT
+                    _write(group / "cgroup.subtree_control", wanted)
+
+    def _file(self, controller: str, v1: str, v2: str) -> Path | None:
+        if self.version == 2:
+            return self.dirs[""] / v2
+        d = self.dirs.get(controller)
+        return d / v1 if d is not None else None
+
+    def limit(self, memory: int = 0, pids: int = 0, cpus: float = 0.0) -> list[str]:
+        """Set the bounds that are not 0; return the names of those this host cannot set."""
+        missing = []
+        settings: list[tuple[str, str, str, str]] = []
+        if memory:
+            settings.append(("memory", "memory.limit_in_bytes", "memory.max", str(memory)))
+            settings.append(("memory", "memory.memsw.limit_in_bytes", "memory.swap.max",
+                             str(memory) if self.version == 1 else "0"))
+        if pids:
+            settings.append(("pids", "pids.max", "pids.max", str(pids)))
+        if cpus:
+            quota = max(1000, int(cpus * CPU_PERIOD))
+            if self.version == 2:
+                settings.append(("cpu", "", "cpu.max", f"{quota} {CPU_PERIOD}"))
+            else:
+                settings.append(("cpu", "cpu.cfs_period_us", "", str(CPU_PERIOD)))
+                settings.append(("cpu", "cpu.cfs_quota_us", "", str(quota)))
+        for controller, v1, v2, value in settings:
+            path = self._file(controller, v1, v2)
+            try:
+                if path is None or not path.name:
+                    raise OSError
+                _write(path, value)
+            except OSError:
+                if "swap" not in (v1 + v2):  # swap accounting is often off: not a bound
+                    missing.append(controller)
+        return sorted(set(missing))
+
+    def join(self) -> None:
+        """Move the calling process into the group (its children follow)."""
+        for d in self.dirs.values():
+            _write(d / "cgroup.procs", "0")
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for d in self.dirs.values():
+            with contextlib.suppress(OSError, ValueError):
+                found.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL every process in the group, new ones forked meanwhile included."""
+        if self.version == 2:
+            with contextlib.suppress(OSError):
+                _write(self.dirs[""] / "cgroup.kill", "1")
+                return
+        freezer = self.dirs.get("freezer") if self.version == 1 else self.dirs.get("")
+        frozen = False
+        if freezer is not None:
+            state = freezer / ("freezer.state" if self.version == 1 else "cgroup.freeze")
+            with contextlib.suppress(OSError):
+                _write(state, "FROZEN" if self.version == 1 else "1")
+                frozen = True
+        for _ in range(100):
+            found = self.pids()
+            if not found:
+                break
+            for pid in found:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if frozen:  # a frozen group gets its SIGKILLs once thawed
+                with contextlib.suppress(OSError):
+                    _write(state, "THAWED" if self.version == 1 else "0")
+                frozen = False
+            time.sleep(0.005)
+
+    def memory_exceeded(self) -> bool:
+        """Whether the kernel ended a process of the group for its memory bound."""
+        if self.version == 2:
+            path, key = self.dirs[""] / "memory.events", "oom_kill"
+        elif "memory" in self.dirs:
+            path, key = self.dirs["memory"] / "memory.oom_control", "oom_kill"
+        else:
+            return False
+        with contextlib.suppress(OSError, ValueError):
+            for line in path.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name in (key, "oom_group_kill") and int(value) > 0:
+                    return True
+        return False
+
+    def remove(self) -> None:
+        """Remove the (empty) group; retried while its last processes are reaped."""
+        for d in self.dirs.values():
+            for _ in range(200):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.005)
