@@ -221,9 +221,12 @@ def test_a_job_sees_a_minimal_environment_not_the_workers(
 
 def test_allow_args_lets_a_client_print_the_key_and_the_worker_says_so(keys: Keys) -> None:
     """The attack, documented (README, SECURITY.md): with --allow-args, `cat` is given the
-    worker's own key. The worker warns at start on both counts."""
+    worker's own key. The worker warns at start on both counts. (Without the sandbox: the
+    test's key sits in /tmp, which a sandboxed job sees as its own empty /tmp; a key in
+    /etc/rexnet would be as readable to a sandboxed job of the same user.)"""
     addr = f"{loopback_address()}:3010"
-    worker = start_worker(keys.worker, ["cat"], addr, "careless", "--allow-args")
+    worker = start_worker(keys.worker, ["cat"], addr, "careless", "--allow-args",
+                          "--no-sandbox")
     try:
         worker.wait_for(r"can read the worker's key .*testapp\.worker")
         worker.wait_for(r"--allow-args appends any argument a client sends")
