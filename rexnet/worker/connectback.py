@@ -39,6 +39,8 @@ class Pending:
     spread: float = 0.0  # the width of the random part of DELAY, in ms
     connecting: defer.Deferred[Any] | None = None
     connected: bool = False  # TCP is up: the client will say over TLS whether we won
+    slots: int = 1  # the slots it holds (the announcement's cpus)
+    mem: int = 0  # the free memory the announcement asked for, reserved meanwhile
 
 
 def connect_back_target(dgram: wire.Datagram, addrs: tuple[str, ...], port: int,

@@ -24,11 +24,12 @@ from rexnet.security.hardening import make_undumpable
 from rexnet.security.tls import Revocations, connecting_options
 from rexnet.version import __version__
 from rexnet.worker.channel import WorkerChannel
+from rexnet.worker.commands import CommandPolicy, CommandRefused
 from rexnet.worker.complaints import COMPLAINT_RATE, Complaints
 from rexnet.worker.connectback import ConnectBacks, Pending, connect_back_target
 from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.job import KILL_GRACE, JobProcess, Limits
-from rexnet.worker.load import Crowd, HostLoad, load_figure, sample_host
+from rexnet.worker.load import Crowd, HostLoad, connect_back_delay, load_figure, sample_host
 from rexnet.worker.machine import Refusal
 from rexnet.worker.metrics import NO_METRICS, Metrics, NoMetrics
 from rexnet.worker.spawn import spawn
@@ -62,6 +63,8 @@ class WorkerSettings:
     chdir: str | None = None
     limits: Limits = field(default_factory=Limits)
     revoked: Revocations | None = None  # rexnet.security.revocation.RevokedFile
+    commands: CommandPolicy = field(default_factory=CommandPolicy)
+    """--commands / --any-command: the client names the program (then COMMAND is empty)."""
 
     def accepts_env(self, name: str) -> bool:
         """Whether a job may set variable NAME (sshd's AcceptEnv patterns)."""
@@ -77,6 +80,7 @@ class Running:
     argv: list[str] = field(default_factory=list)
     started: float = 0.0
     keep: bool = False  # the client asked to keep the channel for its next job
+    slots: int = 1  # the slots it takes (the client's --cpus)
 
 
 class Worker:
@@ -137,11 +141,29 @@ class Worker:
 
     @property
     def busy(self) -> int:
-        """Slots in use: running jobs and reserved connect-backs."""
-        return len(self.running) + len(self.pending)
+        """Slots in use: running jobs and reserved connect-backs (each counts its CPUs)."""
+        return (sum(r.slots for r in self.running.values())
+                + sum(p.slots for p in self.pending.values()))
 
-    def free_slot(self) -> bool:
-        return self.busy < self.settings.slots
+    def free_slot(self, start: wire.Start | None = None) -> bool:
+        """Whether a job fits now: a free slot (START's cpus of them, on a warm channel),
+        START's free memory, and this worker among START's workers if it names some."""
+        if start is None:
+            return self.busy < self.settings.slots
+        return self.fits(start.cpus, start.mem, start.workers) is None
+
+    def fits(self, cpus: int, mem: int, workers: tuple[str, ...]) -> str | None:
+        """Why a job of CPUS slots needing MEM bytes for WORKERS does not fit, or None."""
+        s = self.settings
+        if workers and s.name not in workers:
+            return f"it is for {', '.join(workers)}"
+        if s.slots - self.busy < cpus:
+            return f"{cpus} slot(s) asked, {max(s.slots - self.busy, 0)} free"
+        if mem:
+            free = self.sample().free_memory - sum(p.mem for p in self.pending.values())
+            if free < mem:
+                return f"{mem} bytes of memory asked, {max(free, 0)} free"
+        return None
 
     # -- datagrams --------------------------------------------------------------------
 
@@ -183,11 +205,12 @@ class Worker:
     def _status(self, dgram: wire.Datagram, host: str) -> None:
         query, _ = self.checker.check_status(dgram, host)
         s, figures = self.settings, self.sample()
+        load = load_figure(figures, self.busy, s.slots)
         reply = wire.StatusReply(
-            query.nonce, now_ms(), s.name, __version__,
-            round(load_figure(figures, self.busy, s.slots), 4), figures.cpus, s.speed,
-            s.slots, len(self.running), figures.free_memory, self.jobs_run,
-            round(self.reactor.seconds() - self.started_at, 1))
+            query.nonce, now_ms(), s.name, __version__, round(load, 4), figures.cpus,
+            s.speed, s.slots, len(self.running), figures.free_memory, self.jobs_run,
+            round(self.reactor.seconds() - self.started_at, 1), self.busy,
+            round(connect_back_delay(load, s.speed, lambda: 0.0) * 1000, 3))
         data = wire.encode_datagram(reply, s.credential.app_id, s.credential.key,
                                     s.credential.cert_der)
         self.socket.reply(data, connect_back_target(dgram, query.addrs, query.port, host))
@@ -199,9 +222,17 @@ class Worker:
         if self.busy >= self.settings.slots:
             log.debug("no free slot for job from {client}", client=client.info.name)
             return
+        if ann.cpus != 1 or ann.mem or ann.workers:
+            why = self.fits(ann.cpus, ann.mem, ann.workers)
+            if why is not None:
+                log.debug("not answering job from {client}: {why}", client=client.info.name,
+                          why=why)
+                return
         load = load_figure(self.sample(), self.busy, self.settings.slots)
-        self.connect_backs.promise(ann.job_id, client, load, self.settings.speed,
-                                   connect_back_target(dgram, ann.addrs, ann.port, host))
+        pending = self.connect_backs.promise(
+            ann.job_id, client, load, self.settings.speed,
+            connect_back_target(dgram, ann.addrs, ann.port, host))
+        pending.slots, pending.mem = ann.cpus, ann.mem
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
         pending = self.pending.get(taken.job_id)
@@ -247,14 +278,17 @@ class Worker:
                   ) -> Running | Refusal:
         """Run START's job on CHANNEL, or say why not."""
         s = self.settings
-        if start.args and not s.allow_args:
+        if start.args and not s.allow_args and not s.commands.enabled:
             return Refusal("args", "this worker does not accept extra arguments "
                            "(its administrator can allow them with --allow-args)")
         if start.tty and start.fds:
             return Refusal("fds", "--fd cannot be combined with a terminal (use -T)")
+        placed = place(s.commands, s.command, start, s.chdir, s.name)
+        if isinstance(placed, Refusal):
+            return placed
+        argv, cwd = placed
         job = uuid.uuid4().hex[:12]
         client = CertInfo.of(channel.peer_cert).name
-        argv = [*s.command, *start.args]
         accepted = {k: v for k, v in start.env if s.accepts_env(k)}
         refused = tuple(k for k, _ in start.env if k not in accepted)
         env = dict(os.environ, **accepted, REXNET_JOB_ID=job, REXNET_WORKER=s.name,
@@ -265,20 +299,23 @@ class Worker:
                            lambda code, sig, limit: self._ended(job, code, sig, limit),
                            start, s.limits)
         try:
-            spawn(self.reactor, proto, argv, env, s.chdir)
+            spawn(self.reactor, proto, argv, env, cwd)
         except OSError as e:
             return Refusal("spawn", f"cannot start {argv[0]}: {e.strerror}")
         running = self.running[job] = Running(job, channel, proto, client, argv,
-                                              self.reactor.seconds(), start.keep)
+                                              self.reactor.seconds(), start.keep,
+                                              max(start.cpus, 1))
         self.alerts.send("job-started", job=job, worker=s.name, client=client,
                          client_addr=channel.peer_address(), command=" ".join(argv)[:200])
         self.jobs_run += 1
         self.metrics.job_started()
-        channel.send(wire.Started(job, refused))
-        log.info("job {job} started for {client} from {peer}{warm}: {argv}{tty}", job=job,
-                 client=client, peer=channel.peer_address(), argv=argv,
+        channel.send(wire.Started(job, refused, (cwd or os.getcwd())
+                                  if s.commands.enabled else ""))
+        log.info("job {job} started for {client} from {peer}{warm}: {argv}{tty}{cwd}",
+                 job=job, client=client, peer=channel.peer_address(), argv=argv,
                  warm=" on a warm channel" if warm else "",
-                 tty=" (in a terminal)" if start.tty else "")
+                 tty=" (in a terminal)" if start.tty else "",
+                 cwd=f" in {cwd}" if cwd and cwd != s.chdir else "")
         return running
 
     def _ended(self, job: str, code: int | None, sig: int | None, limit: str) -> None:
@@ -329,6 +366,31 @@ class Worker:
             self._idle.callback(None)
 
 
+def place(commands: CommandPolicy, command: tuple[str, ...], start: wire.Start,
+          chdir: str | None, name: str) -> tuple[list[str], str | None] | Refusal:
+    """The argv and directory of START's job: COMMAND and its arguments in CHDIR (a fixed
+    COMMAND), or the program START names if COMMANDS allows it, in the client's directory
+    when this host has it (else CHDIR, unless the client required its own); or why not."""
+    if not commands.enabled:
+        if start.cwd_required:
+            return Refusal("cwd", f"worker {name} runs its fixed command in its own "
+                           "directory: --cwd is for command workers (--commands)")
+        return [*command, *start.args], chdir
+    if not start.args:
+        return Refusal("command", "this worker runs the program the client names: give "
+                       "one after --, as in `rexnet exec APP -- cc -c foo.c`")
+    program = commands.resolve(start.args[0])
+    if isinstance(program, CommandRefused):
+        return Refusal(program.reason, program.message)
+    cwd = chdir
+    if start.cwd:
+        if os.path.isdir(start.cwd):
+            cwd = start.cwd
+        elif start.cwd_required:
+            return Refusal("cwd", f"worker {name} has no directory {start.cwd[:300]}")
+    return [program, *start.args[1:]], cwd
+
+
 class WorkerService(Service):
     """Listens for announcements on UDP (joining multicast groups) for one Worker."""
 
@@ -365,7 +427,10 @@ class WorkerService(Service):
             self.reporter.start(STATUS_INTERVAL, now=True)
         log.info("worker {name} serves {app} ({command}) with {slots} slots at speed {speed}; "
                  "listening on {host}:{port}", name=s.name, app=s.credential.app,
-                 command=" ".join(s.command), slots=s.slots, speed=s.speed, host=host,
+                 command=" ".join(s.command) or (
+                     "any command" if s.commands.any
+                     else "commands " + ", ".join(s.commands.patterns)),
+                 slots=s.slots, speed=s.speed, host=host,
                  port=self.port.getHost().port)  # type: ignore[union-attr]
 
     def stopService(self) -> defer.Deferred[Any]:

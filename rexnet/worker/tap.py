@@ -26,6 +26,7 @@ from rexnet.protocol.remotecall import RUNNER
 from rexnet.security.credentials import CredentialError, load_credential
 from rexnet.security.revocation import open_list
 from rexnet.security.tls import connecting_options
+from rexnet.worker.commands import CommandPolicy
 from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.job import Limits
 from rexnet.worker.load import cpu_count
@@ -35,7 +36,8 @@ from rexnet.worker.service import Worker, WorkerService, WorkerSettings
 
 
 class Options(VersionOption):
-    synopsis = "[options] KEYFILE COMMAND [ARG...] | --python KEYFILE | --config FILE"
+    synopsis = ("[options] KEYFILE COMMAND [ARG...] | --commands PATTERN... KEYFILE | "
+                "--any-command KEYFILE | --python KEYFILE | --config FILE")
     longdesc = (
         "Serve one rexnet application: hear announcements of its clients, connect back "
         "to the client after a delay that grows with this host's load, and run COMMAND "
@@ -46,7 +48,10 @@ class Options(VersionOption):
         "authenticated clients). With --config, every [applications.NAME.worker] table of "
         "FILE is served by this one process (its keys are this command's long options, "
         "plus credential and command); applications listening on the same address share "
-        "one socket."
+        "one socket. With --commands (or --any-command) and no COMMAND, the client names "
+        "the program and its arguments (rexnet exec APP -- cc -c foo.c): the worker "
+        "looks the name up in its own PATH and runs it if it is allowed, in the client's "
+        "working directory when this host has the same path."
     )
     optParameters = [
         ["listen", "l", f"0.0.0.0:{DEFAULT_PORT}",
@@ -67,6 +72,8 @@ class Options(VersionOption):
     ]
     optFlags = [
         ["allow-args", None, "Append the client's extra arguments to COMMAND."],
+        ["any-command", None, "Run whatever program the client names (no COMMAND; for a "
+         "trusted cluster: every authenticated client can run anything as this worker)."],
         ["python", None, "Run Python calls (rexnet.Executor.call) instead of a COMMAND: each "
          "job unpickles a callable and its arguments from its stdin in a fresh `python -c` "
          "process (the worker's own interpreter) and pickles back the result. "
@@ -79,6 +86,15 @@ class Options(VersionOption):
         self["accept-env"] = []
         self["alerts"] = []
         self["register"] = []
+        self["commands"] = []
+
+    def opt_commands(self, pattern: str) -> None:
+        """Let clients name the program: one whose name or absolute path matches PATTERN
+        (shell wildcards; repeatable); give no COMMAND. The worker resolves a name in its
+        own PATH."""
+        if not pattern or "\0" in pattern:
+            raise usage.UsageError("--commands: give a program name or path pattern")
+        self["commands"].append(pattern)
 
     def opt_join(self, group: str) -> None:
         """Join this multicast GROUP for announcements (repeatable)."""
@@ -177,6 +193,15 @@ class Options(VersionOption):
             if not os.path.isdir(self["chdir"]):
                 raise usage.UsageError(f"--chdir: no such directory: {self['chdir']}")
             self["chdir"] = os.path.abspath(self["chdir"])
+        if self["commands"] or self["any-command"]:
+            if self["command"] or self["python"] or self["allow-args"]:
+                raise usage.UsageError("--commands and --any-command let the client name the "
+                                       "program and its arguments: give no COMMAND, "
+                                       "--python or --allow-args")
+            if self["commands"] and self["any-command"]:
+                raise usage.UsageError("--any-command allows every program: give no "
+                                       "--commands with it")
+            return
         if self["python"]:
             if self["command"]:
                 raise usage.UsageError("--python runs Python calls: give no COMMAND")
@@ -186,7 +211,7 @@ class Options(VersionOption):
             return
         if not self["command"]:
             raise usage.UsageError("Wrong number of arguments: give KEYFILE COMMAND [ARG...] "
-                                   "(or --python KEYFILE)")
+                                   "(or --python KEYFILE, or --commands PATTERN KEYFILE)")
         command = self["command"][0]
         found = shutil.which(command)
         if found is None:
@@ -328,6 +353,7 @@ def worker_for(config: Options, top: MultiService, reactor: Any,
         chdir=config["chdir"],
         limits=Limits(config["job-timeout"], config["job-memory"]),
         revoked=revoked,
+        commands=CommandPolicy.of(tuple(config["commands"]), bool(config["any-command"])),
     )
     worker = Worker(settings, reactor, socket=announce, metrics=metrics)
     if config["register"]:
