@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from rexnet.net.announce import DEFAULT_PORT, parse_target
 from rexnet.net.datalink import DatagramLink
+from rexnet.net.groups import joined
 from rexnet.net.registration import RegisteredWorkers
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL
@@ -42,6 +43,12 @@ class Options(VersionOption):
     def __init__(self) -> None:
         super().__init__()
         self["announce"] = []
+        self["join"] = []
+
+    def opt_join(self, group: str) -> None:
+        """Join this multicast GROUP on the --listen side, for announcements and alerts
+        sent there (repeatable; default: $GROUP, when it is a multicast group)."""
+        self["join"].append(group)
 
     def opt_announce(self, target: str) -> None:
         """Re-announce to ADDR[:PORT] on the other network (repeatable; required): a
@@ -65,6 +72,10 @@ class Options(VersionOption):
             self["listen_addr"] = parse_target(self["listen"], any_port=True)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        try:
+            self["join"] = joined(self["join"])
+        except ValueError as e:
+            raise usage.UsageError(f"--join: {e}") from None
 
 
 def makeService(config: Options) -> IService:
@@ -72,7 +83,7 @@ def makeService(config: Options) -> IService:
 
     relay = Relay(reactor, config["announce"])
     top = MultiService()
-    RelayService(relay, config["listen_addr"]).setServiceParent(top)
+    RelayService(relay, config["listen_addr"], tuple(config["join"])).setServiceParent(top)
     if config["register"]:
         try:
             credential = load_credential(Path(config["credential"]), "client")

@@ -19,6 +19,7 @@ from twisted.python import usage
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import DEFAULT_PORT, parse_target
 from rexnet.net.datalink import DatagramLink
+from rexnet.net.groups import env_groups, joined
 from rexnet.net.registration import WorkerRegistration
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
@@ -97,7 +98,8 @@ class Options(VersionOption):
         self["commands"].append(pattern)
 
     def opt_join(self, group: str) -> None:
-        """Join this multicast GROUP for announcements (repeatable)."""
+        """Join this multicast GROUP for announcements (repeatable; default: $GROUP, when
+        it is a multicast group, as clients announce there)."""
         self["join"].append(group)
 
     def opt_alerts(self, target: str) -> None:
@@ -177,10 +179,16 @@ class Options(VersionOption):
         except ValueError:
             raise usage.UsageError("--slots must be a whole number of at least 1") from None
         self["name"] = self["name"] or socket.gethostname()
+        try:
+            self["join"] = joined(self["join"])  # no --join: $GROUP, if a multicast group
+        except ValueError as e:
+            raise usage.UsageError(f"--join: {e}") from None
         if not self["alerts"]:
             defaults = [(group, CRAT_PORT) for group in self["join"]]
-            if self["listen_addr"][0] == "0.0.0.0":
-                defaults.append(("255.255.255.255", CRAT_PORT))
+            group = os.environ.get("GROUP", "")
+            if self["listen_addr"][0] == "0.0.0.0" and not env_groups():
+                broadcast = group.rpartition(":")[0] if group.count(":") == 1 else group
+                defaults.append((broadcast or "255.255.255.255", CRAT_PORT))
             self["alerts"] = defaults
         try:
             self["job-timeout"] = float(self["job-timeout"])
