@@ -87,10 +87,11 @@ class CommandPolicy:
         if not program.startswith("/"):
             if self.any:
                 return program
-            return CommandRefused("command", f"{shown}: name the program, or give its "
-                                  "absolute path (a relative path is not allowed)")
+            return CommandRefused("command", f"{shown}: not an allowed command (a relative "
+                                  "path: name the program, or give its absolute path)")
         if os.path.normpath(program) != program or program.startswith("//"):
-            return CommandRefused("command", f"{shown}: not a normal absolute path")
+            return CommandRefused("command", f"{shown}: not an allowed command (not a normal "
+                                  "absolute path)")
         name = os.path.basename(program)
         allowed = self.any or self._path_allowed(program) or (
             any(fnmatch.fnmatchcase(name, p) for p in self._names())
