@@ -147,24 +147,23 @@ def test_a_job_holds_its_cpus_and_status_shows_them(keys: Keys,
     sleeper = subprocess.Popen(exec_argv(keys.client, [workers["big"]], "--cpus", "3", "--",
                                          "sleep", "30"), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
+
+    def status(*options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([REXNET, "status", *options, "-a", targets[0], "-a", targets[1],
+                               str(keys.client)], capture_output=True, text=True, timeout=30)
+
     try:
-        status = ""
+        table = ""
         for _ in range(40):
-            status = subprocess.run([REXNET, "status", *sum((["-a", t] for t in targets), []),
-                                     str(keys.client)], capture_output=True, text=True,
-                                    timeout=30).stdout
-            if any(line.startswith("big ") and " 3/3 " in line for line in status.splitlines()):
+            table = status().stdout
+            if any(line.startswith("big ") and " 3/3 " in line for line in table.splitlines()):
                 break
         else:
-            raise AssertionError(status)
+            raise AssertionError(table)
         # big is full: a job goes to small, and status --best says so
-        best = subprocess.run([REXNET, "status", "--best", *sum((["-a", t] for t in targets),
-                                                                [])
-                               , str(keys.client)], capture_output=True, text=True, timeout=30)
+        best = status("--best")
         assert best.stdout == "small\n", best.stderr
-        nobody = subprocess.run([REXNET, "status", "--best", "--cpus", "2",
-                                 *sum((["-a", t] for t in targets), []), str(keys.client)],
-                                capture_output=True, text=True, timeout=30)
+        nobody = status("--best", "--cpus", "2")
         assert nobody.returncode == exitcodes.NO_WORKER and nobody.stdout == ""
         done = run_exec(keys.client, targets, "-v", "--", "echo")
         assert b"runs on worker small (" in done.stderr, done.stderr
