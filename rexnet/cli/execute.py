@@ -164,3 +164,15 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                         epilog=EXIT_CODES_HELP)
     exec_arguments(ex)
     ex.set_defaults(func=cmd_exec)
+
+
+def cexec_parser() -> argparse.ArgumentParser:
+    """`cexec`'s parser: `rexnet exec` under cexec's name (its page is cexec(1))."""
+    from rexnet.version import __version__
+
+    p = Parser(prog="cexec", description="Run a job on the cluster (cexec, the alias of "
+               "rexnet exec, as the cexec 1.26 suite named its client).",
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES_HELP)
+    p.add_argument("--version", action="version", version=f"rexnet {__version__}")
+    exec_arguments(p)
+    return p
