@@ -41,7 +41,7 @@ bench: $(STAMP)
 tools:
 	@missing=""; \
 	for t in ip:iproute2 tc:iproute2 tmux:tmux nft:nftables chromium:chromium chromedriver:chromium-driver \
-	         man:man-db groff:groff-base; do \
+	         man:man-db groff:groff-base cc:gcc make:make; do \
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; \
 	done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

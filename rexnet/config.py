@@ -360,8 +360,9 @@ def worker_apps(source: Source, worker_keys: WorkerKeys) -> tuple[list[WorkerApp
         for key, value in table.items():
             settings[key.replace("_", "-")] = (value, source.where(where, key))
         for required in ("credential", "command"):
-            if required not in settings and not (required == "command" and settings.get(
-                    "python", (False, ""))[0]):
+            if required not in settings and not (required == "command" and any(
+                    settings.get(key, (False, ""))[0]
+                    for key in ("python", "commands", "any-command"))):
                 raise source.error(where, None, f"[applications.{name}.worker] needs "
                                    f"{required} = ...")
         argv: list[str] = []

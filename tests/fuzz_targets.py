@@ -163,18 +163,25 @@ def seeds() -> dict[str, list[bytes]]:
     """Valid inputs of each target, for mutation."""
     ann = wire.encode_datagram(wire.Announce(b"\1" * 16, 0, 0, 9, ("127.0.0.1",)),
                                client_cred.app_id, client_cred.key, client_cred.cert_der)
+    placed = wire.encode_datagram(wire.Announce(b"\2" * 16, 0, 0, 9, ("127.0.0.1",), 2,
+                                                1 << 30, ("w1", "w2")),
+                                  client_cred.app_id, client_cred.key, client_cred.cert_der)
     alert = wire.encode_datagram(wire.Alert(0, "job-finished", (("status", 0),)),
                                  worker_cred.app_id, worker_cred.key, worker_cred.cert_der)
     stream = b"".join(wire.encode_frame(f) for f in (
         wire.Hello("w", "0.1", 0.5, 1.0, 2, 0), wire.Data(1, b"x" * 100), wire.Eof(1),
-        wire.Exit(0, None, "")))
+        wire.Exit(0, None, ""), wire.Start(("cc", "-c"), cwd="/src", cwd_required=True,
+                                           cpus=2, mem=1 << 20, workers=("w",)),
+        wire.Started("j", (), "/src")))
     agent = b"".join(m.encode() for m in (
         agentwire.Exec(ExecRequest(keyfile="k", keypath="/k", args=("a",), fds=((3, "r"),),
-                                   env=(("A", "1"),)), 1),
+                                   env=(("A", "1"),), cwd="/d", cwd_required=True, cpus=2,
+                                   mem=5, workers=("w",)), 1),
         agentwire.Signal(2), agentwire.Winch(24, 80), agentwire.Exit(0, "")))
-    return {"datagram": [ann, alert], "announcement": [ann], "frames": [stream],
+    return {"datagram": [ann, alert, placed], "announcement": [ann, placed],
+            "frames": [stream],
             "agent_messages": [agent],
             "credential": [WORKER.read_bytes(), CA.read_bytes()],
             "trust_file": [WORKER.read_bytes()], "revocation": [b"# x\n0A client a\n"],
-            "crat": [alert], "worker_datagram": [ann],
+            "crat": [alert], "worker_datagram": [ann, placed],
             "all": [bytes([_NAMES.index("announcement")]) + ann]}

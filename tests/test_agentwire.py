@@ -81,7 +81,9 @@ def test_strings_escape_controls_quotes_and_lone_surrogates() -> None:
 def test_a_message_round_trips_in_any_chunks() -> None:
     messages = [Exec(REQUEST, 1), Signal(2), Winch(3, 4)]
     data = b"".join(m.encode() for m in messages)
-    assert json.loads(data[4:4 + struct.unpack("!I", data[:4])[0]]) == {"op": "exec", **EXEC}
+    assert json.loads(data[4:4 + struct.unpack("!I", data[:4])[0]]) == {
+        "op": "exec", **EXEC, "cwd": "", "cwd_required": False, "cpus": 1, "mem": 0,
+        "workers": []}
     for size in (1, 7, len(data)):
         for loads_with in (None, json.loads):
             decoder = Decoder(loads_with)

@@ -17,7 +17,9 @@ TOKENS = st.sampled_from(["-v", "-t", "-T", "-vT", "-tv", "--verbose", "--no-age
                           "--announce", "--announce=h:1", "-ah:2", "--timeout", "--timeout=2",
                           "--alerts", "--fd", "--fd=4", "-e", "-eA=1", "--env", "--env=B",
                           "--", "-", "key", "x", "-x", "--bogus", "3", "1.5", "h:3", "-h",
-                          "--time", "-1", "C=2", "--revoked", "--revoked=r"])
+                          "--time", "-1", "C=2", "--revoked", "--revoked=r", "--cwd",
+                          "--cwd=/d", "--cpus", "--cpus=2", "--mem", "--mem=1G", "--worker",
+                          "--worker=w", "--all", "--no-prefix"])
 
 
 def argparse_reading(tokens: list[str]) -> dict[str, object] | None:
@@ -29,7 +31,8 @@ def argparse_reading(tokens: list[str]) -> dict[str, object] | None:
     return {"keyfile": args.keyfile, "args": args.args, "announce": args.announce,
             "alerts": args.alerts, "timeout": args.timeout, "verbose": args.verbose,
             "tty": args.tty, "no_tty": args.no_tty, "fd": args.fd, "env": args.env,
-            "no_agent": args.no_agent, "revoked": args.revoked or ""}
+            "no_agent": args.no_agent, "revoked": args.revoked or "", "cwd": args.cwd,
+            "mem": args.mem, "cpus": args.cpus, "worker": args.worker}
 
 
 @settings(max_examples=1500)
@@ -44,6 +47,7 @@ def test_what_the_launcher_reads_argparse_reads_the_same(tokens: list[str]) -> N
 @pytest.mark.parametrize("tokens", [
     ["-v", "key"], ["--announce", "h:1", "-T", "key", "--", "a", "-b"],
     ["--timeout=5", "--fd", "4", "-eA=1", "key", "x", "y"], ["-vT", "key"],
+    ["--cwd", "/src", "--cpus", "2", "--mem=1G", "--worker", "w1", "key", "--", "cc"],
 ])
 def test_ordinary_command_lines_go_through_the_agent(tokens: list[str]) -> None:
     assert launcher.parse(tokens) is not None

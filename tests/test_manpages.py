@@ -20,7 +20,7 @@ from rexnet.cli.manpages import PLUGINS, Page, escape, options_of, pages, render
 SHARE = Path(sys.prefix, "share")
 EXPECTED = {"rexnet.1", "rexnet-exec.1", "rexnet-keygen.1", "rexnet-status.1",
             "rexnet-parallel.1", "rexnet-agent.1", "rexnet-worker.8", "crat.8", "cproxy.8",
-            "rexnet-tunnel.8"}
+            "rexnet-tunnel.8", "cexec.1"}
 
 
 def man(path: Path) -> str:
@@ -164,3 +164,11 @@ def test_the_worker_page_lists_every_metric_the_worker_serves() -> None:
     assert len(names) >= 12
     for name in names:
         assert re.search(rf"^\s+{name}$", text, re.M), f"{name} not on rexnet-worker(8)"
+
+
+def test_cexec_has_its_page_with_the_exit_codes_and_command_workers() -> None:
+    [page] = [p for p in pages() if p.name == "cexec"]
+    text = render(page)
+    assert "246" in text and "\\-\\-commands" in text
+    assert {"\\-\\-all", "\\-\\-cwd", "\\-\\-worker"} <= {
+        n for o in page.options for n in [escape(x) for x in o.names]}

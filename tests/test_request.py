@@ -71,7 +71,7 @@ def test_defaults_and_the_announce_fallback(tmp_path: Path) -> None:
     Path(key).touch()
     plain = build(options(key, no_tty=True), {})
     assert plain == ExecRequest(keyfile=key, keypath=key, announce=(DEFAULT_ANNOUNCE,),
-                                timeout=DEFAULT_TIMEOUT)
+                                timeout=DEFAULT_TIMEOUT, cwd=os.getcwd())
     assert build(options(key, no_tty=True), {"GROUP": "239.1.2.3"}).announce == ("239.1.2.3",)
     given = build(options(key, no_tty=True, announce=["h:1", "k"]), {"GROUP": "239.1.2.3"})
     assert given.announce == ("h:1", "k")

@@ -34,6 +34,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
         cluster = Cluster.for_request(request)
     except RequestError as e:
         fail(e.message, e.exit_code)
+    if getattr(args, "all", False):
+        from rexnet.cli.everywhere import run_everywhere
+
+        return run_everywhere(request, cluster, args.wait, prefix=not args.no_prefix)
+    if getattr(args, "no_prefix", False):
+        fail("--no-prefix goes with --all", exitcodes.USAGE)
     return run_job(request, cluster)
 
 
@@ -126,6 +132,24 @@ def exec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--env", metavar="NAME[=VALUE]", action="append", default=[],
                    help="set a variable in the job's environment, if the worker accepts it "
                    "(repeatable; NAME alone sends this process's value)")
+    p.add_argument("--cwd", metavar="DIR", help="run the job in DIR on the worker (a command "
+                   "worker: --commands); default: this directory, if the worker has the "
+                   "same path, else the worker's own; a worker without DIR refuses the job")
+    p.add_argument("--cpus", metavar="N", type=int, default=1,
+                   help="the job takes N slots: only a worker with N free answers (default 1)")
+    p.add_argument("--mem", metavar="SIZE", help="only a worker with SIZE of free memory "
+                   "answers (bytes, or a number with K, M, G or T)")
+    p.add_argument("--worker", metavar="NAME", action="append", default=[],
+                   help="only the worker called NAME may run the job (repeatable, at most 8)")
+    p.add_argument("--all", action="store_true",
+                   help="run the job on every worker that answers `rexnet status` within "
+                   "--wait (or those --worker names), each line of output prefixed with "
+                   "the worker's name; exit with the highest status")
+    p.add_argument("--no-prefix", action="store_true",
+                   help="with --all: print each worker's output as one block under a header "
+                   "(as dshbak), not line by line with its name")
+    p.add_argument("--wait", metavar="SECONDS", type=float, default=1.0,
+                   help="with --all: how long to collect the workers' answers (default 1)")
     p.add_argument("--no-agent", action="store_true",
                    help="run without the agent (as does REXNET_NO_AGENT=1): this process "
                    "finds the worker itself (see `rexnet agent --help`)")
@@ -140,3 +164,15 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                         epilog=EXIT_CODES_HELP)
     exec_arguments(ex)
     ex.set_defaults(func=cmd_exec)
+
+
+def cexec_parser() -> argparse.ArgumentParser:
+    """`cexec`'s parser: `rexnet exec` under cexec's name (its page is cexec(1))."""
+    from rexnet.version import __version__
+
+    p = Parser(prog="cexec", description="Run a job on the cluster (cexec, the alias of "
+               "rexnet exec, as the cexec 1.26 suite named its client).",
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES_HELP)
+    p.add_argument("--version", action="version", version=f"rexnet {__version__}")
+    exec_arguments(p)
+    return p

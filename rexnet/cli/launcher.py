@@ -30,7 +30,8 @@ FLAGS = {"-v": "verbose", "--verbose": "verbose", "-t": "tty", "-T": "no_tty",
          "--no-agent": "no_agent"}
 VALUED = {"-a": "announce", "--announce": "announce", "--timeout": "timeout",
           "--alerts": "alerts", "--fd": "fd", "-e": "env", "--env": "env",
-          "--revoked": "revoked"}
+          "--revoked": "revoked", "--cwd": "cwd", "--mem": "mem", "--cpus": "cpus",
+          "--worker": "worker"}
 START_WAIT = 5.0
 
 
@@ -59,7 +60,8 @@ def parse(tokens: Sequence[str]) -> dict[str, object] | None:
     parser then reads the command line and says what is wrong with it)."""
     opts: dict[str, object] = {"verbose": False, "tty": False, "no_tty": False,
                                "no_agent": False, "announce": [], "alerts": [], "fd": [],
-                               "env": [], "timeout": None, "revoked": ""}
+                               "env": [], "timeout": None, "revoked": "", "cwd": None,
+                               "mem": None, "cpus": 1, "worker": []}
     positional: list[str] = []
     block = "before"  # the positional arguments come in one block (as argparse wants)
     i, only_positional = 0, False
@@ -104,7 +106,9 @@ def parse(tokens: Sequence[str]) -> dict[str, object] | None:
                 opts[key] = float(value)
             elif key == "fd":
                 opts[key].append(int(value))  # type: ignore[attr-defined]
-            elif key == "revoked":
+            elif key == "cpus":
+                opts[key] = int(value)
+            elif key in ("revoked", "cwd", "mem"):
                 opts[key] = value
             else:
                 opts[key].append(value)  # type: ignore[attr-defined]

@@ -73,12 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cexec_main(argv: Sequence[str] | None = None) -> int:
     """`cexec KEYFILE [ARG...]`: the same as `rexnet exec`."""
-    p = Parser(prog="cexec", description="Run a job on the cluster (alias of rexnet exec).",
-               formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog=execute.EXIT_CODES_HELP)
-    p.add_argument("--version", action="version", version=f"rexnet {__version__}")
-    execute.exec_arguments(p)
-    args = p.parse_args(argv)
+    args = execute.cexec_parser().parse_args(argv)
     return execute.cmd_exec(args)
 
 

@@ -201,6 +201,33 @@ def cli_pages() -> Iterator[Page]:
         sections.append(("SEE ALSO", "rexnet(1), rexnet-worker(8)"))
         yield Page(f"rexnet-{name}", 1, help_, [usage_line(sub)], sub.description or help_,
                    argparse_options(sub), sections, args)
+    yield cexec_page()
+
+
+def cexec_page() -> Page:
+    """cexec(1): rexnet exec under the name the cexec suite gave its client."""
+    from rexnet.cli.execute import cexec_parser
+
+    p = cexec_parser()
+    args = [Option([str(a.metavar or a.dest)], None, a.help or "") for a in positionals(p)]
+    return Page("cexec", 1, "run a job on the least-loaded worker (alias of rexnet exec)",
+                [usage_line(p)], (p.description or "") + "\n\n" + CEXEC, argparse_options(p),
+                [("EXIT STATUS", exit_status()), ("FILES", FILES),
+                 ("ENVIRONMENT", ENVIRONMENT),
+                 ("SEE ALSO", "rexnet-exec(1), rexnet(1), rexnet-worker(8), crat(8)")], args)
+
+
+CEXEC = """\
+cexec KEYFILE announces a job of KEYFILE's application (on $GROUP, else 255.255.255.255, \
+port 3010), runs it on the first authenticated worker to connect back (the least loaded), \
+streams stdin, stdout and stderr, and exits with the job's status, exactly as \
+rexnet exec does. KEYFILE may also be the NAME of an application in rexnet.toml.
+
+On a command worker (twistd rexnet-worker --commands PATTERN) the arguments after -- \
+name the program, which runs in this directory when the worker has the same path:
+
+  make -j8 CC="cexec build -- cc"
+  cexec --all build -- uptime"""
 
 
 # -- from usage.Options ----------------------------------------------------------------

@@ -83,6 +83,30 @@ def environment(specs: Sequence[str], environ: Mapping[str, str] = os.environ
     return tuple(pairs)
 
 
+def working_directory(given: str | None) -> str:
+    """The job's directory: --cwd's (absolute, from ours), else ours ("" if it is gone)."""
+    if given is not None:
+        if not given or "\0" in given:
+            raise RequestError("--cwd: give a directory", exitcodes.USAGE)
+        return os.path.abspath(given)
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""
+
+
+def memory(given: str | None) -> int:
+    """--mem SIZE in bytes (0: not asked)."""
+    if given is None:
+        return 0
+    from rexnet.protocol.request import parse_size
+
+    try:
+        return parse_size(given)
+    except ValueError as e:
+        raise RequestError(f"--mem: {e}", exitcodes.USAGE) from None
+
+
 def window_size(fd: int = 0) -> tuple[int, int]:
     """(rows, cols) of the terminal on FD, or (0, 0) if it is not a terminal."""
     import fcntl
@@ -98,13 +122,13 @@ def window_size(fd: int = 0) -> tuple[int, int]:
 
 def build(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> ExecRequest:
     """The request of exec's OPTIONS (as argparse names them: keyfile, args, announce,
-    alerts, timeout, revoked, verbose, tty, no_tty, fd, env; those missing take their
-    defaults), with KEYFILE's application from the configuration, the default announce
-    target, descriptor modes, the environment asked for and the terminal. RequestError
-    says what is wrong, with the exit status."""
+    alerts, timeout, revoked, verbose, tty, no_tty, fd, env, cwd, mem, cpus, worker; those
+    missing take their defaults), with KEYFILE's application from the configuration, the
+    default announce target, descriptor modes, the environment asked for, the terminal
+    and the job's directory. RequestError says what is wrong, with the exit status."""
     values = {"args": [], "announce": [], "alerts": [], "timeout": None, "revoked": None,
               "verbose": False, "tty": False, "no_tty": False, "fd": [], "env": [],
-              **options}
+              "cwd": None, "mem": None, "cpus": 1, "worker": [], **options}
     application(values)
     timeout = float(values["timeout"])
     try:
@@ -124,7 +148,9 @@ def build(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -
         alerts=tuple(values["alerts"]), timeout=timeout,
         revoked=os.path.abspath(revoked) if revoked else "", verbose=bool(values["verbose"]),
         tty=tty, raw=tty and os.isatty(0), term=environ.get("TERM", "") if tty else "",
-        rows=rows, cols=cols, fds=tuple(fds.items()), env=env)
+        rows=rows, cols=cols, fds=tuple(fds.items()), env=env,
+        cwd=working_directory(values["cwd"]), cwd_required=values["cwd"] is not None,
+        cpus=int(values["cpus"]), mem=memory(values["mem"]), workers=tuple(values["worker"]))
     try:
         request.check()
     except ValueError as e:

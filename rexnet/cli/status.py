@@ -9,7 +9,7 @@ from pathlib import Path
 from rexnet.cli.request import application
 from rexnet.cli.usage import Parser, fail
 from rexnet.protocol import exitcodes
-from rexnet.protocol.request import DEFAULT_ANNOUNCE, RequestError
+from rexnet.protocol.request import DEFAULT_ANNOUNCE, MAX_CPUS, RequestError, parse_size
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -22,6 +22,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         fail(e.message, e.exit_code)
     if args.wait <= 0 or (args.watch is not None and args.watch < args.wait):
         fail("--wait must be positive and no longer than --watch", exitcodes.USAGE)
+    if not 1 <= args.cpus <= MAX_CPUS:
+        fail(f"--cpus takes 1 to {MAX_CPUS}", exitcodes.USAGE)
+    try:
+        mem = parse_size(args.mem) if args.mem is not None else 0
+    except ValueError as e:
+        fail(f"--mem: {e}", exitcodes.USAGE)
     from rexnet.security.credentials import CredentialError, load_credential
 
     try:
@@ -31,7 +37,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from twisted.internet import reactor, task
 
-    from rexnet.client.status import Seen, StatusQuery, as_json, merge, table
+    from rexnet.client.status import Seen, StatusQuery, as_json, best, merge, table
+    from rexnet.protocol.text import printable
 
     known: dict[tuple[str, str], Seen] = {}
     outcome = {"answered": False}
@@ -42,7 +49,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             fresh = await query.run(args.wait)
             seen = merge(known, fresh) if args.watch is not None else fresh
             outcome["answered"] = outcome["answered"] or bool(fresh)
-            if args.json:
+            if args.best:
+                chosen = best(seen, args.cpus, mem)
+                outcome["answered"] = chosen is not None
+                if chosen is None:
+                    print(f"rexnet: no worker with room for the job answered within "
+                          f"{args.wait:g} s", file=sys.stderr)
+                else:
+                    print(as_json([chosen]) if args.json else printable(chosen.reply.worker),
+                          flush=True)
+            elif args.json:
                 print(as_json(seen), flush=True)
             else:
                 if args.watch is not None and sys.stdout.isatty():
@@ -75,8 +91,8 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     st = sub.add_parser("status", help="show the cluster's workers, their load and slots",
                         description="Ask every worker of KEYFILE's application (a signed "
                         "query to the announce targets) for its name, load, CPUs, speed, "
-                        "slots, free memory, jobs run, uptime and version. Exits 254 if no "
-                        "worker answered.")
+                        "slots in use (jobs count their --cpus), free memory, jobs run, "
+                        "uptime and version. Exits 254 if no worker answered.")
     st.add_argument("keyfile", metavar="KEYFILE", help="the application's client credential "
                     "or the NAME of an application in rexnet.toml")
     st.add_argument("-a", "--announce", metavar="ADDR[:PORT]", action="append", default=[],
@@ -88,4 +104,11 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                     "workers that stopped answering")
     st.add_argument("--wait", metavar="SECONDS", type=float, default=1.0,
                     help="how long to collect answers each round (default 1)")
+    st.add_argument("--best", action="store_true",
+                    help="print only the name of the worker a job would go to now (of those "
+                    "with room for it, the one that would answer first), as dsh's best node")
+    st.add_argument("--cpus", metavar="N", type=int, default=1,
+                    help="with --best: a job that takes N slots")
+    st.add_argument("--mem", metavar="SIZE", help="with --best: a job that needs SIZE of "
+                    "free memory (K, M, G, T)")
     st.set_defaults(func=cmd_status)

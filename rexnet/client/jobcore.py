@@ -40,6 +40,9 @@ from rexnet.protocol.text import printable
 from rexnet.security.credentials import CertInfo, Credential
 from rexnet.security.tls import Revocations, listening_options
 
+REFUSAL_CODES = {"command": exitcodes.NOT_ALLOWED, "not-found": 127}
+"""Exit statuses of a worker's refusals, by its ERROR's reason (else REFUSED): a program
+not allowed, or not found (127, as a shell says)."""
 # the announcement is sent again after 50, 100, 200, 400, 800, 1600 ms, then every 2 s
 RESEND = backoffPolicy(initialDelay=0.05, maxDelay=2.0, factor=2.0, jitter=lambda: 0.0)
 
@@ -165,8 +168,10 @@ class JobCore:
 
     def _announce(self) -> None:
         assert self._port is not None
+        r = self.request
         ann = wire.Announce(self.job_id, self.seq, self.now(),
-                            self._port.getHost().port, self._addrs)  # type: ignore[attr-defined]
+                            self._port.getHost().port,  # type: ignore[attr-defined]
+                            self._addrs, r.cpus, r.mem, r.workers)
         data = wire.encode_datagram(ann, self.credential.app_id, self.credential.key,
                                     self.credential.cert_der)
         for target in self.targets:
@@ -193,7 +198,15 @@ class JobCore:
         else:
             targets = ", ".join(f"{h}:{p}" for h, p in self.targets)
             self.fail(NoWorker(f"no worker answered within {self.timeout:g} s "
-                               f"(announced to {targets})"))
+                               f"(announced to {targets}){self._asked()}"))
+
+    def _asked(self) -> str:
+        """What the job asked of its worker, if more than any free slot (for messages)."""
+        r = self.request
+        asked = [f"{r.cpus} free slots"] if r.cpus != 1 else []
+        asked += [f"{r.mem / 2**30:.3g} GiB of free memory"] if r.mem else []
+        asked += [f"worker {' or '.join(r.workers)}"] if r.workers else []
+        return f"; the job asked for {', '.join(asked)}" if asked else ""
 
     # -- connections ------------------------------------------------------------------
 
@@ -287,6 +300,11 @@ class JobCore:
         else:
             why = "first to connect back"
         self.say(f"job {started.job} runs on worker {name} ({channel.peer_address()}): {why}")
+        if started.cwd:
+            asked, given = self.request.cwd, self.request.cwd_required
+            self.say(f"it runs in {started.cwd}" + (
+                " (--cwd)" if given else ", the same path as here" if started.cwd == asked
+                else f": the worker has no {asked}" if asked else ", the worker's directory"))
         if started.refused_env:
             self.log.warn("worker {name} did not accept the environment variable(s) "
                           "{names} (see its --accept-env)", name=name,
@@ -366,7 +384,9 @@ class JobCore:
         """The worker answered START with ERROR."""
         assert self.chosen is not None
         address = self.chosen.peer_address()
-        self.fail(JobRefused(f"worker {address}: {error.message}"))
+        refused = JobRefused(f"worker {address}: {error.message}")
+        refused.exit_code = REFUSAL_CODES.get(error.reason, exitcodes.REFUSED)
+        self.fail(refused)
         self.chosen.close()
 
     def drain(self, outcome: JobResult | JobFailed) -> None:

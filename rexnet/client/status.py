@@ -108,7 +108,7 @@ def table(seen: Sequence[Seen], now: float) -> str:
         r = s.reply
         state = "ok" if s.answering else f"not answering ({_age(now - s.seen_at)})"
         rows.append((printable(r.worker), s.address, f"{r.load:.2f}", str(r.cpus), f"{r.speed:g}",
-                     f"{r.running}/{r.slots}", f"{r.free_memory / 2**30:.1f} GiB",
+                     f"{r.slots_used}/{r.slots}", f"{r.free_memory / 2**30:.1f} GiB",
                      str(r.jobs_run), _age(r.uptime), printable(r.version), state))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
@@ -128,3 +128,15 @@ def merge(known: dict[tuple[str, str], Seen], fresh: Sequence[Seen]) -> list[See
     for s in fresh:
         known[(s.reply.worker, s.address)] = s
     return sorted(known.values(), key=lambda s: (s.reply.worker, s.address))
+
+
+def best(seen: Sequence[Seen], cpus: int = 1, mem: int = 0) -> Seen | None:
+    """The worker a job (of CPUS slots, needing MEM bytes free) would go to now: of those
+    with room for it, the one whose connect-back delay is shortest (dsh's best node)."""
+    def delay(s: Seen) -> float:
+        r = s.reply
+        return r.delay_ms if r.delay_ms >= 0 else r.load / max(r.speed, 0.01)
+
+    fits = [s for s in seen if s.answering and s.reply.slots - s.reply.slots_used >= cpus
+            and s.reply.free_memory >= mem]
+    return min(fits, key=lambda s: (delay(s), s.reply.worker, s.address), default=None)

@@ -14,6 +14,7 @@ from rexnet.crat.service import CratService, bind_udp
 from rexnet.crat.sinks import open_jsonl
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import parse_target
+from rexnet.net.groups import join, joined
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
 from rexnet.security.credentials import CredentialError
@@ -22,8 +23,8 @@ from rexnet.security.trust import read_trust_file
 
 
 class Options(VersionOption):
-    synopsis = ("[--listen HOST:PORT] --trust FILE [--trust FILE ...] [--revoked FILE ...] "
-                "[--jsonl FILE] [--web PORT [--web-interface HOST]]")
+    synopsis = ("[--listen HOST:PORT] [--join GROUP ...] --trust FILE [--trust FILE ...] "
+                "[--revoked FILE ...] [--jsonl FILE] [--web PORT [--web-interface HOST]]")
     longdesc = (
         "Receive the signed alerts of rexnet workers and clients (jobs started and "
         "finished, complaints) and log them, each marked verified or UNVERIFIED by the "
@@ -52,6 +53,12 @@ class Options(VersionOption):
         super().__init__()
         self["trust"] = []
         self["revoked"] = []
+        self["join"] = []
+
+    def opt_join(self, group: str) -> None:
+        """Join this multicast GROUP to hear alerts sent there (repeatable; default: $GROUP,
+        when it is a multicast group, as workers and clients send their alerts there)."""
+        self["join"].append(group)
 
     def opt_trust(self, path: str) -> None:
         """Believe alerts signed by credentials of this application: FILE is its CA
@@ -77,6 +84,10 @@ class Options(VersionOption):
                 raise usage.UsageError(f"bad --web port {self['web']!r} (give 0 to 65535)")
         else:
             self["web_port"] = None
+        try:
+            self["join"] = joined(self["join"])
+        except ValueError as e:
+            raise usage.UsageError(f"--join: {e}") from None
         if not self["trust"]:
             raise usage.UsageError("give --trust at least once (APP.ca.pem, the "
                                    "CA certificate): without it no alert can be verified")
@@ -113,6 +124,12 @@ def makeService(config: Options) -> IService:
         sock = bind_udp(*config["listen_addr"])  # now: a busy port is a one-line error
     except CratError as e:
         raise fail(str(e), USAGE) from None
+    for group in config["join"]:
+        try:
+            join(sock, group)
+        except OSError as e:
+            sock.close()
+            raise fail(f"cannot join {group}: {e.strerror}", USAGE) from None
     crat = Crat(cas, reactor.seconds, sinks,  # type: ignore[attr-defined]
                 revoked=revoked)
     top = MultiService()

@@ -112,12 +112,29 @@ class Exec(Message):
             alerts=lists[2], timeout=timeout, revoked=o["revoked"], verbose=o["verbose"],
             tty=o["tty"], raw=o["raw"], term=o["term"], rows=o["rows"], cols=o["cols"],
             fds=tuple((fd, mode) for fd, mode in o["fds"]),
-            env=tuple((name, value) for name, value in o["env"]))
+            env=tuple((name, value) for name, value in o["env"]), **_placement(o))
         try:
             request.check()
         except ValueError as e:
             raise AgentWireError(str(e)) from None
         return cls(request, o["netns"])
+
+
+PLACEMENT: dict[str, Kind] = {"cwd": str, "cwd_required": bool, "cpus": int, "mem": int,
+                              "workers": list}
+"""Exec's optional fields (a launcher older than them does not send them)."""
+
+
+def _placement(o: dict[str, Any]) -> dict[str, Any]:
+    """The optional fields of an Exec that O has, typed (AgentWireError if not)."""
+    given = {name: o[name] for name in PLACEMENT if name in o}
+    _typed(given, {name: PLACEMENT[name] for name in given})
+    if "workers" in given:
+        workers = _strings(given["workers"])
+        if workers is None:
+            raise AgentWireError("workers is not a list of short strings")
+        given["workers"] = workers
+    return given
 
 
 def _strings(value: object) -> tuple[str, ...] | None:

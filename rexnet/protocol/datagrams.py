@@ -29,6 +29,7 @@ from rexnet.protocol.fields import (
     hex_id_field,
     int_field,
     load_json,
+    placement,
     str_field,
     str_list_field,
 )
@@ -56,7 +57,11 @@ class Kind(IntEnum):
 
 @dataclass(frozen=True)
 class Announce:
-    """A client asks workers of its application to connect back to ADDRS:PORT."""
+    """A client asks workers of its application to connect back to ADDRS:PORT.
+
+    Optional (sent when not the default): the job takes CPUS slots, needs MEM bytes of
+    free memory, and may run only on the WORKERS named (none: on any).
+    """
 
     KIND: ClassVar[Kind] = Kind.ANNOUNCE
     job_id: bytes
@@ -64,10 +69,20 @@ class Announce:
     ts_ms: int
     port: int
     addrs: tuple[str, ...]
+    cpus: int = 1
+    mem: int = 0
+    workers: tuple[str, ...] = ()
 
     def body(self) -> dict[str, Any]:
-        return {"job": self.job_id.hex(), "seq": self.seq, "ts": self.ts_ms,
-                "port": self.port, "addrs": list(self.addrs)}
+        body: dict[str, Any] = {"job": self.job_id.hex(), "seq": self.seq, "ts": self.ts_ms,
+                                "port": self.port, "addrs": list(self.addrs)}
+        if self.cpus != 1:
+            body["cpus"] = self.cpus
+        if self.mem:
+            body["mem"] = self.mem
+        if self.workers:
+            body["workers"] = list(self.workers)
+        return body
 
     @classmethod
     def from_body(cls, obj: dict[str, Any]) -> Announce:
@@ -79,7 +94,7 @@ class Announce:
                 raise WireError("field 'addrs' holds a non-IP address") from None
         return cls(hex_id_field(obj, "job"), int_field(obj, "seq", 0, 0xFFFF),
                    int_field(obj, "ts", 0, 2**63 - 1), int_field(obj, "port", 1, 0xFFFF),
-                   addrs)
+                   addrs, *placement(obj))
 
 
 @dataclass(frozen=True)
@@ -179,6 +194,10 @@ class StatusReply:
     free_memory: int
     jobs_run: int
     uptime: float
+    used: int = -1
+    """Slots in use (jobs count their --cpus; -1: not said, count running)."""
+    delay_ms: float = -1.0
+    """The delay an announcement would earn now, before jitter (-1: not said)."""
 
     def body(self) -> dict[str, Any]:
         body = {k: v for k, v in self.__dict__.items()}
@@ -192,7 +211,14 @@ class StatusReply:
                    int_field(o, "cpus", 0, 1 << 20), float_field(o, "speed"),
                    int_field(o, "slots", 0, 1 << 20), int_field(o, "running", 0, 1 << 20),
                    int_field(o, "free_memory", 0, 2**62), int_field(o, "jobs_run", 0, 2**62),
-                   float_field(o, "uptime"))
+                   float_field(o, "uptime"),
+                   int_field(o, "used", -1, 1 << 20) if "used" in o else -1,
+                   float_field(o, "delay_ms") if "delay_ms" in o else -1.0)
+
+    @property
+    def slots_used(self) -> int:
+        """Slots in use (jobs count their CPUs), or the running jobs if not said."""
+        return self.running if self.used < 0 else self.used
 
 
 DatagramMessage = Announce | Taken | Alert | StatusQuery | StatusReply

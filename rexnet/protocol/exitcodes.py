@@ -4,6 +4,9 @@ A job's own status passes through unchanged (0-255; 128+N for a job killed by si
 so rexnet's own failures use the top of the range, as ssh uses 255.
 """
 
+NOT_ALLOWED = 246
+"""The worker does not run that program: it is not in the worker's --commands allow-list
+(or the worker runs a fixed COMMAND); the job did not start."""
 MEMORY_LIMIT = 247
 """The worker ended the job: it used more memory than the worker's --job-memory."""
 TIME_LIMIT = 248
@@ -24,6 +27,7 @@ WORKER_LOST = 255
 """The connection to the worker dropped before the job finished."""
 
 DESCRIPTIONS = {
+    NOT_ALLOWED: "the worker does not allow that command (see its --commands)",
     MEMORY_LIMIT: "the job hit the worker's memory limit (--job-memory)",
     TIME_LIMIT: "the job hit the worker's time limit (--job-timeout)",
     CONFIG: "a mistake in a configuration file (FILE:LINE in the message)",

@@ -73,3 +73,18 @@ def hex_id_field(obj: dict[str, Any], key: str) -> bytes:
     if len(value) != 16:
         raise WireError(f"field {key!r} is not 16 bytes")
     return value
+
+
+MAX_PATH = 4096
+MAX_CPUS = 4096
+MAX_MEM = 1 << 60
+MAX_WORKERS, MAX_WORKER_NAME = 8, 64
+
+
+def placement(o: dict[str, Any]) -> tuple[int, int, tuple[str, ...]]:
+    """The optional (cpus, mem, workers) of an ANNOUNCE's or START's body, bounded: the
+    slots a job takes, the bytes of free memory it needs, the workers that may run it."""
+    return (int_field(o, "cpus", 1, MAX_CPUS) if "cpus" in o else 1,
+            int_field(o, "mem", 0, MAX_MEM) if "mem" in o else 0,
+            str_list_field(o, "workers", MAX_WORKERS, MAX_WORKER_NAME) if "workers" in o
+            else ())

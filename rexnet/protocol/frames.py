@@ -18,11 +18,13 @@ from enum import IntEnum
 from typing import Any, ClassVar
 
 from rexnet.protocol.fields import (
+    MAX_PATH,
     WireError,
     dump_json,
     float_field,
     int_field,
     load_json,
+    placement,
     str_field,
     str_list_field,
 )
@@ -114,6 +116,10 @@ class Start:
     further descriptor numbers to "r" (the job reads), "w" (the job writes) or "rw".
     KEEP asks the worker to keep the channel open after EXIT, idle, for the client's next
     START (a warm channel; the worker sends fresh HELLOs while it is idle).
+    CWD is the client's working directory (or --cwd's): a command worker runs the job
+    there if it has that directory; with CWD_REQUIRED (--cwd) it refuses the job if not.
+    CPUS (slots the job takes), MEM (bytes of free memory it needs) and WORKERS (names, if
+    only those may run it) repeat the announcement's request, for a warm channel's START.
     """
 
     KIND: ClassVar[FrameKind] = FrameKind.START
@@ -125,6 +131,11 @@ class Start:
     cols: int = 0
     fds: tuple[tuple[int, str], ...] = ()
     keep: bool = False
+    cwd: str = ""
+    cwd_required: bool = False
+    cpus: int = 1
+    mem: int = 0
+    workers: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Start:
@@ -147,10 +158,16 @@ class Start:
         if not isinstance(keep, bool):
             raise WireError("field 'keep' is not a boolean")
         args = str_list_field(o, "args", 4096, 65536) if "args" in o else ()
+        cwd = str_field(o, "cwd", MAX_PATH) if "cwd" in o else ""
+        required = o.get("cwd_required", False)
+        if not isinstance(required, bool) or "\0" in cwd or (cwd and not cwd.startswith("/")):
+            raise WireError("field 'cwd' is not an absolute path")
         return cls(args, tuple(env), tty,
                    str_field(o, "term", 64) if "term" in o else "",
                    int_field(o, "rows", 0, 0xFFFF) if "rows" in o else 0,
-                   int_field(o, "cols", 0, 0xFFFF) if "cols" in o else 0, tuple(fds), keep)
+                   int_field(o, "cols", 0, 0xFFFF) if "cols" in o else 0, tuple(fds), keep,
+                   cwd, required, *placement(o))
+
 
 
 def _pairs(value: Any, limit: int) -> list[tuple[Any, Any]]:
@@ -168,11 +185,13 @@ class Started:
     KIND: ClassVar[FrameKind] = FrameKind.STARTED
     job: str
     refused_env: tuple[str, ...] = ()
+    cwd: str = ""  # the directory the job runs in, when the worker says (a command worker)
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Started:
         refused = str_list_field(o, "refused_env", MAX_ENV, 256) if "refused_env" in o else ()
-        return cls(str_field(o, "job", 64), refused)
+        return cls(str_field(o, "job", 64), refused,
+                   str_field(o, "cwd", MAX_PATH) if "cwd" in o else "")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ MAX_ARGS, MAX_ARG = 4096, 65536
 MAX_TARGETS, MAX_TARGET = 64, 300
 MAX_ENV, MAX_NAME = 256, 256
 MAX_FDS = 64
+MAX_PATH = 4096
+MAX_CPUS = 4096
+MAX_MEM = 1 << 60
+MAX_WORKERS, MAX_WORKER_NAME = 8, 64  # as rexnet.protocol.fields (not imported: json)
 
 
 class RequestError(Exception):
@@ -99,6 +103,16 @@ class ExecRequest(Record):
     fds: tuple[tuple[int, str], ...] = ()
     """(descriptor, "r" | "w" | "rw") carried to the same number in the job."""
     env: tuple[tuple[str, str], ...] = ()
+    cwd: str = ""
+    """The job's working directory (absolute): the client's, or --cwd's; "": the worker's."""
+    cwd_required: bool = False
+    """--cwd was given: a worker without that directory refuses the job."""
+    cpus: int = 1
+    """--cpus: the slots the job takes (only workers with that many free answer)."""
+    mem: int = 0
+    """--mem in bytes: only workers with that much free memory answer (0: any)."""
+    workers: tuple[str, ...] = ()
+    """--worker NAME...: only these workers may run the job (none: any)."""
 
     def check(self) -> None:
         """ValueError naming the first field that is out of bounds (a decoder's check of
@@ -123,10 +137,36 @@ class ExecRequest(Record):
         if self.tty and self.fds:
             raise ValueError("--fd cannot be combined with a terminal; add -T")
         check_timeout(self.timeout)
+        if (len(self.cwd) > MAX_PATH or "\0" in self.cwd
+                or (self.cwd and not self.cwd.startswith("/"))
+                or (self.cwd_required and not self.cwd)):
+            raise ValueError("the job's directory is not an absolute path")
+        if not (1 <= self.cpus <= MAX_CPUS and 0 <= self.mem <= MAX_MEM):
+            raise ValueError(f"--cpus takes 1 to {MAX_CPUS}, --mem at most {MAX_MEM} bytes")
+        if not _short_strings(self.workers, MAX_WORKERS, MAX_WORKER_NAME) or "" in self.workers:
+            raise ValueError(f"--worker names at most {MAX_WORKERS} workers, of at most "
+                             f"{MAX_WORKER_NAME} characters")
 
     def start(self) -> wire.Start:
         """The START frame that asks the worker for this job."""
         from rexnet.protocol import wire
 
         return wire.Start(self.args, self.env, self.tty, self.term if self.tty else "",
-                          self.rows, self.cols, self.fds)
+                          self.rows, self.cols, self.fds, False, self.cwd, self.cwd_required,
+                          self.cpus, self.mem, self.workers)
+
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '8G', '1.5G' or a number of bytes, as bytes; ValueError if it is none."""
+    number = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = number[-1:] if number[-1:] in SIZE_UNITS and not number[-1:].isdigit() else ""
+    try:
+        value = float(number[: len(number) - len(unit)] or "x") * SIZE_UNITS[unit]
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_MEM:  # also refuses NaN
+        raise ValueError(f"bad size {text!r}: use BYTES or a number with K, M, G or T")
+    return int(value)

@@ -371,17 +371,30 @@ class Outbound:
 class RelayService(Service):
     """Listens for datagrams on the announce port and the crat port, for one Relay."""
 
-    def __init__(self, relay: Relay, listen: tuple[str, int]) -> None:
+    def __init__(self, relay: Relay, listen: tuple[str, int], groups: Sequence[str] = ()
+                 ) -> None:
         self.relay = relay
         self.listen = listen
+        self.groups = tuple(groups)  # multicast groups joined on the listening side
         self.ports: list[IListeningPort] = []
+
+    def _hear(self, port: int, host: str) -> IListeningPort:
+        reactor = self.relay.reactor
+        if not self.groups:
+            listening: IListeningPort = reactor.listenUDP(
+                port, DatagramReceiver(self.relay.datagram), interface=host)
+            return listening
+        listening = reactor.listenMulticast(port, DatagramReceiver(self.relay.datagram),
+                                            interface=host, listenMultiple=True)
+        for group in self.groups:
+            listening.joinGroup(group)  # type: ignore[attr-defined]
+        return listening
 
     def startService(self) -> None:
         super().startService()
         host, port = self.listen
         reactor = self.relay.reactor
-        self.ports.append(reactor.listenUDP(port, DatagramReceiver(self.relay.datagram),
-                                            interface=host))
+        self.ports.append(self._hear(port, host))
         # re-emit from an unbound socket: the kernel picks the other network's address,
         # which is where the workers there will connect back to
         sender = DatagramReceiver(self.relay.datagram)
@@ -391,8 +404,7 @@ class RelayService(Service):
             self.relay.send.attach(sender)
         self.relay.own_addresses = set(local_addresses())
         if port != CRAT_PORT:
-            self.ports.append(reactor.listenUDP(CRAT_PORT, DatagramReceiver(self.relay.datagram),
-                                                interface=host))
+            self.ports.append(self._hear(CRAT_PORT, host))
         log.info("cproxy listening on {host}:{port}, relaying to {targets}", host=host,
                  port=self.ports[0].getHost().port,  # type: ignore[attr-defined]
                  targets=", ".join(f"{h}:{p}" for h, p in self.relay.downstream))

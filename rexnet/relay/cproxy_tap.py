@@ -16,6 +16,7 @@ from twisted.python import usage
 from rexnet.net.announce import DEFAULT_PORT, parse_target, source_address
 from rexnet.net.certcheck import CertChecker
 from rexnet.net.datalink import DatagramLink
+from rexnet.net.groups import joined
 from rexnet.net.registration import RegisteredWorkers
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL
@@ -62,6 +63,12 @@ class Options(VersionOption):
         self["announce"] = []
         self["trust"] = []
         self["revoked"] = []
+        self["join"] = []
+
+    def opt_join(self, group: str) -> None:
+        """Join this multicast GROUP on the --listen side, for announcements and alerts
+        sent there (repeatable; default: $GROUP, when it is a multicast group)."""
+        self["join"].append(group)
 
     def opt_announce(self, target: str) -> None:
         """Re-announce to ADDR[:PORT] on the other network (repeatable; required): a
@@ -98,6 +105,10 @@ class Options(VersionOption):
             self["listen_addr"] = parse_target(self["listen"], any_port=True)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        try:
+            self["join"] = joined(self["join"])
+        except ValueError as e:
+            raise usage.UsageError(f"--join: {e}") from None
 
 
 def fail(message: str) -> NoReturn:
@@ -157,7 +168,7 @@ def makeService(config: Options) -> IService:
              "unsigned (workers must be configured to trust this relay's address)",
              bind=bind or "all interfaces")
     top = MultiService()
-    RelayService(relay, config["listen_addr"]).setServiceParent(top)
+    RelayService(relay, config["listen_addr"], tuple(config["join"])).setServiceParent(top)
     if config["register"]:
         assert credential is not None
         relay.registered = RegisteredWorkers(reactor, credential, revoked)

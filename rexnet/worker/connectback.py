@@ -41,6 +41,8 @@ class Pending:
     connecting: defer.Deferred[Any] | None = None
     connected: bool = False  # TCP is up: the client will say over TLS whether we won
     channel: Any = None  # the channel protocol, once TCP is up (rexnet.worker.channel)
+    slots: int = 1  # the slots it holds (the announcement's cpus)
+    mem: int = 0  # the free memory the announcement asked for, reserved meanwhile
 
 
 class Target(NamedTuple):

@@ -70,7 +70,7 @@ class JobHost(Protocol):
 
     def client_refusal(self, cert: Any) -> str | None: ...
 
-    def free_slot(self) -> bool: ...
+    def free_slot(self, start: wire.Start | None = None) -> bool: ...
 
     def start_job(self, channel: Any, start: wire.Start, warm: bool
                   ) -> Refusal | StartedJob: ...
@@ -273,7 +273,7 @@ def _start_warm(self: Self, core: Core, frame: wire.Start) -> None:
         self.refuse(Refusal("auth", problem))
         return
     host.metrics.connect_back("warm")
-    if not host.free_slot():
+    if not host.free_slot(frame):  # slots for its cpus, its memory, its workers
         self.no_slot()
         return
     _launch(self, core, frame)

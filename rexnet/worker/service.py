@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import uuid
 from collections.abc import Callable
@@ -23,13 +24,14 @@ from rexnet.security.tls import Revocations, connecting_options
 from rexnet.version import __version__
 from rexnet.worker.arguments import ArgPolicy
 from rexnet.worker.channel import WorkerChannel
+from rexnet.worker.commands import CommandPolicy, CommandRefused
 from rexnet.worker.complaints import COMPLAINT_RATE, Complaints
 from rexnet.worker.connectback import ConnectBacks, Pending, connect_back_target
 from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.environment import EnvPolicy
 from rexnet.worker.job import KILL_GRACE, JobProcess, Limits
 from rexnet.worker.keyexposure import jobs_identity, key_warning
-from rexnet.worker.load import Crowd, HostLoad, load_figure, sample_host
+from rexnet.worker.load import Crowd, HostLoad, connect_back_delay, load_figure, sample_host
 from rexnet.worker.machine import Refusal
 from rexnet.worker.metrics import NO_METRICS, Metrics, NoMetrics
 from rexnet.worker.spawn import Isolator, spawn
@@ -66,6 +68,8 @@ class WorkerSettings:
     chdir: str | None = None
     limits: Limits = field(default_factory=Limits)
     revoked: Revocations | None = None  # rexnet.security.revocation.RevokedFile
+    commands: CommandPolicy = field(default_factory=CommandPolicy)
+    """--commands / --any-command: the client names the program (then COMMAND is empty)."""
     sandbox: Isolator | None = None  # rexnet.worker.sandbox.Sandbox (a worker started as root)
 
     @property
@@ -91,6 +95,7 @@ class Running:
     argv: list[str] = field(default_factory=list)
     started: float = 0.0
     keep: bool = False  # the client asked to keep the channel for its next job
+    slots: int = 1  # the slots it takes (the client's --cpus)
 
 
 class Worker:
@@ -152,11 +157,29 @@ class Worker:
 
     @property
     def busy(self) -> int:
-        """Slots in use: running jobs and reserved connect-backs."""
-        return len(self.running) + len(self.pending)
+        """Slots in use: running jobs and reserved connect-backs (each counts its CPUs)."""
+        return (sum(r.slots for r in self.running.values())
+                + sum(p.slots for p in self.pending.values()))
 
-    def free_slot(self) -> bool:
-        return self.busy < self.settings.slots
+    def free_slot(self, start: wire.Start | None = None) -> bool:
+        """Whether a job fits now: a free slot (START's cpus of them, on a warm channel),
+        START's free memory, and this worker among START's workers if it names some."""
+        if start is None:
+            return self.busy < self.settings.slots
+        return self.fits(start.cpus, start.mem, start.workers) is None
+
+    def fits(self, cpus: int, mem: int, workers: tuple[str, ...]) -> str | None:
+        """Why a job of CPUS slots needing MEM bytes for WORKERS does not fit, or None."""
+        s = self.settings
+        if workers and s.name not in workers:
+            return f"it is for {', '.join(workers)}"
+        if s.slots - self.busy < cpus:
+            return f"{cpus} slot(s) asked, {max(s.slots - self.busy, 0)} free"
+        if mem:
+            free = self.sample().free_memory - sum(p.mem for p in self.pending.values())
+            if free < mem:
+                return f"{mem} bytes of memory asked, {max(free, 0)} free"
+        return None
 
     # -- datagrams --------------------------------------------------------------------
 
@@ -204,11 +227,12 @@ class Worker:
     def _status(self, dgram: wire.Datagram, host: str) -> None:
         query, _ = self.checker.check_status(dgram, host)
         s, figures = self.settings, self.sample()
+        load = load_figure(figures, self.busy, s.slots)
         reply = wire.StatusReply(
-            query.nonce, now_ms(), s.name, __version__,
-            round(load_figure(figures, self.busy, s.slots), 4), figures.cpus, s.speed,
-            s.slots, len(self.running), figures.free_memory, self.jobs_run,
-            round(self.reactor.seconds() - self.started_at, 1))
+            query.nonce, now_ms(), s.name, __version__, round(load, 4), figures.cpus,
+            s.speed, s.slots, len(self.running), figures.free_memory, self.jobs_run,
+            round(self.reactor.seconds() - self.started_at, 1), self.busy,
+            round(connect_back_delay(load, s.speed, lambda: 0.0) * 1000, 3))
         data = wire.encode_datagram(reply, s.credential.app_id, s.credential.key,
                                     s.credential.cert_der)
         target = connect_back_target(dgram, query.addrs, query.port, host)
@@ -221,9 +245,17 @@ class Worker:
         if self.busy >= self.settings.slots:
             log.debug("no free slot for job from {client}", client=client.info.name)
             return
+        if ann.cpus != 1 or ann.mem or ann.workers:
+            why = self.fits(ann.cpus, ann.mem, ann.workers)
+            if why is not None:
+                log.debug("not answering job from {client}: {why}", client=client.info.name,
+                          why=why)
+                return
         load = load_figure(self.sample(), self.busy, self.settings.slots)
-        self.connect_backs.promise(ann.job_id, client, load, self.settings.speed,
-                                   connect_back_target(dgram, ann.addrs, ann.port, host))
+        pending = self.connect_backs.promise(
+            ann.job_id, client, load, self.settings.speed,
+            connect_back_target(dgram, ann.addrs, ann.port, host))
+        pending.slots, pending.mem = ann.cpus, ann.mem
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
         pending = self.pending.get(taken.job_id)
@@ -270,20 +302,24 @@ class Worker:
         """Run START's job on CHANNEL, or say why not."""
         s = self.settings
         client = CertInfo.of(channel.peer_cert).name
-        bad_args = s.arg_policy.refusal(start.args)
-        if bad_args:
-            if start.args and s.arg_policy.allows_args:  # an argument outside the patterns
-                self.complain(channel.peer_address(), f"client {client}: {bad_args}")
-            return Refusal("args", bad_args)
+        if not s.commands.enabled:  # a command worker's policy is its list of programs
+            bad_args = s.arg_policy.refusal(start.args)
+            if bad_args:
+                if start.args and s.arg_policy.allows_args:  # an argument outside the patterns
+                    self.complain(channel.peer_address(), f"client {client}: {bad_args}")
+                return Refusal("args", bad_args)
         if start.tty and start.fds:
             return Refusal("fds", "--fd cannot be combined with a terminal (use -T)")
+        placed = place(s.commands, s.command, start, s.chdir, s.name)
+        if isinstance(placed, Refusal):
+            return placed
+        argv, cwd = placed
         requested = s.env_policy.sort(start.env)
         if requested.forbidden:
             message = requested.forbidden_message()
             self.complain(channel.peer_address(), f"client {client}: {message}")
             return Refusal("env", message)
         job = uuid.uuid4().hex[:12]
-        argv = [*s.command, *start.args]
         refused = requested.refused
         env = s.env_policy.build(
             requested.accepted,
@@ -293,20 +329,23 @@ class Worker:
                            lambda code, sig, limit: self._ended(job, code, sig, limit),
                            start, s.limits)
         try:
-            spawn(self.reactor, proto, argv, env, s.chdir, s.sandbox)
+            spawn(self.reactor, proto, argv, env, cwd, s.sandbox)
         except OSError as e:
             return Refusal("spawn", f"cannot start {argv[0]}: {e.strerror}")
         running = self.running[job] = Running(job, channel, proto, client, argv,
-                                              self.reactor.seconds(), start.keep)
+                                              self.reactor.seconds(), start.keep,
+                                              max(start.cpus, 1))
         self.alerts.send("job-started", job=job, worker=s.name, client=client,
                          client_addr=channel.peer_address(), command=" ".join(argv)[:200])
         self.jobs_run += 1
         self.metrics.job_started()
-        channel.send(wire.Started(job, refused))
-        log.info("job {job} started for {client} from {peer}{warm}: {argv}{tty}", job=job,
-                 client=client, peer=channel.peer_address(), argv=argv,
+        channel.send(wire.Started(job, refused, (cwd or os.getcwd())
+                                  if s.commands.enabled else ""))
+        log.info("job {job} started for {client} from {peer}{warm}: {argv}{tty}{cwd}",
+                 job=job, client=client, peer=channel.peer_address(), argv=argv,
                  warm=" on a warm channel" if warm else "",
-                 tty=" (in a terminal)" if start.tty else "")
+                 tty=" (in a terminal)" if start.tty else "",
+                 cwd=f" in {cwd}" if cwd and cwd != s.chdir else "")
         return running
 
     def _ended(self, job: str, code: int | None, sig: int | None, limit: str) -> None:
@@ -355,6 +394,31 @@ class Worker:
             running.channel.close(abort=True)
         if self._idle is not None and not self._idle.called:
             self._idle.callback(None)
+
+
+def place(commands: CommandPolicy, command: tuple[str, ...], start: wire.Start,
+          chdir: str | None, name: str) -> tuple[list[str], str | None] | Refusal:
+    """The argv and directory of START's job: COMMAND and its arguments in CHDIR (a fixed
+    COMMAND), or the program START names if COMMANDS allows it, in the client's directory
+    when this host has it (else CHDIR, unless the client required its own); or why not."""
+    if not commands.enabled:
+        if start.cwd_required:
+            return Refusal("cwd", f"worker {name} runs its fixed command in its own "
+                           "directory: --cwd is for command workers (--commands)")
+        return [*command, *start.args], chdir
+    if not start.args:
+        return Refusal("command", "this worker runs the program the client names: give "
+                       "one after --, as in `rexnet exec APP -- cc -c foo.c`")
+    program = commands.resolve(start.args[0])
+    if isinstance(program, CommandRefused):
+        return Refusal(program.reason, program.message)
+    cwd = chdir
+    if start.cwd:
+        if os.path.isdir(start.cwd):
+            cwd = start.cwd
+        elif start.cwd_required:
+            return Refusal("cwd", f"worker {name} has no directory {start.cwd[:300]}")
+    return [program, *start.args[1:]], cwd
 
 
 class WorkerService(Service):
@@ -407,7 +471,10 @@ class WorkerService(Service):
         self.warn_about(self.worker)  # before "listening on", which says it is ready
         log.info("worker {name} serves {app} ({command}) with {slots} slots at speed {speed}; "
                  "listening on {host}:{port}", name=s.name, app=s.credential.app,
-                 command=" ".join(s.command), slots=s.slots, speed=s.speed, host=host,
+                 command=" ".join(s.command) or (
+                     "any command" if s.commands.any
+                     else "commands " + ", ".join(s.commands.patterns)),
+                 slots=s.slots, speed=s.speed, host=host,
                  port=self.port.getHost().port)  # type: ignore[union-attr]
 
     def stopService(self) -> defer.Deferred[Any]:

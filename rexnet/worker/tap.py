@@ -20,12 +20,14 @@ from twisted.python import usage
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import DEFAULT_PORT, parse_target
 from rexnet.net.datalink import DatagramLink
+from rexnet.net.groups import env_groups, joined
 from rexnet.net.registration import WorkerRegistration, registration_options
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
 from rexnet.protocol.remotecall import RUNNER
 from rexnet.security.credentials import CredentialError, load_credential
 from rexnet.security.revocation import open_list
+from rexnet.worker.commands import CommandPolicy
 from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.environment import parse_job_env
 from rexnet.worker.job import Limits
@@ -45,7 +47,8 @@ log = Logger()
 
 
 class Options(VersionOption):
-    synopsis = "[options] KEYFILE COMMAND [ARG...] | --python KEYFILE | --config FILE"
+    synopsis = ("[options] KEYFILE COMMAND [ARG...] | --commands PATTERN... KEYFILE | "
+                "--any-command KEYFILE | --python KEYFILE | --config FILE")
     longdesc = (
         "Serve one rexnet application: hear announcements of its clients, connect back "
         "to the client after a delay that grows with this host's load, and run COMMAND "
@@ -56,7 +59,10 @@ class Options(VersionOption):
         "authenticated clients). With --config, every [applications.NAME.worker] table of "
         "FILE is served by this one process (its keys are this command's long options, "
         "plus credential and command); applications listening on the same address share "
-        "one socket."
+        "one socket. With --commands (or --any-command) and no COMMAND, the client names "
+        "the program and its arguments (rexnet exec APP -- cc -c foo.c): the worker "
+        "looks the name up in its own PATH and runs it if it is allowed, in the client's "
+        "working directory when this host has the same path."
     )
     optParameters = [
         ["listen", "l", f"0.0.0.0:{DEFAULT_PORT}",
@@ -89,6 +95,8 @@ class Options(VersionOption):
          "--allow-arg."],
         ["no-sandbox", None, "Run jobs without a sandbox even when started as root (no PID "
          "namespace, control group, private /tmp or job users)."],
+        ["any-command", None, "Run whatever program the client names (no COMMAND; for a "
+         "trusted cluster: every authenticated client can run anything as this worker)."],
         ["python", None, "Run Python calls (rexnet.Executor.call) instead of a COMMAND: each "
          "job unpickles a callable and its arguments from its stdin in a fresh `python -c` "
          "process (the worker's own interpreter) and pickles back the result. "
@@ -103,9 +111,19 @@ class Options(VersionOption):
         self["allow-arg"] = []
         self["alerts"] = []
         self["register"] = []
+        self["commands"] = []
+
+    def opt_commands(self, pattern: str) -> None:
+        """Let clients name the program: one whose name or absolute path matches PATTERN
+        (shell wildcards; repeatable); give no COMMAND. The worker resolves a name in its
+        own PATH."""
+        if not pattern or "\0" in pattern:
+            raise usage.UsageError("--commands: give a program name or path pattern")
+        self["commands"].append(pattern)
 
     def opt_join(self, group: str) -> None:
-        """Join this multicast GROUP for announcements (repeatable)."""
+        """Join this multicast GROUP for announcements (repeatable; default: $GROUP, when
+        it is a multicast group, as clients announce there)."""
         self["join"].append(group)
 
     def opt_alerts(self, target: str) -> None:
@@ -206,10 +224,16 @@ class Options(VersionOption):
         except ValueError:
             raise usage.UsageError("--slots must be a whole number of at least 1") from None
         self["name"] = self["name"] or socket.gethostname()
+        try:
+            self["join"] = joined(self["join"])  # no --join: $GROUP, if a multicast group
+        except ValueError as e:
+            raise usage.UsageError(f"--join: {e}") from None
         if not self["alerts"]:
             defaults = [(group, CRAT_PORT) for group in self["join"]]
-            if self["listen_addr"][0] == "0.0.0.0":
-                defaults.append(("255.255.255.255", CRAT_PORT))
+            group = os.environ.get("GROUP", "")
+            if self["listen_addr"][0] == "0.0.0.0" and not env_groups():
+                broadcast = group.rpartition(":")[0] if group.count(":") == 1 else group
+                defaults.append((broadcast or "255.255.255.255", CRAT_PORT))
             self["alerts"] = defaults
         try:
             self["job-timeout"] = float(self["job-timeout"])
@@ -223,6 +247,15 @@ class Options(VersionOption):
             if not os.path.isdir(self["chdir"]):
                 raise usage.UsageError(f"--chdir: no such directory: {self['chdir']}")
             self["chdir"] = os.path.abspath(self["chdir"])
+        if self["commands"] or self["any-command"]:
+            if self["command"] or self["python"] or self["allow-args"]:
+                raise usage.UsageError("--commands and --any-command let the client name the "
+                                       "program and its arguments: give no COMMAND, "
+                                       "--python or --allow-args")
+            if self["commands"] and self["any-command"]:
+                raise usage.UsageError("--any-command allows every program: give no "
+                                       "--commands with it")
+            return
         if self["python"]:
             if self["command"]:
                 raise usage.UsageError("--python runs Python calls: give no COMMAND")
@@ -236,7 +269,7 @@ class Options(VersionOption):
             return
         if not self["command"]:
             raise usage.UsageError("Wrong number of arguments: give KEYFILE COMMAND [ARG...] "
-                                   "(or --python KEYFILE)")
+                                   "(or --python KEYFILE, or --commands PATTERN KEYFILE)")
         command = self["command"][0]
         found = shutil.which(command)
         if found is None:
@@ -428,6 +461,7 @@ def worker_for(config: Options, top: MultiService, reactor: Any,
                       config["job-cpus"]),
         revoked=revoked,
         sandbox=sandbox_for(config, top),
+        commands=CommandPolicy.of(tuple(config["commands"]), bool(config["any-command"])),
     )
     worker = Worker(settings, reactor, socket=announce, metrics=metrics)
     if config["register"]:
