@@ -287,16 +287,17 @@ def test_group_joins_and_the_GROUP_variable(keys: Keys, monkeypatch: pytest.Monk
     o = parse_worker("--commands", "cc", str(keys.worker))
     assert o["join"] == ["239.5.5.5"] and o["alerts"] == [("239.5.5.5", 3011)]
     crat = crat_tap.Options()
-    crat.parseOptions(["--trust", str(keys.worker)])
+    crat.parseOptions(["--trust", str(keys.ca_pem)])
     assert crat["join"] == ["239.5.5.5"]
     proxy = cproxy_tap.Options()
-    proxy.parseOptions(["--announce", "10.9.0.255", "--join", "239.6.6.6"])
+    proxy.parseOptions(["--announce", "10.9.0.255", "--join", "239.6.6.6", "--trust",
+                       str(keys.ca_pem)])
     assert proxy["join"] == ["239.6.6.6"]
     monkeypatch.setenv("GROUP", "10.1.255.255")
     o = parse_worker("--commands", "cc", str(keys.worker))
     assert o["join"] == [] and o["alerts"] == [("10.1.255.255", 3011)]
     with pytest.raises(usage.UsageError, match="--join"):
-        crat_tap.Options().parseOptions(["--trust", str(keys.worker), "--join", "10.0.0.1"])
+        crat_tap.Options().parseOptions(["--trust", str(keys.ca_pem), "--join", "10.0.0.1"])
 
 
 def test_join_makes_a_socket_a_member() -> None:

@@ -108,7 +108,7 @@ def test_group_for_workers_and_crat_join(bed: NetBed, keys: Keys, tmp_path: Path
     client, w1, logger = lan(bed, "client", "w1", "logger")
     jsonl = tmp_path / "alerts.jsonl"
     crat = Proc([TWISTD, "-n", "--pidfile=", "crat", "--listen", "0.0.0.0:3011", "--join",
-                 GROUP, "--jsonl", str(jsonl), "--trust", str(keys.worker)],
+                 GROUP, "--jsonl", str(jsonl), "--trust", str(keys.ca_pem)],
                 popen=logger.popen)
     crat.wait_for("crat listening on")
     # the worker reads $GROUP as clients do: it joins the group, and alerts go there
@@ -129,13 +129,17 @@ def test_group_for_workers_and_crat_join(bed: NetBed, keys: Keys, tmp_path: Path
         raise AssertionError(f"crat logged no job over {GROUP}:\n{crat.output}")
 
 
-def test_cproxy_joins_a_group(bed: NetBed, keys: Keys) -> None:
+def test_cproxy_joins_a_group(bed: NetBed, keys: Keys, tmp_path: Path) -> None:
     a, b = bed.add_subnet("a"), bed.add_subnet("b")
     client = bed.add_host("client", [a])
     proxy = bed.add_host("proxy", [a, b])
     far = bed.add_host("far", [b])
+    relay_key = tmp_path / f"{keys.app}.gw.relay"
+    subprocess.run([REXNET, "keygen", "--issue", "relay", "--name", "gw", "--out",
+                    str(relay_key), str(keys.ca)], check=True, capture_output=True)
     relay = Proc([TWISTD, "-n", "--pidfile=", "cproxy", "--listen", "0.0.0.0:3010",
-                  "--join", GROUP, "--announce", f"{b.broadcast}:3010"], popen=proxy.popen)
+                  "--join", GROUP, "--announce", f"{b.broadcast}:3010", "--credential",
+                  str(relay_key)], popen=proxy.popen)
     relay.wait_for("cproxy listening on")
     command_worker(far, keys)
     done = run_exec(keys.client, [f"{GROUP}:3010"], "--", "echo", "across",

@@ -595,9 +595,9 @@ def parse(*args: str) -> crat_tap.Options:
 
 
 def test_options(keys: Keys) -> None:
-    options = parse("--trust", str(keys.worker))
+    options = parse("--trust", str(keys.ca_pem))
     assert options["listen_addr"] == ("0.0.0.0", CRAT_PORT)
-    assert options["trust"] == [str(keys.worker)] and options["jsonl"] is None
+    assert options["trust"] == [str(keys.ca_pem)] and options["jsonl"] is None
     options = parse("--listen", "127.0.0.1", "--trust", "a", "--trust", "b", "--jsonl", "f")
     assert options["listen_addr"] == ("127.0.0.1", CRAT_PORT)
     assert options["trust"] == ["a", "b"] and options["jsonl"] == "f"
