@@ -86,6 +86,10 @@ def run_job(request: ExecRequest, cluster: Cluster) -> int:
         with contextlib.suppress(OSError):
             setBlocking(fd)
     result = outcome.get("result")
+    if isinstance(result, JobResult) and request.detach:
+        print(result.job, flush=True)  # `rexnet jobs|attach|output|cancel JOB` take it
+        say(f"job {result.job} runs detached on worker {result.worker}")
+        return 0
     if isinstance(result, JobResult):
         return result.status
     error = getattr(result, "value", None)
@@ -126,6 +130,16 @@ def exec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--env", metavar="NAME[=VALUE]", action="append", default=[],
                    help="set a variable in the job's environment, if the worker accepts it "
                    "(repeatable; NAME alone sends this process's value)")
+    p.add_argument("--detach", action="store_true",
+                   help="start the job, print its id and return: the worker keeps its "
+                   "output (see rexnet jobs, attach, output, cancel)")
+    p.add_argument("--put", metavar="FILE", action="append", default=[],
+                   help="send FILE into the job's fresh working directory (repeatable)")
+    p.add_argument("--get", metavar="PATTERN", action="append", default=[],
+                   help="bring the files matching PATTERN back from the job's directory "
+                   "when it ends, into the current directory (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="let --get replace files that exist here")
     p.add_argument("--no-agent", action="store_true",
                    help="run without the agent (as does REXNET_NO_AGENT=1): this process "
                    "finds the worker itself (see `rexnet agent --help`)")

@@ -36,7 +36,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
                 fail("--issue needs --name NAME", exitcodes.USAGE)
             ca_path = Path(args.target)
             ca = c.load_ca(ca_path)
-            key, cert = c.issue(ca.key, ca.cert, args.issue, args.name, args.days)
+            role: c.Role = "worker" if args.issue == "worker" else "client"
+            key, cert = c.issue(ca.key, ca.cert, role, args.name, args.days,
+                                admin=args.issue == "admin")
             out = Path(args.out) if args.out else (
                 Path(args.dir) if args.dir else ca_path.parent
             ) / f"{ca.app}.{args.name}.{args.issue}"
@@ -63,8 +65,10 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                     help="application name, or with --issue the CA file")
     kg.add_argument("--dir", "-d", metavar="DIR", help="where to write (default: . or, with "
                     "--issue, beside the CA file)")
-    kg.add_argument("--issue", choices=["client", "worker"],
-                    help="issue one more credential of this role from APP.ca")
+    kg.add_argument("--issue", choices=["client", "worker", "admin"],
+                    help="issue one more credential of this role from APP.ca (admin: a "
+                    "client credential that may also cancel, attach to and read every "
+                    "client's detached jobs)")
     kg.add_argument("--name", metavar="NAME", help="holder's name for --issue (a user or host)")
     kg.add_argument("--out", "-o", metavar="FILE", help="file for --issue "
                     "(default: APP.NAME.ROLE)")

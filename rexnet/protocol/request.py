@@ -99,6 +99,16 @@ class ExecRequest(Record):
     fds: tuple[tuple[int, str], ...] = ()
     """(descriptor, "r" | "w" | "rw") carried to the same number in the job."""
     env: tuple[tuple[str, str], ...] = ()
+    detach: bool = False
+    """--detach: start the job, print its id and return; the worker keeps its output."""
+    put: tuple[str, ...] = ()
+    """--put FILE (absolute paths): sent into the job's fresh working directory."""
+    get: tuple[str, ...] = ()
+    """--get PATTERN: files brought back from the job's directory when it ends."""
+    get_dir: str = ""
+    """Where --get writes (absolute; the client's working directory)."""
+    force: bool = False
+    """--force: --get may replace existing files."""
 
     def check(self) -> None:
         """ValueError naming the first field that is out of bounds (a decoder's check of
@@ -123,10 +133,34 @@ class ExecRequest(Record):
         if self.tty and self.fds:
             raise ValueError("--fd cannot be combined with a terminal; add -T")
         check_timeout(self.timeout)
+        check_files(self)
 
     def start(self) -> wire.Start:
         """The START frame that asks the worker for this job."""
         from rexnet.protocol import wire
 
         return wire.Start(self.args, self.env, self.tty, self.term if self.tty else "",
-                          self.rows, self.cols, self.fds)
+                          self.rows, self.cols, self.fds, detach=self.detach, get=self.get)
+
+
+MAX_FILES = 64  # as rexnet.protocol.jobframes.MAX_FILES
+
+
+def check_files(request: ExecRequest) -> None:
+    """ValueError for --put/--get/--detach that cannot go together or out of bounds."""
+    names = [p.rstrip("/").rpartition("/")[2] for p in request.put]
+    if len(request.put) > MAX_FILES or len(request.get) > MAX_FILES:
+        raise ValueError(f"--put and --get take at most {MAX_FILES} files each")
+    if not all(p.startswith("/") and name not in ("", ".", "..") and "\0" not in p
+               for p, name in zip(request.put, names, strict=True)):
+        raise ValueError("--put needs files (absolute paths once read)")
+    if len(set(names)) < len(names):
+        raise ValueError("--put: two files of the same name (the job directory is flat)")
+    for pattern in request.get:
+        if not pattern or "/" in pattern or "\0" in pattern or pattern in (".", ".."):
+            raise ValueError(f"--get {pattern!r}: a pattern of plain names (no '/'): files "
+                             "come back from the top of the job directory")
+    if request.get and request.detach:
+        raise ValueError("--get does not go with --detach (use rexnet output JOB)")
+    if request.get and not request.get_dir.startswith("/"):
+        raise ValueError("--get needs the directory to write to")

@@ -7,7 +7,7 @@ import os
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -23,10 +23,13 @@ from rexnet.security.credentials import CertInfo, Credential, check_validity
 from rexnet.security.hardening import make_undumpable
 from rexnet.security.tls import Revocations, connecting_options
 from rexnet.version import __version__
+from rexnet.worker.calls import JobCalls
 from rexnet.worker.channel import WorkerChannel
 from rexnet.worker.complaints import COMPLAINT_RATE, Complaints
 from rexnet.worker.connectback import ConnectBacks, Pending, connect_back_target
 from rexnet.worker.datagrams import AnnounceSocket
+from rexnet.worker.detached import DEFAULT_KEEP, DEFAULT_OUTPUT, JobBook, OutputLog
+from rexnet.worker.files import DEFAULT_JOB_FILES, FileSettings, default_state_dir, send_back
 from rexnet.worker.job import KILL_GRACE, JobProcess, Limits
 from rexnet.worker.load import Crowd, HostLoad, load_figure, sample_host
 from rexnet.worker.machine import Refusal
@@ -62,6 +65,16 @@ class WorkerSettings:
     chdir: str | None = None
     limits: Limits = field(default_factory=Limits)
     revoked: Revocations | None = None  # rexnet.security.revocation.RevokedFile
+    state_dir: str = ""  # detached jobs' output and jobs' directories ("": the default)
+    job_files: int = DEFAULT_JOB_FILES  # bytes a job's --put (and --get) files may total
+    detached_output: int = DEFAULT_OUTPUT  # bytes of a detached job's output kept
+    keep_finished: float = DEFAULT_KEEP  # seconds finished jobs are listed (and kept)
+
+    @property
+    def files(self) -> FileSettings:
+        """Where this application's job directories and detached output go."""
+        root = os.path.join(self.state_dir or default_state_dir(), self.credential.app)
+        return FileSettings(root, self.job_files)
 
     def accepts_env(self, name: str) -> bool:
         """Whether a job may set variable NAME (sshd's AcceptEnv patterns)."""
@@ -71,12 +84,13 @@ class WorkerSettings:
 @dataclass
 class Running:
     job: str
-    channel: WorkerChannel
+    channel: WorkerChannel | OutputLog  # an OutputLog for a detached job
     process: JobProcess
     client: str
     argv: list[str] = field(default_factory=list)
     started: float = 0.0
     keep: bool = False  # the client asked to keep the channel for its next job
+    get: tuple[str, ...] = ()  # the files to send back when the job ends
 
 
 class Worker:
@@ -125,6 +139,9 @@ class Worker:
         self.warm: set[WorkerChannel] = set()  # idle channels kept for their client's next job
         self._sampled: tuple[float, HostLoad] | None = None  # for warm channels' reports
         self._idle: defer.Deferred[None] | None = None
+        self.book = JobBook(reactor, settings.credential, settings.files.root,
+                            settings.detached_output, settings.keep_finished)
+        self.calls = JobCalls(self, tls or connecting_options(settings.credential))
 
     @property
     def pending(self) -> dict[bytes, Pending]:
@@ -164,6 +181,8 @@ class Worker:
                 self._taken(dgram, message)
             elif isinstance(message, wire.StatusQuery):
                 self._status(dgram, host)
+            elif isinstance(message, wire.JobCall):
+                self.calls.datagram(dgram, host)
         except Rejected as e:
             self.complain(host, f"announcement refused: {e}")
 
@@ -213,7 +232,8 @@ class Worker:
     def _connect_back(self, pending: Pending, host: str, port: int) -> None:
         s = self.settings
         self.connect_backs.connect(
-            pending, host, port, lambda: WorkerChannel(self, pending, s.credential, s.revoked))
+            pending, host, port, lambda: WorkerChannel(self, pending, s.credential, s.revoked,
+                                                       s.files))
 
     def release(self, pending: Pending) -> None:
         self.connect_backs.release(pending)
@@ -261,25 +281,46 @@ class Worker:
                    REXNET_CLIENT=client)
         if start.tty:
             env["TERM"] = start.term or "dumb"
-        proto = JobProcess(channel, self.reactor,
+        try:
+            output = (self.book.output_log(job, channel.peer_address()) if start.detach
+                      else None)
+        except OSError as e:
+            return Refusal("detach", f"cannot keep the output of a detached job in "
+                           f"{s.files.root}: {e.strerror} (see the worker's --state-dir)")
+        proto = JobProcess(output or channel, self.reactor,
                            lambda code, sig, limit: self._ended(job, code, sig, limit),
                            start, s.limits)
+        cwd = channel.job_dir.path if channel.job_dir is not None else s.chdir
         try:
-            spawn(self.reactor, proto, argv, env, s.chdir)
+            spawn(self.reactor, proto, argv, env, cwd)
         except OSError as e:
             return Refusal("spawn", f"cannot start {argv[0]}: {e.strerror}")
-        running = self.running[job] = Running(job, channel, proto, client, argv,
-                                              self.reactor.seconds(), start.keep)
+        running = self.running[job] = Running(job, output or channel, proto, client, argv,
+                                              self.reactor.seconds(), start.keep, start.get)
+        booked = self.book.started(job, channel.peer_cert, " ".join(argv), proto, output)
         self.alerts.send("job-started", job=job, worker=s.name, client=client,
-                         client_addr=channel.peer_address(), command=" ".join(argv)[:200])
+                         client_addr=channel.peer_address(), command=" ".join(argv)[:200],
+                         **({"detached": 1} if output else {}))
         self.jobs_run += 1
         self.metrics.job_started()
-        channel.send(wire.Started(job, refused))
+        channel.send(wire.Started(job, refused, detached=output is not None))
         log.info("job {job} started for {client} from {peer}{warm}: {argv}{tty}", job=job,
                  client=client, peer=channel.peer_address(), argv=argv,
                  warm=" on a warm channel" if warm else "",
-                 tty=" (in a terminal)" if start.tty else "")
-        return running
+                 tty=" (in a detached terminal)" if start.tty and output else
+                 " (detached)" if output else " (in a terminal)" if start.tty else "")
+        if output is None:
+            return running
+        booked.directory, channel.job_dir = channel.job_dir, None  # the job's from now on
+        # the client's part ends here: EXIT at once (once the machine runs), the job runs on
+        self.reactor.callLater(0, self._detached, channel, start.keep)
+        placeholder = JobProcess(channel, self.reactor, lambda *_: None, start)
+        placeholder.ended = True  # the channel's end must not end the detached job
+        return replace(running, channel=channel, process=placeholder)
+
+    def _detached(self, channel: WorkerChannel, keep: bool) -> None:
+        channel.send(wire.Exit(0, None))
+        channel.job_ended(keep=keep and self._idle is None and len(self.warm) < MAX_WARM)
 
     def _ended(self, job: str, code: int | None, sig: int | None, limit: str) -> None:
         running = self.running.pop(job, None)
@@ -299,6 +340,23 @@ class Worker:
             bytes_in=bytes_in, bytes_out=bytes_out)
         if limit:
             self.complain(channel.peer_address(), f"job {job} hit its {limit} limit")
+        self.book.ended(job, code, sig)
+        if isinstance(channel, WorkerChannel) and channel.job_dir is not None:
+            returned = defer.succeed(None)
+            if running.get and not channel.closed:
+                returned = send_back(channel.lane(), channel.job_dir, running.get,
+                                     self.settings.files,
+                                     lambda problem: self.complain(channel.peer_address(),
+                                                                   problem))
+            returned.addBoth(lambda _: self._exit(running, code, sig, limit))
+        else:
+            self._exit(running, code, sig, limit)
+
+    def _exit(self, running: Running, code: int | None, sig: int | None, limit: str) -> None:
+        """The job's files are back (if any): EXIT, then keep or close the channel."""
+        channel = running.channel
+        if isinstance(channel, WorkerChannel):
+            channel.job_files_done()
         channel.send(wire.Exit(code, sig, limit))
         channel.job_ended(keep=running.keep and not limit and self._idle is None
                           and len(self.warm) < MAX_WARM)
@@ -312,12 +370,14 @@ class Worker:
         for channel in list(self.warm):
             channel.close()
         if not self.running:
+            self.book.stop()
             return defer.succeed(None)
         self._idle = defer.Deferred()
         for running in list(self.running.values()):
             running.channel.send(wire.Error("stopping", f"worker {self.settings.name} is "
                                             "stopping; the job was ended"))
             running.process.kill_group()
+        self._idle.addBoth(lambda result: self.book.stop())
         timeout = self.reactor.callLater(KILL_GRACE + 1.0, self._give_up_waiting)
         self._idle.addBoth(lambda r: timeout.cancel() if timeout.active() else None)
         return self._idle
