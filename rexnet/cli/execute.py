@@ -59,7 +59,11 @@ def run_job(request: ExecRequest, cluster: Cluster) -> int:
             end = "\r\n" if raw["on"] else "\n"
             print(f"rexnet: {message}", file=sys.stderr, end=end, flush=True)
 
-    job = cluster.job(reactor, request, say=say)
+    try:
+        job = cluster.job(reactor, request, say=say)
+    except RequestError as e:  # a --put file that cannot be read
+        print(f"rexnet: {e.message}", file=sys.stderr)
+        return e.exit_code
     outcome: dict[str, object] = {}
 
     def done(result: object) -> None:
