@@ -203,7 +203,7 @@ class JobCaller:
 
     def unexpected(self, channel: ClientChannel, frame: wire.Frame) -> None:
         if isinstance(frame, wire.JobList) and self.request.action == "list":
-            self.listed.append(Listed(frame, channel.peer_address()))
+            self.listed.append(Listed(frame, channel.peer_address().rpartition(":")[0]))
             channel.close()
         elif isinstance(frame, wire.JobState) and channel is self.chosen:
             self._end(frame)
