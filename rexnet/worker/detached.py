@@ -38,7 +38,8 @@ log = Logger()
 
 class OutputLog(Channel):
     """Stands in for a detached job's channel: what the job writes goes to PATH, at most
-    LIMIT bytes of frames; credit comes back at once; WATCHERS hear of each change."""
+    LIMIT bytes of frames (a prefix of the output: once a frame is dropped, so is the rest);
+    credit comes back at once; WATCHERS hear of each change."""
 
     def __init__(self, credential: Credential, reactor: Any, path: str, limit: int,
                  address: str) -> None:
@@ -59,15 +60,16 @@ class OutputLog(Channel):
 
     def send(self, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Data):
-            record = wire.encode_frame(frame)
-            if self.fd is not None and self.size + len(record) <= self.limit:
+            room = self.limit - self.size - wire.FRAME_HEADER.size
+            kept = frame.payload[:room] if self.fd is not None and not self.dropped else b""
+            self.dropped += len(frame.payload) - len(kept)
+            if kept:
+                record = wire.encode_frame(wire.Data(frame.stream, kept))
                 with contextlib.suppress(OSError):
                     view = memoryview(record)
                     while view:
-                        view = view[os.write(self.fd, view):]
+                        view = view[os.write(self.fd, view):]  # type: ignore[arg-type]
                     self.size += len(record)
-            else:
-                self.dropped += len(frame.payload)
             self.reactor.callLater(0, self._credit, frame.stream, len(frame.payload))
             self._notify()
         elif isinstance(frame, wire.Window | wire.Shut) and frame.stream == 0:
