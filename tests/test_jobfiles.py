@@ -18,7 +18,7 @@ from rexnet.security.credentials import CA, is_admin, issue, load_ca, load_crede
 from rexnet.worker.detached import OutputLog, admitted
 from rexnet.worker.files import FileSettings, JobDirectory, receive
 
-FRAMES = [
+FRAMES: list[wire.Frame] = [
     wire.PutFile("a.txt", 3, 0o600), wire.FileData(b"abc"), wire.FileWindow(7),
     wire.JobRequest("00ff", "cancel", 9), wire.JobRequest("", "list"),
     wire.JobList("w1", (wire.JobRow("0a", "alice", "cmd x", "running", 10.5),
