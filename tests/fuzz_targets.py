@@ -77,6 +77,25 @@ def frames(data: bytes) -> None:
     assert decoder.buffered <= wire.FRAME_HEADER.size + wire.MAX_FRAME
 
 
+def job_frames(data: bytes) -> None:
+    """The frames of files and detached jobs: whatever decodes names only plain files (no
+    name can leave a job directory) and keeps within the listing's bound."""
+    try:
+        got = wire.FrameDecoder().feed(data)
+    except wire.WireError:
+        return
+    for frame in got:
+        names: list[str] = []
+        if isinstance(frame, wire.PutFile):
+            names = [frame.name]
+        elif isinstance(frame, wire.Start):
+            names = [name for name, _ in frame.put] + list(frame.get)
+        elif isinstance(frame, wire.JobList):
+            assert len(frame.jobs) <= 200
+        for name in names:
+            assert name and "/" not in name and "\0" not in name and name not in (".", "..")
+
+
 def agent_messages(data: bytes) -> None:
     """The agent's (json.loads) and the launcher's (its own JSON) decoders of the agent
     socket: typed messages within their bounds, or AgentWireError."""
@@ -147,6 +166,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "datagram": datagram,
     "announcement": announcement,
     "frames": frames,
+    "job_frames": job_frames,
     "agent_messages": agent_messages,
     "credential": credential,
     "trust_file": trust_file,
@@ -173,15 +193,23 @@ def seeds() -> dict[str, list[bytes]]:
         wire.Exit(0, None, ""), wire.Start(("cc", "-c"), cwd="/src", cwd_required=True,
                                            cpus=2, mem=1 << 20, workers=("w",)),
         wire.Started("j", (), "/src")))
+    jobs = b"".join(wire.encode_frame(f) for f in (
+        wire.Start(("a",), detach=True, put=(("in.txt", 3),), get=("*.o",)),
+        wire.PutFile("in.txt", 3), wire.FileData(b"abc"), wire.FileWindow(3),
+        wire.JobRequest("0a1b", "attach"), wire.JobState("0a1b", "finished", 0, 0),
+        wire.JobList("w", (wire.JobRow("0a1b", "c", "cmd", "running", 1.0),))))
+    call = wire.encode_datagram(wire.JobCall(b"\2" * 16, 0, 9, ("127.0.0.1",), "0a1b"),
+                                client_cred.app_id, client_cred.key, client_cred.cert_der)
     agent = b"".join(m.encode() for m in (
         agentwire.Exec(ExecRequest(keyfile="k", keypath="/k", args=("a",), fds=((3, "r"),),
                                    env=(("A", "1"),), cwd="/d", cwd_required=True, cpus=2,
                                    mem=5, workers=("w",)), 1),
         agentwire.Signal(2), agentwire.Winch(24, 80), agentwire.Exit(0, "")))
-    return {"datagram": [ann, alert, placed], "announcement": [ann, placed],
-            "frames": [stream],
+    return {"datagram": [ann, alert, placed, call], "announcement": [ann, placed],
+            "frames": [stream, jobs],
+            "job_frames": [jobs],
             "agent_messages": [agent],
             "credential": [WORKER.read_bytes(), CA.read_bytes()],
             "trust_file": [WORKER.read_bytes()], "revocation": [b"# x\n0A client a\n"],
-            "crat": [alert], "worker_datagram": [ann, placed],
+            "crat": [alert], "worker_datagram": [ann, placed, call],
             "all": [bytes([_NAMES.index("announcement")]) + ann]}

@@ -262,3 +262,23 @@ def test_a_real_crat_serves_each_static_file_from_its_install(web: Web, path: st
     assert resp.getheader("Content-Type") == content_type
     assert resp.getheader("Content-Security-Policy") == CSP
     assert resp.read() == (STATIC_DIR / name).read_bytes()
+
+
+def test_finished_jobs_are_kept_newest_first_with_their_status(st: DashboardState) -> None:
+    st(record("job-started", job="j1", worker="w1", client="alice", command="sleep 9",
+              detached=1))
+    st(record("job-started", job="j2", worker="w1", client="bob", command="true"))
+    assert [j["detached"] for j in st.snapshot()["running"]] == [True, False]
+    heard: list[dict[str, Any]] = []
+    st.listeners.append(heard.append)
+    st(record("job-finished", job="j1", worker="w1", status=143, duration=2.5))
+    st(record("job-finished", job="j2", worker="w1", status=0, duration=0.1))
+    finished = st.snapshot()["finished"]
+    assert [(j["job"], j["status"], j["duration"], j["detached"]) for j in finished] == [
+        ("j2", 0, 0.1, False), ("j1", 143, 2.5, True)]
+    assert [[j["job"] for j in u["jobs_finished"]] for u in heard] == [["j1"], ["j2"]]
+    assert st.snapshot()["running"] == []
+    for n in range(150):  # bounded
+        st(record("job-started", job=f"x{n}", worker="w1"))
+        st(record("job-finished", job=f"x{n}", worker="w1", status=0))
+    assert len(st.snapshot()["finished"]) == 100

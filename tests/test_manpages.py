@@ -20,7 +20,8 @@ from rexnet.cli.manpages import PLUGINS, Page, escape, options_of, pages, render
 SHARE = Path(sys.prefix, "share")
 EXPECTED = {"rexnet.1", "rexnet-exec.1", "rexnet-keygen.1", "rexnet-status.1",
             "rexnet-parallel.1", "rexnet-agent.1", "rexnet-worker.8", "crat.8", "cproxy.8",
-            "rexnet-tunnel.8", "cexec.1"}
+            "rexnet-tunnel.8", "cexec.1", "rexnet-jobs.1", "rexnet-attach.1", "rexnet-output.1",
+            "rexnet-cancel.1"}
 
 
 def man(path: Path) -> str:
@@ -107,7 +108,8 @@ def test_bash_completion_offers_commands_options_and_applications(tmp_path: Path
     assert complete(["rexnet", "e"]) == ["exec"]
     assert complete(["rexnet", "--config", "x", "st"]) == ["status"]
     assert complete(["rexnet", "exec", "--ti"]) == ["--timeout"]
-    assert complete(["rexnet", "keygen", "--issue", ""]) == ["client", "worker", "relay"]
+    assert complete(["rexnet", "keygen", "--issue", ""]) == ["client", "worker", "relay",
+                                                            "admin"]
     assert "--keep-order" in complete(["rexnet", "parallel", "--"])
     assert "--env" in complete(["cexec", "--"])
     (tmp_path / "rexnet.toml").write_text('[applications.ogg]\ncredential = "x"\n'

@@ -561,8 +561,8 @@ def check_feed(decoder: wire.FrameDecoder, data: bytes) -> None:
         got = decoder.feed(data)
     except wire.WireError:
         return
-    assert all(isinstance(f, wire.Data | wire.Eof | wire.Shut | wire.Window | wire.Control)
-               for f in got)
+    assert all(isinstance(f, wire.Data | wire.Eof | wire.Shut | wire.Window | wire.FileData
+                          | wire.FileWindow | wire.Control) for f in got)
     assert decoder.buffered <= before + len(data)
     assert decoder.buffered <= wire.FRAME_HEADER.size + wire.MAX_FRAME
 

@@ -65,7 +65,11 @@ def run_job(request: ExecRequest, cluster: Cluster) -> int:
             end = "\r\n" if raw["on"] else "\n"
             print(f"rexnet: {message}", file=sys.stderr, end=end, flush=True)
 
-    job = cluster.job(reactor, request, say=say)
+    try:
+        job = cluster.job(reactor, request, say=say)
+    except RequestError as e:  # a --put file that cannot be read
+        print(f"rexnet: {e.message}", file=sys.stderr)
+        return e.exit_code
     outcome: dict[str, object] = {}
 
     def done(result: object) -> None:
@@ -92,6 +96,10 @@ def run_job(request: ExecRequest, cluster: Cluster) -> int:
         with contextlib.suppress(OSError):
             setBlocking(fd)
     result = outcome.get("result")
+    if isinstance(result, JobResult) and request.detach:
+        print(result.job, flush=True)  # `rexnet jobs|attach|output|cancel JOB` take it
+        say(f"job {result.job} runs detached on worker {result.worker}")
+        return 0
     if isinstance(result, JobResult):
         return result.status
     error = getattr(result, "value", None)
@@ -150,6 +158,16 @@ def exec_arguments(p: argparse.ArgumentParser) -> None:
                    "(as dshbak), not line by line with its name")
     p.add_argument("--wait", metavar="SECONDS", type=float, default=1.0,
                    help="with --all: how long to collect the workers' answers (default 1)")
+    p.add_argument("--detach", action="store_true",
+                   help="start the job, print its id and return: the worker keeps its "
+                   "output (see rexnet jobs, attach, output, cancel)")
+    p.add_argument("--put", metavar="FILE", action="append", default=[],
+                   help="send FILE into the job's fresh working directory (repeatable)")
+    p.add_argument("--get", metavar="PATTERN", action="append", default=[],
+                   help="bring the files matching PATTERN back from the job's directory "
+                   "when it ends, into the current directory (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="let --get replace files that exist here")
     p.add_argument("--no-agent", action="store_true",
                    help="run without the agent (as does REXNET_NO_AGENT=1): this process "
                    "finds the worker itself (see `rexnet agent --help`)")

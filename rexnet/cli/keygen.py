@@ -45,7 +45,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
                 fail("--issue needs --name NAME", exitcodes.USAGE)
             ca_path = Path(args.target)
             ca = c.load_ca(ca_path)
-            key, cert = c.issue(ca.key, ca.cert, args.issue, args.name, args.days)
+            role: c.Role = "worker" if args.issue == "worker" else "client"
+            key, cert = c.issue(ca.key, ca.cert, role, args.name, args.days,
+                                admin=args.issue == "admin")
             out = Path(args.out) if args.out else (
                 Path(args.dir) if args.dir else ca_path.parent
             ) / f"{ca.app}.{args.name}.{args.issue}"
@@ -72,9 +74,11 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                     help="application name, or with --issue the CA file")
     kg.add_argument("--dir", "-d", metavar="DIR", help="where to write (default: . or, with "
                     "--issue, beside the CA file)")
-    kg.add_argument("--issue", choices=["client", "worker", "relay"],
+    kg.add_argument("--issue", choices=["client", "worker", "relay", "admin"],
                     help="issue one more credential of this role from APP.ca (relay: for "
-                    "cproxy, which can sign relay trailers but never run a job)")
+                    "cproxy, which can sign relay trailers but never run a job; admin: a "
+                    "client credential that may also cancel, attach to and read every "
+                    "client's detached jobs)")
     kg.add_argument("--export-ca", action="store_true", help="write APP.ca's certificate "
                     "alone to APP.ca.pem (or --out), for crat --trust and cproxy --trust")
     kg.add_argument("--name", metavar="NAME", help="holder's name for --issue (a user or host)")

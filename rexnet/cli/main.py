@@ -1,6 +1,6 @@
 """The full `rexnet` command line (and its `cexec` alias): its parser, and the subcommands
 keygen (rexnet.cli.keygen), exec (rexnet.cli.execute), parallel (rexnet.cli.parallel),
-status (rexnet.cli.status) and agent.
+status (rexnet.cli.status), jobs, attach, output and cancel (rexnet.cli.jobs) and agent.
 
 The thin launcher (rexnet.cli.launcher) calls this for everything but an ordinary
 `rexnet exec`. Heavy modules (Twisted, cryptography) are imported inside the subcommands,
@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from rexnet.cli import execute, keygen, parallel, status
+from rexnet.cli import execute, jobs, keygen, parallel, status
 from rexnet.cli.usage import Parser, fail
 from rexnet.protocol import exitcodes
 from rexnet.version import __version__
@@ -36,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     execute.add_parser(sub)
     parallel.add_parser(sub)
     status.add_parser(sub)
+    jobs.add_parsers(sub)
 
     ag = sub.add_parser("agent", help="run the client agent that `rexnet exec` uses",
                         description="The client agent keeps credentials and warm channels "

@@ -128,7 +128,8 @@ def build(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -
     and the job's directory. RequestError says what is wrong, with the exit status."""
     values = {"args": [], "announce": [], "alerts": [], "timeout": None, "revoked": None,
               "verbose": False, "tty": False, "no_tty": False, "fd": [], "env": [],
-              "cwd": None, "mem": None, "cpus": 1, "worker": [], **options}
+              "cwd": None, "mem": None, "cpus": 1, "worker": [],
+              "detach": False, "put": [], "get": [], "force": False, **options}
     application(values)
     timeout = float(values["timeout"])
     try:
@@ -138,7 +139,8 @@ def build(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -
     if values["tty"] and values["no_tty"]:
         raise RequestError("-t and -T contradict each other", exitcodes.USAGE)
     fds = descriptor_modes(values["fd"])
-    tty = bool(values["tty"] or (not values["no_tty"] and os.isatty(0)))
+    detach = bool(values["detach"])  # a detached job has no terminal unless -t asks
+    tty = bool(values["tty"] or (not values["no_tty"] and not detach and os.isatty(0)))
     env = environment(values["env"], environ)
     rows, cols = window_size() if tty else (0, 0)
     keyfile, revoked = str(values["keyfile"]), values["revoked"]
@@ -150,7 +152,10 @@ def build(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -
         tty=tty, raw=tty and os.isatty(0), term=environ.get("TERM", "") if tty else "",
         rows=rows, cols=cols, fds=tuple(fds.items()), env=env,
         cwd=working_directory(values["cwd"]), cwd_required=values["cwd"] is not None,
-        cpus=int(values["cpus"]), mem=memory(values["mem"]), workers=tuple(values["worker"]))
+        cpus=int(values["cpus"]), mem=memory(values["mem"]), workers=tuple(values["worker"]),
+        detach=detach,
+        put=tuple(os.path.abspath(p) for p in values["put"]), get=tuple(values["get"]),
+        get_dir=os.getcwd() if values["get"] else "", force=bool(values["force"]))
     try:
         request.check()
     except ValueError as e:

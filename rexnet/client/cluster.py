@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from twisted.logger import Logger
 
 from rexnet.client.job import ClientJob
-from rexnet.client.streams import JobStreams
+from rexnet.client.streams import JobStreams, StdioStreams
 from rexnet.client.warm import WarmPool
 from rexnet.net.alerts import CRAT_PORT, AlertSender, crat_targets
 from rexnet.net.announce import parse_target
@@ -129,9 +129,19 @@ class Cluster:
             pool: WarmPool | None = None, logger: Logger | None = None,
             on_started: Callable[[str, str], None] | None = None) -> ClientJob:
         """The ClientJob of REQUEST on this cluster (not started: call its run()). Its
-        alerts go through POOL's shared sender if there is a pool, else its own."""
+        alerts go through POOL's shared sender if there is a pool, else its own. A job
+        with files or detached gets FileStreams around STREAMS, and no warm channel
+        (RequestError if a --put file cannot be read)."""
+        start = request.start()
+        if request.put or request.get or request.detach:  # never on a warm channel
+            from rexnet.client.files import FileStreams
+
+            pool = None
+            streams = FileStreams(reactor, streams or StdioStreams(
+                reactor, request.tty, dict(request.fds)), request)
+            start = replace(start, put=streams.declared)
         alerts = (pool.alerts(self.credential, self.alert_targets) if pool is not None
                   else AlertSender(reactor, self.credential, self.alert_targets))
-        return ClientJob(reactor, self.credential, self.targets, request.start(), streams,
+        return ClientJob(reactor, self.credential, self.targets, start, streams,
                          self.timeout, say=say, alerts=alerts, pool=pool, logger=logger,
                          revoked=self.revoked, on_started=on_started)

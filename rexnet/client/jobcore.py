@@ -437,12 +437,14 @@ class JobCore:
                 chosen.attach(self.pool.idle_events)
             else:
                 chosen.close()
-        self.alerts.send(
-            "job-finished", job=result.job, worker=result.worker, worker_addr=result.address,
-            client=self.credential.name, status=result.status, signal=result.signal,
-            duration=round(self.reactor.seconds() - self._t0, 3),
-            bytes_in=sum(s.sent for s in chosen.outs.values()) if chosen else 0,
-            bytes_out=sum(s.received for s in chosen.ins.values()) if chosen else 0)
+        if self.started is None or not self.started.detached:  # (the worker reports it)
+            self.alerts.send(
+                "job-finished", job=result.job, worker=result.worker,
+                worker_addr=result.address, client=self.credential.name,
+                status=result.status, signal=result.signal,
+                duration=round(self.reactor.seconds() - self._t0, 3),
+                bytes_in=sum(s.sent for s in chosen.outs.values()) if chosen else 0,
+                bytes_out=sum(s.received for s in chosen.ins.values()) if chosen else 0)
         self._cleanup()
         self.result.callback(result)
 

@@ -225,6 +225,16 @@ class AnnounceChecker:
                                      (query.nonce, -1), "status query")
         return query, client
 
+    def check_job_call(self, dgram: wire.Datagram, source: str
+                       ) -> tuple[wire.JobCall, ClientCert]:
+        """Check a JOB_CALL from SOURCE, as strictly as an announcement."""
+        call = dgram.message
+        if not isinstance(call, wire.JobCall):
+            raise Rejected("not a job call")
+        client = self._check_request(dgram, source, call.ts_ms, call.addrs,
+                                     (call.nonce, -2), "job call")
+        return call, client
+
     def _check_request(self, dgram: wire.Datagram, source: str, ts_ms: int,
                        addrs: tuple[str, ...], key: tuple[bytes, int], what: str) -> ClientCert:
         """Freshness, client certificate, signature, signed source, replay: in that order,

@@ -173,6 +173,7 @@ class Channel(Protocol):
         self.congested = False
         self.closed = False
         self.heartbeat: Heartbeat | None = None
+        self.files: Any = None  # a rexnet.net.files.FileLane when the job sends files
 
     # -- TLS --------------------------------------------------------------------------
 
@@ -246,6 +247,10 @@ class Channel(Protocol):
             out = self.outs.get(frame.stream)
             if out is not None:
                 out.stop()
+        elif isinstance(frame, wire.PutFile | wire.FileData | wire.FileWindow):
+            if self.files is None:
+                raise wire.WireError(f"unexpected {type(frame).__name__} frame")
+            self.files.frame(frame)
         elif not isinstance(frame, wire.Ping):
             self.controlReceived(frame)
 
@@ -279,6 +284,8 @@ class Channel(Protocol):
         self.congested = False
         for out in list(self.outs.values()):
             out._update()
+        if self.files is not None:
+            self.files.resume()
 
     def stopProducing(self) -> None:
         pass

@@ -88,8 +88,10 @@ class Exec(Message):
     netns: int = 0
 
     def fields(self) -> Json:
-        return {**{name: getattr(self.request, name) for name in ExecRequest.__fields__},
-                "netns": self.netns}
+        # --detach, --put and --get run without the agent (the launcher does not read
+        # them): only SCHEMA's fields travel
+        return {**{name: getattr(self.request, name) for name in ExecRequest.__fields__
+                   if name in self.SCHEMA}, "netns": self.netns}
 
     @classmethod
     def decode(cls, obj: Json) -> Self:

@@ -1,4 +1,5 @@
-"""rexnet's signed datagrams (UDP, version 1): announce, taken, alert, status.  No I/O.
+"""rexnet's signed datagrams (UDP, version 1): announce, taken, alert, status, job call.
+No I/O.
 
 Layout::
 
@@ -53,6 +54,7 @@ class Kind(IntEnum):
     ALERT = 3
     STATUS = 4
     STATUS_REPLY = 5
+    JOB_CALL = 12
 
 
 @dataclass(frozen=True)
@@ -221,9 +223,34 @@ class StatusReply:
         return self.running if self.used < 0 else self.used
 
 
-DatagramMessage = Announce | Taken | Alert | StatusQuery | StatusReply
+@dataclass(frozen=True)
+class JobCall:
+    """A client asks the worker that has detached job JOB (every worker: JOB empty) to
+    connect back to ADDRS:PORT, where it says what it wants (a JOB_REQUEST frame)."""
+
+    KIND: ClassVar[Kind] = Kind.JOB_CALL
+    nonce: bytes
+    ts_ms: int
+    port: int
+    addrs: tuple[str, ...]
+    job: str = ""
+
+    def body(self) -> dict[str, Any]:
+        return {"nonce": self.nonce.hex(), "ts": self.ts_ms, "port": self.port,
+                "addrs": list(self.addrs), "job": self.job}
+
+    @classmethod
+    def from_body(cls, obj: dict[str, Any]) -> JobCall:
+        query = StatusQuery.from_body(obj)
+        job = str_field(obj, "job", 64)
+        if not all(c in "0123456789abcdef" for c in job):
+            raise WireError("field 'job' is not a job id")
+        return cls(query.nonce, query.ts_ms, query.port, query.addrs, job)
+
+
+DatagramMessage = Announce | Taken | Alert | StatusQuery | StatusReply | JobCall
 _DATAGRAM_TYPES: dict[int, Any] = {
-    t.KIND: t for t in (Announce, Taken, Alert, StatusQuery, StatusReply)
+    t.KIND: t for t in (Announce, Taken, Alert, StatusQuery, StatusReply, JobCall)
 }
 
 

@@ -28,6 +28,16 @@ from rexnet.protocol.fields import (
     str_field,
     str_list_field,
 )
+from rexnet.protocol.jobframes import (
+    FileData,
+    FileWindow,
+    JobList,
+    JobRequest,
+    JobState,
+    PutFile,
+    file_list,
+    pattern_list,
+)
 
 FRAME_HEADER = struct.Struct("!BBI")
 MAX_FRAME = 1 << 20
@@ -52,6 +62,12 @@ class FrameKind(IntEnum):
     SIGNAL = 16
     WINSIZE = 17
     PING = 18
+    PUT_FILE = PutFile.KIND
+    FILE_DATA = FileData.KIND
+    FILE_WINDOW = FileWindow.KIND
+    JOB_REQUEST = JobRequest.KIND
+    JOB_LIST = JobList.KIND
+    JOB_STATE = JobState.KIND
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,10 @@ class Start:
     there if it has that directory; with CWD_REQUIRED (--cwd) it refuses the job if not.
     CPUS (slots the job takes), MEM (bytes of free memory it needs) and WORKERS (names, if
     only those may run it) repeat the announcement's request, for a warm channel's START.
+    DETACH asks for a detached job (its output kept on the worker; EXIT comes at once).
+    PUT names the files (name, size) that follow START (PUT_FILE frames) into a fresh
+    job directory, the job's working directory; GET the patterns of the files sent back
+    from it before EXIT (a job directory also when PUT is empty).
     """
 
     KIND: ClassVar[FrameKind] = FrameKind.START
@@ -136,6 +156,9 @@ class Start:
     cpus: int = 1
     mem: int = 0
     workers: tuple[str, ...] = ()
+    detach: bool = False
+    put: tuple[tuple[str, int], ...] = ()
+    get: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Start:
@@ -162,12 +185,16 @@ class Start:
         required = o.get("cwd_required", False)
         if not isinstance(required, bool) or "\0" in cwd or (cwd and not cwd.startswith("/")):
             raise WireError("field 'cwd' is not an absolute path")
+        detach = o.get("detach", False)
+        if not isinstance(detach, bool):
+            raise WireError("field 'detach' is not a boolean")
         return cls(args, tuple(env), tty,
                    str_field(o, "term", 64) if "term" in o else "",
                    int_field(o, "rows", 0, 0xFFFF) if "rows" in o else 0,
                    int_field(o, "cols", 0, 0xFFFF) if "cols" in o else 0, tuple(fds), keep,
-                   cwd, required, *placement(o))
-
+                   cwd, required, *placement(o),
+                   detach, file_list(o["put"]) if "put" in o else (),
+                   pattern_list(o["get"]) if "get" in o else ())
 
 
 def _pairs(value: Any, limit: int) -> list[tuple[Any, Any]]:
@@ -186,12 +213,16 @@ class Started:
     job: str
     refused_env: tuple[str, ...] = ()
     cwd: str = ""  # the directory the job runs in, when the worker says (a command worker)
+    detached: bool = False  # a detached job: EXIT follows at once, the job runs on
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Started:
         refused = str_list_field(o, "refused_env", MAX_ENV, 256) if "refused_env" in o else ()
+        detached = o.get("detached", False)
+        if not isinstance(detached, bool):
+            raise WireError("field 'detached' is not a boolean")
         return cls(str_field(o, "job", 64), refused,
-                   str_field(o, "cwd", MAX_PATH) if "cwd" in o else "")
+                   str_field(o, "cwd", MAX_PATH) if "cwd" in o else "", detached)
 
 
 @dataclass(frozen=True)
@@ -278,11 +309,14 @@ class Ping:
         return cls()
 
 
-Control = Hello | Start | Started | Busy | Exit | Error | Signal | Winsize | Ping
-Frame = Data | Eof | Shut | Window | Control
+Control = (Hello | Start | Started | Busy | Exit | Error | Signal | Winsize | Ping | PutFile
+           | JobRequest | JobList | JobState)
+Frame = Data | Eof | Shut | Window | FileData | FileWindow | Control
 _CONTROL_TYPES: dict[int, Any] = {
-    t.KIND: t for t in (Hello, Start, Started, Busy, Exit, Error, Signal, Winsize, Ping)
+    t.KIND: t for t in (Hello, Start, Started, Busy, Exit, Error, Signal, Winsize, Ping,
+                        PutFile, JobRequest, JobList, JobState)
 }
+RAW_KINDS = (FrameKind.DATA, FrameKind.FILE_DATA)  # up to MAX_FRAME; the rest MAX_CONTROL
 
 
 def encode_frame(frame: Frame) -> bytes:
@@ -297,8 +331,15 @@ def encode_frame(frame: Frame) -> bytes:
         return FRAME_HEADER.pack(FrameKind.SHUT, frame.stream, 0)
     if isinstance(frame, Window):
         return FRAME_HEADER.pack(FrameKind.WINDOW, frame.stream, 4) + _U32.pack(frame.credit)
-    body = dump_json({f.name: getattr(frame, f.name) for f in fields(frame)
-                       if f.default is MISSING or getattr(frame, f.name) != f.default})
+    if isinstance(frame, FileData):
+        if len(frame.payload) > MAX_FRAME:
+            raise WireError("file data frame too long")
+        return FRAME_HEADER.pack(FrameKind.FILE_DATA, 0, len(frame.payload)) + frame.payload
+    if isinstance(frame, FileWindow):
+        return FRAME_HEADER.pack(FrameKind.FILE_WINDOW, 0, 4) + frame.encode()
+    body = dump_json(frame.body() if isinstance(frame, JobList | JobState) else
+                     {f.name: getattr(frame, f.name) for f in fields(frame)
+                      if f.default is MISSING or getattr(frame, f.name) != f.default})
     if len(body) > MAX_CONTROL:
         raise WireError("control frame too long")
     return FRAME_HEADER.pack(frame.KIND, 0, len(body)) + body
@@ -315,6 +356,10 @@ def _parse(kind: int, stream: int, payload: bytes) -> Frame:
         if len(payload) != 4:
             raise WireError("WINDOW frame of the wrong size")
         return Window(stream, _U32.unpack(payload)[0])
+    if kind == FrameKind.FILE_DATA:
+        return FileData(payload)
+    if kind == FrameKind.FILE_WINDOW:
+        return FileWindow.decode(payload)
     control = _CONTROL_TYPES.get(kind)
     if control is None:
         raise WireError(f"unknown frame kind {kind}")
@@ -341,7 +386,7 @@ class FrameDecoder:
             kind, stream, length = FRAME_HEADER.unpack_from(buf, offset)
             if length > MAX_FRAME:
                 raise WireError(f"frame of {length} bytes exceeds {MAX_FRAME}")
-            if kind != FrameKind.DATA and length > MAX_CONTROL:
+            if kind not in RAW_KINDS and length > MAX_CONTROL:
                 raise WireError("control frame too long")
             end = offset + size + length
             if len(buf) < end:

@@ -113,6 +113,16 @@ class ExecRequest(Record):
     """--mem in bytes: only workers with that much free memory answer (0: any)."""
     workers: tuple[str, ...] = ()
     """--worker NAME...: only these workers may run the job (none: any)."""
+    detach: bool = False
+    """--detach: start the job, print its id and return; the worker keeps its output."""
+    put: tuple[str, ...] = ()
+    """--put FILE (absolute paths): sent into the job's fresh working directory."""
+    get: tuple[str, ...] = ()
+    """--get PATTERN: files brought back from the job's directory when it ends."""
+    get_dir: str = ""
+    """Where --get writes (absolute; the client's working directory)."""
+    force: bool = False
+    """--force: --get may replace existing files."""
 
     def check(self) -> None:
         """ValueError naming the first field that is out of bounds (a decoder's check of
@@ -146,6 +156,7 @@ class ExecRequest(Record):
         if not _short_strings(self.workers, MAX_WORKERS, MAX_WORKER_NAME) or "" in self.workers:
             raise ValueError(f"--worker names at most {MAX_WORKERS} workers, of at most "
                              f"{MAX_WORKER_NAME} characters")
+        check_files(self)
 
     def start(self) -> wire.Start:
         """The START frame that asks the worker for this job."""
@@ -153,7 +164,8 @@ class ExecRequest(Record):
 
         return wire.Start(self.args, self.env, self.tty, self.term if self.tty else "",
                           self.rows, self.cols, self.fds, False, self.cwd, self.cwd_required,
-                          self.cpus, self.mem, self.workers)
+                          self.cpus, self.mem, self.workers,
+                          detach=self.detach, get=self.get)
 
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -170,3 +182,26 @@ def parse_size(text: str) -> int:
     if not 0 <= value <= MAX_MEM:  # also refuses NaN
         raise ValueError(f"bad size {text!r}: use BYTES or a number with K, M, G or T")
     return int(value)
+
+
+MAX_FILES = 64  # as rexnet.protocol.jobframes.MAX_FILES
+
+
+def check_files(request: ExecRequest) -> None:
+    """ValueError for --put/--get/--detach that cannot go together or out of bounds."""
+    names = [p.rstrip("/").rpartition("/")[2] for p in request.put]
+    if len(request.put) > MAX_FILES or len(request.get) > MAX_FILES:
+        raise ValueError(f"--put and --get take at most {MAX_FILES} files each")
+    if not all(p.startswith("/") and name not in ("", ".", "..") and "\0" not in p
+               for p, name in zip(request.put, names, strict=True)):
+        raise ValueError("--put needs files (absolute paths once read)")
+    if len(set(names)) < len(names):
+        raise ValueError("--put: two files of the same name (the job directory is flat)")
+    for pattern in request.get:
+        if not pattern or "/" in pattern or "\0" in pattern or pattern in (".", ".."):
+            raise ValueError(f"--get {pattern!r}: a pattern of plain names (no '/'): files "
+                             "come back from the top of the job directory")
+    if request.get and request.detach:
+        raise ValueError("--get does not go with --detach (use rexnet output JOB)")
+    if request.get and not request.get_dir.startswith("/"):
+        raise ValueError("--get needs the directory to write to")

@@ -6,6 +6,7 @@ The rest of the code (and the tests) use ``wire.Announce``, ``wire.FrameDecoder`
 - rexnet.protocol.datagrams: the signed UDP datagrams (announce, taken, alert, status,
   status reply), their signing layout and relay trailer;
 - rexnet.protocol.frames: the job channel's frames and FrameDecoder;
+- rexnet.protocol.jobframes: the frames of files and of detached jobs;
 - rexnet.protocol.fields: WireError and the bounded checks of JSON bodies.
 
 No I/O anywhere: every decoder is bounded and raises WireError, and nothing else, on
@@ -29,6 +30,7 @@ from rexnet.protocol.datagrams import (
     Announce,
     Datagram,
     DatagramMessage,
+    JobCall,
     Kind,
     Signer,
     StatusQuery,
@@ -69,12 +71,25 @@ from rexnet.protocol.frames import (
     Winsize,
     encode_frame,
 )
+from rexnet.protocol.jobframes import (
+    JOB_ACTIONS,
+    MAX_FILES,
+    FileData,
+    FileWindow,
+    JobList,
+    JobRequest,
+    JobRow,
+    JobState,
+    PutFile,
+    check_file_name,
+)
 
 __all__ = [
     "ALERT_EVENTS",
     "APP_ID_LEN",
     "FD_MODES",
     "FRAME_HEADER",
+    "JOB_ACTIONS",
     "LIMITS",
     "MAGIC",
     "MAX_ADDRS",
@@ -84,6 +99,7 @@ __all__ = [
     "MAX_DATAGRAM",
     "MAX_DATA_CHUNK",
     "MAX_ENV",
+    "MAX_FILES",
     "MAX_FRAME",
     "MAX_STREAM",
     "RELAY_MAGIC",
@@ -99,12 +115,20 @@ __all__ = [
     "Eof",
     "Error",
     "Exit",
+    "FileData",
+    "FileWindow",
     "Frame",
     "FrameDecoder",
     "FrameKind",
     "Hello",
+    "JobCall",
+    "JobList",
+    "JobRequest",
+    "JobRow",
+    "JobState",
     "Kind",
     "Ping",
+    "PutFile",
     "Shut",
     "Signal",
     "Signer",
@@ -116,6 +140,7 @@ __all__ = [
     "Window",
     "Winsize",
     "WireError",
+    "check_file_name",
     "decode_datagram",
     "encode_datagram",
     "encode_frame",

@@ -163,6 +163,22 @@ def make_ca(
     return key, cert
 
 
+def is_admin(cert: x509.Certificate) -> bool:
+    """Whether CERT is an admin credential of its application: a client certificate that
+    also names ADMIN's identity (admin.APP.rexnet), which only the CA can sign."""
+    info = CertInfo.of(cert)
+    if info.role != "client":
+        return False
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return identity(ADMIN, info.app) in names.get_values_for_type(x509.DNSName)
+
+
+ADMIN = "admin"
+
+
 def issue(
     ca_key: Ed25519PrivateKey,
     ca_cert: x509.Certificate,
@@ -170,8 +186,13 @@ def issue(
     holder: str,
     days: int = DEFAULT_DAYS,
     now: datetime.datetime | None = None,
+    admin: bool = False,
 ) -> tuple[Ed25519PrivateKey, x509.Certificate]:
-    """A new credential of ROLE for HOLDER, signed by the application CA."""
+    """A new credential of ROLE for HOLDER, signed by the application CA; ADMIN (a client
+    only) adds the admin marker (see is_admin): it may cancel, attach to and read the
+    detached jobs of every client."""
+    if admin and role != "client":
+        raise CredentialError("only a client credential can be an admin one")
     if role not in ISSUABLE:
         raise CredentialError(f"bad role {role!r}: use worker, client or relay")
     check_holder_name(holder)
@@ -202,7 +223,8 @@ def issue(
             critical=False,
         )
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(identity(role, app))]), critical=False
+            x509.SubjectAlternativeName([x509.DNSName(identity(role, app)), *(
+                [x509.DNSName(identity(ADMIN, app))] if admin else [])]), critical=False
         )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False

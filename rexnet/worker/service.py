@@ -6,7 +6,7 @@ import os
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -23,12 +23,15 @@ from rexnet.security.hardening import make_undumpable
 from rexnet.security.tls import Revocations, connecting_options
 from rexnet.version import __version__
 from rexnet.worker.arguments import ArgPolicy
+from rexnet.worker.calls import JobCalls
 from rexnet.worker.channel import WorkerChannel
 from rexnet.worker.commands import CommandPolicy, CommandRefused
 from rexnet.worker.complaints import COMPLAINT_RATE, Complaints
 from rexnet.worker.connectback import ConnectBacks, Pending, connect_back_target
 from rexnet.worker.datagrams import AnnounceSocket
+from rexnet.worker.detached import DEFAULT_KEEP, DEFAULT_OUTPUT, JobBook, OutputLog
 from rexnet.worker.environment import EnvPolicy
+from rexnet.worker.files import DEFAULT_JOB_FILES, FileSettings, default_state_dir, send_back
 from rexnet.worker.job import KILL_GRACE, JobProcess, Limits
 from rexnet.worker.keyexposure import jobs_identity, key_warning
 from rexnet.worker.load import Crowd, HostLoad, connect_back_delay, load_figure, sample_host
@@ -71,6 +74,10 @@ class WorkerSettings:
     commands: CommandPolicy = field(default_factory=CommandPolicy)
     """--commands / --any-command: the client names the program (then COMMAND is empty)."""
     sandbox: Isolator | None = None  # rexnet.worker.sandbox.Sandbox (a worker started as root)
+    state_dir: str = ""  # detached jobs' output and jobs' directories ("": the default)
+    job_files: int = DEFAULT_JOB_FILES  # bytes a job's --put (and --get) files may total
+    detached_output: int = DEFAULT_OUTPUT  # bytes of a detached job's output kept
+    keep_finished: float = DEFAULT_KEEP  # seconds finished jobs are listed (and kept)
 
     @property
     def env_policy(self) -> EnvPolicy:
@@ -79,6 +86,12 @@ class WorkerSettings:
     @property
     def arg_policy(self) -> ArgPolicy:
         return ArgPolicy(self.allow_args, self.allow_arg)
+
+    @property
+    def files(self) -> FileSettings:
+        """Where this application's job directories and detached output go."""
+        root = os.path.join(self.state_dir or default_state_dir(), self.credential.app)
+        return FileSettings(root, self.job_files)
 
     def accepts_env(self, name: str) -> bool:
         """Whether a job may set variable NAME (sshd's AcceptEnv patterns; never a
@@ -89,13 +102,14 @@ class WorkerSettings:
 @dataclass
 class Running:
     job: str
-    channel: WorkerChannel
+    channel: WorkerChannel | OutputLog  # an OutputLog for a detached job
     process: JobProcess
     client: str
     argv: list[str] = field(default_factory=list)
     started: float = 0.0
     keep: bool = False  # the client asked to keep the channel for its next job
     slots: int = 1  # the slots it takes (the client's --cpus)
+    get: tuple[str, ...] = ()  # the files to send back when the job ends
 
 
 class Worker:
@@ -145,6 +159,9 @@ class Worker:
         self.warm: set[WorkerChannel] = set()  # idle channels kept for their client's next job
         self._sampled: tuple[float, HostLoad] | None = None  # for warm channels' reports
         self._idle: defer.Deferred[None] | None = None
+        self.book = JobBook(reactor, settings.credential, settings.files.root,
+                            settings.detached_output, settings.keep_finished)
+        self.calls = JobCalls(self, tls or connecting_options(settings.credential))
 
     @property
     def pending(self) -> dict[bytes, Pending]:
@@ -208,6 +225,8 @@ class Worker:
             elif isinstance(message, wire.StatusQuery):
                 what = "status query"
                 self._status(dgram, host)
+            elif isinstance(message, wire.JobCall):
+                self.calls.datagram(dgram, host)
         except Rejected as e:
             self.complain(host, f"{what} refused: {e}")
 
@@ -267,7 +286,8 @@ class Worker:
     def _connect_back(self, pending: Pending, host: str, port: int) -> None:
         s = self.settings
         self.connect_backs.connect(
-            pending, host, port, lambda: WorkerChannel(self, pending, s.credential, s.revoked))
+            pending, host, port, lambda: WorkerChannel(self, pending, s.credential, s.revoked,
+                                                       s.files))
 
     def release(self, pending: Pending) -> None:
         self.connect_backs.release(pending)
@@ -325,28 +345,50 @@ class Worker:
             requested.accepted,
             {"REXNET_JOB_ID": job, "REXNET_WORKER": s.name, "REXNET_CLIENT": client},
             term=start.term if start.tty else None)
-        proto = JobProcess(channel, self.reactor,
+        try:
+            output = (self.book.output_log(job, channel.peer_address()) if start.detach
+                      else None)
+        except OSError as e:
+            return Refusal("detach", f"cannot keep the output of a detached job in "
+                           f"{s.files.root}: {e.strerror} (see the worker's --state-dir)")
+        proto = JobProcess(output or channel, self.reactor,
                            lambda code, sig, limit: self._ended(job, code, sig, limit),
                            start, s.limits)
+        if channel.job_dir is not None:  # --put/--get: the job's own directory
+            cwd = channel.job_dir.path
         try:
             spawn(self.reactor, proto, argv, env, cwd, s.sandbox)
         except OSError as e:
             return Refusal("spawn", f"cannot start {argv[0]}: {e.strerror}")
-        running = self.running[job] = Running(job, channel, proto, client, argv,
+        running = self.running[job] = Running(job, output or channel, proto, client, argv,
                                               self.reactor.seconds(), start.keep,
-                                              max(start.cpus, 1))
+                                              max(start.cpus, 1), start.get)
+        booked = self.book.started(job, channel.peer_cert, " ".join(argv), proto, output)
         self.alerts.send("job-started", job=job, worker=s.name, client=client,
-                         client_addr=channel.peer_address(), command=" ".join(argv)[:200])
+                         client_addr=channel.peer_address(), command=" ".join(argv)[:200],
+                         **({"detached": 1} if output else {}))
         self.jobs_run += 1
         self.metrics.job_started()
         channel.send(wire.Started(job, refused, (cwd or os.getcwd())
-                                  if s.commands.enabled else ""))
+                                  if s.commands.enabled else "", detached=output is not None))
         log.info("job {job} started for {client} from {peer}{warm}: {argv}{tty}{cwd}",
                  job=job, client=client, peer=channel.peer_address(), argv=argv,
                  warm=" on a warm channel" if warm else "",
-                 tty=" (in a terminal)" if start.tty else "",
+                 tty=" (in a detached terminal)" if start.tty and output else
+                 " (detached)" if output else " (in a terminal)" if start.tty else "",
                  cwd=f" in {cwd}" if cwd and cwd != s.chdir else "")
-        return running
+        if output is None:
+            return running
+        booked.directory, channel.job_dir = channel.job_dir, None  # the job's from now on
+        # the client's part ends here: EXIT at once (once the machine runs), the job runs on
+        self.reactor.callLater(0, self._detached, channel, start.keep)
+        placeholder = JobProcess(channel, self.reactor, lambda *_: None, start)
+        placeholder.ended = True  # the channel's end must not end the detached job
+        return replace(running, channel=channel, process=placeholder)
+
+    def _detached(self, channel: WorkerChannel, keep: bool) -> None:
+        channel.send(wire.Exit(0, None))
+        channel.job_ended(keep=keep and self._idle is None and len(self.warm) < MAX_WARM)
 
     def _ended(self, job: str, code: int | None, sig: int | None, limit: str) -> None:
         running = self.running.pop(job, None)
@@ -366,6 +408,23 @@ class Worker:
             bytes_in=bytes_in, bytes_out=bytes_out)
         if limit:
             self.complain(channel.peer_address(), f"job {job} hit its {limit} limit")
+        self.book.ended(job, code, sig)
+        if isinstance(channel, WorkerChannel) and channel.job_dir is not None:
+            returned = defer.succeed(None)
+            if running.get and not channel.closed:
+                returned = send_back(channel.lane(), channel.job_dir, running.get,
+                                     self.settings.files,
+                                     lambda problem: self.complain(channel.peer_address(),
+                                                                   problem))
+            returned.addBoth(lambda _: self._exit(running, code, sig, limit))
+        else:
+            self._exit(running, code, sig, limit)
+
+    def _exit(self, running: Running, code: int | None, sig: int | None, limit: str) -> None:
+        """The job's files are back (if any): EXIT, then keep or close the channel."""
+        channel = running.channel
+        if isinstance(channel, WorkerChannel):
+            channel.job_files_done()
         channel.send(wire.Exit(code, sig, limit))
         channel.job_ended(keep=running.keep and not limit and self._idle is None
                           and len(self.warm) < MAX_WARM)
@@ -379,12 +438,14 @@ class Worker:
         for channel in list(self.warm):
             channel.close()
         if not self.running:
+            self.book.stop()
             return defer.succeed(None)
         self._idle = defer.Deferred()
         for running in list(self.running.values()):
             running.channel.send(wire.Error("stopping", f"worker {self.settings.name} is "
                                             "stopping; the job was ended"))
             running.process.kill_group()
+        self._idle.addBoth(lambda result: self.book.stop())
         timeout = self.reactor.callLater(KILL_GRACE + 1.0, self._give_up_waiting)
         self._idle.addBoth(lambda r: timeout.cancel() if timeout.active() else None)
         return self._idle

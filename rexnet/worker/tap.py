@@ -88,6 +88,15 @@ class Options(VersionOption):
         ["revoked", None, None, "Refuse clients whose certificates are listed in FILE "
          "(made by rexnet keygen --revoke; re-read when it changes; default: APP.revoked "
          "beside KEYFILE, if there is one)."],
+        ["state-dir", None, None, "Keep detached jobs' output and jobs' own directories "
+         "(--put, --get) under DIR/APP (default: /var/lib/rexnet as root, else "
+         "$XDG_STATE_HOME/rexnet)."],
+        ["detached-output", None, "16M", "Keep at most this many BYTES of a detached job's "
+         "output (the rest is counted, not kept)."],
+        ["keep-finished", None, "3600", "List finished jobs, and keep detached jobs' output, "
+         "for this many SECONDS."],
+        ["job-files", None, "1G", "BYTES a job's --put files may total (and its --get "
+         "files)."],
     ]
     optFlags = [
         ["allow-args", None, "Append any extra arguments of the client to COMMAND: option "
@@ -243,6 +252,16 @@ class Options(VersionOption):
             raise usage.UsageError("--job-timeout must be a number of seconds >= 0") from None
         self["job-memory"] = parse_bytes(self["job-memory"])
         self.sandbox_options()
+        self["detached-output"] = parse_bytes(self["detached-output"])
+        self["job-files"] = parse_bytes(self["job-files"])
+        try:
+            self["keep-finished"] = float(self["keep-finished"])
+            if not 0 <= self["keep-finished"] <= 1e8:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError("--keep-finished must be a number of seconds >= 0") from None
+        if self["state-dir"] is not None:
+            self["state-dir"] = os.path.abspath(self["state-dir"])
         if self["chdir"] is not None:
             if not os.path.isdir(self["chdir"]):
                 raise usage.UsageError(f"--chdir: no such directory: {self['chdir']}")
@@ -462,6 +481,10 @@ def worker_for(config: Options, top: MultiService, reactor: Any,
         revoked=revoked,
         sandbox=sandbox_for(config, top),
         commands=CommandPolicy.of(tuple(config["commands"]), bool(config["any-command"])),
+        state_dir=config["state-dir"] or "",
+        job_files=config["job-files"],
+        detached_output=config["detached-output"],
+        keep_finished=config["keep-finished"],
     )
     worker = Worker(settings, reactor, socket=announce, metrics=metrics)
     if config["register"]:

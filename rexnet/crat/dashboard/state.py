@@ -20,6 +20,7 @@ alerts.  No I/O; time comes from a clock.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ ALERTS = 50
 """Recent alerts kept and shown, newest first."""
 MAX_WORKERS = 1024
 MAX_JOBS = 4096
+FINISHED = 100  # finished jobs shown (newest first)
 STATUS_FIELDS = ("load", "running", "slots", "cpus", "speed", "free_memory", "jobs_run")
 
 log = Logger()
@@ -110,6 +112,7 @@ class DashboardState:
         self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.alerts: deque[Record] = deque(maxlen=alerts)  # verified, newest first
         self.unverified: deque[Record] = deque(maxlen=alerts)
+        self.finished: deque[dict[str, Any]] = deque(maxlen=FINISHED)  # newest first
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.errors = 0
 
@@ -141,7 +144,8 @@ class DashboardState:
 
     def _apply(self, record: Record, now: float) -> dict[str, Any]:
         update: dict[str, Any] = {"now": now, "alert": None, "worker": None, "point": None,
-                                  "job_started": None, "jobs_ended": []}
+                                  "job_started": None, "jobs_ended": [], "jobs_finished": []}
+        before = len(self.finished) and self.finished[0]
         event = record.get("event")
         fields: dict[str, Any] = record.get("fields") or {}
         verified = record.get("verified") is True
@@ -163,8 +167,16 @@ class DashboardState:
                 update["jobs_ended"] = self._finished(record, fields, app)
             if worker is not None:
                 update["worker"] = worker.as_dict(history=False)
+        update["jobs_finished"] = list(itertools.takewhile(lambda j: j is not before,
+                                                           self.finished))
         update["counts"] = self.crat.counts.as_dict()
         return update
+
+    def _end(self, key: str, fields: dict[str, Any], now: float) -> None:
+        """Job KEY ended (with the status FIELDS say, if they do): into the history."""
+        job = self.jobs.pop(key)
+        self.finished.appendleft({**job, "ended": now, "status": _number(fields.get("status")),
+                                  "duration": _number(fields.get("duration"))})
 
     @staticmethod
     def _alert(record: Record) -> Record:
@@ -226,7 +238,7 @@ class DashboardState:
                  if (job["app"], job["worker"]) == (worker.app, worker.name)
                  and job["ts"] < sent]
         for key in ended:
-            del self.jobs[key]
+            self._end(key, {}, round(self.clock(), 3))
         return ended
 
     def _started(self, record: Record, fields: dict[str, Any], app: str,
@@ -250,6 +262,7 @@ class DashboardState:
             "sender": sender, "serial": serial,
             "client": _text(fields.get("client")), "client_addr": _text(fields.get("client_addr")),
             "command": _text(fields.get("command")), "started": now,
+            "detached": fields.get("detached") == 1,
             "ts": record.get("ts") if isinstance(record.get("ts"), int) else 0,
         }
         self.jobs.pop(key, None)
@@ -269,7 +282,7 @@ class DashboardState:
         role, sender = record.get("role"), _text(record.get("sender"))
         if role == "worker" and (sender, _text(record.get("serial"))) == (
                 job["sender"], job["serial"]):
-            del self.jobs[key]
+            self._end(key, fields, round(self.clock(), 3))
             return [key]
         if role != "client" or sender != job["client"]:
             log.warn("dashboard: ignored job-finished of job {job} from {role} certificate "
@@ -289,6 +302,7 @@ class DashboardState:
             "workers": [w.as_dict() for w in sorted(self.workers.values(),
                                                     key=lambda w: (w.app, w.name))],
             "running": sorted(self.jobs.values(), key=lambda j: (j["started"], j["key"])),
+            "finished": list(self.finished),
             "alerts": list(self.alerts),
             "unverified": list(self.unverified),
             "counts": stats["counts"],

@@ -53,6 +53,7 @@
     st.interval = s.limits.status_interval;
     st.workers = new Map(s.workers.map((w) => [w.key, w]));
     st.jobs = new Map(s.running.map((j) => [j.key, j]));
+    st.finished = (s.finished || []).slice(0, 100);
     st.alerts = s.alerts.slice(0, st.maxAlerts);
     st.unverified = (s.unverified || []).slice(0, st.maxAlerts);
     st.counts = s.counts; st.trusted = s.trusted;
@@ -73,6 +74,7 @@
     }
     if (u.job_started) st.jobs.set(u.job_started.key, u.job_started);
     for (const key of u.jobs_ended || []) st.jobs.delete(key);
+    st.finished = (u.jobs_finished || []).concat(st.finished || []).slice(0, 100);
     if (u.alert) {  // verified and unverified alerts are kept apart, each list bounded
       const list = u.alert.verified ? st.alerts : st.unverified;
       list.unshift(u.alert);
@@ -140,7 +142,7 @@
 
   function render() {
     renderTimer = null;
-    renderCounts(); renderWorkers(); renderJobs();
+    renderCounts(); renderWorkers(); renderJobs(); renderFinished();
     renderAlerts(st.alerts, "alerts"); renderAlerts(st.unverified, "unverified");
     st.fresh.clear();
     $("trusted").textContent = st.trusted.length ? "trusting " + st.trusted.join(", ") : "";
@@ -238,12 +240,29 @@
       const tr = el("tr");
       tr.dataset.job = j.job;
       tr.append(td(j.job, "mono job"), td(j.app), td(j.worker, "worker"), td(j.client),
-        td(j.client_addr, "mono"), td(j.command, "mono"), td(ago(now - j.started)));
+        td(j.client_addr, "mono"), td(j.command, "mono"), td(ago(now - j.started)),
+        td(j.detached ? "detached" : ""));
       body.append(tr);
     }
     $("jobs").tBodies[0].replaceWith(body);
     $("job-count").textContent = jobs.length ? "(" + jobs.length + ")" : "";
     $("jobs-empty").classList.toggle("hidden", jobs.length > 0);
+  }
+
+  function renderFinished() {  // finished jobs' history, newest first
+    const now = serverNow();
+    const body = el("tbody");
+    for (const j of st.finished || []) {
+      const tr = el("tr");
+      tr.dataset.job = j.job;
+      tr.append(td(j.job, "mono job"), td(j.app), td(j.worker, "worker"), td(j.client),
+        td(j.command, "mono"), td(j.status === null ? "?" : String(j.status), "num"),
+        td(j.duration === null ? "" : num(j.duration, 1) + " s", "num"),
+        td(ago(now - j.ended) + " ago"), td(j.detached ? "detached" : ""));
+      body.append(tr);
+    }
+    $("finished").tBodies[0].replaceWith(body);
+    $("finished-empty").classList.toggle("hidden", (st.finished || []).length > 0);
   }
 
   function renderAlerts(alerts, id) {
