@@ -279,6 +279,9 @@ def _hijack(me: int, worker_pid: int, until: float) -> None:
                 for fd in os.listdir(f"/proc/{pid}/fd"):
                     if fd == "0":
                         continue  # its input: the result pipe and stderr are the targets
+                    if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:"):
+                        continue  # pipes only: re-opening a file would truncate it (a
+                        # runner reading a .pth file at start-up, say)
                     with open(f"/proc/{pid}/fd/{fd}", "wb") as f:
                         f.write(forged)
             except (OSError, psutil.Error):

@@ -89,9 +89,9 @@ class Exec(Message):
 
     def fields(self) -> Json:
         # --detach, --put and --get run without the agent (the launcher does not read
-        # them): only SCHEMA's fields travel
+        # them): only SCHEMA's and PLACEMENT's fields travel
         return {**{name: getattr(self.request, name) for name in ExecRequest.__fields__
-                   if name in self.SCHEMA}, "netns": self.netns}
+                   if name in self.SCHEMA or name in PLACEMENT}, "netns": self.netns}
 
     @classmethod
     def decode(cls, obj: Json) -> Self:

@@ -28,6 +28,7 @@ import ctypes
 import fcntl
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -147,7 +148,7 @@ def supervise(sock: socket.socket, users: list[tuple[int, int, str]]) -> int:
     memory = int(limits.get("memory", 0))
     unshare(CLONE_NEWNS)
     mount("none", "/", None, MS_REC | MS_PRIVATE)
-    private_dirs(str(request.get("cwd") or "/"))
+    private_dirs(str(request.get("cwd") or "/"), program_dir(request))
     group: JobCgroup | None = None
     try:
         mount_cgroups()
@@ -185,23 +186,36 @@ def supervise(sock: socket.socket, users: list[tuple[int, int, str]]) -> int:
     return 0
 
 
-def private_dirs(cwd: str) -> None:
+def program_dir(request: dict[str, Any]) -> str | None:
+    """The directory of the job's program (the worker's COMMAND, found as the job will find
+    it), so that a program kept below a private directory stays visible; None if unknown."""
+    argv = request.get("argv") or []
+    if not argv or not isinstance(argv[0], str):
+        return None
+    env = request.get("env", {})
+    found = argv[0] if "/" in argv[0] else shutil.which(
+        argv[0], path=env.get("PATH") if isinstance(env, dict) else None)
+    return os.path.dirname(os.path.abspath(found)) if found else None
+
+
+def private_dirs(cwd: str, *more: str | None) -> None:
     """A fresh tmpfs on each of PRIVATE_DIRS; a working directory CWD below one of them
-    (the worker's --chdir) stays where it was, bound into the new tmpfs."""
-    cwd = os.path.realpath(cwd)
+    (the worker's --chdir, a job's own directory) and the directories MORE (the program's)
+    stay where they were, bound into the new tmpfs."""
+    kept = sorted({os.path.realpath(d) for d in (cwd, *more) if d and os.path.isdir(d)})
     for directory in PRIVATE_DIRS:
         if not os.path.isdir(directory) or os.path.islink(directory):
             continue
-        inside = cwd.startswith(directory.rstrip("/") + "/")
-        keep = os.open(cwd, os.O_PATH | os.O_DIRECTORY) if inside else -1
+        inside = [d for d in kept if d.startswith(directory.rstrip("/") + "/")]
+        handles = [os.open(d, os.O_PATH | os.O_DIRECTORY) for d in inside]
         try:
             mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-            if inside:
-                os.makedirs(cwd, 0o755, exist_ok=True)
-                mount(f"/proc/self/fd/{keep}", cwd, None, MS_BIND | MS_REC)
+            for d, handle in zip(inside, handles, strict=True):
+                os.makedirs(d, 0o755, exist_ok=True)
+                mount(f"/proc/self/fd/{handle}", d, None, MS_BIND | MS_REC)
         finally:
-            if keep >= 0:
-                os.close(keep)
+            for handle in handles:
+                os.close(handle)
 
 
 def _watch(sock: socket.socket, init: int, status_r: int, memory: int
