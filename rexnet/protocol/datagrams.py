@@ -179,6 +179,7 @@ class StatusReply:
     free_memory: int
     jobs_run: int
     uptime: float
+    queued: int = 0  # jobs waiting in the worker's queue for a slot
 
     def body(self) -> dict[str, Any]:
         body = {k: v for k, v in self.__dict__.items()}
@@ -192,7 +193,8 @@ class StatusReply:
                    int_field(o, "cpus", 0, 1 << 20), float_field(o, "speed"),
                    int_field(o, "slots", 0, 1 << 20), int_field(o, "running", 0, 1 << 20),
                    int_field(o, "free_memory", 0, 2**62), int_field(o, "jobs_run", 0, 2**62),
-                   float_field(o, "uptime"))
+                   float_field(o, "uptime"),
+                   int_field(o, "queued", 0, 1 << 20) if "queued" in o else 0)
 
 
 DatagramMessage = Announce | Taken | Alert | StatusQuery | StatusReply

@@ -28,6 +28,7 @@ from rexnet.worker.complaints import COMPLAINT_RATE, Complaints
 from rexnet.worker.connectback import ConnectBacks, Pending, connect_back_target
 from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.job import KILL_GRACE, JobProcess, Limits
+from rexnet.worker.jobqueue import JobQueue, default_places
 from rexnet.worker.load import Crowd, HostLoad, load_figure, sample_host
 from rexnet.worker.machine import Refusal
 from rexnet.worker.metrics import NO_METRICS, Metrics, NoMetrics
@@ -62,6 +63,11 @@ class WorkerSettings:
     chdir: str | None = None
     limits: Limits = field(default_factory=Limits)
     revoked: Revocations | None = None  # rexnet.security.revocation.RevokedFile
+    queue: int | None = None  # places in the queue for a slot (None: 4 per slot)
+
+    @property
+    def queue_places(self) -> int:
+        return default_places(self.slots) if self.queue is None else self.queue
 
     def accepts_env(self, name: str) -> bool:
         """Whether a job may set variable NAME (sshd's AcceptEnv patterns)."""
@@ -114,8 +120,7 @@ class Worker:
         self.socket.serve(settings.credential.app_id, self.datagram)
         self.metrics: NoMetrics = NO_METRICS if metrics is None else metrics.for_worker(
             settings.credential.app, settings.slots, lambda: self.busy,
-            lambda: len(self.running),
-            lambda: load_figure(self.sample(), self.busy, settings.slots))
+            lambda: len(self.running), self.load)
         self.connect_backs = ConnectBacks(
             reactor, tls or connecting_options(settings.credential), self.metrics,
             self._connect_back, jitter, crowd)
@@ -125,6 +130,9 @@ class Worker:
         self.warm: set[WorkerChannel] = set()  # idle channels kept for their client's next job
         self._sampled: tuple[float, HostLoad] | None = None  # for warm channels' reports
         self._idle: defer.Deferred[None] | None = None
+        self.queue = JobQueue(settings.queue_places)  # jobs waiting for a slot
+        self._admitting = False
+        self.connect_backs.freed = self._admit
 
     @property
     def pending(self) -> dict[bytes, Pending]:
@@ -137,11 +145,32 @@ class Worker:
 
     @property
     def busy(self) -> int:
-        """Slots in use: running jobs and reserved connect-backs."""
-        return len(self.running) + len(self.pending)
+        """Slots in use: running jobs and the connect-backs that reserved a slot."""
+        return len(self.running) + sum(1 for p in self.pending.values() if not p.queued)
+
+    @property
+    def queued(self) -> int:
+        """Queue places taken: queued jobs and the connect-backs that reserved a place."""
+        return len(self.queue) + sum(1 for p in self.pending.values() if p.queued)
 
     def free_slot(self) -> bool:
         return self.busy < self.settings.slots
+
+    def has_room(self) -> bool:
+        """Whether a job can start now or wait in the queue."""
+        return self.free_slot() or self.queued < self.queue.places
+
+    def load(self, figures: HostLoad | None = None) -> float:
+        """The load figure: run-queue per CPU, and slots busy or wanted by queued jobs."""
+        return load_figure(figures or self.sample(), self.busy + self.queued,
+                           self.settings.slots)
+
+    def expected_wait(self, ahead: int) -> float:
+        """Seconds a job with AHEAD queued jobs before it would wait for a slot."""
+        now = self.reactor.seconds()
+        ran = [now - r.started for r in self.running.values()]
+        ran += [0.0] * (self.busy - len(self.running))  # reserved slots: jobs not yet begun
+        return self.queue.wait(ahead, self.settings.slots, ran)
 
     # -- datagrams --------------------------------------------------------------------
 
@@ -174,20 +203,18 @@ class Worker:
         except Exception:
             log.failure("cannot read the host's load for a worker-status alert")
             return
-        self.alerts.send("worker-status", worker=s.name,
-                         load=round(load_figure(figures, self.busy, s.slots), 4),
+        self.alerts.send("worker-status", worker=s.name, load=round(self.load(figures), 4),
                          cpus=figures.cpus, speed=s.speed, slots=s.slots,
-                         running=len(self.running), free_memory=figures.free_memory,
-                         jobs_run=self.jobs_run)
+                         running=len(self.running), queued=self.queued,
+                         free_memory=figures.free_memory, jobs_run=self.jobs_run)
 
     def _status(self, dgram: wire.Datagram, host: str) -> None:
         query, _ = self.checker.check_status(dgram, host)
         s, figures = self.settings, self.sample()
         reply = wire.StatusReply(
-            query.nonce, now_ms(), s.name, __version__,
-            round(load_figure(figures, self.busy, s.slots), 4), figures.cpus, s.speed,
-            s.slots, len(self.running), figures.free_memory, self.jobs_run,
-            round(self.reactor.seconds() - self.started_at, 1))
+            query.nonce, now_ms(), s.name, __version__, round(self.load(figures), 4),
+            figures.cpus, s.speed, s.slots, len(self.running), figures.free_memory,
+            self.jobs_run, round(self.reactor.seconds() - self.started_at, 1), self.queued)
         data = wire.encode_datagram(reply, s.credential.app_id, s.credential.key,
                                     s.credential.cert_der)
         self.socket.reply(data, connect_back_target(dgram, query.addrs, query.port, host))
@@ -196,12 +223,18 @@ class Worker:
         ann, client = self.checker.check_announce(dgram, host)
         if self.connect_backs.answered(ann.job_id):
             return  # a resend of a job we already answered
-        if self.busy >= self.settings.slots:
-            log.debug("no free slot for job from {client}", client=client.info.name)
-            return
-        load = load_figure(self.sample(), self.busy, self.settings.slots)
-        self.connect_backs.promise(ann.job_id, client, load, self.settings.speed,
-                                   connect_back_target(dgram, ann.addrs, ann.port, host))
+        target = connect_back_target(dgram, ann.addrs, ann.port, host)
+        if self.free_slot():
+            self.connect_backs.promise(ann.job_id, client, self.load(), self.settings.speed,
+                                       target)
+        elif self.queued < self.queue.places:  # answer later, by the wait for a slot
+            ahead = self.queued
+            self.connect_backs.promise(ann.job_id, client, self.load(), self.settings.speed,
+                                       target, queued=True, ahead=ahead,
+                                       wait=self.expected_wait(ahead))
+        else:
+            log.debug("no free slot or queue place for job from {client}",
+                      client=client.info.name)
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
         pending = self.pending.get(taken.job_id)
@@ -209,6 +242,7 @@ class Worker:
             return  # nothing to cancel (and no certificate to check it with)
         self.checker.check_taken(dgram, pending.client)
         self.connect_backs.taken(pending, taken.answered)
+        self._admit()  # a slot it reserved may be free
 
     def _connect_back(self, pending: Pending, host: str, port: int) -> None:
         s = self.settings
@@ -217,6 +251,49 @@ class Worker:
 
     def release(self, pending: Pending) -> None:
         self.connect_backs.release(pending)
+        self._admit()
+
+    # -- the queue ------------------------------------------------------------------------
+
+    def wait_turn(self, channel: WorkerChannel, start: wire.Start, pending: Pending | None
+                  ) -> wire.Queued | Refusal | None:
+        """Whether START on CHANNEL (a fresh channel's PENDING connect-back, or a warm
+        channel's None) runs now (None), waits in the queue (the QUEUED frame to send),
+        or is refused. A connect-back that reserved a slot keeps it; anything else runs
+        now only if no job is queued before it."""
+        reserved = pending is not None and not pending.queued
+        if pending is not None:
+            self.connect_backs.release(pending)  # its slot or place passes to the job
+        refusal = self.why_not(start)
+        if refusal is not None:
+            self._admit()
+            return refusal
+        if self.free_slot() and (reserved or not self.queue):
+            return None
+        position = self.queue.add(channel, start, self.reactor.seconds())
+        wait = self.expected_wait(position - 1)
+        log.info("job from {client} ({peer}) queued at position {position}, expected wait "
+                 "{wait:.1f} s", client=CertInfo.of(channel.peer_cert).name,
+                 peer=channel.peer_address(), position=position, wait=wait)
+        return wire.Queued(position, round(wait * 1000, 1))
+
+    def leave_queue(self, channel: WorkerChannel) -> None:
+        """CHANNEL's client gave up its place (or went away)."""
+        if self.queue.remove(channel):
+            log.info("a queued job from {peer} left the queue", peer=channel.peer_address())
+
+    def _admit(self) -> None:
+        """Start queued jobs while slots are free (not while the worker stops)."""
+        if self._admitting:
+            return
+        self._admitting = True
+        try:
+            while self.queue and self.free_slot() and self._idle is None:
+                waiting = self.queue.pop()
+                assert waiting is not None
+                waiting.channel.admit()
+        finally:
+            self._admitting = False
 
     # -- jobs (for the channels: rexnet.worker.machine.JobHost) --------------------------
 
@@ -228,11 +305,13 @@ class Worker:
             now = self.reactor.seconds()
             if self._sampled is None or now - self._sampled[0] > SAMPLE_AGE:
                 self._sampled = (now, self.sample())
-            load = load_figure(self._sampled[1], self.busy, s.slots)
-            return wire.Hello(s.name, __version__, round(load, 4), 0.0, s.slots,
-                              len(self.running))
+            full = not self.free_slot()
+            return wire.Hello(s.name, __version__, round(self.load(self._sampled[1]), 4), 0.0,
+                              s.slots, len(self.running), self.queued if full else 0,
+                              round(self.expected_wait(self.queued) * 1000, 1) if full else 0.0)
         return wire.Hello(s.name, __version__, round(pending.load, 4),
-                          round(pending.delay * 1000, 3), s.slots, len(self.running))
+                          round(pending.delay * 1000, 3), s.slots, len(self.running),
+                          pending.ahead, round(pending.wait * 1000, 1))
 
     def client_refusal(self, cert: Any) -> str | None:
         """Why a warm channel's client may no longer run jobs (its certificate expired or
@@ -247,11 +326,9 @@ class Worker:
                   ) -> Running | Refusal:
         """Run START's job on CHANNEL, or say why not."""
         s = self.settings
-        if start.args and not s.allow_args:
-            return Refusal("args", "this worker does not accept extra arguments "
-                           "(its administrator can allow them with --allow-args)")
-        if start.tty and start.fds:
-            return Refusal("fds", "--fd cannot be combined with a terminal (use -T)")
+        refusal = self.why_not(start)
+        if refusal is not None:
+            return refusal
         job = uuid.uuid4().hex[:12]
         client = CertInfo.of(channel.peer_cert).name
         argv = [*s.command, *start.args]
@@ -267,6 +344,7 @@ class Worker:
         try:
             spawn(self.reactor, proto, argv, env, s.chdir)
         except OSError as e:
+            self.reactor.callLater(0, self._admit)  # the slot stays free
             return Refusal("spawn", f"cannot start {argv[0]}: {e.strerror}")
         running = self.running[job] = Running(job, channel, proto, client, argv,
                                               self.reactor.seconds(), start.keep)
@@ -281,6 +359,15 @@ class Worker:
                  tty=" (in a terminal)" if start.tty else "")
         return running
 
+    def why_not(self, start: wire.Start) -> Refusal | None:
+        """Why this worker will not run START whatever its load, or None."""
+        if start.args and not self.settings.allow_args:
+            return Refusal("args", "this worker does not accept extra arguments "
+                           "(its administrator can allow them with --allow-args)")
+        if start.tty and start.fds:
+            return Refusal("fds", "--fd cannot be combined with a terminal (use -T)")
+        return None
+
     def _ended(self, job: str, code: int | None, sig: int | None, limit: str) -> None:
         running = self.running.pop(job, None)
         if running is None:
@@ -292,10 +379,12 @@ class Worker:
         bytes_in = sum(s.received for s in channel.ins.values())
         bytes_out = sum(s.sent for s in channel.outs.values())
         self.metrics.job_finished(code, sig, limit, bytes_in, bytes_out)
+        duration = self.reactor.seconds() - running.started
+        self.queue.finished(duration)
         self.alerts.send(
             "job-finished", job=job, worker=self.settings.name, client=running.client,
             status=code if sig is None else 128 + sig, signal=sig, limit=limit or None,
-            duration=round(self.reactor.seconds() - running.started, 3),
+            duration=round(duration, 3),
             bytes_in=bytes_in, bytes_out=bytes_out)
         if limit:
             self.complain(channel.peer_address(), f"job {job} hit its {limit} limit")
@@ -304,6 +393,7 @@ class Worker:
                           and len(self.warm) < MAX_WARM)
         if not self.running and self._idle is not None and not self._idle.called:
             self._idle.callback(None)
+        self._admit()
 
     def stop_all(self) -> defer.Deferred[None]:
         """End every job (the worker is stopping): their clients are told the worker is
@@ -311,9 +401,14 @@ class Worker:
         self.connect_backs.cancel_waiting()
         for channel in list(self.warm):
             channel.close()
+        self._idle = defer.Deferred()  # no queued job starts from now on
+        while (waiting := self.queue.pop()) is not None:
+            waiting.channel.send(wire.Error("stopping", f"worker {self.settings.name} is "
+                                            "stopping; the queued job was not started"))
+            waiting.channel.close()
         if not self.running:
-            return defer.succeed(None)
-        self._idle = defer.Deferred()
+            self._idle.callback(None)
+            return self._idle
         for running in list(self.running.values()):
             running.channel.send(wire.Error("stopping", f"worker {self.settings.name} is "
                                             "stopping; the job was ended"))

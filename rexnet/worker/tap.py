@@ -54,6 +54,8 @@ class Options(VersionOption):
         ["name", "n", None, "Name of this worker (default: the host name)."],
         ["speed", "s", "1.0", "Speed weight: 2.0 means twice as fast as 1.0."],
         ["slots", None, None, "Concurrent jobs (default: the number of CPUs)."],
+        ["queue", None, None, "Jobs that may wait for a slot when every slot is busy "
+         "(default: 4 per slot; 0: a busy worker does not answer)."],
         ["chdir", None, None, "Working directory of the jobs (default: the worker's)."],
         ["job-timeout", None, "0", "End a job after this many SECONDS (0: no limit)."],
         ["job-memory", None, "0", "End a job whose processes use more than this many BYTES "
@@ -160,6 +162,12 @@ class Options(VersionOption):
                 raise ValueError
         except ValueError:
             raise usage.UsageError("--slots must be a whole number of at least 1") from None
+        try:
+            self["queue"] = None if self["queue"] is None else int(self["queue"])
+            if self["queue"] is not None and not 0 <= self["queue"] <= 1 << 20:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError("--queue must be a whole number of at least 0") from None
         self["name"] = self["name"] or socket.gethostname()
         if not self["alerts"]:
             defaults = [(group, CRAT_PORT) for group in self["join"]]
@@ -328,6 +336,7 @@ def worker_for(config: Options, top: MultiService, reactor: Any,
         chdir=config["chdir"],
         limits=Limits(config["job-timeout"], config["job-memory"]),
         revoked=revoked,
+        queue=config["queue"],
     )
     worker = Worker(settings, reactor, socket=announce, metrics=metrics)
     if config["register"]:
