@@ -260,5 +260,8 @@ class IdleEvents:
     def busy(self, link: Link) -> None:
         pass
 
+    def queued(self, link: Link, queued: wire.Queued) -> None:
+        pass
+
     def unexpected(self, link: Link, frame: wire.Frame) -> None:
         pass
