@@ -156,8 +156,6 @@ def cmd_exec(args: argparse.Namespace) -> int:
     args.alerts = alert_targets(args.alerts)
     if args.timeout <= 0:
         fail("--timeout must be positive", exitcodes.USAGE)
-    if args.queue_timeout is not None and args.queue_timeout <= 0:
-        fail("--queue-timeout must be positive", exitcodes.USAGE)
     if args.tty and args.no_tty:
         fail("-t and -T contradict each other", exitcodes.USAGE)
     fds = descriptor_modes(args.fd)
@@ -207,8 +205,7 @@ def run_job(credential: object, targets: list[tuple[str, int]], request: object,
     alert_targets = args.alerts or crat_targets(targets)
     alerts = AlertSender(reactor, credential, alert_targets)  # type: ignore[arg-type]
     job = ClientJob(reactor, credential, targets, request, timeout=args.timeout,  # type: ignore[arg-type]
-                    say=say, alerts=alerts, revoked=getattr(args, "revoked", None),
-                    queue_timeout=getattr(args, "queue_timeout", None))
+                    say=say, alerts=alerts, revoked=getattr(args, "revoked", None))
     outcome: dict[str, object] = {}
 
     def done(result: object) -> None:
@@ -368,9 +365,6 @@ def exec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="give up if no worker is found within this time (default: the "
                    "application's timeout in rexnet.toml, else 30)")
-    p.add_argument("--queue-timeout", type=float, default=None, metavar="SECONDS",
-                   help="when every slot is busy, a worker may queue the job: give up if it "
-                   "waited this long in the queue (default: no limit)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr which worker took the job and why")
     p.add_argument("--alerts", metavar="ADDR[:PORT]", action="append", default=[],

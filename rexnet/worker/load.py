@@ -1,7 +1,7 @@
 """The worker's load figure and its connect-back delay.  psutil is imported here only.
 
 load  = run-queue per CPU (1-minute load average / CPUs)
-      + (running jobs + reserved connect-backs + queued jobs) / slots
+      + (running jobs + reserved connect-backs) / slots
 delay = (IDLE_MS + LOAD_MS * load) / speed + uniform(0, spread(crowd))
       + min(WAIT_MS * expected wait in seconds, WAIT_MAX_MS)             milliseconds
 spread(crowd) = max(JITTER_MS, CROWD_MS * (crowd - 1) ** 1.5)
@@ -11,7 +11,8 @@ LOAD_MS, well above network jitter (cexec's 0.1 ms per unit drowned in it).  A f
 worker (speed 2.0) answers in half the time of a slower one at the same load.  A worker
 whose slots are all busy answers only if its queue has room, later by its expected wait
 (rexnet.worker.jobqueue): the client queues at the first to answer, so at the worker with
-the shortest wait, and any worker with a free slot answers before all of them.
+the shortest wait, and any worker with a free slot answers before all of them.  (The load
+figure a worker reports, in HELLO and status, adds its queued jobs per slot.)
 
 CROWD is how many workers answer one announcement, as this worker has learnt it from
 the clients' TAKENs (see Crowd).  N equally idle workers drawing from a window of S ms

@@ -157,8 +157,10 @@ class Worker:
         return self.busy < self.settings.slots
 
     def has_room(self) -> bool:
-        """Whether a job can start now or wait in the queue."""
-        return self.free_slot() or self.queued < self.queue.places
+        """Whether a warm channel's job can start now or wait in the queue (its client
+        is authenticated already: connect-backs that reserved places do not keep it out,
+        so the queue holds at most twice its places)."""
+        return self.free_slot() or len(self.queue) < self.queue.places
 
     def load(self, figures: HostLoad | None = None) -> float:
         """The load figure: run-queue per CPU, and slots busy or wanted by queued jobs."""
@@ -229,7 +231,8 @@ class Worker:
                                        target)
         elif self.queued < self.queue.places:  # answer later, by the wait for a slot
             ahead = self.queued
-            self.connect_backs.promise(ann.job_id, client, self.load(), self.settings.speed,
+            full = load_figure(self.sample(), self.busy, self.settings.slots)
+            self.connect_backs.promise(ann.job_id, client, full, self.settings.speed,
                                        target, queued=True, ahead=ahead,
                                        wait=self.expected_wait(ahead))
         else:
