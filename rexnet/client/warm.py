@@ -11,9 +11,9 @@ own running jobs out of both counts, as they come and go; and when none of its w
 is such a choice but some are busy with its own jobs (no more of others' than when they
 won), it sends the job to the one with the fewest jobs queued per slot (announcing
 would only bring a queued worker's later answer and a handshake; a worker whose queue is
-full answers BUSY, and the job is announced). Otherwise the job is announced as usual and the workers compete again. A channel is
-never shared: the pool gives it to one job at a time, and pools are per client process
-(per user).
+full answers BUSY, and the job is announced). Otherwise the job is announced as usual
+and the workers compete again. A channel is never shared: the pool gives it to one job at
+a time, and pools are per client process (per user).
 """
 
 from __future__ import annotations
