@@ -2,11 +2,12 @@
 
 Run from the repository (or from bench.py, in the client's namespace of its bed):
 
-    .venv/bin/python benchmarks/slot_fill.py [CLIENTS] [SECONDS]        # loopback
+    .venv/bin/python benchmarks/slot_fill.py [CLIENTS [SECONDS [QUEUE]]]   # loopback
     .venv/bin/python benchmarks/slot_fill.py --clients KEY TARGET N SECONDS SLOTS
-    .venv/bin/python benchmarks/slot_fill.py --executor KEY JOBS WIDTH TARGET...
+    .venv/bin/python benchmarks/slot_fill.py --executor KEY JOBS WIDTH ARG TARGET...
 
-On loopback it starts a worker (`sleep`, 4 slots, --allow-args) and then:
+On loopback it starts a worker (`sleep`, 4 slots, --allow-args; QUEUE is its --queue,
+0 for the behaviour before queues) and then:
 
 - N concurrent clients, each one job of `sleep SECONDS`, every one announced at once from
   one process (real ClientJobs on one reactor: no warm channels, every job announces,
@@ -64,14 +65,16 @@ def fill(key: str, target: str, clients: int, seconds: float, slots: int) -> dic
     return out
 
 
-def executor(key: str, jobs: int, width: int, targets: list[str]) -> dict[str, Any]:
-    """Jobs per second of the Executor with WIDTH jobs in flight (after a warm-up)."""
+def executor(key: str, jobs: int, width: int, args: list[str], targets: list[str]
+             ) -> dict[str, Any]:
+    """Jobs per second of the Executor with WIDTH jobs in flight (after a warm-up), each
+    job the workers' command with ARGS."""
     import rexnet
 
     with rexnet.Executor(key, targets, width) as ex:
-        list(ex.map([], [b""] * width))
+        list(ex.map(args, [b""] * width))
         t0 = time.perf_counter()
-        done = list(ex.map([], [b""] * jobs))
+        done = list(ex.map(args, [b""] * jobs))
         rate = jobs / (time.perf_counter() - t0)
     return {"width": width, "jobs": jobs, "rate": rate,
             "failed": sum(d.returncode != 0 for d in done)}
@@ -84,8 +87,8 @@ def main() -> None:
         print(json.dumps(fill(key, target, int(n), float(seconds), int(slots))))
         return
     if args[:1] == ["--executor"]:
-        key, jobs, width, *targets = args[1:]
-        print(json.dumps(executor(key, int(jobs), int(width), targets)))
+        key, jobs, width, arg, *targets = args[1:]
+        print(json.dumps(executor(key, int(jobs), int(width), [arg] if arg else [], targets)))
         return
     import subprocess
 
@@ -95,11 +98,12 @@ def main() -> None:
 
     clients = int(args[0]) if args else 200
     seconds = float(args[1]) if len(args) > 1 else 0.2
+    queue = ["--queue", args[2]] if len(args) > 2 else []
     with tempfile.TemporaryDirectory() as tmp:
         _, worker_key, client_key = keygen("fill", Path(tmp))
         addr = f"{loopback_address()}:3010"
         sleeper = start_worker(worker_key, ["sleep"], addr, "sleeper", "--slots", str(SLOTS),
-                               "--allow-args")
+                               "--allow-args", *queue)
         try:
             me = [sys.executable, __file__]
             got = json.loads(subprocess.run(
@@ -108,11 +112,11 @@ def main() -> None:
         finally:
             sleeper.stop()
         targets = [f"{loopback_address()}:3010", f"{loopback_address()}:3010"]
-        trues = [start_worker(worker_key, ["true"], t, f"t{i}", "--slots", str(SLOTS))
+        trues = [start_worker(worker_key, ["true"], t, f"t{i}", "--slots", str(SLOTS), *queue)
                  for i, t in enumerate(targets)]
         try:
             rates = [json.loads(subprocess.run(
-                [*me, "--executor", str(client_key), "500", str(width), *targets],
+                [*me, "--executor", str(client_key), "500", str(width), "", *targets],
                 capture_output=True, text=True, check=True).stdout) for width in (8, 16, 64)]
         finally:
             for w in trues:

@@ -8,8 +8,8 @@ it has a free slot, it runs no more jobs than when it won an announcement (when 
 the quickest of all workers to answer), and its load figure has not grown by REUSE_MARGIN
 since. A pool that spreads many jobs of its own (an Executor: DISCOUNT_OWN) leaves its
 own running jobs out of both counts, as they come and go; and when none of its workers
-is such a choice but some are busy with its own jobs (no more of others' than when they
-won), it sends the job to the one with the fewest jobs queued per slot (announcing
+is such a choice (they are busy, mostly with its own jobs), it sends the job to the one
+with the fewest jobs queued per slot that reported lately (announcing
 would only bring a queued worker's later answer and a handshake; a worker whose queue is
 full answers BUSY, and the job is announced). Otherwise the job is announced as usual
 and the workers compete again. A channel is never shared: the pool gives it to one job at
@@ -167,12 +167,11 @@ class WarmPool:
                 and warm.load - mine / max(warm.slots, 1) - warm.won_load < self.margin)
 
     def queue_usable(self, warm: Warm, now: float) -> bool:
-        """With DISCOUNT_OWN: whether WARM's worker, with no free slot, is full of this
-        client's jobs (others' took no more of its slots than when it won)."""
-        if (not self.discount_own or warm.heard_at is None or warm.link.closed
-                or now - warm.heard_at > self.fresh):
-            return False
-        return warm.running - warm.own_at_hello <= max(warm.won_others, 0)
+        """With DISCOUNT_OWN (a pool that overloads the cluster with its own jobs): whether
+        WARM's worker reported lately. (Whose jobs fill its slots is not told apart: this
+        client's queued jobs are not counted as its own until they start.)"""
+        return (self.discount_own and warm.heard_at is not None and not warm.link.closed
+                and now - warm.heard_at <= self.fresh)
 
     def queued_per_slot(self, warm: Warm) -> float:
         """Jobs queued at WARM's worker per slot, as reported or as this client sent since."""
@@ -200,6 +199,7 @@ class WarmPool:
                 best.link.close()
                 continue
             self._unpark(best)
+            best.busy, best.exited = True, False  # counted as this client's job from now
             self.reused += 1
             return best.link
         return None
