@@ -18,6 +18,7 @@ a time, and pools are per client process (per user).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -173,9 +174,10 @@ class WarmPool:
         return (self.discount_own and warm.heard_at is not None and not warm.link.closed
                 and now - warm.heard_at <= self.fresh)
 
-    def queued_per_slot(self, warm: Warm) -> float:
-        """Jobs queued at WARM's worker per slot, as reported or as this client sent since."""
-        return max(warm.queued, self.own(warm.worker) - warm.slots) / max(warm.slots, 1)
+    def queued_per_slot(self, warm: Warm, own: int) -> float:
+        """Jobs queued at WARM's worker per slot, as reported or as this client's OWN jobs
+        there (running and queued) say."""
+        return max(warm.queued, own - warm.slots) / max(warm.slots, 1)
 
     def take(self, key: Hashable,
              distrust: Callable[[Link], str | None] = lambda link: None) -> Link | None:
@@ -188,8 +190,9 @@ class WarmPool:
         mine = [w for w in self.idle if w.key == key]
         free = sorted((w for w in mine if self.usable(w, now)), key=lambda w: w.load)
         if not free:
+            own = Counter(w.worker for w in self.records.values() if w.busy and not w.exited)
             free = sorted((w for w in mine if self.queue_usable(w, now)),
-                          key=self.queued_per_slot)
+                          key=lambda w: self.queued_per_slot(w, own[w.worker]))
         for best in free:
             problem = distrust(best.link)
             if problem is not None:
