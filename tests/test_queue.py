@@ -25,9 +25,10 @@ from rexnet.client.results import Interrupted, JobResult, NoWorker
 from rexnet.net.announce import now_ms
 from rexnet.net.heartbeat import DEAD_AFTER
 from rexnet.protocol import wire
+from rexnet.security.credentials import load_credential
 from rexnet.worker.channel import WorkerChannel
 from rexnet.worker.connectback import Pending
-from rexnet.worker.jobqueue import FIRST_GUESS, JobQueue
+from rexnet.worker.jobqueue import FIRST_GUESS, JobQueue, Waitlist
 from rexnet.worker.load import LOAD_MS, WAIT_MAX_MS, WAIT_MS, connect_back_delay
 
 # -- the estimate -------------------------------------------------------------------------
@@ -211,6 +212,44 @@ def test_a_busy_worker_answers_while_its_queue_has_room_later_by_the_wait(bed: B
     assert bed.worker.has_room()  # for a warm channel: reservations do not keep it out
     hello = bed.worker.hello(promised[2])
     assert (hello.queued, hello.wait_ms) == (1, round(promised[2].wait * 1000, 1))
+
+
+def taken(b: Bed, n: int, key: Any = None) -> None:
+    client = b.client
+    data = wire.encode_datagram(wire.Taken(bytes([n]) * 16, now_ms(), 1), client.app_id,
+                                key or client.key)
+    b.worker.datagram(data, "127.0.0.1", 5000 + n)
+
+
+def test_an_announcement_heard_when_full_is_answered_as_soon_as_a_place_frees(
+        bed: Bed, other_keys: Keys) -> None:
+    bed.worker.queue.places = 1
+    for n in range(5):  # 0 gets the slot, 1 the place; 2, 3 and 4 are remembered
+        announce(bed, n)
+    assert len(bed.worker.pending) == 2 and len(bed.worker.waitlist) == 3
+    announce(bed, 3)  # a resend keeps its place in line
+    taken(bed, 2)  # 2 found a worker elsewhere (its TAKEN is checked, then it is forgotten)
+    stranger = load_credential(other_keys.client, "client")
+    with capturedLogs():
+        taken(bed, 4, stranger.key)  # a forged TAKEN does not remove 4
+    assert bytes([2]) * 16 not in bed.worker.waitlist and len(bed.worker.waitlist) == 2
+    queued = bed.worker.pending[bytes([1]) * 16]
+    bed.worker.connect_backs.taken(queued, 1)  # 1's place frees (it chose another worker)
+    bed.worker.release(queued)
+    assert bytes([3]) * 16 in bed.worker.pending and len(bed.worker.waitlist) == 1
+    assert bed.worker.pending[bytes([3]) * 16].queued
+
+
+def test_the_waitlist_is_bounded_and_forgets_clients_that_stopped_resending() -> None:
+    wl = Waitlist(size=2, age=5.0)
+    wl.note(b"a", None, ("h", 1), 0.0)
+    wl.note(b"b", None, ("h", 2), 1.0)
+    wl.note(b"c", None, ("h", 3), 1.0)  # full: forgotten
+    assert len(wl) == 2 and b"c" not in wl
+    wl.note(b"a", None, ("h", 1), 6.0)  # a resend refreshes, and keeps a's place
+    first = wl.pop(7.0)
+    assert first is not None and first.job_id == b"a"
+    assert wl.pop(7.0) is None and len(wl) == 0  # b was last heard 6 s ago: gone
 
 
 def test_with_no_queue_a_busy_worker_does_not_answer(bed: Bed) -> None:

@@ -100,3 +100,59 @@ class JobQueue:
         for _ in range(ahead):
             heapq.heapreplace(frees, frees[0] + self.mean)
         return min(frees[0], MAX_WAIT)
+
+
+WAITLIST_MAX = 256  # announcements a full worker remembers
+WAITLIST_AGE = 5.0  # seconds a remembered announcement counts without a resend (clients
+#                     still looking resend at least every 3 s)
+
+
+@dataclass(eq=False)
+class Unanswered:
+    """A checked announcement a full worker could not answer: where to connect back."""
+
+    job_id: bytes
+    client: Any  # rexnet.net.announce.ClientCert
+    target: tuple[str, int]
+    heard: float
+
+
+class Waitlist:
+    """The checked announcements a worker with no slot and no queue place heard, oldest
+    first (a resend keeps a job's place in line and refreshes it): when a place frees, the
+    worker answers the oldest still fresh at once, instead of waiting for its next resend.
+    A job's TAKEN (checked against the client's certificate) removes it."""
+
+    def __init__(self, size: int = WAITLIST_MAX, age: float = WAITLIST_AGE) -> None:
+        self.size = size
+        self.age = age
+        self._jobs: dict[bytes, Unanswered] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __contains__(self, job_id: bytes) -> bool:
+        return job_id in self._jobs
+
+    def get(self, job_id: bytes) -> Unanswered | None:
+        return self._jobs.get(job_id)
+
+    def note(self, job_id: bytes, client: Any, target: tuple[str, int], now: float) -> None:
+        """Remember (or refresh) an announcement; a full list forgets the new one."""
+        known = self._jobs.get(job_id)
+        if known is not None:
+            known.heard = now
+        elif len(self._jobs) < self.size:
+            self._jobs[job_id] = Unanswered(job_id, client, target, now)
+
+    def drop(self, job_id: bytes) -> None:
+        self._jobs.pop(job_id, None)
+
+    def pop(self, now: float) -> Unanswered | None:
+        """The oldest announcement heard within AGE seconds (older ones are forgotten)."""
+        while self._jobs:
+            job_id = next(iter(self._jobs))
+            entry = self._jobs.pop(job_id)
+            if now - entry.heard <= self.age:
+                return entry
+        return None

@@ -17,7 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from rexnet.net.alerts import AlertSender
-from rexnet.net.announce import AnnounceChecker, RateLimiter, Rejected, now_ms
+from rexnet.net.announce import AnnounceChecker, ClientCert, RateLimiter, Rejected, now_ms
 from rexnet.protocol import wire
 from rexnet.security.credentials import CertInfo, Credential, check_validity
 from rexnet.security.hardening import make_undumpable
@@ -28,7 +28,7 @@ from rexnet.worker.complaints import COMPLAINT_RATE, Complaints
 from rexnet.worker.connectback import ConnectBacks, Pending, connect_back_target
 from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.job import KILL_GRACE, JobProcess, Limits
-from rexnet.worker.jobqueue import JobQueue, default_places
+from rexnet.worker.jobqueue import JobQueue, Waitlist, default_places
 from rexnet.worker.load import Crowd, HostLoad, load_figure, sample_host
 from rexnet.worker.machine import Refusal
 from rexnet.worker.metrics import NO_METRICS, Metrics, NoMetrics
@@ -131,6 +131,7 @@ class Worker:
         self._sampled: tuple[float, HostLoad] | None = None  # for warm channels' reports
         self._idle: defer.Deferred[None] | None = None
         self.queue = JobQueue(settings.queue_places)  # jobs waiting for a slot
+        self.waitlist = Waitlist()  # announcements heard with no slot or place free
         self._admitting = False
         self.connect_backs.freed = self._admit
 
@@ -226,22 +227,44 @@ class Worker:
         if self.connect_backs.answered(ann.job_id):
             return  # a resend of a job we already answered
         target = connect_back_target(dgram, ann.addrs, ann.port, host)
+        if ann.job_id in self.waitlist or not self._answer(ann.job_id, client, target):
+            self.waitlist.note(ann.job_id, client, target, self.reactor.seconds())
+            self._answer_waiting()  # (in its turn, if a place is free)
+
+    def _answer(self, job_id: bytes, client: ClientCert, target: tuple[str, int]) -> bool:
+        """Promise a connect-back for a slot, or for a queue place; False if neither is
+        free."""
         if self.free_slot():
-            self.connect_backs.promise(ann.job_id, client, self.load(), self.settings.speed,
+            self.connect_backs.promise(job_id, client, self.load(), self.settings.speed,
                                        target)
         elif self.queued < self.queue.places:  # answer later, by the wait for a slot
             ahead = self.queued
             full = load_figure(self.sample(), self.busy, self.settings.slots)
-            self.connect_backs.promise(ann.job_id, client, full, self.settings.speed,
-                                       target, queued=True, ahead=ahead,
+            self.connect_backs.promise(job_id, client, full, self.settings.speed, target,
+                                       queued=True, ahead=ahead,
                                        wait=self.expected_wait(ahead))
         else:
-            log.debug("no free slot or queue place for job from {client}",
-                      client=client.info.name)
+            return False
+        return True
+
+    def _answer_waiting(self) -> None:
+        """Places freed: answer the oldest announcements heard while there were none."""
+        now = self.reactor.seconds()
+        while self.waitlist and self._idle is None and (
+                self.free_slot() or self.queued < self.queue.places):
+            entry = self.waitlist.pop(now)
+            if entry is None:
+                break
+            if not self.connect_backs.answered(entry.job_id):
+                self._answer(entry.job_id, entry.client, entry.target)
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
         pending = self.pending.get(taken.job_id)
         if pending is None:
+            waiting = self.waitlist.get(taken.job_id)
+            if waiting is not None:  # the job found a worker elsewhere: forget it
+                self.checker.check_taken(dgram, waiting.client)
+                self.waitlist.drop(taken.job_id)
             return  # nothing to cancel (and no certificate to check it with)
         self.checker.check_taken(dgram, pending.client)
         self.connect_backs.taken(pending, taken.answered)
@@ -284,6 +307,7 @@ class Worker:
         """CHANNEL's client gave up its place (or went away)."""
         if self.queue.remove(channel):
             log.info("a queued job from {peer} left the queue", peer=channel.peer_address())
+            self._answer_waiting()
 
     def _admit(self) -> None:
         """Start queued jobs while slots are free (not while the worker stops)."""
@@ -295,6 +319,7 @@ class Worker:
                 waiting = self.queue.pop()
                 assert waiting is not None
                 waiting.channel.admit()
+            self._answer_waiting()
         finally:
             self._admitting = False
 
