@@ -18,6 +18,9 @@ files) on w1 and w2, then measures, alternating rexnet and its peer run by run:
   the largest silence on the link during the 1 GiB round trip (tcpdump, benchmarks/gaps.py);
 - tiny jobs 8 at a time across both workers: GNU parallel -S with ControlMaster and
   ssh+xargs -P8 with ControlMaster against `rexnet parallel` and the Python Executor;
+- full slots under overload (benchmarks/slot_fill.py): 200 concurrent clients of 0.2 s
+  jobs on one worker of 4 slots (slot time used), and the Executor with 16 and 64 jobs in
+  flight against 8 (jobs/s);
 - the scale simulation (benchmarks/scale.py): 1,000 workers answering one announcement,
   connect-backs per job and time to a started job, with and without the crowd-scaled
   window; and the same at 2 workers (the cost for a small cluster).
@@ -64,7 +67,7 @@ GIB = 1 << 30
 BLOCK = 1 << 20
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 HISTORY = "## History"
-STEPS = ["start", "short", "srun", "jobs", "bulk", "gaps", "scale"]
+STEPS = ["start", "short", "srun", "jobs", "slots", "bulk", "gaps", "scale"]
 
 
 @dataclass
@@ -527,6 +530,42 @@ def tiny_jobs(b: Bed, jobs: int, n: int) -> list[Row]:
     return rows
 
 
+def slot_fill(b: Bed, runs: int) -> list[Row]:
+    """Slot time used by 200 concurrent 0.2 s jobs on a worker of 4 slots (a second worker
+    process on w1, port 3020), and the Executor's jobs/s with more jobs in flight than the
+    bed's 16 slots, against 8 in flight (benchmarks/slot_fill.py, in the client's host)."""
+    import json
+
+    w1 = b.workers[0]
+    script = str(ROOT / "benchmarks" / "slot_fill.py")
+    sleeper = start_worker(b.keys.worker, ["sleep"], "0.0.0.0:3020", "sleeper", "--allow-args",
+                           "--slots", "4", popen=w1.popen)
+    try:
+        used = [json.loads(b.client.run([sys.executable, script, "--clients",
+                                         str(b.keys.client), f"{w1.addr()}:3020", "200", "0.2",
+                                         "4"], timeout=600).stdout)["used"] * 100
+                for _ in range(max(1, runs // 5))]
+    finally:
+        sleeper.stop()
+    targets = [f"{h.addr()}:3010" for h in b.workers]
+
+    def rate(width: int) -> float:
+        done = b.client.run([sys.executable, script, "--executor", str(b.keys.client), "1000",
+                             str(width), "true", *targets], timeout=600)
+        return float(json.loads(done.stdout)["rate"])
+
+    at8, at16, at64 = alternate(max(2, runs // 5), lambda: rate(8), lambda: rate(16),
+                                lambda: rate(64))
+    return [
+        Row("queue", "200 concurrent 0.2 s jobs on 4 slots: slot time used", "%", used,
+            "(goal 90%)", [90.0], True, ">= 1"),
+        Row("queue", "rexnet.Executor, 16 in flight (16 slots)", "jobs/s", at16,
+            "8 in flight", at8, True, ">= 1"),
+        Row("queue", "rexnet.Executor, 64 in flight (16 slots)", "jobs/s", at64,
+            "8 in flight", at8, True, ">= 1"),
+    ]
+
+
 def scale(bed: NetBed, keys: Keys, workers: int, jobs: int) -> list[ScaleResult]:
     results = []
     for count, n in ((workers, jobs), (2, max(jobs, 20))):
@@ -635,6 +674,7 @@ def main() -> None:
                 "short": lambda: rows.extend(short_job(b, runs)),
                 "srun": lambda: rows.extend(srun_latency(b, runs)),
                 "jobs": lambda: rows.extend(tiny_jobs(b, jobs, max(2, runs // 5))),
+                "slots": lambda: rows.extend(slot_fill(b, runs)),
                 "bulk": bulk_step,
                 "gaps": lambda: rows.extend(link_gaps(b, bulk_runs)),
                 "scale": lambda: scaled.extend(

@@ -48,8 +48,9 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
     from rexnet.protocol import wire
     from rexnet.security.credentials import load_credential
     from rexnet.security.tls import connecting_options
+    from rexnet.worker.listener import WorkerService
     from rexnet.worker.load import Crowd, HostLoad
-    from rexnet.worker.service import Worker, WorkerService, WorkerSettings
+    from rexnet.worker.service import Worker, WorkerSettings
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))

@@ -83,7 +83,7 @@ def test_a_message_round_trips_in_any_chunks() -> None:
     data = b"".join(m.encode() for m in messages)
     assert json.loads(data[4:4 + struct.unpack("!I", data[:4])[0]]) == {
         "op": "exec", **EXEC, "cwd": "", "cwd_required": False, "cpus": 1, "mem": 0,
-        "workers": []}
+        "workers": [], "queue_timeout": 0.0}
     for size in (1, 7, len(data)):
         for loads_with in (None, json.loads):
             decoder = Decoder(loads_with)

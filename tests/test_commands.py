@@ -27,7 +27,8 @@ from rexnet.worker import tap as worker_tap
 from rexnet.worker.commands import CommandPolicy, CommandRefused
 from rexnet.worker.load import HostLoad
 from rexnet.worker.machine import Refusal
-from rexnet.worker.service import Worker, WorkerSettings, place
+from rexnet.worker.placement import place
+from rexnet.worker.service import Worker, WorkerSettings
 
 # -- the allow-list ----------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ TOKENS = st.sampled_from(["-v", "-t", "-T", "-vT", "-tv", "--verbose", "--no-age
                           "--", "-", "key", "x", "-x", "--bogus", "3", "1.5", "h:3", "-h",
                           "--time", "-1", "C=2", "--revoked", "--revoked=r", "--cwd",
                           "--cwd=/d", "--cpus", "--cpus=2", "--mem", "--mem=1G", "--worker",
-                          "--worker=w", "--all", "--no-prefix"])
+                          "--worker=w", "--all", "--no-prefix", "--queue-timeout",
+                          "--queue-timeout=4"])
 
 
 def argparse_reading(tokens: list[str]) -> dict[str, object] | None:
@@ -32,7 +33,8 @@ def argparse_reading(tokens: list[str]) -> dict[str, object] | None:
             "alerts": args.alerts, "timeout": args.timeout, "verbose": args.verbose,
             "tty": args.tty, "no_tty": args.no_tty, "fd": args.fd, "env": args.env,
             "no_agent": args.no_agent, "revoked": args.revoked or "", "cwd": args.cwd,
-            "mem": args.mem, "cpus": args.cpus, "worker": args.worker}
+            "mem": args.mem, "cpus": args.cpus, "worker": args.worker,
+            "queue_timeout": args.queue_timeout}
 
 
 @settings(max_examples=1500)

@@ -151,7 +151,7 @@ def test_twistd_logger_writes_json_lines(keys: Keys) -> None:
         worker.stop()
     records = [json.loads(line) for line in worker.output.splitlines() if line.strip()]
     serving = next(r for r in records if r["message"].startswith("worker jsonny serves"))
-    assert serving["namespace"] == "rexnet.worker.service" and serving["level"] == "info"
+    assert serving["namespace"] == "rexnet.worker.listener" and serving["level"] == "info"
     assert serving["name"] == "jsonny" and serving["port"] == 3010
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00", serving["time"])
     assert any(r["message"].startswith("Received SIGTERM") for r in records)

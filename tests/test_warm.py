@@ -136,7 +136,7 @@ def test_a_full_worker_answers_a_warm_start_with_busy_and_the_job_is_announced(
         keys: Keys) -> None:
     addr = f"{loopback_address()}:3010"
     worker = start_worker(keys.worker, ["sh", "-c"], addr, "single", "--allow-args",
-                          "--slots", "1")
+                          "--slots", "1", "--queue", "0")  # (with a queue: test_queue)
     said: list[str] = []
     try:
         with rexnet.Executor(keys.client, [addr], 1, log=said.append) as ex:

@@ -376,11 +376,21 @@ def test_a_frame_a_worker_never_gets_is_a_protocol_error(bed: Bed) -> None:
 # -- starting ---------------------------------------------------------------------------
 
 def test_a_refused_start_says_why_and_closes(bed: Bed) -> None:
-    bed.worker.refusal = Refusal("args", "no extra arguments here")
+    bed.worker.refusal = Refusal("spawn", "cannot start true: no such file")
     channel, transport = bed.channel()
     sent(transport)
-    feed(channel, wire.Start(args=("x",)))
-    assert sent(transport) == [wire.Error("args", "no extra arguments here")]
+    feed(channel, wire.Start())
+    assert sent(transport) == [wire.Error("spawn", "cannot start true: no such file")]
+    assert transport.disconnecting and bed.refused("spawn") == 1.0
+
+
+def test_a_start_the_worker_refuses_whatever_its_load_is_refused_at_once(bed: Bed) -> None:
+    channel, transport = bed.channel()
+    sent(transport)
+    feed(channel, wire.Start(args=("x",)))  # this worker has no --allow-args
+    [error] = sent(transport)
+    assert isinstance(error, wire.Error) and error.reason == "args"
+    assert "--allow-args" in error.message and bed.worker.starts == []
     assert transport.disconnecting and bed.refused("args") == 1.0
 
 
@@ -470,7 +480,8 @@ def test_start_on_a_warm_channel_runs_the_next_job(bed: Bed) -> None:
     assert not any(isinstance(f, wire.Hello) for f in sent(transport))
 
 
-def test_start_on_a_warm_channel_with_no_free_slot_is_busy(bed: Bed) -> None:
+def test_start_on_a_warm_channel_with_no_free_slot_and_no_queue_is_busy(bed: Bed) -> None:
+    bed.worker.queue.places = 0  # --queue 0
     channel, transport = warm(bed)
     bed.channel()  # another client's connect-back holds the only slot
     sent(transport)

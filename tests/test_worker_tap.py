@@ -20,9 +20,9 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 
 from rexnet.protocol import exitcodes
+from rexnet.worker.listener import WorkerService
 from rexnet.worker.load import cpu_count
 from rexnet.worker.sandbox import SandboxService
-from rexnet.worker.service import WorkerService
 from rexnet.worker.tap import Options, makeService
 
 TWISTD = Path(sys.executable).parent / "twistd"

@@ -122,6 +122,9 @@ def exec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="give up if no worker is found within this time (default: the "
                    "application's timeout in rexnet.toml, else 30)")
+    p.add_argument("--queue-timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up if the job waited this long in a busy worker's queue "
+                   "(default: no limit; --timeout bounds finding a worker)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say on stderr which worker took the job and why")
     p.add_argument("--alerts", metavar="ADDR[:PORT]", action="append", default=[],

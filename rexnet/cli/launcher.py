@@ -31,7 +31,7 @@ FLAGS = {"-v": "verbose", "--verbose": "verbose", "-t": "tty", "-T": "no_tty",
 VALUED = {"-a": "announce", "--announce": "announce", "--timeout": "timeout",
           "--alerts": "alerts", "--fd": "fd", "-e": "env", "--env": "env",
           "--revoked": "revoked", "--cwd": "cwd", "--mem": "mem", "--cpus": "cpus",
-          "--worker": "worker"}
+          "--worker": "worker", "--queue-timeout": "queue_timeout"}
 START_WAIT = 5.0
 
 
@@ -61,7 +61,7 @@ def parse(tokens: Sequence[str]) -> dict[str, object] | None:
     opts: dict[str, object] = {"verbose": False, "tty": False, "no_tty": False,
                                "no_agent": False, "announce": [], "alerts": [], "fd": [],
                                "env": [], "timeout": None, "revoked": "", "cwd": None,
-                               "mem": None, "cpus": 1, "worker": []}
+                               "mem": None, "cpus": 1, "worker": [], "queue_timeout": None}
     positional: list[str] = []
     block = "before"  # the positional arguments come in one block (as argparse wants)
     i, only_positional = 0, False
@@ -102,7 +102,7 @@ def parse(tokens: Sequence[str]) -> dict[str, object] | None:
             i += 1
         key = VALUED[name]
         try:
-            if key == "timeout":
+            if key in ("timeout", "queue_timeout"):
                 opts[key] = float(value)
             elif key == "fd":
                 opts[key].append(int(value))  # type: ignore[attr-defined]

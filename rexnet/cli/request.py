@@ -128,7 +128,7 @@ def build(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -
     and the job's directory. RequestError says what is wrong, with the exit status."""
     values = {"args": [], "announce": [], "alerts": [], "timeout": None, "revoked": None,
               "verbose": False, "tty": False, "no_tty": False, "fd": [], "env": [],
-              "cwd": None, "mem": None, "cpus": 1, "worker": [],
+              "cwd": None, "mem": None, "cpus": 1, "worker": [], "queue_timeout": None,
               "detach": False, "put": [], "get": [], "force": False, **options}
     application(values)
     timeout = float(values["timeout"])
@@ -153,6 +153,7 @@ def build(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -
         rows=rows, cols=cols, fds=tuple(fds.items()), env=env,
         cwd=working_directory(values["cwd"]), cwd_required=values["cwd"] is not None,
         cpus=int(values["cpus"]), mem=memory(values["mem"]), workers=tuple(values["worker"]),
+        queue_timeout=float(values["queue_timeout"] or 0.0),
         detach=detach,
         put=tuple(os.path.abspath(p) for p in values["put"]), get=tuple(values["get"]),
         get_dir=os.getcwd() if values["get"] else "", force=bool(values["force"]))

@@ -201,6 +201,9 @@ class JobCaller:
     def busy(self, channel: ClientChannel) -> None:
         channel.protocolError("unexpected Busy frame")
 
+    def queued(self, channel: ClientChannel, queued: wire.Queued) -> None:
+        channel.protocolError("unexpected Queued frame")
+
     def unexpected(self, channel: ClientChannel, frame: wire.Frame) -> None:
         if isinstance(frame, wire.JobList) and self.request.action == "list":
             self.listed.append(Listed(frame, channel.peer_address().rpartition(":")[0]))

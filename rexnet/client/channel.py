@@ -44,6 +44,9 @@ class ChannelEvents(Protocol):
     def busy(self, channel: ClientChannel) -> None:
         """BUSY: the worker has no free slot for the job after all."""
 
+    def queued(self, channel: ClientChannel, queued: wire.Queued) -> None:
+        """QUEUED: every slot is busy; the job waits in the worker's queue."""
+
     def unexpected(self, channel: ClientChannel, frame: wire.Frame) -> None:
         """A control frame a worker has no business sending to a client."""
 
@@ -100,6 +103,8 @@ class ClientChannel(Channel):
             self.events.error(self, frame)
         elif isinstance(frame, wire.Busy):
             self.events.busy(self)
+        elif isinstance(frame, wire.Queued):
+            self.events.queued(self, frame)
         else:
             self.events.unexpected(self, frame)
 

@@ -144,4 +144,5 @@ class Cluster:
                   else AlertSender(reactor, self.credential, self.alert_targets))
         return ClientJob(reactor, self.credential, self.targets, start, streams,
                          self.timeout, say=say, alerts=alerts, pool=pool, logger=logger,
-                         revoked=self.revoked, on_started=on_started)
+                         revoked=self.revoked, on_started=on_started,
+                         queue_timeout=request.queue_timeout or None)

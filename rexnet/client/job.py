@@ -16,8 +16,9 @@ from twisted.logger import Logger
 
 from rexnet.client.channel import ClientChannel
 from rexnet.client.jobcore import JobCore
-from rexnet.client.machine import ChannelRouter, JobMachine, trace
+from rexnet.client.machine import JobMachine
 from rexnet.client.results import JobResult
+from rexnet.client.router import ChannelRouter, trace
 from rexnet.client.streams import JobStreams, StdioStreams
 from rexnet.client.warm import WarmPool
 from rexnet.net.alerts import AlertSender
@@ -34,6 +35,9 @@ log = Logger()
 class ClientJob:
     """One job: announce it, accept the first authenticated worker, run it there.
 
+    TIMEOUT bounds the search for a worker; a worker with every slot busy may queue the
+    job (it answers later, by its expected wait), and QUEUE_TIMEOUT bounds the wait in its
+    queue (None: no bound; the queued channel's heartbeat still notices a dead worker).
     REVOKED lists workers to refuse; ON_STARTED(worker, job_id) is called once the job
     runs; POOL lends a warm channel to the job if one is a good choice, and keeps the
     job's channel afterwards (see rexnet.client.warm)."""
@@ -53,6 +57,7 @@ class ClientJob:
         logger: Logger | None = None,
         revoked: Revocations | None = None,
         on_started: Callable[[str, str], None] | None = None,
+        queue_timeout: float | None = None,
     ) -> None:
         request = request or wire.Start()
         if streams is None:
@@ -63,7 +68,7 @@ class ClientJob:
         self.core = core = JobCore(
             reactor, credential, targets, request, streams, timeout, say, now,
             alerts or AlertSender(reactor, credential, []), pool, logger or log, revoked,
-            on_started)
+            on_started, queue_timeout)
         self.machine = machine = JobMachine(core)
         core.machine = machine
         core.events = ChannelRouter(core, machine)

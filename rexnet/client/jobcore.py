@@ -8,6 +8,7 @@ core reports what happens later (a timeout, the output written) as machine input
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
@@ -43,8 +44,10 @@ from rexnet.security.tls import Revocations, listening_options
 REFUSAL_CODES = {"command": exitcodes.NOT_ALLOWED, "not-found": 127}
 """Exit statuses of a worker's refusals, by its ERROR's reason (else REFUSED): a program
 not allowed, or not found (127, as a shell says)."""
-# the announcement is sent again after 50, 100, 200, 400, 800, 1600 ms, then every 2 s
+# the announcement is sent again after 50, 100, 200, 400, 800, 1600 ms, then every 1 to
+# 3 s (at random: clients that began together drift apart)
 RESEND = backoffPolicy(initialDelay=0.05, maxDelay=2.0, factor=2.0, jitter=lambda: 0.0)
+RESEND_STEPS = 6  # resends before the delay reaches its maximum
 
 MAX_HANDSHAKES = 32  # connect-backs of one job in their TLS handshake at once
 PER_SOURCE = 4  # ... from one address
@@ -84,6 +87,8 @@ class Later(Protocol):
 
     def timed_out(self) -> None: ...
 
+    def queue_timed_out(self) -> None: ...
+
     def drained(self) -> None: ...
 
 
@@ -98,7 +103,8 @@ class JobCore:
                  streams: JobStreams, timeout: float, say: Callable[[str], None],
                  now: Callable[[], int], alerts: AlertSender, pool: WarmPool | None,
                  logger: Logger, revoked: Revocations | None,
-                 on_started: Callable[[str, str], None] | None) -> None:
+                 on_started: Callable[[str, str], None] | None,
+                 queue_timeout: float | None = None) -> None:
         self.reactor = reactor
         self.credential = credential
         self.targets = list(targets)
@@ -112,6 +118,9 @@ class JobCore:
         self.log = logger
         self.revoked = revoked  # workers whose certificates are revoked
         self.on_started = on_started  # called with the worker's name and the job's id
+        self.queue_timeout = queue_timeout  # how long the job may wait in a queue (None: ever)
+        self.jitter: Callable[[], float] = random.random
+        self.queued_at: float | None = None  # when the worker first said QUEUED
         self.job_id = os.urandom(16)
         self.seq = 0
         self.result: defer.Deferred[JobResult] = defer.Deferred()
@@ -129,6 +138,7 @@ class JobCore:
         self._udp: Any = None
         self._resend: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None
+        self._queue_deadline: IDelayedCall | None = None
         self._addrs: tuple[str, ...] = ()
         self._t0 = reactor.seconds()
 
@@ -177,11 +187,13 @@ class JobCore:
         for target in self.targets:
             self._udp.send(data, target)
         delay = RESEND(self.seq)
+        if self.seq >= RESEND_STEPS:
+            delay *= 0.5 + self.jitter()
         self.seq += 1
         self._resend = self.reactor.callLater(delay, self._announce)
 
     def _stop_looking(self) -> None:
-        for call in (self._resend, self._deadline):
+        for call in (self._resend, self._deadline, self._queue_deadline):
             if call is not None and call.active():
                 call.cancel()
         if self._port is not None:
@@ -280,18 +292,59 @@ class JobCore:
         self.say(f"warm channel to worker {channel.hello.worker if channel.hello else '?'} "
                  f"{why}: announcing the job")
 
+    # -- waiting in a worker's queue ----------------------------------------------------
+
+    def queued(self, queued: wire.Queued) -> None:
+        """The chosen worker queued the job (every slot busy): --queue-timeout starts."""
+        channel = self.chosen
+        assert channel is not None
+        if self.queued_at is None:
+            self.queued_at = self.reactor.seconds()
+            if self.queue_timeout is not None:
+                self._queue_deadline = self.reactor.callLater(self.queue_timeout,
+                                                              self.machine.queue_timed_out)
+        name = channel.hello.worker if channel.hello else CertInfo.of(channel.peer_cert).name
+        self.say(f"job queued at worker {name} ({channel.peer_address()}): position "
+                 f"{queued.position}, expected wait {queued.wait_ms / 1000:.1f} s")
+
+    def leave_queue(self) -> None:
+        """Give up the job's place in the worker's queue (BUSY, then close)."""
+        channel = self.chosen
+        assert channel is not None
+        if self._queue_deadline is not None and self._queue_deadline.active():
+            self._queue_deadline.cancel()
+        self.channels.discard(channel)
+        channel.send(wire.Busy())
+        channel.close()
+
+    def queue_time_out(self) -> None:
+        """The job waited --queue-timeout in the queue."""
+        self._queue_deadline = None
+        channel = self.chosen
+        assert channel is not None and self.queued_at is not None
+        name = channel.hello.worker if channel.hello else channel.peer_address()
+        self.leave_queue()
+        self.fail(NoWorker(f"the job waited {self.reactor.seconds() - self.queued_at:g} s "
+                           f"in the queue of worker {name} without a free slot "
+                           f"(--queue-timeout {self.queue_timeout:g})"))
+
     # -- the job ----------------------------------------------------------------------
 
     def job_started(self, started: wire.Started) -> None:
         channel = self.chosen
         assert channel is not None
         self.started = started
+        if self._queue_deadline is not None and self._queue_deadline.active():
+            self._queue_deadline.cancel()
         hello = channel.hello
         name = hello.worker if hello else CertInfo.of(channel.peer_cert).name
         if hello and self.reused:
             why = (f"reused warm channel (its load {hello.load:.2f} reported "
                    f"{(self.reactor.seconds() - channel.heard_at) * 1000:.0f} ms before, "
                    f"{hello.running}/{hello.slots} slots busy)")
+        elif hello and self.queued_at is not None:
+            why = (f"after {self.reactor.seconds() - self.queued_at:.2f} s in its queue "
+                   f"(first of {self.answered} to connect back, its load {hello.load:.2f})")
         elif hello:
             why = (f"first of {self.answered} to connect back, after "
                    f"{(self.reactor.seconds() - self._t0) * 1000:.1f} ms; its load "

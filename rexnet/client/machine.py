@@ -16,13 +16,19 @@ state --input--> state  [what happens]::
                                                else NoWorker
     reusing --busy--> looking              "warm channel to worker W has no free slot"
     reusing --worker_lost--> looking       "... was lost before the job started"
+    chosen, reusing --queued--> queued     every slot is busy: the job waits in the
+                                           worker's queue (--queue-timeout starts)
+    queued --queued--> queued              (a later position)
+    queued --started--> running            as from chosen
+    queued --signal, queue_timed_out--> done   Interrupted (128+N) or NoWorker: BUSY to
+                                           the worker, which frees the place
     chosen, reusing --started--> running   input flows; signals kept so far are sent
-    chosen, reusing --error--> done        JobRefused
+    chosen, reusing, queued --error--> done    JobRefused
     running --error--> ending              the worker ends the job: keep its output
     ending --error--> ending               (its latest word is kept)
-    chosen, reusing, running --exited--> draining   the status, or LimitHit
+    chosen, reusing, queued, running --exited--> draining   the status, or LimitHit
     ending --exited--> draining            WorkerLost "lost worker: ERROR"
-    chosen, running, ending --worker_lost--> draining   WorkerLost
+    chosen, queued, running, ending --worker_lost--> draining   WorkerLost
     draining --drained--> done             every byte of output written: the result
     idle, looking, handshaking --signal--> done   Interrupted (128+N)
     idle .. draining --abandon--> done     Interrupted (a chosen channel is aborted)
@@ -94,6 +100,12 @@ class JobInputs(Protocol):
     def busy(self) -> None:
         """The chosen worker has no free slot."""
 
+    def queued(self, queued: wire.Queued) -> None:
+        """The chosen worker queued the job: every slot is busy."""
+
+    def queue_timed_out(self) -> None:
+        """The job waited --queue-timeout in the worker's queue."""
+
     def unexpected(self, frame: wire.Frame) -> None:
         """The chosen worker sent a frame a client never expects."""
 
@@ -122,13 +134,14 @@ looking = builder.state("looking")
 handshaking = builder.state("handshaking")
 chosen = builder.state("chosen")
 reusing = builder.state("reusing")
+queued = builder.state("queued")
 running = builder.state("running")
 ending = builder.state("ending")
 draining = builder.state("draining")
 done = builder.state("done")
-STATES = (idle, looking, handshaking, chosen, reusing, running, ending, draining, done)
+STATES = (idle, looking, handshaking, chosen, reusing, queued, running, ending, draining, done)
 SEARCHING = (idle, looking, handshaking)  # no worker has the job yet
-ENGAGED = (chosen, reusing, running, ending, draining)  # one worker has it
+ENGAGED = (chosen, reusing, queued, running, ending, draining)  # one worker has it
 
 _defined: set[tuple[str, str]] = set()
 
@@ -256,6 +269,24 @@ def _started(inputs: JobInputs, core: JobCore, started: wire.Started) -> None:
 
 chosen.upon(JobInputs.started).to(running)(_started)
 reusing.upon(JobInputs.started).to(running)(_started)
+queued.upon(JobInputs.started).to(running)(_started)
+
+
+def _queued(inputs: JobInputs, core: JobCore, queued: wire.Queued) -> None:
+    core.queued(queued)
+
+
+chosen.upon(JobInputs.queued).to(queued)(_queued)
+reusing.upon(JobInputs.queued).to(queued)(_queued)
+queued.upon(JobInputs.queued).loop()(_queued)
+
+
+@queued.upon(JobInputs.queue_timed_out).to(done)
+def _queue_time_out(inputs: JobInputs, core: JobCore) -> None:
+    core.queue_time_out()
+
+
+_mark((queued,), JobInputs.queue_timed_out)
 
 
 def _protocol_error(inputs: JobInputs, core: JobCore, frame: wire.Frame) -> None:
@@ -270,6 +301,15 @@ for _state in (running, ending, draining):
     _state.upon(JobInputs.started).loop()(_started_again)
 for _state in ENGAGED:
     _state.upon(JobInputs.unexpected).loop()(_protocol_error)
+
+
+def _queued_again(inputs: JobInputs, core: JobCore, queued: wire.Queued) -> None:
+    core.protocol_error(queued)  # after STARTED: out of place
+
+
+for _state in (running, ending, draining):
+    _state.upon(JobInputs.queued).loop()(_queued_again)
+_mark(ENGAGED, JobInputs.queued)
 _mark(ENGAGED, JobInputs.started)
 _mark(ENGAGED, JobInputs.unexpected)
 
@@ -284,7 +324,7 @@ def _warm_busy(inputs: JobInputs, core: JobCore) -> None:
     _look(inputs, core)
 
 
-for _state in (chosen, running, ending, draining):
+for _state in (chosen, queued, running, ending, draining):
     _state.upon(JobInputs.busy).loop()(_busy_frame)
 _mark(ENGAGED, JobInputs.busy)
 
@@ -295,6 +335,7 @@ def _refuse(inputs: JobInputs, core: JobCore, error: wire.Error) -> None:
 
 chosen.upon(JobInputs.error).to(done)(_refuse)
 reusing.upon(JobInputs.error).to(done)(_refuse)
+queued.upon(JobInputs.error).to(done)(_refuse)
 
 
 def _worker_error(inputs: JobInputs, core: JobCore, error: wire.Error) -> None:
@@ -311,7 +352,7 @@ def _exited(inputs: JobInputs, core: JobCore, exit: wire.Exit) -> None:
     core.job_exited(exit)
 
 
-for _state in (chosen, reusing, running, ending):
+for _state in (chosen, reusing, queued, running, ending):
     _state.upon(JobInputs.exited).to(draining)(_exited)
 
 
@@ -338,7 +379,7 @@ def _worker_lost(inputs: JobInputs, core: JobCore) -> None:
     core.worker_lost()
 
 
-for _state in (chosen, running, ending):
+for _state in (chosen, queued, running, ending):
     _state.upon(JobInputs.worker_lost).to(draining)(_worker_lost)
 
 
@@ -370,9 +411,15 @@ def _signal(inputs: JobInputs, core: JobCore, number: int) -> None:
     core.signal(number)
 
 
+def _interrupted_in_queue(inputs: JobInputs, core: JobCore, number: int) -> None:
+    core.leave_queue()
+    core.interrupted(number)
+
+
 for _state in SEARCHING:
     _state.upon(JobInputs.signal).to(done)(_interrupted)
-for _state in ENGAGED:
+queued.upon(JobInputs.signal).to(done)(_interrupted_in_queue)
+for _state in (chosen, reusing, running, ending, draining):
     _state.upon(JobInputs.signal).loop()(_signal)
 _mark(STATES[:-1], JobInputs.signal)
 
@@ -413,62 +460,3 @@ for _state in STATES:
             _state.upon(getattr(JobInputs, _name)).loop()(_ignore)
 
 JobMachine = builder.build()
-
-
-class ChannelRouter:
-    """Turns a job's channels' events (rexnet.client.channel.ChannelEvents) into inputs:
-    every channel's connection events and load reports, and the job frames of the chosen
-    channel only."""
-
-    def __init__(self, core: JobCore, machine: JobInputs) -> None:
-        self.core = core
-        self.machine = machine
-
-    def connected(self, channel: ClientChannel) -> None:
-        self.machine.connected(channel)
-
-    def verified(self, channel: ClientChannel) -> None:
-        self.machine.verified(channel)
-
-    def refused(self, channel: ClientChannel, problem: str) -> None:
-        self.machine.refused(channel, problem)
-
-    def hello(self, channel: ClientChannel, hello: wire.Hello) -> None:
-        self.machine.hello(channel, hello)
-
-    def started(self, channel: ClientChannel, started: wire.Started) -> None:
-        if channel is self.core.chosen:
-            self.machine.started(started)
-
-    def exited(self, channel: ClientChannel, exit: wire.Exit) -> None:
-        if channel is self.core.chosen:
-            self.machine.exited(exit)
-
-    def error(self, channel: ClientChannel, error: wire.Error) -> None:
-        if channel is self.core.chosen:
-            self.machine.error(error)
-
-    def busy(self, channel: ClientChannel) -> None:
-        if channel is self.core.chosen:
-            self.machine.busy()
-
-    def unexpected(self, channel: ClientChannel, frame: wire.Frame) -> None:
-        if channel is self.core.chosen:
-            self.machine.unexpected(frame)
-
-    def lost(self, channel: ClientChannel, problem: str) -> None:
-        if channel is self.core.chosen:
-            self.machine.worker_lost()
-        else:
-            self.machine.lost(channel, problem)
-
-
-def trace(machine: JobInputs, tell: Callable[[str, str, str], None]) -> None:
-    """Call TELL(old state, input, new state) on each transition of MACHINE (Automat's
-    tracing hook)."""
-    transitioner = getattr(machine, "__automat_transitioner__")  # noqa: B009
-
-    def tracer(old: Any, symbol: str, new: Any) -> None:
-        tell(old.name, symbol, new.name)
-
-    transitioner.setTrace(tracer)

@@ -101,14 +101,15 @@ def _age(seconds: float) -> str:
 
 def table(seen: Sequence[Seen], now: float) -> str:
     """The cluster as a readable table (what workers say about themselves escaped)."""
-    head = ("WORKER", "ADDRESS", "LOAD", "CPUS", "SPEED", "SLOTS", "FREE MEM", "JOBS",
-            "UPTIME", "VERSION", "STATE")
+    head = ("WORKER", "ADDRESS", "LOAD", "CPUS", "SPEED", "SLOTS", "QUEUED", "FREE MEM",
+            "JOBS", "UPTIME", "VERSION", "STATE")
     rows = [head]
     for s in seen:
         r = s.reply
         state = "ok" if s.answering else f"not answering ({_age(now - s.seen_at)})"
         rows.append((printable(r.worker), s.address, f"{r.load:.2f}", str(r.cpus), f"{r.speed:g}",
-                     f"{r.slots_used}/{r.slots}", f"{r.free_memory / 2**30:.1f} GiB",
+                     f"{r.slots_used}/{r.slots}", str(r.queued),
+                     f"{r.free_memory / 2**30:.1f} GiB",
                      str(r.jobs_run), _age(r.uptime), printable(r.version), state))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))

@@ -7,13 +7,18 @@ hands one out only while its worker is still the best choice: its load report is
 it has a free slot, it runs no more jobs than when it won an announcement (when it was
 the quickest of all workers to answer), and its load figure has not grown by REUSE_MARGIN
 since. A pool that spreads many jobs of its own (an Executor: DISCOUNT_OWN) leaves its
-own running jobs out of both counts, as they come and go. Otherwise the job is
-announced as usual and the workers compete again. A channel is never shared: the pool
-gives it to one job at a time, and pools are per client process (per user).
+own running jobs out of both counts, as they come and go; and when none of its workers
+is such a choice (they are busy, mostly with its own jobs), it sends the job to the one
+with the fewest jobs queued per slot that reported lately (announcing
+would only bring a queued worker's later answer and a handshake; a worker whose queue is
+full answers BUSY, and the job is announced). Otherwise the job is announced as usual
+and the workers compete again. A channel is never shared: the pool gives it to one job at
+a time, and pools are per client process (per user).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -64,6 +69,8 @@ class Warm:
     load: float = 0.0
     running: int = 0
     slots: int = 1
+    queued: int = 0  # jobs in its queue when it last reported (0 while a slot is free)
+    wait_ms: float = 0.0  # its expected wait for a slot then
     heard_at: float | None = None  # when the last HELLO came (None: none yet)
     own_at_hello: int = 0  # this client's jobs on the worker when the last HELLO came
     won_load: float = 0.0  # the worker's load when it won an announcement
@@ -127,6 +134,7 @@ class WarmPool:
         warm = self.record(link)
         warm.worker, warm.load = hello.worker, hello.load
         warm.running, warm.slots = hello.running, hello.slots
+        warm.queued, warm.wait_ms = hello.queued, hello.wait_ms
         warm.heard_at = self.reactor.seconds()
         if self.discount_own:
             warm.own_at_hello = self.own(hello.worker)
@@ -159,6 +167,18 @@ class WarmPool:
         return (warm.running < warm.slots and warm.running - mine <= warm.won_others
                 and warm.load - mine / max(warm.slots, 1) - warm.won_load < self.margin)
 
+    def queue_usable(self, warm: Warm, now: float) -> bool:
+        """With DISCOUNT_OWN (a pool that overloads the cluster with its own jobs): whether
+        WARM's worker reported lately. (Whose jobs fill its slots is not told apart: this
+        client's queued jobs are not counted as its own until they start.)"""
+        return (self.discount_own and warm.heard_at is not None and not warm.link.closed
+                and now - warm.heard_at <= self.fresh)
+
+    def queued_per_slot(self, warm: Warm, own: int) -> float:
+        """Jobs queued at WARM's worker per slot, as reported or as this client's OWN jobs
+        there (running and queued) say."""
+        return max(warm.queued, own - warm.slots) / max(warm.slots, 1)
+
     def take(self, key: Hashable,
              distrust: Callable[[Link], str | None] = lambda link: None) -> Link | None:
         """The idle channel of KEY whose worker is least loaded, if one is still a good
@@ -167,8 +187,13 @@ class WarmPool:
         handshake), or None: such a channel is closed, with a logged complaint, and the
         next best is tried."""
         now = self.reactor.seconds()
-        for best in sorted((w for w in self.idle if w.key == key and self.usable(w, now)),
-                           key=lambda w: w.load):
+        mine = [w for w in self.idle if w.key == key]
+        free = sorted((w for w in mine if self.usable(w, now)), key=lambda w: w.load)
+        if not free:
+            own = Counter(w.worker for w in self.records.values() if w.busy and not w.exited)
+            free = sorted((w for w in mine if self.queue_usable(w, now)),
+                          key=lambda w: self.queued_per_slot(w, own[w.worker]))
+        for best in free:
             problem = distrust(best.link)
             if problem is not None:
                 log.warn("closed the warm channel to worker {worker}: {problem}",
@@ -177,6 +202,7 @@ class WarmPool:
                 best.link.close()
                 continue
             self._unpark(best)
+            best.busy, best.exited = True, False  # counted as this client's job from now
             self.reused += 1
             return best.link
         return None
@@ -258,6 +284,9 @@ class IdleEvents:
         pass
 
     def busy(self, link: Link) -> None:
+        pass
+
+    def queued(self, link: Link, queued: wire.Queued) -> None:
         pass
 
     def unexpected(self, link: Link, frame: wire.Frame) -> None:

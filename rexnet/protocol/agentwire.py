@@ -123,7 +123,7 @@ class Exec(Message):
 
 
 PLACEMENT: dict[str, Kind] = {"cwd": str, "cwd_required": bool, "cpus": int, "mem": int,
-                              "workers": list}
+                              "workers": list, "queue_timeout": (int, float)}
 """Exec's optional fields (a launcher older than them does not send them)."""
 
 
@@ -136,6 +136,11 @@ def _placement(o: dict[str, Any]) -> dict[str, Any]:
         if workers is None:
             raise AgentWireError("workers is not a list of short strings")
         given["workers"] = workers
+    if "queue_timeout" in given:
+        try:
+            given["queue_timeout"] = float(given["queue_timeout"])
+        except OverflowError:
+            raise AgentWireError("queue_timeout out of range") from None
     return given
 
 

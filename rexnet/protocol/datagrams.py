@@ -200,6 +200,7 @@ class StatusReply:
     """Slots in use (jobs count their --cpus; -1: not said, count running)."""
     delay_ms: float = -1.0
     """The delay an announcement would earn now, before jitter (-1: not said)."""
+    queued: int = 0  # jobs waiting in the worker's queue for a slot
 
     def body(self) -> dict[str, Any]:
         body = {k: v for k, v in self.__dict__.items()}
@@ -215,7 +216,8 @@ class StatusReply:
                    int_field(o, "free_memory", 0, 2**62), int_field(o, "jobs_run", 0, 2**62),
                    float_field(o, "uptime"),
                    int_field(o, "used", -1, 1 << 20) if "used" in o else -1,
-                   float_field(o, "delay_ms") if "delay_ms" in o else -1.0)
+                   float_field(o, "delay_ms") if "delay_ms" in o else -1.0,
+                   int_field(o, "queued", 0, 1 << 20) if "queued" in o else 0)
 
     @property
     def slots_used(self) -> int:

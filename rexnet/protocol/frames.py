@@ -44,6 +44,7 @@ MAX_FRAME = 1 << 20
 MAX_CONTROL = 64 * 1024
 MAX_DATA_CHUNK = 64 * 1024
 MAX_STREAM = 255
+MAX_WAIT_MS = 1e9  # about eleven days: a bound on a worker's estimate of a queue's wait
 
 _U32 = struct.Struct("!I")
 
@@ -62,6 +63,7 @@ class FrameKind(IntEnum):
     SIGNAL = 16
     WINSIZE = 17
     PING = 18
+    QUEUED = 19
     PUT_FILE = PutFile.KIND
     FILE_DATA = FileData.KIND
     FILE_WINDOW = FileWindow.KIND
@@ -102,7 +104,11 @@ class Window:
 
 @dataclass(frozen=True)
 class Hello:
-    """Worker to client, right after the handshake: who it is and why it answered."""
+    """Worker to client, right after the handshake: who it is and why it answered.
+
+    A worker with every slot busy answers too, if its queue has room: QUEUED jobs wait
+    ahead of this one and WAIT_MS is its estimate of the wait for a slot (0: none).
+    """
 
     KIND: ClassVar[FrameKind] = FrameKind.HELLO
     worker: str
@@ -111,12 +117,24 @@ class Hello:
     delay_ms: float
     slots: int
     running: int
+    queued: int = 0
+    wait_ms: float = 0.0
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Hello:
         return cls(str_field(o, "worker"), str_field(o, "version", 64), float_field(o, "load"),
                    float_field(o, "delay_ms"), int_field(o, "slots", 0, 1 << 20),
-                   int_field(o, "running", 0, 1 << 20))
+                   int_field(o, "running", 0, 1 << 20),
+                   int_field(o, "queued", 0, 1 << 20) if "queued" in o else 0,
+                   _wait_field(o))
+
+
+def _wait_field(o: dict[str, Any]) -> float:
+    wait = float_field(o, "wait_ms") if "wait_ms" in o else 0.0
+    if not 0.0 <= wait <= MAX_WAIT_MS:
+        raise WireError("field 'wait_ms' is out of range")
+    return wait
+
 
 
 FD_MODES = ("r", "w", "rw")
@@ -309,12 +327,26 @@ class Ping:
         return cls()
 
 
+@dataclass(frozen=True)
+class Queued:
+    """Worker to client, after START: every slot is busy; the job waits in the worker's
+    queue at POSITION (1: next), for about WAIT_MS. STARTED follows when a slot frees."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.QUEUED
+    position: int
+    wait_ms: float = 0.0
+
+    @classmethod
+    def from_json(cls, o: dict[str, Any]) -> Queued:
+        return cls(int_field(o, "position", 1, 1 << 20), _wait_field(o))
+
+
 Control = (Hello | Start | Started | Busy | Exit | Error | Signal | Winsize | Ping | PutFile
-           | JobRequest | JobList | JobState)
+           | JobRequest | JobList | JobState | Queued)
 Frame = Data | Eof | Shut | Window | FileData | FileWindow | Control
 _CONTROL_TYPES: dict[int, Any] = {
     t.KIND: t for t in (Hello, Start, Started, Busy, Exit, Error, Signal, Winsize, Ping,
-                        PutFile, JobRequest, JobList, JobState)
+                        PutFile, JobRequest, JobList, JobState, Queued)
 }
 RAW_KINDS = (FrameKind.DATA, FrameKind.FILE_DATA)  # up to MAX_FRAME; the rest MAX_CONTROL
 

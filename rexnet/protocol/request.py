@@ -113,6 +113,8 @@ class ExecRequest(Record):
     """--mem in bytes: only workers with that much free memory answer (0: any)."""
     workers: tuple[str, ...] = ()
     """--worker NAME...: only these workers may run the job (none: any)."""
+    queue_timeout: float = 0.0
+    """--queue-timeout: seconds the job may wait in a busy worker's queue (0: no limit)."""
     detach: bool = False
     """--detach: start the job, print its id and return; the worker keeps its output."""
     put: tuple[str, ...] = ()
@@ -157,6 +159,8 @@ class ExecRequest(Record):
             raise ValueError(f"--worker names at most {MAX_WORKERS} workers, of at most "
                              f"{MAX_WORKER_NAME} characters")
         check_files(self)
+        if self.queue_timeout:
+            check_timeout(self.queue_timeout, "--queue-timeout")
 
     def start(self) -> wire.Start:
         """The START frame that asks the worker for this job."""

@@ -136,6 +136,10 @@ class WorkerChannel(Channel):
         else:
             self.machine.finish()
 
+    def admit(self) -> None:
+        """A slot is free for this channel's queued job: start it."""
+        self.machine.admit()
+
     # -- for the machine (rexnet.worker.machine.Link) ---------------------------------------
 
     def hang_up(self, abort: bool = False) -> None:

@@ -43,6 +43,9 @@ class Pending:
     channel: Any = None  # the channel protocol, once TCP is up (rexnet.worker.channel)
     slots: int = 1  # the slots it holds (the announcement's cpus)
     mem: int = 0  # the free memory the announcement asked for, reserved meanwhile
+    queued: bool = False  # answered with every slot busy: it holds a queue place, no slot
+    ahead: int = 0  # when queued: the jobs that were queued before it
+    wait: float = 0.0  # when queued: the expected wait for a slot, in seconds
 
 
 class Target(NamedTuple):
@@ -88,18 +91,22 @@ class ConnectBacks:
         self.crowd = crowd if crowd is not None else Crowd()
         self.pending: dict[bytes, Pending] = {}
         self.tried: OrderedDict[bytes, None] = OrderedDict()
+        self.freed: Callable[[], None] = lambda: None  # a failed or cancelled one let go
 
     def answered(self, job_id: bytes) -> bool:
         """Whether this worker already promised (or made) a connect-back for JOB_ID."""
         return job_id in self.tried
 
     def promise(self, job_id: bytes, client: ClientCert, load: float, speed: float,
-                target: Target) -> Pending:
-        """Connect back to TARGET after the delay LOAD and SPEED earn in today's crowd."""
+                target: Target, queued: bool = False, ahead: int = 0,
+                wait: float = 0.0) -> Pending:
+        """Connect back to TARGET after the delay LOAD and SPEED earn in today's crowd
+        (QUEUED: for a place in the queue, with AHEAD jobs before it, later by its WAIT)."""
         now = self.reactor.seconds()
         crowd = self.crowd.size(now)
-        delay = connect_back_delay(load, speed, self.jitter, crowd)
-        pending = Pending(job_id, client, load, delay, heard=now, spread=spread_ms(crowd))
+        delay = connect_back_delay(load, speed, self.jitter, crowd, wait)
+        pending = Pending(job_id, client, load, delay, heard=now, spread=spread_ms(crowd),
+                          queued=queued, ahead=ahead, wait=wait)
         self.pending[job_id] = pending
         self.tried[job_id] = None
         if len(self.tried) > TRIED_JOBS:
@@ -135,6 +142,7 @@ class ConnectBacks:
                          why=reason.getErrorMessage())
                 self.metrics.connect_back("failed")
             self.release(pending)
+            self.freed()
 
         pending.connecting.addErrback(failed)
 

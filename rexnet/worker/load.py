@@ -2,12 +2,17 @@
 
 load  = run-queue per CPU (1-minute load average / CPUs)
       + (running jobs + reserved connect-backs) / slots
-delay = (IDLE_MS + LOAD_MS * load) / speed + uniform(0, spread(crowd))   milliseconds
+delay = (IDLE_MS + LOAD_MS * load) / speed + uniform(0, spread(crowd))
+      + min(WAIT_MS * expected wait in seconds, WAIT_MAX_MS)             milliseconds
 spread(crowd) = max(JITTER_MS, CROWD_MS * (crowd - 1) ** 1.5)
 
 An idle worker answers after about IDLE_MS; each unit of load per CPU adds
 LOAD_MS, well above network jitter (cexec's 0.1 ms per unit drowned in it).  A faster
-worker (speed 2.0) answers in half the time of a slower one at the same load.
+worker (speed 2.0) answers in half the time of a slower one at the same load.  A worker
+whose slots are all busy answers only if its queue has room, later by its expected wait
+(rexnet.worker.jobqueue): the client queues at the first to answer, so at the worker with
+the shortest wait, and any worker with a free slot answers before all of them.  (The load
+figure a worker reports, in HELLO and status, adds its queued jobs per slot.)
 
 CROWD is how many workers answer one announcement, as this worker has learnt it from
 the clients' TAKENs (see Crowd).  N equally idle workers drawing from a window of S ms
@@ -31,6 +36,8 @@ IDLE_MS = 5.0
 LOAD_MS = 40.0
 JITTER_MS = 1.0
 CROWD_MS = 1.5
+WAIT_MS = 10.0  # milliseconds of delay per second of expected wait in a queue
+WAIT_MAX_MS = 500.0
 CROWD_MAX = 4096  # a bound on what one TAKEN can make us believe
 CROWD_HALF_LIFE = 3600.0  # seconds: a cluster that shrank is believed within hours
 CROWD_WEIGHT = 0.3  # weight of a new estimate of the crowd (in log space)
@@ -75,11 +82,13 @@ def spread_ms(crowd: float) -> float:
 
 def connect_back_delay(
     load: float, speed: float, jitter: Callable[[], float] = random.random,
-    crowd: float = 1.0,
+    crowd: float = 1.0, wait: float = 0.0,
 ) -> float:
-    """Seconds to wait before connecting back, given LOAD, the worker's SPEED and how
-    many workers answer an announcement (CROWD)."""
+    """Seconds to wait before connecting back, given LOAD, the worker's SPEED, how many
+    workers answer an announcement (CROWD) and the job's expected WAIT in seconds for a
+    slot (0 when one is free)."""
     ms = (IDLE_MS + LOAD_MS * max(load, 0.0)) / speed + jitter() * spread_ms(crowd)
+    ms += min(WAIT_MS * max(wait, 0.0), WAIT_MAX_MS)
     return ms / 1000.0
 
 

@@ -3,6 +3,8 @@
     verifying --verified--> awaiting_start --start--> starting --started--> running
     verifying --handshake_timeout / give_up (TAKEN, then a grace)--> closed
     running --rest--> warm_idle --start--> starting (again: a warm channel's next job)
+    starting --queue--> queued --admit--> starting (every slot was busy: QUEUED is sent,
+                                          and the job starts when the worker admits it)
     starting --refuse / no_slot--> closed;  running --finish--> closed
     any state --close / lost / the client's ERROR or BUSY / a deadline--> closed
 
@@ -12,13 +14,14 @@ awaiting_start waits START_TIMEOUT for the client's START; warm_idle waits WARM_
 the next one, sending HELLO (the worker's load) every WARM_REPORT seconds. A frame a state
 does not expect is a protocol error (the channel closes); frames meant for the last job
 that arrive on a warm channel are dropped. The channel protocol (rexnet.worker.channel)
-only turns frames into these inputs; the worker (JobHost) runs the jobs.
+only turns frames into these inputs; the worker (JobHost) runs the jobs and keeps the
+queue (a queued channel leaves it when it closes, whatever the reason).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
@@ -70,7 +73,12 @@ class JobHost(Protocol):
 
     def client_refusal(self, cert: Any) -> str | None: ...
 
-    def free_slot(self, start: wire.Start | None = None) -> bool: ...
+    def has_room(self, start: wire.Start | None = None) -> bool: ...
+
+    def wait_turn(self, channel: Any, start: wire.Start, pending: Pending | None
+                  ) -> wire.Queued | Refusal | None: ...
+
+    def leave_queue(self, channel: Any) -> None: ...
 
     def start_job(self, channel: Any, start: wire.Start, warm: bool
                   ) -> Refusal | StartedJob: ...
@@ -143,7 +151,13 @@ class ChannelInputs(Protocol):
         "The worker will not run the START."
 
     def no_slot(self) -> None:
-        "A warm channel's START found no free slot."
+        "A warm channel's START found no free slot and no place in the queue."
+
+    def queue(self, frame: wire.Queued) -> None:
+        "Every slot is busy: the job waits in the worker's queue."
+
+    def admit(self) -> None:
+        "A slot is free for the queued job."
 
     def rest(self) -> None:
         "The job ended and the channel is kept for the client's next job."
@@ -174,6 +188,7 @@ class ChannelCore:
     job: str | None = None
     process: JobProcess | None = None
     jobs: int = 0  # jobs started on this channel
+    start_frame: wire.Start | None = None  # the START of a queued job
     timer: IDelayedCall | None = None
     reporter: LoopingCall | None = None
     given_up: bool = False  # closed before its handshake finished, for a reason logged
@@ -183,6 +198,7 @@ class ChannelCore:
 
     def stop_waiting(self) -> None:
         self.host.warm.discard(self.link)
+        self.host.leave_queue(self.link)
         if self.reporter is not None and self.reporter.running:
             self.reporter.stop()
         if self.timer is not None and self.timer.active():
@@ -196,6 +212,7 @@ awaiting_start = builder.state("awaiting_start")
 starting = builder.state("starting")
 running = builder.state("running")
 warm_idle = builder.state("warm_idle")
+queued = builder.state("queued")
 closed = builder.state("closed")
 Inputs = ChannelInputs
 Self = ChannelInputs
@@ -258,9 +275,8 @@ def _refused(self: Self, core: Core, problem: str) -> None:
 @awaiting_start.upon(Inputs.start).to(starting)
 def _start_fresh(self: Self, core: Core, frame: wire.Start) -> None:
     core.stop_waiting()
-    core.host.release(core.pending)
     core.host.metrics.connect_back("won")
-    _launch(self, core, frame)
+    _launch(self, core, frame, core.pending)  # its slot or queue place passes to the job
 
 
 @warm_idle.upon(Inputs.start).to(starting)
@@ -273,13 +289,24 @@ def _start_warm(self: Self, core: Core, frame: wire.Start) -> None:
         self.refuse(Refusal("auth", problem))
         return
     host.metrics.connect_back("warm")
-    if not host.free_slot(frame):  # slots for its cpus, its memory, its workers
+    if not host.has_room(frame):  # slots for its cpus, or a queue place; its workers
         self.no_slot()
         return
-    _launch(self, core, frame)
+    _launch(self, core, frame, None)
 
 
-def _launch(self: Self, core: Core, frame: wire.Start) -> None:
+def _launch(self: Self, core: Core, frame: wire.Start, pending: Pending | None) -> None:
+    turn = core.host.wait_turn(core.link, frame, pending)
+    if isinstance(turn, Refusal):
+        self.refuse(turn)
+    elif turn is not None:
+        core.start_frame = frame
+        self.queue(turn)
+    else:
+        _run(self, core, frame)
+
+
+def _run(self: Self, core: Core, frame: wire.Start) -> None:
     outcome = core.host.start_job(core.link, frame, warm=core.jobs > 0)
     if isinstance(outcome, Refusal):
         self.refuse(outcome)
@@ -351,6 +378,37 @@ def _busy(self: Self, core: Core) -> None:
     core.link.hang_up()
 
 
+@starting.upon(Inputs.queue).to(queued)
+def _queued(self: Self, core: Core, frame: wire.Queued) -> None:
+    core.link.send(frame)
+
+
+# -- queued: waiting for a slot -----------------------------------------------------------
+
+@queued.upon(Inputs.admit).to(starting)
+def _admitted(self: Self, core: Core) -> None:
+    frame, core.start_frame = core.start_frame, None
+    assert frame is not None
+    _run(self, core, frame)
+
+
+@queued.upon(Inputs.signal).loop()
+def _signal_queued(self: Self, core: Core, frame: wire.Signal | wire.Winsize) -> None:
+    """A new window size is the job's when it starts; a signal before then is an error
+    (a client whose job is queued gives up its place instead)."""
+    if isinstance(frame, wire.Winsize) and core.start_frame is not None:
+        core.start_frame = replace(core.start_frame, rows=frame.rows, cols=frame.cols)
+    else:
+        _protocol_error(self, core, frame)
+
+
+@queued.upon(Inputs.busy).to(closed)
+def _gave_up(self: Self, core: Core) -> None:
+    """The client gave up its place in the queue (it chose another worker, or timed out)."""
+    core.stop_waiting()
+    core.link.hang_up()
+
+
 # -- running ----------------------------------------------------------------------------
 
 @running.upon(Inputs.signal).loop()
@@ -386,6 +444,7 @@ def _deliver(self: Self, core: Core, frame: wire.Frame) -> None:
 
 running.upon(Inputs.stream).loop()(_deliver)
 awaiting_start.upon(Inputs.stream).loop()(_deliver)
+queued.upon(Inputs.stream).loop()(_deliver)
 
 
 # -- protocol errors, the client's ERROR, closing and loss: every open state ----------------
@@ -401,7 +460,8 @@ def _unexpected_busy(self: Self, core: Core) -> None:
 awaiting_start.upon(Inputs.signal).loop()(_protocol_error)
 running.upon(Inputs.start).loop()(_protocol_error)
 running.upon(Inputs.busy).loop()(_unexpected_busy)
-for _state in (awaiting_start, running, warm_idle):
+queued.upon(Inputs.start).loop()(_protocol_error)
+for _state in (awaiting_start, running, warm_idle, queued):
     _state.upon(Inputs.unexpected).loop()(_protocol_error)
 
 
@@ -429,9 +489,9 @@ def _gone(self: Self, core: Core, reason: Failure) -> None:
         core.process.kill_group()
 
 
-for _state in (awaiting_start, running, warm_idle):
+for _state in (awaiting_start, running, warm_idle, queued):
     _state.upon(Inputs.client_error).to(closed)(_client_error)
-for _state in (verifying, awaiting_start, starting, running, warm_idle):
+for _state in (verifying, awaiting_start, starting, running, warm_idle, queued):
     _state.upon(Inputs.close).to(closed)(_close)
     _state.upon(Inputs.lost).to(closed)(_gone)
 
@@ -446,7 +506,7 @@ closed.upon(Inputs.close).loop()(_close)  # (a protocol error's close comes afte
 for _input in (Inputs.connected, Inputs.taken, Inputs.handshake_timeout, Inputs.give_up,
                Inputs.start, Inputs.signal, Inputs.stream, Inputs.busy, Inputs.client_error,
                Inputs.unexpected, Inputs.started, Inputs.refuse, Inputs.no_slot, Inputs.rest,
-               Inputs.finish, Inputs.deadline, Inputs.report):
+               Inputs.finish, Inputs.deadline, Inputs.report, Inputs.queue, Inputs.admit):
     closed.upon(_input).loop()(_too_late)
 
 WorkerMachine = builder.build()

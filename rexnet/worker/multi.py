@@ -9,7 +9,8 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from rexnet.worker.service import STATUS_INTERVAL, Worker, WorkerService
+from rexnet.worker.listener import WorkerService
+from rexnet.worker.service import STATUS_INTERVAL, Worker
 
 log = Logger()
 

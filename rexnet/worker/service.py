@@ -6,41 +6,37 @@ import os
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort, IOpenSSLClientConnectionCreator
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 
 from rexnet.net.alerts import AlertSender
-from rexnet.net.announce import AnnounceChecker, RateLimiter, Rejected, now_ms
+from rexnet.net.announce import AnnounceChecker, ClientCert, RateLimiter, Rejected, now_ms
 from rexnet.protocol import wire
-from rexnet.security.credentials import CertInfo, Credential, check_validity
-from rexnet.security.hardening import make_undumpable
-from rexnet.security.tls import Revocations, connecting_options
+from rexnet.security.credentials import CertInfo, check_validity
+from rexnet.security.tls import connecting_options
 from rexnet.version import __version__
-from rexnet.worker.arguments import ArgPolicy
 from rexnet.worker.calls import JobCalls
 from rexnet.worker.channel import WorkerChannel
-from rexnet.worker.commands import CommandPolicy, CommandRefused
 from rexnet.worker.complaints import COMPLAINT_RATE, Complaints
-from rexnet.worker.connectback import ConnectBacks, Pending, connect_back_target
+from rexnet.worker.connectback import ConnectBacks, Pending, Target, connect_back_target
 from rexnet.worker.datagrams import AnnounceSocket
-from rexnet.worker.detached import DEFAULT_KEEP, DEFAULT_OUTPUT, JobBook, OutputLog
-from rexnet.worker.environment import EnvPolicy
-from rexnet.worker.files import DEFAULT_JOB_FILES, FileSettings, default_state_dir, send_back
-from rexnet.worker.job import KILL_GRACE, JobProcess, Limits
-from rexnet.worker.keyexposure import jobs_identity, key_warning
+from rexnet.worker.detached import JobBook
+from rexnet.worker.files import send_back
+from rexnet.worker.job import KILL_GRACE, JobProcess
+from rexnet.worker.jobqueue import JobQueue, Waitlist
 from rexnet.worker.load import Crowd, HostLoad, connect_back_delay, load_figure, sample_host
 from rexnet.worker.machine import Refusal
 from rexnet.worker.metrics import NO_METRICS, Metrics, NoMetrics
-from rexnet.worker.spawn import Isolator, spawn
+from rexnet.worker.placement import place, refusal_before_queue
+from rexnet.worker.settings import Running, WorkerSettings
+from rexnet.worker.spawn import spawn
 
-__all__ = ["COMPLAINT_RATE", "GLOBAL_BURST", "GLOBAL_RATE", "Complaints", "Worker",
-           "WorkerService", "WorkerSettings"]
+__all__ = ["COMPLAINT_RATE", "GLOBAL_BURST", "GLOBAL_RATE", "Complaints", "Running", "Worker",
+           "WorkerSettings"]
 
 STATUS_INTERVAL = 5.0  # seconds between worker-status alerts
 GLOBAL_RATE = 2000.0  # datagrams per second checked, all sources together
@@ -49,67 +45,6 @@ MAX_WARM = 64  # idle warm channels a worker keeps at most
 SAMPLE_AGE = 0.1  # seconds a host sample serves warm channels' reports
 
 log = Logger()
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What a worker serves and how."""
-
-    credential: Credential
-    command: tuple[str, ...]
-    name: str
-    slots: int
-    speed: float = 1.0
-    allow_args: bool = False
-    listen: tuple[str, int] = ("0.0.0.0", 3010)
-    groups: tuple[str, ...] = ()
-    accept_env: tuple[str, ...] = ()
-    job_env: tuple[tuple[str, str | None], ...] = ()  # --job-env NAME[=VALUE]
-    allow_arg: tuple[str, ...] = ()  # --allow-arg PATTERN
-    keyfile: str | None = None  # where the credential was read (for the start-up check)
-    alert_targets: tuple[tuple[str, int], ...] = ()
-    chdir: str | None = None
-    limits: Limits = field(default_factory=Limits)
-    revoked: Revocations | None = None  # rexnet.security.revocation.RevokedFile
-    commands: CommandPolicy = field(default_factory=CommandPolicy)
-    """--commands / --any-command: the client names the program (then COMMAND is empty)."""
-    sandbox: Isolator | None = None  # rexnet.worker.sandbox.Sandbox (a worker started as root)
-    state_dir: str = ""  # detached jobs' output and jobs' directories ("": the default)
-    job_files: int = DEFAULT_JOB_FILES  # bytes a job's --put (and --get) files may total
-    detached_output: int = DEFAULT_OUTPUT  # bytes of a detached job's output kept
-    keep_finished: float = DEFAULT_KEEP  # seconds finished jobs are listed (and kept)
-
-    @property
-    def env_policy(self) -> EnvPolicy:
-        return EnvPolicy(self.accept_env, self.job_env)
-
-    @property
-    def arg_policy(self) -> ArgPolicy:
-        return ArgPolicy(self.allow_args, self.allow_arg)
-
-    @property
-    def files(self) -> FileSettings:
-        """Where this application's job directories and detached output go."""
-        root = os.path.join(self.state_dir or default_state_dir(), self.credential.app)
-        return FileSettings(root, self.job_files)
-
-    def accepts_env(self, name: str) -> bool:
-        """Whether a job may set variable NAME (sshd's AcceptEnv patterns; never a
-        loader or interpreter hook: rexnet.worker.environment)."""
-        return self.env_policy.accepts(name)
-
-
-@dataclass
-class Running:
-    job: str
-    channel: WorkerChannel | OutputLog  # an OutputLog for a detached job
-    process: JobProcess
-    client: str
-    argv: list[str] = field(default_factory=list)
-    started: float = 0.0
-    keep: bool = False  # the client asked to keep the channel for its next job
-    slots: int = 1  # the slots it takes (the client's --cpus)
-    get: tuple[str, ...] = ()  # the files to send back when the job ends
 
 
 class Worker:
@@ -148,8 +83,7 @@ class Worker:
         self.socket.serve(settings.credential.app_id, self.datagram)
         self.metrics: NoMetrics = NO_METRICS if metrics is None else metrics.for_worker(
             settings.credential.app, settings.slots, lambda: self.busy,
-            lambda: len(self.running),
-            lambda: load_figure(self.sample(), self.busy, settings.slots))
+            lambda: len(self.running), self.load)
         self.connect_backs = ConnectBacks(
             reactor, tls or connecting_options(settings.credential), self.metrics,
             self._connect_back, jitter, crowd)
@@ -162,6 +96,10 @@ class Worker:
         self.book = JobBook(reactor, settings.credential, settings.files.root,
                             settings.detached_output, settings.keep_finished)
         self.calls = JobCalls(self, tls or connecting_options(settings.credential))
+        self.queue = JobQueue(settings.queue_places)  # jobs waiting for a slot
+        self.waitlist = Waitlist()  # announcements heard with no slot or place free
+        self._admitting = False
+        self.connect_backs.freed = self._admit
 
     @property
     def pending(self) -> dict[bytes, Pending]:
@@ -174,9 +112,15 @@ class Worker:
 
     @property
     def busy(self) -> int:
-        """Slots in use: running jobs and reserved connect-backs (each counts its CPUs)."""
+        """Slots in use: running jobs and the connect-backs that reserved slots (each
+        counts its CPUs)."""
         return (sum(r.slots for r in self.running.values())
-                + sum(p.slots for p in self.pending.values()))
+                + sum(p.slots for p in self.pending.values() if not p.queued))
+
+    @property
+    def queued(self) -> int:
+        """Queue places taken: queued jobs and the connect-backs that reserved a place."""
+        return len(self.queue) + sum(1 for p in self.pending.values() if p.queued)
 
     def free_slot(self, start: wire.Start | None = None) -> bool:
         """Whether a job fits now: a free slot (START's cpus of them, on a warm channel),
@@ -197,6 +141,28 @@ class Worker:
             if free < mem:
                 return f"{mem} bytes of memory asked, {max(free, 0)} free"
         return None
+
+    def has_room(self, start: wire.Start | None = None) -> bool:
+        """Whether a warm channel's job (START) can start now or wait in the queue (its
+        client is authenticated already: connect-backs that reserved places do not keep it
+        out, so the queue holds at most twice its places). A job for other workers, or of
+        more CPUs than this worker has, has no room here."""
+        if start is not None and ((start.workers and self.settings.name not in start.workers)
+                                  or start.cpus > self.settings.slots):
+            return False
+        return self.free_slot(start) or len(self.queue) < self.queue.places
+
+    def load(self, figures: HostLoad | None = None) -> float:
+        """The load figure: run-queue per CPU, and slots busy or wanted by queued jobs."""
+        return load_figure(figures or self.sample(), self.busy + self.queued,
+                           self.settings.slots)
+
+    def expected_wait(self, ahead: int) -> float:
+        """Seconds a job with AHEAD queued jobs before it would wait for a slot."""
+        now = self.reactor.seconds()
+        ran = [now - r.started for r in self.running.values()]
+        ran += [0.0] * (self.busy - len(self.running))  # reserved slots: jobs not yet begun
+        return self.queue.wait(ahead, self.settings.slots, ran)
 
     # -- datagrams --------------------------------------------------------------------
 
@@ -237,21 +203,20 @@ class Worker:
         except Exception:
             log.failure("cannot read the host's load for a worker-status alert")
             return
-        self.alerts.send("worker-status", worker=s.name,
-                         load=round(load_figure(figures, self.busy, s.slots), 4),
+        self.alerts.send("worker-status", worker=s.name, load=round(self.load(figures), 4),
                          cpus=figures.cpus, speed=s.speed, slots=s.slots,
-                         running=len(self.running), free_memory=figures.free_memory,
-                         jobs_run=self.jobs_run)
+                         running=len(self.running), queued=self.queued,
+                         free_memory=figures.free_memory, jobs_run=self.jobs_run)
 
     def _status(self, dgram: wire.Datagram, host: str) -> None:
         query, _ = self.checker.check_status(dgram, host)
         s, figures = self.settings, self.sample()
         load = load_figure(figures, self.busy, s.slots)
         reply = wire.StatusReply(
-            query.nonce, now_ms(), s.name, __version__, round(load, 4), figures.cpus,
-            s.speed, s.slots, len(self.running), figures.free_memory, self.jobs_run,
-            round(self.reactor.seconds() - self.started_at, 1), self.busy,
-            round(connect_back_delay(load, s.speed, lambda: 0.0) * 1000, 3))
+            query.nonce, now_ms(), s.name, __version__, round(self.load(figures), 4),
+            figures.cpus, s.speed, s.slots, len(self.running), figures.free_memory,
+            self.jobs_run, round(self.reactor.seconds() - self.started_at, 1), self.busy,
+            round(connect_back_delay(load, s.speed, lambda: 0.0) * 1000, 3), self.queued)
         data = wire.encode_datagram(reply, s.credential.app_id, s.credential.key,
                                     s.credential.cert_der)
         target = connect_back_target(dgram, query.addrs, query.port, host)
@@ -261,27 +226,68 @@ class Worker:
         ann, client = self.checker.check_announce(dgram, host)
         if self.connect_backs.answered(ann.job_id):
             return  # a resend of a job we already answered
-        if self.busy >= self.settings.slots:
-            log.debug("no free slot for job from {client}", client=client.info.name)
+        if ann.cpus > self.settings.slots or (ann.workers and
+                                                self.settings.name not in ann.workers):
+            log.debug("not answering job from {client}: it is not for this worker",
+                      client=client.info.name)
             return
-        if ann.cpus != 1 or ann.mem or ann.workers:
-            why = self.fits(ann.cpus, ann.mem, ann.workers)
+        if ann.mem:
+            why = self.fits(1, ann.mem, ())
             if why is not None:
                 log.debug("not answering job from {client}: {why}", client=client.info.name,
                           why=why)
                 return
-        load = load_figure(self.sample(), self.busy, self.settings.slots)
-        pending = self.connect_backs.promise(
-            ann.job_id, client, load, self.settings.speed,
-            connect_back_target(dgram, ann.addrs, ann.port, host))
-        pending.slots, pending.mem = ann.cpus, ann.mem
+        target = connect_back_target(dgram, ann.addrs, ann.port, host)
+        plain = ann.cpus == 1 and not ann.mem  # the waitlist keeps plain jobs only
+        if plain and (ann.job_id in self.waitlist or not self._answer(
+                ann.job_id, client, target)):
+            self.waitlist.note(ann.job_id, client, target, self.reactor.seconds())
+            self._answer_waiting()  # (in its turn, if a place is free)
+        elif not plain:
+            self._answer(ann.job_id, client, target, ann.cpus, ann.mem)
+
+    def _answer(self, job_id: bytes, client: ClientCert, target: Target, cpus: int = 1,
+                mem: int = 0) -> bool:
+        """Promise a connect-back for CPUS free slots, or for a queue place; False if
+        neither is free."""
+        if self.settings.slots - self.busy >= cpus:
+            pending = self.connect_backs.promise(job_id, client, self.load(),
+                                                 self.settings.speed, target)
+        elif cpus == 1 and not mem and self.queued < self.queue.places:
+            # answer later, by the wait for a slot (a job that asks for more CPUs or for
+            # memory goes only where that is free now)
+            ahead = self.queued
+            full = load_figure(self.sample(), self.busy, self.settings.slots)
+            pending = self.connect_backs.promise(job_id, client, full, self.settings.speed,
+                                                 target, queued=True, ahead=ahead,
+                                                 wait=self.expected_wait(ahead))
+        else:
+            return False
+        pending.slots, pending.mem = cpus, mem
+        return True
+
+    def _answer_waiting(self) -> None:
+        """Places freed: answer the oldest announcements heard while there were none."""
+        now = self.reactor.seconds()
+        while self.waitlist and self._idle is None and (
+                self.free_slot() or self.queued < self.queue.places):
+            entry = self.waitlist.pop(now)
+            if entry is None:
+                break
+            if not self.connect_backs.answered(entry.job_id):
+                self._answer(entry.job_id, entry.client, entry.target)
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
         pending = self.pending.get(taken.job_id)
         if pending is None:
+            waiting = self.waitlist.get(taken.job_id)
+            if waiting is not None:  # the job found a worker elsewhere: forget it
+                self.checker.check_taken(dgram, waiting.client)
+                self.waitlist.drop(taken.job_id)
             return  # nothing to cancel (and no certificate to check it with)
         self.checker.check_taken(dgram, pending.client)
         self.connect_backs.taken(pending, taken.answered)
+        self._admit()  # a slot it reserved may be free
 
     def _connect_back(self, pending: Pending, host: str, port: int) -> None:
         s = self.settings
@@ -291,6 +297,51 @@ class Worker:
 
     def release(self, pending: Pending) -> None:
         self.connect_backs.release(pending)
+        self._admit()
+
+    # -- the queue ------------------------------------------------------------------------
+
+    def wait_turn(self, channel: WorkerChannel, start: wire.Start, pending: Pending | None
+                  ) -> wire.Queued | Refusal | None:
+        """Whether START on CHANNEL (a fresh channel's PENDING connect-back, or a warm
+        channel's None) runs now (None), waits in the queue (the QUEUED frame to send),
+        or is refused. A connect-back that reserved a slot keeps it; anything else runs
+        now only if no job is queued before it."""
+        reserved = pending is not None and not pending.queued
+        if pending is not None:
+            self.connect_backs.release(pending)  # its slot or place passes to the job
+        refusal = refusal_before_queue(self.settings, start)
+        if refusal is not None:
+            self._admit()
+            return refusal
+        if self.free_slot(start) and (reserved or not self.queue):
+            return None
+        position = self.queue.add(channel, start, self.reactor.seconds())
+        wait = self.expected_wait(position - 1)
+        log.info("job from {client} ({peer}) queued at position {position}, expected wait "
+                 "{wait:.1f} s", client=CertInfo.of(channel.peer_cert).name,
+                 peer=channel.peer_address(), position=position, wait=wait)
+        return wire.Queued(position, round(wait * 1000, 1))
+
+    def leave_queue(self, channel: WorkerChannel) -> None:
+        """CHANNEL's client gave up its place (or went away)."""
+        if self.queue.remove(channel):
+            log.info("a queued job from {peer} left the queue", peer=channel.peer_address())
+            self._answer_waiting()
+
+    def _admit(self) -> None:
+        """Start queued jobs while slots are free (not while the worker stops)."""
+        if self._admitting:
+            return
+        self._admitting = True
+        try:
+            while self.queue and self.free_slot() and self._idle is None:
+                waiting = self.queue.pop()
+                assert waiting is not None
+                waiting.channel.admit()
+            self._answer_waiting()
+        finally:
+            self._admitting = False
 
     # -- jobs (for the channels: rexnet.worker.machine.JobHost) --------------------------
 
@@ -302,11 +353,13 @@ class Worker:
             now = self.reactor.seconds()
             if self._sampled is None or now - self._sampled[0] > SAMPLE_AGE:
                 self._sampled = (now, self.sample())
-            load = load_figure(self._sampled[1], self.busy, s.slots)
-            return wire.Hello(s.name, __version__, round(load, 4), 0.0, s.slots,
-                              len(self.running))
+            full = not self.free_slot()
+            return wire.Hello(s.name, __version__, round(self.load(self._sampled[1]), 4), 0.0,
+                              s.slots, len(self.running), self.queued if full else 0,
+                              round(self.expected_wait(self.queued) * 1000, 1) if full else 0.0)
         return wire.Hello(s.name, __version__, round(pending.load, 4),
-                          round(pending.delay * 1000, 3), s.slots, len(self.running))
+                          round(pending.delay * 1000, 3), s.slots, len(self.running),
+                          pending.ahead, round(pending.wait * 1000, 1))
 
     def client_refusal(self, cert: Any) -> str | None:
         """Why a warm channel's client may no longer run jobs (its certificate expired or
@@ -359,6 +412,7 @@ class Worker:
         try:
             spawn(self.reactor, proto, argv, env, cwd, s.sandbox)
         except OSError as e:
+            self.reactor.callLater(0, self._admit)  # the slot stays free
             return Refusal("spawn", f"cannot start {argv[0]}: {e.strerror}")
         running = self.running[job] = Running(job, output or channel, proto, client, argv,
                                               self.reactor.seconds(), start.keep,
@@ -401,10 +455,12 @@ class Worker:
         bytes_in = sum(s.received for s in channel.ins.values())
         bytes_out = sum(s.sent for s in channel.outs.values())
         self.metrics.job_finished(code, sig, limit, bytes_in, bytes_out)
+        duration = self.reactor.seconds() - running.started
+        self.queue.finished(duration)
         self.alerts.send(
             "job-finished", job=job, worker=self.settings.name, client=running.client,
             status=code if sig is None else 128 + sig, signal=sig, limit=limit or None,
-            duration=round(self.reactor.seconds() - running.started, 3),
+            duration=round(duration, 3),
             bytes_in=bytes_in, bytes_out=bytes_out)
         if limit:
             self.complain(channel.peer_address(), f"job {job} hit its {limit} limit")
@@ -430,6 +486,7 @@ class Worker:
                           and len(self.warm) < MAX_WARM)
         if not self.running and self._idle is not None and not self._idle.called:
             self._idle.callback(None)
+        self._admit()
 
     def stop_all(self) -> defer.Deferred[None]:
         """End every job (the worker is stopping): their clients are told the worker is
@@ -437,10 +494,15 @@ class Worker:
         self.connect_backs.cancel_waiting()
         for channel in list(self.warm):
             channel.close()
+        self._idle = defer.Deferred()  # no queued job starts from now on
+        while (waiting := self.queue.pop()) is not None:
+            waiting.channel.send(wire.Error("stopping", f"worker {self.settings.name} is "
+                                            "stopping; the queued job was not started"))
+            waiting.channel.close()
         if not self.running:
             self.book.stop()
-            return defer.succeed(None)
-        self._idle = defer.Deferred()
+            self._idle.callback(None)
+            return self._idle
         for running in list(self.running.values()):
             running.channel.send(wire.Error("stopping", f"worker {self.settings.name} is "
                                             "stopping; the job was ended"))
@@ -455,103 +517,3 @@ class Worker:
             running.channel.close(abort=True)
         if self._idle is not None and not self._idle.called:
             self._idle.callback(None)
-
-
-def place(commands: CommandPolicy, command: tuple[str, ...], start: wire.Start,
-          chdir: str | None, name: str) -> tuple[list[str], str | None] | Refusal:
-    """The argv and directory of START's job: COMMAND and its arguments in CHDIR (a fixed
-    COMMAND), or the program START names if COMMANDS allows it, in the client's directory
-    when this host has it (else CHDIR, unless the client required its own); or why not."""
-    if not commands.enabled:
-        if start.cwd_required:
-            return Refusal("cwd", f"worker {name} runs its fixed command in its own "
-                           "directory: --cwd is for command workers (--commands)")
-        return [*command, *start.args], chdir
-    if not start.args:
-        return Refusal("command", "this worker runs the program the client names: give "
-                       "one after --, as in `rexnet exec APP -- cc -c foo.c`")
-    program = commands.resolve(start.args[0])
-    if isinstance(program, CommandRefused):
-        return Refusal(program.reason, program.message)
-    cwd = chdir
-    if start.cwd:
-        if os.path.isdir(start.cwd):
-            cwd = start.cwd
-        elif start.cwd_required:
-            return Refusal("cwd", f"worker {name} has no directory {start.cwd[:300]}")
-    return [program, *start.args[1:]], cwd
-
-
-class WorkerService(Service):
-    """Listens for announcements on UDP (joining multicast groups) for one Worker."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.port: IListeningPort | None = None
-        self.reporter: LoopingCall | None = None
-
-    @staticmethod
-    def warn_about(worker: Worker) -> None:
-        """Start-up warnings (after twistd's privilege drop): a key the jobs' user can
-        read, and arguments appended unchecked."""
-        s = worker.settings
-        if s.keyfile is not None:
-            exposed = key_warning(s.keyfile, *jobs_identity())
-            if exposed:
-                log.warn("worker {name}: {warning}", name=s.name, warning=exposed)
-        unchecked = s.arg_policy.warning()
-        if unchecked:
-            log.warn("worker {name}: {warning}", name=s.name, warning=unchecked)
-
-    def bind(self) -> None:
-        """Open the announcement port now (makeService calls this, so that a busy port is
-        a one-line error before twistd starts, not a traceback after)."""
-        s = self.worker.settings
-        host, port = s.listen
-        socket = self.worker.socket
-        reactor = self.worker.reactor
-        if s.groups:
-            self.port = reactor.listenMulticast(port, socket, interface=host, listenMultiple=True)
-            for group in s.groups:
-                socket.transport.joinGroup(group)  # type: ignore[union-attr]
-        else:
-            self.port = reactor.listenUDP(port, socket, interface=host)
-
-    def startService(self) -> None:
-        super().startService()
-        make_undumpable()  # after twistd's privilege drop: jobs cannot read our memory
-        if self.port is None:
-            self.bind()
-        s = self.worker.settings
-        host = s.listen[0]
-        reactor = self.worker.reactor
-        if self.worker.alerts.targets:
-            self.reporter = LoopingCall(self.worker.report_status)
-            self.reporter.clock = reactor
-            self.reporter.start(STATUS_INTERVAL, now=True)
-        self.warn_about(self.worker)  # before "listening on", which says it is ready
-        log.info("worker {name} serves {app} ({command}) with {slots} slots at speed {speed}; "
-                 "listening on {host}:{port}", name=s.name, app=s.credential.app,
-                 command=" ".join(s.command) or (
-                     "any command" if s.commands.any
-                     else "commands " + ", ".join(s.commands.patterns)),
-                 slots=s.slots, speed=s.speed, host=host,
-                 port=self.port.getHost().port)  # type: ignore[union-attr]
-
-    def stopService(self) -> defer.Deferred[Any]:
-        super().stopService()
-        w = self.worker
-        log.info("worker {name} stopping: {jobs} jobs run; {received} datagrams received, "
-                 "{limited} dropped by rate limits, {complaints} complaints, {foreign} of "
-                 "other applications ignored", name=w.settings.name, jobs=w.jobs_run,
-                 received=w.received, limited=w.rate_limited, complaints=w.complain.count,
-                 foreign=w.foreign)
-        if self.reporter is not None and self.reporter.running:
-            self.reporter.stop()
-        jobs_gone = self.worker.stop_all()
-        jobs_gone.addBoth(lambda result: self.worker.alerts.stop())
-        waits = [jobs_gone]
-        if self.port is not None:
-            stopped = self.port.stopListening()
-            waits.append(stopped if stopped is not None else defer.succeed(None))
-        return defer.gatherResults(waits)

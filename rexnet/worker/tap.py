@@ -31,6 +31,7 @@ from rexnet.worker.commands import CommandPolicy
 from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.environment import parse_job_env
 from rexnet.worker.job import Limits
+from rexnet.worker.listener import WorkerService
 from rexnet.worker.load import cpu_count
 from rexnet.worker.metrics import Metrics
 from rexnet.worker.multi import SharedWorkerService
@@ -41,7 +42,7 @@ from rexnet.worker.sandbox import (
     missing_isolation,
     parse_job_users,
 )
-from rexnet.worker.service import Worker, WorkerService, WorkerSettings
+from rexnet.worker.service import Worker, WorkerSettings
 
 log = Logger()
 
@@ -70,6 +71,8 @@ class Options(VersionOption):
         ["name", "n", None, "Name of this worker (default: the host name)."],
         ["speed", "s", "1.0", "Speed weight: 2.0 means twice as fast as 1.0."],
         ["slots", None, None, "Concurrent jobs (default: the number of CPUs)."],
+        ["queue", None, None, "Jobs that may wait for a slot when every slot is busy "
+         "(default: 4 per slot; 0: a busy worker does not answer)."],
         ["chdir", None, None, "Working directory of the jobs (default: the worker's)."],
         ["job-timeout", None, "0", "End a job after this many SECONDS (0: no limit)."],
         ["job-memory", None, "0", "End a job whose processes use more than this many BYTES "
@@ -232,6 +235,12 @@ class Options(VersionOption):
                 raise ValueError
         except ValueError:
             raise usage.UsageError("--slots must be a whole number of at least 1") from None
+        try:
+            self["queue"] = None if self["queue"] is None else int(self["queue"])
+            if self["queue"] is not None and not 0 <= self["queue"] <= 1 << 20:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError("--queue must be a whole number of at least 0") from None
         self["name"] = self["name"] or socket.gethostname()
         try:
             self["join"] = joined(self["join"])  # no --join: $GROUP, if a multicast group
@@ -485,6 +494,7 @@ def worker_for(config: Options, top: MultiService, reactor: Any,
         job_files=config["job-files"],
         detached_output=config["detached-output"],
         keep_finished=config["keep-finished"],
+        queue=config["queue"],
     )
     worker = Worker(settings, reactor, socket=announce, metrics=metrics)
     if config["register"]:
