@@ -901,6 +901,7 @@ static int run(int sock, const char *path, struct buf *message, const int *fds, 
 int main(int argc, char **argv) {
     original_argv = argv;
     standard_descriptors();
+    signal(SIGPIPE, SIG_IGN); /* as Python does: a closed stderr is an error, not a death */
     const char *name = strrchr(argv[0], '/');
     name = name ? name + 1 : argv[0];
     cexec_mode = strncmp(name, "cexec", 5) == 0;
