@@ -7,11 +7,14 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint typecheck unit install clean tools fuzz soak bench
 
 # A regular (non-editable) install: setuptools' editable mode hides twisted/plugins from twistd.
+# Then rexnet.cli.entry replaces pip's `rexnet` and `cexec` console scripts with scripts for
+# `python -I -S` and, where a C compiler works, the native launcher (NATIVE=no: without it).
 $(STAMP): pyproject.toml setup.py $(shell find rexnet twisted -name '*.py') \
-          $(wildcard rexnet/crat/dashboard/static/*)
+          $(wildcard rexnet/crat/dashboard/static/* rexnet/cli/native/*.c)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '.[test]'
+	$(BIN)/python -P -m rexnet.cli.entry $(if $(filter no,$(NATIVE)),--no-native)
 	rm -rf build
 	touch $(STAMP)
 

@@ -6,7 +6,10 @@ Run as root from the repository (installs openssh-server with apt if it is missi
     .venv/bin/python benchmarks/agent_latency.py [N]
 
 Prints the median, min and max of N (default 30) runs of each, and ratios to the warm
-agent. Also the floors of a Python launcher: `python -I -S -c pass`, the venv's `python -c
+agent. The warm rows (the native launcher, the Python launcher `rexnet-py` for `python -I
+-S`, the Python launcher as pip's console script would start it, ssh ControlMaster and the
+interpreter's floor) are taken alternately, run by run, so that the load of the shared
+machine falls on all alike. Also the floors of a Python launcher: the venv's `python -c
 pass` (with site) and `python -P -c 'import rexnet.cli.launcher'` (-P: the installed package,
 not a source tree in the current directory), and `/bin/true` (what a native
 launcher would start in). Every command runs through
@@ -28,7 +31,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from cluster import REXNET, exec_argv, loopback_address, start_worker  # noqa: E402
+from cluster import LAUNCHERS, REXNET, exec_argv, loopback_address, start_worker  # noqa: E402
 from netbed import NetBed, require_netns  # noqa: E402
 from start_latency import ensure_sshd, start_sshd, timed  # noqa: E402
 
@@ -43,6 +46,27 @@ def table(title: str, rows: list[tuple[str, list[float]]]) -> None:
         median = statistics.median(times)
         print(f"| {name} | {median:.1f} | {min(times):.1f} | {max(times):.1f} | "
               f"{median / base:.2f} |")
+
+
+def alternate(n: int, commands: list[list[str]]) -> list[list[float]]:
+    """Run each of COMMANDS N times, round-robin; the samples of each."""
+    samples: list[list[float]] = [[] for _ in commands]
+    for _ in range(n):
+        for i, argv in enumerate(commands):
+            samples[i] += timed(argv, 1)
+    return samples
+
+
+def warm_launchers(client_key: Path, target: str, wrap: Callable[[list[str]], list[str]]
+                   ) -> list[tuple[str, list[str]]]:
+    """`rexnet exec true` through the agent with each launcher there is."""
+    argv = exec_argv(client_key, [target])  # the worker runs `true`
+    pip_style = [sys.executable, "-P", "-c", "import sys; from rexnet.cli.launcher import main; "
+                 "sys.exit(main())", *argv[1:]]  # what pip's console script runs: with site
+    found = [(f"rexnet exec → true, {name} launcher (warm)", wrap([path, *argv[1:]]))
+             for name, path in sorted(LAUNCHERS.items()) if os.path.exists(path)]
+    return [*found, ("rexnet exec → true, pip's console script (site, finalization; warm)",
+                     wrap(pip_style))]
 
 
 def floors(n: int, wrap: Callable[[list[str]], list[str]] = list
@@ -79,28 +103,39 @@ def main() -> None:
         for _ in range(max(n // 3, 5)):  # no agent runs: the launcher starts one
             subprocess.run(stop, capture_output=True)
             first += timed(agent, 1)
-        rows = [("rexnet exec → true, through the agent (warm)", timed(agent, n)),
-                ("rexnet exec → true, starting the agent (first run)", first),
-                ("rexnet exec --no-agent → true (cold)", timed(cold, max(n // 3, 5))),
-                ("ssh host true", timed(client.argv([*ssh, "true"]), n)),
-                ("ssh host true (curve25519)", timed(client.argv(
-                    [*ssh[:1], "-o", "KexAlgorithms=curve25519-sha256", *ssh[1:], "true"]), n))]
         control = str(work / "ssh" / "control")
         master = client.popen([*ssh[:1], "-M", "-S", control, "-N", *ssh[1:]])
         time.sleep(1.0)
-        rows.append(("ssh ControlMaster host true (warm)", timed(client.argv(
-            [*ssh[:1], "-S", control, *ssh[1:], "true"]), n)))
+        warm = [*warm_launchers(client_key, f"{worker.addr()}:3010", client.argv),
+                ("ssh ControlMaster host true (warm)",
+                 client.argv([*ssh[:1], "-S", control, *ssh[1:], "true"])),
+                ("python -I -S -c pass (interpreter floor)",
+                 client.argv([sys.executable, "-I", "-S", "-c", "pass"]))]
+        for _, argv in warm:
+            timed(argv, 2)
+        rows = [(name, times) for (name, _), times in
+                zip(warm, alternate(n, [argv for _, argv in warm]), strict=True)]
         master.terminate()
-        rows += floors(n, client.argv)
+        rows += [("rexnet exec → true, starting the agent (first run)", first),
+                 ("rexnet exec --no-agent → true (cold)", timed(cold, max(n // 3, 5))),
+                 ("ssh host true", timed(client.argv([*ssh, "true"]), n)),
+                 ("ssh host true (curve25519)", timed(client.argv(
+                     [*ssh[:1], "-o", "KexAlgorithms=curve25519-sha256", *ssh[1:], "true"]),
+                     n))]
+        rows += floors(n, client.argv)[1:]
         subprocess.run(stop, capture_output=True)
         # without `ip netns exec` in front: loopback in this namespace
         addr = f"{loopback_address()}:3010"
         local = start_worker(worker_key, ["true"], addr, "lo")
         try:
-            argv = exec_argv(client_key, [addr])
-            timed(argv, 3)
-            loopback = [("rexnet exec → true, through the agent (warm)", timed(argv, n)),
-                        *floors(n)]
+            here = [*warm_launchers(client_key, addr, list),
+                    ("python -I -S -c pass (interpreter floor)",
+                     [sys.executable, "-I", "-S", "-c", "pass"])]
+            for _, argv in here:
+                timed(argv, 3)
+            loopback = [(name, times) for (name, _), times in
+                        zip(here, alternate(n, [argv for _, argv in here]), strict=True)]
+            loopback += floors(n)[1:]
         finally:
             subprocess.run([REXNET, "agent", "--stop"], capture_output=True)
             local.stop()

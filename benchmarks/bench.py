@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cluster import REXNET, Proc, start_worker  # noqa: E402
+from cluster import LAUNCHERS, REXNET, Proc, start_worker  # noqa: E402
 from conftest import Keys, make_keys  # noqa: E402
 from gaps import Gaps, LinkGaps  # noqa: E402
 from gaps import available as gaps_available  # noqa: E402
@@ -282,10 +282,16 @@ def start_latency(b: Bed, n: int) -> list[Row]:
             warm = b.rex("true", agent=True)
             for _ in range(3):
                 run_ms(warm, b.agent_env)
-            rex_warm, ssh_warm = alternate(n, lambda: run_ms(warm, b.agent_env),
-                                           lambda: run_ms(warm_ssh))
+            python = [LAUNCHERS["python"] if a == REXNET else a for a in warm]
+            native = os.path.realpath(REXNET) == os.path.realpath(LAUNCHERS["native"])
+            rex_warm, ssh_warm, py_warm = alternate(
+                n, lambda: run_ms(warm, b.agent_env), lambda: run_ms(warm_ssh),
+                lambda: run_ms(python, b.agent_env))
             rows.append(Row("start", "warm start: `rexnet exec true` (agent)", "ms", rex_warm,
-                            "ssh ControlMaster", ssh_warm, goal="<= 1"))
+                            "ssh ControlMaster", ssh_warm, goal="<= 1",
+                            note="native launcher" if native else "Python launcher"))
+            rows.append(Row("start", "warm start: `rexnet-py exec true` (agent, Python "
+                            "launcher)", "ms", py_warm, "ssh ControlMaster", ssh_warm))
         else:
             ssh_warm = alternate(n, lambda: run_ms(warm_ssh))[0]
             rows.append(Row("start", "warm start: rexnet agent", "ms", [], "ssh ControlMaster",

@@ -17,6 +17,8 @@ from typing import Any
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 REXNET = str(BIN / "rexnet")
+LAUNCHERS = {"python": str(BIN / "rexnet-py"), "native": str(BIN / "rexnet-native")}
+"""The two launchers `make install` puts behind `rexnet` (rexnet.cli.entry)."""
 
 _next = itertools.count(1)
 
@@ -109,9 +111,10 @@ def start_worker(
     return proc
 
 
-def exec_argv(keyfile: Path | str, announce: Sequence[str], *options: str) -> list[str]:
+def exec_argv(keyfile: Path | str, announce: Sequence[str], *options: str,
+              rexnet: str = REXNET) -> list[str]:
     """rexnet exec with OPTIONS; whatever follows "--" in OPTIONS goes after KEYFILE."""
-    argv = [REXNET, "exec"]
+    argv = [rexnet, "exec"]
     for target in announce:
         argv += ["--announce", target]
     opts = list(options)
@@ -129,7 +132,8 @@ def run_exec(
     input: bytes = b"",
     timeout: float = 60.0,
     wrap: Callable[[list[str]], list[str]] = lambda argv: argv,
+    rexnet: str = REXNET,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `rexnet exec` to completion and return what it did."""
-    return subprocess.run(wrap(exec_argv(keyfile, announce, *options)), input=input,
+    return subprocess.run(wrap(exec_argv(keyfile, announce, *options, rexnet=rexnet)), input=input,
                           capture_output=True, timeout=timeout)

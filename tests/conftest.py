@@ -55,6 +55,23 @@ def bed() -> Iterator[object]:
     yield from netbed_fixture()
 
 
+@pytest.fixture(params=["python", "native"])
+def launcher(request: pytest.FixtureRequest) -> str:
+    """Each launcher behind `rexnet` (rexnet.cli.entry): the Python script (python -I -S)
+    and the native one, which is built only where a C compiler works (else skipped; under
+    CI=true it fails when a compiler is there)."""
+    import shutil
+
+    from cluster import LAUNCHERS
+
+    path = LAUNCHERS[request.param]
+    if not os.path.exists(path):
+        if request.param == "native" and not (os.environ.get("CI") and shutil.which("cc")):
+            pytest.skip("no native launcher: no C compiler when rexnet was installed")
+        pytest.fail(f"{path} is missing: run make install")
+    return path
+
+
 @pytest.fixture(autouse=True)
 def agent_sockets(tmp_path_factory: pytest.TempPathFactory,
                   monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:

@@ -9,13 +9,14 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import REXNET, Proc, exec_argv, loopback_address, run_exec, start_worker
+from cluster import LAUNCHERS, REXNET, Proc, exec_argv, loopback_address, run_exec, start_worker
 from conftest import Keys, stop_agents
 from netbed import NetBed
 
@@ -35,6 +36,9 @@ def worker(keys: Keys) -> Iterator[tuple[Proc, str]]:
 def sh(keys: Keys, addr: str, script: str, *options: str, **kw: object
        ) -> subprocess.CompletedProcess[bytes]:
     return run_exec(keys.client, [addr], *options, "--", script, **kw)  # type: ignore[arg-type]
+
+
+# The core cases run with each launcher (`launcher`: rexnet-py, then rexnet-native).
 
 
 def agent_pid(runtime: Path) -> int:
@@ -58,9 +62,9 @@ def wait_gone(pid: int, timeout: float = 8.0) -> bool:
 
 
 def test_exec_starts_an_agent_and_the_next_exec_reuses_it_and_its_channel(
-        keys: Keys, worker: tuple[Proc, str], agent_sockets: Path) -> None:
+        keys: Keys, worker: tuple[Proc, str], agent_sockets: Path, launcher: str) -> None:
     proc, addr = worker
-    first = sh(keys, addr, "echo one", "-v")
+    first = sh(keys, addr, "echo one", "-v", rexnet=launcher)
     assert first.returncode == 0 and first.stdout == b"one\n", first.stderr
     assert b"first of 1 to connect back" in first.stderr
     pid = agent_pid(agent_sockets)
@@ -68,7 +72,7 @@ def test_exec_starts_an_agent_and_the_next_exec_reuses_it_and_its_channel(
     assert path.parent == agent_sockets / "rexnet"
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    second = sh(keys, addr, "echo two", "-v")
+    second = sh(keys, addr, "echo two", "-v", rexnet=launcher)
     assert second.returncode == 0 and second.stdout == b"two\n", second.stderr
     assert b"reused warm channel" in second.stderr
     assert agent_pid(agent_sockets) == pid and alive(pid)
@@ -83,7 +87,7 @@ def test_exec_starts_an_agent_and_the_next_exec_reuses_it_and_its_channel(
 
 
 def test_a_stale_socket_is_replaced(keys: Keys, worker: tuple[Proc, str],
-                                    agent_sockets: Path) -> None:
+                                    agent_sockets: Path, launcher: str) -> None:
     path = paths.socket_path()
     paths.safe_directory(path)
     dead = socket.socket(socket.AF_UNIX)
@@ -91,17 +95,17 @@ def test_a_stale_socket_is_replaced(keys: Keys, worker: tuple[Proc, str],
     dead.close()  # the file stays; connecting to it is refused, as after an agent's crash
     with pytest.raises(ConnectionRefusedError):
         socket.socket(socket.AF_UNIX).connect(path)
-    done = sh(keys, worker[1], "echo fine")
+    done = sh(keys, worker[1], "echo fine", rexnet=launcher)
     assert done.returncode == 0 and done.stdout == b"fine\n", done.stderr
     assert alive(agent_pid(agent_sockets))
 
 
 def test_a_directory_of_another_user_is_refused(keys: Keys, worker: tuple[Proc, str],
-                                                agent_sockets: Path) -> None:
+                                                agent_sockets: Path, launcher: str) -> None:
     directory = agent_sockets / "rexnet"
     directory.mkdir()
     os.chown(directory, 65534, 65534)
-    done = sh(keys, worker[1], "echo fine")
+    done = sh(keys, worker[1], "echo fine", rexnet=launcher)
     assert b"is not a directory of this user" in done.stderr
     assert b"running without one" in done.stderr  # the job still runs, standalone
     assert done.returncode == 0 and done.stdout == b"fine\n"
@@ -121,7 +125,7 @@ def test_without_the_agent(keys: Keys, worker: tuple[Proc, str], agent_sockets: 
 
 
 def test_errors_read_the_same_with_and_without_the_agent(
-        keys: Keys, worker: tuple[Proc, str], tmp_path: Path) -> None:
+        keys: Keys, worker: tuple[Proc, str], tmp_path: Path, launcher: str) -> None:
     unsafe = tmp_path / "unsafe.client"
     unsafe.write_bytes(keys.client.read_bytes())
     unsafe.chmod(0o644)
@@ -132,71 +136,92 @@ def test_errors_read_the_same_with_and_without_the_agent(
         ([str(tmp_path / "missing.client")], "--"),
     ]
     for argv, _ in cases:
-        through = subprocess.run([REXNET, "exec", *argv, "--", "true"], capture_output=True,
+        through = subprocess.run([launcher, "exec", *argv, "--", "true"], capture_output=True,
                                  timeout=60)
-        alone = subprocess.run([REXNET, "exec", "--no-agent", *argv, "--", "true"],
+        alone = subprocess.run([launcher, "exec", "--no-agent", *argv, "--", "true"],
                                capture_output=True, timeout=60)
         assert through.returncode == alone.returncode != 0, (argv, through, alone)
         assert through.stderr == alone.stderr, argv
 
 
-def test_a_killed_launcher_ends_its_job(keys: Keys, worker: tuple[Proc, str]) -> None:
+def test_a_killed_launcher_ends_its_job(keys: Keys, worker: tuple[Proc, str],
+                                       launcher: str) -> None:
     proc, addr = worker
-    launcher = subprocess.Popen(exec_argv(keys.client, [addr], "--", "sleep 60 & echo $!; wait"),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert launcher.stdout is not None
-    grandchild = int(launcher.stdout.readline())
-    launcher.kill()
-    launcher.wait()
+    job = subprocess.Popen(exec_argv(keys.client, [addr], "--", "sleep 60 & echo $!; wait",
+                                     rexnet=launcher),
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert job.stdout is not None
+    grandchild = int(job.stdout.readline())
+    job.kill()
+    job.wait()
     proc.wait_for(r"client of job \w+ went away")
     assert wait_gone(grandchild), "the job's processes outlived their launcher"
 
 
 def test_a_killed_agent_gives_255_and_ends_the_job(keys: Keys, worker: tuple[Proc, str],
-                                                   agent_sockets: Path) -> None:
+                                                   agent_sockets: Path, launcher: str) -> None:
     addr = worker[1]
-    launcher = subprocess.Popen(exec_argv(keys.client, [addr], "--", "sleep 60 & echo $!; wait"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert launcher.stdout is not None and launcher.stderr is not None
-    grandchild = int(launcher.stdout.readline())
+    assert sh(keys, addr, "true").returncode == 0  # an agent runs: the native launcher's case
+    job = subprocess.Popen(exec_argv(keys.client, [addr], "--", "sleep 60 & echo $!; wait",
+                                     rexnet=launcher),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert job.stdout is not None and job.stderr is not None
+    grandchild = int(job.stdout.readline())
     os.kill(agent_pid(agent_sockets), signal.SIGKILL)
-    assert launcher.wait(10) == exitcodes.WORKER_LOST
-    assert b"lost the agent before the job finished" in launcher.stderr.read()
+    assert job.wait(10) == exitcodes.WORKER_LOST
+    assert b"lost the agent before the job finished" in job.stderr.read()
     assert wait_gone(grandchild), "the job's processes outlived the agent"
 
 
-def test_signals_and_statuses_go_through_the_agent(keys: Keys, worker: tuple[Proc, str]
-                                                   ) -> None:
-    launcher = subprocess.Popen(
+def test_signals_and_statuses_go_through_the_agent(keys: Keys, worker: tuple[Proc, str],
+                                                   launcher: str) -> None:
+    assert sh(keys, worker[1], "true").returncode == 0  # an agent runs: the native launcher's case
+    job = subprocess.Popen(
         exec_argv(keys.client, [worker[1]], "--",
-                  "trap 'echo got USR1; exit 42' USR1; echo ready; while :; do sleep 0.1; done"),
+                  "trap 'echo got USR1; exit 42' USR1; echo ready; while :; do sleep 0.1; done",
+                  rexnet=launcher),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert launcher.stdout is not None
-    assert launcher.stdout.readline() == b"ready\n"
-    launcher.send_signal(signal.SIGUSR1)
-    assert launcher.wait(10) == 42
-    assert launcher.stdout.read() == b"got USR1\n"
-    assert sh(keys, worker[1], "kill -TERM $$").returncode == 128 + signal.SIGTERM
+    assert job.stdout is not None
+    assert job.stdout.readline() == b"ready\n"
+    job.send_signal(signal.SIGUSR1)
+    assert job.wait(10) == 42
+    assert job.stdout.read() == b"got USR1\n"
+    assert sh(keys, worker[1], "kill -TERM $$", rexnet=launcher).returncode == 128 + signal.SIGTERM
 
 
 def test_descriptors_beyond_stdio_go_through_the_agent(keys: Keys, worker: tuple[Proc, str],
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path, launcher: str) -> None:
+    assert sh(keys, worker[1], "true").returncode == 0  # an agent runs: the native launcher's case
     out = tmp_path / "extra"
     with open(out, "wb") as f:
         fd = f.fileno()
         done = subprocess.run(exec_argv(keys.client, [worker[1]], "--fd", str(fd), "--",
-                                        f"echo extra > /dev/fd/{fd}; echo one"),
+                                        f"echo extra > /dev/fd/{fd}; echo one", rexnet=launcher),
                               capture_output=True, pass_fds=(fd,), timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"one\n" and out.read_bytes() == b"extra\n"
 
 
-def test_the_pipe_of_a_job_ends_when_the_launcher_exits(keys: Keys, worker: tuple[Proc, str]
-                                                        ) -> None:
+def test_the_pipe_of_a_job_ends_when_the_launcher_exits(keys: Keys, worker: tuple[Proc, str],
+                                                        launcher: str) -> None:
     # `rexnet exec ... | cat` must not hang: the agent lets go of the launcher's stdout
-    argv = " ".join(exec_argv(keys.client, [worker[1]], "--", "'echo piped'"))
+    assert sh(keys, worker[1], "true").returncode == 0  # an agent runs: the native launcher's case
+    argv = " ".join(exec_argv(keys.client, [worker[1]], "--", "'echo piped'", rexnet=launcher))
     done = subprocess.run(["sh", "-c", f"{argv} | cat"], capture_output=True, timeout=30)
     assert done.stdout == b"piped\n"
+
+
+NOBODY_CONNECTS = """
+import os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+try:
+    sock.sendall(b"\\0\\0\\0\\2{}")
+    print("answered" if sock.recv(100) else "closed")
+except OSError:
+    print("closed")
+"""
 
 
 def test_the_agent_refuses_another_uid(keys: Keys, worker: tuple[Proc, str]) -> None:
@@ -207,17 +232,25 @@ def test_the_agent_refuses_another_uid(keys: Keys, worker: tuple[Proc, str]) -> 
         agent.wait_for(r"serves")
         directory.chmod(0o711)  # a mistake that lets others reach the socket...
         path.chmod(0o666)
-        nobody = subprocess.run(
+        # ...but the agent checks the peer's uid (SO_PEERCRED) and refuses it
+        nobody = subprocess.run([sys.executable, "-c", NOBODY_CONNECTS, str(path)],
+                                capture_output=True, timeout=30)
+        agent.wait_for(r"complaint: refused a connection from pid \d+ of uid 65534")
+        assert nobody.stdout == b"closed\n", nobody
+        # and a launcher of uid 65534 does not use a socket in root's directory at all (the
+        # Python one: uid 65534 cannot reach this interpreter under /root, but setpriv can
+        # start it; the native launcher would have to start it again)
+        launcher = subprocess.run(
             ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-             REXNET, "exec", "--announce", worker[1], str(keys.client), "--", "echo no"],
+             LAUNCHERS["python"], "exec", "--announce", worker[1], str(keys.client), "--",
+             "echo no"],
             capture_output=True, timeout=30,
             env={**os.environ, "REXNET_AGENT_SOCKET": str(path)})
-        # ...but the agent checks the peer's uid (SO_PEERCRED) and refuses it
-        agent.wait_for(r"complaint: refused a connection from pid \d+ of uid 65534")
-        assert nobody.returncode == exitcodes.WORKER_LOST
-        assert (b"lost the agent" in nobody.stderr or b"cannot reach the agent" in
-                nobody.stderr), nobody.stderr
-        assert nobody.stdout == b""
+        refusal = (f"will not use the agent at {path}: {directory} is not a directory of this "
+                   "user (uid 65534")
+        assert refusal.encode() in launcher.stderr, launcher.stderr
+        assert launcher.stdout == b"" and launcher.returncode != 0  # it cannot read the key
+        assert agent.output.count("complaint: refused a connection") == 1
     finally:
         agent.stop()
         stop_agents(directory)
@@ -285,13 +318,17 @@ def test_a_warm_worker_that_became_loaded_is_passed_over(bed: NetBed, keys: Keys
 
 def test_the_launcher_imports_nothing_heavy(keys: Keys, worker: tuple[Proc, str]) -> None:
     assert sh(keys, worker[1], "true").returncode == 0  # the agent runs
-    done = subprocess.run(exec_argv(keys.client, [worker[1]], "--", "true"),
-                          capture_output=True, timeout=60,
-                          env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    script = Path(LAUNCHERS["python"])
+    shebang = script.read_text().splitlines()[0]
+    assert shebang.endswith(" -IS"), shebang  # no site processing
+    argv = exec_argv(keys.client, [worker[1]], "--", "true", rexnet=str(script))
+    # -I ignores PYTHONPROFILEIMPORTTIME: the interpreter is started as the script would be
+    done = subprocess.run([shebang[2:].split()[0], "-X", "importtime", "-I", "-S", *argv],
+                          capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
     imported = {line.split("|")[-1].strip() for line in done.stderr.decode().splitlines()
                 if line.startswith("import time:")}
     assert "rexnet.cli.launcher" in imported and "_socket" in imported
     heavy = {"twisted", "cryptography", "OpenSSL", "json", "re", "enum", "socket", "signal",
-             "typing", "collections", "rexnet.cli.main", "argparse"}
+             "typing", "collections", "rexnet.cli.main", "argparse", "site"}
     assert not imported & heavy, imported & heavy

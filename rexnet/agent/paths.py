@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 import stat
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 def netns_id() -> int:
     """This process's network namespace (the inode of /proc/self/ns/net; 0 if unknown)."""
@@ -27,7 +31,25 @@ def socket_path() -> str:
 
 
 class UnsafeDirectory(Exception):
-    """The socket's directory belongs to someone else or others may write to it."""
+    """The socket's directory belongs to someone else or others may reach into it."""
+
+
+def directory_problem(path: str) -> str | None:
+    """Why the directory of the socket PATH must not be trusted (lstat: it must be a real
+    directory, not a symbolic link, owned by this uid, mode 0700 or stricter), or None if
+    it may. A missing directory raises FileNotFoundError (nothing listens there yet)."""
+    directory = os.path.dirname(path) or "."
+    info = os.lstat(directory)  # not stat: a symbolic link is refused, not followed
+    uid = os.getuid()
+    if stat.S_ISLNK(info.st_mode):
+        return f"{directory} is a symbolic link; remove it or set REXNET_AGENT_SOCKET"
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+        return (f"{directory} is not a directory of this user (uid {uid}; it belongs to uid "
+                f"{info.st_uid}); remove it or set REXNET_AGENT_SOCKET")
+    if info.st_mode & 0o077:
+        return (f"{directory} has mode {stat.S_IMODE(info.st_mode):04o}, not 0700: others "
+                "may reach its socket; chmod 700 it")
+    return None
 
 
 def safe_directory(path: str) -> None:
@@ -35,14 +57,21 @@ def safe_directory(path: str) -> None:
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.lstat(directory)
+        problem = directory_problem(path)
     except OSError as e:
         raise UnsafeDirectory(f"cannot make {directory}: {e.strerror}") from None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise UnsafeDirectory(f"{directory} is not a directory of this user (uid "
-                              f"{os.getuid()}); remove it or set REXNET_AGENT_SOCKET")
-    if info.st_mode & 0o022:
-        raise UnsafeDirectory(f"{directory} is writable by others; chmod 700 it")
+    if problem:
+        raise UnsafeDirectory(problem)
+
+
+def peer_uid(sock: Any) -> int:
+    """The uid of the process at the other end of the connected Unix socket SOCK (its
+    SO_PEERCRED: for a listening agent, whoever called listen())."""
+    import _socket
+    import struct
+
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", raw)[1])
 
 
 def log_path(socket_path: str) -> str:

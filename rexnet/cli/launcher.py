@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import _socket
     from collections.abc import Callable, Sequence
     from types import ModuleType
+    from typing import NoReturn
 
     from rexnet.protocol.request import ExecRequest
 
@@ -37,6 +38,7 @@ START_WAIT = 5.0
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`rexnet ...`: exec through the agent; anything else by rexnet.cli.main."""
+    standard_descriptors()
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["exec"]:
         return launch(args[1:], lambda: _cli().main(args))
@@ -45,8 +47,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cexec_main(argv: Sequence[str] | None = None) -> int:
     """`cexec KEYFILE [ARG...]`: the same as `rexnet exec`."""
+    standard_descriptors()
     args = list(sys.argv[1:] if argv is None else argv)
     return launch(args, lambda: _cli().cexec_main(args))
+
+
+def run(command: str = "rexnet") -> NoReturn:
+    """The body of the fast entry scripts (rexnet.cli.entry writes them for `python -I -S`):
+    run COMMAND ("rexnet" or "cexec"); after a job through the agent, leave with os._exit
+    once stdout and stderr are flushed (interpreter finalization costs milliseconds), after
+    the full command line as usual (it may count on atexit)."""
+    status = cexec_main() if command == "cexec" else main()
+    if "rexnet.cli.main" in sys.modules:
+        sys.exit(status)
+    for stream in (sys.stdout, sys.stderr):
+        try:  # noqa: SIM105
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(status)
+
+
+def standard_descriptors() -> None:
+    """Open /dev/null on any of descriptors 0, 1 and 2 that is closed, as ssh does: else the
+    agent's socket or a job's file would take its number, and the job would read or write
+    it. sys.stdin, sys.stdout and sys.stderr (None then) are made again on them."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False,  # noqa: SIM115
+                                    errors="backslashreplace" if fd == 2 else None))
 
 
 def _cli() -> ModuleType:
@@ -138,7 +176,11 @@ def launch(tokens: Sequence[str], full: Callable[[], int]) -> int:
 
     path = paths.socket_path()
     numbers = [fd for fd, _ in request.fds]
-    sock = connect(path) or start_agent(path, numbers)
+    try:
+        sock = connect(path) or start_agent(path, numbers)
+    except Untrusted as e:  # nothing was sent: run here, never through that socket
+        write(f"rexnet: will not use the agent at {path}: {e}; running without one\n")
+        return full()
     if sock is None:
         print(f"rexnet: no agent could start (see above, or {paths.log_path(path)}); running "
               "without one", file=sys.stderr)
@@ -148,7 +190,11 @@ def launch(tokens: Sequence[str], full: Callable[[], int]) -> int:
         return Launcher(sock, path, request, netns).run()
     except Unsent:  # the agent went away before it had the request: nothing ran; once more
         sock.close()
-        sock = connect(path) or start_agent(path, numbers)
+        try:
+            sock = connect(path) or start_agent(path, numbers)
+        except Untrusted as e:
+            write(f"rexnet: will not use the agent at {path}: {e}; running without one\n")
+            return full()
         if sock is None:
             print(f"rexnet: no agent could start (see above, or {paths.log_path(path)}); running "
                   "without one", file=sys.stderr)
@@ -160,15 +206,37 @@ class Unsent(Exception):
     """The request could not be sent to the agent (it stopped meanwhile)."""
 
 
+class Untrusted(Exception):
+    """The agent's socket is in a directory others control, or someone else listens there."""
+
+
 def connect(path: str) -> _socket.socket | None:
+    """A connection to the agent at PATH, or None if none listens there. Before anything is
+    sent: Untrusted unless the socket's directory is this user's own, private, real
+    directory and the listening process runs as this user (SO_PEERCRED)."""
     import _socket
 
+    from rexnet.agent import paths
+
+    try:
+        problem = paths.directory_problem(path)
+    except FileNotFoundError:
+        return None  # no agent yet: one that starts makes the directory
+    except OSError as e:
+        raise Untrusted(f"cannot check {os.path.dirname(path)}: {e.strerror}") from None
+    if problem:
+        raise Untrusted(problem)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
+        uid = paths.peer_uid(sock)
     except OSError:
         sock.close()
         return None
+    if uid != os.getuid():
+        sock.close()
+        raise Untrusted(f"the process listening there runs as uid {uid}, not as this user "
+                        f"(uid {os.getuid()})")
     return sock
 
 

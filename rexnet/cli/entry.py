@@ -1,0 +1,135 @@
+"""Install the fast `rexnet` and `cexec` commands: `python -P -m rexnet.cli.entry [BINDIR]`.
+
+pip writes `rexnet` and `cexec` as console scripts that start the interpreter with site
+processing (`#!python` loses any flag). This step, which `make install` runs after pip,
+replaces them:
+
+- `rexnet-py` and `cexec-py`: scripts for `python -I -S` that set sys.path themselves (to
+  what site gave this interpreter) and run rexnet.cli.launcher.run;
+- where a C compiler works, `rexnet-native` (rexnet/cli/native/launcher.c): it runs an
+  ordinary `rexnet exec` through the agent itself, with the same checks, and hands
+  everything else to `rexnet-py` / `cexec-py`;
+- `rexnet` and `cexec`: the native launcher if it was built, else the Python scripts.
+
+BINDIR defaults to the interpreter's scripts directory (where pip put the console scripts).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Sequence
+
+NATIVE_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native",
+                             "launcher.c")
+
+
+def search_path() -> list[str]:
+    """The directories site added to sys.path (those `python -I -S` lacks), in order."""
+    base = subprocess.run([sys.executable, "-I", "-S", "-c",
+                           "import sys; print('\\0'.join(sys.path))"],
+                          capture_output=True, text=True, check=True).stdout.rstrip("\n")
+    bare = set(base.split("\0"))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    found = [p for p in sys.path if p and p not in bare and os.path.isdir(p)
+             and os.path.abspath(p) != os.getcwd()]
+    return found if here in found else [here, *found]
+
+
+def script(python: str, path: Sequence[str], command: str) -> str:
+    """The text of the fast entry script of COMMAND ("rexnet" or "cexec")."""
+    return (f"#!{python} -IS\n"
+            f"# rexnet's {command} launcher, written by `python -m rexnet.cli.entry`: -I -S\n"
+            "# skips site processing; sys.path is what site gave at install time.\n"
+            "import sys\n"
+            f"sys.path.extend({list(path)!r})\n"
+            "from rexnet.cli.launcher import run\n"
+            f"run({command!r})\n")
+
+
+def c_string(text: str) -> str:
+    """TEXT as a C string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def build_native(target: str, fallbacks: dict[str, str], cc: str | None = None) -> str:
+    """Compile the native launcher into TARGET, handing what it does not do to the
+    FALLBACKS ("rexnet", "cexec": the Python scripts); "" on success, else why not."""
+    compiler = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return "no C compiler (cc, gcc or $CC)"
+    directory = os.path.dirname(target) or "."
+    fd, temporary = tempfile.mkstemp(prefix=".rexnet-native-", dir=directory)
+    os.close(fd)
+    argv = [compiler, "-O2", "-Wall", "-Wextra", "-std=c99",
+            f"-DREXNET_PY={c_string(fallbacks['rexnet'])}",
+            f"-DCEXEC_PY={c_string(fallbacks['cexec'])}",
+            "-o", temporary, NATIVE_SOURCE]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as e:
+        done = subprocess.CompletedProcess(argv, 1, "", str(e))
+    if done.returncode != 0:
+        os.unlink(temporary)
+        return f"{compiler} failed: {done.stderr.strip()[:2000]}"
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, target)
+    return ""
+
+
+def write(path: str, text: str) -> None:
+    """Write TEXT to PATH (mode 0755) in one step, replacing what was there."""
+    fd, temporary = tempfile.mkstemp(prefix=".rexnet-entry-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, path)
+
+
+def link(name: str, target: str) -> None:
+    """Make NAME a symbolic link to TARGET (in the same directory), replacing NAME."""
+    temporary = f"{name}.rexnet-link"
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
+    os.symlink(os.path.basename(target), temporary)
+    os.replace(temporary, name)
+
+
+def install(bindir: str, native: bool = True) -> list[str]:
+    """Write the entry points into BINDIR; lines saying what was done."""
+    path = search_path()
+    done, python = [], {}
+    for command in ("rexnet", "cexec"):
+        python[command] = os.path.join(bindir, f"{command}-py")
+        write(python[command], script(sys.executable, path, command))
+        done.append(f"wrote {python[command]} (python -I -S)")
+    why = build_native(os.path.join(bindir, "rexnet-native"), python) if native else (
+        "not asked for (--no-native)")
+    for command in ("rexnet", "cexec"):
+        target = os.path.join(bindir, "rexnet-native" if not why else f"{command}-py")
+        link(os.path.join(bindir, command), target)
+        done.append(f"{command} -> {os.path.basename(target)}")
+    if why:
+        done.append(f"no native launcher: {why}")
+    return done
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    native = "--no-native" not in args
+    rest = [a for a in args if a != "--no-native"]
+    if len(rest) > 1 or any(a.startswith("-") for a in rest):
+        print("usage: python -P -m rexnet.cli.entry [--no-native] [BINDIR]", file=sys.stderr)
+        return 2
+    bindir = rest[0] if rest else sysconfig.get_path("scripts")
+    for line in install(os.path.abspath(bindir), native):
+        print(f"rexnet.cli.entry: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
