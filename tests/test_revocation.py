@@ -354,3 +354,25 @@ def test_bad_revoked_option_is_a_one_line_error(app: Path) -> None:
     done = rexnet("exec", "--revoked", app / "missing", app / "revo.client")
     assert done.returncode == exitcodes.CREDENTIAL
     assert done.stderr.startswith("rexnet: revocation list: cannot read")
+
+
+def test_rexnet_status_leaves_out_a_revoked_worker(app: Path) -> None:
+    """A revoked worker's status replies are refused by the client (issue P10, point 14):
+    the table and --json list only the workers still trusted."""
+    ca = app / "revo.ca"
+    assert rexnet("keygen", "--issue", "worker", "--name", "w2", ca).returncode == 0
+    addr = loopback_address()
+    good = start_worker(app / "revo.worker", ["true"], f"{addr}:3010", "good")
+    other = loopback_address()
+    bad = start_worker(app / "revo.w2.worker", ["true"], f"{other}:3010", "revoked")
+    try:
+        assert rexnet("keygen", "--revoke", "w2", ca).returncode == 0
+        done = rexnet("status", "--json", "--announce", f"{addr}:3010", "--announce",
+                      f"{other}:3010", app / "revo.client")
+        assert done.returncode == 0, done.stderr
+        import json
+
+        assert [w["worker"] for w in json.loads(done.stdout)] == ["good"]
+    finally:
+        good.stop()
+        bad.stop()

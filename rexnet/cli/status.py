@@ -29,9 +29,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     except ValueError as e:
         fail(f"--mem: {e}", exitcodes.USAGE)
     from rexnet.security.credentials import CredentialError, load_credential
+    from rexnet.security.revocation import open_list
 
     try:
         credential = load_credential(Path(args.keyfile), "client")
+        revoked = open_list(None, Path(args.keyfile), credential.app)
     except CredentialError as e:
         fail(str(e), exitcodes.CREDENTIAL)
 
@@ -44,7 +46,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     outcome = {"answered": False}
 
     async def rounds() -> None:
-        query = StatusQuery(reactor, credential, targets)
+        query = StatusQuery(reactor, credential, targets, revoked=revoked)
         while True:
             fresh = await query.run(args.wait)
             seen = merge(known, fresh) if args.watch is not None else fresh

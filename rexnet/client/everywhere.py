@@ -74,7 +74,8 @@ class Outcome:
 
 async def discover(reactor: Any, cluster: Cluster, wait: float) -> list[str]:
     """The names of the workers that answer a status query within WAIT seconds."""
-    seen = await StatusQuery(reactor, cluster.credential, cluster.targets).run(wait)
+    seen = await StatusQuery(reactor, cluster.credential, cluster.targets,
+                             revoked=cluster.revoked).run(wait)
     return sorted({s.reply.worker for s in seen})
 
 

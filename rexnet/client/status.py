@@ -18,6 +18,7 @@ from rexnet.net.announce import AnnounceChecker, DatagramReceiver, Rejected, now
 from rexnet.protocol import wire
 from rexnet.protocol.text import printable
 from rexnet.security.credentials import Credential
+from rexnet.security.tls import Revocations
 
 RESEND_AFTER = 0.3
 
@@ -36,11 +37,13 @@ class StatusQuery:
     """One round of status: send the signed query, collect checked replies for WINDOW s."""
 
     def __init__(self, reactor: Any, credential: Credential,
-                 targets: Sequence[tuple[str, int]], now: Callable[[], int] = now_ms) -> None:
+                 targets: Sequence[tuple[str, int]], now: Callable[[], int] = now_ms,
+                 revoked: Revocations | None = None) -> None:
+        """REVOKED: workers whose replies are refused (their certificates are revoked)."""
         self.reactor = reactor
         self.credential = credential
         self.targets = list(targets)
-        self.checker = AnnounceChecker(credential, now)
+        self.checker = AnnounceChecker(credential, now, revoked)
         self.now = now
         self.complaints: list[str] = []
 
