@@ -58,7 +58,7 @@ clean:
 FUZZ_RUNS ?= 200000
 fuzz: $(STAMP)
 	cd tests/fuzz && for t in announcement crat credential datagram frames revocation \
-	  trust_file worker_datagram; do \
+	  trust_file worker_datagram job_frames agent_messages; do \
 	  ../../$(BIN)/python atheris_run.py $$t -runs=$(FUZZ_RUNS) -max_len=5000 || exit 1; done
 
 # The full soak (1,000 jobs, 4 clients, 4 workers; CI runs 200) and a 30 s flood.
