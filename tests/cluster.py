@@ -137,3 +137,22 @@ def run_exec(
     """Run `rexnet exec` to completion and return what it did."""
     return subprocess.run(wrap(exec_argv(keyfile, announce, *options, rexnet=rexnet)), input=input,
                           capture_output=True, timeout=timeout)
+
+
+def sleep_marker() -> str:
+    """A sleep duration no other process has: a job's `sleep MARKER` is found on the host
+    by its command line (the job's own $! is a pid of its sandbox's PID namespace)."""
+    return f"60.{os.getpid()}{time.monotonic_ns() % 100000}"
+
+
+def host_pid(cmdline: str, timeout: float = 10.0) -> int:
+    """The host pid of the process whose command line is CMDLINE (waits for it)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in psutil.process_iter(["cmdline"]):
+            if " ".join(p.info["cmdline"] or ()) == cmdline:
+                return p.pid
+        time.sleep(0.05)
+    raise AssertionError(f"no process {cmdline!r}")

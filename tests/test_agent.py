@@ -16,7 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import LAUNCHERS, REXNET, Proc, exec_argv, loopback_address, run_exec, start_worker
+from cluster import (
+    LAUNCHERS,
+    REXNET,
+    Proc,
+    exec_argv,
+    host_pid,
+    loopback_address,
+    run_exec,
+    sleep_marker,
+    start_worker,
+)
 from conftest import Keys, stop_agents
 from netbed import NetBed
 
@@ -147,11 +157,13 @@ def test_errors_read_the_same_with_and_without_the_agent(
 def test_a_killed_launcher_ends_its_job(keys: Keys, worker: tuple[Proc, str],
                                        launcher: str) -> None:
     proc, addr = worker
-    job = subprocess.Popen(exec_argv(keys.client, [addr], "--", "sleep 60 & echo $!; wait",
+    marker = sleep_marker()
+    job = subprocess.Popen(exec_argv(keys.client, [addr], "--", f"sleep {marker} & echo $!; wait",
                                      rexnet=launcher),
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert job.stdout is not None
-    grandchild = int(job.stdout.readline())
+    job.stdout.readline()
+    grandchild = host_pid(f"sleep {marker}")
     job.kill()
     job.wait()
     proc.wait_for(r"client of job \w+ went away")
@@ -162,11 +174,13 @@ def test_a_killed_agent_gives_255_and_ends_the_job(keys: Keys, worker: tuple[Pro
                                                    agent_sockets: Path, launcher: str) -> None:
     addr = worker[1]
     assert sh(keys, addr, "true").returncode == 0  # an agent runs: the native launcher's case
-    job = subprocess.Popen(exec_argv(keys.client, [addr], "--", "sleep 60 & echo $!; wait",
+    marker = sleep_marker()
+    job = subprocess.Popen(exec_argv(keys.client, [addr], "--", f"sleep {marker} & echo $!; wait",
                                      rexnet=launcher),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert job.stdout is not None and job.stderr is not None
-    grandchild = int(job.stdout.readline())
+    job.stdout.readline()
+    grandchild = host_pid(f"sleep {marker}")
     os.kill(agent_pid(agent_sockets), signal.SIGKILL)
     assert job.wait(10) == exitcodes.WORKER_LOST
     assert b"lost the agent before the job finished" in job.stderr.read()

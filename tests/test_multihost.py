@@ -8,7 +8,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cluster import Proc, exec_argv, run_exec, start_worker
+from cluster import Proc, exec_argv, host_pid, run_exec, sleep_marker, start_worker
 from conftest import Keys
 from netbed import Host, NetBed
 
@@ -112,11 +112,13 @@ def test_worker_killed_mid_job_gives_worker_lost(bed: NetBed, keys: Keys) -> Non
 def test_client_killed_mid_job_ends_the_job(bed: NetBed, keys: Keys) -> None:
     client, host = lan(bed, "client", "w1")
     worker = worker_on(host, keys)
+    marker = sleep_marker()  # the job's $! is a pid of its sandbox's namespace
     running = client.popen(
-        exec_argv(keys.client, [BROADCAST], "--", "sleep 60 & echo $!; wait"),
+        exec_argv(keys.client, [BROADCAST], "--", f"sleep {marker} & echo $!; wait"),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert running.stdout is not None
-    grandchild = int(running.stdout.readline())
+    running.stdout.readline()
+    grandchild = host_pid(f"sleep {marker}")
     running.kill()
     running.wait()
     worker.wait_for(r"client of job \w+ went away")

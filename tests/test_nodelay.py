@@ -79,7 +79,9 @@ def read_exactly(fd: int, n: int, timeout: float = 30.0) -> bytes:
 @pytest.fixture
 def cat_worker(keys: Keys) -> Iterator[tuple[Proc, str]]:
     addr = f"{loopback_address()}:3010"
-    proc = start_worker(keys.worker, ["cat"], addr, "catter")
+    # without the sandbox: the test reads the job's pipes as the worker's child (a
+    # sandboxed job is the sandbox helper's)
+    proc = start_worker(keys.worker, ["cat"], addr, "catter", "--no-sandbox")
     yield proc, addr
     proc.stop()
 

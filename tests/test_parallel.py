@@ -258,8 +258,10 @@ def test_a_job_whose_worker_dies_before_any_output_runs_again(bed: NetBed,
 def test_a_job_that_wrote_output_is_not_run_again(bed: NetBed, keys: Keys,
                                                   tmp_path: Path) -> None:
     client, w1, w2 = lan(bed, "client", "w1", "w2")
-    workers = {"w1": worker_on(w1, keys, "--slots", "1"),
-               "w2": worker_on(w2, keys, "--slots", "1")}
+    # without the sandbox: the job writes the marker into the test's /tmp (a sandboxed job
+    # has a /tmp of its own)
+    workers = {"w1": worker_on(w1, keys, "--slots", "1", "--no-sandbox"),
+               "w2": worker_on(w2, keys, "--slots", "1", "--no-sandbox")}
     marker = tmp_path / "wrote"  # the hosts share the file system
     job = in_bed(client, keys, "--retries", "2", "--",
                  f"echo {{}} first; touch {marker}; sleep 10; echo never", ":::", "x")

@@ -45,7 +45,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
                 fail("--issue needs --name NAME", exitcodes.USAGE)
             ca_path = Path(args.target)
             ca = c.load_ca(ca_path)
-            role: c.Role = "worker" if args.issue == "worker" else "client"
+            role: c.Role = "client" if args.issue == "admin" else args.issue
             key, cert = c.issue(ca.key, ca.cert, role, args.name, args.days,
                                 admin=args.issue == "admin")
             out = Path(args.out) if args.out else (

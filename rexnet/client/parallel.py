@@ -217,7 +217,9 @@ class Parallel:
         self.all_done: defer.Deferred[None] = defer.Deferred()
         # warm channels: the next job reuses a finished job's authenticated channel while
         # its worker stays the best choice (this run's own jobs discounted, as the Executor)
-        self.pool = WarmPool(reactor, discount_own=True)
+        # rexnet parallel announces what its warm channels cannot take at once, so that it
+        # finds every worker with a free slot (jobs queue at busy workers all the same)
+        self.pool = WarmPool(reactor, discount_own=True, queue_on_warm=False)
 
     def start(self) -> defer.Deferred[None]:
         self._feed()

@@ -91,13 +91,18 @@ class WarmPool:
 
     def __init__(self, reactor: Any, idle: float = IDLE, fresh: float = FRESH,
                  margin: float = REUSE_MARGIN, per_worker: int = PER_WORKER,
-                 discount_own: bool = False) -> None:
+                 discount_own: bool = False, queue_on_warm: bool | None = None) -> None:
+        """QUEUE_ON_WARM (default: DISCOUNT_OWN): when no warm channel's worker is a good
+        choice, queue the job at the known worker with the fewest jobs queued per slot
+        instead of announcing it (faster under overload, but a worker the pool does not
+        know yet is not found while its known ones stay busy)."""
         self.reactor = reactor
         self.idle_for = idle
         self.fresh = fresh
         self.margin = margin
         self.per_worker = per_worker
         self.discount_own = discount_own
+        self.queue_on_warm = discount_own if queue_on_warm is None else queue_on_warm
         self.records: dict[Link, Warm] = {}
         self.reused = 0
         self.idle_events = IdleEvents(self)  # the owner of its idle channels' events
@@ -171,7 +176,7 @@ class WarmPool:
         """With DISCOUNT_OWN (a pool that overloads the cluster with its own jobs): whether
         WARM's worker reported lately. (Whose jobs fill its slots is not told apart: this
         client's queued jobs are not counted as its own until they start.)"""
-        return (self.discount_own and warm.heard_at is not None and not warm.link.closed
+        return (self.queue_on_warm and warm.heard_at is not None and not warm.link.closed
                 and now - warm.heard_at <= self.fresh)
 
     def queued_per_slot(self, warm: Warm, own: int) -> float:

@@ -52,8 +52,7 @@ class Worker:
 
     SOCKET is the announcement socket it shares with the other workers of its address
     (replies go out there); METRICS, when given, collects its figures (--metrics);
-    CHECKER, TLS and CROWD replace the ones made from the settings (benchmarks share them).
-    """
+    CHECKER, TLS and CROWD replace the ones made from the settings (benchmarks share them)."""
 
     def __init__(
         self,
@@ -107,15 +106,14 @@ class Worker:
         return self.connect_backs.pending
 
     @property
-    def crowd(self) -> Crowd:
+    def crowd(self) -> Crowd:  # the crowd its connect-back window is spread for
         return self.connect_backs.crowd
 
     @property
     def busy(self) -> int:
-        """Slots in use: running jobs and the connect-backs that reserved slots (each
-        counts its CPUs)."""
-        return (sum(r.slots for r in self.running.values())
-                + sum(p.slots for p in self.pending.values() if not p.queued))
+        """Slots in use: running jobs and connect-backs that reserved slots (by CPUs)."""
+        return sum(r.slots for r in self.running.values()) + sum(
+            p.slots for p in self.pending.values() if not p.queued)
 
     @property
     def queued(self) -> int:
@@ -312,6 +310,9 @@ class Worker:
             self.connect_backs.release(pending)  # its slot or place passes to the job
         refusal = refusal_before_queue(self.settings, start)
         if refusal is not None:
+            if refusal.reason == "args" and self.settings.arg_policy.allows_args:
+                self.complain(channel.peer_address(),  # an argument outside the patterns
+                              f"client {CertInfo.of(channel.peer_cert).name}: {refusal.message}")
             self._admit()
             return refusal
         if self.free_slot(start) and (reserved or not self.queue):

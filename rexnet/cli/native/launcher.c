@@ -465,7 +465,13 @@ static int exec_message(struct options *o, unsigned long netns, struct buf *b) {
         json_string(b, values[i]);
         put(b, "]", 1);
     }
-    snprintf(number, sizeof number, "],\"netns\":%lu}", netns);
+    /* the job's directory: ours, as rexnet.cli.request.working_directory says ("" if gone;
+       a path too long to send is sent as "", as a gone one) */
+    char here[4097];
+    const char *cwd = getcwd(here, sizeof here) ? here : "";
+    puts_(b, "],\"cwd\":");
+    json_string(b, strlen(cwd) <= 4096 ? cwd : "");
+    snprintf(number, sizeof number, ",\"netns\":%lu}", netns);
     puts_(b, number);
     size_t length = b->n - 4;
     if (length > MAX_MESSAGE)
