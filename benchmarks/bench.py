@@ -250,7 +250,10 @@ def build(bed: NetBed, work: Path) -> Bed:
         ssh = start_sshd(h, work / f"ssh-{h.name}", keyfile=work / "user")
     prefix = ssh[:-1]  # start_sshd's argv ends with user@host
     agent = has_agent(client)
-    env = dict(os.environ, REXNET_AGENT_SOCKET=str(work / "agent.sock"))
+    # the launcher uses an agent only in a directory of its own user, mode 0700 (P10 #1)
+    (work / "agent").mkdir(mode=0o700)
+    (work / "agent").chmod(0o700)
+    env = dict(os.environ, REXNET_AGENT_SOCKET=str(work / "agent" / "agent.sock"))
     return Bed(bed, keys, work, client, workers, prefix, agent, env, procs)
 
 
