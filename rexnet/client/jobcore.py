@@ -73,6 +73,7 @@ class ConnectBackFactory(Factory):
                 or sum(c.peer_address().rsplit(":", 1)[0] == host for c in pending)
                 >= PER_SOURCE):
             self.refused += 1
+            core.answered += 1  # a worker answered all the same: TAKEN tells the crowd's size
             if self.refused == 1:  # once per job: the flood itself is not logged per packet
                 core.log.warn("complaint: connect-backs from {host} refused: too many "
                               "connections still in their TLS handshake", host=host)
