@@ -9,9 +9,8 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
-from cluster import Proc, exec_argv, start_worker
+from cluster import Proc, exec_argv, host_pid, sleep_marker, start_worker
 from conftest import Keys
 from netbed import Host, NetBed
 
@@ -45,22 +44,6 @@ def wait_alive_gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def leftover_mark() -> str:
-    """A sleep duration no other process has: its command line finds it on the host
-    (the job's own $! is a pid of its sandbox's namespace)."""
-    return f"60.{os.getpid()}{time.monotonic_ns() % 100000}"
-
-
-def host_pid(cmdline: str, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in psutil.process_iter(["cmdline"]):
-            if " ".join(p.info["cmdline"] or ()) == cmdline:
-                return p.pid
-        time.sleep(0.05)
-    raise AssertionError(f"no process {cmdline!r}")
-
-
 # -- signals ------------------------------------------------------------------------------
 
 
@@ -89,7 +72,7 @@ def test_an_untrapped_signal_kills_the_job_and_gives_128_plus_n(bed: NetBed, key
 
 def test_a_dropped_connection_ends_the_job_within_5_seconds(bed: NetBed, keys: Keys) -> None:
     client, _, worker = pair(bed, keys)
-    mark = leftover_mark()
+    mark = sleep_marker()
     job = client.popen(argv(keys, f"sleep {mark} & echo started; wait"),
                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert job.stdout is not None and job.stdout.readline() == b"started\n"
@@ -106,7 +89,7 @@ def test_a_dropped_connection_ends_the_job_within_5_seconds(bed: NetBed, keys: K
 def test_stopping_the_worker_ends_jobs_and_clients_see_worker_lost(bed: NetBed,
                                                                   keys: Keys) -> None:
     client, _, worker = pair(bed, keys)
-    mark = leftover_mark()
+    mark = sleep_marker()
     job = client.popen(argv(keys, f"echo ready; sleep {mark} & echo started; wait"),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert job.stdout is not None and job.stderr is not None

@@ -29,7 +29,8 @@ from rexnet.net.addresses import local_addresses
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import DatagramReceiver, RateLimiter, source_address
 from rexnet.net.certcheck import CertChecker, Rejected
-from rexnet.net.relaycheck import GLOBAL_BURST, GLOBAL_RATE, Complaints, RelayVerifier
+from rexnet.net.complaints import Complaints
+from rexnet.net.relaycheck import GLOBAL_BURST, GLOBAL_RATE, RelayVerifier
 from rexnet.net.trailers import connect_back_allowed, relayed
 from rexnet.net.tuning import tune_connection
 from rexnet.protocol import relaytrailer, wire
@@ -155,7 +156,7 @@ class Relay:
         self.bind = bind
         self.limiter = RateLimiter()
         self.all_sources = RateLimiter(GLOBAL_RATE, GLOBAL_BURST, 1)
-        self.complain = Complaints(reactor.seconds, "cproxy")
+        self.complain = Complaints(reactor.seconds, who="cproxy")
         self.jobs: OrderedDict[bytes, Entry] = OrderedDict()
         self.queries: OrderedDict[bytes, Entry] = OrderedDict()
         self.quota: dict[str, Counter[str]] = {"jobs": Counter(), "queries": Counter()}

@@ -29,8 +29,9 @@ from twisted.logger import Logger
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import DatagramReceiver, RateLimiter
 from rexnet.net.certcheck import CertChecker, Rejected
+from rexnet.net.complaints import Complaints
 from rexnet.net.datalink import DatagramLink
-from rexnet.net.relaycheck import GLOBAL_BURST, GLOBAL_RATE, Complaints, RelayVerifier
+from rexnet.net.relaycheck import GLOBAL_BURST, GLOBAL_RATE, RelayVerifier
 from rexnet.protocol import relaytrailer, wire
 from rexnet.security.credentials import CertInfo, Credential
 from rexnet.security.tls import Revocations
@@ -64,7 +65,7 @@ class Tunnel:
         self.verifier = RelayVerifier(CertChecker([credential.ca_cert], revoked))
         self.limiter = RateLimiter()
         self.all_sources = RateLimiter(GLOBAL_RATE, GLOBAL_BURST, 1)
-        self.complain = Complaints(reactor.seconds, "tunnel")
+        self.complain = Complaints(reactor.seconds, who="tunnel")
         self.emitted = 0
         self.carried = 0
         self.dropped = 0

@@ -15,13 +15,13 @@ from twisted.logger import Logger
 
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import AnnounceChecker, ClientCert, RateLimiter, Rejected, now_ms
+from rexnet.net.complaints import COMPLAINT_RATE, Complaints
 from rexnet.protocol import wire
 from rexnet.security.credentials import CertInfo, check_validity
 from rexnet.security.tls import connecting_options
 from rexnet.version import __version__
 from rexnet.worker.calls import JobCalls
 from rexnet.worker.channel import WorkerChannel
-from rexnet.worker.complaints import COMPLAINT_RATE, Complaints
 from rexnet.worker.connectback import ConnectBacks, Pending, Target, connect_back_target
 from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.detached import JobBook

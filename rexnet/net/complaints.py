@@ -18,12 +18,15 @@ log = Logger()
 class Complaints:
     """Logs complaints about peers (and sends them as alerts): at most one line per source
     per interval, and at most COMPLAINT_RATE lines a second from all sources together, so
-    that a flood from many sources cannot flood the log or the network with alerts."""
+    that a flood from many sources cannot flood the log or the network with alerts. WHO
+    (a relay: "cproxy", "tunnel") names the process that refused a datagram."""
 
     def __init__(self, clock: Callable[[], float],
-                 alert: Callable[..., None] = lambda event, **fields: None) -> None:
+                 alert: Callable[..., None] = lambda event, **fields: None,
+                 who: str = "") -> None:
         self.clock = clock
         self.alert = alert
+        self.who = who
         self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._all = RateLimiter(COMPLAINT_RATE, COMPLAINT_RATE * 2, 1)
         self.count = 0
@@ -36,8 +39,12 @@ class Complaints:
         if now - last < COMPLAINT_INTERVAL or not self._all.allow("", now):
             self._last[source] = (last, suppressed + 1)
         else:
-            log.warn("complaint: {what} (from {source}; {suppressed} more suppressed)",
-                     what=what, source=source, suppressed=suppressed)
+            if self.who:
+                log.warn("complaint: {who} refused a datagram from {source}: {what} ({n} more "
+                         "suppressed)", who=self.who, source=source, what=what, n=suppressed)
+            else:
+                log.warn("complaint: {what} (from {source}; {suppressed} more suppressed)",
+                         what=what, source=source, suppressed=suppressed)
             self.alert("complaint", what=what, source=source, suppressed=suppressed)
             self.logged += 1
             self._last[source] = (now, 0)
