@@ -76,13 +76,21 @@ print(json.dumps(got), flush=True)
 """
 
 # The attack of P10, 1 on the default path: in a mount namespace of its own with a fresh
-# /tmp (the real one is left alone), uid 65534 makes /tmp/rexnet-0 and listens on
-# agent-NETNS.sock in it; then root, with XDG_RUNTIME_DIR unset, runs a job.
+# /tmp (the real one is left alone; a venv below /tmp is bound back in), uid 65534 makes
+# /tmp/rexnet-0 and listens on agent-NETNS.sock in it; then root, with XDG_RUNTIME_DIR
+# unset, runs a job.
 ATTACK = """
 import json, os, subprocess, sys
 launcher, keyfile, addr, impostor = sys.argv[1:5]
+from rexnet.worker.sandboxd import MS_BIND, MS_REC, mount  # (before /tmp is replaced)
 key = open(keyfile, "rb").read()
+# a checkout below /tmp (a CI clone) keeps its venv visible through the fresh /tmp
+venv = os.path.dirname(os.path.dirname(os.path.abspath(launcher)))
+keep = os.open(venv, os.O_PATH | os.O_DIRECTORY) if venv.startswith("/tmp/") else None
 subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp"], check=True)
+if keep is not None:  # (mount(2) itself: mount(8) would resolve the path in the new /tmp)
+    os.makedirs(venv)
+    mount(f"/proc/self/fd/{keep}", venv, None, MS_BIND | MS_REC)
 os.mkdir("/tmp/victim", 0o700)
 with open(os.open("/tmp/victim/app.client", os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
     f.write(key)
