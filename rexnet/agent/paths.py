@@ -32,13 +32,37 @@ def socket_path(environ: Mapping[str, str] | None = None) -> str:
         environ = os.environ
     explicit = environ.get("REXNET_AGENT_SOCKET")
     if explicit:
-        import os
-
-        return os.path.abspath(explicit)
+        return abspath(explicit)
     runtime = environ.get("XDG_RUNTIME_DIR")
     base = (runtime if runtime.endswith("/") else f"{runtime}/") + "rexnet" if runtime else (
         f"/tmp/rexnet-{posix.getuid()}")  # os.path.join's
     return f"{base}/agent-{netns_id()}.sock"
+
+
+def normpath(path: str) -> str:
+    """os.path.normpath(PATH) (posixpath's), without importing os."""
+    if not path:
+        return "."
+    initial = 2 if path.startswith("//") and not path.startswith("///") else (
+        1 if path.startswith("/") else 0)
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part != ".." or (not initial and not parts) or (parts and parts[-1] == ".."):
+            parts.append(part)
+        elif parts:
+            parts.pop()
+    return "/" * initial + "/".join(parts) or "."
+
+
+def abspath(path: str) -> str:
+    """os.path.abspath(PATH) (posixpath's); OSError if it is relative and the working
+    directory is gone."""
+    if not path.startswith("/"):
+        cwd = posix.getcwd()
+        path = (cwd if cwd.endswith("/") else cwd + "/") + path
+    return normpath(path)
 
 
 def dirname(path: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import posix
 
+from rexnet.agent.paths import abspath
 from rexnet.protocol.agentjson import frame
 
 TYPE_CHECKING = False
@@ -29,31 +30,6 @@ MAX_ENV, MAX_NAME = 256, 256
 MAX_PATH = 4096
 MAX_CPUS = 4096
 MAX_WORKERS, MAX_WORKER_NAME = 8, 64
-
-
-def normpath(path: str) -> str:
-    """posixpath.normpath(PATH)."""
-    if not path:
-        return "."
-    initial = 2 if path.startswith("//") and not path.startswith("///") else (
-        1 if path.startswith("/") else 0)
-    parts: list[str] = []
-    for part in path.split("/"):
-        if part in ("", "."):
-            continue
-        if part != ".." or (not initial and not parts) or (parts and parts[-1] == ".."):
-            parts.append(part)
-        elif parts:
-            parts.pop()
-    return "/" * initial + "/".join(parts) or "."
-
-
-def abspath(path: str) -> str:
-    """posixpath.abspath(PATH); OSError if it is relative and the directory is gone."""
-    if not path.startswith("/"):
-        cwd = posix.getcwd()
-        path = (cwd if cwd.endswith("/") else cwd + "/") + path
-    return normpath(path)
 
 
 def _short(values: Sequence[str], count: int, limit: int) -> bool:
