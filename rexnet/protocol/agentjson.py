@@ -71,6 +71,8 @@ _UNESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n",
 
 
 def _string(text: str) -> str:
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'  # nothing to escape: most of what the launcher sends
     out = []
     for c in text:
         if c in _ESCAPES:
