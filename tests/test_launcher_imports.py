@@ -144,6 +144,13 @@ def test_the_fast_path_leaves_a_gone_directory(keys: Keys, tmp_path: Path,
     assert quick.message(options(["KEY"], keys.client), {}, 1) is None
 
 
+def test_a_request_too_long_for_the_agent_runs_without_it(keys: Keys) -> None:
+    opts = options(["KEY", *["x" * 60000] * 20], keys.client)  # 1.2 MB: the agent takes 1 MiB
+    assert quick.message(opts, {}, 1) is None
+    assert launcher.full_job(opts, {}, 1) is None  # then the full command line runs it
+    assert launcher.full_job(options(["KEY", "x" * 60000], keys.client), {}, 1) is not None
+
+
 def test_the_fast_paths_bounds_are_the_requests() -> None:
     for name in ("DEFAULT_ANNOUNCE", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "MAX_ARGS", "MAX_ARG",
                  "MAX_TARGETS", "MAX_TARGET", "MAX_ENV", "MAX_NAME", "MAX_PATH", "MAX_CPUS",

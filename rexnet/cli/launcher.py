@@ -225,17 +225,18 @@ class Job:
 
 def full_job(opts: Mapping[str, Any], environ: Mapping[str, str], netns: int) -> Job | None:
     """The job of what the fast path leaves (rexnet.cli.quick): the request built in full
-    (rexnet.cli.request.build); None if it cannot run as given."""
+    (rexnet.cli.request.build); None if it cannot run as given (the full command line says
+    why) or is longer than the agent takes (the full command line runs it without)."""
     from rexnet.cli.request import build
     from rexnet.protocol import agentwire
     from rexnet.protocol.request import RequestError
 
     try:
         request = build(opts, environ)
-    except RequestError:
+        data = agentwire.Exec(request, netns).encode()
+    except (RequestError, agentwire.AgentWireError):
         return None
-    return Job(agentwire.Exec(request, netns).encode(), [fd for fd, _ in request.fds],
-               request.tty, request.raw)
+    return Job(data, [fd for fd, _ in request.fds], request.tty, request.raw)
 
 
 class Unsent(Exception):

@@ -4,9 +4,10 @@ written directly, without rexnet.cli.request.build, ExecRequest or os.
 message() reads the options rexnet.cli.launcher.parse gives and returns the very bytes
 `agentwire.Exec(build(options), netns).encode()` would (tests hold the two equal), or
 None for anything it leaves to that full path: an application's name (the
-configuration), a terminal, --fd, --mem, and any value the full path would refuse or
-needs to look at more closely (it then says what is wrong, in its own words). Its bounds
-are rexnet.protocol.request's (a test holds them equal too).
+configuration), a terminal, --fd, --mem, a message longer than the agent takes, and any
+value the full path would refuse or needs to look at more closely (it then says what is
+wrong, in its own words). Its bounds are rexnet.protocol.request's (a test holds them
+equal too).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import posix
 
 from rexnet.agent.paths import abspath
-from rexnet.protocol.agentjson import frame
+from rexnet.protocol.agentjson import AgentWireError, frame
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -89,10 +90,13 @@ def message(opts: Mapping[str, Any], environ: Mapping[str, str], netns: int) -> 
         return None  # no working directory: the full path says so or goes without
     if len(cwd) > MAX_PATH:
         return None
-    return frame({
-        "op": "exec", "keyfile": keyfile, "keypath": keypath, "args": args,
-        "announce": announce, "alerts": alerts, "timeout": timeout, "revoked": revoked,
-        "verbose": opts["verbose"], "tty": False, "raw": False, "term": "", "rows": 0,
-        "cols": 0, "fds": [], "env": env, "cwd": cwd, "cwd_required": given_cwd is not None,
-        "cpus": cpus, "mem": 0, "workers": workers, "queue_timeout": float(queue_timeout),
-        "netns": netns})
+    try:
+        return frame({
+            "op": "exec", "keyfile": keyfile, "keypath": keypath, "args": args,
+            "announce": announce, "alerts": alerts, "timeout": timeout, "revoked": revoked,
+            "verbose": opts["verbose"], "tty": False, "raw": False, "term": "", "rows": 0,
+            "cols": 0, "fds": [], "env": env, "cwd": cwd, "cwd_required": given_cwd is not None,
+            "cpus": cpus, "mem": 0, "workers": workers, "queue_timeout": float(queue_timeout),
+            "netns": netns})
+    except AgentWireError:
+        return None  # longer than the agent takes
