@@ -1,5 +1,5 @@
 """The launcher <-> agent protocol over the agent's Unix socket.  Standard library only:
-the launcher imports this module, and nothing heavy.
+the launcher imports this module where its fast path does not do (rexnet.cli.quick).
 
 Messages are ``length u32 | JSON object`` (at most MAX_MESSAGE bytes, nesting at most
 MAX_DEPTH), one typed Message each: the object's "op" names the kind, its other members
