@@ -287,14 +287,19 @@ def start_latency(b: Bed, n: int) -> list[Row]:
                 run_ms(warm, b.agent_env)
             python = [LAUNCHERS["python"] if a == REXNET else a for a in warm]
             native = os.path.realpath(REXNET) == os.path.realpath(LAUNCHERS["native"])
-            rex_warm, ssh_warm, py_warm = alternate(
+            floor = b.client.argv([sys.executable, "-I", "-S", "-c", "pass"])
+            rex_warm, ssh_warm, py_warm, py_floor = alternate(
                 n, lambda: run_ms(warm, b.agent_env), lambda: run_ms(warm_ssh),
-                lambda: run_ms(python, b.agent_env))
+                lambda: run_ms(python, b.agent_env), lambda: run_ms(floor))
             rows.append(Row("start", "warm start: `rexnet exec true` (agent)", "ms", rex_warm,
                             "ssh ControlMaster", ssh_warm, goal="<= 1",
                             note="native launcher" if native else "Python launcher"))
             rows.append(Row("start", "warm start: `rexnet-py exec true` (agent, Python "
                             "launcher)", "ms", py_warm, "ssh ControlMaster", ssh_warm))
+            gap = statistics.median(py_warm) - statistics.median(py_floor)
+            rows.append(Row("start", "warm start: `rexnet-py exec true` (agent, Python "
+                            "launcher)", "ms", py_warm, "`python -I -S -c pass`", py_floor,
+                            note=f"{gap:+.1f} ms over the interpreter (goal: +6 ms at most)"))
         else:
             ssh_warm = alternate(n, lambda: run_ms(warm_ssh))[0]
             rows.append(Row("start", "warm start: rexnet agent", "ms", [], "ssh ControlMaster",

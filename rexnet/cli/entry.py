@@ -9,7 +9,9 @@ replaces them:
 - where a C compiler works, `rexnet-native` (rexnet/cli/native/launcher.c): it runs an
   ordinary `rexnet exec` through the agent itself, with the same checks, and hands
   everything else to `rexnet-py` / `cexec-py`;
-- `rexnet` and `cexec`: the native launcher if it was built, else the Python scripts.
+- `rexnet` and `cexec`: the native launcher if it was built, else the Python scripts;
+- the installed package's bytecode, where pip left any out of date or missing (the
+  launcher's start-up reads its modules' .pyc files; -I -S does not stop that).
 
 BINDIR defaults to the interpreter's scripts directory (where pip put the console scripts).
 """
@@ -99,10 +101,19 @@ def link(name: str, target: str) -> None:
     os.replace(temporary, name)
 
 
+def compile_package() -> str:
+    """Compile the installed rexnet package's modules whose .pyc is missing or stale."""
+    import compileall
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ok = compileall.compile_dir(package, quiet=1)
+    return f"bytecode of {package} {'up to date' if ok else 'NOT all compiled'}"
+
+
 def install(bindir: str, native: bool = True) -> list[str]:
     """Write the entry points into BINDIR; lines saying what was done."""
     path = search_path()
-    done, python = [], {}
+    done, python = [compile_package()], {}
     for command in ("rexnet", "cexec"):
         python[command] = os.path.join(bindir, f"{command}-py")
         write(python[command], script(sys.executable, path, command))

@@ -9,23 +9,25 @@ socket, relay signals and window sizes, and exit with the job's status. Everythi
 standalone as before. The launcher owns the terminal: it sets raw mode and restores it
 however the job or the agent ends.
 
-Start-up time is the point: the launcher uses _socket and _signal rather than socket and
-signal (which import enum), and agentwire's own JSON rather than json (which imports re).
+Start-up time is the point (`python -I -S -c pass` is the floor): an ordinary exec goes
+the fast path, which imports posix, _socket and _signal (not os, socket or signal, which
+cost milliseconds: os builds the collections ABCs, signal imports enum), rexnet.cli.quick
+(its message without ExecRequest) and rexnet.protocol.agentjson (JSON without json, which
+imports re). The rest (a terminal, --fd, an application's name, starting the agent)
+imports what it needs when it needs it. tests/test_launcher_imports.py keeps it so.
 """
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import _socket
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from types import ModuleType
-    from typing import NoReturn
-
-    from rexnet.protocol.request import ExecRequest
+    from typing import Any, NoReturn
 
 FLAGS = {"-v": "verbose", "--verbose": "verbose", "-t": "tty", "-T": "no_tty",
          "--no-agent": "no_agent"}
@@ -34,6 +36,9 @@ VALUED = {"-a": "announce", "--announce": "announce", "--timeout": "timeout",
           "--revoked": "revoked", "--cwd": "cwd", "--mem": "mem", "--cpus": "cpus",
           "--worker": "worker", "--queue-timeout": "queue_timeout"}
 START_WAIT = 5.0
+FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+"""rexnet.protocol.request.FORWARDED (a test holds them equal): the signals relayed."""
+DEVNULL = "/dev/null"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +59,7 @@ def cexec_main(argv: Sequence[str] | None = None) -> int:
 
 def run(command: str = "rexnet") -> NoReturn:
     """The body of the fast entry scripts (rexnet.cli.entry writes them for `python -I -S`):
-    run COMMAND ("rexnet" or "cexec"); after a job through the agent, leave with os._exit
+    run COMMAND ("rexnet" or "cexec"); after a job through the agent, leave with _exit
     once stdout and stderr are flushed (interpreter finalization costs milliseconds), after
     the full command line as usual (it may count on atexit)."""
     status = cexec_main() if command == "cexec" else main()
@@ -65,7 +70,7 @@ def run(command: str = "rexnet") -> NoReturn:
             stream.flush()
         except (OSError, ValueError, AttributeError):
             pass
-    os._exit(status)
+    posix._exit(status)
 
 
 def standard_descriptors() -> None:
@@ -74,17 +79,27 @@ def standard_descriptors() -> None:
     it. sys.stdin, sys.stdout and sys.stderr (None then) are made again on them."""
     for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
         try:
-            os.fstat(fd)
+            posix.fstat(fd)
             continue
         except OSError:
             pass
-        null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+        null = posix.open(DEVNULL, posix.O_RDWR)  # the lowest free number: fd itself
         if null != fd:
-            os.dup2(null, fd)
-            os.close(null)
+            posix.dup2(null, fd)
+            posix.close(null)
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False,  # noqa: SIM115
                                     errors="backslashreplace" if fd == 2 else None))
+
+
+def environment() -> Mapping[str, str]:
+    """os.environ, without importing os: the process's environment as os reads it (if os
+    is imported, its environ, which may have been changed since)."""
+    if "os" in sys.modules:
+        return sys.modules["os"].environ  # type: ignore[no-any-return]
+    encoding = sys.getfilesystemencoding()
+    return {name.decode(encoding, "surrogateescape"): value.decode(encoding, "surrogateescape")
+            for name, value in posix.environ.items()}
 
 
 def _cli() -> ModuleType:
@@ -160,46 +175,68 @@ def parse(tokens: Sequence[str]) -> dict[str, object] | None:
 
 def launch(tokens: Sequence[str], full: Callable[[], int]) -> int:
     """Run the job through the agent, or call FULL (the standalone command line)."""
-    if os.environ.get("REXNET_NO_AGENT", "") not in ("", "0"):
+    environ = environment()
+    if environ.get("REXNET_NO_AGENT", "") not in ("", "0"):
         return full()
     opts = parse(tokens)
     if opts is None or opts["no_agent"]:
         return full()
-    from rexnet.cli.request import build
-    from rexnet.protocol.request import RequestError
-
-    try:
-        request = build(opts)
-    except RequestError:
-        return full()  # which says what is wrong, in the same words
     from rexnet.agent import paths
+    from rexnet.cli import quick
 
-    path = paths.socket_path()
-    numbers = [fd for fd, _ in request.fds]
+    netns = paths.netns_id()
+    data = quick.message(opts, environ, netns)
+    job = Job(data, [], False, False) if data is not None else full_job(opts, environ, netns)
+    if job is None:
+        return full()  # which says what is wrong, in the same words
+    path = paths.socket_path(environ)
     try:
-        sock = connect(path) or start_agent(path, numbers)
+        sock = connect(path) or start_agent(path, job.numbers)
     except Untrusted as e:  # nothing was sent: run here, never through that socket
         write(f"rexnet: will not use the agent at {path}: {e}; running without one\n")
         return full()
     if sock is None:
-        print(f"rexnet: no agent could start (see above, or {paths.log_path(path)}); running "
-              "without one", file=sys.stderr)
+        write(f"rexnet: no agent could start (see above, or {paths.log_path(path)}); running "
+              "without one\n")
         return full()
-    netns = paths.netns_id()
     try:
-        return Launcher(sock, path, request, netns).run()
+        return Launcher(sock, path, job).run()
     except Unsent:  # the agent went away before it had the request: nothing ran; once more
         sock.close()
         try:
-            sock = connect(path) or start_agent(path, numbers)
+            sock = connect(path) or start_agent(path, job.numbers)
         except Untrusted as e:
             write(f"rexnet: will not use the agent at {path}: {e}; running without one\n")
             return full()
         if sock is None:
-            print(f"rexnet: no agent could start (see above, or {paths.log_path(path)}); running "
-                  "without one", file=sys.stderr)
+            write(f"rexnet: no agent could start (see above, or {paths.log_path(path)}); "
+                  "running without one\n")
             return full()
-        return Launcher(sock, path, request, netns, last_try=True).run()
+        return Launcher(sock, path, job, last_try=True).run()
+
+
+class Job:
+    """What the launcher hands the agent: the Exec message DATA, the --fd NUMBERS that go
+    with 0, 1 and 2, and whether the job has a terminal (TTY) the launcher sets RAW."""
+
+    def __init__(self, data: bytes, numbers: list[int], tty: bool, raw: bool) -> None:
+        self.data, self.numbers, self.tty, self.raw = data, numbers, tty, raw
+
+
+def full_job(opts: Mapping[str, Any], environ: Mapping[str, str], netns: int) -> Job | None:
+    """The job of what the fast path leaves (rexnet.cli.quick): the request built in full
+    (rexnet.cli.request.build); None if it cannot run as given (the full command line says
+    why) or is longer than the agent takes (the full command line runs it without)."""
+    from rexnet.cli.request import build
+    from rexnet.protocol import agentwire
+    from rexnet.protocol.request import RequestError
+
+    try:
+        request = build(opts, environ)
+        data = agentwire.Exec(request, netns).encode()
+    except (RequestError, agentwire.AgentWireError):
+        return None
+    return Job(data, [fd for fd, _ in request.fds], request.tty, request.raw)
 
 
 class Unsent(Exception):
@@ -223,7 +260,7 @@ def connect(path: str) -> _socket.socket | None:
     except FileNotFoundError:
         return None  # no agent yet: one that starts makes the directory
     except OSError as e:
-        raise Untrusted(f"cannot check {os.path.dirname(path)}: {e.strerror}") from None
+        raise Untrusted(f"cannot check {paths.dirname(path)}: {e.strerror}") from None
     if problem:
         raise Untrusted(problem)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -233,16 +270,17 @@ def connect(path: str) -> _socket.socket | None:
     except OSError:
         sock.close()
         return None
-    if uid != os.getuid():
+    if uid != posix.getuid():
         sock.close()
         raise Untrusted(f"the process listening there runs as uid {uid}, not as this user "
-                        f"(uid {os.getuid()})")
+                        f"(uid {posix.getuid()})")
     return sock
 
 
 def start_agent(path: str, numbers: Sequence[int]) -> _socket.socket | None:
     """Start a detached agent at PATH (it forks away once its socket listens) and connect;
     None if it could not start (it said why on stderr)."""
+    import os
     import time
 
     actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -266,14 +304,12 @@ def start_agent(path: str, numbers: Sequence[int]) -> _socket.socket | None:
 class Launcher:
     """One job through the agent: descriptors out, signals relayed, status back."""
 
-    def __init__(self, sock: _socket.socket, path: str, request: ExecRequest, netns: int,
-                 last_try: bool = False) -> None:
+    def __init__(self, sock: _socket.socket, path: str, job: Job, last_try: bool = False
+                 ) -> None:
         self.last_try = last_try
         self.sock = sock
         self.path = path
-        self.request = request
-        self.netns = netns
-        self.numbers = [fd for fd, _ in request.fds]
+        self.job = job
         self.ready = False
         self.pending: list[bytes] = []
 
@@ -290,24 +326,24 @@ class Launcher:
     def run(self) -> int:
         import _signal as signal
 
-        from rexnet.cli.request import window_size
-        from rexnet.protocol import agentwire
-        from rexnet.protocol.request import FORWARDED
+        from rexnet.protocol.agentjson import frame
 
-        def forward(number: int, frame: object) -> None:
-            self.relay(agentwire.Signal(number).encode())
-
-        def resized(number: int, frame: object) -> None:
-            rows, cols = window_size()
-            if rows and cols:
-                self.relay(agentwire.Winch(rows, cols).encode())
+        def forward(number: int, frame_: object) -> None:
+            self.relay(frame({"op": "signal", "number": number}))
 
         for name in FORWARDED:
             signal.signal(getattr(signal, name), forward)  # type: ignore[arg-type]
-        if self.request.tty:
+        if self.job.tty:
+            from rexnet.cli.request import window_size
+
+            def resized(number: int, frame_: object) -> None:
+                rows, cols = window_size()
+                if rows and cols:
+                    self.relay(frame({"op": "winch", "rows": rows, "cols": cols}))
+
             signal.signal(signal.SIGWINCH, resized)  # type: ignore[arg-type]
         saved = None
-        if self.request.raw:
+        if self.job.raw:
             import termios
             import tty
 
@@ -327,23 +363,22 @@ class Launcher:
 
     def exchange(self) -> tuple[int, str]:
         import _socket
-        import struct
 
         from rexnet.agent import paths
-        from rexnet.protocol import agentwire
+        from rexnet.protocol.agentjson import AgentWireError, Frames
 
         fds, opened = [], []
-        for fd in (0, 1, 2, *self.numbers):
+        for fd in (0, 1, 2, *self.job.numbers):
             try:
-                os.fstat(fd)
+                posix.fstat(fd)
                 fds.append(fd)
             except OSError:  # closed: the job reads EOF there, or its output goes nowhere
-                null = os.open(os.devnull, os.O_RDWR)
+                null = posix.open(DEVNULL, posix.O_RDWR)
                 opened.append(null)
                 fds.append(null)
+        data = self.job.data
         try:
-            data = agentwire.Exec(self.request, self.netns).encode()
-            rights = struct.pack(f"{len(fds)}i", *fds)  # not array: it imports collections
+            rights = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
             sent = self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
             if sent < len(data):  # sendall(b"") still calls send(): EPIPE if the agent
                 self.sock.sendall(data[sent:])  # already answered (a missing credential)
@@ -353,11 +388,11 @@ class Launcher:
             return 255, f"rexnet: cannot reach the agent at {self.path}: {e.strerror}"
         finally:
             for fd in opened:
-                os.close(fd)
+                posix.close(fd)
         self.ready = True
-        for message in self.pending:
-            self.relay(message)
-        decoder = agentwire.Decoder()
+        for pending in self.pending:
+            self.relay(pending)
+        frames = Frames()
         while True:
             try:
                 data = self.sock.recv(65536)
@@ -367,32 +402,51 @@ class Launcher:
                 return 255, (f"rexnet: lost the agent before the job finished (its log: "
                              f"{paths.log_path(self.path)}); the job was ended")
             try:
-                messages = decoder.feed(data)
-            except agentwire.AgentWireError as e:
+                for obj in frames.values(data):
+                    said, status, message = answer(obj)
+                    if said is not None:
+                        write(said)
+                    elif status is not None:
+                        return status, message
+            except AgentWireError as e:
                 return 255, f"rexnet: bad message from the agent: {e}"
-            for m in messages:
-                if isinstance(m, agentwire.Say):
-                    write(m.text)
-                elif isinstance(m, agentwire.Exit):
-                    return m.status, m.message
 
     def blocking(self) -> None:
         """Leave our descriptors blocking, as a standalone run does (the agent's reactor
         made the shared ones non-blocking)."""
-        import fcntl
-
-        for fd in (0, 1, 2, *self.numbers):
+        for fd in (0, 1, 2, *self.job.numbers):
             try:
-                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-                if flags & os.O_NONBLOCK:
-                    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+                if not posix.get_blocking(fd):
+                    posix.set_blocking(fd, True)
             except OSError:
                 pass
 
 
+def answer(obj: object) -> tuple[str | None, int | None, str]:
+    """The agent's message OBJ (parsed JSON): (text to write, None, "") for a Say, (None,
+    status, message) for an Exit, (None, None, "") for another kind; AgentWireError for a
+    message agentwire refuses. Well-formed Say and Exit are read here; anything else by
+    agentwire.check (imported only then), which says what is wrong."""
+    if type(obj) is dict and len(obj) == 2 and obj.get("op") == "say" and type(
+            obj.get("text")) is str:
+        return obj["text"], None, ""
+    if type(obj) is dict and len(obj) == 3 and obj.get("op") == "exit" and type(
+            obj.get("status")) is int and 0 <= obj["status"] <= 255 and type(
+            obj.get("message")) is str:
+        return None, obj["status"], obj["message"]
+    from rexnet.protocol import agentwire
+
+    m = agentwire.check(obj)
+    if isinstance(m, agentwire.Say):
+        return m.text, None, ""
+    if isinstance(m, agentwire.Exit):
+        return None, m.status, m.message
+    return None, None, ""
+
+
 def write(text: str) -> None:
     try:  # noqa: SIM105
-        os.write(2, text.encode(errors="replace"))
+        posix.write(2, text.encode(errors="replace"))
     except OSError:
         pass
 

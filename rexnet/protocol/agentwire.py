@@ -1,5 +1,5 @@
 """The launcher <-> agent protocol over the agent's Unix socket.  Standard library only:
-the launcher imports this module, and nothing heavy.
+the launcher imports this module where its fast path does not do (rexnet.cli.quick).
 
 Messages are ``length u32 | JSON object`` (at most MAX_MESSAGE bytes, nesting at most
 MAX_DEPTH), one typed Message each: the object's "op" names the kind, its other members
@@ -8,34 +8,39 @@ launcher's network namespace), carries its descriptors (0, 1, 2 and any --fd, in
 order) with SCM_RIGHTS. Launcher to agent: Exec, Signal, Winch, Stop. Agent to launcher:
 Say (a line for stderr), Exit (the status to exit with, and an error message if rexnet
 failed), Stopped. The decoder is bounded: a longer message, a malformed one or an unknown
-kind raises AgentWireError. JSON is written and read here by a small strict encoder and
-parser (`dumps`, `loads`): the json module imports re, which alone costs the launcher a
-few milliseconds of start-up; the agent reads with json.loads.
+kind raises AgentWireError. The framing and the JSON (written and read without the json
+module, which imports re) are rexnet.protocol.agentjson's, which the launcher's fast path
+uses alone; the agent reads with json.loads.
 """
 
 from __future__ import annotations
 
 import struct
 
+from rexnet.protocol.agentjson import (
+    MAX_DEPTH,
+    MAX_MESSAGE,
+    AgentWireError,
+    Frames,
+    depth,
+    dumps,
+    frame,
+    loads,
+)
 from rexnet.protocol.record import Record
 from rexnet.protocol.request import ExecRequest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any, ClassVar, Self
 
-MAX_MESSAGE = 1 << 20
-MAX_DEPTH = 8
+__all__ = ["MAX_DEPTH", "MAX_MESSAGE", "AgentWireError", "Decoder", "depth", "dumps", "loads"]
+
 MAX_FDS = 3 + 64
 HEADER = struct.Struct("!I")
 
 Json = dict[str, object]
 Kind = type | tuple[type, ...]
-
-
-class AgentWireError(ValueError):
-    """Bytes that are not a well-formed agent message."""
 
 
 def _typed(obj: Json, schema: dict[str, Kind]) -> None:
@@ -58,10 +63,7 @@ class Message(Record):
         return {name: getattr(self, name) for name in self.__fields__}
 
     def encode(self) -> bytes:
-        body = dumps({"op": self.OP, **self.fields()}).encode()
-        if len(body) > MAX_MESSAGE:
-            raise AgentWireError("message too long")
-        return HEADER.pack(len(body)) + body
+        return frame({"op": self.OP, **self.fields()})
 
     @classmethod
     def decode(cls, obj: Json) -> Self:
@@ -225,213 +227,9 @@ def check(obj: object) -> Message:
     return kind.decode(obj)
 
 
-class Decoder:
+class Decoder(Frames):
     """Messages from a byte stream; holds at most one message's bytes. LOADS parses a
-    message's JSON (the agent passes json.loads; by default, this module's loads)."""
-
-    def __init__(self, loads: Callable[[str], object] | None = None) -> None:
-        self._buffer = bytearray()
-        self._loads = loads or globals()["loads"]
+    message's JSON (the agent passes json.loads; by default, agentjson's loads)."""
 
     def feed(self, data: bytes) -> list[Message]:
-        self._buffer += data
-        out = []
-        while len(self._buffer) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buffer)
-            if length > MAX_MESSAGE:
-                raise AgentWireError("message too long")
-            if len(self._buffer) < HEADER.size + length:
-                break
-            body = bytes(self._buffer[HEADER.size: HEADER.size + length])
-            del self._buffer[: HEADER.size + length]
-            try:
-                obj = self._loads(body.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                raise AgentWireError("message is not UTF-8 JSON") from None
-            if depth(obj) > MAX_DEPTH:
-                raise AgentWireError("message nested too deeply")
-            out.append(check(obj))
-        return out
-
-
-# -- JSON without the json module ---------------------------------------------------
-
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-            "\b": "\\b", "\f": "\\f"}
-_UNESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n",
-              "r": "\r", "t": "\t"}
-
-
-def _string(text: str) -> str:
-    out = []
-    for c in text:
-        if c in _ESCAPES:
-            out.append(_ESCAPES[c])
-        elif c < " " or "\ud800" <= c <= "\udfff":  # control characters, lone surrogates
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def dumps(obj: object) -> str:
-    """OBJ (dicts with str keys, lists, tuples, str, int, float, bool, None) as JSON."""
-    if obj is None:
-        return "null"
-    if obj is True:
-        return "true"
-    if obj is False:
-        return "false"
-    if isinstance(obj, str):
-        return _string(obj)
-    if isinstance(obj, int):
-        return str(int(obj))
-    if isinstance(obj, float):
-        if obj != obj or obj in (float("inf"), float("-inf")):
-            raise ValueError("JSON has no NaN or infinity")
-        return repr(obj)
-    if isinstance(obj, list | tuple):
-        return "[" + ",".join(dumps(v) for v in obj) + "]"
-    if isinstance(obj, dict):
-        return "{" + ",".join(f"{_string(str(k))}:{dumps(v)}" for k, v in obj.items()) + "}"
-    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
-
-
-def depth(obj: object) -> int:
-    if isinstance(obj, dict):
-        return 1 + max((depth(v) for v in obj.values()), default=0)
-    if isinstance(obj, list):
-        return 1 + max((depth(v) for v in obj), default=0)
-    return 0
-
-
-_WS = " \t\n\r"
-_NUMBER = set("0123456789+-.eE")
-
-
-def loads(text: str) -> object:
-    """Strict JSON (RFC 8259) to Python, nesting at most MAX_DEPTH; ValueError else."""
-    value, end = _value(text, _skip(text, 0), 0)
-    if _skip(text, end) != len(text):
-        raise ValueError("extra data after the JSON value")
-    return value
-
-
-def _skip(text: str, i: int) -> int:
-    while i < len(text) and text[i] in _WS:
-        i += 1
-    return i
-
-
-def _value(text: str, i: int, level: int) -> tuple[object, int]:
-    if level > MAX_DEPTH:
-        raise ValueError("nested too deeply")
-    if i >= len(text):
-        raise ValueError("truncated JSON")
-    c = text[i]
-    if c == "{":
-        obj: dict[str, object] = {}
-        i = _skip(text, i + 1)
-        if text[i:i + 1] == "}":
-            return obj, i + 1
-        while True:
-            if text[i:i + 1] != '"':
-                raise ValueError("object key is not a string")
-            key, i = _str(text, i + 1)
-            i = _skip(text, i)
-            if text[i:i + 1] != ":":
-                raise ValueError("no ':' after an object key")
-            obj[key], i = _value(text, _skip(text, i + 1), level + 1)
-            i = _skip(text, i)
-            if text[i:i + 1] == "}":
-                return obj, i + 1
-            if text[i:i + 1] != ",":
-                raise ValueError("no ',' between object members")
-            i = _skip(text, i + 1)
-    if c == "[":
-        items: list[object] = []
-        i = _skip(text, i + 1)
-        if text[i:i + 1] == "]":
-            return items, i + 1
-        while True:
-            item, i = _value(text, i, level + 1)
-            items.append(item)
-            i = _skip(text, i)
-            if text[i:i + 1] == "]":
-                return items, i + 1
-            if text[i:i + 1] != ",":
-                raise ValueError("no ',' between array items")
-            i = _skip(text, i + 1)
-    if c == '"':
-        return _str(text, i + 1)
-    for word, value in (("true", True), ("false", False), ("null", None)):
-        if text.startswith(word, i):
-            return value, i + len(word)
-    end = i
-    while end < len(text) and text[end] in _NUMBER:
-        end += 1
-    return _number(text[i:end]), end
-
-
-def _number(token: str) -> int | float:
-    body = token[1:] if token.startswith("-") else token
-    digits = body.split(".")[0].split("e")[0].split("E")[0]
-    if not digits.isdigit() or not digits.isascii() or (len(digits) > 1 and
-                                                         digits[0] == "0"):
-        raise ValueError(f"bad number {token[:20]!r}")
-    if token.lstrip("-").isdigit():
-        if len(token) > 4000:
-            raise ValueError("number too long")
-        return int(token)
-    rest = body[len(digits):]
-    if rest.startswith(".") and not rest[1:2].isdigit():
-        raise ValueError(f"bad number {token[:20]!r}")
-    if rest[:1] in ("e", "E") or "e" in rest or "E" in rest:
-        exp = rest.split("e")[-1].split("E")[-1].lstrip("+-")
-        if not exp.isdigit():
-            raise ValueError(f"bad number {token[:20]!r}")
-    try:
-        value = float(token)
-    except ValueError:
-        raise ValueError(f"bad number {token[:20]!r}") from None
-    if value in (float("inf"), float("-inf")):
-        raise ValueError("number out of range")
-    return value
-
-
-def _str(text: str, i: int) -> tuple[str, int]:
-    out = []
-    start = i
-    while True:
-        if i >= len(text):
-            raise ValueError("unterminated string")
-        c = text[i]
-        if c == '"':
-            out.append(text[start:i])
-            return "".join(out), i + 1
-        if c < " ":
-            raise ValueError("control character in a string")
-        if c != "\\":
-            i += 1
-            continue
-        out.append(text[start:i])
-        e = text[i + 1:i + 2]
-        if e == "u":
-            code = text[i + 2:i + 6]
-            if len(code) != 4 or not all(h in "0123456789abcdefABCDEF" for h in code):
-                raise ValueError("bad \\u escape")
-            value = int(code, 16)
-            i += 6
-            low = text[i + 2:i + 6] if text[i:i + 2] == "\\u" else ""
-            if (0xD800 <= value <= 0xDBFF and len(low) == 4
-                    and all(h in "0123456789abcdefABCDEF" for h in low)
-                    and 0xDC00 <= int(low, 16) <= 0xDFFF):  # a surrogate pair
-                value = 0x10000 + ((value - 0xD800) << 10) + (int(low, 16) - 0xDC00)
-                i += 6
-            out.append(chr(value))
-        elif e in _UNESCAPES:
-            out.append(_UNESCAPES[e])
-            i += 2
-        else:
-            raise ValueError("bad escape in a string")
-        start = i
+        return [check(obj) for obj in self.values(data)]
