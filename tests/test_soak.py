@@ -22,6 +22,8 @@ from cluster import REXNET, Proc, start_worker
 from conftest import Keys, stop_agents
 from netbed import NetBed, list_netns, require_netns
 
+from rexnet.worker.sandbox import SPARE_NAME
+
 JOBS = int(os.environ.get("REXNET_SOAK_JOBS", "200"))
 CLIENTS = WORKERS = 4
 CONCURRENCY = 3
@@ -90,11 +92,16 @@ task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 
 
 def counts(proc: Proc) -> tuple[int, int, int]:
-    """(descendant processes, open descriptors, RSS) of a worker; its sandbox helper is
-    not counted (the supervisors it forks for jobs are)."""
+    """(descendant processes, open descriptors, RSS) of a worker; its sandbox helper and
+    the spares waiting for a job are not counted (the supervisors it forks for jobs are),
+    nor are the descriptors the worker holds for its spares (two each)."""
     me = psutil.Process(proc.pid)
     helpers = [c for c in me.children() if "rexnet.worker.sandboxd" in " ".join(c.cmdline())]
-    return len(me.children(recursive=True)) - len(helpers), me.num_fds(), me.memory_info().rss
+    tree = me.children(recursive=True)
+    spares = [p for p in tree if p.name() == SPARE_NAME]
+    trampolines = [p for p in spares if p.ppid() == proc.pid]
+    return (len(tree) - len(helpers) - len(spares), me.num_fds() - 2 * len(trampolines),
+            me.memory_info().rss)
 
 
 def test_soak(keys: Keys, agent_sockets: Path) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import gc
 import os
 import pwd
 import re
@@ -34,10 +35,11 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import process
 from twisted.logger import Logger
 
 from rexnet.worker import cgroups
@@ -47,7 +49,11 @@ from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 
 FORWARDED = [s for s in signal.valid_signals()
              if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE)]
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+SPARE_NAME = "rexnet-spare"  # (comm) until its job comes; tests tell spares by it
+FILL_DELAY = 0.01  # seconds after a job's end
+TAKEN_FILL_DELAY = 0.1  # seconds after a job's start
+SPARES = 2  # trampolines forked ahead of their jobs, per application
 
 log = Logger()
 
@@ -111,12 +117,17 @@ def missing_isolation() -> str:
 
 
 class Sandbox:
-    """The root helper of one worker, and its pool of job users (None: the worker's uid)."""
+    """The root helper of one worker, its pool of job users (None: the worker's uid) and
+    its spare trampolines (SPARES, forked ahead of their jobs, each with its supervisor
+    already prepared by the helper)."""
 
-    def __init__(self, users: JobUsers | None = None) -> None:
+    def __init__(self, users: JobUsers | None = None, spares: int = SPARES) -> None:
         self.users = users
+        self.spares = spares
         self.control: socket.socket | None = None
         self.helper: subprocess.Popen[bytes] | None = None
+        self._ready: list[Spare] = []
+        self._filling: Any = None
 
     def start(self) -> None:
         """Start the helper: while the worker is still root (privilegedStartService)."""
@@ -129,7 +140,11 @@ class Sandbox:
         self.control = ours
 
     def stop(self) -> None:
-        """Let the helper go (running jobs' supervisors end with their jobs)."""
+        """Let the helper go (running jobs' supervisors end with their jobs; spares end)."""
+        if self._filling is not None and self._filling.active():
+            self._filling.cancel()
+        while self._ready:
+            self._ready.pop().discard()
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -155,30 +170,86 @@ class Sandbox:
             helper.close()
         return mine
 
+    def fill(self) -> None:
+        """Fork spare trampolines up to SPARES (only once the worker has dropped root:
+        a trampoline is a copy of the worker)."""
+        self._filling = None
+        self._ready = [spare for spare in self._ready if spare.alive]
+        while self.control is not None and len(self._ready) < self.spares:
+            try:
+                self._ready.append(self._fork())
+            except OSError as e:
+                log.warn("cannot fork a spare trampoline: {error}", error=e)
+                return
+
+    def _fork(self) -> Spare:
+        sock = self._job_socket()  # the helper prepares this trampoline's supervisor now
+        mine, theirs = socket.socketpair()
+        report_r, report_w = os.pipe()
+        trampoline = Trampoline(sock, report_w, theirs)
+        collect = gc.isenabled()
+        gc.disable()
+        try:
+            pid = os.fork()
+            if pid == 0:
+                trampoline.run()  # never returns
+        except BaseException:
+            mine.close()
+            os.close(report_r)
+            raise
+        finally:
+            if collect:
+                gc.enable()
+            sock.close()
+            theirs.close()
+            os.close(report_w)
+        return Spare(pid, mine, report_r)
+
+    def refill(self, reactor: Any, delay: float = FILL_DELAY) -> None:
+        """Fork the missing spares in DELAY seconds: after a job's end, not before its
+        status is sent (a fork stalls the worker for a few ms); after a job's start, once
+        a short job would have ended."""
+        if reactor is None or len(self._ready) >= self.spares:
+            return
+        if self._filling is None or not self._filling.active():
+            self._filling = reactor.callLater(delay, self.fill)
+        elif self._filling.getTime() > reactor.seconds() + delay:
+            self._filling.reset(delay)
+
+    def _take(self) -> Spare:
+        """A spare trampoline; forked now if none is ready."""
+        while self._ready:
+            spare = self._ready.pop(0)
+            if spare.alive:
+                return spare
+            spare.discard()
+        return self._fork()
+
     def spawn(self, reactor: Any, proto: JobProcess, argv: Sequence[str],
               env: Mapping[str, str], cwd: str | None) -> Any:
         """Start ARGV as PROTO's job in a sandbox of its own (see the module docstring)."""
         user = self.users.acquire() if self.users else None
         try:
-            sock = self._job_socket()
+            spare = self._take()
+            self.refill(reactor, TAKEN_FILL_DELAY)
         except OSError:
             if user is not None and self.users:
                 self.users.release(user)
             raise
-        report_r, report_w = os.pipe()
         limits = proto.limits
-        request = {"argv": list(argv), "env": dict(env), "cwd": cwd or os.getcwd(),
-                   "tty": bool(proto.start.tty), "user": user,
-                   "limits": {"memory": limits.memory, "pids": limits.pids,
-                              "cpus": limits.cpus}}
-        trampoline = Trampoline(sock, report_w, request)
-        proto.isolation = Isolated(report_r, self.users, user)
+        spare.request = {"argv": list(argv), "env": dict(env), "cwd": cwd or os.getcwd(),
+                         "tty": bool(proto.start.tty), "user": user,
+                         "limits": {"memory": limits.memory, "pids": limits.pids,
+                                    "cpus": limits.cpus}}
+        proto.isolation = Isolated(spare.report, self.users, user,
+                                   lambda: self.refill(reactor))
+        spare.report = -1  # Isolated's now
         try:
             if proto.start.tty:
                 master, slave = os.openpty()
                 set_winsize(slave, proto.start.rows or 24, proto.start.cols or 80)
                 try:
-                    return SandboxedTerminal(trampoline, reactor, argv[0], list(argv),
+                    return SandboxedTerminal(spare, reactor, argv[0], list(argv),
                                              None, None, proto, None, None,
                                              (master, slave, os.ttyname(slave)))
                 except BaseException:
@@ -188,17 +259,65 @@ class Sandbox:
                     raise
             fds, children = proto.child_fds()
             try:
-                return SandboxedProcess(trampoline, reactor, argv[0], list(argv), None, None,
+                return SandboxedProcess(spare, reactor, argv[0], list(argv), None, None,
                                         proto, None, None, fds)
             finally:
                 for child in children.values():
                     child.close()
         except BaseException:
+            spare.discard()
             proto.isolation.finish()
             raise
-        finally:
-            sock.close()
-            os.close(report_w)
+
+
+class Spare:
+    """A trampoline forked ahead of its job, as the worker holds it: its pid, the socket
+    that hands it the job, and the pipe of its report (read by Isolated)."""
+
+    def __init__(self, pid: int, control: socket.socket, report: int) -> None:
+        self.pid = pid
+        self.control: socket.socket | None = control
+        self.report = report
+        self.alive = True
+        self.request: dict[str, Any] = {}
+        process.registerReapProcessHandler(pid, self)
+
+    # what Twisted's reaper calls while the spare waits
+    def reapProcess(self) -> None:
+        with contextlib.suppress(ChildProcessError):
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                process.unregisterReapProcessHandler(pid, self)
+                self.processEnded(status)
+
+    def processEnded(self, status: int) -> None:
+        self.alive = False
+
+    def start(self, fdmap: Mapping[int, int]) -> int:
+        """Hand the job (its request and the descriptors FDMAP) to the trampoline; its pid
+        for the Process, which reaps it from now on."""
+        if self.control is None or not self.alive:
+            raise OSError(errno.ESRCH, "the spare trampoline is gone")
+        targets = sorted(fdmap)
+        try:
+            wire.send(self.control, {**self.request, "fds": targets},
+                      [fdmap[t] for t in targets])
+        except OSError as e:
+            raise OSError(e.errno or errno.EPIPE, "the spare trampoline is gone") from e
+        self.control.close()
+        self.control = None
+        if self.alive:
+            process.unregisterReapProcessHandler(self.pid, self)
+        return self.pid
+
+    def discard(self) -> None:
+        """A spare no job will use: it ends when its socket closes (and is reaped then)."""
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.report >= 0:
+            os.close(self.report)
+            self.report = -1
 
 
 class SandboxService(Service):
@@ -217,6 +336,8 @@ class SandboxService(Service):
         if self.sandbox.control is None:  # not started by twistd (a .tac, a test)
             self.sandbox.start()
             log.info("{isolation}", isolation=self.sandbox.describe())
+        from twisted.internet import reactor
+        reactor.callWhenRunning(self.sandbox.fill)  # type: ignore[attr-defined]
 
     def stopService(self) -> None:
         super().stopService()
@@ -226,10 +347,12 @@ class SandboxService(Service):
 class Isolated:
     """A sandboxed job's end, for its JobProcess: the limit that ended it, if any."""
 
-    def __init__(self, report: int, users: JobUsers | None, user: int | None) -> None:
+    def __init__(self, report: int, users: JobUsers | None, user: int | None,
+                 ended: Callable[[], None] = lambda: None) -> None:
         self.report = report
         self.users = users
         self.user = user
+        self.ended = ended
 
     def finish(self) -> str:
         """Once the trampoline is gone: release the job user, read the report."""
@@ -244,19 +367,20 @@ class Isolated:
             said = ""
         os.close(self.report)
         self.report = -1
+        self.ended()
         return said if said == "memory" else ""
 
 
 class Trampoline:
-    """What the worker's forked child does in place of exec: stand for the job."""
+    """What a spare, forked from the worker ahead of its job, does: stand for the job."""
 
-    def __init__(self, sock: socket.socket, report: int, request: dict[str, Any]) -> None:
+    def __init__(self, sock: socket.socket, report: int, control: socket.socket) -> None:
         self.sock = sock
         self.report = report
-        self.request = request
+        self.control = control
         self.parent = os.getpid()
 
-    def run(self, fdmap: Mapping[int, int]) -> None:
+    def run(self) -> None:
         """In the forked child: never returns."""
         code = 255
         try:
@@ -266,22 +390,28 @@ class Trampoline:
                 with contextlib.suppress(OSError, ValueError):
                     signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
+            libc = ctypes.CDLL(None)
+            libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
             if os.getppid() != self.parent:
                 os._exit(code)
             os.setsid()
-            sock = self.sock.fileno()
-            keep = sorted({sock, self.report, *fdmap.values()})
+            libc.prctl(PR_SET_NAME, SPARE_NAME.encode(), 0, 0, 0)
+            keep = sorted({self.sock.fileno(), self.report, self.control.fileno()})
             previous = -1
             for fd in keep:
                 if fd > previous + 1:  # closerange(n, n) would close everything from n
                     os.closerange(previous + 1, fd)
                 previous = fd
-            os.closerange(previous + 1, 65536)
-            targets = sorted(fdmap)
-            wire.send(self.sock, {**self.request, "fds": targets},
-                      [fdmap[t] for t in targets])
-            for fd in set(fdmap.values()):
+            os.closerange(previous + 1, 65536)  # close_range(2) since Python 3.10
+            got = wire.receive(self.control)  # the job, or EOF: not needed
+            if got is None:
+                code = 0
+                raise SystemExit
+            request, fds = got
+            self.control.close()
+            libc.prctl(PR_SET_NAME, b"rexnet-job", 0, 0, 0)
+            wire.send(self.sock, request, fds)
+            for fd in set(fds):
                 os.close(fd)
 
             def forward(number: int, frame: Any) -> None:

@@ -85,13 +85,14 @@ class TerminalProcess(process.PTYProcess):
 
 
 class Trampoline(Protocol):
-    """What a sandboxed job's forked child runs instead of exec (rexnet.worker.sandbox)."""
+    """A sandboxed job's trampoline, forked from the worker ahead of its job
+    (rexnet.worker.sandbox.Spare): START hands it the job's descriptors, returns its pid."""
 
-    def run(self, fdmap: Mapping[int, int]) -> None: ...
+    def start(self, fdmap: Mapping[int, int]) -> int: ...
 
 
 class SandboxedProcess(process.Process):
-    """The trampoline of a job with pipes (and socketpairs), forked from the worker."""
+    """A job with pipes (and socketpairs): its child is a trampoline forked earlier."""
 
     processReaderFactory = PipeReader
 
@@ -99,30 +100,26 @@ class SandboxedProcess(process.Process):
         self.trampoline = trampoline
         super().__init__(*args)
 
-    def _trySpawnInsteadOfFork(self, *args: Any) -> bool:
-        return False
-
-    def _setupChild(self, fdmap: dict[int, int]) -> None:
-        self._fdmap = fdmap
-
-    def _execChild(self, *args: Any) -> None:
-        self.trampoline.run(self._fdmap)
+    def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: Any,
+                               args: Any, environment: Any, kwargs: Any) -> bool:
+        self.pid = self.trampoline.start(kwargs["fdmap"])
+        self.status = -1
+        return True
 
 
 class SandboxedTerminal(process.PTYProcess):
-    """The trampoline of a job in a terminal: the job's command takes the terminal as its
-    controlling terminal (the supervisor, root, may take it from the trampoline)."""
+    """A job in a terminal, through a trampoline forked earlier: the job's command takes
+    the terminal as its controlling terminal (the supervisor, root, may take it)."""
 
     def __init__(self, trampoline: Trampoline, *args: Any) -> None:
         self.trampoline = trampoline
         super().__init__(*args)
 
-    def _setupChild(self, masterfd: int, slavefd: int) -> None:
-        os.close(masterfd)
-        self._fdmap = {0: slavefd, 1: slavefd, 2: slavefd}
-
-    def _execChild(self, *args: Any) -> None:
-        self.trampoline.run(self._fdmap)
+    def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: Any,
+                               args: Any, environment: Any, kwargs: Any) -> bool:
+        slave = kwargs["slavefd"]
+        self.pid = self.trampoline.start({0: slave, 1: slave, 2: slave})  # type: ignore[assignment]
+        return True
 
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:
