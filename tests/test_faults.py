@@ -32,7 +32,7 @@ from test_multihost import BROADCAST, job, worker_on
 from test_netbed import start_echo, udp_rtts
 
 from rexnet.protocol import exitcodes
-from rexnet.worker.sandbox import SPARE_NAME
+from rexnet.worker.sandboxd import SPARE_NAME
 
 LOSS = 10
 DELAY_MS = 50

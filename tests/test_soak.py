@@ -22,7 +22,7 @@ from cluster import REXNET, Proc, start_worker
 from conftest import Keys, stop_agents
 from netbed import NetBed, list_netns, require_netns
 
-from rexnet.worker.sandbox import SPARE_NAME
+from rexnet.worker.sandboxd import SPARE_NAME
 
 JOBS = int(os.environ.get("REXNET_SOAK_JOBS", "200"))
 CLIENTS = WORKERS = 4
@@ -93,15 +93,12 @@ task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 
 def counts(proc: Proc) -> tuple[int, int, int]:
     """(descendant processes, open descriptors, RSS) of a worker; its sandbox helper and
-    the spares waiting for a job are not counted (the supervisors it forks for jobs are),
-    nor are the descriptors the worker holds for its spares (two each)."""
+    the supervisors it prepares ahead of jobs are not counted (those of jobs are)."""
     me = psutil.Process(proc.pid)
     helpers = [c for c in me.children() if "rexnet.worker.sandboxd" in " ".join(c.cmdline())]
     tree = me.children(recursive=True)
     spares = [p for p in tree if p.name() == SPARE_NAME]
-    trampolines = [p for p in spares if p.ppid() == proc.pid]
-    return (len(tree) - len(helpers) - len(spares), me.num_fds() - 2 * len(trampolines),
-            me.memory_info().rss)
+    return len(tree) - len(helpers) - len(spares), me.num_fds(), me.memory_info().rss
 
 
 def test_soak(keys: Keys, agent_sockets: Path) -> None:

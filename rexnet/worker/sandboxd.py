@@ -2,19 +2,26 @@
 
 A worker started as root starts this helper before twistd drops its privileges
 (rexnet.worker.sandbox), and keeps one end of a socketpair to it: root stays here, in a
-process that reads nothing from the network and runs no job code. For each job the
-worker sends it one socket; the helper forks a *supervisor* for it, which reads the job's
-request from its trampoline (the worker's child standing for the job) and
+process that reads nothing from the network and runs no job code. For each socket the
+worker sends it (ahead of a job: rexnet.worker.sandbox keeps spares), the helper forks a
+*supervisor*, which at once
 
 - makes a control group for the job (memory, pids and CPU bounds; rexnet.worker.cgroups),
-- unshares a mount namespace with a private tmpfs on /tmp, /var/tmp and /dev/shm, and a
-  PID namespace whose first process, a small init, starts the command (setsid; the
-  terminal as its controlling terminal; the job user's uid, gids and groups) and passes
-  on the signals the trampoline forwards,
-- when the command ends, or the trampoline goes (the worker ended the job, or died):
+  and a PID namespace whose first process, a small init, joins the group (a cgroup v1
+  migration waits for an RCU grace period: ~10 ms that no job waits for), then says
+  "ready" with the init's pid;
+
+and when the worker's job comes on the socket (the request, the job's descriptors):
+
+- sets the group's bounds; the init unshares a mount namespace with a private tmpfs on
+  /tmp, /var/tmp and /dev/shm and starts the command (setsid; the terminal as its
+  controlling terminal; the job user's uid, gids and groups), and passes on the signals
+  the worker sends (SIGKILL: to the init, which ends every process of the namespace),
+- when the command ends, or the worker's socket closes (it ended the job, or died):
   SIGKILL to the init ends every process of the namespace (the kernel does it), the
-  control group is killed too (belt and braces) and removed, and the trampoline is told
-  the status and whether the memory bound ended the job.
+  worker is told the status and whether the memory bound ended the job, and only then
+  the control group is killed too (belt and braces) and removed, and the job's mount
+  namespace is let go (its unmounts wait for RCU too).
 
 A job user comes from the pool given at start (--users uid:gid:name,...), by index; with
 no pool the job runs as the worker's own uid and gid (SO_PEERCRED of its socket).
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rexnet-sandboxd: a bad request from the worker: {e}", file=sys.stderr)
             continue
         if got is None:
-            return 0  # the worker is gone; running supervisors end with their trampolines
+            return 0  # the worker is gone; supervisors end as their sockets close
         _, fds = got
         if len(fds) != 1:
             for fd in fds:
@@ -131,13 +138,13 @@ def _identity(sock: socket.socket, request: dict[str, Any], users: list[tuple[in
 
 
 def supervise(sock: socket.socket, users: list[tuple[int, int, str]]) -> int:
-    """Run one job's sandbox for the trampoline at the other end of SOCK.
+    """Run one job's sandbox for the worker at the other end of SOCK.
 
     Everything that does not depend on the job is done before its request comes (the
-    trampoline is forked ahead of its job, so this supervisor is a spare until then): the
-    control group, the PID namespace and its init, which joins the group (a cgroup v1
+    worker asks for supervisors ahead of its jobs, so this one is a spare until then):
+    the control group, the PID namespace and its init, which joins the group (a cgroup v1
     migration waits for an RCU grace period, ~10 ms). Once the job has ended its status
-    goes to the trampoline first; the group is removed afterwards."""
+    goes to the worker first; the group is removed afterwards."""
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     set_name(SPARE_NAME)
@@ -172,6 +179,8 @@ def _run(sock: socket.socket, users: list[tuple[int, int, str]], group: JobCgrou
     os.close(status_w)
     init_go.close()
     try:
+        if wire.receive(go) is not None:  # the init has joined the group
+            wire.send(sock, {"ready": init})
         got = wire.receive(sock)  # the job's request, once the worker has a job
     except BaseException:
         _end(init)
@@ -279,7 +288,7 @@ def private_dirs(cwd: str, *more: str | None) -> None:
 def _watch(sock: socket.socket, init: int, status_r: int, memory: int
            ) -> tuple[int | None, bool, str]:
     """Pass signals on to the init until the command ends (its wait status) or the
-    trampoline goes (the namespace is then killed). MEMORY, when there is no control
+    worker's socket closes (the namespace is then killed). MEMORY, when there is no control
     group to bound it: the namespace's resident memory is checked every MEMORY_CHECK s."""
     connected, limit = True, ""
     while True:
@@ -305,7 +314,10 @@ def _watch(sock: socket.socket, init: int, status_r: int, memory: int
         for fd in extra:
             os.close(fd)
         number = message.get("signal")
-        if isinstance(number, int) and number in FORWARDED:
+        if number == signal.SIGKILL:  # the kernel ends every process of the namespace
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(init, signal.SIGKILL)
+        elif isinstance(number, int) and number in FORWARDED:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(init, number)
 
@@ -358,6 +370,7 @@ def _init(go: socket.socket, group: JobCgroup | None, status_w: int) -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if group is not None:
             group.join()
+        wire.send(go, {"joined": True})
         got = wire.receive(go)
         if got is None:
             os._exit(0)
