@@ -291,35 +291,48 @@ def _watch(sock: socket.socket, init: int, status_r: int, memory: int
     worker's socket closes (the namespace is then killed). MEMORY, when there is no control
     group to bound it: the namespace's resident memory is checked every MEMORY_CHECK s."""
     connected, limit = True, ""
-    while True:
-        watched = [sock.fileno(), status_r] if connected else [status_r]
-        ready, _, _ = select.select(watched, [], [], MEMORY_CHECK if memory else None)
-        if status_r in ready:
-            data = os.read(status_r, 64)
-            return (int(data) if data else None), connected, limit
-        if memory and not limit and namespace_rss(init) > memory:
-            limit = "memory"
-            os.kill(init, signal.SIGKILL)
-        if sock.fileno() not in ready or not connected:
-            continue
-        try:
-            got = wire.receive(sock)
-        except (wire.WireError, OSError):
-            got = None
-        if got is None:
-            connected = False
-            os.kill(init, signal.SIGKILL)  # the kernel ends every process of the namespace
-            continue
-        message, extra = got
-        for fd in extra:
-            os.close(fd)
-        number = message.get("signal")
-        if number == signal.SIGKILL:  # the kernel ends every process of the namespace
-            with contextlib.suppress(ProcessLookupError):
+    ended = os.pidfd_open(init)  # readable once the init has exited: one wake-up, not two
+    try:
+        while True:
+            watched = [sock.fileno(), ended] if connected else [ended]
+            ready, _, _ = select.select(watched, [], [], MEMORY_CHECK if memory else None)
+            if ended in ready:
+                os.set_blocking(status_r, False)
+                with contextlib.suppress(BlockingIOError):
+                    data = os.read(status_r, 64)
+                    return (int(data) if data else None), connected, limit
+                return None, connected, limit
+            connected = _signals(sock, init, connected, ready)
+            if memory and not limit and namespace_rss(init) > memory:
+                limit = "memory"
                 os.kill(init, signal.SIGKILL)
-        elif isinstance(number, int) and number in FORWARDED:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(init, number)
+    finally:
+        os.close(ended)
+
+
+def _signals(sock: socket.socket, init: int, connected: bool, ready: list[int]) -> bool:
+    """Pass on a signal the worker sent; whether the worker is still connected."""
+    if not connected or sock.fileno() not in ready:
+        return connected
+    try:
+        got = wire.receive(sock)
+    except (wire.WireError, OSError):
+        got = None
+    if got is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init, signal.SIGKILL)  # the kernel ends every process of the namespace
+        return False
+    message, extra = got
+    for fd in extra:
+        os.close(fd)
+    number = message.get("signal")
+    if number == signal.SIGKILL:  # the kernel ends every process of the namespace
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init, signal.SIGKILL)
+    elif isinstance(number, int) and number in FORWARDED:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init, number)
+    return True
 
 
 def namespace_rss(init: int) -> int:
