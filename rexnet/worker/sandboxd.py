@@ -182,6 +182,8 @@ def _run(sock: socket.socket, users: list[tuple[int, int, str]], group: JobCgrou
         if wire.receive(go) is not None:  # the init has joined the group
             wire.send(sock, {"ready": init})
         got = wire.receive(sock)  # the job's request, once the worker has a job
+    except OSError:  # the worker went (a spare's unread "ready" makes it a reset)
+        got = None
     except BaseException:
         _end(init)
         raise
