@@ -48,7 +48,7 @@ from rexnet.worker.job import JobProcess
 from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 
 SPARES = 2  # supervisors the helper prepares ahead of their jobs, per application
-READY_TIMEOUT = 10.0  # seconds a job waits for a supervisor that is being prepared
+READY_TIMEOUT = 2.0  # seconds a job (and the reactor) waits for a supervisor being prepared
 
 log = Logger()
 
