@@ -48,6 +48,7 @@ from rexnet.worker.job import JobProcess
 from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 
 SPARES = 2  # supervisors the helper prepares ahead of their jobs, per application
+FIRST_FILL = 1.0  # seconds after start
 READY_TIMEOUT = 2.0  # seconds a job (and the reactor) waits for a supervisor being prepared
 
 log = Logger()
@@ -358,7 +359,8 @@ class SandboxService(Service):
             self.sandbox.start()
             log.info("{isolation}", isolation=self.sandbox.describe())
         from twisted.internet import reactor
-        reactor.callWhenRunning(self.sandbox.fill)  # type: ignore[attr-defined]
+        # once the worker has settled (preparing takes CPU from its first connections)
+        reactor.callLater(FIRST_FILL, self.sandbox.fill)  # type: ignore[attr-defined]
 
     def stopService(self) -> None:
         super().stopService()

@@ -179,8 +179,11 @@ def _run(sock: socket.socket, users: list[tuple[int, int, str]], group: JobCgrou
     os.close(status_w)
     init_go.close()
     try:
-        if wire.receive(go) is not None:  # the init has joined the group
-            wire.send(sock, {"ready": init})
+        if wire.receive(go) is None:  # the init could not join the job's group
+            _end(init)
+            print("rexnet-sandboxd: a job's init could not start", file=sys.stderr)
+            return 1
+        wire.send(sock, {"ready": init})
         got = wire.receive(sock)  # the job's request, once the worker has a job
     except OSError:  # the worker went (a spare's unread "ready" makes it a reset)
         got = None
