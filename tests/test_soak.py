@@ -22,6 +22,7 @@ from cluster import REXNET, Proc, start_worker
 from conftest import Keys, stop_agents
 from netbed import NetBed, list_netns, require_netns
 
+from rexnet.worker.sandbox import SPARES
 from rexnet.worker.sandboxd import SPARE_NAME
 
 JOBS = int(os.environ.get("REXNET_SOAK_JOBS", "200"))
@@ -101,6 +102,18 @@ def counts(proc: Proc) -> tuple[int, int, int]:
     return len(tree) - len(helpers) - len(spares), me.num_fds(), me.memory_info().rss
 
 
+def wait_for_spares(proc: Proc, timeout: float = 10.0) -> None:
+    """Until the worker's sandbox helper has prepared its spare supervisors (a supervisor
+    and an init each), if it sandboxes jobs at all."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        if (not any("rexnet.worker.sandboxd" in " ".join(p.cmdline()) for p in tree)
+                or len([p for p in tree if p.name() == SPARE_NAME]) >= 2 * SPARES):
+            return
+        time.sleep(0.1)
+
+
 def test_soak(keys: Keys, agent_sockets: Path) -> None:
     require_netns()
     with NetBed() as bed:
@@ -112,6 +125,8 @@ def test_soak(keys: Keys, agent_sockets: Path) -> None:
         clients = [bed.add_host(f"c{n}", [lan]) for n in range(CLIENTS)]
         namespaces = list(bed.namespaces)
         announce = "255.255.255.255:3010"
+        for w in workers:  # its spare supervisors, made a second after its start
+            wait_for_spares(w)
         before = [counts(w) for w in workers]
         t0 = time.monotonic()
         runs = [host.popen([sys.executable, "-c", CLIENT, str(keys.client), announce,
