@@ -32,6 +32,7 @@ from test_multihost import BROADCAST, job, worker_on
 from test_netbed import start_echo, udp_rtts
 
 from rexnet.protocol import exitcodes
+from rexnet.worker.sandboxd import SPARE_NAME
 
 LOSS = 10
 DELAY_MS = 50
@@ -93,11 +94,12 @@ def test_lost_announcements_are_resent_and_make_one_job(bed: NetBed, keys: Keys)
 
 def job_processes(worker: int) -> list[psutil.Process]:
     """The worker's descendants but its sandbox helper (a worker started as root has one;
-    the supervisors it forks for jobs count)."""
+    the supervisors it forks for jobs count) and the spares waiting for a job."""
     found = []
     for p in psutil.Process(worker).children(recursive=True):
         try:
-            if p.ppid() == worker and "rexnet.worker.sandboxd" in " ".join(p.cmdline()):
+            if ((p.ppid() == worker and "rexnet.worker.sandboxd" in " ".join(p.cmdline()))
+                    or p.name() == SPARE_NAME):
                 continue
         except psutil.Error:
             continue  # gone meanwhile

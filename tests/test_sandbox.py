@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster import Proc, exec_argv, start_worker
+from cluster import Proc, exec_argv, host_pid, sleep_marker, start_worker
 from conftest import Keys
 from netbed import Host, NetBed
 
@@ -29,6 +30,7 @@ from rexnet.protocol import exitcodes
 from rexnet.protocol import remotecall as remote
 from rexnet.worker import sandboxwire as wire
 from rexnet.worker.sandbox import JobUsers, parse_job_users
+from rexnet.worker.sandboxd import SPARE_NAME
 
 BROADCAST = "255.255.255.255:3010"
 TESTS = Path(__file__).resolve().parent
@@ -246,6 +248,49 @@ def test_memory_and_pids_limits(bed: NetBed, keys: Keys) -> None:
     small = run(client, keys, f"{sys.executable} -c 'x = bytearray(10 << 20)'")
     assert small.returncode == 0
     assert proc.process.poll() is None
+
+
+def pids_group(pid: int) -> Path:
+    """The pids control group of process PID (cgroup v1, as on the CI machines)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(","):
+            return Path("/sys/fs/cgroup/pids") / path.lstrip("/")
+    pytest.skip("no cgroup v1 pids hierarchy here")
+
+
+def test_jobs_start_in_prepared_fresh_groups_and_the_worker_forks_nothing(
+        bed: NetBed, keys: Keys) -> None:
+    client, _, proc = worker(bed, keys, "--allow-args", "--job-pids", "16")
+    helper = next(p for p in psutil.Process(proc.pid).children()
+                  if "rexnet.worker.sandboxd" in " ".join(p.cmdline()))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(
+            [p for p in helper.children(recursive=True) if p.name() == SPARE_NAME]) < 4:
+        time.sleep(0.1)  # SPARES supervisors, each with its init, before any job
+    assert len([p for p in helper.children(recursive=True) if p.name() == SPARE_NAME]) >= 4
+    groups = []
+    for _ in range(2):
+        mark = sleep_marker()
+        job = client.popen(exec_argv(keys.client, [BROADCAST], "--",
+                                     f"echo up; exec sleep {mark}"), stdout=subprocess.PIPE)
+        assert job.stdout is not None and job.stdout.readline() == b"up\n"
+        sleeper = psutil.Process(host_pid(f"sleep {mark}"))
+        group = pids_group(sleeper.pid)
+        # the job's group holds the job's namespace only (its init and the command), with
+        # the worker's bound; the worker has no child of its own for the job
+        members = {int(p) for p in (group / "cgroup.procs").read_text().split()}
+        assert sleeper.pid in members and len(members) == 2
+        assert (group / "pids.max").read_text().strip() == "16"
+        assert [c.pid for c in psutil.Process(proc.pid).children()] == [helper.pid]
+        sleeper.kill()
+        assert job.wait(timeout=10) == 128 + signal.SIGKILL
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and group.exists():
+            time.sleep(0.05)
+        assert not group.exists()  # removed once the job has ended, never reused
+        groups.append(group)
+    assert groups[0] != groups[1]
 
 
 HIJACK_SECONDS = 4.0

@@ -22,6 +22,9 @@ from cluster import REXNET, Proc, start_worker
 from conftest import Keys, stop_agents
 from netbed import NetBed, list_netns, require_netns
 
+from rexnet.worker.sandbox import SPARES
+from rexnet.worker.sandboxd import SPARE_NAME
+
 JOBS = int(os.environ.get("REXNET_SOAK_JOBS", "200"))
 CLIENTS = WORKERS = 4
 CONCURRENCY = 3
@@ -90,11 +93,25 @@ task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 
 
 def counts(proc: Proc) -> tuple[int, int, int]:
-    """(descendant processes, open descriptors, RSS) of a worker; its sandbox helper is
-    not counted (the supervisors it forks for jobs are)."""
+    """(descendant processes, open descriptors, RSS) of a worker; its sandbox helper and
+    the supervisors it prepares ahead of jobs are not counted (those of jobs are)."""
     me = psutil.Process(proc.pid)
     helpers = [c for c in me.children() if "rexnet.worker.sandboxd" in " ".join(c.cmdline())]
-    return len(me.children(recursive=True)) - len(helpers), me.num_fds(), me.memory_info().rss
+    tree = me.children(recursive=True)
+    spares = [p for p in tree if p.name() == SPARE_NAME]
+    return len(tree) - len(helpers) - len(spares), me.num_fds(), me.memory_info().rss
+
+
+def wait_for_spares(proc: Proc, timeout: float = 10.0) -> None:
+    """Until the worker's sandbox helper has prepared its spare supervisors (a supervisor
+    and an init each), if it sandboxes jobs at all."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        if (not any("rexnet.worker.sandboxd" in " ".join(p.cmdline()) for p in tree)
+                or len([p for p in tree if p.name() == SPARE_NAME]) >= 2 * SPARES):
+            return
+        time.sleep(0.1)
 
 
 def test_soak(keys: Keys, agent_sockets: Path) -> None:
@@ -108,6 +125,8 @@ def test_soak(keys: Keys, agent_sockets: Path) -> None:
         clients = [bed.add_host(f"c{n}", [lan]) for n in range(CLIENTS)]
         namespaces = list(bed.namespaces)
         announce = "255.255.255.255:3010"
+        for w in workers:  # its spare supervisors, made a second after its start
+            wait_for_spares(w)
         before = [counts(w) for w in workers]
         t0 = time.monotonic()
         runs = [host.popen([sys.executable, "-c", CLIENT, str(keys.client), announce,

@@ -29,8 +29,9 @@ PRIVATE: dict[str, tuple[str, str]] = {
         ("rexnet/worker/spawn.py", "setsid and default signals in a forked job"),
     "twisted.internet.process.PTYProcess._setupChild":
         ("rexnet/worker/spawn.py", "default signals in a job in a terminal"),
-    "twisted.internet.process._BaseProcess._execChild":
-        ("rexnet/worker/spawn.py", "a sandboxed job's forked trampoline instead of exec"),
+    "twisted.internet.process._BaseProcess":
+        ("rexnet/worker/spawn.py", "a sandboxed job's transport: a Process or PTYProcess "
+         "made without fork, whose end its supervisor reports"),
     "twisted.internet._sslverify.IOpenSSLTrustRoot":
         ("rexnet/security/tls.py", "the type of the application CA's trust root"),
     "twisted.internet.base.ReactorBase._startedBefore":

@@ -56,6 +56,9 @@ class Isolation(Protocol):
     def finish(self) -> str:
         """Called once the job's process has ended: the limit that ended it, or ''."""
 
+    def signal(self, number: int) -> None:
+        """Signal the job's processes (all of them: SIGKILL)."""
+
 
 class SocketEnd:
     """The worker's end of a socketpair standing in for a read-write descriptor FD."""
@@ -230,7 +233,7 @@ class JobProcess(ProcessProtocol):
         """Deliver a signal from the client to the job's process group."""
         if not self.ended and self.pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, number)
+                self._signal(number)
 
     def _limit(self, which: str) -> None:
         if not self.ended and not self.limit_hit:
@@ -248,7 +251,7 @@ class JobProcess(ProcessProtocol):
         if self.ended or self.pid is None:
             return
         try:
-            os.killpg(self.pid, sig)
+            self._signal(sig)
         except ProcessLookupError:
             return
         if sig != signal.SIGKILL:
@@ -258,4 +261,11 @@ class JobProcess(ProcessProtocol):
         if not self.ended and self.pid is not None:
             log.warn("job process group {pid} outlived SIGTERM; sending SIGKILL", pid=self.pid)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
+                self._signal(signal.SIGKILL)
+
+    def _signal(self, number: int) -> None:
+        """Signal the job's process group, or in a sandbox every process of the job."""
+        if self.isolation is not None:
+            self.isolation.signal(number)
+        elif self.pid is not None:
+            os.killpg(self.pid, number)

@@ -11,21 +11,21 @@ the pool fixed at start (--job-users): a compromised worker can run code as the 
 users, never as root. Ambient capabilities (CAP_SETUID, CAP_SETGID, CAP_KILL, and
 CAP_SYS_ADMIN for namespaces and mounts) would have left the worker root in all but name.
 
-Per job, the worker forks a *trampoline* in place of the job's process (Twisted sees an
-ordinary child with pipes or a terminal, so streams, flow control and exit statuses work
-as before): it hands the job's descriptors to a supervisor the helper forks for the job,
-passes on the signals the worker sends it, and exits with the job's status once the
-supervisor reports the end (and writes, on a pipe only the worker reads, whether the
-memory bound ended the job). If the trampoline dies (the worker's SIGKILL after the
-grace period, or the worker's death: PR_SET_PDEATHSIG), the supervisor kills the job's
-PID namespace. Without root nothing of this is available, and the worker says so at
+Per job the worker forks nothing (a fork of the worker cost it ~5 ms of CPU, and the
+copy as much again): the helper prepares SPARES supervisors ahead of their jobs (each with
+its control group, PID namespace and an init already in the group; rexnet.worker.sandboxd)
+and the worker keeps a socket to each. A job takes a ready one: the worker sends it the
+request and the job's ends of its pipes or terminal, passes signals on over the socket
+(SIGKILL ends every process of the job's namespace) and reads the job's end from it
+(Twisted's Process and PTYProcess without fork and reaping: rexnet.worker.spawn). If the
+worker goes (stopped, or killed), the supervisors see their sockets close and kill their
+jobs' namespaces. Without root nothing of this is available, and the worker says so at
 start; jobs then run as before (a process group, which setsid'd processes can leave).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import pwd
@@ -38,16 +38,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from rexnet.worker import cgroups
 from rexnet.worker import sandboxwire as wire
 from rexnet.worker.job import JobProcess
 from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 
-FORWARDED = [s for s in signal.valid_signals()
-             if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE)]
-PR_SET_PDEATHSIG = 1
+SPARES = 2  # supervisors the helper prepares ahead of their jobs, per application
+FIRST_FILL = 1.0  # seconds after start
+READY_TIMEOUT = 2.0  # seconds a job (and the reactor) waits for a supervisor being prepared
 
 log = Logger()
 
@@ -111,12 +113,15 @@ def missing_isolation() -> str:
 
 
 class Sandbox:
-    """The root helper of one worker, and its pool of job users (None: the worker's uid)."""
+    """The root helper of one worker, its pool of job users (None: the worker's uid) and
+    SPARES supervisors the helper prepared ahead of their jobs."""
 
-    def __init__(self, users: JobUsers | None = None) -> None:
+    def __init__(self, users: JobUsers | None = None, spares: int = SPARES) -> None:
         self.users = users
+        self.spares = spares
         self.control: socket.socket | None = None
         self.helper: subprocess.Popen[bytes] | None = None
+        self._ready: list[Link] = []
 
     def start(self) -> None:
         """Start the helper: while the worker is still root (privilegedStartService)."""
@@ -129,7 +134,9 @@ class Sandbox:
         self.control = ours
 
     def stop(self) -> None:
-        """Let the helper go (running jobs' supervisors end with their jobs)."""
+        """Let the helper go (running jobs' supervisors end with their jobs; spares end)."""
+        while self._ready:
+            self._ready.pop().close()
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -155,32 +162,54 @@ class Sandbox:
             helper.close()
         return mine
 
+    def fill(self) -> None:
+        """Ask the helper for supervisors up to SPARES. Only once the worker has dropped
+        root: a job without a job user runs as the uid that made its socket."""
+        while self.control is not None and len(self._ready) < self.spares:
+            try:
+                self._ready.append(Link(self._job_socket()))
+            except OSError as e:
+                log.warn("cannot ask for a spare supervisor: {error}", error=e)
+                return
+
+    def _take(self) -> Link:
+        """A prepared supervisor: the first that says it is ready, else the first that
+        becomes ready (the helper prepares one in ~10-20 ms)."""
+        if not self._ready:
+            self.fill()
+        for link in self._ready:
+            if link.ready(block=False):
+                self._ready.remove(link)
+                return link
+        while self._ready:
+            link = self._ready.pop(0)
+            if link.ready(block=True):
+                return link
+            link.close()
+        raise OSError(errno.EPIPE, "the sandbox helper prepares no supervisor")
+
     def spawn(self, reactor: Any, proto: JobProcess, argv: Sequence[str],
               env: Mapping[str, str], cwd: str | None) -> Any:
         """Start ARGV as PROTO's job in a sandbox of its own (see the module docstring)."""
         user = self.users.acquire() if self.users else None
         try:
-            sock = self._job_socket()
+            link = self._take()
         except OSError:
             if user is not None and self.users:
                 self.users.release(user)
             raise
-        report_r, report_w = os.pipe()
         limits = proto.limits
-        request = {"argv": list(argv), "env": dict(env), "cwd": cwd or os.getcwd(),
-                   "tty": bool(proto.start.tty), "user": user,
-                   "limits": {"memory": limits.memory, "pids": limits.pids,
-                              "cpus": limits.cpus}}
-        trampoline = Trampoline(sock, report_w, request)
-        proto.isolation = Isolated(report_r, self.users, user)
+        link.request = {"argv": list(argv), "env": dict(env), "cwd": cwd or os.getcwd(),
+                        "tty": bool(proto.start.tty), "user": user,
+                        "limits": {"memory": limits.memory, "pids": limits.pids,
+                                   "cpus": limits.cpus}}
+        proto.isolation = Isolated(link, self.users, user)
         try:
             if proto.start.tty:
                 master, slave = os.openpty()
                 set_winsize(slave, proto.start.rows or 24, proto.start.cols or 80)
                 try:
-                    return SandboxedTerminal(trampoline, reactor, argv[0], list(argv),
-                                             None, None, proto, None, None,
-                                             (master, slave, os.ttyname(slave)))
+                    return SandboxedTerminal(link, reactor, proto, master, slave)
                 except BaseException:
                     for fd in (master, slave):
                         with contextlib.suppress(OSError):
@@ -188,17 +217,129 @@ class Sandbox:
                     raise
             fds, children = proto.child_fds()
             try:
-                return SandboxedProcess(trampoline, reactor, argv[0], list(argv), None, None,
-                                        proto, None, None, fds)
+                return SandboxedProcess(link, reactor, proto, fds)
             finally:
                 for child in children.values():
                     child.close()
         except BaseException:
+            link.close()
             proto.isolation.finish()
             raise
         finally:
-            sock.close()
-            os.close(report_w)
+            self.fill()  # one message to the helper: the supervisor is prepared meanwhile
+
+
+class Link:
+    """A job's supervisor as the worker holds it: the socket to it (the request and the
+    job's descriptors go out, signals go out, the end comes back)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock: socket.socket | None = sock
+        self.pid = 0  # the job's init (in the host's PID namespace), once ready
+        self.request: dict[str, Any] = {}
+        self.limit = ""
+        self._reader: EndReader | None = None
+
+    def ready(self, block: bool) -> bool:
+        """Whether the supervisor has said it is ready (BLOCK: wait for it, bounded)."""
+        if self.pid:
+            return True
+        if self.sock is None:
+            return False
+        self.sock.settimeout(READY_TIMEOUT if block else 0.0)
+        try:
+            got = wire.receive(self.sock)
+        except (BlockingIOError, TimeoutError):
+            return False
+        except (wire.WireError, OSError) as e:
+            log.warn("a spare supervisor failed: {error}", error=e)
+            got = None
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(None)
+        if got is None:
+            self.close()
+            return False
+        message, fds = got
+        for fd in fds:
+            os.close(fd)
+        pid = message.get("ready")
+        self.pid = pid if isinstance(pid, int) and pid > 0 else 0
+        return bool(self.pid)
+
+    def start(self, fdmap: Mapping[int, int]) -> int:
+        """Hand the job (its request and the descriptors FDMAP) over; the job's pid."""
+        if self.sock is None:
+            raise OSError(errno.EPIPE, "the job's supervisor is gone")
+        targets = sorted(fdmap)
+        wire.send(self.sock, {**self.request, "fds": targets}, [fdmap[t] for t in targets])
+        return self.pid
+
+    def signal(self, number: int) -> None:
+        """Pass signal NUMBER on to the job's processes (SIGKILL: all of its namespace)."""
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                wire.send(self.sock, {"signal": number})
+
+    def watch(self, reactor: Any, transport: Any) -> None:
+        """Report the job's end to TRANSPORT (processEnded with a wait status)."""
+        assert self.sock is not None
+        self.sock.setblocking(False)
+        self._reader = EndReader(reactor, self, transport)
+        reactor.addReader(self._reader)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.reactor.removeReader(self._reader)
+            self._reader = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+@implementer(IReadDescriptor)
+class EndReader:
+    """Reads a job's end from its supervisor, in the reactor."""
+
+    def __init__(self, reactor: Any, link: Link, transport: Any) -> None:
+        self.reactor = reactor
+        self.link = link
+        self.transport = transport
+
+    def fileno(self) -> int:
+        return self.link.sock.fileno() if self.link.sock is not None else -1
+
+    def logPrefix(self) -> str:
+        return "sandbox"
+
+    def doRead(self) -> None:
+        sock = self.link.sock
+        if sock is None:
+            return
+        try:
+            got = wire.receive(sock)
+        except BlockingIOError:
+            return
+        except (wire.WireError, OSError) as e:
+            log.warn("job {pid}: its supervisor said something wrong: {error}",
+                     pid=self.link.pid, error=e)
+            got = None
+        status = int(signal.SIGKILL)  # the supervisor is gone: the kernel killed the job's init
+        if got is not None:
+            end, fds = got
+            for fd in fds:
+                os.close(fd)
+            code, number = end.get("code"), end.get("signal")
+            if isinstance(number, int) and 0 < number < 128:
+                status = number
+            elif isinstance(code, int) and 0 <= code < 256:
+                status = code << 8
+            self.link.limit = str(end.get("limit") or "")
+        self.link.close()
+        self.transport.processEnded(status)
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
 
 
 class SandboxService(Service):
@@ -217,6 +358,9 @@ class SandboxService(Service):
         if self.sandbox.control is None:  # not started by twistd (a .tac, a test)
             self.sandbox.start()
             log.info("{isolation}", isolation=self.sandbox.describe())
+        from twisted.internet import reactor
+        # once the worker has settled (preparing takes CPU from its first connections)
+        reactor.callLater(FIRST_FILL, self.sandbox.fill)  # type: ignore[attr-defined]
 
     def stopService(self) -> None:
         super().stopService()
@@ -224,89 +368,20 @@ class SandboxService(Service):
 
 
 class Isolated:
-    """A sandboxed job's end, for its JobProcess: the limit that ended it, if any."""
+    """A sandboxed job's end, for its JobProcess: its signals, the limit that ended it."""
 
-    def __init__(self, report: int, users: JobUsers | None, user: int | None) -> None:
-        self.report = report
+    def __init__(self, link: Link, users: JobUsers | None, user: int | None) -> None:
+        self.link = link
         self.users = users
         self.user = user
 
+    def signal(self, number: int) -> None:
+        self.link.signal(number)
+
     def finish(self) -> str:
-        """Once the trampoline is gone: release the job user, read the report."""
-        if self.report < 0:
-            return ""
+        """Once the job has ended: release the job user; the limit that ended it."""
         if self.users is not None and self.user is not None:
             self.users.release(self.user)
-        os.set_blocking(self.report, False)
-        try:
-            said = os.read(self.report, 64).decode(errors="replace")
-        except OSError:
-            said = ""
-        os.close(self.report)
-        self.report = -1
-        return said if said == "memory" else ""
-
-
-class Trampoline:
-    """What the worker's forked child does in place of exec: stand for the job."""
-
-    def __init__(self, sock: socket.socket, report: int, request: dict[str, Any]) -> None:
-        self.sock = sock
-        self.report = report
-        self.request = request
-        self.parent = os.getpid()
-
-    def run(self, fdmap: Mapping[int, int]) -> None:
-        """In the forked child: never returns."""
-        code = 255
-        try:
-            signal.set_wakeup_fd(-1)
-            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-            for sig in FORWARDED:
-                with contextlib.suppress(OSError, ValueError):
-                    signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
-            if os.getppid() != self.parent:
-                os._exit(code)
-            os.setsid()
-            sock = self.sock.fileno()
-            keep = sorted({sock, self.report, *fdmap.values()})
-            previous = -1
-            for fd in keep:
-                if fd > previous + 1:  # closerange(n, n) would close everything from n
-                    os.closerange(previous + 1, fd)
-                previous = fd
-            os.closerange(previous + 1, 65536)
-            targets = sorted(fdmap)
-            wire.send(self.sock, {**self.request, "fds": targets},
-                      [fdmap[t] for t in targets])
-            for fd in set(fdmap.values()):
-                os.close(fd)
-
-            def forward(number: int, frame: Any) -> None:
-                with contextlib.suppress(OSError):
-                    wire.send(self.sock, {"signal": number})
-
-            for sig in FORWARDED:
-                with contextlib.suppress(OSError, ValueError):
-                    signal.signal(sig, forward)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-            got = wire.receive(self.sock)
-            if got is None:
-                code = 128 + signal.SIGKILL
-                raise SystemExit
-            end = got[0]
-            for sig in FORWARDED:
-                with contextlib.suppress(OSError, ValueError):
-                    signal.signal(sig, signal.SIG_DFL)
-            os.write(self.report, str(end.get("limit") or "").encode())
-            number = end.get("signal")
-            if isinstance(number, int) and number > 0:
-                code = 128 + number
-                os.kill(os.getpid(), number)  # exit as the job did, by its signal
-            else:
-                code = int(end.get("code") or 0)
-        except BaseException:  # nothing may escape into the worker's code
-            pass
-        os._exit(code)
+            self.user = None
+        self.link.close()
+        return "memory" if self.link.limit == "memory" else ""

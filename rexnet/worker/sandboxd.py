@@ -2,19 +2,26 @@
 
 A worker started as root starts this helper before twistd drops its privileges
 (rexnet.worker.sandbox), and keeps one end of a socketpair to it: root stays here, in a
-process that reads nothing from the network and runs no job code. For each job the
-worker sends it one socket; the helper forks a *supervisor* for it, which reads the job's
-request from its trampoline (the worker's child standing for the job) and
+process that reads nothing from the network and runs no job code. For each socket the
+worker sends it (ahead of a job: rexnet.worker.sandbox keeps spares), the helper forks a
+*supervisor*, which at once
 
 - makes a control group for the job (memory, pids and CPU bounds; rexnet.worker.cgroups),
-- unshares a mount namespace with a private tmpfs on /tmp, /var/tmp and /dev/shm, and a
-  PID namespace whose first process, a small init, starts the command (setsid; the
-  terminal as its controlling terminal; the job user's uid, gids and groups) and passes
-  on the signals the trampoline forwards,
-- when the command ends, or the trampoline goes (the worker ended the job, or died):
+  and a PID namespace whose first process, a small init, joins the group (a cgroup v1
+  migration waits for an RCU grace period: ~10 ms that no job waits for), then says
+  "ready" with the init's pid;
+
+and when the worker's job comes on the socket (the request, the job's descriptors):
+
+- sets the group's bounds; the init unshares a mount namespace with a private tmpfs on
+  /tmp, /var/tmp and /dev/shm and starts the command (setsid; the terminal as its
+  controlling terminal; the job user's uid, gids and groups), and passes on the signals
+  the worker sends (SIGKILL: to the init, which ends every process of the namespace),
+- when the command ends, or the worker's socket closes (it ended the job, or died):
   SIGKILL to the init ends every process of the namespace (the kernel does it), the
-  control group is killed too (belt and braces) and removed, and the trampoline is told
-  the status and whether the memory bound ended the job.
+  worker is told the status and whether the memory bound ended the job, and only then
+  the control group is killed too (belt and braces) and removed, and the job's mount
+  namespace is let go (its unmounts wait for RCU too).
 
 A job user comes from the pool given at start (--users uid:gid:name,...), by index; with
 no pool the job runs as the worker's own uid and gid (SO_PEERCRED of its socket).
@@ -43,9 +50,9 @@ from rexnet.worker.cgroups import JobCgroup
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 0x4000, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME = 1, 4, 15
+SPARE_NAME = "rexnet-spare"  # a sandbox's processes until their job comes
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
-REQUEST_TIMEOUT = 10.0
 MEMORY_CHECK = 0.2
 FORWARDED = [s for s in signal.valid_signals()
              if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)]
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rexnet-sandboxd: a bad request from the worker: {e}", file=sys.stderr)
             continue
         if got is None:
-            return 0  # the worker is gone; running supervisors end with their trampolines
+            return 0  # the worker is gone; supervisors end as their sockets close
         _, fds = got
         if len(fds) != 1:
             for fd in fds:
@@ -131,59 +138,124 @@ def _identity(sock: socket.socket, request: dict[str, Any], users: list[tuple[in
 
 
 def supervise(sock: socket.socket, users: list[tuple[int, int, str]]) -> int:
-    """Run one job's sandbox for the trampoline at the other end of SOCK."""
+    """Run one job's sandbox for the worker at the other end of SOCK.
+
+    Everything that does not depend on the job is done before its request comes (the
+    worker asks for supervisors ahead of its jobs, so this one is a spare until then):
+    the control group, the PID namespace and its init, which joins the group (a cgroup v1
+    migration waits for an RCU grace period, ~10 ms). Once the job has ended its status
+    goes to the worker first; the group is removed afterwards."""
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    sock.settimeout(REQUEST_TIMEOUT)
-    got = wire.receive(sock)
-    if got is None:
-        return 0
-    request, fds = got
-    targets = request.get("fds")
-    if (not isinstance(targets, list) or len(targets) != len(fds)
-            or not all(isinstance(t, int) and 0 <= t < 1024 for t in targets)):
-        raise wire.WireError("descriptors do not match their numbers")
-    identity = _identity(sock, request, users)
-    limits = request.get("limits", {})
-    memory = int(limits.get("memory", 0))
-    unshare(CLONE_NEWNS)
+    set_name(SPARE_NAME)
+    unshare(CLONE_NEWNS)  # for mount_cgroups; the init makes the job's own from it
     mount("none", "/", None, MS_REC | MS_PRIVATE)
-    private_dirs(str(request.get("cwd") or "/"), program_dir(request))
     group: JobCgroup | None = None
     try:
         mount_cgroups()
         group = JobCgroup(f"job-{os.getpid()}")
-        missing = group.limit(memory, int(limits.get("pids", 0)),
-                              float(limits.get("cpus", 0.0)))
-        if "memory" in missing or not group.dirs:
-            group = group if group.dirs else None
-            raise OSError("no memory controller")
-        memory = 0  # the kernel bounds it
+        group = group if group.dirs else None
     except OSError as e:
         print(f"rexnet-sandboxd: control group: {e}", file=sys.stderr)
+    try:
+        return _run(sock, users, group)
+    finally:
+        if group is not None:
+            group.kill()
+            group.remove()
+
+
+def _run(sock: socket.socket, users: list[tuple[int, int, str]], group: JobCgroup | None
+         ) -> int:
     unshare(CLONE_NEWPID)
     status_r, status_w = os.pipe()
+    go, init_go = socket.socketpair()
     init = os.fork()
     if init == 0:
         os.close(status_r)
         sock.close()
-        _init(request, fds, targets, identity, group, status_w)
+        go.close()
+        _init(init_go, group, status_w)
     os.close(status_w)
-    for fd in fds:
-        os.close(fd)
-    sock.settimeout(None)
+    init_go.close()
+    try:
+        if wire.receive(go) is None:  # the init could not join the job's group
+            _end(init)
+            print("rexnet-sandboxd: a job's init could not start", file=sys.stderr)
+            return 1
+        wire.send(sock, {"ready": init})
+        got = wire.receive(sock)  # the job's request, once the worker has a job
+    except OSError:  # the worker went (a spare's unread "ready" makes it a reset)
+        got = None
+    except BaseException:
+        _end(init)
+        raise
+    if got is None:
+        _end(init)
+        return 0
+    set_name("rexnet-sandbox")
+    request, fds = got
+    try:
+        request["fds"] = _checked(request, fds)
+        identity = _identity(sock, request, users)
+        memory = _limit(group, request.get("limits", {}))
+        wire.send(go, {"request": request, "identity": list(identity)}, fds)
+    except BaseException:
+        _end(init)
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:  # the job's mount namespace, held so that it is torn down after the report
+        _, namespaces = wire.receive(go) or ({}, [])
+    except (wire.WireError, OSError):
+        namespaces = []
+    go.close()
     status, connected, limit = _watch(sock, init, status_r, memory)
-    os.waitpid(init, 0)
-    if group is not None:
-        group.kill()
-        limit = "memory" if group.memory_exceeded() else limit
-        group.remove()
+    os.waitpid(init, 0)  # once the init is reaped, every process of its namespace is gone
+    if group is not None and group.memory_exceeded():
+        limit = "memory"
     if connected:
         code = os.waitstatus_to_exitcode(status) if status is not None else -signal.SIGKILL
         with contextlib.suppress(OSError):
             wire.send(sock, {"code": max(code, 0) if code >= 0 else None,
                              "signal": -code if code < 0 else None, "limit": limit})
+    sock.close()
+    for fd in namespaces:  # its unmounts wait for an RCU grace period (~5 ms)
+        os.close(fd)
     return 0
+
+
+def _checked(request: dict[str, Any], fds: list[int]) -> list[int]:
+    targets = request.get("fds")
+    if (not isinstance(targets, list) or len(targets) != len(fds)
+            or not all(isinstance(t, int) and 0 <= t < 1024 for t in targets)):
+        raise wire.WireError("descriptors do not match their numbers")
+    return targets
+
+
+def _limit(group: JobCgroup | None, limits: dict[str, Any]) -> int:
+    """Bound GROUP as LIMITS say; the memory bound left to the supervisor (0: none, or
+    the kernel's)."""
+    memory = int(limits.get("memory", 0))
+    if group is None:
+        return memory
+    missing = group.limit(memory, int(limits.get("pids", 0)), float(limits.get("cpus", 0.0)))
+    if "memory" in missing:
+        print("rexnet-sandboxd: control group: no memory controller", file=sys.stderr)
+        return memory
+    return 0  # the kernel bounds it
+
+
+def _end(init: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(init, signal.SIGKILL)
+    os.waitpid(init, 0)
+
+
+def set_name(name: str) -> None:
+    """The process's name (comm): SPARE_NAME while it waits for a job."""
+    _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def program_dir(request: dict[str, Any]) -> str | None:
@@ -221,46 +293,67 @@ def private_dirs(cwd: str, *more: str | None) -> None:
 def _watch(sock: socket.socket, init: int, status_r: int, memory: int
            ) -> tuple[int | None, bool, str]:
     """Pass signals on to the init until the command ends (its wait status) or the
-    trampoline goes (the namespace is then killed). MEMORY, when there is no control
+    worker's socket closes (the namespace is then killed). MEMORY, when there is no control
     group to bound it: the namespace's resident memory is checked every MEMORY_CHECK s."""
     connected, limit = True, ""
-    while True:
-        watched = [sock.fileno(), status_r] if connected else [status_r]
-        ready, _, _ = select.select(watched, [], [], MEMORY_CHECK if memory else None)
-        if status_r in ready:
-            data = os.read(status_r, 64)
-            return (int(data) if data else None), connected, limit
-        if memory and not limit and namespace_rss() > memory:
-            limit = "memory"
-            os.kill(init, signal.SIGKILL)
-        if sock.fileno() not in ready or not connected:
-            continue
-        try:
-            got = wire.receive(sock)
-        except (wire.WireError, OSError):
-            got = None
-        if got is None:
-            connected = False
+    ended = os.pidfd_open(init)  # readable once the init has exited: one wake-up, not two
+    try:
+        while True:
+            watched = [sock.fileno(), ended] if connected else [ended]
+            ready, _, _ = select.select(watched, [], [], MEMORY_CHECK if memory else None)
+            if ended in ready:
+                os.set_blocking(status_r, False)
+                with contextlib.suppress(BlockingIOError):
+                    data = os.read(status_r, 64)
+                    return (int(data) if data else None), connected, limit
+                return None, connected, limit
+            connected = _signals(sock, init, connected, ready)
+            if memory and not limit and namespace_rss(init) > memory:
+                limit = "memory"
+                os.kill(init, signal.SIGKILL)
+    finally:
+        os.close(ended)
+
+
+def _signals(sock: socket.socket, init: int, connected: bool, ready: list[int]) -> bool:
+    """Pass on a signal the worker sent; whether the worker is still connected."""
+    if not connected or sock.fileno() not in ready:
+        return connected
+    try:
+        got = wire.receive(sock)
+    except (wire.WireError, OSError):
+        got = None
+    if got is None:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(init, signal.SIGKILL)  # the kernel ends every process of the namespace
-            continue
-        message, extra = got
-        for fd in extra:
-            os.close(fd)
-        number = message.get("signal")
-        if isinstance(number, int) and number in FORWARDED:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(init, number)
+        return False
+    message, extra = got
+    for fd in extra:
+        os.close(fd)
+    number = message.get("signal")
+    if number == signal.SIGKILL:  # the kernel ends every process of the namespace
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init, signal.SIGKILL)
+    elif isinstance(number, int) and number in FORWARDED:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init, number)
+    return True
 
 
-def namespace_rss() -> int:
+def namespace_rss(init: int) -> int:
     """Resident bytes of every process of the job's PID namespace (its /proc, mounted by
-    the init in the mount namespace this supervisor shares)."""
+    INIT in the job's mount namespace)."""
     total = 0
     page = os.sysconf("SC_PAGE_SIZE")
-    for name in os.listdir("/proc"):
+    proc = f"/proc/{init}/root/proc"
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return 0
+    for name in names:
         if name.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError), \
-                    open(f"/proc/{name}/statm") as f:
+                    open(f"{proc}/{name}/statm") as f:
                 total += int(f.read().split()[1]) * page
     return total
 
@@ -286,14 +379,24 @@ def mount_cgroups() -> None:
                       controllers)
 
 
-def _init(request: dict[str, Any], fds: list[int], targets: list[int],
-          identity: tuple[int, int, str], group: JobCgroup | None, status_w: int) -> None:
-    """PID 1 of the job's namespace: start the command, pass signals on, report its end."""
+def _init(go: socket.socket, group: JobCgroup | None, status_w: int) -> None:
+    """PID 1 of the job's namespace: join the job's group, wait for the job, make its
+    mount namespace (a private /tmp ...), start the command, pass signals on, report its
+    end."""
     status = 0
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if group is not None:
             group.join()
+        wire.send(go, {"joined": True})
+        got = wire.receive(go)
+        if got is None:
+            os._exit(0)
+        message, fds = got
+        request, identity = message["request"], message["identity"]
+        set_name("rexnet-init")
+        unshare(CLONE_NEWNS)
+        private_dirs(str(request.get("cwd") or "/"), program_dir(request))
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         command = 0
@@ -307,9 +410,16 @@ def _init(request: dict[str, Any], fds: list[int], targets: list[int],
                 signal.signal(sig, forward)
         command = os.fork()
         if command == 0:
-            _exec(request, fds, targets, identity)
+            go.close()
+            _exec(request, fds, request["fds"], (int(identity[0]), int(identity[1]),
+                                                 str(identity[2])))
         for fd in fds:
             os.close(fd)
+        with contextlib.suppress(OSError):
+            namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            wire.send(go, {"mnt": True}, [namespace])
+            os.close(namespace)
+        go.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         while True:
             pid, status = os.waitpid(-1, 0)

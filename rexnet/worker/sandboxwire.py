@@ -1,4 +1,4 @@
-"""Messages between a job's trampoline (in the worker) and its root supervisor.
+"""Messages between the worker and a job's root supervisor (and the supervisor's init).
 
 Each message is a 4-byte big-endian length and a JSON object, descriptors passed with
 SCM_RIGHTS on its first bytes. Bounded: MAX_MESSAGE bytes and MAX_FDS descriptors; a

@@ -1,10 +1,12 @@
 """Starting a job's process: a session of its own, with pipes, socketpairs or a terminal.
 
 The worker is a large process, and fork copies its page tables for every job (a few
-milliseconds each), so jobs start with posix_spawn where it can serve. That path goes
+milliseconds each), so jobs start with posix_spawn where it can serve, and a sandboxed job
+is no child of the worker at all (its supervisor runs it and reports its end). Both go
 through Twisted's private process API (Process._trySpawnInsteadOfFork, _listOpenFDs,
-_getFileActions, _PS_CLOSE, _PS_DUP2, _setupChild): this module is the only one that
-uses it, and tests/test_twisted_private.py says which name a Twisted release removed.
+_getFileActions, _PS_CLOSE, _PS_DUP2, _setupChild, _BaseProcess): this module is the only
+one that uses it, and tests/test_twisted_private.py says which name a Twisted release
+removed.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import termios
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from twisted.internet import process
+from twisted.internet import abstract, fdesc, process
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
 
 from rexnet.net.pipes import PipeReader, PipeWriter
 from rexnet.protocol import wire
+
+log = Logger()
 
 
 def reset_signals() -> None:
@@ -84,45 +89,95 @@ class TerminalProcess(process.PTYProcess):
         super()._setupChild(*args, **kwargs)
 
 
-class Trampoline(Protocol):
-    """What a sandboxed job's forked child runs instead of exec (rexnet.worker.sandbox)."""
+class Supervisor(Protocol):
+    """A sandboxed job's root supervisor, as the worker holds it (rexnet.worker.sandbox.Link):
+    START hands it the job's descriptors and returns the job's pid (not a child of the
+    worker), SIGNAL passes a signal on, WATCH reports the end to the transport."""
 
-    def run(self, fdmap: Mapping[int, int]) -> None: ...
+    def start(self, fdmap: Mapping[int, int]) -> int: ...
+
+    def signal(self, number: int) -> None: ...
+
+    def watch(self, reactor: Any, transport: Any) -> None: ...
 
 
 class SandboxedProcess(process.Process):
-    """The trampoline of a job with pipes (and socketpairs), forked from the worker."""
+    """A job with pipes (and socketpairs) in a sandbox: no process of the worker's own (a
+    fork of the worker costs it milliseconds per job); the job's ends of its pipes go to
+    its supervisor, which reports its end (Process.__init__ without fork and reaping)."""
 
     processReaderFactory = PipeReader
 
-    def __init__(self, trampoline: Trampoline, *args: Any) -> None:
-        self.trampoline = trampoline
-        super().__init__(*args)
+    def __init__(self, supervisor: Supervisor, reactor: Any, proto: Any,
+                 childFDs: dict[int, Any]) -> None:
+        self._reactor = reactor
+        self.supervisor = supervisor
+        process._BaseProcess.__init__(self, proto)
+        self.pipes = {}
+        helpers: dict[int, int] = {}
+        fdmap: dict[int, int] = {}
+        opened: list[int] = []
+        try:
+            for child, target in childFDs.items():
+                if target in ("r", "w"):
+                    r, w = os.pipe()
+                    opened += [r, w]
+                    fdmap[child], helpers[child] = (w, r) if target == "r" else (r, w)
+                else:
+                    fdmap[child] = target
+            self.pid = supervisor.start(fdmap)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        for child, parent in helpers.items():
+            os.close(fdmap[child])
+            pipe: Any = (
+                self.processReaderFactory(reactor, self, child, parent)
+                if childFDs[child] == "r" else
+                self.processWriterFactory(reactor, self, child, parent, forceReadHack=True))
+            self.pipes[child] = pipe
+        try:
+            proto.makeConnection(self)
+        except Exception:
+            log.failure("while starting a sandboxed job's protocol")
+        supervisor.watch(reactor, self)
 
-    def _trySpawnInsteadOfFork(self, *args: Any) -> bool:
-        return False
+    def reapProcess(self) -> None:
+        """Not a child: the supervisor reports the end (processEnded)."""
 
-    def _setupChild(self, fdmap: dict[int, int]) -> None:
-        self._fdmap = fdmap
-
-    def _execChild(self, *args: Any) -> None:
-        self.trampoline.run(self._fdmap)
+    def signalProcess(self, signalID: Any) -> None:
+        self.supervisor.signal(int(getattr(signal, f"SIG{signalID}", signalID)))
 
 
 class SandboxedTerminal(process.PTYProcess):
-    """The trampoline of a job in a terminal: the job's command takes the terminal as its
-    controlling terminal (the supervisor, root, may take it from the trampoline)."""
+    """A job in a terminal, in a sandbox: the supervisor gets the terminal's slave (the
+    command's controlling terminal); the worker keeps the master (PTYProcess.__init__
+    without fork and reaping)."""
 
-    def __init__(self, trampoline: Trampoline, *args: Any) -> None:
-        self.trampoline = trampoline
-        super().__init__(*args)
+    def __init__(self, supervisor: Supervisor, reactor: Any, proto: Any, master: int,
+                 slave: int) -> None:
+        abstract.FileDescriptor.__init__(self, reactor)
+        process._BaseProcess.__init__(self, proto)
+        self.supervisor = supervisor
+        self.pid = supervisor.start({0: slave, 1: slave, 2: slave})  # type: ignore[assignment]
+        os.close(slave)
+        fdesc.setNonBlocking(master)
+        self.fd = master
+        self.startReading()
+        self.connected = 1
+        self.status = -1
+        try:
+            proto.makeConnection(self)
+        except Exception:
+            log.failure("while starting a sandboxed job's protocol")
+        supervisor.watch(reactor, self)
 
-    def _setupChild(self, masterfd: int, slavefd: int) -> None:
-        os.close(masterfd)
-        self._fdmap = {0: slavefd, 1: slavefd, 2: slavefd}
+    def reapProcess(self) -> None:
+        """Not a child: the supervisor reports the end (processEnded)."""
 
-    def _execChild(self, *args: Any) -> None:
-        self.trampoline.run(self._fdmap)
+    def signalProcess(self, signalID: Any) -> None:
+        self.supervisor.signal(int(getattr(signal, f"SIG{signalID}", signalID)))
 
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:
