@@ -47,7 +47,8 @@ from rexnet.worker import sandboxwire as wire
 from rexnet.worker.job import JobProcess
 from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 
-SPARES = 2  # supervisors the helper prepares ahead of their jobs, per application
+SPARES = 2  # supervisors the helper prepares ahead of their jobs, per application, at least
+MAX_SPARES = 8  # ... and at most (the worker asks for one per slot)
 FIRST_FILL = 1.0  # seconds after start
 READY_TIMEOUT = 2.0  # seconds a job (and the reactor) waits for a supervisor being prepared
 

@@ -36,6 +36,8 @@ from rexnet.worker.load import cpu_count
 from rexnet.worker.metrics import Metrics
 from rexnet.worker.multi import SharedWorkerService
 from rexnet.worker.sandbox import (
+    MAX_SPARES,
+    SPARES,
     JobUsers,
     Sandbox,
     SandboxService,
@@ -454,7 +456,9 @@ def sandbox_for(config: Options, top: MultiService) -> Sandbox | None:
                  "cannot be enforced" if limits else "")
         return None
     users = JobUsers(config["job_users"]) if config["job_users"] else None
-    sandbox = Sandbox(users)
+    # one spare per slot (at most MAX_SPARES): a burst of jobs as large as the worker's
+    # slots takes prepared supervisors, none waits for one in the reactor
+    sandbox = Sandbox(users, spares=max(SPARES, min(config["slots"], MAX_SPARES)))
     SandboxService(sandbox).setServiceParent(top)
     return sandbox
 
