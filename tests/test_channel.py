@@ -171,6 +171,26 @@ def test_out_stream_sends_data_in_bounded_chunks(channel: Peer,
     assert out.credit == WINDOW - len(payload)
 
 
+def test_out_stream_writes_one_read_to_the_transport_at_once(channel: Peer,
+                                                            transport: StringTransport
+                                                            ) -> None:
+    """A read of many chunks goes to the TLS layer in one write (one pass, one copy)."""
+    writes: list[bytes] = []
+    write = transport.write
+    transport.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+    out, _ = out_stream(channel, 3)
+    payload = bytes(range(256)) * 1024  # 256 KiB: 4 frames
+
+    out.write(payload)
+    out.write(b"")  # nothing to send: nothing written
+
+    assert len(writes) == 1
+    frames = sent(transport)
+    assert [len(f.payload) for f in frames if isinstance(f, wire.Data)] == [
+        wire.MAX_DATA_CHUNK] * 4
+    assert b"".join(f.payload for f in frames if isinstance(f, wire.Data)) == payload
+
+
 def test_source_paused_when_credit_is_used_up(channel: Peer) -> None:
     out, source = out_stream(channel)
 

@@ -1,0 +1,83 @@
+"""Bulk writes through Twisted's TLS layer in large pieces (issue P11, item 2: fewer copies).
+
+Twisted's TLSMemoryBIOProtocol hands OpenSSL 16 KiB at a time: for each piece it copies a
+slice of the caller's bytes, calls SSL_write, reads at most 32 KiB back out of the memory
+BIO and writes that to the TCP transport, three Python-level calls and two copies per TLS
+record. `bulk_writes` makes one TLS layer hand OpenSSL a memoryview (no slice copies; the
+SSL_write calls still take a record each, pyOpenSSL enables partial writes) and drain the
+BIO once per SEND_PIECE, in one read and one transport write: the same records on the
+wire, the same OpenSSL connection and checks, a sixteenth of the BIO reads and writes.
+
+Only the write path changes; the handshake, reads, renegotiation's WantReadError
+(buffered, as Twisted does) and errors (the connection is shut, as Twisted does) keep
+their behaviour. A transport that is not a TLSMemoryBIOProtocol, or one whose internals
+are not what this module knows, is left alone.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from OpenSSL.SSL import Error, WantReadError
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+
+SEND_PIECE = 256 * 1024
+# what one drain of the send BIO may read: a piece's records and their overhead, with room
+DRAIN = 2 * SEND_PIECE
+
+_NEEDS = ("_tlsConnection", "_lostTLSConnection", "_bufferedWrite", "_tlsShutdownFinished",
+          "transport")
+
+
+def tls_layer(transport: Any) -> TLSMemoryBIOProtocol | None:
+    """The TLSMemoryBIOProtocol under a channel's TRANSPORT: the transport itself
+    (wrapClientTLS) or its protocol (listenSSL's connection); None when there is none."""
+    for candidate in (transport, getattr(transport, "protocol", None)):
+        if isinstance(candidate, TLSMemoryBIOProtocol):
+            return candidate
+    return None
+
+
+def bulk_writes(transport: Any) -> bool:
+    """Make the TLS layer under TRANSPORT write in SEND_PIECE pieces; whether it did."""
+    tls = tls_layer(transport)
+    if tls is None or not all(hasattr(tls, name) for name in _NEEDS):
+        return False
+    tls._write = types.MethodType(_write, tls)  # type: ignore[method-assign]
+    tls._flushSendBIO = types.MethodType(_flush_send_bio, tls)  # type: ignore[method-assign]
+    return True
+
+
+def _write(self: TLSMemoryBIOProtocol, data: bytes) -> None:
+    """TLSMemoryBIOProtocol._write, a SEND_PIECE at a time from a view of DATA."""
+    if self._lostTLSConnection:
+        return
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            end = min(done + SEND_PIECE, len(view))
+            try:
+                while done < end:  # SSL_write takes a record at a time (partial writes)
+                    done += self._tlsConnection.send(view[done:end])
+            except WantReadError:
+                self._flushSendBIO()
+                self._bufferedWrite(bytes(view[done:]))
+                return
+            except Error:  # as Twisted: the connection is shut with the error
+                self._tlsShutdownFinished(Failure())
+                return
+            self._flushSendBIO()  # the piece's records, in one write to the transport
+
+
+def _flush_send_bio(self: TLSMemoryBIOProtocol) -> None:
+    """Everything waiting in the send BIO to the transport, DRAIN bytes a read."""
+    while True:
+        try:
+            data = self._tlsConnection.bio_read(DRAIN)
+        except WantReadError:  # nothing (more) in the BIO
+            return
+        self.transport.write(data)  # type: ignore[union-attr]
+        if len(data) < DRAIN:
+            return
