@@ -6,6 +6,12 @@ reads again when the receiver returns credit (WINDOW frames), which it does only
 once its sink has taken the bytes.  So a slow reader on one side pauses the producer
 on the other, memory stays bounded, and control frames (exit status, errors) never
 wait behind data.
+
+A receiver widens a stream's window to STREAM_WINDOW when the stream's first DATA
+arrives, with one WINDOW frame of the difference (issue P11: a 1 MiB window covered only
+~8 ms of a bulk transfer, so a process of the pipeline that lost its CPU for longer
+stalled the link). Every peer starts from WINDOW; a sender caps its credit at
+STREAM_WINDOW, and an older one at WINDOW, so either side may be older.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from rexnet.protocol import wire
 from rexnet.security.credentials import Credential
 from rexnet.security.tls import Revocations, check_peer
 
-WINDOW = 1 << 20
+WINDOW = 1 << 20  # the credit both sides start a stream with (the protocol's)
+STREAM_WINDOW = 4 << 20  # what a receiver widens a stream's window to
 GRANT_STEP = WINDOW // 4
-MAX_OVERRUN = WINDOW + wire.MAX_FRAME
+MAX_OVERRUN = WINDOW + wire.MAX_FRAME  # before the widening
 
 log = Logger()
 
@@ -71,7 +78,7 @@ class OutStream:
             self.source = None
 
     def grant(self, credit: int) -> None:
-        self.credit = min(self.credit + credit, WINDOW)
+        self.credit = min(self.credit + credit, STREAM_WINDOW)
         self._update()
 
     def _update(self) -> None:
@@ -106,14 +113,18 @@ class InStream:
         self.held = False  # the sink asked us to pause
         self.received = 0
         self.eof = False
+        self.overrun = MAX_OVERRUN  # the most the peer may have sent uncredited
         if sink is not None:
             sink.registerProducer(self, True)
 
     def data(self, payload: bytes) -> None:
         self.outstanding += len(payload)
         self.received += len(payload)
-        if self.outstanding > MAX_OVERRUN:
+        if self.outstanding > self.overrun:
             raise wire.WireError(f"peer overran the window of stream {self.stream}")
+        if self.overrun == MAX_OVERRUN:  # the stream carries data: widen its window
+            self.overrun = STREAM_WINDOW + wire.MAX_FRAME
+            self.channel.send(wire.Window(self.stream, STREAM_WINDOW - WINDOW))
         if self.sink is not None:
             self.sink.write(payload)
         self._maybe_grant()
