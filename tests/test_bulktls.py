@@ -24,9 +24,15 @@ ADDRESS = IPv4Address("TCP", "127.0.0.1", 3010)
 class Sink(Protocol):
     def __init__(self) -> None:
         self.received = bytearray()
+        self.deliveries = 0
+        self.ended: object = None
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+        self.deliveries += 1
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.ended = reason
 
 
 def pair(keys: Keys) -> tuple[Sink, Sink, IOPump]:
@@ -101,3 +107,32 @@ def test_transports_without_tls_are_left_alone() -> None:
     assert bulk_writes(transport) is False
     transport.write(b"plain")
     assert transport.value() == b"plain"
+
+
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "twisted"])
+def test_received_records_reach_the_protocol_in_large_pieces(keys: Keys, bulk: bool) -> None:
+    server, client, pump = pair(keys)
+    if bulk:
+        assert bulk_writes(server.transport)
+    pump.flush()
+    payload = os.urandom(3 * SEND_PIECE + 777)
+    client.transport.write(payload)  # type: ignore[union-attr]
+    pump.flush()
+    assert bytes(server.received) == payload
+    records = len(payload) // 16384
+    if bulk:
+        assert server.deliveries <= len(payload) // SEND_PIECE + 2, server.deliveries
+    else:
+        assert server.deliveries >= records
+
+
+def test_the_bytes_before_a_tls_shutdown_arrive_before_the_end(keys: Keys) -> None:
+    server, client, pump = pair(keys)
+    assert bulk_writes(server.transport) and bulk_writes(client.transport)
+    pump.flush()
+    payload = os.urandom(SEND_PIECE + 5)
+    client.transport.write(payload)  # type: ignore[union-attr]
+    client.transport.loseConnection()  # type: ignore[union-attr]
+    pump.flush()
+    assert bytes(server.received) == payload
+    assert server.ended is not None and client.ended is not None

@@ -18,10 +18,12 @@ from conftest import Keys
 from netbed import NetBed
 from sockets import connected_tcp, established, nodelay, owner_of, pipe_size
 from twisted.internet import tcp
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from rexnet.net import tuning
 from rexnet.net.pipes import WRITE_BUFFER, PipeWriter
@@ -67,6 +69,7 @@ def test_tune_connection_reaches_the_tcp_socket_under_a_tls_wrapper() -> None:
         assert tcp.Connection.SEND_LIMIT == 128 * 1024  # the class keeps Twisted's
 
 
+@implementer(IPushProducer)
 class Source:
     """A push producer that records whether it was asked to pause."""
 

@@ -7,11 +7,13 @@ record. `bulk_writes` makes one TLS layer hand OpenSSL a memoryview (no slice co
 SSL_write calls still take a record each, pyOpenSSL enables partial writes) and drain the
 BIO once per SEND_PIECE, in one read and one transport write: the same records on the
 wire, the same OpenSSL connection and checks, a sixteenth of the BIO reads and writes.
+Received records are decrypted as before, one SSL_read each, but handed to the protocol
+(the channel's frame decoder) up to RECV_PIECE at a time, not a record at a time.
 
-Only the write path changes; the handshake, reads, renegotiation's WantReadError
-(buffered, as Twisted does) and errors (the connection is shut, as Twisted does) keep
-their behaviour. A transport that is not a TLSMemoryBIOProtocol, or one whose internals
-are not what this module knows, is left alone.
+The handshake, renegotiation's WantReadError (buffered, as Twisted does), TLS shutdown
+and errors (the connection is shut, as Twisted does, after the bytes that came before
+them are delivered) keep their behaviour. A transport that is not a TLSMemoryBIOProtocol,
+or one whose internals are not what this module knows, is left alone.
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ from __future__ import annotations
 import types
 from typing import Any
 
-from OpenSSL.SSL import Error, WantReadError
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 SEND_PIECE = 256 * 1024
 # what one drain of the send BIO may read: a piece's records and their overhead, with room
 DRAIN = 2 * SEND_PIECE
+RECV_PIECE = 256 * 1024  # decrypted bytes handed to the protocol at once, at most
+RECORD = 1 << 15  # what one SSL_read may return (a record is at most 16 KiB)
 
 _NEEDS = ("_tlsConnection", "_lostTLSConnection", "_bufferedWrite", "_tlsShutdownFinished",
-          "transport")
+          "_shutdownTLS", "_aborted", "transport")
 
 
 def tls_layer(transport: Any) -> TLSMemoryBIOProtocol | None:
@@ -47,6 +52,7 @@ def bulk_writes(transport: Any) -> bool:
         return False
     tls._write = types.MethodType(_write, tls)  # type: ignore[method-assign]
     tls._flushSendBIO = types.MethodType(_flush_send_bio, tls)  # type: ignore[method-assign]
+    tls._flushReceiveBIO = types.MethodType(_flush_receive_bio, tls)  # type: ignore[method-assign]
     return True
 
 
@@ -81,3 +87,37 @@ def _flush_send_bio(self: TLSMemoryBIOProtocol) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
         if len(data) < DRAIN:
             return
+
+
+def _flush_receive_bio(self: TLSMemoryBIOProtocol) -> None:
+    """TLSMemoryBIOProtocol._flushReceiveBIO, delivering up to RECV_PIECE at a time."""
+    pieces: list[bytes] = []
+    size = 0
+
+    def deliver() -> None:
+        nonlocal pieces, size
+        if pieces and not self._aborted:
+            ProtocolWrapper.dataReceived(self, pieces[0] if len(pieces) == 1 else
+                                         b"".join(pieces))
+        pieces, size = [], 0
+
+    while not self._lostTLSConnection:
+        try:
+            data = self._tlsConnection.recv(RECORD)
+        except WantReadError:  # no whole record left in the BIO
+            break
+        except ZeroReturnError:  # the peer shut TLS down: what came first, then the end
+            deliver()
+            self._shutdownTLS()
+            self._tlsShutdownFinished(None)
+        except Error:
+            failure = Failure()
+            deliver()
+            self._tlsShutdownFinished(failure)
+        else:
+            pieces.append(data)
+            size += len(data)
+            if size >= RECV_PIECE:
+                deliver()
+    deliver()
+    self._flushSendBIO()  # what the received records made OpenSSL answer
