@@ -208,6 +208,33 @@ def test_out_stream_writes_one_read_to_the_transport_at_once(channel: Peer,
     assert b"".join(f.payload for f in frames if isinstance(f, wire.Data)) == payload
 
 
+def test_a_channel_that_routes_its_frames_gets_data_as_frames(credential: Credential) -> None:
+    """A subclass overriding send (as a detached job's OutputLog does) sees every DATA
+    frame, not bytes written past it to the transport."""
+
+    class Routing(Peer):
+        def __init__(self, credential: Credential) -> None:
+            super().__init__(credential)
+            self.routed: list[wire.Frame] = []
+
+        def send(self, frame: wire.Frame) -> None:
+            self.routed.append(frame)
+
+    transport = StringTransport()
+    routing = Routing(credential)
+    routing.makeConnection(transport)
+    routing.verified = True
+    out, _ = out_stream(routing, 1)
+    payload = bytes(range(256)) * 600
+
+    out.write(payload)
+
+    assert transport.value() == b""
+    assert all(isinstance(f, wire.Data) and len(f.payload) <= wire.MAX_DATA_CHUNK
+               for f in routing.routed)
+    assert b"".join(f.payload for f in routing.routed if isinstance(f, wire.Data)) == payload
+
+
 def test_source_paused_when_credit_is_used_up(channel: Peer) -> None:
     out, source = out_stream(channel)
 

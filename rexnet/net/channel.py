@@ -218,12 +218,18 @@ class Channel(Protocol):
     def send_data(self, stream: int, data: bytes) -> None:
         """DATA frames of at most MAX_DATA_CHUNK bytes carrying DATA, written to the
         transport at once: one copy of the bytes (the frames joined) and one pass through
-        TLS, where a frame at a time sliced, framed and encrypted each piece apart."""
+        TLS, where a frame at a time sliced, framed and encrypted each piece apart.
+        A subclass that routes frames itself (overrides `send`: a detached job's
+        OutputLog) gets them as frames, through `send`."""
+        chunk = wire.MAX_DATA_CHUNK
+        if type(self).send is not Channel.send:
+            for start in range(0, len(data), chunk):
+                self.send(wire.Data(stream, data[start : start + chunk]))
+            return
         if self.closed or not data:
             return
         if self.heartbeat is not None:
             self.heartbeat.sent()
-        chunk = wire.MAX_DATA_CHUNK
         header = wire.FRAME_HEADER.pack
         kind = wire.FrameKind.DATA
         with memoryview(data) as view:
