@@ -167,6 +167,15 @@ class PeakRSS:
         self._thread.join()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process PID so far (not its children's); 0 if gone."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
 def stream(argv: Sequence[str], size: int, back: bool, env: dict[str, str] | None = None,
            memory: PeakRSS | None = None) -> float:
     """Feed SIZE bytes to ARGV's stdin (reading back as many if BACK); return MB/s."""
@@ -388,9 +397,24 @@ def bulk(b: Bed, n: int) -> tuple[list[Row], dict[str, int]]:
         "agent": agent_pid(b) if b.agent else None}.items() if v})
     with memory:
         rex_b = [stream(rex_back, GIB, True, env, memory)]
+    cpu: dict[str, list[float]] = {}
+
+    def rex_round() -> float:
+        """One round trip, with the CPU seconds the agent and the worker spent on it
+        (user + system: less sensitive to the machine's other load than MB/s)."""
+        pids = {k: v for k, v in {"agent": agent_pid(b) if b.agent else None,
+                                  "worker": worker_pid}.items() if v}
+        before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        rate = stream(rex_back, GIB, True, env)
+        for k, pid in pids.items():
+            cpu.setdefault(k, []).append(cpu_seconds(pid) - before[k])
+        return rate
+
     rex_b_more, gcm_b, def_b = alternate(
-        n, lambda: stream(rex_back, GIB, True, env), lambda: stream(gcm_back, GIB, True),
-        lambda: stream(ssh_back, GIB, True))
+        n, rex_round, lambda: stream(gcm_back, GIB, True), lambda: stream(ssh_back, GIB, True))
+    cpu_note = "CPU s per round trip: " + ", ".join(
+        f"{k} {statistics.median(v):.2f}" for k, v in cpu.items())
+    print(f"   {cpu_note}", flush=True)
     rex_o, gcm_o, def_o = alternate(
         n, lambda: stream(rex_one, GIB, False, env), lambda: stream(gcm_one, GIB, False),
         lambda: stream(ssh_one, GIB, False))
@@ -398,7 +422,7 @@ def bulk(b: Bed, n: int) -> tuple[list[Row], dict[str, int]]:
     via = " (agent)" if b.agent else ""
     rows = [
         Row("bulk", f"1 GiB in and back out through `cat`{via}", "MB/s", rex_b,
-            "ssh aes128-gcm", gcm_b, True, ">= 1"),
+            "ssh aes128-gcm", gcm_b, True, ">= 1", note=cpu_note),
         Row("bulk", f"1 GiB in and back out through `cat`{via}", "MB/s", rex_b,
             "ssh default cipher", def_b, True),
         Row("bulk", f"1 GiB one way (`cat > /dev/null`){via}", "MB/s", rex_o,

@@ -12,7 +12,15 @@ import pytest
 from conftest import Keys
 from twisted.internet.testing import StringTransport
 
-from rexnet.net.channel import GRANT_STEP, MAX_OVERRUN, WINDOW, Channel, InStream, OutStream
+from rexnet.net.channel import (
+    GRANT_STEP,
+    MAX_OVERRUN,
+    STREAM_WINDOW,
+    WINDOW,
+    Channel,
+    InStream,
+    OutStream,
+)
 from rexnet.protocol import wire
 from rexnet.security.credentials import Credential, load_credential
 
@@ -57,6 +65,10 @@ def sent(transport: StringTransport) -> list[wire.Frame]:
 
 def deliver(channel: Channel, *frames: wire.Frame) -> None:
     channel.dataReceived(b"".join(wire.encode_frame(f) for f in frames))
+
+
+WIDEN = wire.Window(0, STREAM_WINDOW - WINDOW)  # the receiver's widening of stream 0
+WIDE_OVERRUN = STREAM_WINDOW + wire.MAX_FRAME  # what the peer may send once it is widened
 
 
 def data_chunks(total: int, stream: int) -> list[wire.Frame]:
@@ -171,6 +183,58 @@ def test_out_stream_sends_data_in_bounded_chunks(channel: Peer,
     assert out.credit == WINDOW - len(payload)
 
 
+def test_out_stream_writes_one_read_to_the_transport_at_once(channel: Peer,
+                                                            transport: StringTransport
+                                                            ) -> None:
+    """A read of many chunks goes to the TLS layer in one write (one pass, one copy)."""
+    writes: list[bytes] = []
+    write = transport.write
+
+    def counting(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    transport.write = counting  # type: ignore[method-assign]
+    out, _ = out_stream(channel, 3)
+    payload = bytes(range(256)) * 1024  # 256 KiB: 4 frames
+
+    out.write(payload)
+    out.write(b"")  # nothing to send: nothing written
+
+    assert len(writes) == 1
+    frames = sent(transport)
+    assert [len(f.payload) for f in frames if isinstance(f, wire.Data)] == [
+        wire.MAX_DATA_CHUNK] * 4
+    assert b"".join(f.payload for f in frames if isinstance(f, wire.Data)) == payload
+
+
+def test_a_channel_that_routes_its_frames_gets_data_as_frames(credential: Credential) -> None:
+    """A subclass overriding send (as a detached job's OutputLog does) sees every DATA
+    frame, not bytes written past it to the transport."""
+
+    class Routing(Peer):
+        def __init__(self, credential: Credential) -> None:
+            super().__init__(credential)
+            self.routed: list[wire.Frame] = []
+
+        def send(self, frame: wire.Frame) -> None:
+            self.routed.append(frame)
+
+    transport = StringTransport()
+    routing = Routing(credential)
+    routing.makeConnection(transport)
+    routing.verified = True
+    out, _ = out_stream(routing, 1)
+    payload = bytes(range(256)) * 600
+
+    out.write(payload)
+
+    assert transport.value() == b""
+    assert all(isinstance(f, wire.Data) and len(f.payload) <= wire.MAX_DATA_CHUNK
+               for f in routing.routed)
+    assert b"".join(f.payload for f in routing.routed if isinstance(f, wire.Data)) == payload
+
+
 def test_source_paused_when_credit_is_used_up(channel: Peer) -> None:
     out, source = out_stream(channel)
 
@@ -215,8 +279,8 @@ def test_credit_never_exceeds_the_window(channel: Peer) -> None:
     out, source = out_stream(channel, 1)
 
     deliver(channel, wire.Window(1, 2**32 - 1))
-    assert out.credit == WINDOW
-    out.write(bytes(WINDOW))
+    assert out.credit == STREAM_WINDOW
+    out.write(bytes(STREAM_WINDOW))
 
     assert source.producerState == "paused"
 
@@ -300,7 +364,7 @@ def test_credit_is_granted_in_grant_step_batches(channel: Peer,
     in_stream(channel, 0)
 
     deliver(channel, wire.Data(0, bytes(GRANT_STEP - 1)))
-    assert sent(transport) == []
+    assert sent(transport) == [WIDEN]  # once, at the stream's first data
     deliver(channel, wire.Data(0, b"x"))
     assert sent(transport) == [wire.Window(0, GRANT_STEP)]
 
@@ -315,7 +379,7 @@ def test_credit_is_held_while_the_sink_is_paused(channel: Peer,
 
     sink.producer.pauseProducing()
     deliver(channel, *data_chunks(2 * GRANT_STEP + 5, 0))
-    assert sent(transport) == []
+    assert sent(transport) == [WIDEN]  # widening is not credit for taken bytes
     assert len(sink.value()) == 2 * GRANT_STEP + 5
 
     sink.producer.resumeProducing()
@@ -340,7 +404,9 @@ def test_dropped_sink_releases_credit(channel: Peer, transport: StringTransport)
     deliver(channel, *data_chunks(GRANT_STEP, 0))
 
     assert sink.value() == b"kept"
-    assert sum(f.credit for f in sent(transport) if isinstance(f, wire.Window)) == GRANT_STEP + 4
+    frames = sent(transport)
+    assert frames[0] == WIDEN
+    assert sum(f.credit for f in frames[1:] if isinstance(f, wire.Window)) == GRANT_STEP + 4
 
 
 def test_paused_sink_tolerates_a_full_window_and_one_frame(channel: Peer,
@@ -348,19 +414,40 @@ def test_paused_sink_tolerates_a_full_window_and_one_frame(channel: Peer,
     inbound, _ = in_stream(channel, 0)
     inbound.pauseProducing()
 
-    deliver(channel, *data_chunks(MAX_OVERRUN, 0))
+    deliver(channel, *data_chunks(WIDE_OVERRUN, 0))
 
     assert not channel.closed
-    assert inbound.outstanding == MAX_OVERRUN
+    assert inbound.outstanding == WIDE_OVERRUN
 
 
 def test_overrunning_the_window_raises_wire_error(channel: Peer) -> None:
     inbound, _ = in_stream(channel, 0)
     inbound.pauseProducing()
-    inbound.data(bytes(MAX_OVERRUN))
+    inbound.data(b"x")  # widens the window
+    inbound.data(bytes(WIDE_OVERRUN - 1))
 
     with pytest.raises(wire.WireError, match="overran"):
         inbound.data(b"x")
+
+
+def test_a_stream_is_held_to_the_first_window_until_widened(channel: Peer) -> None:
+    """The first DATA may not exceed what every peer starts with."""
+    inbound, _ = in_stream(channel, 0)
+    with pytest.raises(wire.WireError, match="overran"):
+        inbound.data(bytes(MAX_OVERRUN + 1))
+
+
+def test_widening_reaches_a_sender_and_is_capped(channel: Peer,
+                                                 transport: StringTransport) -> None:
+    """A sender's credit grows to STREAM_WINDOW with the receiver's widening, and no
+    further; one that never hears it keeps WINDOW (an older receiver)."""
+    out, source = out_stream(channel, 0)
+    out.write(bytes(WINDOW))
+    assert source.producerState == "paused"
+    deliver(channel, WIDEN)
+    assert out.credit == STREAM_WINDOW - WINDOW and source.producerState == "producing"
+    deliver(channel, wire.Window(0, WINDOW), WIDEN)  # a second widening is capped
+    assert out.credit == STREAM_WINDOW
 
 
 def test_overrunning_the_window_closes_with_protocol_error(
@@ -369,10 +456,10 @@ def test_overrunning_the_window_closes_with_protocol_error(
     inbound, sink = in_stream(channel, 0)
     inbound.pauseProducing()
 
-    deliver(channel, *data_chunks(MAX_OVERRUN + wire.MAX_DATA_CHUNK, 0))
+    deliver(channel, *data_chunks(WIDE_OVERRUN + wire.MAX_DATA_CHUNK, 0))
 
     assert_closed_with_protocol_error(channel, transport)
-    assert len(sink.value()) == MAX_OVERRUN  # the excess never reached the sink
+    assert len(sink.value()) == WIDE_OVERRUN  # the excess never reached the sink
 
 
 def test_eof_ends_the_in_stream(channel: Peer, transport: StringTransport) -> None:

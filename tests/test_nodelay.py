@@ -18,12 +18,15 @@ from conftest import Keys
 from netbed import NetBed
 from sockets import connected_tcp, established, nodelay, owner_of, pipe_size
 from twisted.internet import tcp
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from rexnet.net import tuning
+from rexnet.net.pipes import WRITE_BUFFER, PipeWriter
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 and not os.environ.get("CI"),
@@ -62,6 +65,57 @@ def test_tune_connection_reaches_the_tcp_socket_under_a_tls_wrapper() -> None:
         assert tuning.tune_connection(wrapper) is True
         assert mine.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert connection.bufferSize == tuning.TRANSPORT_BUFFER  # reads and send buffer
+        assert connection.SEND_LIMIT == tuning.TRANSPORT_BUFFER  # one send() per buffer
+        assert tcp.Connection.SEND_LIMIT == 128 * 1024  # the class keeps Twisted's
+
+
+@implementer(IPushProducer)
+class Source:
+    """A push producer that records whether it was asked to pause."""
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def test_a_pipe_writer_holds_its_producer_back_only_past_its_buffer() -> None:
+    """A channel stream's sink pauses the stream (so holds back the peer's credit) once
+    WRITE_BUFFER bytes wait, not at Twisted's 64 KiB; the reactor is never run, so every
+    byte written waits in the writer."""
+    r, w = os.pipe()
+    try:
+        writer = PipeWriter(MemoryReactor(), None, "in", w)
+        source = Source()
+        writer.registerProducer(source, True)
+        writer.write(b"x" * (WRITE_BUFFER - 1024))
+        assert not source.paused, "paused below WRITE_BUFFER"
+        writer.write(b"x" * 2048)
+        assert source.paused
+        assert pipe_size(os.getpid(), w) == tuning.PIPE_SIZE
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_kernel_tls_probe_agrees_with_the_kernels_list() -> None:
+    """kTLS (and so splice/sendfile of encrypted bytes) is there only where the kernel lists
+    the "tls" upper layer protocol; the probe says why not, and never raises."""
+    try:
+        listed = Path("/proc/sys/net/ipv4/tcp_available_ulp").read_text().split()
+    except OSError:
+        pytest.skip("this kernel does not list its upper layer protocols")
+    problem = tuning.kernel_tls()
+    if "tls" in listed:
+        assert problem == ""
+    else:
+        assert problem.startswith("no kernel TLS: "), problem
 
 
 def read_exactly(fd: int, n: int, timeout: float = 30.0) -> bytes:

@@ -6,6 +6,12 @@ reads again when the receiver returns credit (WINDOW frames), which it does only
 once its sink has taken the bytes.  So a slow reader on one side pauses the producer
 on the other, memory stays bounded, and control frames (exit status, errors) never
 wait behind data.
+
+A receiver widens a stream's window to STREAM_WINDOW when the stream's first DATA
+arrives, with one WINDOW frame of the difference (issue P11: a 1 MiB window covered only
+~8 ms of a bulk transfer, so a process of the pipeline that lost its CPU for longer
+stalled the link). Every peer starts from WINDOW; a sender caps its credit at
+STREAM_WINDOW, and an older one at WINDOW, so either side may be older.
 """
 
 from __future__ import annotations
@@ -19,15 +25,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rexnet.net.bulktls import bulk_writes
 from rexnet.net.heartbeat import Heartbeat
 from rexnet.net.tuning import tune_connection
 from rexnet.protocol import wire
 from rexnet.security.credentials import Credential
 from rexnet.security.tls import Revocations, check_peer
 
-WINDOW = 1 << 20
+WINDOW = 1 << 20  # the credit both sides start a stream with (the protocol's)
+STREAM_WINDOW = 4 << 20  # what a receiver widens a stream's window to
 GRANT_STEP = WINDOW // 4
-MAX_OVERRUN = WINDOW + wire.MAX_FRAME
+MAX_OVERRUN = WINDOW + wire.MAX_FRAME  # before the widening
 
 log = Logger()
 
@@ -52,9 +60,7 @@ class OutStream:
     def write(self, data: bytes) -> None:
         if self.closed:
             return
-        chunk = wire.MAX_DATA_CHUNK
-        for start in range(0, len(data), chunk):
-            self.channel.send(wire.Data(self.stream, data[start : start + chunk]))
+        self.channel.send_data(self.stream, data)
         self.credit -= len(data)
         self.sent += len(data)
         self._update()
@@ -72,7 +78,7 @@ class OutStream:
             self.source = None
 
     def grant(self, credit: int) -> None:
-        self.credit = min(self.credit + credit, WINDOW)
+        self.credit = min(self.credit + credit, STREAM_WINDOW)
         self._update()
 
     def _update(self) -> None:
@@ -107,14 +113,18 @@ class InStream:
         self.held = False  # the sink asked us to pause
         self.received = 0
         self.eof = False
+        self.overrun = MAX_OVERRUN  # the most the peer may have sent uncredited
         if sink is not None:
             sink.registerProducer(self, True)
 
     def data(self, payload: bytes) -> None:
         self.outstanding += len(payload)
         self.received += len(payload)
-        if self.outstanding > MAX_OVERRUN:
+        if self.outstanding > self.overrun:
             raise wire.WireError(f"peer overran the window of stream {self.stream}")
+        if self.overrun == MAX_OVERRUN:  # the stream carries data: widen its window
+            self.overrun = STREAM_WINDOW + wire.MAX_FRAME
+            self.channel.send(wire.Window(self.stream, STREAM_WINDOW - WINDOW))
         if self.sink is not None:
             self.sink.write(payload)
         self._maybe_grant()
@@ -179,6 +189,7 @@ class Channel(Protocol):
 
     def connectionMade(self) -> None:
         tune_connection(self.transport)  # TCP_NODELAY: no frame waits for a delayed ACK
+        bulk_writes(self.transport)  # TLS records written 256 KiB at a time, not 16 KiB
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
@@ -203,6 +214,30 @@ class Channel(Protocol):
             if self.heartbeat is not None:
                 self.heartbeat.sent()
             self.transport.write(wire.encode_frame(frame))  # type: ignore[union-attr]
+
+    def send_data(self, stream: int, data: bytes) -> None:
+        """DATA frames of at most MAX_DATA_CHUNK bytes carrying DATA, written to the
+        transport at once: one copy of the bytes (the frames joined) and one pass through
+        TLS, where a frame at a time sliced, framed and encrypted each piece apart.
+        A subclass that routes frames itself (overrides `send`: a detached job's
+        OutputLog) gets them as frames, through `send`."""
+        chunk = wire.MAX_DATA_CHUNK
+        if type(self).send is not Channel.send:
+            for start in range(0, len(data), chunk):
+                self.send(wire.Data(stream, data[start : start + chunk]))
+            return
+        if self.closed or not data:
+            return
+        if self.heartbeat is not None:
+            self.heartbeat.sent()
+        header = wire.FRAME_HEADER.pack
+        kind = wire.FrameKind.DATA
+        with memoryview(data) as view:
+            parts: list[bytes | memoryview] = []
+            for start in range(0, len(data), chunk):
+                piece = view[start : start + chunk]
+                parts += (header(kind, stream, len(piece)), piece)
+            self.transport.write(b"".join(parts))  # type: ignore[union-attr]
 
     def start_heartbeat(self, clock: IReactorTime) -> None:
         """Ping the peer when idle; give up on a silent peer (rexnet.net.heartbeat)."""

@@ -1,5 +1,7 @@
 """Reading and writing local pipes and sockets in large pieces (the job's and the client's
-streams): reads of READ_SIZE, pipes widened to tuning.PIPE_SIZE where the kernel allows."""
+streams): reads of READ_SIZE, writers that buffer WRITE_BUFFER before they pause their
+producer (a channel stream, which then holds back the peer's credit), pipes widened to
+tuning.PIPE_SIZE where the kernel allows."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from twisted.internet import main, process
 from rexnet.net.tuning import widen_pipe
 
 READ_SIZE = 256 * 1024
+WRITE_BUFFER = 256 * 1024
 
 
 class PipeReader(process.ProcessReader):
@@ -35,7 +38,11 @@ class PipeReader(process.ProcessReader):
 
 
 class PipeWriter(process.ProcessWriter):
-    """A pipe (or socket) writer whose pipe is widened first."""
+    """A pipe (or socket) writer whose pipe is widened first; it pauses its producer over
+    WRITE_BUFFER bytes (Twisted's 64 KiB held the peer's credit back at every full pipe)."""
+
+    bufferSize = WRITE_BUFFER
+    SEND_LIMIT = WRITE_BUFFER
 
     def __init__(self, reactor: Any, proc: Any, name: Any, fileno: int,
                  forceReadHack: bool = False) -> None:

@@ -7,7 +7,9 @@ splices, tunnel and registration links) calls `tune_connection` in its connectio
   for the peer's delayed ACK behind Nagle's algorithm; with it off, both directions of a
   bulk transfer stalled at zero credit for 10-120 ms at a time;
 - a TRANSPORT_BUFFER transport bufferSize: the size of each socket read, and how much
-  the transport buffers before it pauses its producer (Twisted's default is 64 KiB).
+  the transport buffers before it pauses its producer (Twisted's default is 64 KiB);
+- a SEND_LIMIT of TRANSPORT_BUFFER: the most one send() hands the kernel (Twisted's
+  128 KiB cut a full buffer into several sends, each a turn of the reactor).
 
 `widen_pipe` grows a job's pipes (and those of the launcher the agent serves) to
 PIPE_SIZE, so a pipe holds more than a few reads' worth; where the kernel refuses
@@ -60,6 +62,7 @@ def tune_connection(transport: Any) -> bool:
         log.debug("cannot set TCP_NODELAY: {e}", e=e)
         return False
     connection.bufferSize = TRANSPORT_BUFFER
+    connection.SEND_LIMIT = TRANSPORT_BUFFER
     return True
 
 
@@ -76,3 +79,29 @@ def widen_pipe(fd: int, size: int = PIPE_SIZE) -> int:
         return int(fcntl.fcntl(fd, F_SETPIPE_SZ, size))
     except OSError:  # EPERM: over pipe-max-size or the user's quota; keep the pipe as it is
         return int(current)
+
+
+TCP_ULP = getattr(socket, "TCP_ULP", 31)
+
+
+def kernel_tls() -> str:
+    """Whether this kernel offers TLS in the kernel (kTLS, the "tls" upper layer protocol),
+    and so sendfile/splice of encrypted data: '' if it does, else why not.
+
+    Probed as the kernel sees it, with setsockopt(SOL_TCP, TCP_ULP, "tls") on a connected
+    loopback socket pair (no traffic leaves the process). The channel's TLS runs in
+    pyOpenSSL over memory BIOs, which kTLS cannot take over; this probe says what a kTLS
+    data path would find here (issue P11: this kernel has no tls module)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.create_connection(listener.getsockname(), timeout=2) as sock:
+            peer, _ = listener.accept()
+            peer.close()
+            sock.setsockopt(socket.SOL_TCP, TCP_ULP, b"tls")
+    except OSError as e:
+        return f"no kernel TLS: {e.strerror or e}"
+    finally:
+        listener.close()
+    return ""
