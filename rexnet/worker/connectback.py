@@ -1,6 +1,7 @@
 """Connect-backs a worker has promised: each waits the delay its load earned, holds a
 slot until settled, and is cancelled when the client's TAKEN says another worker won
-(also once connected, while its TLS handshake is unfinished)."""
+(also once connected, while its TLS handshake is unfinished); the client's early TAKEN,
+sent as it accepts a first connection, cancels those not yet begun."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class Pending:
     queued: bool = False  # answered with every slot busy: it holds a queue place, no slot
     ahead: int = 0  # when queued: the jobs that were queued before it
     wait: float = 0.0  # when queued: the expected wait for a slot, in seconds
+    learnt: bool = False  # a TAKEN for it taught the crowd already
 
 
 class Target(NamedTuple):
@@ -146,12 +148,18 @@ class ConnectBacks:
 
         pending.connecting.addErrback(failed)
 
-    def taken(self, pending: Pending, answered: int) -> None:
-        """A checked TAKEN for PENDING's job: learn the crowd; cancel unless connected and
-        verified (a channel whose handshake is unfinished gives up after a short grace)."""
+    def taken(self, pending: Pending, answered: int, early: bool = False) -> None:
+        """A checked TAKEN for PENDING's job: learn the crowd (from the first TAKEN); cancel
+        unless connected and verified (a channel whose handshake is unfinished gives up
+        after a short grace).  An early TAKEN (the client accepted a first connection,
+        maybe ours) cancels only a connect-back not yet begun."""
         now = self.reactor.seconds()
-        self.crowd.observe(answered, now, pending.spread,
-                           (now - pending.heard) * 1000 - IDLE_MS)
+        if not pending.learnt:
+            pending.learnt = True
+            self.crowd.observe(answered, now, pending.spread,
+                               (now - pending.heard) * 1000 - IDLE_MS)
+        if early and (pending.connected or pending.connecting is not None):
+            return  # the client's final TAKEN, or TLS, will tell
         if pending.connected:
             if pending.channel is not None and not pending.channel.verified:
                 pending.channel.taken()

@@ -284,7 +284,7 @@ class Worker:
                 self.waitlist.drop(taken.job_id)
             return  # nothing to cancel (and no certificate to check it with)
         self.checker.check_taken(dgram, pending.client)
-        self.connect_backs.taken(pending, taken.answered)
+        self.connect_backs.taken(pending, taken.answered, taken.early)
         self._admit()  # a slot it reserved may be free
 
     def _connect_back(self, pending: Pending, host: str, port: int) -> None:
