@@ -32,7 +32,7 @@ from rexnet.security.tls import Revocations
 
 MAX_HANDSHAKES = 32  # connect-backs of one job in their TLS handshake at once
 PER_SOURCE = 4  # ... from one address
-EARLY_GRACE = 0.25  # seconds the early TAKEN's connection has to be verified
+EARLY_GRACE = 0.5  # seconds the early TAKEN's connection has to be verified
 
 
 class Core(Protocol):

@@ -276,7 +276,7 @@ class Worker:
                 self._answer(entry.job_id, entry.client, entry.target)
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
-        pending = self.pending.get(taken.job_id)
+        pending = self.connect_backs.find(taken.job_id)
         if pending is None:
             waiting = self.waitlist.get(taken.job_id)
             if waiting is not None:  # the job found a worker elsewhere: forget it
