@@ -348,6 +348,11 @@ class ScaleResult:
         """Jobs after the first (the first teaches the workers the crowd)."""
         return self.connect_backs[1:], self.start_ms[1:]
 
+    def settled(self) -> tuple[list[int], list[float]]:
+        """The second half of the jobs (the windows have settled)."""
+        half = len(self.connect_backs) // 2
+        return self.connect_backs[half:], self.start_ms[half:]
+
 
 START = re.compile(r"first of \d+ to connect back, after ([0-9.]+) ms")
 
@@ -412,11 +417,15 @@ def run_scale(bed: Any, keys: Any, workers: int, jobs: int, fixed: bool) -> Scal
 
 def summary(result: ScaleResult) -> str:
     cbs, starts = result.steady()
+    late, late_starts = result.settled()
+    half = len(result.connect_backs) - len(late) + 1
     return (f"{result.workers} workers, {result.mode}: first job {result.connect_backs[0]} "
             f"connect-backs, {result.start_ms[0]:.1f} ms; jobs 2-{len(result.start_ms)}: "
             f"{statistics.mean(cbs):.3f} connect-backs per job (max {max(cbs)}), "
             f"start {statistics.median(starts):.1f} ms median "
-            f"({min(starts):.1f}-{max(starts):.1f}); crowd learnt {result.crowd:.0f}; "
+            f"({min(starts):.1f}-{max(starts):.1f}); jobs {half}-{len(result.start_ms)}: "
+            f"{statistics.mean(late):.3f} per job, start {statistics.median(late_starts):.1f} "
+            f"ms median; crowd learnt {result.crowd:.0f}; "
             f"first connect-back due to TAKEN {statistics.median(result.cancel_ms or [0]):.1f} "
             f"ms, sent to TAKEN {statistics.median(result.sent_ms or [0]):.1f} ms")
 
