@@ -2,24 +2,31 @@
 
 The workers are real rexnet Worker objects (announcement checks, load delay, crowd estimate,
 TAKEN handling, TLS connect-back, spawning the job) living in one process in a network
-namespace, all listening on one multicast group; the client is a real `rexnet exec -v` in
-another namespace.  Two corrections make one process stand in for N machines:
+namespace, on one multicast group; the client is a real `rexnet exec -v` in another
+namespace.  Three corrections make one process stand in for N machines:
 
 - the announcement is verified once and the result shared (N machines verify in parallel;
   one process verifying N times would spread the workers over N signature checks);
+- one socket (FanOut) hands each datagram to the workers 20 at a time, an announcement to
+  the earliest due first, and lets the reactor run between turns: the first connect-backs
+  leave when due instead of after the process has handed the announcement to all N (on
+  1,000 sockets they left 50-150 ms late, and the TAKEN with them);
 - each "machine" hears a datagram when the kernel received it (SO_TIMESTAMPNS on a socket
   of the process's own on the group, class Arrivals), not when this process got round to
-  that worker's copy: a worker's delay counts from the announcement's arrival
-  (SimWorker._announce resets the timer); a timer due after the job's TAKEN arrived
-  counts as cancelled, and one due before it as fired even if the process ran it late;
-  the crowd estimate sees the TAKEN's time of arrival (each machine would have read its
-  TAKEN at once; this process reads 1,000 copies in turn).  What stays unfaithful makes
-  the figures worse, not better: the first connect-back leaves when this busy process
-  runs its timer, and its TLS handshake shares the process's CPU with the others.
+  that worker: a worker's delay counts from the announcement's arrival (SimWorker._announce
+  resets the timer); a timer due after the job's TAKEN arrived counts as cancelled, and
+  one due before it as fired even if the process ran it late; the crowd sees the TAKEN's
+  time of arrival.  What stays unfaithful makes the figures worse, not better: the
+  connect-backs' TLS handshakes share this process's CPU, and the client shares the
+  machine with them.
 
 Run by benchmarks/bench.py; alone (as root, from the repository):
 
-    .venv/bin/python benchmarks/scale.py [--workers N] [--jobs J]
+    .venv/bin/python benchmarks/scale.py [--workers N] [--jobs J] [--no-fixed]
+    .venv/bin/python benchmarks/scale.py --model MS [--early MS] [--workers N] [--jobs J]
+
+SCALE_LOG=FILE keeps the simulated workers' lines (cb: a connect-back, its job, worker,
+ms from the announcement it was due and how late it left; taken: a job's first TAKEN).
 """
 
 from __future__ import annotations
@@ -250,6 +257,9 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
         """The delay before crowds were learnt: everyone within 1 ms."""
 
         def observe(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def steer(self, *args: Any, **kwargs: Any) -> None:
             pass
 
     class SimWorker(Worker):
