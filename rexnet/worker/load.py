@@ -128,7 +128,6 @@ class Crowd:
         self._size = min(max(float(count), blended), float(CROWD_MAX))
         self._at = now
 
-
     def steer(self, count: int, now: float) -> None:
         """A client with early TAKENs said COUNT workers had connected back by the time
         its early TAKEN reached them (its final TAKEN's count: one, and those that were
