@@ -59,7 +59,7 @@ from conftest import Keys, make_keys  # noqa: E402
 from gaps import Gaps, LinkGaps  # noqa: E402
 from gaps import available as gaps_available  # noqa: E402
 from netbed import Host, NetBed, require_netns, sweep_stale  # noqa: E402
-from scale import ScaleResult, run_scale  # noqa: E402
+from scale import ScaleResult, model, run_scale  # noqa: E402
 from slurm import Slurm  # noqa: E402
 from start_latency import USER, ensure_sshd, start_sshd  # noqa: E402
 
@@ -618,13 +618,24 @@ def scale(bed: NetBed, keys: Keys, workers: int, jobs: int) -> list[ScaleResult]
 def scale_lines(results: list[ScaleResult]) -> list[str]:
     lines = ["| workers | connect-back window | first job: connect-backs | first job: "
              "start ms | later jobs: connect-backs per job (max) | later jobs: start ms "
-             "median (min-max) | crowd learnt | first connect-back to TAKEN, ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "median (min-max) | second half: connect-backs per job | crowd learnt | "
+             "first connect-back due to TAKEN, ms | first connect-back sent to TAKEN, ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         cbs, starts = r.steady()
+        settled, _ = r.settled()
         lines.append(f"| {r.workers} | {r.mode} | {r.connect_backs[0]} | {r.start_ms[0]:.1f} | "
                      f"{statistics.mean(cbs):.3f} ({max(cbs)}) | {Row.cell(starts)} | "
-                     f"{r.crowd:.0f} | {Row.cell(r.cancel_ms)} |")
+                     f"{statistics.mean(settled):.3f} | {r.crowd:.0f} | "
+                     f"{Row.cell(r.cancel_ms)} | {Row.cell(r.sent_ms)} |")
+    sent = [t for r in results if r.workers > 2 and not r.mode.startswith("fixed")
+            for t in r.sent_ms]
+    if sent:  # the model (benchmarks/scale.py), with the TAKEN as late as measured here
+        late = statistics.median(sent)
+        lines += ["", f"Model, early TAKEN {late:.1f} ms after the first connect-back (as "
+                  "measured), final TAKEN 20 ms after, 200 jobs: " + ", ".join(
+                      f"{n:,} workers {model(n, 200, 20.0, early_ms=late)[0]:.3f} "
+                      "connect-backs per job" for n in (1000, 10000)) + "."]
     return lines
 
 
@@ -683,7 +694,7 @@ def main() -> None:
     runs = args.runs or (5 if args.quick else 15)
     bulk_runs = 1 if args.quick else 3
     jobs = 200 if args.quick else 500
-    scale_jobs = 6 if args.quick else 12
+    scale_jobs = 30 if args.quick else 40  # the windows settle over the first 10-20 jobs
     require_netns()
     sweep_stale()
     # a TERM (or ^C) unwinds through the bed's cleanup: namespaces, sshd, workers

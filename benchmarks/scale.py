@@ -2,28 +2,43 @@
 
 The workers are real rexnet Worker objects (announcement checks, load delay, crowd estimate,
 TAKEN handling, TLS connect-back, spawning the job) living in one process in a network
-namespace, all listening on one multicast group; the client is a real `rexnet exec -v` in
-another namespace.  Two corrections make one process stand in for N machines:
+namespace, on one multicast group; the client is a real `rexnet exec -v` in another
+namespace.  Three corrections make one process stand in for N machines:
 
 - the announcement is verified once and the result shared (N machines verify in parallel;
   one process verifying N times would spread the workers over N signature checks);
-- each worker's delay counts from when the announcement reached the process, not from when
-  the process got round to that worker (SimWorker._announce resets the timer), and a
-  timer that fires after the job's TAKEN reached the process counts as cancelled, and
-  the crowd estimate sees the TAKEN's time of arrival (each machine would have read its
-  TAKEN at once; this process reads 1,000 copies in turn).
+- one socket (FanOut) hands each datagram to the workers 20 at a time, an announcement to
+  the earliest due first, and lets the reactor run between turns: the first connect-backs
+  leave when due instead of after the process has handed the announcement to all N (on
+  1,000 sockets they left 50-150 ms late, and the TAKEN with them);
+- each "machine" hears a datagram when the kernel received it (SO_TIMESTAMPNS on a socket
+  of the process's own on the group, class Arrivals), not when this process got round to
+  that worker: a worker's delay counts from the announcement's arrival (SimWorker._announce
+  resets the timer); a timer due after the job's TAKEN arrived counts as cancelled, and
+  one due before it as fired even if the process ran it late; the crowd sees the TAKEN's
+  time of arrival.  What stays unfaithful makes the figures worse, not better: the
+  connect-backs' TLS handshakes share this process's CPU, and the client shares the
+  machine with them.
 
 Run by benchmarks/bench.py; alone (as root, from the repository):
 
-    .venv/bin/python benchmarks/scale.py [--workers N] [--jobs J]
+    .venv/bin/python benchmarks/scale.py [--workers N] [--jobs J] [--no-fixed]
+    .venv/bin/python benchmarks/scale.py --model MS [--early MS] [--workers N] [--jobs J]
+
+SCALE_LOG=FILE keeps the simulated workers' lines (cb: a connect-back, its job, worker,
+ms from the announcement it was due and how late it left; taken: a job's first TAKEN).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import os
+import random
 import re
 import resource
 import statistics
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,9 +50,156 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 GROUP = "239.77.9.9"
 PORT = 3010
+SO_TIMESTAMPNS = 35  # (Linux; not in the socket module)
 
 
 # -- the simulated workers (inside the namespace) --------------------------------------
+
+
+class Arrivals:
+    """When each datagram reached the simulated workers' "host": kernel receive times
+    (SO_TIMESTAMPNS) from a socket of its own on the group, in the reactor's clock.
+
+    Jobs are named by their first job id: a client that announces again under a new id
+    (its early TAKEN's connection failed) announces the same connect-back port.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        import socket
+
+        self.reactor = reactor
+        sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind(("", PORT))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                        socket.inet_aton(GROUP) + socket.inet_aton("0.0.0.0"))
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.setblocking(False)
+        self.arrived: dict[bytes, float] = {}  # datagram: when it first came
+        self.first: dict[bytes, float] = {}  # job id: when it was first announced
+        self.taken: dict[bytes, float] = {}  # job id: when its first TAKEN came
+        self.names: dict[bytes, bytes] = {}  # job id: the job's first id
+        self.ports: dict[int, tuple[bytes, float]] = {}  # port: (first id, when)
+
+    def drain(self) -> None:
+        import socket
+
+        from rexnet.protocol import wire
+
+        offset = time.time() - self.reactor.seconds()
+        while True:
+            try:
+                data, ancillary, _flags, _addr = self.sock.recvmsg(8192, 1024)
+            except BlockingIOError:
+                return
+            at = self.reactor.seconds()
+            for level, kind, raw in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", raw[:16])
+                    at = sec + nsec / 1e9 - offset
+            self.arrived.setdefault(data, at)
+            try:
+                message = wire.decode_datagram(data).message
+            except wire.WireError:
+                continue
+            if isinstance(message, wire.Announce) and message.job_id not in self.names:
+                earlier = self.ports.get(message.port)
+                name = earlier[0] if earlier and at - earlier[1] < 5.0 else message.job_id
+                self.names[message.job_id] = name
+                self.ports.setdefault(message.port, (name, at))
+                self.first.setdefault(name, at)
+            elif isinstance(message, wire.Taken) and message.job_id not in self.taken:
+                self.taken[message.job_id] = at
+                name = self.names.get(message.job_id, message.job_id)
+                if name in self.first and not any(
+                        self.names.get(j) == name for j in self.taken if j != message.job_id):
+                    print(f"taken {name.hex()} answered {message.answered} early "
+                          f"{int(getattr(message, 'early', False))} after "
+                          f"{(at - self.first[name]) * 1000:.2f} ms", flush=True)
+
+    def at(self, data: bytes) -> float:
+        """When DATA first reached the host."""
+        self.drain()
+        return self.arrived.get(data, self.reactor.seconds())
+
+    def taken_at(self, job_id: bytes) -> float | None:
+        self.drain()
+        return self.taken.get(job_id)
+
+    def job(self, job_id: bytes) -> str:
+        return self.names.get(job_id, job_id).hex()
+
+    def since(self, job_id: bytes, when: float) -> float:
+        """Milliseconds from the job's first announcement to WHEN."""
+        first = self.first.get(self.names.get(job_id, job_id), when)
+        return (when - first) * 1000
+
+
+class Draw:
+    """A worker's jitter, drawn one announcement ahead (FanOut orders by it)."""
+
+    def __init__(self) -> None:
+        self.value = random.random()
+
+    def __call__(self) -> float:
+        value, self.value = self.value, random.random()
+        return value
+
+
+class FanOut:
+    """One socket for every simulated worker.  Each datagram is handed to them CHUNK at a
+    time, an announcement to the earliest due first, and the reactor runs between turns:
+    due timers fire (the first connect-backs leave when due) and the next datagram is
+    read, as on N machines working in parallel, rather than after the process has handed
+    an announcement to all N."""
+
+    CHUNK = 20
+
+    def __init__(self, reactor: Any, workers: list[Any]) -> None:
+        from twisted.internet.protocol import DatagramProtocol
+
+        self.reactor = reactor
+        self.workers = workers
+        self.queue: collections.deque[tuple[bytes, tuple[str, int], Any]] = collections.deque()
+        self.pumping = False
+        fanout = self
+
+        class Protocol(DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: Any) -> None:
+                fanout.received(data, addr)
+
+        self.protocol = Protocol()
+
+    def received(self, data: bytes, addr: tuple[str, int]) -> None:
+        from rexnet.protocol import wire
+
+        try:
+            announce = isinstance(wire.decode_datagram(data).message, wire.Announce)
+        except wire.WireError:
+            announce = False
+        order = sorted(self.workers, key=lambda w: w.due()) if announce else self.workers
+        self.queue.append((data, addr, iter(order)))
+        if not self.pumping:
+            self.pumping = True
+            self.reactor.callLater(0, self.pump)
+
+    def pump(self) -> None:
+        budget = self.CHUNK
+        while self.queue and budget:
+            data, addr, workers = self.queue[0]
+            for worker in workers:
+                worker.datagram(data, addr[0], addr[1])
+                budget -= 1
+                if not budget:
+                    break
+            else:
+                self.queue.popleft()
+        if self.queue:
+            self.reactor.callLater(0, self.pump)
+        else:
+            self.pumping = False
 
 
 def serve(keyfile: str, count: int, fixed: bool) -> None:
@@ -48,8 +210,7 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
     from rexnet.protocol import wire
     from rexnet.security.credentials import load_credential
     from rexnet.security.tls import connecting_options
-    from rexnet.worker.listener import WorkerService
-    from rexnet.worker.load import Crowd, HostLoad
+    from rexnet.worker.load import Crowd, HostLoad, spread_ms
     from rexnet.worker.service import Worker, WorkerSettings
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -58,18 +219,13 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
     shared = AnnounceChecker(cred)
     decoded: dict[bytes, Any] = {}
     checked: dict[int, Any] = {}
-    arrived: dict[bytes, float] = {}
-    taken_at: dict[bytes, float] = {}  # job id: when its (first) TAKEN reached the process
 
     class SharedChecker:
         """One verification per datagram, the result shared by every simulated worker."""
 
         def decode(self, data: bytes) -> wire.Datagram | None:
             if data not in decoded:
-                arrived[data] = time.monotonic()
-                decoded[data] = dgram = shared.decode(data)
-                if dgram is not None and isinstance(dgram.message, wire.Taken):
-                    taken_at.setdefault(dgram.message.job_id, arrived[data])
+                decoded[data] = shared.decode(data)
             return decoded[data]  # type: ignore[no-any-return]
 
         def _once(self, key: int, check: Any, *args: Any) -> Any:
@@ -95,6 +251,7 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
     idle = HostLoad(loadavg=0.0, cpus=2, free_memory=1 << 30)
     tls = connecting_options(cred)
     checker = SharedChecker()
+    arrivals = Arrivals(reactor)
 
     class FixedCrowd(Crowd):
         """The delay before crowds were learnt: everyone within 1 ms."""
@@ -102,7 +259,19 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
         def observe(self, *args: Any, **kwargs: Any) -> None:
             pass
 
+        def steer(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
     class SimWorker(Worker):
+        """A Worker on a "machine" of its own: it hears each datagram when the kernel
+        received it, and its timers fire when they are due (see the module's docstring)."""
+
+        draw: Draw
+
+        def due(self) -> float:
+            """When it would answer an announcement now (idle, at speed 1), in ms."""
+            return self.draw.value * spread_ms(self.crowd.size(reactor.seconds()))
+
         def datagram(self, data: bytes, host: str, port: int) -> None:
             self._data = data
             super().datagram(data, host, port)
@@ -110,47 +279,64 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
         def _announce(self, dgram: wire.Datagram, host: str) -> None:
             before = set(self.pending)
             super()._announce(dgram, host)
-            lag = time.monotonic() - arrived.get(self._data, time.monotonic())
-            for job_id in set(self.pending) - before:
-                pending = self.pending[job_id]
-                pending.heard -= lag
-                if pending.call is not None and pending.call.active():
-                    pending.call.reset(max(0.0, pending.delay - lag))
+            new = set(self.pending) - before
+            if new:
+                heard = arrivals.at(self._data)
+                now = reactor.seconds()
+                for job_id in new:
+                    pending = self.pending[job_id]
+                    pending.heard = heard
+                    if pending.call is not None and pending.call.active():
+                        pending.call.reset(max(0.0, heard + pending.delay - now))
 
         def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
+            heard = arrivals.at(self._data)
             pending = self.pending.get(taken.job_id)
-            if pending is not None:  # as if read when it reached the "machine"
-                pending.heard += time.monotonic() - taken_at.get(taken.job_id,
-                                                                 time.monotonic())
+            if pending is not None:
+                call = pending.call
+                if (call is not None and call.active()
+                        and pending.heard + pending.delay <= heard):
+                    # due before the TAKEN reached the "machine": it would have fired
+                    call.cancel()
+                    pending.call = None
+                    call.f(*call.a, **call.kw)  # type: ignore[attr-defined]
+                was = pending.heard  # the crowd learns as if the TAKEN were read at once
+                pending.heard -= heard - reactor.seconds()
             super()._taken(dgram, taken)
-            if self.settings.name == "sim0" and pending is not None:
-                since = (reactor.seconds() - pending.heard) * 1000
-                print(f"taken {taken.job_id.hex()} answered {taken.answered} after "
-                      f"{since:.1f} ms; crowd {self.crowd.size(reactor.seconds()):.0f}",
-                      flush=True)
+            if pending is not None:
+                pending.heard = was
+            if self.settings.name == "sim0":
+                early = "early " if getattr(taken, "early", False) else ""
+                print(f"crowd {self.crowd.size(reactor.seconds()):.1f} after {early}TAKEN "
+                      f"{taken.answered}", flush=True)
 
         def _connect_back(self, pending: Any, host: str, port: int) -> None:
-            if pending.job_id in taken_at:
-                # the TAKEN reached this "machine" before the timer fired: a real worker
+            due = pending.heard + pending.delay
+            taken = arrivals.taken_at(pending.job_id)
+            if taken is not None and taken < due:
+                # the TAKEN reached this "machine" before its timer was due: a real worker
                 # would have cancelled; this process had not got round to it yet
                 pending.call = None
                 self.release(pending)
                 return
-            since = (reactor.seconds() - pending.heard) * 1000
-            print(f"cb {pending.job_id.hex()} {self.settings.name} {since:.1f}", flush=True)
+            print(f"cb {arrivals.job(pending.job_id)} {self.settings.name} "
+                  f"{arrivals.since(pending.job_id, due):.2f} late "
+                  f"{(reactor.seconds() - due) * 1000:.2f}", flush=True)
             super()._connect_back(pending, host, port)
 
-    services = []
+    workers: list[SimWorker] = []
     for i in range(count):
         settings = WorkerSettings(cred, ("true",), f"sim{i}", slots=2,
                                   listen=("0.0.0.0", PORT), groups=(GROUP,))
-        worker = SimWorker(settings, reactor, sample=lambda: idle,
+        draw = Draw()
+        worker = SimWorker(settings, reactor, sample=lambda: idle, jitter=draw,
                            checker=checker,  # type: ignore[arg-type]
                            tls=tls, crowd=FixedCrowd() if fixed else None)
-        service = WorkerService(worker)
-        service.bind()
-        service.startService()
-        services.append(service)
+        worker.draw = draw
+        workers.append(worker)
+    port = reactor.listenMulticast(PORT, FanOut(reactor, workers).protocol,  # type: ignore[attr-defined]
+                                   listenMultiple=True)
+    port.joinGroup(GROUP)
     print(f"ready {count}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
 
@@ -165,11 +351,17 @@ class ScaleResult:
     connect_backs: list[int]  # per job, in order
     start_ms: list[float]  # client's time from announcing to a started job
     crowd: float = 1.0  # the crowd the first simulated worker believed in at the end
-    cancel_ms: list[float] = field(default_factory=list)  # first connect-back to TAKEN
+    cancel_ms: list[float] = field(default_factory=list)  # first connect-back due to TAKEN
+    sent_ms: list[float] = field(default_factory=list)  # first connect-back sent to TAKEN
 
     def steady(self) -> tuple[list[int], list[float]]:
         """Jobs after the first (the first teaches the workers the crowd)."""
         return self.connect_backs[1:], self.start_ms[1:]
+
+    def settled(self) -> tuple[list[int], list[float]]:
+        """The second half of the jobs (the windows have settled)."""
+        half = len(self.connect_backs) // 2
+        return self.connect_backs[half:], self.start_ms[half:]
 
 
 START = re.compile(r"first of \d+ to connect back, after ([0-9.]+) ms")
@@ -205,43 +397,58 @@ def run_scale(bed: Any, keys: Any, workers: int, jobs: int, fixed: bool) -> Scal
         proc.stop()
     crowd = 1.0
     first_cb: dict[str, float] = {}
-    cancel_ms: list[float] = []  # first connect-back to the TAKEN heard, per job
-    for line in proc.output.splitlines():
-        if line.startswith("cb "):
-            job, since = line.split()[1], float(line.split()[3])
-            first_cb[job] = min(first_cb.get(job, since), since)
-    for line in proc.output.splitlines():
-        if line.startswith("taken "):
-            words = line.split()
-            crowd = float(words[-1])
-            if words[1] in first_cb:
-                cancel_ms.append(float(words[5]) - first_cb[words[1]])
+    first_sent: dict[str, float] = {}  # when the first connect-back left, per job
+    cancel_ms: list[float] = []  # first connect-back due to its TAKEN heard, per job
+    sent_ms: list[float] = []  # first connect-back sent to its TAKEN heard, per job
     order: list[str] = []
     counts: dict[str, int] = {}
-    for line in proc.output.splitlines():
+    lines = proc.output.splitlines()
+    if os.environ.get("SCALE_LOG"):  # the simulated workers' lines, to study
+        Path(os.environ["SCALE_LOG"]).write_text(proc.output)
+    for line in lines:
         if line.startswith("cb "):
-            job = line.split()[1]
+            _, job, _name, since, _, late = line.split()
+            first_cb[job] = min(first_cb.get(job, float(since)), float(since))
+            first_sent[job] = min(first_sent.get(job, 1e9), float(since) + float(late))
             if job not in counts:
                 order.append(job)
             counts[job] = counts.get(job, 0) + 1
+        elif line.startswith("crowd "):
+            crowd = float(line.split()[1])
+    for line in lines:
+        if line.startswith("taken "):
+            words = line.split()
+            if words[1] in first_cb:
+                cancel_ms.append(float(words[7]) - first_cb[words[1]])
+                sent_ms.append(float(words[7]) - first_sent[words[1]])
     return ScaleResult(workers, "fixed 1 ms jitter" if fixed else "crowd-scaled window",
-                       [counts[j] for j in order], starts, crowd, cancel_ms)
+                       [counts[j] for j in order], starts, crowd, cancel_ms, sent_ms)
 
 
 def summary(result: ScaleResult) -> str:
     cbs, starts = result.steady()
+    late, late_starts = result.settled()
+    half = len(result.connect_backs) - len(late) + 1
     return (f"{result.workers} workers, {result.mode}: first job {result.connect_backs[0]} "
             f"connect-backs, {result.start_ms[0]:.1f} ms; jobs 2-{len(result.start_ms)}: "
             f"{statistics.mean(cbs):.3f} connect-backs per job (max {max(cbs)}), "
             f"start {statistics.median(starts):.1f} ms median "
-            f"({min(starts):.1f}-{max(starts):.1f}); crowd learnt {result.crowd:.0f}; "
-            f"first connect-back to TAKEN {statistics.median(result.cancel_ms or [0]):.1f} ms")
+            f"({min(starts):.1f}-{max(starts):.1f}); jobs {half}-{len(result.start_ms)}: "
+            f"{statistics.mean(late):.3f} per job, start {statistics.median(late_starts):.1f} "
+            f"ms median; crowd learnt {result.crowd:.0f}; "
+            f"first connect-back due to TAKEN {statistics.median(result.cancel_ms or [0]):.1f} "
+            f"ms, sent to TAKEN {statistics.median(result.sent_ms or [0]):.1f} ms")
 
 
-def model(workers: int, jobs: int, cancel_ms: float, seed: int = 1) -> tuple[float, float]:
+def model(workers: int, jobs: int, cancel_ms: float, seed: int = 1,
+          early_ms: float | None = None) -> tuple[float, float]:
     """The same rules without processes: WORKERS idle workers draw their delays with
     rexnet.worker.load's window and crowd estimate; those that fire before the TAKEN (CANCEL_MS
     after the first) connect back; the TAKEN's count is what fired by 0.8 CANCEL_MS.
+    With EARLY_MS, the client's early TAKEN comes EARLY_MS after the first connect-back
+    and cancels what has not fired; the final TAKEN counts what fired before it, and every
+    worker steers its window by that count (Crowd.steer), as rexnet.worker.connectback
+    does.
     Returns (connect-backs per job, median first answer in ms) over jobs after the first."""
     import random
 
@@ -257,10 +464,17 @@ def model(workers: int, jobs: int, cancel_ms: float, seed: int = 1) -> tuple[flo
         delays = [IDLE_MS + rng.random() * s for s in spreads]
         first = min(delays)
         taken = first + cancel_ms
-        count = sum(1 for d in delays if d < first + 0.8 * cancel_ms)
-        for crowd, s in zip(crowds, spreads, strict=True):
-            crowd.observe(count, now, s, taken - IDLE_MS)
-        fired.append(sum(1 for d in delays if d < taken))
+        if early_ms is None:
+            count = sum(1 for d in delays if d < first + 0.8 * cancel_ms)
+            for crowd, s in zip(crowds, spreads, strict=True):
+                crowd.observe(count, now, s, taken - IDLE_MS)
+            fired.append(sum(1 for d in delays if d < taken))
+        else:
+            early = first + early_ms
+            count = sum(1 for d in delays if d < early)
+            for crowd in crowds:
+                crowd.steer(count, now)
+            fired.append(count)
         firsts.append(first)
     return statistics.mean(fired[1:]), statistics.median(firsts[1:])
 
@@ -272,6 +486,10 @@ def main() -> None:
     parser.add_argument("--model", type=float, metavar="MS",
                         help="no processes: the statistical model, with a TAKEN that "
                         "comes MS after the first connect-back")
+    parser.add_argument("--early", type=float, metavar="MS",
+                        help="with --model: an early TAKEN MS after the first connect-back")
+    parser.add_argument("--no-fixed", action="store_true",
+                        help="only the crowd-scaled window (not the fixed 1 ms one)")
     parser.add_argument("--serve", metavar="KEYFILE", help=argparse.SUPPRESS)
     parser.add_argument("--fixed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -279,9 +497,10 @@ def main() -> None:
         serve(args.serve, args.workers, args.fixed)
         return
     if args.model is not None:
-        per_job, first = model(args.workers, args.jobs, args.model)
+        per_job, first = model(args.workers, args.jobs, args.model, early_ms=args.early)
+        early = "" if args.early is None else f", early TAKEN {args.early:g} ms"
         print(f"model: {args.workers} workers, TAKEN {args.model:g} ms after the first "
-              f"connect-back: {per_job:.3f} connect-backs per job, first answer "
+              f"connect-back{early}: {per_job:.3f} connect-backs per job, first answer "
               f"{first:.1f} ms after the announcement (jobs 2-{args.jobs})")
         return
     import tempfile
@@ -292,7 +511,7 @@ def main() -> None:
     require_netns()
     with tempfile.TemporaryDirectory() as tmp, NetBed() as bed:
         keys = make_keys(Path(tmp), "scale")
-        for fixed in (False, True):
+        for fixed in (False,) if args.no_fixed else (False, True):
             print(summary(run_scale(bed, keys, args.workers, args.jobs, fixed)), flush=True)
 
 

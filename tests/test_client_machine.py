@@ -22,6 +22,7 @@ from zope.interface import provider
 
 from rexnet.client import machine
 from rexnet.client.channel import HANDSHAKE_TIMEOUT, ClientChannel
+from rexnet.client.connectback import EARLY_GRACE
 from rexnet.client.job import ClientJob
 from rexnet.client.jobcore import RESEND
 from rexnet.client.pystreams import BytesStreams
@@ -267,7 +268,9 @@ def test_timeout_while_handshaking_aborts_the_pending_handshake(
     assert isinstance(bed.failure(), NoWorker) and slow.aborted
     assert bed.transitions[-1] == ("handshaking", "timed_out", "done")
     slow.lose()  # its loss after the end is no complaint
-    assert not bed.logged
+    # (its early TAKEN's grace ran out first: the job was announced again)
+    assert bed.logged == ["complaint: the first connection (127.0.0.2:40001) was not "
+                          "verified within 500 ms: announcing the job again"]
 
 
 def test_failed_handshakes_complain_and_the_job_keeps_looking_until_auth_fails(
@@ -293,6 +296,52 @@ def test_failed_handshakes_complain_and_the_job_keeps_looking_until_auth_fails(
     assert not any(f for w in (impostor, silent) for f in w.received())  # nothing leaked
 
 
+def test_an_unverified_first_connection_costs_one_early_grace_then_a_new_job_id(
+        keys: Keys, certs: dict[str, crypto.X509]) -> None:
+    """An early TAKEN cancels the honest workers' connect-backs: a connection that never
+    finishes its handshake makes the job announced again, under a new id, once."""
+    bed = make_bed(keys, certs, timeout=30.0)
+    bed.run()
+    silent = bed.connect()  # TCP only, as anyone who saw the announcement could
+    first: list[Any] = bed.datagrams()
+    assert [type(d) for d in first] == [wire.Announce, wire.Taken]
+    assert first[1].early and first[1].job_id == first[0].job_id
+    bed.reactor.advance(EARLY_GRACE * 0.99)  # (resends of the same job meanwhile)
+    assert {d.job_id for d in bed.datagrams()} == {first[0].job_id}  # type: ignore[attr-defined]
+    bed.reactor.advance(EARLY_GRACE * 0.02)
+    again: Any = bed.datagrams()[-1]
+    assert isinstance(again, wire.Announce) and again.job_id != first[0].job_id
+    assert any("was not verified within 500 ms: announcing the job again" in line
+               for line in bed.logged), bed.logged
+    another = bed.connect()  # no second early TAKEN (nor a second reopening)
+    bed.reactor.advance(EARLY_GRACE * 2)
+    assert sum(isinstance(d, wire.Taken) for d in bed.datagrams()) == 1
+    assert len({d.job_id for d in bed.datagrams()}) == 2  # type: ignore[attr-defined]
+    assert not silent.aborted and bed.states[-1] == "handshaking"
+    another.verify()
+    taken: list[Any] = [d for d in bed.datagrams() if isinstance(d, wire.Taken)][1:]
+    # the final TAKEN for both ids: workers still waiting under the first id cancel too
+    assert sorted(t.job_id for t in taken) == sorted([first[0].job_id, again.job_id])
+    assert not any(t.early for t in taken)
+    assert silent.aborted and another.received() == [wire.Start(("x",))]
+
+
+def test_a_first_connection_lost_unverified_reannounces_at_once(
+        keys: Keys, certs: dict[str, crypto.X509]) -> None:
+    bed = make_bed(keys, certs, timeout=30.0)
+    bed.run()
+    impostor = bed.connect("other app")
+    impostor.verify()  # refused by the identity check
+    impostor.lose()
+    sent: list[Any] = bed.datagrams()
+    assert [type(d) for d in sent] == [wire.Announce, wire.Taken, wire.Announce]
+    assert len({d.job_id for d in sent}) == 2
+    bed.reactor.advance(EARLY_GRACE * 2)  # the grace was stopped: no second reopening
+    assert sum(isinstance(d, wire.Announce) and d.seq == 1 for d in bed.datagrams()) == 1
+    bed.worker()
+    assert bed.states[-1] == "chosen"
+
+
 def test_the_first_verified_worker_wins_and_the_others_are_told(
         keys: Keys, certs: dict[str, crypto.X509]) -> None:
     bed = make_bed(keys, certs)
@@ -305,7 +354,9 @@ def test_the_first_verified_worker_wins_and_the_others_are_told(
     assert verified.received() == [wire.Start(("x",))]
     assert pending.aborted and pending.received() == []
     taken = [d for d in bed.datagrams() if isinstance(d, wire.Taken)]
-    assert len(taken) == 1 and taken[0].answered == 2
+    # early (as the first connection was accepted, before TLS), then final (verified)
+    assert [(t.early, t.answered) for t in taken] == [(True, 1), (False, 2)]
+    assert taken[0].job_id == taken[1].job_id
     assert not bed.reactor.ports[0].listening
     late = bed.connect()  # accepted as the port closed
     late.verify()  # a second worker verified after one was chosen: told busy

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Keys
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from rexnet.net.announce import now_ms
@@ -115,9 +116,9 @@ class Announcer:
         return job, wire.encode_datagram(ann, self.cred.app_id, self.cred.key,
                                          self.cred.cert_der)
 
-    def taken(self, job: bytes, answered: int) -> bytes:
-        return wire.encode_datagram(wire.Taken(job, now_ms(), answered), self.cred.app_id,
-                                    self.cred.key)
+    def taken(self, job: bytes, answered: int, early: bool = False) -> bytes:
+        return wire.encode_datagram(wire.Taken(job, now_ms(), answered, early),
+                                    self.cred.app_id, self.cred.key)
 
 
 @pytest.fixture
@@ -162,3 +163,60 @@ def test_a_forged_taken_teaches_nothing(keys: Keys, other_keys: Keys,
     w.datagram(forged, "192.0.2.7", 5000)
     assert job in w.pending
     assert w.crowd.size(0.0) == 1.0
+
+
+def test_early_taken_cancels_what_has_not_begun_and_the_final_one_teaches_the_crowd(
+    keys: Keys, worker: tuple[Worker, Clock]
+) -> None:
+    """The client's early TAKEN (a first connection accepted) cancels a connect-back not
+    yet begun; the crowd is learnt when the final TAKEN says how many had answered by
+    then: N drawing from a window of S ms, about N * t / S by t."""
+    w, clock = worker
+    client = Announcer(keys)
+    job, data = client.announce()
+    w.datagram(data, "192.0.2.7", 5000)
+    clock.advance(IDLE_MS / 1000 + 0.0005)  # 0.5 ms into its 1 ms window: not due yet
+    w.datagram(client.taken(job, 1, early=True), "192.0.2.7", 5000)
+    assert job not in w.pending and w.crowd.size(clock.seconds()) == 1.0
+    w.datagram(client.taken(job, 400), "192.0.2.7", 5000)  # 400 had answered by 0.5 ms
+    assert w.crowd.size(clock.seconds()) == 400  # (never below the count)
+    w.datagram(client.taken(job, 400), "192.0.2.7", 5000)  # once only
+    assert w.crowd.size(clock.seconds()) == 400  # (never below the count)
+
+
+def test_early_taken_leaves_a_connect_back_under_way(
+    keys: Keys, worker: tuple[Worker, Clock]
+) -> None:
+    """A connect-back that has begun may be the connection the client accepted: only the
+    final TAKEN (or TLS) settles it."""
+    w, _ = worker
+    client = Announcer(keys)
+    job, data = client.announce()
+    w.datagram(data, "192.0.2.7", 5000)
+    pending = w.pending[job]
+    connecting: defer.Deferred[None] = defer.Deferred()
+    pending.call, pending.connecting = None, connecting  # its timer fired: TCP under way
+    w.datagram(client.taken(job, 1, early=True), "192.0.2.7", 5000)
+    assert w.pending.get(job) is pending and not connecting.called
+    w.datagram(client.taken(job, 2), "192.0.2.7", 5000)
+    assert job not in w.pending
+    assert connecting.called  # cancelled: another worker won
+    connecting.addErrback(lambda f: f.trap(defer.CancelledError))
+
+
+def test_a_connect_back_settled_before_the_takens_still_learns_from_the_final_one(
+    keys: Keys, worker: tuple[Worker, Clock]
+) -> None:
+    """A connect-back the client refused (over its handshake cap) or closed is settled
+    before any TAKEN comes: the final TAKEN still teaches the crowd."""
+    w, clock = worker
+    client = Announcer(keys)
+    job, data = client.announce()
+    w.datagram(data, "192.0.2.7", 5000)
+    clock.advance(0.002)
+    w.release(w.pending[job])  # its connection was refused
+    w.datagram(client.taken(job, 1, early=True), "192.0.2.7", 5000)
+    assert w.crowd.size(clock.seconds()) == 1.0
+    w.datagram(client.taken(job, 300), "192.0.2.7", 5000)
+    assert w.crowd.size(clock.seconds()) == 300
+    assert not w.connect_backs.recent

@@ -257,7 +257,7 @@ def test_a_flood_of_silent_connections_to_the_clients_port_does_not_stop_the_job
     connect-back port and never speaks TLS: the client keeps at most a bounded number in
     their handshake (the rest are closed at once, with one complaint), and the real worker
     still gets the job (issue P10, point 13)."""
-    from rexnet.client.jobcore import MAX_HANDSHAKES, PER_SOURCE
+    from rexnet.client.connectback import MAX_HANDSHAKES, PER_SOURCE
 
     sniff = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sniff.bind((loopback_address(), 0))

@@ -207,3 +207,16 @@ def test_a_listener_takes_at_most_per_source_connections_from_one_address(keys: 
     first.makeConnection(StringTransport())
     first.connectionLost()
     assert isinstance(factory.buildProtocol(addr), DatagramLink)  # a slot freed
+
+
+def test_a_kind_relays_do_not_carry_is_dropped_with_a_complaint(keys: Keys) -> None:
+    """A signed job call (rexnet jobs' call to detached jobs) is not carried by relays: it
+    is dropped and complained about, not a KeyError in the relay's datagram handler."""
+    relay, sent, _ = relay_of(keys)
+    client = load_credential(keys.client, "client")
+    call = wire.encode_datagram(wire.JobCall(os.urandom(16), now_ms(), 40000, (CLIENT_ADDR,)),
+                                client.app_id, client.key, client.cert_der)
+    relay.datagram(call, CLIENT_ADDR, 5000)
+    assert sent == [] and relay.counters.dropped == 1
+    relay.datagram(announce(client), CLIENT_ADDR, 5000)  # and the relay carries on
+    assert len(sent) == 1

@@ -86,7 +86,7 @@ announces = st.builds(
     addrs=st.lists(st.ip_addresses().map(str), max_size=wire.MAX_ADDRS).map(tuple),
 )
 takens = st.builds(wire.Taken, job_id=job_ids, ts_ms=st.integers(0, 2**63 - 1),
-                   answered=st.integers(0, 0xFFFFFF))
+                   answered=st.integers(0, 0xFFFFFF), early=st.booleans())
 messages: st.SearchStrategy[wire.DatagramMessage] = st.one_of(announces, takens)
 
 frames: st.SearchStrategy[wire.Frame] = st.one_of(
@@ -196,6 +196,14 @@ def test_taken_datagram_layout() -> None:
     assert data[23 : 23 + len(body)] == body
     assert data[23 + len(body) : 25 + len(body)] == b"\x00\x00"  # no certificate
     assert len(data) == 25 + len(body) + 64
+
+
+def test_early_taken_body() -> None:
+    data = wire.encode_datagram(wire.Taken(JOB_ID, 5, 1, early=True), APP_ID, HashSigner())
+    assert b'"early":1' in data
+    assert wire.decode_datagram(data).message == wire.Taken(JOB_ID, 5, 1, True)
+    final = wire.encode_datagram(wire.Taken(JOB_ID, 5, 3), APP_ID, HashSigner())
+    assert b"early" not in final  # as before: older workers read it unchanged
 
 
 def test_decode_splits_signed_part_and_signature() -> None:
@@ -323,7 +331,9 @@ def test_malformed_announce_body(body: bytes) -> None:
 @pytest.mark.parametrize(
     "body",
     [{}, {"job": JOB_ID.hex()}, {"job": JOB_ID.hex(), "ts": True},
-     {"job": JOB_ID.hex(), "ts": "1"}, {"job": None, "ts": 1}],
+     {"job": JOB_ID.hex(), "ts": "1"}, {"job": None, "ts": 1},
+     {"job": JOB_ID.hex(), "ts": 1, "early": 2}, {"job": JOB_ID.hex(), "ts": 1, "early": True},
+     {"job": JOB_ID.hex(), "ts": 1, "early": "1"}],
 )
 def test_malformed_taken_body(body: dict[str, Any]) -> None:
     with pytest.raises(wire.WireError):

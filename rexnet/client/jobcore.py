@@ -16,11 +16,11 @@ from typing import Any, Protocol
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexnet.client.channel import ChannelEvents, ClientChannel
+from rexnet.client.connectback import ConnectBackFactory, Takens
 from rexnet.client.results import (
     AuthFailed,
     Interrupted,
@@ -35,7 +35,6 @@ from rexnet.client.streams import JobStreams
 from rexnet.client.warm import WarmPool
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import DatagramSender, source_address
-from rexnet.net.datalink import Refused
 from rexnet.protocol import exitcodes, wire
 from rexnet.protocol.text import printable
 from rexnet.security.credentials import CertInfo, Credential
@@ -48,40 +47,6 @@ not allowed, or not found (127, as a shell says)."""
 # 3 s (at random: clients that began together drift apart)
 RESEND = backoffPolicy(initialDelay=0.05, maxDelay=2.0, factor=2.0, jitter=lambda: 0.0)
 RESEND_STEPS = 6  # resends before the delay reaches its maximum
-
-MAX_HANDSHAKES = 32  # connect-backs of one job in their TLS handshake at once
-PER_SOURCE = 4  # ... from one address
-
-
-class ConnectBackFactory(Factory):
-    """The job's connect-back port: a ClientChannel per connection, but at most
-    MAX_HANDSHAKES unauthenticated connections at once (PER_SOURCE from one address), so a
-    flood of silent connections cannot exhaust the client's descriptors or memory while
-    real workers still get through."""
-
-    noisy = False
-
-    def __init__(self, core: JobCore) -> None:
-        self.core = core
-        self.refused = 0
-
-    def buildProtocol(self, addr: Any) -> ClientChannel | Refused:  # type: ignore[override]
-        core = self.core
-        host = getattr(addr, "host", "?")
-        pending = [c for c in core.channels if not c.verified]
-        if (len(pending) >= MAX_HANDSHAKES
-                or sum(c.peer_address().rsplit(":", 1)[0] == host for c in pending)
-                >= PER_SOURCE):
-            self.refused += 1
-            core.answered += 1  # a worker answered all the same: TAKEN tells the crowd's size
-            if self.refused == 1:  # once per job: the flood itself is not logged per packet
-                core.log.warn("complaint: connect-backs from {host} refused: too many "
-                              "connections still in their TLS handshake", host=host)
-            return Refused()
-        channel = ClientChannel(core.events, core.credential, core.reactor, core.revoked)
-        channel.factory = self
-        return channel
-
 
 class Later(Protocol):
     """The inputs the core itself gives its machine (rexnet.client.machine.JobInputs)."""
@@ -123,6 +88,8 @@ class JobCore:
         self.jitter: Callable[[], float] = random.random
         self.queued_at: float | None = None  # when the worker first said QUEUED
         self.job_id = os.urandom(16)
+        self.job_ids = [self.job_id]  # every id it was announced under (see _reopen)
+        self.takens = Takens(reactor, credential, now, self._send, self._reopen)
         self.seq = 0
         self.result: defer.Deferred[JobResult] = defer.Deferred()
         self.channels: set[ClientChannel] = set()  # connected, not yet given up
@@ -174,6 +141,22 @@ class JobCore:
         self.fail(NoWorker("no announce target can be reached from this host: "
                            + ", ".join(f"{h}:{p}" for h, p in self.targets)))
 
+    def _send(self, data: bytes) -> None:
+        for target in self.targets:
+            self._udp.send(data, target)
+
+    def _reopen(self, why: str) -> None:
+        """The early TAKEN's connection failed (rexnet.client.connectback): announce again
+        at once, under a new job id."""
+        if self.chosen is not None or self._port is None:
+            return
+        self.log.warn("complaint: {why}: announcing the job again", why=why)
+        self.job_id = os.urandom(16)
+        self.job_ids.append(self.job_id)
+        if self._resend is not None and self._resend.active():
+            self._resend.cancel()
+        self._announce()
+
     def _send_failed(self, target: tuple[str, int], error: OSError) -> None:
         self.say(f"cannot send to {target[0]}:{target[1]}: {error.strerror}")
 
@@ -183,10 +166,8 @@ class JobCore:
         ann = wire.Announce(self.job_id, self.seq, self.now(),
                             self._port.getHost().port,  # type: ignore[attr-defined]
                             self._addrs, r.cpus, r.mem, r.workers)
-        data = wire.encode_datagram(ann, self.credential.app_id, self.credential.key,
-                                    self.credential.cert_der)
-        for target in self.targets:
-            self._udp.send(data, target)
+        self._send(wire.encode_datagram(ann, self.credential.app_id, self.credential.key,
+                                        self.credential.cert_der))
         delay = RESEND(self.seq)
         if self.seq >= RESEND_STEPS:
             delay *= 0.5 + self.jitter()
@@ -194,6 +175,7 @@ class JobCore:
         self._resend = self.reactor.callLater(delay, self._announce)
 
     def _stop_looking(self) -> None:
+        self.takens.stop()
         for call in (self._resend, self._deadline, self._queue_deadline):
             if call is not None and call.active():
                 call.cancel()
@@ -226,10 +208,13 @@ class JobCore:
     def connected(self, channel: ClientChannel) -> None:
         self.channels.add(channel)
         self.answered += 1
+        if self.chosen is None:
+            self.takens.accepted(channel, self.job_id, self.answered)
 
     def forget(self, channel: ClientChannel) -> None:
         """CHANNEL's connection is gone."""
         self.channels.discard(channel)
+        self.takens.lost(channel)
         if self.pool is not None:
             self.pool.lost(channel)
 
@@ -258,10 +243,7 @@ class JobCore:
         """CHANNEL's worker is the first verified: it gets the job, the others are told."""
         self.chosen = channel
         self._stop_looking()
-        taken = wire.encode_datagram(wire.Taken(self.job_id, self.now(), self.answered),
-                                     self.credential.app_id, self.credential.key)
-        for target in self.targets:
-            self._udp.send(taken, target)
+        self.takens.chosen(self.job_ids, self.answered)
         for other in list(self.channels):
             if other is not channel:
                 if other.verified:

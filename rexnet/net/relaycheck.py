@@ -2,11 +2,11 @@
 complain.
 
 A relay carries a datagram only when it is signed by a credential of an application it
-trusts, of the role that sends that kind (announcements, TAKEN and status queries by
-clients; status replies by workers; alerts by either), valid and not revoked, and, but
-for alerts, fresh.  Whatever fails is dropped, counted and complained about: at most one
-log line a second per source and COMPLAINT_RATE lines a second in all
-(rexnet.net.complaints).
+trusts, of the role that sends that kind (announcements, TAKENs, early or final, and
+status queries by clients; status replies by workers; alerts by either), valid and not
+revoked, and, but for alerts, fresh; job calls are not carried.  Whatever fails is
+dropped, counted and complained about: at most one log line a second per source and
+COMPLAINT_RATE lines a second in all (rexnet.net.complaints).
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ class RelayVerifier:
     def check(self, dgram: wire.Datagram) -> CheckedCert:
         """The datagram's signer if DGRAM may be carried; Rejected saying why if not."""
         kind = dgram.message.KIND
-        signer = self.certs.check(dgram.cert_der, dgram.app_id, SIGNERS[kind])
         what = kind.name.lower().replace("_", " ")
+        if kind not in SIGNERS:
+            raise Rejected(f"a {what} is not carried by relays")
+        signer = self.certs.check(dgram.cert_der, dgram.app_id, SIGNERS[kind])
         if not signer.verify(dgram.signature, dgram.signed_part):
             raise Rejected(f"bad signature on {what}")
         if kind != wire.Kind.ALERT and abs(self.now() - dgram.message.ts_ms) > FRESH_MS:

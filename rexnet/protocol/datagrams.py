@@ -101,23 +101,32 @@ class Announce:
 
 @dataclass(frozen=True)
 class Taken:
-    """A client tells workers that its job JOB_ID has a worker: cancel connect-backs."""
+    """A client tells workers that its job JOB_ID has a worker: cancel connect-backs.
+
+    EARLY: sent when the first connection was accepted, before its TLS handshake: cancel
+    only the connect-backs not yet begun (the client re-announces under a new job id if
+    that connection is not verified soon; rexnet.client.connectback)."""
 
     KIND: ClassVar[Kind] = Kind.TAKEN
     job_id: bytes
     ts_ms: int
     answered: int = 0  # connect-backs the client had when it chose (0: not said)
+    early: bool = False
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"job": self.job_id.hex(), "ts": self.ts_ms}
         if self.answered:
             body["answered"] = self.answered
+        if self.early:
+            body["early"] = 1
         return body
 
     @classmethod
     def from_body(cls, obj: dict[str, Any]) -> Taken:
         answered = int_field(obj, "answered", 0, 0xFFFFFF) if "answered" in obj else 0
-        return cls(hex_id_field(obj, "job"), int_field(obj, "ts", 0, 2**63 - 1), answered)
+        early = int_field(obj, "early", 0, 1) == 1 if "early" in obj else False
+        return cls(hex_id_field(obj, "job"), int_field(obj, "ts", 0, 2**63 - 1), answered,
+                   early)
 
 
 ALERT_EVENTS = ("job-started", "job-finished", "complaint", "worker-status")

@@ -1,6 +1,7 @@
 """Connect-backs a worker has promised: each waits the delay its load earned, holds a
 slot until settled, and is cancelled when the client's TAKEN says another worker won
-(also once connected, while its TLS handshake is unfinished)."""
+(also once connected, while its TLS handshake is unfinished); the client's early TAKEN,
+sent as it accepts a first connection, cancels those not yet begun."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from rexnet.worker.metrics import NoMetrics
 
 CONNECT_TIMEOUT = 5.0  # seconds for TCP; the TLS handshake has its own (worker.machine)
 TRIED_JOBS = 10_000  # job ids remembered, so that resent announcements are not answered
+RECENT_JOBS = 64  # connect-backs settled before a TAKEN taught the crowd, kept for it
 
 log = Logger()
 
@@ -46,6 +48,8 @@ class Pending:
     queued: bool = False  # answered with every slot busy: it holds a queue place, no slot
     ahead: int = 0  # when queued: the jobs that were queued before it
     wait: float = 0.0  # when queued: the expected wait for a slot, in seconds
+    learnt: bool = False  # a TAKEN for it taught the crowd already
+    early: bool = False  # the client's early TAKEN came
 
 
 class Target(NamedTuple):
@@ -91,7 +95,14 @@ class ConnectBacks:
         self.crowd = crowd if crowd is not None else Crowd()
         self.pending: dict[bytes, Pending] = {}
         self.tried: OrderedDict[bytes, None] = OrderedDict()
+        self.recent: OrderedDict[bytes, Pending] = OrderedDict()  # see find()
         self.freed: Callable[[], None] = lambda: None  # a failed or cancelled one let go
+
+    def find(self, job_id: bytes) -> Pending | None:
+        """The connect-back promised for JOB_ID, or one settled before a TAKEN taught the
+        crowd (cancelled by an early TAKEN, or its connection refused or closed by the
+        client before the TAKEN came): the job's next TAKEN will."""
+        return self.pending.get(job_id) or self.recent.get(job_id)
 
     def answered(self, job_id: bytes) -> bool:
         """Whether this worker already promised (or made) a connect-back for JOB_ID."""
@@ -146,12 +157,28 @@ class ConnectBacks:
 
         pending.connecting.addErrback(failed)
 
-    def taken(self, pending: Pending, answered: int) -> None:
-        """A checked TAKEN for PENDING's job: learn the crowd; cancel unless connected and
-        verified (a channel whose handshake is unfinished gives up after a short grace)."""
+    def taken(self, pending: Pending, answered: int, early: bool = False) -> None:
+        """A checked TAKEN for PENDING's job: learn the crowd (once); cancel unless
+        connected and verified (a channel whose handshake is unfinished gives up after a
+        short grace).  An early TAKEN (the client accepted a first connection, maybe ours)
+        cancels only a connect-back not yet begun; the final TAKEN's count then says how
+        many were under way (Crowd.steer)."""
         now = self.reactor.seconds()
-        self.crowd.observe(answered, now, pending.spread,
-                           (now - pending.heard) * 1000 - IDLE_MS)
+        if early:
+            pending.early = True
+        elif not pending.learnt:
+            pending.learnt = True
+            if pending.early:  # ANSWERED: those under way when the early TAKEN came
+                self.crowd.steer(answered, now)
+            else:  # a client without early TAKENs
+                self.crowd.observe(answered, now, pending.spread,
+                                   (now - pending.heard) * 1000 - IDLE_MS)
+        if self.recent.get(pending.job_id) is pending:  # settled already (cancelled by the
+            if pending.learnt:  # early TAKEN, failed, refused, won): it was kept to learn
+                del self.recent[pending.job_id]
+            return
+        if early and (pending.connected or pending.connecting is not None):
+            return  # the client's final TAKEN, or TLS, will tell
         if pending.connected:
             if pending.channel is not None and not pending.channel.verified:
                 pending.channel.taken()
@@ -169,9 +196,14 @@ class ConnectBacks:
         self.release(pending)
 
     def release(self, pending: Pending) -> None:
-        """PENDING no longer holds a slot (won, lost or failed)."""
+        """PENDING no longer holds a slot (won, lost or failed); if no TAKEN taught the
+        crowd yet, the job's next one will (see find())."""
         if self.pending.get(pending.job_id) is pending:
             del self.pending[pending.job_id]
+            if not pending.learnt:
+                self.recent[pending.job_id] = pending
+                if len(self.recent) > RECENT_JOBS:
+                    self.recent.popitem(last=False)
 
     def cancel_waiting(self) -> None:
         """The worker is stopping: no connect-back that has not started will."""

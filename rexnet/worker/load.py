@@ -42,6 +42,7 @@ CROWD_MAX = 4096  # a bound on what one TAKEN can make us believe
 CROWD_HALF_LIFE = 3600.0  # seconds: a cluster that shrank is believed within hours
 CROWD_WEIGHT = 0.3  # weight of a new estimate of the crowd (in log space)
 FIRST_DRAW_BIAS = math.exp(0.5772)  # e^(Euler's constant)
+COUNT_TARGET = 1.02  # connect-backs per job Crowd.steer aims at
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,20 @@ class Crowd:
         blended = math.exp((1 - CROWD_WEIGHT) * math.log(self.size(now))
                            + CROWD_WEIGHT * math.log(estimate))
         self._size = min(max(float(count), blended), float(CROWD_MAX))
+        self._at = now
+
+    def steer(self, count: int, now: float) -> None:
+        """A client with early TAKENs said COUNT workers had connected back by the time
+        its early TAKEN reached them (its final TAKEN's count: one, and those that were
+        under way).  Widen the window while more did, narrow it slowly while only one did:
+        about COUNT_TARGET connect-backs per job, whatever the crowd and however long the
+        TAKEN takes on this network.  Every worker hears the same counts and moves alike
+        (an estimate from each one's own window would drive their windows apart)."""
+        if count < 1:
+            return
+        count = min(count, CROWD_MAX)
+        size = self.size(now) * (count / COUNT_TARGET) ** CROWD_WEIGHT
+        self._size = min(max(float(count), size, 1.0), float(CROWD_MAX))
         self._at = now
 
 

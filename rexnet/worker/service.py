@@ -276,7 +276,7 @@ class Worker:
                 self._answer(entry.job_id, entry.client, entry.target)
 
     def _taken(self, dgram: wire.Datagram, taken: wire.Taken) -> None:
-        pending = self.pending.get(taken.job_id)
+        pending = self.connect_backs.find(taken.job_id)
         if pending is None:
             waiting = self.waitlist.get(taken.job_id)
             if waiting is not None:  # the job found a worker elsewhere: forget it
@@ -284,7 +284,7 @@ class Worker:
                 self.waitlist.drop(taken.job_id)
             return  # nothing to cancel (and no certificate to check it with)
         self.checker.check_taken(dgram, pending.client)
-        self.connect_backs.taken(pending, taken.answered)
+        self.connect_backs.taken(pending, taken.answered, taken.early)
         self._admit()  # a slot it reserved may be free
 
     def _connect_back(self, pending: Pending, host: str, port: int) -> None:
