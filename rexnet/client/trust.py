@@ -11,6 +11,7 @@ test, and a list re-read or a window's end is still seen at the next job.
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,8 +42,9 @@ class TrustCache:
             window = (cert.not_valid_before_utc.timestamp(),
                       cert.not_valid_after_utc.timestamp())
             self._windows[cert] = window
-        if not window[0] <= self.clock() <= window[1]:
-            problem = check_validity(cert)
+        now = self.clock()
+        if not window[0] <= now <= window[1]:
+            problem = check_validity(cert, datetime.datetime.fromtimestamp(now, datetime.UTC))
             if problem:
                 return f"its certificate {problem}"
         if revoked is None:
