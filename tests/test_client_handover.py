@@ -9,7 +9,7 @@ from conftest import Keys
 from OpenSSL import crypto
 from test_client_machine import Bed, Reactor, Worker, certs, make_bed
 
-from rexnet.client.warm import SATURATED_WAIT, WarmPool
+from rexnet.client.warm import HUNGRY_AFTER, SATURATED_WAIT, WarmPool
 from rexnet.protocol import wire
 
 __all__ = ["certs"]  # the fixture, shared
@@ -36,9 +36,18 @@ def test_a_looking_job_takes_over_the_channel_another_job_left(
     second.run()  # no idle channel: it announces
     assert second.transitions == [("idle", "look", "looking")]
     port = reactor.ports[-1]
+    worker.send(wire.Exit(0, None))  # at once: no hand-over, as a free worker may answer
+    assert first.result().status == 0 and pool.parked(worker.channel)
+    assert second.transitions == [("idle", "look", "looking")]
+    third = make_bed(keys, certs, pool=pool, reactor=reactor)
+    third.run()
+    worker.send(wire.Started("j3"))
+    worker.received()  # its START, input and EOF
+    while second.job.core.seq < HUNGRY_AFTER:  # unanswered: the next spare channel will do
+        reactor.advance(0.05)
     announced = len(second.datagrams())
     worker.send(wire.Exit(0, None))
-    assert first.result().status == 0
+    assert third.result().status == 0
     assert second.transitions[-1] == ("looking", "reuse", "reusing")
     assert not port.listening  # it stopped looking
     assert worker.received() == [wire.Start(("x",), keep=True)]

@@ -48,9 +48,9 @@ def test_a_channel_its_job_left_goes_to_the_first_job_still_looking() -> None:
     first: list[object] = []
     second: list[object] = []
     gone = hungry([], answer=False)  # found its worker meanwhile: passed over
-    assert not pool.want("key", gone, never)
-    assert not pool.want("key", hungry(first), never)
-    assert not pool.want("key", hungry(second), never)
+    pool.want("key", gone)
+    pool.want("key", hungry(first))
+    pool.want("key", hungry(second))
     pool.exited(link)
     assert pool.park("key", link)
     assert first == [link] and not second and not pool.parked(link)
@@ -61,7 +61,7 @@ def test_a_channel_its_job_left_goes_to_the_first_job_still_looking() -> None:
 def test_without_a_job_looking_the_channel_is_parked() -> None:
     pool = WarmPool(Clock(), discount_own=True)
     other: list[object] = []
-    pool.want("other key", hungry(other), never)
+    pool.want("other key", hungry(other))
     link = running(pool)
     pool.exited(link)
     assert pool.park("key", link) and pool.parked(link) and not other
@@ -70,7 +70,8 @@ def test_without_a_job_looking_the_channel_is_parked() -> None:
 def test_a_pool_that_does_not_discount_its_own_jobs_hands_nothing_over() -> None:
     pool = WarmPool(Clock())  # the agent's: its jobs are many users' commands
     taken: list[object] = []
-    assert not pool.want("key", hungry(taken), never) and not pool.hungry
+    pool.want("key", hungry(taken))
+    assert not pool.hungry
 
 
 def test_rexnet_parallel_hands_over_only_a_worker_with_a_free_slot() -> None:
@@ -78,7 +79,7 @@ def test_rexnet_parallel_hands_over_only_a_worker_with_a_free_slot() -> None:
     announcement find a free worker rather than queue at a full one."""
     pool = WarmPool(Clock(), discount_own=True, queue_on_warm=False)
     taken: list[object] = []
-    pool.want("key", hungry(taken), never)
+    pool.want("key", hungry(taken))
     full = running(pool, "a", queued=2, busy=4)
     pool.exited(full)
     assert pool.park("key", full) and not taken and pool.parked(full)
@@ -90,7 +91,7 @@ def test_rexnet_parallel_hands_over_only_a_worker_with_a_free_slot() -> None:
 def test_a_worker_no_longer_trusted_is_not_handed_over() -> None:
     pool = WarmPool(Clock(), discount_own=True)
     taken: list[object] = []
-    pool.want("key", hungry(taken), never)
+    pool.want("key", hungry(taken))
     link = running(pool)
     pool.exited(link)
     assert not pool.park("key", link, lambda link: "worker certificate is revoked")
@@ -106,14 +107,14 @@ def test_a_saturated_pool_waits_for_its_own_channels_before_announcing() -> None
     pool.refused("key")  # a warm START met BUSY: slots and queue full
     assert pool.saturated("key") and not pool.saturated("other key")
     first: list[object] = []
-    assert pool.want("key", hungry(first), lambda: announced.append("late"))
+    assert pool.wait("key", hungry(first), lambda: announced.append("late"))
     clock.advance(SATURATED_WAIT - 0.1)
     assert not announced
     clock.advance(0.1)
     assert announced == ["late"]  # a worker unknown to the pool may have room
     second: list[object] = []
     offer = hungry(second)
-    assert pool.want("key", offer, never)
+    assert pool.wait("key", offer, never)
     pool.exited(link)
     assert pool.park("key", link) and first == [link]  # announcing, it still looked
     pool.unwant("key", offer)  # the second job found a worker: its wait is cancelled
@@ -143,7 +144,7 @@ def test_a_job_that_ends_while_waiting_leaves_no_timer_behind() -> None:
     running(pool)
     pool.refused("key")
     offer = hungry([])
-    assert pool.want("key", offer, never)
+    assert pool.wait("key", offer, never)
     pool.unwant("key", offer)
     assert not clock.getDelayedCalls() and "key" not in pool.hungry
 

@@ -35,7 +35,7 @@ from rexnet.client.results import (
 )
 from rexnet.client.streams import JobStreams
 from rexnet.client.trust import distrust
-from rexnet.client.warm import WarmPool
+from rexnet.client.warm import HUNGRY_AFTER, WarmPool
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import DatagramSender, source_address
 from rexnet.net.datalink import Refused
@@ -161,7 +161,7 @@ class JobCore:
     def listen(self) -> bool:
         """Open the connect-back port and announce the job (or wait for one of a saturated
         pool's channels first); False if no announce target can be reached from here."""
-        if self.pool is not None and self.pool.want(
+        if self.pool is not None and self.pool.wait(
                 self.pool_key, self._offered,
                 lambda: None if self._listen() else self.machine.unreachable()):
             return True  # waiting for one of the pool's channels first
@@ -173,10 +173,6 @@ class JobCore:
             return False
         self.machine.reuse(link)
         return True
-
-    def take_over(self, channel: ClientChannel) -> None:  # handed over by the pool
-        self._stop_looking()
-        self.reuse(channel)
 
     def _listen(self) -> bool:
         addrs = {a for a in (source_address(t) for t in self.targets) if a}
@@ -218,6 +214,8 @@ class JobCore:
             delay *= 0.5 + self.jitter()
         self.seq += 1
         self._resend = self.reactor.callLater(delay, self._announce)
+        if self.seq == HUNGRY_AFTER and self.pool is not None:  # unanswered: the pool's
+            self.pool.want(self.pool_key, self._offered)  # next spare channel will do
 
     def _stop_looking(self) -> None:
         for call in (self._resend, self._deadline, self._queue_deadline):
@@ -293,7 +291,8 @@ class JobCore:
 
     def reuse(self, channel: ClientChannel) -> None:
         """Send the job over a warm channel from the pool (the streams are prepared once
-        the worker says STARTED)."""
+        the worker says STARTED); stop looking if it did."""
+        self._stop_looking()
         self.reused = True
         channel.attach(self.events)
         channel.ins.clear()

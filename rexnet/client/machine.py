@@ -172,7 +172,7 @@ def _reuse(inputs: JobInputs, core: JobCore, channel: ClientChannel) -> None:
 
 @looking.upon(JobInputs.reuse).to(reusing)
 def _take_over(inputs: JobInputs, core: JobCore, channel: ClientChannel) -> None:
-    core.take_over(channel)
+    core.reuse(channel)
 
 
 @looking.upon(JobInputs.unreachable).to(done)

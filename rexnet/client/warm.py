@@ -17,11 +17,12 @@ a time, and pools are per client process (per user).
 
 More jobs in flight than the cluster holds (slots and queue places): a DISCOUNT_OWN pool
 hands a channel its job just left straight to the first of its jobs still looking for a
-worker (HUNGRY: announcing, or waiting), instead of parking it; and with QUEUE_ON_WARM,
-once a worker's queue answered BUSY (SATURATED), a job that finds no channel waits up to
-SATURATED_WAIT for one of the pool's own before it announces: an announcement would only
-be answered when a place frees, by then given to the pool's own next job, and every
-resend costs each worker a signature check.
+worker (HUNGRY: one that announced HUNGRY_AFTER times unanswered, or that waits), instead
+of parking it; and with QUEUE_ON_WARM, once a worker's queue answered BUSY (SATURATED), a
+job that finds no channel waits up to SATURATED_WAIT for one of the pool's own before it
+announces: an announcement would only be answered when a place frees, by then given to
+the pool's own next job, and every resend costs each worker a signature check. (A job
+that a free worker answers at once is not handed anything: it brings one more channel.)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ FRESH = 3.0  # a load report older than this is not trusted
 REUSE_MARGIN = 0.5  # load growth since the worker won after which the job is announced
 PER_WORKER = 32  # idle channels kept per worker
 SATURATED_WAIT = 3.0  # seconds a job waits for one of the pool's channels before announcing
+HUNGRY_AFTER = 3  # announcements unanswered (150 ms) before a job takes a channel handed over
 
 Offer = Callable[[Any], bool]
 """A hungry job: given a channel, True if it took it (it still looked for a worker)."""
@@ -229,15 +231,19 @@ class WarmPool:
 
     # -- more jobs than places ----------------------------------------------------------
 
-    def want(self, key: Hashable, offer: Offer, announce: Callable[[], None]) -> bool:
-        """A job of KEY looks for a worker: OFFER it the next channel a job of KEY leaves
-        (a DISCOUNT_OWN pool only). True if the job should wait for one (SATURATED) and
-        call ANNOUNCE only after SATURATED_WAIT; False if it announces now."""
-        if not self.discount_own:
-            return False
-        self.hungry.setdefault(key, deque()).append(offer)
+    def want(self, key: Hashable, offer: Offer) -> None:
+        """A job of KEY looks for a worker in vain so far: OFFER it the next channel a job
+        of KEY leaves (a DISCOUNT_OWN pool only)."""
+        if self.discount_own and offer not in self.hungry.get(key, ()):
+            self.hungry.setdefault(key, deque()).append(offer)
+
+    def wait(self, key: Hashable, offer: Offer, announce: Callable[[], None]) -> bool:
+        """A job of KEY is about to announce: True if it should rather wait for one of
+        the pool's channels (SATURATED; OFFER gets it) and call ANNOUNCE only after
+        SATURATED_WAIT; False if it announces now."""
         if not self.saturated(key):
             return False
+        self.want(key, offer)
         self._waits[offer] = self.reactor.callLater(SATURATED_WAIT, self._waited, offer,
                                                     announce)
         return True
