@@ -104,7 +104,7 @@ def test_a_saturated_pool_waits_for_its_own_channels_before_announcing() -> None
     link = running(pool)
     announced: list[str] = []
     assert not pool.saturated("key")
-    pool.refused("key")  # a warm START met BUSY: slots and queue full
+    pool.full("key")  # a warm START met BUSY: slots and queue full
     assert pool.saturated("key") and not pool.saturated("other key")
     first: list[object] = []
     assert pool.wait("key", hungry(first), lambda: announced.append("late"))
@@ -125,7 +125,7 @@ def test_a_saturated_pool_waits_for_its_own_channels_before_announcing() -> None
 def test_saturation_passes_and_needs_the_pools_own_jobs() -> None:
     clock = Clock()
     pool = WarmPool(clock, discount_own=True)
-    pool.refused("key")
+    pool.full("key")
     assert not pool.saturated("key")  # none of its jobs runs: nothing would come back
     link = running(pool)
     assert pool.saturated("key")
@@ -133,7 +133,7 @@ def test_saturation_passes_and_needs_the_pools_own_jobs() -> None:
     assert not pool.saturated("key")
     parallel = WarmPool(clock, discount_own=True, queue_on_warm=False)
     running(parallel)
-    parallel.refused("key")
+    parallel.full("key")
     assert not parallel.saturated("key")  # rexnet parallel always announces
     assert link
 
@@ -142,7 +142,7 @@ def test_a_job_that_ends_while_waiting_leaves_no_timer_behind() -> None:
     clock = Clock()
     pool = WarmPool(clock, discount_own=True)
     running(pool)
-    pool.refused("key")
+    pool.full("key")
     offer = hungry([])
     assert pool.wait("key", offer, never)
     pool.unwant("key", offer)

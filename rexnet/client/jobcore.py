@@ -306,7 +306,7 @@ class JobCore:
         channel = self.chosen
         assert channel is not None
         if full and self.pool is not None:
-            self.pool.refused(self.pool_key)
+            self.pool.full(self.pool_key)
         self.channels.discard(channel)
         channel.close()
         self.chosen = None
@@ -325,6 +325,8 @@ class JobCore:
             if self.queue_timeout is not None:
                 self._queue_deadline = self.reactor.callLater(self.queue_timeout,
                                                               self.machine.queue_timed_out)
+        if self.pool is not None:  # every slot taken: the pool's next jobs wait for its own
+            self.pool.full(self.pool_key)
         if self.telling:
             self.say(progress.queued(channel, queued))
 

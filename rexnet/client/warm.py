@@ -18,11 +18,12 @@ a time, and pools are per client process (per user).
 More jobs in flight than the cluster holds (slots and queue places): a DISCOUNT_OWN pool
 hands a channel its job just left straight to the first of its jobs still looking for a
 worker (HUNGRY: one that announced HUNGRY_AFTER times unanswered, or that waits), instead
-of parking it; and with QUEUE_ON_WARM, once a worker's queue answered BUSY (SATURATED), a
-job that finds no channel waits up to SATURATED_WAIT for one of the pool's own before it
-announces: an announcement would only be answered when a place frees, by then given to
-the pool's own next job, and every resend costs each worker a signature check. (A job
-that a free worker answers at once is not handed anything: it brings one more channel.)
+of parking it; and with QUEUE_ON_WARM, once a worker queued one of its jobs or answered
+BUSY (SATURATED: every slot taken), a job that finds no channel waits up to
+SATURATED_WAIT for one of the pool's own before it announces: an announcement would only
+be answered when a place frees, by then given to the pool's own next job, and every
+resend costs each worker a signature check. (A job that a free worker answers at once is
+not handed anything: it brings one more channel.)
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class WarmPool:
         self.idle_events = IdleEvents(self)  # the owner of its idle channels' events
         self._alerts: dict[tuple[bytes, tuple[tuple[str, int], ...]], KeptAlertSender] = {}
         self.hungry: dict[Hashable, deque[Offer]] = {}  # jobs looking for a worker, by key
-        self._saturated: dict[Hashable, float] = {}  # when a warm START last met BUSY
+        self._saturated: dict[Hashable, float] = {}  # when a job last met a full worker
         self._waits: dict[Offer, IDelayedCall] = {}  # hungry jobs' SATURATED_WAIT
 
     def alerts(self, credential: Credential, targets: Sequence[tuple[str, int]]
@@ -263,14 +264,15 @@ class WarmPool:
             if not waiting:
                 del self.hungry[key]
 
-    def refused(self, key: Hashable) -> None:
-        """A warm START of KEY met BUSY: the worker's slots and queue are full."""
+    def full(self, key: Hashable) -> None:
+        """A job of KEY met a full worker: QUEUED (every slot taken) or, on a warm channel,
+        BUSY (its queue full too)."""
         self._saturated[key] = self.reactor.seconds()
 
     def saturated(self, key: Hashable) -> bool:
         """Whether a job of KEY should wait for one of the pool's channels rather than
-        announce: with QUEUE_ON_WARM, a warm START met BUSY lately and the pool's own jobs
-        run (one of their channels will come back)."""
+        announce: with QUEUE_ON_WARM, one of its jobs met a full worker lately and its own
+        jobs run (one of their channels will come back)."""
         since = self._saturated.get(key)
         if not self.queue_on_warm or since is None:
             return False
