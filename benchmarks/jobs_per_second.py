@@ -50,7 +50,9 @@ def executor_rate(key: Path, targets: list[str], jobs: int, max_jobs: int, warm:
     with rexnet.Executor(key, targets, max_jobs) as ex:
         pool = ex._pool
         if not warm:  # a pool that never hands out a channel: every job announces
-            pool.take = lambda key: None  # type: ignore[method-assign]
+            pool.take = lambda key, distrust=None: None  # type: ignore[method-assign]
+            pool.want = lambda key, offer: None  # type: ignore[method-assign]
+            pool.wait = lambda key, offer, announce: False  # type: ignore[method-assign]
         list(ex.map([], [b""] * max_jobs))  # warm up (connections, imports)
         me, others = cpu_seconds([os.getpid()]), cpu_seconds(workers)
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Bounded (rexnet.client.bounded): the DeferredSemaphore pump of the Executor and rexnet
+"""Bounded (rexnet.client.bounded): the pump of the Executor and rexnet
 parallel, driven with plain Deferreds."""
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from rexnet.client import api as client
 from rexnet.client.api import Env
 from rexnet.client.bounded import Bounded
 from rexnet.client.cluster import Cluster, Target
+from rexnet.client.progress import silent
 from rexnet.client.results import CompletedJob, JobFailed
 from rexnet.client.warm import WarmPool
 from rexnet.protocol import remotecall as remote
@@ -143,7 +144,7 @@ class Executor(concurrent.futures.Executor):
         self.retries = retries
         self.env = env
         self.max_output = max_output
-        self.log = log or (lambda message: None)
+        self.log = log or silent
         self.workers: collections.Counter[str] = collections.Counter()  # jobs started there
         self._reactor = running_reactor()
         # warm channels, used in the reactor thread; our own jobs come and go on them
@@ -152,6 +153,11 @@ class Executor(concurrent.futures.Executor):
         self._lock = threading.RLock()
         self._futures: set[concurrent.futures.Future[Any]] = set()
         self._queued: set[concurrent.futures.Future[Any]] = set()  # not yet begun
+        # submitted, not yet handed to the reactor thread (one wake-up for a burst)
+        self._inbox: collections.deque[tuple[concurrent.futures.Future[Any],
+                                             Callable[[], defer.Deferred[Any]]]] = (
+            collections.deque())
+        self._waking = False
         self._shutdown = False
 
     # -- submitting -------------------------------------------------------------------
@@ -221,8 +227,11 @@ class Executor(concurrent.futures.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._futures.add(future)
             self._queued.add(future)
+            self._inbox.append((future, start))
+            wake, self._waking = not self._waking, True
         future.add_done_callback(self._forget)
-        self._reactor.callFromThread(self._queue, future, start)
+        if wake:
+            self._reactor.callFromThread(self._take_inbox)
         return future
 
     def _forget(self, future: concurrent.futures.Future[Any]) -> None:
@@ -231,9 +240,14 @@ class Executor(concurrent.futures.Executor):
 
     # -- in the reactor thread ------------------------------------------------------------
 
-    def _queue(self, future: concurrent.futures.Future[Any],
-               start: Callable[[], defer.Deferred[Any]]) -> None:
-        self._jobs.run(self._begin, future, start).addBoth(self._settle, future)
+    def _take_inbox(self) -> None:
+        """Queue what was submitted since the last wake-up, in order."""
+        with self._lock:
+            submitted = list(self._inbox)
+            self._inbox.clear()
+            self._waking = False
+        for future, start in submitted:
+            self._jobs.run(self._begin, future, start).addBoth(self._settle, future)
 
     def _begin(self, future: concurrent.futures.Future[Any],
                start: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:

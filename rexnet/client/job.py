@@ -17,14 +17,16 @@ from twisted.logger import Logger
 from rexnet.client.channel import ClientChannel
 from rexnet.client.jobcore import JobCore
 from rexnet.client.machine import JobMachine
+from rexnet.client.progress import silent
 from rexnet.client.results import JobResult
 from rexnet.client.router import ChannelRouter, trace
 from rexnet.client.streams import JobStreams, StdioStreams
+from rexnet.client.trust import distrust
 from rexnet.client.warm import WarmPool
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import now_ms
 from rexnet.protocol import wire
-from rexnet.security.credentials import Credential, check_validity
+from rexnet.security.credentials import Credential
 from rexnet.security.tls import Revocations
 
 DEFAULT_TIMEOUT = 30.0
@@ -50,7 +52,7 @@ class ClientJob:
         request: wire.Start | None = None,
         streams: JobStreams | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-        say: Callable[[str], None] = lambda message: None,
+        say: Callable[[str], None] = silent,
         now: Callable[[], int] = now_ms,
         alerts: AlertSender | None = None,
         pool: WarmPool | None = None,
@@ -88,15 +90,7 @@ class ClientJob:
         """Why LINK's worker is no longer to be trusted with a job, or None: its
         certificate is checked again (expiry, revocation list as it is now) before every
         job on a warm channel, as the worker checks the client's."""
-        cert = getattr(link, "peer_cert", None)
-        if cert is None:
-            return "its certificate is unknown"
-        problem = check_validity(cert)
-        if problem:
-            return f"its certificate {problem}"
-        revoked = self.core.revoked
-        reason = revoked.reason(cert) if revoked is not None else None
-        return f"worker {reason}" if reason else None
+        return distrust(link, self.core.revoked)
 
     def send_signal(self, number: int) -> None:
         """Deliver signal NUMBER to the job; before the job runs, give up with 128+N."""

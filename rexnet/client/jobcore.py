@@ -19,8 +19,10 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rexnet.client import progress
 from rexnet.client.channel import ChannelEvents, ClientChannel
 from rexnet.client.connectback import ConnectBackFactory, Takens
+from rexnet.client.progress import silent
 from rexnet.client.results import (
     AuthFailed,
     Interrupted,
@@ -32,7 +34,8 @@ from rexnet.client.results import (
     WorkerLost,
 )
 from rexnet.client.streams import JobStreams
-from rexnet.client.warm import WarmPool
+from rexnet.client.trust import distrust
+from rexnet.client.warm import HUNGRY_AFTER, WarmPool
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import DatagramSender, source_address
 from rexnet.protocol import exitcodes, wire
@@ -54,6 +57,10 @@ class Later(Protocol):
     def timed_out(self) -> None: ...
 
     def queue_timed_out(self) -> None: ...
+
+    def unreachable(self) -> None: ...
+
+    def reuse(self, channel: ClientChannel) -> None: ...
 
     def drained(self) -> None: ...
 
@@ -78,6 +85,7 @@ class JobCore:
         self.streams = streams
         self.timeout = timeout
         self.say: Callable[[str], None] = lambda message: say(printable(message, 4000))
+        self.telling = say is not silent  # whether progress messages are worth making
         self.now = now
         self.alerts = alerts
         self.pool = pool
@@ -118,8 +126,22 @@ class JobCore:
     # -- looking for a worker ---------------------------------------------------------
 
     def listen(self) -> bool:
-        """Open the connect-back port and announce the job; False if no announce target
-        can be reached from this host."""
+        """Open the connect-back port and announce the job (or wait for one of a saturated
+        pool's channels first); False if no announce target can be reached from here."""
+        if self.pool is not None and self.pool.wait(
+                self.pool_key, self._offered,
+                lambda: None if self._listen() else self.machine.unreachable()):
+            return True  # waiting for one of the pool's channels first
+        return self._listen()
+
+    def _offered(self, link: Any) -> bool:
+        """The pool offers a channel its job just left: taken if still looking."""
+        if self.chosen is not None or self.channels or self.result.called:
+            return False
+        self.machine.reuse(link)
+        return True
+
+    def _listen(self) -> bool:
         addrs = {a for a in (source_address(t) for t in self.targets) if a}
         if not addrs:
             return False
@@ -173,12 +195,16 @@ class JobCore:
             delay *= 0.5 + self.jitter()
         self.seq += 1
         self._resend = self.reactor.callLater(delay, self._announce)
+        if self.seq == HUNGRY_AFTER and self.pool is not None:  # unanswered: the pool's
+            self.pool.want(self.pool_key, self._offered)  # next spare channel will do
 
     def _stop_looking(self) -> None:
         self.takens.stop()
         for call in (self._resend, self._deadline, self._queue_deadline):
             if call is not None and call.active():
                 call.cancel()
+        if self.pool is not None:
+            self.pool.unwant(self.pool_key, self._offered)
         if self._port is not None:
             self._port.stopListening()
             self._port = None
@@ -193,15 +219,7 @@ class JobCore:
         else:
             targets = ", ".join(f"{h}:{p}" for h, p in self.targets)
             self.fail(NoWorker(f"no worker answered within {self.timeout:g} s "
-                               f"(announced to {targets}){self._asked()}"))
-
-    def _asked(self) -> str:
-        """What the job asked of its worker, if more than any free slot (for messages)."""
-        r = self.request
-        asked = [f"{r.cpus} free slots"] if r.cpus != 1 else []
-        asked += [f"{r.mem / 2**30:.3g} GiB of free memory"] if r.mem else []
-        asked += [f"worker {' or '.join(r.workers)}"] if r.workers else []
-        return f"; the job asked for {', '.join(asked)}" if asked else ""
+                               f"(announced to {targets}){progress.asked(self.request)}"))
 
     # -- connections ------------------------------------------------------------------
 
@@ -255,7 +273,8 @@ class JobCore:
 
     def reuse(self, channel: ClientChannel) -> None:
         """Send the job over a warm channel from the pool (the streams are prepared once
-        the worker says STARTED)."""
+        the worker says STARTED); stop looking if it did."""
+        self._stop_looking()
         self.reused = True
         channel.attach(self.events)
         channel.ins.clear()
@@ -264,10 +283,12 @@ class JobCore:
         self.chosen = channel
         channel.send(self.request)
 
-    def warm_refused(self, why: str) -> None:
-        """The warm channel's worker cannot take the job after all: it is closed."""
+    def warm_refused(self, why: str, full: bool = False) -> None:
+        """The warm channel's worker cannot take the job after all (FULL: BUSY)."""
         channel = self.chosen
         assert channel is not None
+        if full and self.pool is not None:
+            self.pool.full(self.pool_key)
         self.channels.discard(channel)
         channel.close()
         self.chosen = None
@@ -286,9 +307,10 @@ class JobCore:
             if self.queue_timeout is not None:
                 self._queue_deadline = self.reactor.callLater(self.queue_timeout,
                                                               self.machine.queue_timed_out)
-        name = channel.hello.worker if channel.hello else CertInfo.of(channel.peer_cert).name
-        self.say(f"job queued at worker {name} ({channel.peer_address()}): position "
-                 f"{queued.position}, expected wait {queued.wait_ms / 1000:.1f} s")
+        if self.pool is not None:  # every slot taken: the pool's next jobs wait for its own
+            self.pool.full(self.pool_key)
+        if self.telling:
+            self.say(progress.queued(channel, queued))
 
     def leave_queue(self) -> None:
         """Give up the job's place in the worker's queue (BUSY, then close)."""
@@ -321,26 +343,12 @@ class JobCore:
             self._queue_deadline.cancel()
         hello = channel.hello
         name = hello.worker if hello else CertInfo.of(channel.peer_cert).name
-        if hello and self.reused:
-            why = (f"reused warm channel (its load {hello.load:.2f} reported "
-                   f"{(self.reactor.seconds() - channel.heard_at) * 1000:.0f} ms before, "
-                   f"{hello.running}/{hello.slots} slots busy)")
-        elif hello and self.queued_at is not None:
-            why = (f"after {self.reactor.seconds() - self.queued_at:.2f} s in its queue "
-                   f"(first of {self.answered} to connect back, its load {hello.load:.2f})")
-        elif hello:
-            why = (f"first of {self.answered} to connect back, after "
-                   f"{(self.reactor.seconds() - self._t0) * 1000:.1f} ms; its load "
-                   f"{hello.load:.2f}, delay {hello.delay_ms:.1f} ms, "
-                   f"{hello.running}/{hello.slots} slots busy")
-        else:
-            why = "first to connect back"
-        self.say(f"job {started.job} runs on worker {name} ({channel.peer_address()}): {why}")
-        if started.cwd:
-            asked, given = self.request.cwd, self.request.cwd_required
-            self.say(f"it runs in {started.cwd}" + (
-                " (--cwd)" if given else ", the same path as here" if started.cwd == asked
-                else f": the worker has no {asked}" if asked else ", the worker's directory"))
+        if self.telling:
+            now = self.reactor.seconds()
+            for line in progress.started(channel, started, name, self.request, self.reused,
+                                         None if self.queued_at is None else
+                                         now - self.queued_at, self.answered, now - self._t0):
+                self.say(line)
         if started.refused_env:
             self.log.warn("worker {name} did not accept the environment variable(s) "
                           "{names} (see its --accept-env)", name=name,
@@ -466,13 +474,6 @@ class JobCore:
         if self.result.called:
             return
         chosen = self.chosen
-        if self.pool is not None and chosen is not None and not chosen.closed:
-            self.channels.discard(chosen)
-            if self.pool.park(self.pool_key, chosen):
-                self.parked = True
-                chosen.attach(self.pool.idle_events)
-            else:
-                chosen.close()
         if self.started is None or not self.started.detached:  # (the worker reports it)
             self.alerts.send(
                 "job-finished", job=result.job, worker=result.worker,
@@ -481,6 +482,14 @@ class JobCore:
                 duration=round(self.reactor.seconds() - self._t0, 3),
                 bytes_in=sum(s.sent for s in chosen.outs.values()) if chosen else 0,
                 bytes_out=sum(s.received for s in chosen.ins.values()) if chosen else 0)
+        if self.pool is not None and chosen is not None and not chosen.closed:
+            self.channels.discard(chosen)
+            chosen.attach(self.pool.idle_events)  # before a waiting job takes it over
+            if self.pool.park(self.pool_key, chosen,
+                              lambda link: distrust(link, self.revoked)):
+                self.parked = True
+            else:
+                chosen.close()
         self._cleanup()
         self.result.callback(result)
 

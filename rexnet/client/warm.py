@@ -14,11 +14,21 @@ would only bring a queued worker's later answer and a handshake; a worker whose 
 full answers BUSY, and the job is announced). Otherwise the job is announced as usual
 and the workers compete again. A channel is never shared: the pool gives it to one job at
 a time, and pools are per client process (per user).
+
+More jobs in flight than the cluster holds (slots and queue places): a DISCOUNT_OWN pool
+hands a channel its job just left straight to the first of its jobs still looking for a
+worker (HUNGRY: one that announced HUNGRY_AFTER times unanswered, or that waits), instead
+of parking it; and with QUEUE_ON_WARM, once a worker queued one of its jobs or answered
+BUSY (SATURATED: every slot taken), a job that finds no channel waits up to
+SATURATED_WAIT for one of the pool's own before it announces: an announcement would only
+be answered when a place frees, by then given to the pool's own next job, and every
+resend costs each worker a signature check. (A job that a free worker answers at once is
+not handed anything: it brings one more channel.)
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,6 +46,11 @@ IDLE = 25.0  # seconds an idle channel is kept (the worker keeps it 30 s)
 FRESH = 3.0  # a load report older than this is not trusted
 REUSE_MARGIN = 0.5  # load growth since the worker won after which the job is announced
 PER_WORKER = 32  # idle channels kept per worker
+SATURATED_WAIT = 3.0  # seconds a job waits for one of the pool's channels before announcing
+HUNGRY_AFTER = 3  # announcements unanswered (150 ms) before a job takes a channel handed over
+
+Offer = Callable[[Any], bool]
+"""A hungry job: given a channel, True if it took it (it still looked for a worker)."""
 
 log = Logger()
 
@@ -107,6 +122,9 @@ class WarmPool:
         self.reused = 0
         self.idle_events = IdleEvents(self)  # the owner of its idle channels' events
         self._alerts: dict[tuple[bytes, tuple[tuple[str, int], ...]], KeptAlertSender] = {}
+        self.hungry: dict[Hashable, deque[Offer]] = {}  # jobs looking for a worker, by key
+        self._saturated: dict[Hashable, float] = {}  # when a job last met a full worker
+        self._waits: dict[Offer, IDelayedCall] = {}  # hungry jobs' SATURATED_WAIT
 
     def alerts(self, credential: Credential, targets: Sequence[tuple[str, int]]
                ) -> AlertSender:
@@ -212,11 +230,96 @@ class WarmPool:
             return best.link
         return None
 
-    def park(self, key: Hashable, link: Link) -> bool:
-        """Keep LINK (its job ended, the worker keeps it open) for a later job of KEY;
-        False if the pool has enough of that worker's channels (then close it)."""
+    # -- more jobs than places ----------------------------------------------------------
+
+    def want(self, key: Hashable, offer: Offer) -> None:
+        """A job of KEY looks for a worker in vain so far: OFFER it the next channel a job
+        of KEY leaves (a DISCOUNT_OWN pool only)."""
+        if self.discount_own and offer not in self.hungry.get(key, ()):
+            self.hungry.setdefault(key, deque()).append(offer)
+
+    def wait(self, key: Hashable, offer: Offer, announce: Callable[[], None]) -> bool:
+        """A job of KEY is about to announce: True if it should rather wait for one of
+        the pool's channels (SATURATED; OFFER gets it) and call ANNOUNCE only after
+        SATURATED_WAIT; False if it announces now."""
+        if not self.saturated(key):
+            return False
+        self.want(key, offer)
+        self._waits[offer] = self.reactor.callLater(SATURATED_WAIT, self._waited, offer,
+                                                    announce)
+        return True
+
+    def _waited(self, offer: Offer, announce: Callable[[], None]) -> None:
+        del self._waits[offer]
+        announce()
+
+    def unwant(self, key: Hashable, offer: Offer) -> None:
+        """The job found its worker, or ended."""
+        wait = self._waits.pop(offer, None)
+        if wait is not None and wait.active():
+            wait.cancel()
+        waiting = self.hungry.get(key)
+        if waiting is not None and offer in waiting:
+            waiting.remove(offer)
+            if not waiting:
+                del self.hungry[key]
+
+    def full(self, key: Hashable) -> None:
+        """A job of KEY met a full worker: QUEUED (every slot taken) or, on a warm channel,
+        BUSY (its queue full too)."""
+        self._saturated[key] = self.reactor.seconds()
+
+    def saturated(self, key: Hashable) -> bool:
+        """Whether a job of KEY should wait for one of the pool's channels rather than
+        announce: with QUEUE_ON_WARM, one of its jobs met a full worker lately and its own
+        jobs run (one of their channels will come back)."""
+        since = self._saturated.get(key)
+        if not self.queue_on_warm or since is None:
+            return False
+        if self.reactor.seconds() - since > self.fresh:
+            del self._saturated[key]
+            return False
+        return any(w.busy and not w.exited for w in self.records.values())
+
+    def _hand_over(self, key: Hashable, warm: Warm,
+                   distrust: Callable[[Link], str | None]) -> bool | None:
+        """Give WARM's channel to the first hungry job of KEY that takes it: True if one
+        did, None if none did (or its worker is not a choice for a job that announces),
+        False if the channel's worker is no longer trusted."""
+        waiting = self.hungry.get(key)
+        if not waiting or warm.link.closed:
+            return None
+        if not self.queue_on_warm and not (warm.heard_at is not None and warm.queued == 0
+                                           and warm.running < warm.slots):
+            return None  # the announcement may find a free worker: let it
+        problem = distrust(warm.link)
+        if problem is not None:
+            log.warn("closed the warm channel to worker {worker}: {problem}",
+                     worker=warm.worker, problem=problem)
+            return False
+        handed = None
+        while waiting and handed is None:
+            offer = waiting.popleft()
+            warm.busy, warm.exited = True, False
+            if offer(warm.link):
+                self.reused += 1
+                handed = True
+            else:
+                warm.busy = False  # that job found its worker meanwhile
+        if not waiting:
+            self.hungry.pop(key, None)
+        return handed
+
+    def park(self, key: Hashable, link: Link,
+             distrust: Callable[[Link], str | None] = lambda link: None) -> bool:
+        """Keep LINK (its job ended, the worker keeps it open) for a later job of KEY, or
+        hand it to a job of KEY still looking for a worker (DISTRUST as for take); False
+        if the pool has enough of that worker's channels (then close it)."""
         warm = self.record(link)
         warm.busy = False
+        handed = self._hand_over(key, warm, distrust)
+        if handed is not None:
+            return handed
         if link.closed or sum(w.worker == warm.worker for w in self.idle) >= self.per_worker:
             return False
         warm.key = key

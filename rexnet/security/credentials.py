@@ -16,6 +16,7 @@ All keys are Ed25519.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import os
 import re
@@ -417,8 +418,9 @@ class Credential:
     def name(self) -> str:
         return self.info.name
 
-    @property
+    @functools.cached_property
     def cert_der(self) -> bytes:
+        """The certificate in DER (made once: every signed datagram carries it)."""
         return self.cert.public_bytes(serialization.Encoding.DER)
 
     def peer_identity(self) -> str:
