@@ -13,25 +13,78 @@ pump below alternated run by run against `ssh -c aes128-gcm@openssh.com w1 cat`:
 - split-pyo    (a) two mutual-TLS connections per job (stdin on one, stdout on the
                other), each direction pumped by its own thread, blocking pyOpenSSL calls;
 - split-proc   (a) the same, each direction in its own process (fork after handshake);
-- split-std    (c) as split-pyo with the standard library's `ssl` (blocking sockets);
+- split-std    (c) as split-pyo with the standard library's `ssl` (blocking sockets; a
+               direction ends with a FIN, not close_notify: unwrap() waits for the peer);
 - shared-pyo   (b) one connection, one thread per direction sharing the pyOpenSSL
-               Connection under a lock (non-blocking socket, poll outside the lock);
-- shared-std   (b)+(c) the same with the standard library's `ssl` over memory BIOs;
-- one-pyo      the one-thread baseline: one connection, one thread, poll over the socket
-               and both pipes (what rexnet's reactor does, without Twisted);
-- ...-128      the same pump with TLS_AES_128_GCM_SHA256 (d); the others negotiate
-               what rexnet negotiates today, TLS_AES_256_GCM_SHA384 (TLS 1.3 server
-               preference in OpenSSL's default order; checked by `--cipher-check`).
+               Connection (memory BIOs) under a lock; the socket non-blocking, a thread
+               waits for it outside the lock, records leave in order (one sender at a time);
+- shared-std   (b)+(c) the same over the standard library's SSLObject: NOT measured, it
+               loses the stream's tail at the close (SSLEOFError, ~14 MB short), unfixed;
+- ...-128      the same pump with TLS_AES_128_GCM_SHA256 only (d); the others negotiate
+               what rexnet negotiates today: TLS 1.3 TLS_AES_256_GCM_SHA384 (checked with
+               get_cipher_name on a handshake between rexnet.security.tls's
+               listening_options and connecting_options);
+- `--cipher-cost`: CPU seconds to encrypt and decrypt 1 GiB per suite, in memory.
 
 Every connection is TLS 1.3 with certificates on both sides chaining to the bench's
-application CA (rexnet's credentials: Ed25519). Pipes are widened to 1 MiB, reads are
-256 KiB, as rexnet does since P11 #1. `--rexnet` adds `rexnet exec cat` (through the
-agent) to the rotation.
+application CA (rexnet's Ed25519 credentials; no hostname/role check: a prototype).
+Pipes are widened to 1 MiB, reads are 256 KiB, as rexnet does since P11 #1; `--rexnet`
+adds the product, `rexnet exec cat` through the agent, to the rotation. The one-thread
+baseline is rexnet itself (a one-thread poll pump was tried and dropped: it hung).
 
-Figures (MB/s, median of 3 alternated runs of 1 GiB round trip through cat; ratio to
-ssh aes128-gcm in the same run; 2 cores shared with other developers, load ~3-5):
+Figures, 1 GiB in and back out through cat, MB/s median (min-max) of alternated runs,
+ratio to ssh aes128-gcm in the same run (2 cores shared with other developers, noisy):
 
-  see FIGURES below (filled in from the run that made them).
+  `bulk_pumps.py --runs 3 --rexnet` (02:08 UTC):
+    ssh aes128-gcm     166.5 (151.4-228.8)  1.00x
+    split-pyo          208.0 (148.1-261.5)  1.25x
+    split-proc         223.6 (104.3-264.6)  1.34x
+    split-std          193.9 (150.2-291.7)  1.16x
+    shared-pyo         149.7 (141.4-194.8)  0.90x
+    split-pyo-128      199.3 (193.2-298.5)  1.20x
+    shared-pyo-128     150.9 (141.9-227.2)  0.91x
+    rexnet exec cat    115.9 (96.0-181.6)   0.70x
+  `bulk_pumps.py --runs 5 --rexnet --modes split-pyo,split-pyo-128,shared-pyo` (02:11;
+  in brackets the median of the run-by-run ratios):
+    ssh aes128-gcm     244.5 (172.8-282.3)  1.00x
+    split-pyo          251.7 (222.9-287.5)  1.03x  [1.04]
+    split-pyo-128      290.5 (192.3-310.9)  1.19x  [1.11]
+    shared-pyo         199.3 (165.1-256.9)  0.81x  [0.92]
+    rexnet exec cat    155.9 (135.9-177.9)  0.64x  [0.64]
+  `bulk_pumps.py --cipher-cost` (3 runs): TLS_AES_256_GCM_SHA384 0.96/1.01/0.97 CPU s,
+  TLS_AES_128_GCM_SHA256 0.86/0.84/0.85 CPU s to encrypt and decrypt 1 GiB.
+
+What this says:
+- One thread per direction over two connections (split) reaches ssh: 1.03-1.34x, where
+  rexnet's one reactor thread makes 0.64-0.70x in the same runs. cffi (pyOpenSSL) and the
+  ssl module drop the GIL in SSL_read/SSL_write, os.read/os.write drop it too, so the
+  two directions of a round trip run on both cores. Threads or processes: no clear
+  difference (1.25x against 1.34x in one run of 3, within the noise).
+- One connection shared by two threads under a lock (shared) stays below ssh (0.81-0.92x):
+  every SSL call of one direction waits for the other's, and a sender blocked on a full
+  socket must let the other thread queue its records behind its own (the ordering is
+  the subtle part; a first version interleaved records). Not worth its complexity.
+- stdlib ssl against pyOpenSSL for the same pump: no clear difference (1.16x against
+  1.25x in one run, noise); stdlib's shared memory-BIO variant lost data at the close.
+- The cipher: AES-128 saves ~0.12 CPU s per GiB encrypted and decrypted, ~3% of the
+  3.5-3.9 CPU s the agent and the worker spend per round trip today; in the pumps the
+  run-by-run ratio moved 1.04 -> 1.11, inside the noise. Not a clear win: not adopted
+  (rexnet keeps OpenSSL's default TLS 1.3 order, AES-256-GCM first).
+
+What adopting "split" in rexnet needs (not done in P11 #2 round 2, too big for the slot):
+a job's bulk streams on connections of their own, each pumped by a thread with blocking
+TLS calls and the reactor keeping the control frames (START, WINDOW, EXIT, signals):
+1. the worker connects back a second time for the job (same listening port, same mutual
+   TLS and role checks), and its first frame names the job with a single-use token the
+   client sent in START (random, 32 bytes); the client accepts it only if the peer's
+   certificate is the one of the job's first connection and the token is the job's, and
+   refuses any further connection for that job (and any before START);
+2. the stream's credit stays end to end: the pump thread reads its pipe only while the
+   window has credit (a bounded queue of 256 KiB pieces to and from the reactor, e.g.
+   `threading` + reactor.callFromThread), so memory stays bounded per job;
+3. EXIT must follow the last stdout byte: the client drains the data connection to its
+   TLS close_notify (a FIN without it is a truncation and an error) before it acts on
+   EXIT; the agent side needs the same threads for the launcher's pipes.
 """
 
 from __future__ import annotations
@@ -290,10 +343,8 @@ class Locked:
 
     def shut(self) -> None:
         with self.lock:
-            try:
+            with contextlib.suppress(SSL.Error, ssl.SSLError):
                 self.obj.unwrap() if self.std else self.obj.shutdown()  # type: ignore[attr-defined]
-            except (SSL.Error, ssl.SSLError):
-                pass
             self._flush()
 
 
@@ -388,7 +439,8 @@ def serve_job(first: socket.socket, second: socket.socket | None, cred: Path, mo
         b.recv_into(memoryview(bytearray(1)))
         ins, outs = (a, b) if role == b"i" else (b, a)
         print(f"cipher {a.cipher()}", file=sys.stderr, flush=True)
-        run_pair([lambda: tls_to_pipe(ins, win), lambda: pipe_to_tls(rout, outs)], procs, [win, rout])
+        run_pair([lambda: tls_to_pipe(ins, win), lambda: pipe_to_tls(rout, outs)], procs,
+                 [win, rout])
     else:
         shared = memory_tls(first, cred, True, std, cipher)
         run_pair([lambda: tls_to_pipe(shared, win),  # type: ignore[arg-type]
@@ -449,17 +501,64 @@ def client(host: str, port: int, cred: Path, mode: str) -> None:
 # -- the measurement --------------------------------------------------------------------
 
 
+def cipher_cost(cred_dir: Path, size: int) -> None:
+    """CPU seconds to encrypt and decrypt SIZE bytes through one pyOpenSSL pair over memory
+    BIOs (no sockets), per TLS 1.3 suite: the cipher's whole share of a transfer."""
+    from rexnet.security.credentials import keygen
+
+    keygen("cost", cred_dir)
+    for suite in (AES256, AES128):
+        ends = []
+        for server in (True, False):
+            conn = SSL.Connection(pyo_context(cred_dir / ("cost.client" if server else
+                                                          "cost.worker"), server, suite), None)
+            conn.set_accept_state() if server else conn.set_connect_state()
+            ends.append(conn)
+        srv, cli = ends
+
+        def move(a: SSL.Connection, b: SSL.Connection) -> None:
+            with contextlib.suppress(SSL.WantReadError):
+                while True:
+                    b.bio_write(a.bio_read(1 << 20))
+
+        for _ in range(10):
+            for end in (cli, srv):
+                with contextlib.suppress(SSL.WantReadError):
+                    end.do_handshake()
+            move(cli, srv)
+            move(srv, cli)
+        block = os.urandom(PIECE)
+        t0 = time.process_time()
+        for _ in range(size // PIECE):
+            done = 0
+            while done < PIECE:
+                done += cli.send(block[done:])
+            move(cli, srv)
+            with contextlib.suppress(SSL.WantReadError):
+                while True:
+                    srv.recv(1 << 16)
+        spent = time.process_time() - t0
+        print(f"{srv.get_cipher_name()}: {spent:.2f} CPU s to encrypt and decrypt "
+              f"{size >> 20} MiB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", type=int, default=1024, help="MiB per run")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--rexnet", action="store_true", help="rexnet exec cat too")
+    parser.add_argument("--cipher-cost", action="store_true",
+                        help="only the CPU cost of each TLS 1.3 suite, in memory")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "CRED"))
     parser.add_argument("--client", nargs=4, metavar=("HOST", "PORT", "CRED", "MODE"))
     args = parser.parse_args()
     if args.serve:
         serve(int(args.serve[0]), Path(args.serve[1]))
+        return
+    if args.cipher_cost:
+        with tempfile.TemporaryDirectory() as tmp:
+            cipher_cost(Path(tmp), args.size << 20)
         return
     if args.client:
         h, p, c, m = args.client
