@@ -51,21 +51,30 @@ ratio to ssh aes128-gcm in the same run (2 cores shared with other developers, n
     split-pyo-128      290.5 (192.3-310.9)  1.19x  [1.11]
     shared-pyo         199.3 (165.1-256.9)  0.81x  [0.92]
     rexnet exec cat    155.9 (135.9-177.9)  0.64x  [0.64]
+  `bulk_pumps.py --runs 5 --rexnet --modes split-pyo,split-proc,split-std` (02:14; in
+  brackets the median of the run-by-run ratios to ssh, then to rexnet):
+    ssh aes128-gcm     291.6 (159.7-336.4)  1.00x  [1.00, 1.35]
+    split-pyo          269.6 (205.6-322.2)  0.92x  [1.10, 1.38]
+    split-proc         271.7 (245.6-286.4)  0.93x  [0.93, 1.45]
+    split-std          288.5 (238.5-318.3)  0.99x  [1.09, 1.42]
+    rexnet exec cat    196.9 (168.3-229.4)  0.68x  [0.74, 1.00]
   `bulk_pumps.py --cipher-cost` (3 runs): TLS_AES_256_GCM_SHA384 0.96/1.01/0.97 CPU s,
   TLS_AES_128_GCM_SHA256 0.86/0.84/0.85 CPU s to encrypt and decrypt 1 GiB.
 
 What this says:
-- One thread per direction over two connections (split) reaches ssh: 1.03-1.34x, where
-  rexnet's one reactor thread makes 0.64-0.70x in the same runs. cffi (pyOpenSSL) and the
+- One thread per direction over two connections (split) is level with ssh: 0.92-1.34x
+  over three runs (run-by-run ratios 0.93-1.11), ~1.4x rexnet, whose one reactor thread
+  makes 0.64-0.70x in the same runs. So the split design is what gets to ~1.0x, not
+  clearly beyond: on 2 shared cores ssh's two processes (ssh, sshd) are the same shape. cffi (pyOpenSSL) and the
   ssl module drop the GIL in SSL_read/SSL_write, os.read/os.write drop it too, so the
   two directions of a round trip run on both cores. Threads or processes: no clear
-  difference (1.25x against 1.34x in one run of 3, within the noise).
+  difference (1.25x against 1.34x, then 0.92x against 0.93x).
 - One connection shared by two threads under a lock (shared) stays below ssh (0.81-0.92x):
   every SSL call of one direction waits for the other's, and a sender blocked on a full
   socket must let the other thread queue its records behind its own (the ordering is
   the subtle part; a first version interleaved records). Not worth its complexity.
 - stdlib ssl against pyOpenSSL for the same pump: no clear difference (1.16x against
-  1.25x in one run, noise); stdlib's shared memory-BIO variant lost data at the close.
+  1.25x, then 0.99x against 0.92x: noise); stdlib's shared memory-BIO variant lost data at the close.
 - The cipher: AES-128 saves ~0.12 CPU s per GiB encrypted and decrypted, ~3% of the
   3.5-3.9 CPU s the agent and the worker spend per round trip today; in the pumps the
   run-by-run ratio moved 1.04 -> 1.11, inside the noise. Not a clear win: not adopted
