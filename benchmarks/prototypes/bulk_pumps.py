@@ -65,16 +65,17 @@ What this says:
 - One thread per direction over two connections (split) is level with ssh: 0.92-1.34x
   over three runs (run-by-run ratios 0.93-1.11), ~1.4x rexnet, whose one reactor thread
   makes 0.64-0.70x in the same runs. So the split design is what gets to ~1.0x, not
-  clearly beyond: on 2 shared cores ssh's two processes (ssh, sshd) are the same shape. cffi (pyOpenSSL) and the
-  ssl module drop the GIL in SSL_read/SSL_write, os.read/os.write drop it too, so the
-  two directions of a round trip run on both cores. Threads or processes: no clear
-  difference (1.25x against 1.34x, then 0.92x against 0.93x).
+  clearly beyond: on 2 shared cores ssh's two processes (ssh, sshd) are the same shape.
+  cffi (pyOpenSSL) and the ssl module drop the GIL in SSL_read/SSL_write, os.read and
+  os.write drop it too, so the two directions of a round trip run on both cores.
+  Threads or processes: no clear difference (1.25x against 1.34x, then 0.92x, 0.93x).
 - One connection shared by two threads under a lock (shared) stays below ssh (0.81-0.92x):
   every SSL call of one direction waits for the other's, and a sender blocked on a full
   socket must let the other thread queue its records behind its own (the ordering is
   the subtle part; a first version interleaved records). Not worth its complexity.
 - stdlib ssl against pyOpenSSL for the same pump: no clear difference (1.16x against
-  1.25x, then 0.99x against 0.92x: noise); stdlib's shared memory-BIO variant lost data at the close.
+  1.25x, then 0.99x against 0.92x: noise); stdlib's shared memory-BIO variant lost data
+  at the close.
 - The cipher: AES-128 saves ~0.12 CPU s per GiB encrypted and decrypted, ~3% of the
   3.5-3.9 CPU s the agent and the worker spend per round trip today; in the pumps the
   run-by-run ratio moved 1.04 -> 1.11, inside the noise. Not a clear win: not adopted
