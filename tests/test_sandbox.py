@@ -9,6 +9,7 @@ can shows with a control (--no-sandbox) that the attack works without the sandbo
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import random
@@ -30,6 +31,7 @@ from twisted.internet.task import Clock
 
 from rexnet.protocol import exitcodes
 from rexnet.protocol import remotecall as remote
+from rexnet.worker import nativeinit
 from rexnet.worker import sandboxwire as wire
 from rexnet.worker.sandbox import NOT_STARTED, READY_TIMEOUT, JobUsers, Sandbox, parse_job_users
 from rexnet.worker.sandboxd import SPARE_NAME
@@ -367,16 +369,31 @@ def pids_group(pid: int) -> Path:
     pytest.skip("no cgroup v1 pids hierarchy here")
 
 
+@pytest.mark.parametrize("init", ["native", "python"])
 def test_jobs_start_in_prepared_fresh_groups_and_the_worker_forks_nothing(
-        bed: NetBed, keys: Keys) -> None:
-    client, _, proc = worker(bed, keys, "--allow-args", "--job-pids", "16")
+        bed: NetBed, keys: Keys, init: str) -> None:
+    native = nativeinit.find()
+    if init == "native" and native is None:
+        message = f"no {nativeinit.NAME} next to {sys.executable} (no C compiler?)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    lan = bed.add_subnet("lan")
+    client, host = bed.add_host("client", [lan]), bed.add_host("w1", [lan])
+    env = {**os.environ, "REXNET_SANDBOX_INIT": init}
+    proc = start_worker(keys.worker, ["sh", "-c"], "0.0.0.0:3010", "w1", "--allow-args",
+                        "--job-pids", "16", popen=functools.partial(host.popen, env=env))
     helper = next(p for p in psutil.Process(proc.pid).children()
                   if "rexnet.worker.sandboxd" in " ".join(p.cmdline()))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(
             [p for p in helper.children(recursive=True) if p.name() == SPARE_NAME]) < 4:
         time.sleep(0.1)  # SPARES supervisors, each with its init, before any job
-    assert len([p for p in helper.children(recursive=True) if p.name() == SPARE_NAME]) >= 4
+    spares = [p for p in helper.children(recursive=True) if p.name() == SPARE_NAME]
+    assert len(spares) >= 4
+    # each spare's init is the C program where it was built, else a fork of the helper
+    inits = [p for p in spares if p.exe() == native]
+    assert len(inits) == (len(spares) // 2 if init == "native" else 0)
     groups = []
     for _ in range(2):
         mark = sleep_marker()
