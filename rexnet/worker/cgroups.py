@@ -125,6 +125,8 @@ class JobCgroup:
             with contextlib.suppress(OSError):
                 _write(self.dirs[""] / "cgroup.kill", "1")
                 return
+        if not self.pids():  # its namespace is gone (the usual case): nothing to freeze
+            return
         freezer = self.dirs.get("freezer") if self.version == 1 else self.dirs.get("")
         frozen = False
         if freezer is not None:

@@ -50,6 +50,7 @@ from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 SPARES = 2  # supervisors the helper prepares ahead of their jobs, per application, at least
 MAX_SPARES = 8  # ... and at most (the worker asks for one per slot)
 FIRST_FILL = 1.0  # seconds after start
+REFILL_DELAY = 0.02  # seconds after a job took a spare
 READY_TIMEOUT = 10.0  # seconds a job waits (in the reactor) for a supervisor being prepared
 NOT_STARTED = 127 << 8  # the wait status of a job no supervisor could start
 
@@ -228,7 +229,9 @@ class Sandbox:
             proto.isolation.finish()
             raise
         finally:
-            self.fill()  # one message to the helper: the supervisor is prepared meanwhile
+            # one message to the helper, once the job has started: preparing a supervisor
+            # takes CPU that the job's start (on this host, the client's too) needs now
+            reactor.callLater(REFILL_DELAY, self.fill)
 
 
 class Link:
