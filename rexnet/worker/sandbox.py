@@ -14,13 +14,15 @@ CAP_SYS_ADMIN for namespaces and mounts) would have left the worker root in all 
 Per job the worker forks nothing (a fork of the worker cost it ~5 ms of CPU, and the
 copy as much again): the helper prepares SPARES supervisors ahead of their jobs (each with
 its control group, PID namespace and an init already in the group; rexnet.worker.sandboxd)
-and the worker keeps a socket to each. A job takes a ready one: the worker sends it the
-request and the job's ends of its pipes or terminal, passes signals on over the socket
-(SIGKILL ends every process of the job's namespace) and reads the job's end from it
-(Twisted's Process and PTYProcess without fork and reaping: rexnet.worker.spawn). If the
-worker goes (stopped, or killed), the supervisors see their sockets close and kill their
-jobs' namespaces. Without root nothing of this is available, and the worker says so at
-start; jobs then run as before (a process group, which setsid'd processes can leave).
+and the worker keeps a socket to each. A job takes a ready one (else the first being
+prepared: its start then waits for the "ready" in the reactor, which never blocks on a
+spare): the worker sends it the request and the job's ends of its pipes or terminal,
+passes signals on over the socket (SIGKILL ends every process of the job's namespace)
+and reads the job's end from it (Twisted's Process and PTYProcess without fork and
+reaping: rexnet.worker.spawn). If the worker goes (stopped, or killed), the supervisors
+see their sockets close and kill their jobs' namespaces. Without root nothing of this is
+available, and the worker says so at start; jobs then run as before (a process group,
+which setsid'd processes can leave).
 """
 
 from __future__ import annotations

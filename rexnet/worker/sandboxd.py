@@ -7,9 +7,11 @@ worker sends it (ahead of a job: rexnet.worker.sandbox keeps spares), the helper
 *supervisor*, which at once
 
 - makes a control group for the job (memory, pids and CPU bounds; rexnet.worker.cgroups),
-  and a PID namespace whose first process, a small init, joins the group (a cgroup v1
+  and a PID namespace whose first process, a small init, is in the group (a cgroup v1
   migration waits for an RCU grace period: ~10 ms that no job waits for), then says
-  "ready" with the init's pid;
+  "ready" with the init's pid. The init is a C program where one was built
+  (rexnet.worker.nativeinit: spawned, and its fork for the command costs little), else a
+  fork of the supervisor;
 
 and when the worker's job comes on the socket (the request, the job's descriptors):
 
@@ -23,6 +25,8 @@ and when the worker's job comes on the socket (the request, the job's descriptor
   the control group is killed too (belt and braces) and removed, and the job's mount
   namespace is let go (its unmounts wait for RCU too).
 
+The helper makes one mount namespace for itself and its supervisors at start (a slave of
+the host's: later host mounts still reach new jobs, nothing mounted here reaches the host).
 A job user comes from the pool given at start (--users uid:gid:name,...), by index; with
 no pool the job runs as the worker's own uid and gid (SO_PEERCRED of its socket).
 """
