@@ -43,11 +43,16 @@ def build(target: str, compiler: str) -> str:
 
     fd, temporary = tempfile.mkstemp(prefix=".rexnet-init-", dir=os.path.dirname(target))
     os.close(fd)
-    argv = [compiler, "-O2", "-Wall", "-Wextra", "-std=c99", "-o", temporary, SOURCE]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True)
-    except OSError as e:
-        done = subprocess.CompletedProcess(argv, 1, "", str(e))
+    # static where the C library allows it: no dynamic loading per job (~0.15 ms of CPU)
+    for static in (["-static"], []):
+        argv = [compiler, "-O2", "-Wall", "-Wextra", "-std=c99", *static, "-o", temporary,
+                SOURCE]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True)
+        except OSError as e:
+            done = subprocess.CompletedProcess(argv, 1, "", str(e))
+        if done.returncode == 0:
+            break
     if done.returncode != 0:
         os.unlink(temporary)
         return f"{compiler} failed: {done.stderr.strip()[:2000]}"
