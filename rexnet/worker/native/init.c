@@ -87,6 +87,7 @@ static const char *private_dirs[] = {"/tmp", "/var/tmp", "/dev/shm"};
 int main(void) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);  /* the supervisor moves it to the job's group */
     prctl(PR_SET_NAME, "rexnet-spare", 0, 0, 0);  /* sandboxd.SPARE_NAME until its job */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);  /* as the helper: exec made it dumpable again */
     uint32_t head[2];
     if (recv(CONTROL, head, 4, MSG_WAITALL) != 4) _exit(0);  /* no job: the spare ends */
     size = ntohl(head[0]);
