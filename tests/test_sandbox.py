@@ -85,6 +85,21 @@ def test_sandbox_messages_are_bounded_and_carry_descriptors() -> None:
     b.close()
 
 
+def test_the_c_inits_request_refuses_what_it_cannot_carry() -> None:
+    def encode(argv: list[object], env: dict[str, object]) -> bytes:
+        return nativeinit.encode(argv, env, "/", False, (61000, 61000, ""), [0, 1], [])
+
+    data = encode(["sh", "-c", "true"], {"PATH": "/bin"})
+    (size,) = nativeinit.HEADER.unpack(data[:4])
+    assert size == len(data) - 4 and data.endswith(b"/\0sh\0-c\0true\0PATH=/bin\0")
+    bad: list[tuple[list[object], dict[str, object], str]] = [
+        ([], {}, "no command"), (["a\0b"], {}, "argument"), (["sh"], {"A=B": "c"}, "holds '='"),
+        (["sh"], {"": "c"}, "empty"), (["sh"], {"A": 1}, "variable"), ([1], {}, "argument")]
+    for argv, env, why in bad:
+        with pytest.raises(ValueError, match=why):
+            encode(argv, env)
+
+
 class _Reactor(Clock):
     """A Clock that keeps the readers added to it (the test reads for the reactor)."""
 
