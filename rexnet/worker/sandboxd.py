@@ -68,6 +68,7 @@ from rexnet.worker.nsutil import (
     set_name,
     unshare,
 )
+from rexnet.worker.nsutil import MS_BIND as MS_BIND  # tests/test_launcher_checks.py uses it
 
 SPARE_NAME = "rexnet-spare"  # a sandbox's processes until their job comes
 MEMORY_CHECK = 0.2
