@@ -387,8 +387,8 @@ def pids_group(pid: int) -> Path:
 @pytest.mark.parametrize("init", ["native", "python"])
 def test_jobs_start_in_prepared_fresh_groups_and_the_worker_forks_nothing(
         bed: NetBed, keys: Keys, init: str) -> None:
-    native = nativeinit.find()
-    if init == "native" and native is None:
+    native = os.path.join(os.path.dirname(sys.executable), nativeinit.NAME)
+    if init == "native" and not os.access(native, os.X_OK):
         message = f"no {nativeinit.NAME} next to {sys.executable} (no C compiler?)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
