@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # Then rexnet.cli.entry replaces pip's `rexnet` and `cexec` console scripts with scripts for
 # `python -I -S` and, where a C compiler works, the native launcher (NATIVE=no: without it).
 $(STAMP): pyproject.toml setup.py $(shell find rexnet twisted -name '*.py') \
-          $(wildcard rexnet/crat/dashboard/static/* rexnet/cli/native/*.c)
+          $(wildcard rexnet/crat/dashboard/static/* rexnet/cli/native/*.c rexnet/worker/native/*.c)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '.[test]'

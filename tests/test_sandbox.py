@@ -9,6 +9,7 @@ can shows with a control (--no-sandbox) that the attack works without the sandbo
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import random
@@ -19,17 +20,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 from cluster import Proc, exec_argv, host_pid, sleep_marker, start_worker
 from conftest import Keys
 from netbed import Host, NetBed
+from twisted.internet.task import Clock
 
 from rexnet.protocol import exitcodes
 from rexnet.protocol import remotecall as remote
+from rexnet.worker import nativeinit
 from rexnet.worker import sandboxwire as wire
-from rexnet.worker.sandbox import JobUsers, parse_job_users
+from rexnet.worker.sandbox import NOT_STARTED, READY_TIMEOUT, JobUsers, Sandbox, parse_job_users
 from rexnet.worker.sandboxd import SPARE_NAME
 
 BROADCAST = "255.255.255.255:3010"
@@ -79,6 +83,127 @@ def test_sandbox_messages_are_bounded_and_carry_descriptors() -> None:
     a.close()
     assert wire.receive(b) is None
     b.close()
+
+
+def test_the_c_inits_request_refuses_what_it_cannot_carry() -> None:
+    def encode(argv: list[object], env: dict[str, object]) -> bytes:
+        return nativeinit.encode(argv, env, "/", False, (61000, 61000, ""), [0, 1], [])
+
+    data = encode(["sh", "-c", "true"], {"PATH": "/bin"})
+    (size,) = nativeinit.HEADER.unpack(data[:4])
+    assert size == len(data) - 4 and data.endswith(b"/\0sh\0-c\0true\0PATH=/bin\0")
+    bad: list[tuple[list[object], dict[str, object], str]] = [
+        ([], {}, "no command"), (["a\0b"], {}, "argument"), (["sh"], {"A=B": "c"}, "holds '='"),
+        (["sh"], {"": "c"}, "empty"), (["sh"], {"A": 1}, "variable"), ([1], {}, "argument")]
+    for argv, env, why in bad:
+        with pytest.raises(ValueError, match=why):
+            encode(argv, env)
+
+
+class _Reactor(Clock):
+    """A Clock that keeps the readers added to it (the test reads for the reactor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readers: list[Any] = []
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.append(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.readers.remove(reader)
+
+
+class _Ended:
+    """What a sandboxed job's transport gets from its supervisor's link."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.proto = self
+        self.statuses: list[int] = []
+
+    def processEnded(self, status: int) -> None:
+        self.statuses.append(status)
+
+
+def _spare(sandbox: Sandbox, helper: socket.socket) -> socket.socket:
+    """The supervisor's end of the socket the worker sent the helper for a spare."""
+    got = wire.receive(helper)
+    assert got is not None and got[0] == {"job": True} and len(got[1]) == 1
+    return socket.socket(fileno=got[1][0])
+
+
+def test_a_job_waits_for_a_supervisor_being_prepared_without_blocking() -> None:
+    sandbox = Sandbox(spares=1)
+    sandbox.control, helper = socket.socketpair()
+    sandbox.fill()
+    supervisor = _spare(sandbox, helper)
+    started = time.monotonic()
+    link = sandbox._take()  # no supervisor is ready: the job takes the one being prepared
+    assert time.monotonic() - started < 0.5 and link.pid == 0
+    r, w = os.pipe()
+    assert link.start({0: r}) == 0  # nothing sent yet: the request and a copy of R wait
+    os.close(r)
+    link.signal(signal.SIGTERM)
+    reactor, transport = _Reactor(), _Ended()
+    link.watch(reactor, transport)
+    [reader] = reactor.readers
+    supervisor.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        supervisor.recv(1)  # not a byte of the job before the supervisor is ready
+    supervisor.setblocking(True)
+    wire.send(supervisor, {"ready": 4242})
+    reader.doRead()
+    assert transport.pid == 4242 and transport.statuses == []
+    got = wire.receive(supervisor)
+    assert got is not None
+    request, fds = got
+    assert request["fds"] == [0] and len(fds) == 1
+    os.write(w, b"stdin")
+    assert os.read(fds[0], 10) == b"stdin"
+    assert wire.receive(supervisor) == ({"signal": signal.SIGTERM}, [])
+    wire.send(supervisor, {"code": 3, "signal": None, "limit": ""})
+    reader.doRead()
+    assert transport.statuses == [3 << 8] and reactor.readers == []
+    reactor.advance(READY_TIMEOUT)
+    assert transport.statuses == [3 << 8]  # the bound was cancelled once it was ready
+    for fd in (w, *fds):
+        os.close(fd)
+    for sock in (supervisor, helper):
+        sock.close()
+    sandbox.stop()
+
+
+def test_a_supervisor_never_ready_ends_its_job_and_one_that_fails_too() -> None:
+    sandbox = Sandbox(spares=2)
+    sandbox.control, helper = socket.socketpair()
+    sandbox.fill()
+    silent, failing = _spare(sandbox, helper), _spare(sandbox, helper)
+    reactor = _Reactor()
+    ended = []
+    for _ in range(2):
+        link = sandbox._take()
+        r, w = os.pipe()
+        assert link.start({0: r}) == 0
+        os.close(r)
+        transport = _Ended()
+        link.watch(reactor, transport)
+        ended.append((link, transport, w))
+    failing.close()  # its supervisor ends before saying it is ready
+    ended[1][0]._reader.doRead()  # type: ignore[union-attr]
+    assert ended[1][1].statuses == [NOT_STARTED]
+    reactor.advance(READY_TIMEOUT - 0.1)
+    assert ended[0][1].statuses == []
+    reactor.advance(0.2)
+    assert ended[0][1].statuses == [NOT_STARTED] and reactor.readers == []
+    for link, _, w in ended:  # the waiting copies of the job's descriptors are closed
+        assert link.sock is None
+        with pytest.raises(BrokenPipeError):
+            os.write(w, b"x")
+        os.close(w)
+    for sock in (silent, helper):
+        sock.close()
+    sandbox.stop()
 
 
 def _marker(path: str) -> None:
@@ -259,16 +384,31 @@ def pids_group(pid: int) -> Path:
     pytest.skip("no cgroup v1 pids hierarchy here")
 
 
+@pytest.mark.parametrize("init", ["native", "python"])
 def test_jobs_start_in_prepared_fresh_groups_and_the_worker_forks_nothing(
-        bed: NetBed, keys: Keys) -> None:
-    client, _, proc = worker(bed, keys, "--allow-args", "--job-pids", "16")
+        bed: NetBed, keys: Keys, init: str) -> None:
+    native = os.path.join(os.path.dirname(sys.executable), nativeinit.NAME)
+    if init == "native" and not os.access(native, os.X_OK):
+        message = f"no {nativeinit.NAME} next to {sys.executable} (no C compiler?)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    lan = bed.add_subnet("lan")
+    client, host = bed.add_host("client", [lan]), bed.add_host("w1", [lan])
+    env = {**os.environ, "REXNET_SANDBOX_INIT": init}
+    proc = start_worker(keys.worker, ["sh", "-c"], "0.0.0.0:3010", "w1", "--allow-args",
+                        "--job-pids", "16", popen=functools.partial(host.popen, env=env))
     helper = next(p for p in psutil.Process(proc.pid).children()
                   if "rexnet.worker.sandboxd" in " ".join(p.cmdline()))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(
             [p for p in helper.children(recursive=True) if p.name() == SPARE_NAME]) < 4:
         time.sleep(0.1)  # SPARES supervisors, each with its init, before any job
-    assert len([p for p in helper.children(recursive=True) if p.name() == SPARE_NAME]) >= 4
+    spares = [p for p in helper.children(recursive=True) if p.name() == SPARE_NAME]
+    assert len(spares) >= 4
+    # each spare's init is the C program where it was built, else a fork of the helper
+    inits = [p for p in spares if p.exe() == native]
+    assert len(inits) == (len(spares) // 2 if init == "native" else 0)
     groups = []
     for _ in range(2):
         mark = sleep_marker()

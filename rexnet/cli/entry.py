@@ -126,7 +126,20 @@ def install(bindir: str, native: bool = True) -> list[str]:
         done.append(f"{command} -> {os.path.basename(target)}")
     if why:
         done.append(f"no native launcher: {why}")
+    done.append(build_sandbox_init(bindir) if native else "no native sandbox init (--no-native)")
     return done
+
+
+def build_sandbox_init(bindir: str) -> str:
+    """The sandbox's C init (rexnet.worker.nativeinit) in BINDIR; a line saying how."""
+    from rexnet.worker import nativeinit
+
+    target = os.path.join(bindir, nativeinit.NAME)
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    why = nativeinit.build(target, compiler) if compiler else "no C compiler (cc, gcc or $CC)"
+    if why and os.path.exists(target):
+        os.unlink(target)  # not a stale one: sandboxes fall back to the Python init
+    return f"no native sandbox init: {why}" if why else f"built {target}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

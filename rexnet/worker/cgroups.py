@@ -107,10 +107,10 @@ class JobCgroup:
                     missing.append(controller)
         return sorted(set(missing))
 
-    def join(self) -> None:
-        """Move the calling process into the group (its children follow)."""
+    def join(self, pid: int = 0) -> None:
+        """Move process PID (0: the calling one) into the group (its children follow)."""
         for d in self.dirs.values():
-            _write(d / "cgroup.procs", "0")
+            _write(d / "cgroup.procs", str(pid))
 
     def pids(self) -> set[int]:
         found: set[int] = set()
@@ -125,6 +125,8 @@ class JobCgroup:
             with contextlib.suppress(OSError):
                 _write(self.dirs[""] / "cgroup.kill", "1")
                 return
+        if not self.pids():  # its namespace is gone (the usual case): nothing to freeze
+            return
         freezer = self.dirs.get("freezer") if self.version == 1 else self.dirs.get("")
         frozen = False
         if freezer is not None:

@@ -14,13 +14,15 @@ CAP_SYS_ADMIN for namespaces and mounts) would have left the worker root in all 
 Per job the worker forks nothing (a fork of the worker cost it ~5 ms of CPU, and the
 copy as much again): the helper prepares SPARES supervisors ahead of their jobs (each with
 its control group, PID namespace and an init already in the group; rexnet.worker.sandboxd)
-and the worker keeps a socket to each. A job takes a ready one: the worker sends it the
-request and the job's ends of its pipes or terminal, passes signals on over the socket
-(SIGKILL ends every process of the job's namespace) and reads the job's end from it
-(Twisted's Process and PTYProcess without fork and reaping: rexnet.worker.spawn). If the
-worker goes (stopped, or killed), the supervisors see their sockets close and kill their
-jobs' namespaces. Without root nothing of this is available, and the worker says so at
-start; jobs then run as before (a process group, which setsid'd processes can leave).
+and the worker keeps a socket to each. A job takes a ready one (else the first being
+prepared: its start then waits for the "ready" in the reactor, which never blocks on a
+spare): the worker sends it the request and the job's ends of its pipes or terminal,
+passes signals on over the socket (SIGKILL ends every process of the job's namespace)
+and reads the job's end from it (Twisted's Process and PTYProcess without fork and
+reaping: rexnet.worker.spawn). If the worker goes (stopped, or killed), the supervisors
+see their sockets close and kill their jobs' namespaces. Without root nothing of this is
+available, and the worker says so at start; jobs then run as before (a process group,
+which setsid'd processes can leave).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 SPARES = 2  # supervisors the helper prepares ahead of their jobs, per application, at least
 MAX_SPARES = 8  # ... and at most (the worker asks for one per slot)
 FIRST_FILL = 1.0  # seconds after start
-READY_TIMEOUT = 2.0  # seconds a job (and the reactor) waits for a supervisor being prepared
+REFILL_DELAY = 0.02  # seconds after a job took a spare
+READY_TIMEOUT = 10.0  # seconds a job waits (in the reactor) for a supervisor being prepared
+NOT_STARTED = 127 << 8  # the wait status of a job no supervisor could start
 
 log = Logger()
 
@@ -174,19 +178,19 @@ class Sandbox:
                 return
 
     def _take(self) -> Link:
-        """A prepared supervisor: the first that says it is ready, else the first that
-        becomes ready (the helper prepares one in ~10-20 ms)."""
+        """A prepared supervisor: the first that says it is ready, else the first being
+        prepared (the helper prepares one in ~10-20 ms): the job's start then waits for it
+        in the reactor (Link.start), never blocking it."""
         if not self._ready:
             self.fill()
-        for link in self._ready:
-            if link.ready(block=False):
+        for link in list(self._ready):
+            if link.ready():
                 self._ready.remove(link)
                 return link
-        while self._ready:
-            link = self._ready.pop(0)
-            if link.ready(block=True):
-                return link
-            link.close()
+            if link.sock is None:
+                self._ready.remove(link)
+        if self._ready:
+            return self._ready.pop(0)
         raise OSError(errno.EPIPE, "the sandbox helper prepares no supervisor")
 
     def spawn(self, reactor: Any, proto: JobProcess, argv: Sequence[str],
@@ -227,12 +231,16 @@ class Sandbox:
             proto.isolation.finish()
             raise
         finally:
-            self.fill()  # one message to the helper: the supervisor is prepared meanwhile
+            # one message to the helper, once the job has started: preparing a supervisor
+            # takes CPU that the job's start (on this host, the client's too) needs now
+            reactor.callLater(REFILL_DELAY, self.fill)
 
 
 class Link:
     """A job's supervisor as the worker holds it: the socket to it (the request and the
-    job's descriptors go out, signals go out, the end comes back)."""
+    job's descriptors go out, signals go out, the end comes back). A job may take one
+    still being prepared: its request, descriptors and signals wait (in the reactor) for
+    the supervisor's "ready"."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock: socket.socket | None = sock
@@ -240,24 +248,27 @@ class Link:
         self.request: dict[str, Any] = {}
         self.limit = ""
         self._reader: EndReader | None = None
+        self._waiting: list[int] | None = None  # copies of the job's fds, until ready
+        self._signals: list[int] = []  # signals sent before then
 
-    def ready(self, block: bool) -> bool:
-        """Whether the supervisor has said it is ready (BLOCK: wait for it, bounded)."""
+    def ready(self) -> bool:
+        """Whether the supervisor has said it is ready (read without blocking)."""
         if self.pid:
             return True
         if self.sock is None:
             return False
-        self.sock.settimeout(READY_TIMEOUT if block else 0.0)
+        blocking = self.sock.getblocking()
+        self.sock.setblocking(False)
         try:
             got = wire.receive(self.sock)
-        except (BlockingIOError, TimeoutError):
+        except BlockingIOError:
             return False
         except (wire.WireError, OSError) as e:
             log.warn("a spare supervisor failed: {error}", error=e)
             got = None
         finally:
             if self.sock is not None:
-                self.sock.settimeout(None)
+                self.sock.setblocking(blocking)
         if got is None:
             self.close()
             return False
@@ -266,19 +277,46 @@ class Link:
             os.close(fd)
         pid = message.get("ready")
         self.pid = pid if isinstance(pid, int) and pid > 0 else 0
+        if not self.pid:
+            self.close()
         return bool(self.pid)
 
     def start(self, fdmap: Mapping[int, int]) -> int:
-        """Hand the job (its request and the descriptors FDMAP) over; the job's pid."""
+        """Hand the job (its request and the descriptors FDMAP, the caller's to close) over;
+        the job's pid, or 0 while the supervisor is being prepared (then copies of the
+        descriptors wait with the request, and watch() sends them once it is ready)."""
         if self.sock is None:
             raise OSError(errno.EPIPE, "the job's supervisor is gone")
+        if not self.pid:
+            self._waiting = []
+            for target in sorted(fdmap):
+                self._waiting.append(os.dup(fdmap[target]))
+            self.request["fds"] = sorted(fdmap)
+            return 0
         targets = sorted(fdmap)
         wire.send(self.sock, {**self.request, "fds": targets}, [fdmap[t] for t in targets])
         return self.pid
 
+    def _started(self) -> None:
+        """The supervisor is ready: the waiting request, descriptors and signals go."""
+        assert self.sock is not None and self._waiting is not None
+        fds, self._waiting = self._waiting, None
+        try:
+            self.sock.setblocking(True)
+            wire.send(self.sock, self.request, fds)
+        finally:
+            self.sock.setblocking(False)
+            for fd in fds:
+                os.close(fd)
+        for number in self._signals:
+            self.signal(number)
+        self._signals = []
+
     def signal(self, number: int) -> None:
         """Pass signal NUMBER on to the job's processes (SIGKILL: all of its namespace)."""
-        if self.sock is not None:
+        if self._waiting is not None:
+            self._signals.append(number)
+        elif self.sock is not None:
             with contextlib.suppress(OSError):
                 wire.send(self.sock, {"signal": number})
 
@@ -288,24 +326,33 @@ class Link:
         self.sock.setblocking(False)
         self._reader = EndReader(reactor, self, transport)
         reactor.addReader(self._reader)
+        if self._waiting is not None:
+            self._reader.timeout = reactor.callLater(READY_TIMEOUT, self._reader.unready)
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.reactor.removeReader(self._reader)
+            if self._reader.timeout is not None and self._reader.timeout.active():
+                self._reader.timeout.cancel()
             self._reader = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        for fd in self._waiting or ():
+            os.close(fd)
+        self._waiting = None
 
 
 @implementer(IReadDescriptor)
 class EndReader:
-    """Reads a job's end from its supervisor, in the reactor."""
+    """Reads, in the reactor, a job's supervisor's "ready" (if the job took it still being
+    prepared), then the job's end."""
 
     def __init__(self, reactor: Any, link: Link, transport: Any) -> None:
         self.reactor = reactor
         self.link = link
         self.transport = transport
+        self.timeout: Any = None
 
     def fileno(self) -> int:
         return self.link.sock.fileno() if self.link.sock is not None else -1
@@ -313,8 +360,33 @@ class EndReader:
     def logPrefix(self) -> str:
         return "sandbox"
 
+    def unready(self) -> None:
+        """The supervisor did not get ready in READY_TIMEOUT seconds: the job ends."""
+        log.warn("a job's supervisor was not ready after {seconds} s", seconds=READY_TIMEOUT)
+        self.link.close()
+        self.transport.processEnded(NOT_STARTED)
+
     def doRead(self) -> None:
-        sock = self.link.sock
+        link = self.link
+        if link._waiting is not None:
+            if link.ready():
+                if self.timeout is not None and self.timeout.active():
+                    self.timeout.cancel()
+                try:
+                    link._started()
+                except OSError as e:
+                    log.warn("a job's supervisor went: {error}", error=e)
+                else:
+                    self.transport.pid = link.pid
+                    self.transport.proto.pid = link.pid
+                    return
+            elif link.sock is not None:
+                return  # not yet: wait on
+            log.warn("no supervisor could start a job: the sandbox helper failed")
+            link.close()
+            self.transport.processEnded(NOT_STARTED)
+            return
+        sock = link.sock
         if sock is None:
             return
         try:
@@ -323,7 +395,7 @@ class EndReader:
             return
         except (wire.WireError, OSError) as e:
             log.warn("job {pid}: its supervisor said something wrong: {error}",
-                     pid=self.link.pid, error=e)
+                     pid=link.pid, error=e)
             got = None
         status = int(signal.SIGKILL)  # the supervisor is gone: the kernel killed the job's init
         if got is not None:
@@ -335,8 +407,8 @@ class EndReader:
                 status = number
             elif isinstance(code, int) and 0 <= code < 256:
                 status = code << 8
-            self.link.limit = str(end.get("limit") or "")
-        self.link.close()
+            link.limit = str(end.get("limit") or "")
+        link.close()
         self.transport.processEnded(status)
 
     def connectionLost(self, reason: Any) -> None:

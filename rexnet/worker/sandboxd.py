@@ -7,9 +7,11 @@ worker sends it (ahead of a job: rexnet.worker.sandbox keeps spares), the helper
 *supervisor*, which at once
 
 - makes a control group for the job (memory, pids and CPU bounds; rexnet.worker.cgroups),
-  and a PID namespace whose first process, a small init, joins the group (a cgroup v1
+  and a PID namespace whose first process, a small init, is in the group (a cgroup v1
   migration waits for an RCU grace period: ~10 ms that no job waits for), then says
-  "ready" with the init's pid;
+  "ready" with the init's pid. The init is a C program where one was built
+  (rexnet.worker.nativeinit: spawned, and its fork for the command costs little), else a
+  fork of the supervisor;
 
 and when the worker's job comes on the socket (the request, the job's descriptors):
 
@@ -23,6 +25,8 @@ and when the worker's job comes on the socket (the request, the job's descriptor
   the control group is killed too (belt and braces) and removed, and the job's mount
   namespace is let go (its unmounts wait for RCU too).
 
+The helper makes one mount namespace for itself and its supervisors at start (a slave of
+the host's: later host mounts still reach new jobs, nothing mounted here reaches the host).
 A job user comes from the pool given at start (--users uid:gid:name,...), by index; with
 no pool the job runs as the worker's own uid and gid (SO_PEERCRED of its socket).
 """
@@ -31,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import fcntl
+import gc
 import os
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -43,42 +46,34 @@ import sys
 import termios
 from typing import Any
 
-from rexnet.worker import cgroups
+from rexnet.worker import nativeinit
 from rexnet.worker import sandboxwire as wire
 from rexnet.worker.cgroups import JobCgroup
+from rexnet.worker.nsutil import (
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_REC,
+    MS_SLAVE,
+    PR_SET_DUMPABLE,
+    PR_SET_PDEATHSIG,
+    kept_dirs,
+    mount,
+    mount_cgroups,
+    prctl,
+    private_dirs,
+    program_dir,
+    set_name,
+    unshare,
+)
+from rexnet.worker.nsutil import MS_BIND as MS_BIND  # tests/test_launcher_checks.py uses it
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWPID = 0x20000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 0x4000, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME = 1, 4, 15
 SPARE_NAME = "rexnet-spare"  # a sandbox's processes until their job comes
-PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 MEMORY_CHECK = 0.2
 FORWARDED = [s for s in signal.valid_signals()
              if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)]
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _call(what: str, result: int) -> None:
-    if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
-
-
-def unshare(flags: int) -> None:
-    _call("unshare", _libc.unshare(flags))
-
-
-def mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    _call(f"mount {target}", _libc.mount(source.encode(), target.encode(),
-                                         fstype.encode() if fstype else None,
-                                         ctypes.c_ulong(flags), data.encode() or None))
-
-
-def prctl(option: int, value: int) -> None:
-    _libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0)
-
 
 def parse_users(spec: str) -> list[tuple[int, int, str]]:
     """'uid:gid:name,...' as [(uid, gid, name)]."""
@@ -95,11 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", default="")
     args = parser.parse_args(argv)
     users = parse_users(args.users)
+    native = nativeinit.find()
     prctl(PR_SET_DUMPABLE, 0)
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
     control = socket.socket(fileno=args.control)
+    # one mount namespace for the helper and its supervisors (for mount_cgroups; each
+    # job's init makes its own from it): a slave of the host's, so that later mounts
+    # still reach new jobs, and nothing mounted here reaches the host
+    unshare(CLONE_NEWNS)
+    mount("none", "/", None, MS_REC | MS_SLAVE)
+    try:
+        mount_cgroups()
+    except OSError as e:
+        print(f"rexnet-sandboxd: control groups: {e}", file=sys.stderr)
+    gc.freeze()  # forks share these pages: no collection may touch (and copy) them
     while True:
         try:
             got = wire.receive(control)
@@ -114,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                 os.close(fd)
             continue
         if os.fork() == 0:
+            gc.disable()  # short-lived, ends with os._exit: nothing to collect
             code = 1
             try:
                 control.close()
-                code = supervise(socket.socket(fileno=fds[0]), users)
+                os.set_inheritable(fds[0], False)
+                code = supervise(socket.socket(fileno=fds[0]), users, native)
             except BaseException as e:
                 print(f"rexnet-sandboxd: job supervisor failed: {e!r}", file=sys.stderr)
             finally:
@@ -137,49 +145,51 @@ def _identity(sock: socket.socket, request: dict[str, Any], users: list[tuple[in
     return users[index]
 
 
-def supervise(sock: socket.socket, users: list[tuple[int, int, str]]) -> int:
+def supervise(sock: socket.socket, users: list[tuple[int, int, str]],
+              native: str | None = None) -> int:
     """Run one job's sandbox for the worker at the other end of SOCK.
 
     Everything that does not depend on the job is done before its request comes (the
     worker asks for supervisors ahead of its jobs, so this one is a spare until then):
     the control group, the PID namespace and its init, which joins the group (a cgroup v1
     migration waits for an RCU grace period, ~10 ms). Once the job has ended its status
-    goes to the worker first; the group is removed afterwards."""
+    goes to the worker first; the group is removed afterwards. NATIVE: the C init
+    (rexnet.worker.nativeinit), else the init is a fork of this process."""
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     set_name(SPARE_NAME)
-    unshare(CLONE_NEWNS)  # for mount_cgroups; the init makes the job's own from it
-    mount("none", "/", None, MS_REC | MS_PRIVATE)
     group: JobCgroup | None = None
     try:
-        mount_cgroups()
         group = JobCgroup(f"job-{os.getpid()}")
         group = group if group.dirs else None
     except OSError as e:
         print(f"rexnet-sandboxd: control group: {e}", file=sys.stderr)
     try:
-        return _run(sock, users, group)
+        return _run(sock, users, group, native)
     finally:
         if group is not None:
             group.kill()
             group.remove()
 
 
-def _run(sock: socket.socket, users: list[tuple[int, int, str]], group: JobCgroup | None
-         ) -> int:
+def _run(sock: socket.socket, users: list[tuple[int, int, str]], group: JobCgroup | None,
+         native: str | None) -> int:
     unshare(CLONE_NEWPID)
     status_r, status_w = os.pipe()
     go, init_go = socket.socketpair()
-    init = os.fork()
-    if init == 0:
-        os.close(status_r)
-        sock.close()
-        go.close()
-        _init(init_go, group, status_w)
+    if native:
+        init = nativeinit.spawn(native, init_go, status_w)
+    else:
+        init = os.fork()
+        if init == 0:
+            os.close(status_r)
+            sock.close()
+            go.close()
+            _init(init_go, group, status_w)
     os.close(status_w)
     init_go.close()
     try:
-        if wire.receive(go) is None:  # the init could not join the job's group
+        if not _joined(go, init, group, native):  # the init could not join the job's group
             _end(init)
             print("rexnet-sandboxd: a job's init could not start", file=sys.stderr)
             return 1
@@ -199,7 +209,19 @@ def _run(sock: socket.socket, users: list[tuple[int, int, str]], group: JobCgrou
         request["fds"] = _checked(request, fds)
         identity = _identity(sock, request, users)
         memory = _limit(group, request.get("limits", {}))
-        wire.send(go, {"request": request, "identity": list(identity)}, fds)
+        if native:
+            env = request.get("env", {})
+            if not isinstance(env, dict) or not isinstance(request.get("argv"), list):
+                raise wire.WireError("a request without argv or env")
+            env = dict(env)
+            if identity[2]:  # a job user has no home of its own: the job's private /tmp
+                env.update(USER=identity[2], LOGNAME=identity[2], HOME="/tmp")
+            cwd = str(request.get("cwd") or "/")
+            nativeinit.send(go, nativeinit.encode(
+                request["argv"], env, cwd, bool(request.get("tty")), identity,
+                request["fds"], kept_dirs(cwd, program_dir(request))), fds)
+        else:
+            wire.send(go, {"request": request, "identity": list(identity)}, fds)
     except BaseException:
         _end(init)
         raise
@@ -207,7 +229,8 @@ def _run(sock: socket.socket, users: list[tuple[int, int, str]], group: JobCgrou
         for fd in fds:
             os.close(fd)
     try:  # the job's mount namespace, held so that it is torn down after the report
-        _, namespaces = wire.receive(go) or ({}, [])
+        namespaces = (nativeinit.namespace(go) if native else
+                      (wire.receive(go) or ({}, []))[1])
     except (wire.WireError, OSError):
         namespaces = []
     go.close()
@@ -224,6 +247,21 @@ def _run(sock: socket.socket, users: list[tuple[int, int, str]], group: JobCgrou
     for fd in namespaces:  # its unmounts wait for an RCU grace period (~5 ms)
         os.close(fd)
     return 0
+
+
+def _joined(go: socket.socket, init: int, group: JobCgroup | None, native: str | None
+            ) -> bool:
+    """Whether the init is in the job's GROUP: the C init is moved there (the ~10 ms of a
+    cgroup v1 migration are the supervisor's, before any job); the Python init joins it."""
+    if not native:
+        return wire.receive(go) is not None
+    try:
+        if group is not None:
+            group.join(init)
+    except OSError as e:
+        print(f"rexnet-sandboxd: control group: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _checked(request: dict[str, Any], fds: list[int]) -> list[int]:
@@ -251,43 +289,6 @@ def _end(init: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(init, signal.SIGKILL)
     os.waitpid(init, 0)
-
-
-def set_name(name: str) -> None:
-    """The process's name (comm): SPARE_NAME while it waits for a job."""
-    _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-
-
-def program_dir(request: dict[str, Any]) -> str | None:
-    """The directory of the job's program (the worker's COMMAND, found as the job will find
-    it), so that a program kept below a private directory stays visible; None if unknown."""
-    argv = request.get("argv") or []
-    if not argv or not isinstance(argv[0], str):
-        return None
-    env = request.get("env", {})
-    found = argv[0] if "/" in argv[0] else shutil.which(
-        argv[0], path=env.get("PATH") if isinstance(env, dict) else None)
-    return os.path.dirname(os.path.abspath(found)) if found else None
-
-
-def private_dirs(cwd: str, *more: str | None) -> None:
-    """A fresh tmpfs on each of PRIVATE_DIRS; a working directory CWD below one of them
-    (the worker's --chdir, a job's own directory) and the directories MORE (the program's)
-    stay where they were, bound into the new tmpfs."""
-    kept = sorted({os.path.realpath(d) for d in (cwd, *more) if d and os.path.isdir(d)})
-    for directory in PRIVATE_DIRS:
-        if not os.path.isdir(directory) or os.path.islink(directory):
-            continue
-        inside = [d for d in kept if d.startswith(directory.rstrip("/") + "/")]
-        handles = [os.open(d, os.O_PATH | os.O_DIRECTORY) for d in inside]
-        try:
-            mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-            for d, handle in zip(inside, handles, strict=True):
-                os.makedirs(d, 0o755, exist_ok=True)
-                mount(f"/proc/self/fd/{handle}", d, None, MS_BIND | MS_REC)
-        finally:
-            for handle in handles:
-                os.close(handle)
 
 
 def _watch(sock: socket.socket, init: int, status_r: int, memory: int
@@ -358,27 +359,6 @@ def namespace_rss(init: int) -> int:
     return total
 
 
-def mount_cgroups() -> None:
-    """Mount the host's control group hierarchies on /sys/fs/cgroup where this mount
-    namespace lacks them (`ip netns exec` mounts a fresh /sys without them)."""
-    if cgroups.version() or not os.path.isdir("/sys/fs/cgroup"):
-        return
-    with open("/proc/self/cgroup") as f:
-        hierarchies = [line.split(":")[1] for line in f.read().splitlines()]
-    if hierarchies == [""]:
-        mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        return
-    mount("tmpfs", "/sys/fs/cgroup", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755")
-    for controllers in hierarchies:
-        wanted = [c for c in controllers.split(",") if c in cgroups.V1_CONTROLLERS]
-        if wanted and controllers == wanted[0]:  # one controller: its own directory
-            target = f"/sys/fs/cgroup/{controllers}"
-            os.mkdir(target)
-            with contextlib.suppress(OSError):
-                mount("cgroup", target, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                      controllers)
-
-
 def _init(go: socket.socket, group: JobCgroup | None, status_w: int) -> None:
     """PID 1 of the job's namespace: join the job's group, wait for the job, make its
     mount namespace (a private /tmp ...), start the command, pass signals on, report its
@@ -434,6 +414,7 @@ def _exec(request: dict[str, Any], fds: list[int], targets: list[int],
           identity: tuple[int, int, str]) -> None:
     """The command's process: its descriptors, session, terminal and user; then exec."""
     try:
+        set_name("rexnet-exec")
         for sig in FORWARDED:
             with contextlib.suppress(OSError, ValueError):
                 signal.signal(sig, signal.SIG_DFL)

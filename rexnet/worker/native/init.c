@@ -1,0 +1,243 @@
+/* rexnet-sandbox-init: PID 1 of a sandboxed job's PID namespace (rexnet.worker.sandboxd).
+
+   Started by a job's root supervisor (posix_spawn, already in the new PID namespace and
+   moved into the job's control group by the supervisor) with fd 3 a socket to the
+   supervisor and fd 4 the status pipe. It waits for the job (one message, checked by the
+   supervisor, see rexnet.worker.nativeinit), makes the job's mount namespace (a fresh
+   tmpfs on /tmp, /var/tmp and /dev/shm, the kept directories bound back, its own /proc),
+   starts the command (setsid; the terminal as its controlling terminal; the job user's
+   groups, gid and uid; its directory), sends its mount namespace to the supervisor,
+   passes signals on to the command's group and, once the command has ended, writes its
+   wait status to fd 4. Its end ends every process of the namespace (the kernel does it).
+   The Python init in sandboxd does the same where no C compiler was found. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <grp.h>
+#include <unistd.h>
+
+#define CONTROL 3
+#define STATUS 4
+#define MAX_REQUEST (4 << 20)
+#define MAX_FDS 64
+#define MAX_ITEMS 65536
+
+static volatile pid_t command = 0;
+
+static void forward(int number) {
+    if (command > 0) kill(-command, number);
+}
+
+static void fail(const char *what) {
+    char line[256];
+    int n = snprintf(line, sizeof line, "rexnet-sandbox-init: %s: %s\n", what, strerror(errno));
+    if (n > 0) (void)!write(2, line, (size_t)n);
+    _exit(1);
+}
+
+/* The request: u32 words (ntargets, nargv, nenv, nkeep, ngroups, uid, gid, tty), then the
+   targets, the groups, then NUL-terminated strings: cwd, argv, env, then per kept
+   directory its private directory's index (one byte, '0' + i) and its path. */
+static char *buffer;
+static size_t size, at;
+
+static uint32_t word(void) {
+    uint32_t v;
+    if (size - at < 4) { errno = EPROTO; fail("a short request"); }
+    memcpy(&v, buffer + at, 4);
+    at += 4;
+    return v;
+}
+
+static char *string(void) {
+    char *s = buffer + at;
+    char *end = memchr(s, 0, size - at);
+    if (!end) { errno = EPROTO; fail("an unterminated string"); }
+    at = (size_t)(end - buffer) + 1;
+    return s;
+}
+
+static void mkdirs(char *path) {
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(path, 0755) < 0 && errno != EEXIST) fail("mkdir");
+        *p = '/';
+    }
+    if (mkdir(path, 0755) < 0 && errno != EEXIST) fail("mkdir");
+}
+
+static const char *private_dirs[] = {"/tmp", "/var/tmp", "/dev/shm"};
+
+int main(void) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);  /* the supervisor moves it to the job's group */
+    prctl(PR_SET_NAME, "rexnet-spare", 0, 0, 0);  /* sandboxd.SPARE_NAME until its job */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);  /* as the helper: exec made it dumpable again */
+    uint32_t head[2];
+    if (recv(CONTROL, head, 4, MSG_WAITALL) != 4) _exit(0);  /* no job: the spare ends */
+    size = ntohl(head[0]);
+    if (size > MAX_REQUEST) { errno = EMSGSIZE; fail("request"); }
+    buffer = malloc(size + 1);
+    if (!buffer) fail("malloc");
+    char control[CMSG_SPACE(MAX_FDS * sizeof(int))];
+    struct iovec iov = {buffer, size};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    ssize_t got = recvmsg(CONTROL, &msg, MSG_WAITALL | MSG_CMSG_CLOEXEC);
+    if (got != (ssize_t)size) { errno = EPROTO; fail("request"); }
+    int fds[MAX_FDS], nfds = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            nfds = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            memcpy(fds, CMSG_DATA(c), (size_t)nfds * sizeof(int));
+        }
+    }
+    uint32_t ntargets = word(), nargv = word(), nenv = word(), nkeep = word(),
+             ngroups = word(), uid = word(), gid = word(), tty = word();
+    if (ntargets != (uint32_t)nfds || nargv < 1 || nargv > MAX_ITEMS || nenv > MAX_ITEMS
+        || nkeep > 8 || ngroups > MAX_ITEMS) {
+        errno = EPROTO;
+        fail("request");
+    }
+    int targets[MAX_FDS];
+    for (uint32_t i = 0; i < ntargets; i++) {
+        targets[i] = (int)word();
+        if (targets[i] < 0 || targets[i] >= 1024) { errno = EPROTO; fail("request"); }
+    }
+    gid_t *groups = calloc(ngroups + 1, sizeof(gid_t));
+    char **argv = calloc(nargv + 1, sizeof(char *));
+    char **env = calloc(nenv + 1, sizeof(char *));
+    if (!groups || !argv || !env) fail("calloc");
+    for (uint32_t i = 0; i < ngroups; i++) groups[i] = (gid_t)word();
+    char *cwd = string();
+    for (uint32_t i = 0; i < nargv; i++) argv[i] = string();
+    for (uint32_t i = 0; i < nenv; i++) env[i] = string();
+
+    prctl(PR_SET_NAME, "rexnet-init", 0, 0, 0);
+    if (unshare(CLONE_NEWNS) < 0) fail("unshare");
+    char *keep[8];
+    int which[8], handles[8];
+    for (uint32_t i = 0; i < nkeep; i++) {
+        char *index = string();
+        which[i] = index[0] - '0';
+        keep[i] = string();
+        if (which[i] < 0 || which[i] > 2) { errno = EPROTO; fail("request"); }
+        handles[i] = open(keep[i], O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (handles[i] < 0) fail(keep[i]);
+    }
+    for (int d = 0; d < 3; d++) {
+        struct stat st;
+        if (lstat(private_dirs[d], &st) < 0 || !S_ISDIR(st.st_mode)) continue;
+        if (mount("tmpfs", private_dirs[d], "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+            fail(private_dirs[d]);
+        for (uint32_t i = 0; i < nkeep; i++) {
+            if (which[i] != d) continue;
+            char source[64];
+            snprintf(source, sizeof source, "/proc/self/fd/%d", handles[i]);
+            mkdirs(keep[i]);
+            if (mount(source, keep[i], NULL, MS_BIND | MS_REC, NULL) < 0) fail(keep[i]);
+        }
+    }
+    for (uint32_t i = 0; i < nkeep; i++) close(handles[i]);
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        fail("/proc");
+
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    struct sigaction passes = {0};
+    passes.sa_handler = forward;
+    sigfillset(&passes.sa_mask);
+    for (int s = 1; s < NSIG; s++)
+        if (s != SIGKILL && s != SIGSTOP && s != SIGCHLD) sigaction(s, &passes, NULL);
+    pid_t child = fork();
+    if (child < 0) fail("fork");
+    if (child == 0) {
+        struct sigaction plain = {0};
+        plain.sa_handler = SIG_DFL;
+        for (int s = 1; s < NSIG; s++)
+            if (s != SIGKILL && s != SIGSTOP) sigaction(s, &plain, NULL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        prctl(PR_SET_NAME, "rexnet-exec", 0, 0, 0);
+        int high[MAX_FDS];
+        if (setsid() < 0) goto failed;
+        for (int i = 0; i < nfds; i++)
+            if ((high[i] = fcntl(fds[i], F_DUPFD, 1024)) < 0) goto failed;
+        for (int i = 0; i < nfds; i++)
+            if (dup2(high[i], targets[i]) < 0) goto failed;
+        int from = 0;  /* close every descriptor but the targets */
+        for (int fd = 0; fd <= 1024; fd++) {
+            int kept = 0;
+            for (int i = 0; i < nfds; i++) kept |= targets[i] == fd;
+            if (kept || fd == 1024) {
+                if (fd > from) syscall(SYS_close_range, (unsigned)from, (unsigned)fd - 1, 0);
+                from = fd + 1;
+            }
+        }
+        syscall(SYS_close_range, 1024U, ~0U, 0);
+        if (tty && ioctl(0, TIOCSCTTY, 1) < 0) goto failed;
+        if (setgroups(ngroups, groups) < 0 || setgid(gid) < 0 || setuid(uid) < 0)
+            goto failed;
+        if (chdir(cwd) < 0) goto failed;
+        execvpe(argv[0], argv, env);
+    failed:;
+        char line[512];
+        int n = snprintf(line, sizeof line, "rexnet: cannot start the job: %s: %s\n",
+                         argv[0], strerror(errno));
+        if (n > 0) (void)!write(2, line, (size_t)n > sizeof line ? sizeof line : (size_t)n);
+        _exit(127);
+    }
+    command = child;
+    for (int i = 0; i < nfds; i++) close(fds[i]);
+    int namespace = open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC);
+    if (namespace >= 0) {
+        char one = 'm';
+        struct iovec out = {&one, 1};
+        char space[CMSG_SPACE(sizeof(int))];
+        memset(space, 0, sizeof space);
+        struct msghdr reply = {0};
+        reply.msg_iov = &out;
+        reply.msg_iovlen = 1;
+        reply.msg_control = space;
+        reply.msg_controllen = sizeof space;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&reply);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &namespace, sizeof(int));
+        (void)sendmsg(CONTROL, &reply, MSG_NOSIGNAL);
+        close(namespace);
+    }
+    close(CONTROL);
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    int status = 0;
+    for (;;) {
+        pid_t pid = waitpid(-1, &status, 0);
+        if (pid == child) break;
+        if (pid < 0 && errno != EINTR) { status = 0; break; }
+    }
+    char text[16];
+    int n = snprintf(text, sizeof text, "%d", status);
+    (void)!write(STATUS, text, (size_t)n);
+    _exit(0);
+}
