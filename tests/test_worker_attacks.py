@@ -46,6 +46,12 @@ class SilentPeer:
         self.conns.append(conn)
         return conn
 
+    def hello(self, conn: socket.socket, wait: float = 10.0) -> bytes:
+        """The first bytes the worker sends on CONN (its ClientHello), left unread: once
+        they are here the worker's reactor has seen the connection up."""
+        conn.settimeout(wait)
+        return conn.recv(1, socket.MSG_PEEK)
+
     def closed_by_worker(self, conn: socket.socket, wait: float) -> bool:
         """Whether the worker closes CONN within WAIT seconds (its ClientHello read)."""
         conn.settimeout(wait)
@@ -121,6 +127,9 @@ def test_taken_cancels_a_connect_back_whose_handshake_is_unfinished(
     try:
         job_id = trap_worker(keys, addr, peer)
         conn = peer.accept()
+        # the kernel accepts before the worker's reactor has seen its connect finish: a
+        # TAKEN sent in between cancels a connect, not a handshake (another test's case)
+        assert peer.hello(conn), "the worker sent no ClientHello"
         t0 = time.monotonic()
         real = load_credential(keys.client, "client")
         taken = wire.encode_datagram(wire.Taken(job_id, now_ms(), 2), real.app_id, real.key)
