@@ -50,6 +50,7 @@ class Pending:
     wait: float = 0.0  # when queued: the expected wait for a slot, in seconds
     learnt: bool = False  # a TAKEN for it taught the crowd already
     early: bool = False  # the client's early TAKEN came
+    early_ms: float = 0.0  # when: ms after the earliest moment anyone could answer
 
 
 class Target(NamedTuple):
@@ -165,11 +166,13 @@ class ConnectBacks:
         many were under way (Crowd.steer)."""
         now = self.reactor.seconds()
         if early:
-            pending.early = True
+            if not pending.early:
+                pending.early = True
+                pending.early_ms = (now - pending.heard) * 1000 - IDLE_MS
         elif not pending.learnt:
             pending.learnt = True
             if pending.early:  # ANSWERED: those under way when the early TAKEN came
-                self.crowd.steer(answered, now)
+                self.crowd.steer(answered, now, pending.spread, pending.early_ms)
             else:  # a client without early TAKENs
                 self.crowd.observe(answered, now, pending.spread,
                                    (now - pending.heard) * 1000 - IDLE_MS)
