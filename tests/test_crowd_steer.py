@@ -178,3 +178,56 @@ def test_a_worker_sizes_its_window_from_the_first_storm(keys: Keys) -> None:
     job2, data2 = client.announce()
     w.datagram(data2, "192.0.2.7", 5000)
     assert w.pending[job2].spread == pytest.approx(spread_ms(w.crowd.size(clock.seconds())))
+
+
+def test_an_unanswered_resend_repairs_a_window_widened_by_a_lie() -> None:
+    crowd = Crowd()
+    crowd.steer(10**6, 0.0, JITTER_MS, 1e9)  # a lying client: as wide as it gets
+    window = spread_ms(crowd.size(0.0))
+    # announced again 750 ms on: a crowd of CROWD_MAX would have answered by ~96 ms, but
+    # not 8 times that late: wait
+    assert not crowd.unanswered(0.0, window, 750.0)
+    assert crowd.unanswered(0.0, window, 1550.0)  # the next resend: much narrower
+    assert crowd.known(0.0) == pytest.approx(window / 1550.0)
+    assert spread_ms(crowd.size(0.0)) < window / 10
+
+
+def test_an_honest_resend_changes_nothing() -> None:
+    crowd = Crowd()
+    crowd.steer(1000, 0.0, JITTER_MS, 5.0)
+    window = spread_ms(crowd.size(0.0))
+    for elapsed in (50.0, 150.0, 350.0, 750.0):  # the client's resends
+        assert not crowd.unanswered(0.0, window, elapsed)
+    assert spread_ms(crowd.size(0.0)) == window
+
+
+def test_a_worker_narrows_a_waiting_connect_back_when_the_client_announces_again(
+        keys: Keys) -> None:
+    from rexnet.net.announce import now_ms
+    from rexnet.protocol import wire
+    from rexnet.security.credentials import load_credential
+
+    clock = Clock()
+    settings = WorkerSettings(load_credential(Path(keys.worker), "worker"), ("true",), "w",
+                              slots=4)
+    idle = HostLoad(loadavg=0.0, cpus=2, free_memory=1 << 30)
+    w = Worker(settings, clock, sample=lambda: idle, jitter=lambda: 0.5)
+    client = Announcer(keys)
+    w.crowd.steer(CROWD_MAX, 0.0, JITTER_MS, ELAPSED_MAX_MS)  # a lie taught it before
+    job = (99).to_bytes(16, "big")
+
+    def announce(seq: int) -> bytes:
+        ann = wire.Announce(job, seq, now_ms(), 4000, ("192.0.2.7",))
+        return wire.encode_datagram(ann, client.cred.app_id, client.cred.key,
+                                    client.cred.cert_der)
+
+    w.datagram(announce(0), "192.0.2.7", 5000)
+    pending = w.pending[job]
+    before = pending.delay
+    assert before > 100.0  # half of a window of minutes
+    clock.advance(1.6)
+    w.datagram(announce(4), "192.0.2.7", 5000)
+    assert pending.call is not None and pending.call.active()
+    assert pending.call.getTime() - clock.seconds() < 0.1 * before
+    assert pending.spread == pytest.approx(spread_ms(w.crowd.size(clock.seconds())))
+    pending.call.cancel()

@@ -179,16 +179,41 @@ class Crowd:
             window = (k - 1) * (k + 1) / k * took / target_extra(crowd)
         elif k - 1 >= JUMP_EXTRA:
             window = max(window, drawn * (k - 1) / target_extra(crowd))
-        elif k == 1 and elapsed > LATE_FACTOR * drawn / (crowd + 1):
-            smaller = max(drawn / elapsed, 1.0)
-            window = drawn * (max(smaller - 1.0, 0.5) / max(crowd - 1.0, 0.5)
-                              * target_extra(crowd) / target_extra(smaller))
-            crowd = smaller
+        elif k == 1 and (smaller := _smaller(drawn, elapsed, crowd)) is not None:
+            crowd, window = smaller
         else:
             window *= 2.0 ** (STEER_GAIN * (k - 1 - target_extra(crowd)))
         self._size = min(max(crowd_for(window), 1.0), float(CROWD_MAX))
         self._n = min(crowd, float(CROWD_MAX))
         self._at = now
+
+    def unanswered(self, now: float, spread: float, elapsed: float) -> bool:
+        """The client announced again ELAPSED ms after the earliest moment anyone could
+        answer, and no early TAKEN came, while this worker's connect-back (drawn from a
+        window of SPREAD ms) waits still.  If that is far later than the crowd's first
+        answer would be, the crowd is smaller: shrink the window to it (as steer does) and
+        say so, so that a window widened too far (a client's lying TAKEN) is repaired
+        within the job rather than after the client gave up."""
+        smaller = _smaller(spread, elapsed, self.known(now))
+        if smaller is None:
+            return False
+        crowd, window = smaller
+        self._size = min(max(crowd_for(window), 1.0), float(CROWD_MAX))
+        self._n = crowd
+        self._at = now
+        return True
+
+
+def _smaller(drawn: float, elapsed: float, crowd: float) -> tuple[float, float] | None:
+    """When nothing came until ELAPSED ms, LATE_FACTOR times later than a first answer
+    among CROWD drawing from DRAWN ms: the smaller crowd that explains it, and its window
+    (the same wait for the TAKEN at that crowd's target); None if not that late."""
+    if elapsed <= LATE_FACTOR * drawn / (crowd + 1):
+        return None
+    smaller = max(drawn / elapsed, 1.0)
+    window = drawn * (max(smaller - 1.0, 0.5) / max(crowd - 1.0, 0.5)
+                      * target_extra(crowd) / target_extra(smaller))
+    return smaller, window
 
 
 def target_extra(crowd: float) -> float:
