@@ -262,6 +262,9 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
         def steer(self, *args: Any, **kwargs: Any) -> None:
             pass
 
+        def unanswered(self, *args: Any, **kwargs: Any) -> bool:
+            return False
+
     class SimWorker(Worker):
         """A Worker on a "machine" of its own: it hears each datagram when the kernel
         received it, and its timers fire when they are due (see the module's docstring)."""
