@@ -262,6 +262,9 @@ def serve(keyfile: str, count: int, fixed: bool) -> None:
         def steer(self, *args: Any, **kwargs: Any) -> None:
             pass
 
+        def unanswered(self, *args: Any, **kwargs: Any) -> bool:
+            return False
+
     class SimWorker(Worker):
         """A Worker on a "machine" of its own: it hears each datagram when the kernel
         received it, and its timers fire when they are due (see the module's docstring)."""
@@ -431,13 +434,15 @@ def summary(result: ScaleResult) -> str:
     half = len(result.connect_backs) - len(late) + 1
     return (f"{result.workers} workers, {result.mode}: first job {result.connect_backs[0]} "
             f"connect-backs, {result.start_ms[0]:.1f} ms; jobs 2-{len(result.start_ms)}: "
-            f"{statistics.mean(cbs):.3f} connect-backs per job (max {max(cbs)}), "
+            f"{statistics.mean(cbs):.3f} connect-backs per job (max {max(cbs)}; jobs 2-4: "
+            f"{statistics.mean(cbs[:3]):.3f}), "
             f"start {statistics.median(starts):.1f} ms median "
             f"({min(starts):.1f}-{max(starts):.1f}); jobs {half}-{len(result.start_ms)}: "
             f"{statistics.mean(late):.3f} per job, start {statistics.median(late_starts):.1f} "
             f"ms median; crowd learnt {result.crowd:.0f}; "
             f"first connect-back due to TAKEN {statistics.median(result.cancel_ms or [0]):.1f} "
-            f"ms, sent to TAKEN {statistics.median(result.sent_ms or [0]):.1f} ms")
+            f"ms, sent to TAKEN {statistics.median(result.sent_ms or [0]):.1f} ms; per job "
+            f"{' '.join(map(str, result.connect_backs))}")
 
 
 def model(workers: int, jobs: int, cancel_ms: float, seed: int = 1,
@@ -447,8 +452,8 @@ def model(workers: int, jobs: int, cancel_ms: float, seed: int = 1,
     after the first) connect back; the TAKEN's count is what fired by 0.8 CANCEL_MS.
     With EARLY_MS, the client's early TAKEN comes EARLY_MS after the first connect-back
     and cancels what has not fired; the final TAKEN counts what fired before it, and every
-    worker steers its window by that count (Crowd.steer), as rexnet.worker.connectback
-    does.
+    worker steers its window by that count and when the early TAKEN came (Crowd.steer),
+    as rexnet.worker.connectback does.
     Returns (connect-backs per job, median first answer in ms) over jobs after the first."""
     import random
 
@@ -472,8 +477,8 @@ def model(workers: int, jobs: int, cancel_ms: float, seed: int = 1,
         else:
             early = first + early_ms
             count = sum(1 for d in delays if d < early)
-            for crowd in crowds:
-                crowd.steer(count, now)
+            for crowd, s in zip(crowds, spreads, strict=True):
+                crowd.steer(count, now, s, early - IDLE_MS)
             fired.append(count)
         firsts.append(first)
     return statistics.mean(fired[1:]), statistics.median(firsts[1:])

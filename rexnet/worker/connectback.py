@@ -50,6 +50,7 @@ class Pending:
     wait: float = 0.0  # when queued: the expected wait for a slot, in seconds
     learnt: bool = False  # a TAKEN for it taught the crowd already
     early: bool = False  # the client's early TAKEN came
+    early_ms: float = 0.0  # when: ms after the earliest moment anyone could answer
 
 
 class Target(NamedTuple):
@@ -108,6 +109,28 @@ class ConnectBacks:
         """Whether this worker already promised (or made) a connect-back for JOB_ID."""
         return job_id in self.tried
 
+    def resent(self, job_id: bytes, client: ClientCert) -> bool:
+        """Whether JOB_ID was answered already (an announcement again, not to answer).
+        CLIENT announcing it again has accepted nobody yet: if our connect-back waits still
+        and the crowd's window proves far too wide for that (Crowd.unanswered), it draws
+        again from the narrower one, as if the announcement came now."""
+        pending = self.pending.get(job_id)
+        if (pending is None or pending.early or pending.call is None
+                or not pending.call.active() or pending.client.cert != client.cert):
+            return self.answered(job_id)
+        now = self.reactor.seconds()
+        if not self.crowd.unanswered(now, pending.spread, (now - pending.heard) * 1000
+                                     - IDLE_MS):
+            return True
+        pending.spread = spread_ms(self.crowd.size(now))
+        pending.heard = now - IDLE_MS / 1000
+        left = self.jitter() * pending.spread / 1000
+        pending.delay = IDLE_MS / 1000 + left
+        pending.call.reset(left)
+        log.info("job {job} announced again, unanswered: the connect-back window narrows "
+                 "to {ms:.0f} ms", job=job_id.hex()[:12], ms=pending.spread)
+        return True
+
     def promise(self, job_id: bytes, client: ClientCert, load: float, speed: float,
                 target: Target, queued: bool = False, ahead: int = 0,
                 wait: float = 0.0) -> Pending:
@@ -165,11 +188,13 @@ class ConnectBacks:
         many were under way (Crowd.steer)."""
         now = self.reactor.seconds()
         if early:
-            pending.early = True
+            if not pending.early:
+                pending.early = True
+                pending.early_ms = (now - pending.heard) * 1000 - IDLE_MS
         elif not pending.learnt:
             pending.learnt = True
             if pending.early:  # ANSWERED: those under way when the early TAKEN came
-                self.crowd.steer(answered, now)
+                self.crowd.steer(answered, now, pending.spread, pending.early_ms)
             else:  # a client without early TAKENs
                 self.crowd.observe(answered, now, pending.spread,
                                    (now - pending.heard) * 1000 - IDLE_MS)

@@ -22,6 +22,12 @@ few ms); the first answer comes after about S / N.  A window growing as (N - 1) 
 keeps a lone worker exactly as before and two workers within half a millisecond of it,
 and at 1,000 workers makes about 0.05 extra connect-backs per job for a first answer
 about 50 ms later.
+
+With early TAKENs the crowd is a knob, not a count (Crowd.steer): the first job's storm
+(every 1 ms window over before its early TAKEN) tells N and T, and the window is set at
+once to the one making target_extra(N) extra connect-backs; later jobs steer it by small
+steps.  The first answer then comes about T / target_extra(N) after IDLE_MS: the price of
+one connect-back per job, whatever N (about 35 T at 1,000 workers, 3 T at 2).
 """
 
 from __future__ import annotations
@@ -42,8 +48,12 @@ CROWD_MAX = 4096  # a bound on what one TAKEN can make us believe
 CROWD_HALF_LIFE = 3600.0  # seconds: a cluster that shrank is believed within hours
 CROWD_WEIGHT = 0.3  # weight of a new estimate of the crowd (in log space)
 FIRST_DRAW_BIAS = math.exp(0.5772)  # e^(Euler's constant)
-COUNT_TARGET = 1.02  # connect-backs per job Crowd.steer aims at
-
+EXTRA_TARGET = 0.03  # extra connect-backs per job Crowd.steer aims at in a large crowd
+SMALL_EXTRA = 0.3  # ... in a crowd of N: max(EXTRA_TARGET, SMALL_EXTRA / sqrt(N - 1))
+STEER_GAIN = 0.5  # a steered window doubles per 1 / STEER_GAIN extra connect-backs
+JUMP_EXTRA = 4  # extra connect-backs in one job that size the window at once
+ELAPSED_MAX_MS = 50.0  # a bound on the early TAKEN's delay a window is sized from
+LATE_FACTOR = 8.0  # a first answer this many times later than the crowd's: a smaller one
 
 @dataclass(frozen=True)
 class HostLoad:
@@ -107,6 +117,7 @@ class Crowd:
 
     def __init__(self) -> None:
         self._size = 1.0
+        self._n = 1.0  # see known()
         self._at = 0.0
 
     def size(self, now: float) -> float:
@@ -125,22 +136,94 @@ class Crowd:
             estimate = max(estimate, count * spread / elapsed / FIRST_DRAW_BIAS)
         blended = math.exp((1 - CROWD_WEIGHT) * math.log(self.size(now))
                            + CROWD_WEIGHT * math.log(estimate))
-        self._size = min(max(float(count), blended), float(CROWD_MAX))
+        self._size = self._n = min(max(float(count), blended), float(CROWD_MAX))
         self._at = now
 
-    def steer(self, count: int, now: float) -> None:
+    def known(self, now: float) -> float:
+        """How many workers answered at once when the window was too narrow for all but
+        one to hold back (a storm's count), faded as size() is."""
+        decay = 0.5 ** (max(now - self._at, 0.0) / CROWD_HALF_LIFE)
+        return 1.0 + (self._n - 1.0) * decay
+
+    def steer(self, count: int, now: float, spread: float = 0.0, elapsed: float = 0.0
+              ) -> None:
         """A client with early TAKENs said COUNT workers had connected back by the time
-        its early TAKEN reached them (its final TAKEN's count: one, and those that were
-        under way).  Widen the window while more did, narrow it slowly while only one did:
-        about COUNT_TARGET connect-backs per job, whatever the crowd and however long the
-        TAKEN takes on this network.  Every worker hears the same counts and moves alike
-        (an estimate from each one's own window would drive their windows apart)."""
+        its early TAKEN reached them (its final TAKEN's count).  SPREAD is the window this
+        worker drew from (ms), ELAPSED when the early TAKEN came (ms after the earliest
+        moment anyone could answer).  Every worker hears the same counts and moves alike.
+
+        - A storm (every window over before the early TAKEN, or JUMP_EXTRA extra
+          connect-backs) sizes the window at once: N workers in a window of S ms, a
+          TAKEN C ms after the first, make about (N - 1) * C / S extra connect-backs;
+          C is ELAPSED less the first draw when the window was over, else the count
+          gives (N - 1) * C / S directly.
+        - Otherwise the window steers by 2 ** (STEER_GAIN * (extra - target)): up a
+          little per extra connect-back, down a little per job without, settling where
+          the extra connect-backs average the target (target_extra: a small crowd
+          trades a few for a first answer within a few ms).
+        - A first answer far later (LATE_FACTOR) than the crowd believed in would give
+          says the crowd is smaller: the window shrinks to it at once.
+
+        Bounded: the count by CROWD_MAX, ELAPSED by ELAPSED_MAX_MS where it widens the
+        window, the window by spread_ms(CROWD_MAX)."""
         if count < 1:
             return
-        count = min(count, CROWD_MAX)
-        size = self.size(now) * (count / COUNT_TARGET) ** CROWD_WEIGHT
-        self._size = min(max(float(count), size, 1.0), float(CROWD_MAX))
+        k = min(count, CROWD_MAX)
+        window = spread_ms(self.size(now))
+        drawn = spread if spread > 0.0 else window
+        late = min(max(elapsed, 0.0), ELAPSED_MAX_MS)
+        crowd = max(self.known(now), float(k))
+        if k >= 2 and late >= drawn:  # every window was over: K is the crowd
+            crowd = float(k)
+            took = max(late - drawn / (k + 1), 0.1)
+            window = (k - 1) * (k + 1) / k * took / target_extra(crowd)
+        elif k - 1 >= JUMP_EXTRA:
+            window = max(window, drawn * (k - 1) / target_extra(crowd))
+        elif k == 1 and (smaller := _smaller(drawn, elapsed, crowd)) is not None:
+            crowd, window = smaller
+        else:
+            window *= 2.0 ** (STEER_GAIN * (k - 1 - target_extra(crowd)))
+        self._size = min(max(crowd_for(window), 1.0), float(CROWD_MAX))
+        self._n = min(crowd, float(CROWD_MAX))
         self._at = now
+
+    def unanswered(self, now: float, spread: float, elapsed: float) -> bool:
+        """The client announced again ELAPSED ms after the earliest moment anyone could
+        answer, and no early TAKEN came, while this worker's connect-back (drawn from a
+        window of SPREAD ms) waits still.  If that is far later than the crowd's first
+        answer would be, the crowd is smaller: shrink the window to it (as steer does) and
+        say so, so that a window widened too far (a client's lying TAKEN) is repaired
+        within the job rather than after the client gave up."""
+        smaller = _smaller(spread, elapsed, self.known(now))
+        if smaller is None:
+            return False
+        crowd, window = smaller
+        self._size = min(max(crowd_for(window), 1.0), float(CROWD_MAX))
+        self._n = crowd
+        self._at = now
+        return True
+
+
+def _smaller(drawn: float, elapsed: float, crowd: float) -> tuple[float, float] | None:
+    """When nothing came until ELAPSED ms, LATE_FACTOR times later than a first answer
+    among CROWD drawing from DRAWN ms: the smaller crowd that explains it, and its window
+    (the same wait for the TAKEN at that crowd's target); None if not that late."""
+    if elapsed <= LATE_FACTOR * drawn / (crowd + 1):
+        return None
+    smaller = max(drawn / elapsed, 1.0)
+    window = drawn * (max(smaller - 1.0, 0.5) / max(crowd - 1.0, 0.5)
+                      * target_extra(crowd) / target_extra(smaller))
+    return smaller, window
+
+
+def target_extra(crowd: float) -> float:
+    """The extra connect-backs per job a window for CROWD aims at."""
+    return max(EXTRA_TARGET, SMALL_EXTRA / math.sqrt(max(crowd - 1.0, 1.0)))
+
+
+def crowd_for(spread: float) -> float:
+    """The crowd whose window (spread_ms) is SPREAD ms wide."""
+    return 1.0 + (max(spread, 0.0) / CROWD_MS) ** (2.0 / 3.0)
 
 
 def group_rss(pid: int) -> int:

@@ -222,8 +222,8 @@ class Worker:
 
     def _announce(self, dgram: wire.Datagram, host: str) -> None:
         ann, client = self.checker.check_announce(dgram, host)
-        if self.connect_backs.answered(ann.job_id):
-            return  # a resend of a job we already answered
+        if self.connect_backs.resent(ann.job_id, client):
+            return  # a resend of a job we already answered (see resent)
         if ann.cpus > self.settings.slots or (ann.workers and
                                                 self.settings.name not in ann.workers):
             log.debug("not answering job from {client}: it is not for this worker",
