@@ -715,7 +715,7 @@ def main() -> None:
     runs = args.runs or (5 if args.quick else 15)
     bulk_runs = 1 if args.quick else 3
     jobs = 200 if args.quick else 500
-    scale_jobs = 30 if args.quick else 40  # the windows settle over the first 10-20 jobs
+    scale_jobs = 30 if args.quick else 40  # the first job sizes the windows; later ones steer
     require_netns()
     sweep_stale()
     # a TERM (or ^C) unwinds through the bed's cleanup: namespaces, sshd, workers
