@@ -3,7 +3,7 @@
 A job's root supervisor (rexnet.worker.sandboxd) needs a PID 1 for the job's namespace.
 A fork of the Python supervisor costs ~1 ms of page-table copying and as much again in
 copy-on-write faults, and its fork of the command the same again; `rexnet-sandbox-init`,
-built next to the venv's python where a C compiler works (rexnet.cli.entry), is spawned
+built next to the venv's python where a C compiler works (rexnet.cli.entry builds it), is spawned
 instead (vfork and exec of a small program) and forks only itself for the command. Where it
 was not built (or REXNET_SANDBOX_INIT=python) the supervisor forks its Python init.
 
@@ -34,31 +34,6 @@ def find() -> str | None:
         return None
     path = os.path.join(os.path.dirname(sys.executable), NAME)
     return path if os.access(path, os.X_OK) else None
-
-
-def build(target: str, compiler: str) -> str:
-    """Compile the init into TARGET with COMPILER: "" on success, else why not."""
-    import subprocess
-    import tempfile
-
-    fd, temporary = tempfile.mkstemp(prefix=".rexnet-init-", dir=os.path.dirname(target))
-    os.close(fd)
-    # static where the C library allows it: no dynamic loading per job (~0.15 ms of CPU)
-    for static in (["-static"], []):
-        argv = [compiler, "-O2", "-Wall", "-Wextra", "-std=c99", *static, "-o", temporary,
-                SOURCE]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True)
-        except OSError as e:
-            done = subprocess.CompletedProcess(argv, 1, "", str(e))
-        if done.returncode == 0:
-            break
-    if done.returncode != 0:
-        os.unlink(temporary)
-        return f"{compiler} failed: {done.stderr.strip()[:2000]}"
-    os.chmod(temporary, 0o755)
-    os.replace(temporary, target)
-    return ""
 
 
 def spawn(path: str, control: socket.socket, status: int) -> int:

@@ -101,7 +101,28 @@ class Supervisor(Protocol):
     def watch(self, reactor: Any, transport: Any) -> None: ...
 
 
-class SandboxedProcess(process.Process):
+class Supervised:
+    """What a sandboxed job's transport does differently from a child's: its supervisor
+    signals the job and reports its end; the worker reaps nothing."""
+
+    supervisor: Supervisor
+
+    def connect_supervised(self, supervisor: Supervisor, reactor: Any, proto: Any) -> None:
+        """Connect PROTO to this transport, then have SUPERVISOR report the job's end."""
+        try:
+            proto.makeConnection(self)
+        except Exception:
+            log.failure("while starting a sandboxed job's protocol")
+        supervisor.watch(reactor, self)
+
+    def reapProcess(self) -> None:
+        """Not a child: the supervisor reports the end (processEnded)."""
+
+    def signalProcess(self, signalID: Any) -> None:
+        self.supervisor.signal(int(getattr(signal, f"SIG{signalID}", signalID)))
+
+
+class SandboxedProcess(Supervised, process.Process):
     """A job with pipes (and socketpairs) in a sandbox: no process of the worker's own (a
     fork of the worker costs it milliseconds per job); the job's ends of its pipes go to
     its supervisor, which reports its end (Process.__init__ without fork and reaping)."""
@@ -137,20 +158,10 @@ class SandboxedProcess(process.Process):
                 if childFDs[child] == "r" else
                 self.processWriterFactory(reactor, self, child, parent, forceReadHack=True))
             self.pipes[child] = pipe
-        try:
-            proto.makeConnection(self)
-        except Exception:
-            log.failure("while starting a sandboxed job's protocol")
-        supervisor.watch(reactor, self)
-
-    def reapProcess(self) -> None:
-        """Not a child: the supervisor reports the end (processEnded)."""
-
-    def signalProcess(self, signalID: Any) -> None:
-        self.supervisor.signal(int(getattr(signal, f"SIG{signalID}", signalID)))
+        self.connect_supervised(supervisor, reactor, proto)
 
 
-class SandboxedTerminal(process.PTYProcess):
+class SandboxedTerminal(Supervised, process.PTYProcess):
     """A job in a terminal, in a sandbox: the supervisor gets the terminal's slave (the
     command's controlling terminal); the worker keeps the master (PTYProcess.__init__
     without fork and reaping)."""
@@ -167,17 +178,7 @@ class SandboxedTerminal(process.PTYProcess):
         self.startReading()
         self.connected = 1
         self.status = -1
-        try:
-            proto.makeConnection(self)
-        except Exception:
-            log.failure("while starting a sandboxed job's protocol")
-        supervisor.watch(reactor, self)
-
-    def reapProcess(self) -> None:
-        """Not a child: the supervisor reports the end (processEnded)."""
-
-    def signalProcess(self, signalID: Any) -> None:
-        self.supervisor.signal(int(getattr(signal, f"SIG{signalID}", signalID)))
+        self.connect_supervised(supervisor, reactor, proto)
 
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:
