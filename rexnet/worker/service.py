@@ -44,7 +44,7 @@ STATUS_INTERVAL = 5.0  # seconds between worker-status alerts
 GLOBAL_RATE = 2000.0  # datagrams per second checked, all sources together
 GLOBAL_BURST = 4000.0
 MAX_WARM = 64  # idle warm channels a worker keeps at most
-SAMPLE_AGE = 0.1  # seconds a host sample serves warm channels' reports
+SAMPLE_AGE = 1.0  # s a host sample serves HELLOs (of it, its load average: moved every 5 s)
 
 log = Logger()
 
