@@ -42,21 +42,23 @@ def test_without_it_the_small_write_waits_for_the_reactors_turn(keys: Keys) -> N
 
 @pytest.fixture
 def adopted() -> Iterator[tuple[Protocol, socket.socket]]:
-    """A Twisted socket transport on one end of a real socket pair (the reactor is not
-    run: only what send_now writes reaches the other end), and the other end."""
-    from twisted.internet import reactor
+    """A Twisted socket transport on one end of a real socket pair, in a reactor of its
+    own that never runs (so only what send_now writes reaches the other end; the global
+    reactor may run in another thread of this process, for the Python API's tests), and
+    the other end."""
+    from twisted.internet.epollreactor import EPollReactor
 
+    reactor = EPollReactor()
     mine, theirs = socket.socketpair()
     proto = Protocol()
-    reactor.adoptStreamConnection(  # type: ignore[attr-defined]
-        mine.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: proto))
+    reactor.adoptStreamConnection(mine.fileno(), socket.AF_UNIX,
+                                  Factory.forProtocol(lambda: proto))
     mine.close()  # the transport has its own copy
     theirs.setblocking(False)
     yield proto, theirs
-    transport = proto.transport
-    transport.stopReading()  # type: ignore[union-attr]
-    transport.stopWriting()  # type: ignore[union-attr]
-    transport.socket.close()  # type: ignore[union-attr]
+    reactor.removeAll()
+    proto.transport.socket.close()  # type: ignore[union-attr]
+    reactor.waker.connectionLost(None)  # type: ignore[union-attr]
     theirs.close()
 
 

@@ -445,12 +445,13 @@ class Worker:
         books = partial(self._books, running, code, sig, limit,
                         sum(s.received for s in channel.ins.values()),
                         sum(s.sent for s in channel.outs.values()))
-        if not isinstance(channel, WorkerChannel) or channel.job_dir is None:
-            self._exit(running, code, sig, limit, books)
+        if isinstance(channel, WorkerChannel) and channel.job_dir is None:
+            self._exit(running, code, sig, limit, books)  # its client waits for EXIT, not books
             return
-        books()
+        books()  # first: a detached job's watchers read them; files go back after them
         returned = defer.succeed(None)
-        if running.get and not channel.closed:
+        if (isinstance(channel, WorkerChannel) and channel.job_dir is not None and running.get
+                and not channel.closed):
             returned = send_back(channel.lane(), channel.job_dir, running.get, self.settings.files,
                                  lambda problem: self.complain(channel.peer_address(), problem))
         returned.addBoth(lambda _: self._exit(running, code, sig, limit))
@@ -474,8 +475,7 @@ class Worker:
 
     def _exit(self, running: Running, code: int | None, sig: int | None, limit: str,
               books: Callable[[], None] | None = None) -> None:
-        """The job's files are back (if any): EXIT, then keep or close the channel; BOOKS
-        once EXIT is with the kernel (the job's client waits for EXIT, not for the books)."""
+        """EXIT, then keep or close the channel; BOOKS once EXIT is with the kernel."""
         channel = running.channel
         if isinstance(channel, WorkerChannel):
             channel.job_files_done()
