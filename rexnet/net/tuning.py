@@ -16,6 +16,10 @@ PIPE_SIZE, so a pipe holds more than a few reads' worth; where the kernel refuse
 (not a pipe, over /proc/sys/fs/pipe-max-size, the user's pipe quota spent) the pipe
 keeps its size, quietly. Per job that is at most a few pipes of PIPE_SIZE in the kernel
 and TRANSPORT_BUFFER (plus the channel's window) in the process: bounded.
+
+`send_now` hands a message the peer waits on (START, EXIT, the launcher's status) to the
+kernel at once, before the bookkeeping that follows it (issue P11, item 3). It reads two
+private attributes of Twisted's (tests/test_send_now.py names them).
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ def send_now(transport: Any) -> bool:
             aggregator.flush()
     connection = tcp_transport(transport)
     if (connection is None or not connection.connected or connection.disconnecting
-            or not (connection.dataBuffer or connection._tempDataBuffer)):
+            or not (connection.dataBuffer or getattr(connection, "_tempDataBuffer", None))):
         return False
     connection.doWrite()  # an error stays for the reactor's own doWrite to find
     return True
