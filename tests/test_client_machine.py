@@ -208,7 +208,7 @@ def certs(keys: Keys, other_keys: Keys) -> dict[str, crypto.X509]:
 def make_bed(keys: Keys, certs: dict[str, crypto.X509], request: wire.Start | None = None,
              streams: BytesStreams | None = None, pool: WarmPool | None = None,
              reactor: Reactor | None = None, targets: list[tuple[str, int]] | None = None,
-             timeout: float = 5.0) -> Bed:
+             timeout: float = 5.0, alert_targets: list[tuple[str, int]] | None = None) -> Bed:
     reactor = reactor or Reactor()
     credential = load_credential(keys.client, "client")
     said: list[str] = []
@@ -217,7 +217,7 @@ def make_bed(keys: Keys, certs: dict[str, crypto.X509], request: wire.Start | No
     streams = streams or BytesStreams(b"input")
     job = ClientJob(reactor, credential, targets or [TARGET], request or wire.Start(("x",)),
                     streams, timeout, say=said.append,
-                    alerts=AlertSender(reactor, credential, []), pool=pool,
+                    alerts=AlertSender(reactor, credential, alert_targets or []), pool=pool,
                     logger=Logger(observer=provider(ILogObserver)(
                         lambda e: logged.append(formatEvent(e)))),
                     on_started=lambda *names: started.append(names))
@@ -390,6 +390,29 @@ def test_a_job_runs_and_its_status_comes_back_after_its_output(
     assert (result.status, result.worker, result.job) == (3, "w1", "job1")
     assert streams.stdout.getvalue() == b"out" and bed.states[-1] == "done"
     assert worker.transport.disconnecting  # no pool: the channel is closed
+
+
+def test_the_owner_has_the_result_before_the_job_finished_alert_which_is_sent_once(
+        keys: Keys, certs: dict[str, crypto.X509]) -> None:
+    """The alert is signed and sent after the result is delivered (an agent's launcher is
+    told its status first), and it is still sent, once, even if the owner stops at once."""
+    bed = make_bed(keys, certs, alert_targets=[("127.0.0.9", 3011)])
+
+    def alerts() -> list[wire.Alert]:
+        return [m for m in bed.datagrams() if isinstance(m, wire.Alert)]
+
+    at_result: list[int] = []
+    bed.job.run().addCallback(lambda result: at_result.append(len(alerts())))
+    worker = bed.worker("w1")
+    worker.send(wire.Started("job1"), wire.Exit(0, None))
+    assert at_result == [0]
+    (alert,) = alerts()
+    assert alert.event == "job-finished" and dict(alert.fields)["job"] == "job1"
+    assert dict(alert.fields)["status"] == 0
+    worker.send(wire.Hello("w1", "1", 0.1, 0.0, 4, 0))
+    bed.reactor.advance(60)
+    assert len(alerts()) == 1
+    assert not any(port.listening for port in bed.reactor.udp)  # its UDP ports are closed
 
 
 def test_signals_before_start_are_kept_and_sent_once_the_job_runs(

@@ -38,6 +38,7 @@ from rexnet.client.trust import distrust
 from rexnet.client.warm import HUNGRY_AFTER, WarmPool
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import DatagramSender, source_address
+from rexnet.net.tuning import send_now
 from rexnet.protocol import exitcodes, wire
 from rexnet.protocol.text import printable
 from rexnet.security.credentials import CertInfo, Credential
@@ -270,6 +271,7 @@ class JobCore:
         self.streams.prepare(channel)
         channel.start_heartbeat(self.reactor)
         channel.send(self.request)
+        send_now(channel.transport)  # START goes before the rest of this turn's work
 
     def reuse(self, channel: ClientChannel) -> None:
         """Send the job over a warm channel from the pool (the streams are prepared once
@@ -282,6 +284,7 @@ class JobCore:
         self.channels.add(channel)
         self.chosen = channel
         channel.send(self.request)
+        send_now(channel.transport)  # START goes before the rest of this turn's work
 
     def warm_refused(self, why: str, full: bool = False) -> None:
         """The warm channel's worker cannot take the job after all (FULL: BUSY)."""
@@ -460,11 +463,12 @@ class JobCore:
             self.chosen.close(abort=True)
         self.fail(Interrupted("the job's launcher went away", exitcodes.WORKER_LOST))
 
-    def _cleanup(self) -> None:
+    def _cleanup(self, stop_alerts: bool = True) -> None:
         if self.pool is not None and self.chosen is not None and not self.parked:
             self.pool.lost(self.chosen)  # the job failed: its channel closes below
         self._stop_looking()
-        self.alerts.stop()
+        if stop_alerts:
+            self.alerts.stop()
         if self._udp is not None and self._udp.transport is not None:
             self._udp.transport.stopListening()
         for channel in list(self.channels):
@@ -474,9 +478,10 @@ class JobCore:
         if self.result.called:
             return
         chosen = self.chosen
+        alert: dict[str, object] | None = None
         if self.started is None or not self.started.detached:  # (the worker reports it)
-            self.alerts.send(
-                "job-finished", job=result.job, worker=result.worker,
+            alert = dict(
+                job=result.job, worker=result.worker,
                 worker_addr=result.address, client=self.credential.name,
                 status=result.status, signal=result.signal,
                 duration=round(self.reactor.seconds() - self._t0, 3),
@@ -490,8 +495,13 @@ class JobCore:
                 self.parked = True
             else:
                 chosen.close()
-        self._cleanup()
+        self._cleanup(stop_alerts=False)
         self.result.callback(result)
+        # the owner has its result first (an agent's launcher is told its status at once):
+        # signing and sending the alert is off the job's round trip, not skipped
+        if alert is not None:
+            self.alerts.send("job-finished", **alert)
+        self.alerts.stop()
 
     def fail(self, error: JobFailed) -> None:
         if self.result.called:
