@@ -180,6 +180,24 @@ class ConnectBacks:
 
         pending.connecting.addErrback(failed)
 
+    def hasten(self, free: int, load: Callable[[], float], speed: float) -> int:
+        """FREE slots came free: the oldest connect-backs promised for a queue place and
+        not begun yet go for a slot now, after the delay an answer with a free slot gets
+        (not the expected wait they were drawn with: the slot would idle until then, or
+        until the client announced again).  How many were hastened."""
+        now = self.reactor.seconds()
+        waiting = sorted((p for p in self.pending.values() if p.queued and p.slots == 1
+                          and p.call is not None and p.call.active()), key=lambda p: p.heard)
+        figure = load() if waiting and free > 0 else 0.0
+        for pending in waiting[:max(free, 0)]:
+            assert pending.call is not None
+            pending.queued, pending.ahead, pending.wait, pending.load = False, 0, 0.0, figure
+            delay = connect_back_delay(figure, speed, self.jitter, self.crowd.size(now))
+            if delay < pending.call.getTime() - now:
+                pending.delay = now - pending.heard + delay
+                pending.call.reset(delay)
+        return min(len(waiting), max(free, 0))
+
     def taken(self, pending: Pending, answered: int, early: bool = False) -> None:
         """A checked TAKEN for PENDING's job: learn the crowd (once); cancel unless
         connected and verified (a channel whose handshake is unfinished gives up after a

@@ -331,7 +331,8 @@ class Worker:
             self._answer_waiting()
 
     def _admit(self) -> None:
-        """Start queued jobs while slots are free (not while the worker stops)."""
+        """Start queued jobs while slots are free, then hasten the connect-backs promised
+        for a queue place into the slots still free (not while the worker stops)."""
         if self._admitting:
             return
         self._admitting = True
@@ -340,6 +341,9 @@ class Worker:
                 waiting = self.queue.pop()
                 assert waiting is not None
                 waiting.channel.admit()
+            if self._idle is None:  # connect-backs promised for a place go for a slot now
+                self.connect_backs.hasten(self.settings.slots - self.busy, self.load,
+                                          self.settings.speed)
             self._answer_waiting()
         finally:
             self._admitting = False
