@@ -5,6 +5,7 @@ sent as it accepts a first connection, cancels those not yet begun."""
 
 from __future__ import annotations
 
+import typing
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,13 @@ def connect_back_target(dgram: wire.Datagram, addrs: tuple[str, ...], port: int,
         return Target(addrs[0], port, f"carried by a tunnel from {source}: the first "
                       "address the client signed")
     return Target(source, port, "the announcement's source, a client address it signed")
+
+
+class Capacity(typing.Protocol):
+    """What hasten needs of a worker's settings."""
+
+    slots: int
+    speed: float
 
 
 class ConnectBacks:
@@ -180,12 +188,14 @@ class ConnectBacks:
 
         pending.connecting.addErrback(failed)
 
-    def hasten(self, free: int, load: Callable[[], float], speed: float) -> int:
-        """FREE slots came free: the oldest connect-backs promised for a queue place and
-        not begun yet go for a slot now, after the delay an answer with a free slot gets
-        (not the expected wait they were drawn with: the slot would idle until then, or
-        until the client announced again).  How many were hastened."""
+    def hasten(self, settings: Capacity, busy: int, load: Callable[[], float]) -> int:
+        """A worker of SETTINGS (slots, speed) has BUSY slots: into those free, the oldest
+        connect-backs promised for a queue place and not begun yet go now, after the delay
+        an answer with a free slot gets (not the expected wait they were drawn with: the
+        slot would idle until then, or until the client announced again; a stopping
+        worker has none left).  LOAD() gives its load figure.  How many were hastened."""
         now = self.reactor.seconds()
+        free, speed = settings.slots - busy, settings.speed
         waiting = sorted((p for p in self.pending.values() if p.queued and p.slots == 1
                           and p.call is not None and p.call.active()), key=lambda p: p.heard)
         figure = load() if waiting and free > 0 else 0.0

@@ -152,8 +152,7 @@ class Worker:
 
     def load(self, figures: HostLoad | None = None) -> float:
         """The load figure: run-queue per CPU, and slots busy or wanted by queued jobs."""
-        return load_figure(figures or self.sample(), self.busy + self.queued,
-                           self.settings.slots)
+        return load_figure(figures or self.sample(), self.busy + self.queued, self.settings.slots)
 
     def expected_wait(self, ahead: int) -> float:
         """Seconds a job with AHEAD queued jobs before it would wait for a slot."""
@@ -331,8 +330,7 @@ class Worker:
             self._answer_waiting()
 
     def _admit(self) -> None:
-        """Start queued jobs while slots are free, then hasten the connect-backs promised
-        for a queue place into the slots still free (not while the worker stops)."""
+        """Start queued jobs while slots are free (not while the worker stops)."""
         if self._admitting:
             return
         self._admitting = True
@@ -341,9 +339,7 @@ class Worker:
                 waiting = self.queue.pop()
                 assert waiting is not None
                 waiting.channel.admit()
-            if self._idle is None:  # connect-backs promised for a place go for a slot now
-                self.connect_backs.hasten(self.settings.slots - self.busy, self.load,
-                                          self.settings.speed)
+            self.connect_backs.hasten(self.settings, self.busy, self.load)  # place -> slot
             self._answer_waiting()
         finally:
             self._admitting = False
