@@ -82,8 +82,11 @@ def connect_back_target(dgram: wire.Datagram, addrs: tuple[str, ...], port: int,
 class Capacity(typing.Protocol):
     """What hasten needs of a worker's settings."""
 
-    slots: int
-    speed: float
+    @property
+    def slots(self) -> int: ...
+
+    @property
+    def speed(self) -> float: ...
 
 
 class ConnectBacks:
