@@ -326,6 +326,41 @@ def test_an_unverified_first_connection_costs_one_early_grace_then_a_new_job_id(
     assert silent.aborted and another.received() == [wire.Start(("x",))]
 
 
+def test_the_early_taken_leaves_at_accept_signed_as_the_job_was_announced(
+        keys: Keys, certs: dict[str, crypto.X509]) -> None:
+    """The early TAKEN leaves as the port accepts the first connect-back, before the
+    connection's TLS layer is built (buildProtocol), and it is the datagram signed when
+    the job was announced (its timestamp says so), not one signed on the TAKEN's path."""
+    bed = make_bed(keys, certs)
+    bed.job.core.takens.now = lambda: int(bed.reactor.seconds() * 1000)
+    bed.run()
+    bed.reactor.advance(RESEND(0) * 0.6)  # answered before the first resend
+    factory = bed.reactor.sslServers[-1][1]
+    channel = factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 40001))
+    sent: list[Any] = bed.datagrams()
+    assert [type(d) for d in sent] == [wire.Announce, wire.Taken]
+    assert (sent[1].early, sent[1].answered, sent[1].job_id) == (True, 1, sent[0].job_id)
+    assert sent[1].ts_ms == 0 < int(bed.reactor.seconds() * 1000)
+    channel.makeConnection(TLSTransport(certs["worker"], 40001))  # now the TLS layer
+    assert len(bed.datagrams()) == 2 and bed.states[-1] == "handshaking"
+
+
+def test_a_prepared_taken_that_no_longer_fits_is_signed_afresh(
+        keys: Keys, certs: dict[str, crypto.X509]) -> None:
+    """The prepared TAKEN counts one connect-back; if the count at the accept differs
+    (refused connect-backs count too), the early TAKEN is signed as it leaves."""
+    bed = make_bed(keys, certs, timeout=30.0)
+    takens = bed.job.core.takens
+    takens.now = lambda: int(bed.reactor.seconds() * 1000)
+    bed.run()
+    takens.prepare(bed.job.core.job_id, 5)  # as if 4 connect-backs had been refused
+    bed.reactor.advance(0.01)
+    bed.connect()
+    taken: Any = bed.datagrams()[-1]
+    assert isinstance(taken, wire.Taken) and taken.early and taken.answered == 1
+    assert taken.ts_ms == 10
+
+
 def test_a_first_connection_lost_unverified_reannounces_at_once(
         keys: Keys, certs: dict[str, crypto.X509]) -> None:
     bed = make_bed(keys, certs, timeout=30.0)

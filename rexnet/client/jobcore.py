@@ -196,6 +196,7 @@ class JobCore:
             delay *= 0.5 + self.jitter()
         self.seq += 1
         self._resend = self.reactor.callLater(delay, self._announce)
+        self.takens.prepare(self.job_id, self.answered + 1)  # signed while workers answer
         if self.seq == HUNGRY_AFTER and self.pool is not None:  # unanswered: the pool's
             self.pool.want(self.pool_key, self._offered)  # next spare channel will do
 
@@ -224,11 +225,15 @@ class JobCore:
 
     # -- connections ------------------------------------------------------------------
 
+    def accepted(self, channel: ClientChannel) -> None:
+        """The port accepted CHANNEL (before its TLS layer is built): counted, and the
+        first of a job still looking sends the early TAKEN (rexnet.client.connectback)."""
+        self.answered += 1
+        if self.chosen is None and not self.result.called:
+            self.takens.accepted(channel, self.job_id, self.answered)
+
     def connected(self, channel: ClientChannel) -> None:
         self.channels.add(channel)
-        self.answered += 1
-        if self.chosen is None:
-            self.takens.accepted(channel, self.job_id, self.answered)
 
     def forget(self, channel: ClientChannel) -> None:
         """CHANNEL's connection is gone."""

@@ -154,8 +154,7 @@ class Worker:
 
     def load(self, figures: HostLoad | None = None) -> float:
         """The load figure: run-queue per CPU, and slots busy or wanted by queued jobs."""
-        return load_figure(figures or self.sample(), self.busy + self.queued,
-                           self.settings.slots)
+        return load_figure(figures or self.sample(), self.busy + self.queued, self.settings.slots)
 
     def expected_wait(self, ahead: int) -> float:
         """Seconds a job with AHEAD queued jobs before it would wait for a slot."""
@@ -337,6 +336,7 @@ class Worker:
                 waiting = self.queue.pop()
                 assert waiting is not None
                 waiting.channel.admit()
+            self.connect_backs.hasten(self.settings, self.busy, self.load)  # place -> slot
             self._answer_waiting()
         finally:
             self._admitting = False
