@@ -11,6 +11,7 @@ own limits still bound its jobs together.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -22,8 +23,10 @@ CPU_PERIOD = 100_000  # microseconds
 PARENT = "rexnet-jobs"
 
 
+@functools.cache
 def _own_paths() -> dict[str, str]:
-    """This process's group in each hierarchy: {controller or "" (v2): path}."""
+    """This process's group in each hierarchy: {controller or "" (v2): path} (read once:
+    the helper stays where it started)."""
     paths: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/cgroup").read_text().splitlines():
@@ -33,11 +36,24 @@ def _own_paths() -> dict[str, str]:
     return paths
 
 
+@functools.cache
 def version() -> int:
-    """2 on a unified hierarchy, 1 when v1 controllers are mounted, 0 without cgroups."""
+    """2 on a unified hierarchy, 1 when v1 controllers are mounted, 0 without cgroups
+    (looked at once: the helper mounts what it lacks before its first job)."""
     if (ROOT / "cgroup.controllers").exists():
         return 2
     return 1 if any((ROOT / c / "cgroup.procs").exists() for c in V1_CONTROLLERS) else 0
+
+
+def forget() -> None:
+    """Look again at what is mounted (after mounting the hierarchies: nsutil.mount_cgroups)."""
+    for cached in (version, _v1_controllers, _own_paths):
+        cached.cache_clear()
+
+
+@functools.cache
+def _v1_controllers() -> tuple[str, ...]:
+    return tuple(c for c in V1_CONTROLLERS if (ROOT / c / "cgroup.procs").exists())
 
 
 def _write(path: Path, value: str) -> None:
@@ -54,12 +70,20 @@ class JobCgroup:
         if self.version == 2:
             base = ROOT / own.get("", "/").lstrip("/") / PARENT
             self.dirs = {"": base / name}
-            self._enable_v2(base)
         else:
             self.dirs = {c: ROOT / c / own.get(c, "/").lstrip("/") / PARENT / name
-                         for c in V1_CONTROLLERS if (ROOT / c / "cgroup.procs").exists()}
+                         for c in _v1_controllers()}
         for d in self.dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(d)
+            except FileNotFoundError:  # the first job's: its parent too
+                if self.version == 2:
+                    self._enable_v2(d.parent)
+                d.mkdir(parents=True, exist_ok=True)
+
+    def procs(self) -> list[str]:
+        """The group's cgroup.procs files: writing "0" to each moves the writer in."""
+        return [str(d / "cgroup.procs") for d in self.dirs.values()]
 
     @staticmethod
     def _enable_v2(base: Path) -> None:

@@ -1,15 +1,16 @@
 /* rexnet-sandbox-init: PID 1 of a sandboxed job's PID namespace (rexnet.worker.sandboxd).
 
-   Started by a job's root supervisor (posix_spawn, already in the new PID namespace and
-   moved into the job's control group by the supervisor) with fd 3 a socket to the
-   supervisor and fd 4 the status pipe. It waits for the job (one message, checked by the
-   supervisor, see rexnet.worker.nativeinit), makes the job's mount namespace (a fresh
-   tmpfs on /tmp, /var/tmp and /dev/shm, the kept directories bound back, its own /proc),
-   starts the command (setsid; the terminal as its controlling terminal; the job user's
-   groups, gid and uid; its directory), sends its mount namespace to the supervisor,
-   passes signals on to the command's group and, once the command has ended, writes its
-   wait status to fd 4. Its end ends every process of the namespace (the kernel does it).
-   The Python init in sandboxd does the same where no C compiler was found. */
+   Spawned by the root sandbox helper (posix_spawn, in a new PID namespace) with fd 3 a
+   socket to the helper, fd 4 the status pipe and as arguments the cgroup.procs files of
+   the job's control group. It joins the group (a cgroup v1 migration sleeps through an RCU
+   grace period, ~10 ms: here, not in the helper's loop), says so (one byte), waits for the
+   job (one message, checked by the helper, see rexnet.worker.nativeinit), makes the job's
+   mount namespace (a fresh tmpfs on /tmp, /var/tmp and /dev/shm, the kept directories
+   bound back, its own /proc), starts the command (setsid; the terminal as its controlling
+   terminal; the job user's groups, gid and uid; its directory), sends its mount namespace
+   to the helper, passes signals on to the command's group and, once the command has
+   ended, writes its wait status to fd 4. Its end ends every process of the namespace (the
+   kernel does it). rexnet.worker.sandboxinit does the same where no C compiler was found. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -84,10 +85,18 @@ static void mkdirs(char *path) {
 
 static const char *private_dirs[] = {"/tmp", "/var/tmp", "/dev/shm"};
 
-int main(void) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL);  /* the supervisor moves it to the job's group */
+int main(int nargs, char **args) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);  /* the helper's end ends every job */
     prctl(PR_SET_NAME, "rexnet-spare", 0, 0, 0);  /* sandboxd.SPARE_NAME until its job */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);  /* as the helper: exec made it dumpable again */
+    signal(SIGCHLD, SIG_DFL);  /* the helper ignores it: the command must stay waitable */
+    for (int i = 1; i < nargs; i++) {  /* into the job's control group */
+        int procs = open(args[i], O_WRONLY | O_CLOEXEC);
+        if (procs < 0 || write(procs, "0", 1) != 1) fail(args[i]);
+        close(procs);
+    }
+    char joined = 'j';
+    if (send(CONTROL, &joined, 1, MSG_NOSIGNAL) != 1) _exit(0);
     uint32_t head[2];
     if (recv(CONTROL, head, 4, MSG_WAITALL) != 4) _exit(0);  /* no job: the spare ends */
     size = ntohl(head[0]);
