@@ -191,18 +191,23 @@ class Helper:
 
     def _from_control(self) -> None:
         assert self.control is not None
+        reader = self.control_reader
         try:
-            got = self.control_reader.read()
-        except (wire.WireError, OSError) as e:
+            got = reader.read()
+        except (wire.WireError, OSError) as e:  # the stream is lost: as if the worker went
             complain(f"a bad request from the worker: {e}")
-            got = []
+            got, reader.ended = [], True
+        for reason in reader.bad:
+            complain(f"a bad request from the worker: {reason}")
+        reader.bad.clear()
         for _, fds in got:
             if len(fds) == 1:
                 self._prepare(Job(socket.socket(fileno=fds[0])))
             else:
+                complain(f"a request with {len(fds)} sockets, not one")
                 for fd in fds:
                     os.close(fd)
-        if self.control_reader.ended:  # the worker is gone or let us go: spares end
+        if reader.ended:  # the worker is gone or let us go: spares end, jobs run on
             self._unwatch(self.control)
             self.control.close()
             self.control = None
@@ -340,10 +345,16 @@ class Helper:
     # -- the worker's socket of a job --------------------------------------------------
 
     def _from_worker(self, job: Job) -> None:
+        got: list[tuple[dict[str, Any], list[int]]] = []
         try:
             got = job.reader.read()
+            if job.reader.bad:
+                raise wire.WireError(job.reader.bad[0])
         except (wire.WireError, OSError) as e:
             complain(f"job {job.init}: a bad message from the worker: {e}")
+            for _, fds in got:
+                for fd in fds:
+                    os.close(fd)
             self._worker_gone(job)
             return
         for message, fds in got:

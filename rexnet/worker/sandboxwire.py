@@ -69,60 +69,71 @@ def _decode(body: bytes) -> dict[str, Any]:
 class Reader:
     """The messages of a non-blocking socket, read as they come: read() after the socket
     was readable returns the messages completed so far (with their descriptors, close-on-
-    exec, the caller's), [] with `ended` set at EOF; WireError (descriptors closed) for a
-    message over the bounds, bad JSON, or an EOF inside a message."""
+    exec, the caller's); at EOF `ended` is set. A message that is not a JSON object is
+    dropped (its descriptors closed) and why is added to `bad`; a broken frame (over the
+    bounds, an EOF inside a message) raises WireError and ends the reader (the stream cannot
+    be trusted past it). No read crosses the end of a message: a message's descriptors
+    come with the read that starts it (a read across would get the next one's)."""
 
     CHUNK = 1 << 16
+    READS = 64  # at most, per read(): one busy peer does not hold the caller
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.ended = False
+        self.bad: list[str] = []
         self._buffer = bytearray()
+        self._size = -1  # the body's, once its header is in
         self._fds: list[int] = []
 
     def read(self) -> list[tuple[dict[str, Any], list[int]]]:
+        done: list[tuple[dict[str, Any], list[int]]] = []
         try:
-            data, ancillary, flags, _ = self.sock.recvmsg(
-                self.CHUNK, socket.CMSG_SPACE(MAX_FDS * 4),
-                socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return []
-        self._fds.extend(descriptors(ancillary))
-        try:
-            if flags & socket.MSG_CTRUNC or len(self._fds) > MAX_FDS:
-                raise WireError("too many descriptors")
-            if not data:
-                self.ended = True
-                if self._buffer or self._fds:
-                    raise WireError("the peer closed mid-message")
-                return []
-            self._buffer += data
-            return self._messages()
+            for _ in range(self.READS):
+                if self.ended or not self._read_some(done):
+                    break
         except BaseException:
+            self.ended = True
             self.close()
-            raise
-
-    def _messages(self) -> list[tuple[dict[str, Any], list[int]]]:
-        done = []
-        while len(self._buffer) >= HEADER.size:
-            (size,) = HEADER.unpack_from(self._buffer)
-            if size > MAX_MESSAGE:
-                raise WireError(f"a message of {size} bytes (at most {MAX_MESSAGE})")
-            if len(self._buffer) < HEADER.size + size:
-                break
-            body = bytes(self._buffer[HEADER.size:HEADER.size + size])
-            del self._buffer[:HEADER.size + size]
-            fds, self._fds = self._fds, []  # they came with the message's first bytes
-            try:
-                done.append((_decode(body), fds))
-            except WireError:
+            for _, fds in done:
                 for fd in fds:
                     os.close(fd)
-                for _, earlier in done:
-                    for fd in earlier:
-                        os.close(fd)
-                raise
+            raise
         return done
+
+    def _read_some(self, done: list[tuple[dict[str, Any], list[int]]]) -> bool:
+        """One read (up to the end of the header or of the body); False: nothing there."""
+        want = (HEADER.size if self._size < 0 else HEADER.size + self._size) - len(self._buffer)
+        try:
+            data, ancillary, flags, _ = self.sock.recvmsg(
+                min(want, self.CHUNK), socket.CMSG_SPACE(MAX_FDS * 4),
+                socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        self._fds.extend(descriptors(ancillary))
+        if flags & socket.MSG_CTRUNC or len(self._fds) > MAX_FDS:
+            raise WireError("too many descriptors")
+        if not data:
+            self.ended = True
+            if self._buffer or self._fds:
+                raise WireError("the peer closed mid-message")
+            return False
+        self._buffer += data
+        if self._size < 0 and len(self._buffer) == HEADER.size:
+            (self._size,) = HEADER.unpack(self._buffer)
+            if self._size > MAX_MESSAGE:
+                raise WireError(f"a message of {self._size} bytes (at most {MAX_MESSAGE})")
+        if self._size >= 0 and len(self._buffer) == HEADER.size + self._size:
+            body, fds = bytes(self._buffer[HEADER.size:]), self._fds
+            self._buffer.clear()
+            self._size, self._fds = -1, []
+            try:
+                done.append((_decode(body), fds))
+            except WireError as e:
+                for fd in fds:
+                    os.close(fd)
+                self.bad.append(str(e))
+        return True
 
     def close(self) -> None:
         """Close the descriptors of a message not yet complete."""
@@ -130,6 +141,7 @@ class Reader:
             os.close(fd)
         self._fds = []
         self._buffer.clear()
+        self._size = -1
 
 
 def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
