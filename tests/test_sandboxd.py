@@ -93,14 +93,15 @@ class Job:
         self.out = -1
         self.stdin = -1
 
-    def start(self, script: str, limits: dict[str, Any] | None = None) -> None:
+    def start(self, script: str, limits: dict[str, Any] | None = None, cwd: str = "/"
+              ) -> None:
         """`sh -c SCRIPT` with stdin, stdout and stderr as pipes (stderr into stdout)."""
         in_r, self.stdin = os.pipe()
         self.out, out_w = os.pipe()
         try:
             wire.send(self.sock, {
                 "argv": ["sh", "-c", script], "env": {"PATH": os.environ["PATH"]},
-                "cwd": "/", "tty": False, "user": None, "fds": [0, 1, 2],
+                "cwd": cwd, "tty": False, "user": None, "fds": [0, 1, 2],
                 "limits": limits or {}}, [in_r, out_w, out_w])
         finally:
             os.close(in_r)
@@ -239,6 +240,25 @@ def test_many_concurrent_jobs_each_in_its_own_namespace(helper: Helper) -> None:
     assert helper.proc.poll() is None
     assert helper.stop() == ""
     assert helper.proc.returncode == 0
+
+
+def test_a_fresh_tmp_prepared_ahead_keeps_the_jobs_directory_below_it(helper: Helper,
+                                                                     tmp_path: Path) -> None:
+    kept = Path("/tmp") / f"rexnet-kept-{os.getpid()}-{time.monotonic_ns()}"
+    kept.mkdir()
+    try:
+        (kept / "here").write_text("kept\n")
+        job = helper.job()  # its /tmp was made before the job (and its directory) came
+        job.start("cat here; ls -A /tmp; find /var/tmp /dev/shm -mindepth 1 | wc -l; "
+                  "touch /tmp/new", cwd=str(kept))
+        assert job.output().decode().split() == ["kept", kept.name, "0"]
+        assert job.end() == {"code": 0, "signal": None, "limit": ""}
+        job.close()
+        assert not Path("/tmp/new").exists()
+    finally:
+        (kept / "here").unlink()
+        kept.rmdir()
+    assert helper.stop() == ""
 
 
 def test_a_job_killed_midway_and_one_whose_worker_socket_closes(helper: Helper) -> None:

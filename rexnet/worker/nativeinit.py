@@ -8,11 +8,13 @@ spawned instead (vfork and exec of a small program), joins the job's control gro
 and forks only itself for the command. Where it was not built (or
 REXNET_SANDBOX_INIT=python) the helper forks its Python init (rexnet.worker.sandboxinit).
 
-The request it reads is checked by the helper first: a 4-byte big-endian length, then
-(with the job's descriptors) native u32 words - numbers of targets, argv, env, kept
-directories and groups; uid, gid, tty; the targets; the groups - then NUL-terminated
-strings: cwd, argv, env ("NAME=value"), and per kept directory the index of its private
-directory ("0" to "2") and its path.
+It makes the job's mount namespace (fresh /tmp, /var/tmp, /dev/shm and /proc) while a
+spare, before the job comes, and binds a job's kept directories back once it comes. The
+request it reads is checked by the helper first: a 4-byte big-endian length, then (with
+the job's descriptors) native u32 words - numbers of targets, argv, env, kept directories
+and groups; uid, gid, tty; the targets; the groups - then NUL-terminated strings: cwd,
+argv, env ("NAME=value"), and per kept directory the index of its private directory ("0"
+to "2") and its path.
 """
 
 from __future__ import annotations
