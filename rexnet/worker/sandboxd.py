@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     prctl(PR_SET_DUMPABLE, 0)
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # inits are reaped by the kernel
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # inits are reaped once ended (their
+    # CPU, and their jobs', then counts in this process's children's times)
     os.set_inheritable(args.control, False)  # no init inherits it
     # one mount namespace for the helper (for mount_cgroups; each job's init makes its own
     # from it): a slave of the host's, so that later mounts still reach new jobs, and
@@ -156,6 +157,7 @@ class Helper:
         self.selector.register(control, selectors.EVENT_READ, self._from_control)
         self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.jobs: set[Job] = set()
+        self.unreaped: set[int] = set()
         self.names = (f"job-{os.getpid()}-{n}" for n in itertools.count(1))
         self.cleanup = Cleanup()
 
@@ -177,8 +179,19 @@ class Helper:
                     if not job.limit and namespace_rss(job.init) > job.memory:
                         job.limit = "memory"
                         job.kill()
+        self._reap()
         self.cleanup.close()
         return 0
+
+    def _reap(self) -> None:
+        """Reap the inits that have ended (a zombie's pidfd is readable: at once)."""
+        for pid in list(self.unreaped):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.unreaped.discard(pid)
 
     def _watch(self, fileobj: Any, callback: Callable[[], None]) -> None:
         self.selector.register(fileobj, selectors.EVENT_READ, callback)
@@ -233,6 +246,9 @@ class Helper:
             job.pidfd = os.pidfd_open(job.init)
         except OSError as e:
             complain(f"a job's init could not start: {e}")
+            if job.init:  # our own unreaped child: its pid is not reused
+                os.kill(job.init, signal.SIGKILL)
+                self.unreaped.add(job.init)
             for fd in (status_r, go.detach()):
                 os.close(fd)
             self._drop(job)
@@ -314,6 +330,8 @@ class Helper:
         """The init has ended, and with it every process of the namespace: the status to
         the worker, then the clean-up."""
         self._unwatch(job.pidfd)
+        self.unreaped.add(job.init)
+        self._reap()
         status: int | None = None
         os.set_blocking(job.status_r, False)
         with contextlib.suppress(OSError, ValueError):
