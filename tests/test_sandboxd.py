@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -138,6 +139,14 @@ class Job:
         self.sock.close()
 
 
+WORKER_NOFILE = 512  # the worker's soft bound on descriptors, below its hard one
+
+
+def _worker_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (WORKER_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
 class Helper:
     """The real helper, started as the worker starts it."""
 
@@ -147,7 +156,7 @@ class Helper:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rexnet.worker.sandboxd", "--control", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], start_new_session=True, stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=env)
+            stderr=subprocess.PIPE, env=env, preexec_fn=_worker_nofile)
         theirs.close()
         self.control = ours
         self._bases: list[Path] = []
@@ -224,16 +233,23 @@ def _until(check: Any, timeout: float = 10.0) -> bool:
 def test_many_concurrent_jobs_each_in_its_own_namespace(helper: Helper) -> None:
     jobs = [helper.job() for _ in range(24)]
     assert len({j.init for j in jobs}) == 24
+    limits = Path(f"/proc/{helper.proc.pid}/limits").read_text()
+    [files] = [line.split()[3:5] for line in limits.splitlines()
+               if line.startswith("Max open files")]
+    assert files[0] == files[1] != str(WORKER_NOFILE)  # the helper's own: raised
     for n, job in enumerate(jobs):  # all running at once: each waits for its stdin
-        job.start(f'echo "$$ $(ls -d /proc/[0-9]* | wc -l)"; read x; echo "$x"; exit {n}')
+        job.start(f'echo "$$ $(ls -d /proc/[0-9]* | wc -l) $(ulimit -n)"; read x; echo "$x"; '
+                  f'exit {n}')
     for n, job in enumerate(jobs):
         os.write(job.stdin, f"job {n}\n".encode())
     for n, job in enumerate(jobs):
         # the command is PID 2 of its own namespace (its init is 1), and sees only those
         # and its own subshell's processes
         first, second = job.output().decode().splitlines()
-        pid, count = first.split()
+        pid, count, nofile = first.split()
         assert pid == "2" and int(count) <= 6 and second == f"job {n}"
+        # the worker's bound on descriptors, not the helper's (which holds every sandbox's)
+        assert int(nofile) == WORKER_NOFILE
         assert job.end() == {"code": n, "signal": None, "limit": ""}
         job.close()
     assert _until(lambda: helper.groups() == [])

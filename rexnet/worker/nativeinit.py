@@ -41,16 +41,19 @@ def find() -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
-def spawn(path: str, control: socket.socket, status: int, procs: Sequence[str] = ()) -> int:
+def spawn(path: str, control: socket.socket, status: int, procs: Sequence[str] = (),
+          nofile: int = 0) -> int:
     """Start the init at PATH (in the caller's new PID namespace) with CONTROL as its fd 3,
     the status pipe STATUS as its fd 4, and the cgroup.procs files PROCS of the job's
     control group to join; its pid. Nothing else of the caller's is inherited (all its
-    descriptors are close-on-exec)."""
+    descriptors are close-on-exec). NOFILE: the command's soft limit of descriptors
+    (0: the caller's)."""
     sources = [control.fileno(), status]
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) if fd in (3, 4) else fd
              for fd in sources]  # so that neither dup2 closes the other's source
     try:
-        return os.posix_spawn(path, [path, *procs], {}, file_actions=[
+        env = {"REXNET_NOFILE": str(nofile)} if nofile else {}
+        return os.posix_spawn(path, [path, *procs], env, file_actions=[
             (os.POSIX_SPAWN_DUP2, moved[0], 3), (os.POSIX_SPAWN_DUP2, moved[1], 4)],
             setsigdef=(signal.SIGCHLD, signal.SIGINT, signal.SIGHUP))  # the helper ignores them
     finally:

@@ -42,6 +42,7 @@ import contextlib
 import itertools
 import os
 import queue
+import resource
 import selectors
 import signal
 import socket
@@ -77,6 +78,7 @@ __all__ = ["SPARE_NAME", "main", "namespace_rss", "parse_users"]
 MEMORY_CHECK = 0.2  # seconds between checks of a memory bound no control group keeps
 CLEANUP_BACKLOG = 64  # ended jobs whose clean-up may wait; beyond that the loop waits
 SEND_TIMEOUT = 5.0  # seconds an init may take to read its job's request
+JOB_NOFILE = 0  # the jobs' soft bound on descriptors (the worker's), once main() started
 
 
 def parse_users(spec: str) -> list[tuple[int, int, str]]:
@@ -103,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # inits are reaped once ended (their
     # CPU, and their jobs', then counts in this process's children's times)
     os.set_inheritable(args.control, False)  # no init inherits it
+    # a few descriptors per sandbox, all in this process: as many as allowed (the jobs'
+    # commands get the worker's own bound back: JOB_NOFILE)
+    global JOB_NOFILE
+    JOB_NOFILE, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # one mount namespace for the helper (for mount_cgroups; each job's init makes its own
     # from it): a slave of the host's, so that later mounts still reach new jobs, and
     # nothing mounted here reaches the host
@@ -265,10 +273,10 @@ class Helper:
     def _spawn(self, job: Job, init_go: socket.socket, status_w: int) -> int:
         procs = job.group.procs() if job.group is not None else []
         if self.native:
-            return nativeinit.spawn(self.native, init_go, status_w, procs)
+            return nativeinit.spawn(self.native, init_go, status_w, procs, JOB_NOFILE)
         pid = os.fork()  # the Python init (REXNET_SANDBOX_INIT=python, or no compiler)
         if pid == 0:
-            sandboxinit.init(init_go, job.group, status_w)
+            sandboxinit.init(init_go, job.group, status_w, JOB_NOFILE)
         return pid
 
     def _drop(self, job: Job) -> None:

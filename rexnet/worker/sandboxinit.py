@@ -16,6 +16,7 @@ import array
 import contextlib
 import fcntl
 import os
+import resource
 import signal
 import socket
 import termios
@@ -59,10 +60,11 @@ def close_all_but(keep: set[int]) -> None:
     os.closerange(previous + 1, 65536)
 
 
-def init(go: socket.socket, group: JobCgroup | None, status_w: int) -> None:
+def init(go: socket.socket, group: JobCgroup | None, status_w: int, nofile: int = 0
+         ) -> None:
     """PID 1 of the job's namespace (a fork of the helper): join the job's group, wait for
-    the job, make its mount namespace (a private /tmp ...), start the command, pass signals
-    on, report its end."""
+    the job, make its mount namespace (a private /tmp ...), start the command (NOFILE: its
+    soft bound on descriptors, 0: the helper's), pass signals on, report its end."""
     status = 0
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -97,7 +99,7 @@ def init(go: socket.socket, group: JobCgroup | None, status_w: int) -> None:
         if command == 0:
             go.close()
             _exec(request, fds, request["fds"], (int(identity[0]), int(identity[1]),
-                                                 str(identity[2])))
+                                                 str(identity[2])), nofile)
         for fd in fds:
             os.close(fd)
         with contextlib.suppress(OSError):
@@ -116,7 +118,7 @@ def init(go: socket.socket, group: JobCgroup | None, status_w: int) -> None:
 
 
 def _exec(request: dict[str, Any], fds: list[int], targets: list[int],
-          identity: tuple[int, int, str]) -> None:
+          identity: tuple[int, int, str], nofile: int = 0) -> None:
     """The command's process: its descriptors, session, terminal and user; then exec."""
     try:
         set_name("rexnet-exec")
@@ -131,6 +133,9 @@ def _exec(request: dict[str, Any], fds: list[int], targets: list[int],
         close_all_but(set(targets))
         if request.get("tty"):
             fcntl.ioctl(0, termios.TIOCSCTTY, 1)
+        if nofile:  # the worker's bound, not the helper's (after the moves above)
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
         uid, gid, name = identity
         if name:
             os.initgroups(name, gid)

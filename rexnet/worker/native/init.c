@@ -25,6 +25,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -213,6 +214,14 @@ int main(int nargs, char **args) {
         }
         syscall(SYS_close_range, 1024U, ~0U, 0);
         if (tty && ioctl(0, TIOCSCTTY, 1) < 0) goto failed;
+        /* the worker's bound on descriptors, not the helper's (after the moves above) */
+        const char *nofile = getenv("REXNET_NOFILE");
+        struct rlimit files;
+        if (nofile && *nofile && getrlimit(RLIMIT_NOFILE, &files) == 0) {
+            files.rlim_cur = (rlim_t)strtoull(nofile, NULL, 10);
+            if (files.rlim_cur > files.rlim_max) files.rlim_cur = files.rlim_max;
+            if (setrlimit(RLIMIT_NOFILE, &files) < 0) goto failed;
+        }
         if (setgroups(ngroups, groups) < 0 || setgid(gid) < 0 || setuid(uid) < 0)
             goto failed;
         if (chdir(cwd) < 0) goto failed;
