@@ -46,7 +46,6 @@ import resource
 import selectors
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -72,6 +71,7 @@ from rexnet.worker.nsutil import (
 )
 from rexnet.worker.nsutil import MS_BIND as MS_BIND  # tests/test_launcher_checks.py uses it
 from rexnet.worker.sandboxinit import FORWARDED, SPARE_NAME
+from rexnet.worker.sandboxrequest import checked_fds, namespace_rss, request_identity, set_bounds
 
 __all__ = ["SPARE_NAME", "main", "namespace_rss", "parse_users"]
 
@@ -411,9 +411,9 @@ class Helper:
         assert job.sock is not None and job.go is not None
         job.state = "running"
         try:
-            request["fds"] = _checked(request, fds)
-            identity = _identity(job.sock, request, self.users)
-            job.memory = _limit(job.group, request.get("limits", {}))
+            request["fds"] = checked_fds(request, fds)
+            identity = request_identity(job.sock, request, self.users)
+            job.memory = set_bounds(job.group, request.get("limits", {}))
             job.go.settimeout(SEND_TIMEOUT)
             if self.native:
                 env = request.get("env", {})
@@ -468,57 +468,6 @@ class Cleanup:
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join()
-
-
-def _identity(sock: socket.socket, request: dict[str, Any], users: list[tuple[int, int, str]]
-              ) -> tuple[int, int, str]:
-    index = request.get("user")
-    if index is None:
-        _, uid, gid = struct.unpack("3i", sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-        return uid, gid, ""
-    if not isinstance(index, int) or not 0 <= index < len(users):
-        raise wire.WireError(f"no job user {index!r} in the pool")
-    return users[index]
-
-
-def _checked(request: dict[str, Any], fds: list[int]) -> list[int]:
-    targets = request.get("fds")
-    if (not isinstance(targets, list) or len(targets) != len(fds)
-            or not all(isinstance(t, int) and 0 <= t < 1024 for t in targets)):
-        raise wire.WireError("descriptors do not match their numbers")
-    return targets
-
-
-def _limit(group: JobCgroup | None, limits: dict[str, Any]) -> int:
-    """Bound GROUP as LIMITS say; the memory bound left to the helper (0: none, or the
-    kernel's)."""
-    memory = int(limits.get("memory", 0))
-    if group is None:
-        return memory
-    missing = group.limit(memory, int(limits.get("pids", 0)), float(limits.get("cpus", 0.0)))
-    if "memory" in missing:
-        complain("control group: no memory controller")
-        return memory
-    return 0  # the kernel bounds it
-
-
-def namespace_rss(init: int) -> int:
-    """Resident bytes of every process of the job's PID namespace (its /proc, mounted by
-    INIT in the job's mount namespace)."""
-    total = 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    proc = f"/proc/{init}/root/proc"
-    try:
-        names = os.listdir(proc)
-    except OSError:
-        return 0
-    for name in names:
-        if name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError), \
-                    open(f"{proc}/{name}/statm") as f:
-                total += int(f.read().split()[1]) * page
-    return total
 
 
 if __name__ == "__main__":
