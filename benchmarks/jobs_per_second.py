@@ -37,11 +37,15 @@ from rexnet.security.credentials import keygen  # noqa: E402
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User+system CPU of these processes and their reaped children (the workers' jobs)."""
+    """User+system CPU of these processes and their reaped children (the workers' jobs),
+    with their sandbox helpers' (which reap the jobs' inits)."""
     total = 0.0
     for pid in pids:
-        t = psutil.Process(pid).cpu_times()
-        total += t.user + t.system + t.children_user + t.children_system
+        process = psutil.Process(pid)
+        for p in [process, *(c for c in process.children()
+                             if "rexnet.worker.sandboxd" in " ".join(c.cmdline()))]:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
     return total
 
 

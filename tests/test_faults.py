@@ -94,7 +94,7 @@ def test_lost_announcements_are_resent_and_make_one_job(bed: NetBed, keys: Keys)
 
 def job_processes(worker: int) -> list[psutil.Process]:
     """The worker's descendants but its sandbox helper (a worker started as root has one;
-    the supervisors it forks for jobs count) and the spares waiting for a job."""
+    the inits of its jobs count) and the spares waiting for a job."""
     found = []
     for p in psutil.Process(worker).children(recursive=True):
         try:

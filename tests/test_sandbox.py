@@ -33,7 +33,14 @@ from rexnet.protocol import exitcodes
 from rexnet.protocol import remotecall as remote
 from rexnet.worker import nativeinit
 from rexnet.worker import sandboxwire as wire
-from rexnet.worker.sandbox import NOT_STARTED, READY_TIMEOUT, JobUsers, Sandbox, parse_job_users
+from rexnet.worker.sandbox import (
+    NOT_STARTED,
+    READY_TIMEOUT,
+    SPARES,
+    JobUsers,
+    Sandbox,
+    parse_job_users,
+)
 from rexnet.worker.sandboxd import SPARE_NAME
 
 BROADCAST = "255.255.255.255:3010"
@@ -402,13 +409,15 @@ def test_jobs_start_in_prepared_fresh_groups_and_the_worker_forks_nothing(
                   if "rexnet.worker.sandboxd" in " ".join(p.cmdline()))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(
-            [p for p in helper.children(recursive=True) if p.name() == SPARE_NAME]) < 4:
-        time.sleep(0.1)  # SPARES supervisors, each with its init, before any job
-    spares = [p for p in helper.children(recursive=True) if p.name() == SPARE_NAME]
-    assert len(spares) >= 4
+            [p for p in helper.children() if p.name() == SPARE_NAME]) < SPARES:
+        time.sleep(0.1)  # SPARES inits, each in its group and namespace, before any job
+    # one process per spare: its init, the helper's own child (no supervisor between)
+    spares = helper.children(recursive=True)
+    assert len(spares) >= SPARES and all(p.name() == SPARE_NAME for p in spares)
+    assert all(p.ppid() == helper.pid for p in spares)
     # each spare's init is the C program where it was built, else a fork of the helper
     inits = [p for p in spares if p.exe() == native]
-    assert len(inits) == (len(spares) // 2 if init == "native" else 0)
+    assert len(inits) == (len(spares) if init == "native" else 0)
     groups = []
     for _ in range(2):
         mark = sleep_marker()

@@ -94,7 +94,7 @@ task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 
 def counts(proc: Proc) -> tuple[int, int, int]:
     """(descendant processes, open descriptors, RSS) of a worker; its sandbox helper and
-    the supervisors it prepares ahead of jobs are not counted (those of jobs are)."""
+    the spare inits it prepares ahead of jobs are not counted (those of jobs are)."""
     me = psutil.Process(proc.pid)
     helpers = [c for c in me.children() if "rexnet.worker.sandboxd" in " ".join(c.cmdline())]
     tree = me.children(recursive=True)
@@ -103,13 +103,13 @@ def counts(proc: Proc) -> tuple[int, int, int]:
 
 
 def wait_for_spares(proc: Proc, timeout: float = 10.0) -> None:
-    """Until the worker's sandbox helper has prepared its spare supervisors (a supervisor
-    and an init each), if it sandboxes jobs at all."""
+    """Until the worker's sandbox helper has prepared its spares (an init each), if it
+    sandboxes jobs at all."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         tree = psutil.Process(proc.pid).children(recursive=True)
         if (not any("rexnet.worker.sandboxd" in " ".join(p.cmdline()) for p in tree)
-                or len([p for p in tree if p.name() == SPARE_NAME]) >= 2 * SPARES):
+                or len([p for p in tree if p.name() == SPARE_NAME]) >= SPARES):
             return
         time.sleep(0.1)
 

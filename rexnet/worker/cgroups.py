@@ -11,6 +11,7 @@ own limits still bound its jobs together.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -22,8 +23,10 @@ CPU_PERIOD = 100_000  # microseconds
 PARENT = "rexnet-jobs"
 
 
+@functools.cache
 def _own_paths() -> dict[str, str]:
-    """This process's group in each hierarchy: {controller or "" (v2): path}."""
+    """This process's group in each hierarchy: {controller or "" (v2): path} (read once:
+    the helper stays where it started)."""
     paths: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/cgroup").read_text().splitlines():
@@ -33,11 +36,35 @@ def _own_paths() -> dict[str, str]:
     return paths
 
 
+@functools.cache
 def version() -> int:
-    """2 on a unified hierarchy, 1 when v1 controllers are mounted, 0 without cgroups."""
+    """2 on a unified hierarchy, 1 when v1 controllers are mounted, 0 without cgroups
+    (looked at once: the helper mounts what it lacks before its first job)."""
     if (ROOT / "cgroup.controllers").exists():
         return 2
     return 1 if any((ROOT / c / "cgroup.procs").exists() for c in V1_CONTROLLERS) else 0
+
+
+def forget() -> None:
+    """Look again at what is mounted (after mounting the hierarchies: nsutil.mount_cgroups)."""
+    for cached in (version, _v1_controllers, _own_paths):
+        cached.cache_clear()
+
+
+@functools.cache
+def _v1_controllers() -> tuple[str, ...]:
+    return tuple(c for c in V1_CONTROLLERS if (ROOT / c / "cgroup.procs").exists())
+
+
+_delegated: set[str] = set()  # the v2 jobs' parents this process has delegated to
+
+
+def _read(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16).decode()
+    finally:
+        os.close(fd)
 
 
 def _write(path: Path, value: str) -> None:
@@ -52,14 +79,25 @@ class JobCgroup:
         self.version = version()
         own = _own_paths()
         if self.version == 2:
-            base = ROOT / own.get("", "/").lstrip("/") / PARENT
-            self.dirs = {"": base / name}
-            self._enable_v2(base)
+            base = f"{ROOT}/{own.get('', '/').strip('/')}/{PARENT}".replace("//", "/")
+            if base not in _delegated:
+                self._enable_v2(Path(base))
+                _delegated.add(base)
+            self.dirs = {"": Path(f"{base}/{name}")}
         else:
-            self.dirs = {c: ROOT / c / own.get(c, "/").lstrip("/") / PARENT / name
-                         for c in V1_CONTROLLERS if (ROOT / c / "cgroup.procs").exists()}
+            self.dirs = {c: Path(f"{ROOT}/{c}/{own.get(c, '/').strip('/')}/{PARENT}/{name}"
+                                 .replace("//", "/"))
+                         for c in _v1_controllers()}
+        self._procs = [f"{d}/cgroup.procs" for d in self.dirs.values()]
         for d in self.dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(d)
+            except FileNotFoundError:  # the first job's: its parent too
+                d.mkdir(parents=True, exist_ok=True)
+
+    def procs(self) -> list[str]:
+        """The group's cgroup.procs files: writing "0" to each moves the writer in."""
+        return list(self._procs)
 
     @staticmethod
     def _enable_v2(base: Path) -> None:
@@ -114,10 +152,17 @@ class JobCgroup:
 
     def pids(self) -> set[int]:
         found: set[int] = set()
-        for d in self.dirs.values():
+        for procs in self._procs:
             with contextlib.suppress(OSError, ValueError):
-                found.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+                found.update(int(p) for p in _read(procs).split())
         return found
+
+    def _empty(self) -> bool:
+        """Whether the group holds no process (a job's are in every hierarchy or none)."""
+        try:
+            return not self._procs or not _read(self._procs[0]).strip()
+        except OSError:
+            return True
 
     def kill(self) -> None:
         """SIGKILL every process in the group, new ones forked meanwhile included."""
@@ -125,7 +170,7 @@ class JobCgroup:
             with contextlib.suppress(OSError):
                 _write(self.dirs[""] / "cgroup.kill", "1")
                 return
-        if not self.pids():  # its namespace is gone (the usual case): nothing to freeze
+        if self._empty():  # its namespace is gone (the usual case): nothing to freeze
             return
         freezer = self.dirs.get("freezer") if self.version == 1 else self.dirs.get("")
         frozen = False
@@ -150,13 +195,13 @@ class JobCgroup:
     def memory_exceeded(self) -> bool:
         """Whether the kernel ended a process of the group for its memory bound."""
         if self.version == 2:
-            path, key = self.dirs[""] / "memory.events", "oom_kill"
+            path, key = f"{self.dirs['']}/memory.events", "oom_kill"
         elif "memory" in self.dirs:
-            path, key = self.dirs["memory"] / "memory.oom_control", "oom_kill"
+            path, key = f"{self.dirs['memory']}/memory.oom_control", "oom_kill"
         else:
             return False
         with contextlib.suppress(OSError, ValueError):
-            for line in path.read_text().splitlines():
+            for line in _read(path).splitlines():
                 name, _, value = line.partition(" ")
                 if name in (key, "oom_group_kill") and int(value) > 0:
                     return True
@@ -167,7 +212,7 @@ class JobCgroup:
         for d in self.dirs.values():
             for _ in range(200):
                 try:
-                    d.rmdir()
+                    os.rmdir(d)
                     break
                 except FileNotFoundError:
                     break

@@ -1,23 +1,28 @@
 """The C init of a sandboxed job (rexnet/worker/native/init.c): its build, start and request.
 
-A job's root supervisor (rexnet.worker.sandboxd) needs a PID 1 for the job's namespace.
-A fork of the Python supervisor costs ~1 ms of page-table copying and as much again in
+The root sandbox helper (rexnet.worker.sandboxd) needs a PID 1 for each job's namespace.
+A fork of the Python helper costs ~1 ms of page-table copying and as much again in
 copy-on-write faults, and its fork of the command the same again; `rexnet-sandbox-init`,
-built next to the venv's python where a C compiler works (rexnet.cli.entry builds it), is spawned
-instead (vfork and exec of a small program) and forks only itself for the command. Where it
-was not built (or REXNET_SANDBOX_INIT=python) the supervisor forks its Python init.
+built next to the venv's python where a C compiler works (rexnet.cli.entry builds it), is
+spawned instead (vfork and exec of a small program), joins the job's control group itself
+and forks only itself for the command. Where it was not built (or
+REXNET_SANDBOX_INIT=python) the helper forks its Python init (rexnet.worker.sandboxinit).
 
-The request it reads is checked by the supervisor first: a 4-byte big-endian length, then
-(with the job's descriptors) native u32 words - numbers of targets, argv, env, kept
-directories and groups; uid, gid, tty; the targets; the groups - then NUL-terminated
-strings: cwd, argv, env ("NAME=value"), and per kept directory the index of its private
-directory ("0" to "2") and its path.
+It makes the job's mount namespace (fresh /tmp, /var/tmp, /dev/shm and /proc) while a
+spare, before the job comes, and binds a job's kept directories back once it comes. The
+request it reads is checked by the helper first: a 4-byte big-endian length, then (with
+the job's descriptors) native u32 words - numbers of targets, argv, env, kept directories
+and groups; uid, gid, tty; the targets; the groups - then NUL-terminated strings: cwd,
+argv, env ("NAME=value"), and per kept directory the index of its private directory ("0"
+to "2") and its path.
 """
 
 from __future__ import annotations
 
 import array
+import fcntl
 import os
+import signal
 import socket
 import struct
 import sys
@@ -36,11 +41,25 @@ def find() -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
-def spawn(path: str, control: socket.socket, status: int) -> int:
-    """Start the init at PATH (in the caller's new PID namespace) with CONTROL as its fd 3
-    and the status pipe STATUS as its fd 4; its pid."""
-    return os.posix_spawn(path, [path], {}, file_actions=[
-        (os.POSIX_SPAWN_DUP2, control.fileno(), 3), (os.POSIX_SPAWN_DUP2, status, 4)])
+def spawn(path: str, control: socket.socket, status: int, procs: Sequence[str] = (),
+          nofile: int = 0) -> int:
+    """Start the init at PATH (in the caller's new PID namespace) with CONTROL as its fd 3,
+    the status pipe STATUS as its fd 4, and the cgroup.procs files PROCS of the job's
+    control group to join; its pid. Nothing else of the caller's is inherited (all its
+    descriptors are close-on-exec). NOFILE: the command's soft limit of descriptors
+    (0: the caller's)."""
+    sources = [control.fileno(), status]
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) if fd in (3, 4) else fd
+             for fd in sources]  # so that neither dup2 closes the other's source
+    try:
+        env = {"REXNET_NOFILE": str(nofile)} if nofile else {}
+        return os.posix_spawn(path, [path, *procs], env, file_actions=[
+            (os.POSIX_SPAWN_DUP2, moved[0], 3), (os.POSIX_SPAWN_DUP2, moved[1], 4)],
+            setsigdef=(signal.SIGCHLD, signal.SIGINT, signal.SIGHUP))  # the helper ignores them
+    finally:
+        for fd, source in zip(moved, sources, strict=True):
+            if fd != source:
+                os.close(fd)
 
 
 def _text(value: object, what: str) -> bytes:
@@ -82,8 +101,9 @@ def send(control: socket.socket, request: bytes, fds: Sequence[int]) -> None:
 
 
 def namespace(control: socket.socket) -> list[int]:
-    """The job's mount namespace, which the init sends once the command is started."""
-    _, ancillary, _, _ = control.recvmsg(1, socket.CMSG_SPACE(4))
+    """The job's mount namespace, which the init sends once the command is started ([] at
+    the init's EOF)."""
+    _, ancillary, _, _ = control.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -32,6 +32,10 @@ def unshare(flags: int) -> None:
     _call("unshare", _libc.unshare(flags))
 
 
+def setns(fd: int, kind: int) -> None:
+    _call("setns", _libc.setns(fd, kind))
+
+
 def mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
     _call(f"mount {target}", _libc.mount(source.encode(), target.encode(),
                                          fstype.encode() if fstype else None,
@@ -92,10 +96,12 @@ def mount_cgroups() -> None:
     namespace lacks them (`ip netns exec` mounts a fresh /sys without them)."""
     if cgroups.version() or not os.path.isdir("/sys/fs/cgroup"):
         return
+    cgroups.forget()
     with open("/proc/self/cgroup") as f:
         hierarchies = [line.split(":")[1] for line in f.read().splitlines()]
     if hierarchies == [""]:
         mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        cgroups.forget()
         return
     mount("tmpfs", "/sys/fs/cgroup", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755")
     for controllers in hierarchies:
@@ -106,3 +112,4 @@ def mount_cgroups() -> None:
             with contextlib.suppress(OSError):
                 mount("cgroup", target, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                       controllers)
+    cgroups.forget()

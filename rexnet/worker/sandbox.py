@@ -12,15 +12,16 @@ users, never as root. Ambient capabilities (CAP_SETUID, CAP_SETGID, CAP_KILL, an
 CAP_SYS_ADMIN for namespaces and mounts) would have left the worker root in all but name.
 
 Per job the worker forks nothing (a fork of the worker cost it ~5 ms of CPU, and the
-copy as much again): the helper prepares SPARES supervisors ahead of their jobs (each with
-its control group, PID namespace and an init already in the group; rexnet.worker.sandboxd)
-and the worker keeps a socket to each. A job takes a ready one (else the first being
-prepared: its start then waits for the "ready" in the reactor, which never blocks on a
-spare): the worker sends it the request and the job's ends of its pipes or terminal,
-passes signals on over the socket (SIGKILL ends every process of the job's namespace)
-and reads the job's end from it (Twisted's Process and PTYProcess without fork and
-reaping: rexnet.worker.spawn). If the worker goes (stopped, or killed), the supervisors
-see their sockets close and kill their jobs' namespaces. Without root nothing of this is
+copy as much again), nor does the helper fork Python: it prepares SPARES sandboxes ahead
+of their jobs (each a control group and a PID namespace whose init has joined the group;
+one event loop for all of them, rexnet.worker.sandboxd) and the worker keeps a socket to
+each (the job's "supervisor" below: the helper's side of it). A job takes a ready one
+(else the first being prepared: its start then waits for the "ready" in the reactor, which
+never blocks on a spare): the worker sends it the request and the job's ends of its pipes
+or terminal, passes signals on over the socket (SIGKILL ends every process of the job's
+namespace) and reads the job's end from it (Twisted's Process and PTYProcess without fork
+and reaping: rexnet.worker.spawn). If the worker goes (stopped, or killed), the helper
+sees the sockets close and kills the jobs' namespaces. Without root nothing of this is
 available, and the worker says so at start; jobs then run as before (a process group,
 which setsid'd processes can leave).
 """
@@ -49,7 +50,7 @@ from rexnet.worker import sandboxwire as wire
 from rexnet.worker.job import JobProcess
 from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 
-SPARES = 2  # supervisors the helper prepares ahead of their jobs, per application, at least
+SPARES = 2  # sandboxes the helper prepares ahead of their jobs, per application, at least
 MAX_SPARES = 8  # ... and at most (the worker asks for one per slot)
 FIRST_FILL = 1.0  # seconds after start
 REFILL_DELAY = 0.02  # seconds after a job took a spare

@@ -1,8 +1,11 @@
-"""Messages between the worker and a job's root supervisor (and the supervisor's init).
+"""Messages between the worker and its root sandbox helper (and the helper and a job's
+Python init).
 
 Each message is a 4-byte big-endian length and a JSON object, descriptors passed with
 SCM_RIGHTS on its first bytes. Bounded: MAX_MESSAGE bytes and MAX_FDS descriptors; a
-message over the bounds, truncated descriptors or bad JSON is a WireError.
+message over the bounds, truncated descriptors or bad JSON is a WireError. receive() reads
+one message from a blocking socket; a Reader takes them from a non-blocking one as they
+come (the helper's event loop, which must never wait for one peer).
 """
 
 from __future__ import annotations
@@ -44,14 +47,107 @@ def _exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """The next message and its descriptors (the caller owns them), or None at EOF."""
-    head, ancillary, flags, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(MAX_FDS * 4))
+def descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(data) - len(data) % 4
             fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(body)
+    except ValueError as e:
+        raise WireError(f"bad JSON: {e}") from None
+    if not isinstance(message, dict):
+        raise WireError("a message is a JSON object")
+    return message
+
+
+class Reader:
+    """The messages of a non-blocking socket, read as they come: read() after the socket
+    was readable returns the messages completed so far (with their descriptors, close-on-
+    exec, the caller's); at EOF `ended` is set. A message that is not a JSON object is
+    dropped (its descriptors closed) and why is added to `bad`; a broken frame (over the
+    bounds, an EOF inside a message) raises WireError and ends the reader (the stream cannot
+    be trusted past it). No read crosses the end of a message: a message's descriptors
+    come with the read that starts it (a read across would get the next one's)."""
+
+    CHUNK = 1 << 16
+    READS = 64  # at most, per read(): one busy peer does not hold the caller
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.ended = False
+        self.bad: list[str] = []
+        self._buffer = bytearray()
+        self._size = -1  # the body's, once its header is in
+        self._fds: list[int] = []
+
+    def read(self) -> list[tuple[dict[str, Any], list[int]]]:
+        done: list[tuple[dict[str, Any], list[int]]] = []
+        try:
+            for _ in range(self.READS):
+                if self.ended or not self._read_some(done):
+                    break
+        except BaseException:
+            self.ended = True
+            self.close()
+            for _, fds in done:
+                for fd in fds:
+                    os.close(fd)
+            raise
+        return done
+
+    def _read_some(self, done: list[tuple[dict[str, Any], list[int]]]) -> bool:
+        """One read (up to the end of the header or of the body); False: nothing there."""
+        want = (HEADER.size if self._size < 0 else HEADER.size + self._size) - len(self._buffer)
+        try:
+            data, ancillary, flags, _ = self.sock.recvmsg(
+                min(want, self.CHUNK), socket.CMSG_SPACE(MAX_FDS * 4),
+                socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        self._fds.extend(descriptors(ancillary))
+        if flags & socket.MSG_CTRUNC or len(self._fds) > MAX_FDS:
+            raise WireError("too many descriptors")
+        if not data:
+            self.ended = True
+            if self._buffer or self._fds:
+                raise WireError("the peer closed mid-message")
+            return False
+        self._buffer += data
+        if self._size < 0 and len(self._buffer) == HEADER.size:
+            (self._size,) = HEADER.unpack(self._buffer)
+            if self._size > MAX_MESSAGE:
+                raise WireError(f"a message of {self._size} bytes (at most {MAX_MESSAGE})")
+        if self._size >= 0 and len(self._buffer) == HEADER.size + self._size:
+            body, fds = bytes(self._buffer[HEADER.size:]), self._fds
+            self._buffer.clear()
+            self._size, self._fds = -1, []
+            try:
+                done.append((_decode(body), fds))
+            except WireError as e:
+                for fd in fds:
+                    os.close(fd)
+                self.bad.append(str(e))
+        return True
+
+    def close(self) -> None:
+        """Close the descriptors of a message not yet complete."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self._buffer.clear()
+        self._size = -1
+
+
+def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    """The next message and its descriptors (the caller owns them), or None at EOF."""
+    head, ancillary, flags, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(MAX_FDS * 4))
+    fds = descriptors(ancillary)
     try:
         if not head:
             if fds:
@@ -64,12 +160,7 @@ def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
         (size,) = HEADER.unpack(head)
         if size > MAX_MESSAGE:
             raise WireError(f"a message of {size} bytes (at most {MAX_MESSAGE})")
-        try:
-            message = json.loads(_exactly(sock, size))
-        except ValueError as e:
-            raise WireError(f"bad JSON: {e}") from None
-        if not isinstance(message, dict):
-            raise WireError("a message is a JSON object")
+        message = _decode(_exactly(sock, size))
     except BaseException:
         for fd in fds:
             os.close(fd)

@@ -1,15 +1,17 @@
 /* rexnet-sandbox-init: PID 1 of a sandboxed job's PID namespace (rexnet.worker.sandboxd).
 
-   Started by a job's root supervisor (posix_spawn, already in the new PID namespace and
-   moved into the job's control group by the supervisor) with fd 3 a socket to the
-   supervisor and fd 4 the status pipe. It waits for the job (one message, checked by the
-   supervisor, see rexnet.worker.nativeinit), makes the job's mount namespace (a fresh
-   tmpfs on /tmp, /var/tmp and /dev/shm, the kept directories bound back, its own /proc),
-   starts the command (setsid; the terminal as its controlling terminal; the job user's
-   groups, gid and uid; its directory), sends its mount namespace to the supervisor,
-   passes signals on to the command's group and, once the command has ended, writes its
-   wait status to fd 4. Its end ends every process of the namespace (the kernel does it).
-   The Python init in sandboxd does the same where no C compiler was found. */
+   Spawned by the root sandbox helper (posix_spawn, in a new PID namespace) with fd 3 a
+   socket to the helper, fd 4 the status pipe and as arguments the cgroup.procs files of
+   the job's control group. It joins the group (a cgroup v1 migration sleeps through an RCU
+   grace period, ~10 ms: here, not in the helper's loop), makes the job's mount namespace
+   (a fresh tmpfs on /tmp, /var/tmp and /dev/shm, its own /proc), says so (one byte),
+   waits for the job (one message, checked by the helper, see rexnet.worker.nativeinit),
+   binds the directories the job keeps back into the tmpfs (from below it), starts the
+   command (setsid; the terminal as its controlling
+   terminal; the job user's groups, gid and uid; its directory), sends its mount namespace
+   to the helper, passes signals on to the command's group and, once the command has
+   ended, writes its wait status to fd 4. Its end ends every process of the namespace (the
+   kernel does it). rexnet.worker.sandboxinit does the same where no C compiler was found. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -23,6 +25,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -84,10 +87,33 @@ static void mkdirs(char *path) {
 
 static const char *private_dirs[] = {"/tmp", "/var/tmp", "/dev/shm"};
 
-int main(void) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL);  /* the supervisor moves it to the job's group */
+int main(int nargs, char **args) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);  /* the helper's end ends every job */
     prctl(PR_SET_NAME, "rexnet-spare", 0, 0, 0);  /* sandboxd.SPARE_NAME until its job */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);  /* as the helper: exec made it dumpable again */
+    signal(SIGCHLD, SIG_DFL);  /* the helper ignores it: the command must stay waitable */
+    for (int i = 1; i < nargs; i++) {  /* into the job's control group */
+        int procs = open(args[i], O_WRONLY | O_CLOEXEC);
+        if (procs < 0 || write(procs, "0", 1) != 1) fail(args[i]);
+        close(procs);
+    }
+    /* the job's mount namespace, before the job comes: a fresh tmpfs on each private
+       directory, its own /proc; a job's kept directories are bound in once it comes */
+    if (unshare(CLONE_NEWNS) < 0) fail("unshare");
+    int below[3];  /* what each tmpfs hides, where a job's kept directories are found */
+    for (int d = 0; d < 3; d++) {
+        struct stat st;
+        below[d] = -1;
+        if (lstat(private_dirs[d], &st) < 0 || !S_ISDIR(st.st_mode)) continue;
+        below[d] = open(private_dirs[d], O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (below[d] < 0) fail(private_dirs[d]);
+        if (mount("tmpfs", private_dirs[d], "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+            fail(private_dirs[d]);
+    }
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        fail("/proc");
+    char joined = 'j';
+    if (send(CONTROL, &joined, 1, MSG_NOSIGNAL) != 1) _exit(0);
     uint32_t head[2];
     if (recv(CONTROL, head, 4, MSG_WAITALL) != 4) _exit(0);  /* no job: the spare ends */
     size = ntohl(head[0]);
@@ -132,33 +158,25 @@ int main(void) {
     for (uint32_t i = 0; i < nenv; i++) env[i] = string();
 
     prctl(PR_SET_NAME, "rexnet-init", 0, 0, 0);
-    if (unshare(CLONE_NEWNS) < 0) fail("unshare");
-    char *keep[8];
-    int which[8], handles[8];
-    for (uint32_t i = 0; i < nkeep; i++) {
-        char *index = string();
-        which[i] = index[0] - '0';
-        keep[i] = string();
-        if (which[i] < 0 || which[i] > 2) { errno = EPROTO; fail("request"); }
-        handles[i] = open(keep[i], O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (handles[i] < 0) fail(keep[i]);
-    }
-    for (int d = 0; d < 3; d++) {
-        struct stat st;
-        if (lstat(private_dirs[d], &st) < 0 || !S_ISDIR(st.st_mode)) continue;
-        if (mount("tmpfs", private_dirs[d], "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
-            fail(private_dirs[d]);
-        for (uint32_t i = 0; i < nkeep; i++) {
-            if (which[i] != d) continue;
-            char source[64];
-            snprintf(source, sizeof source, "/proc/self/fd/%d", handles[i]);
-            mkdirs(keep[i]);
-            if (mount(source, keep[i], NULL, MS_BIND | MS_REC, NULL) < 0) fail(keep[i]);
+    for (uint32_t i = 0; i < nkeep; i++) {  /* bound back from below its tmpfs */
+        char *index = string(), *keep = string();
+        int d = index[0] - '0';
+        size_t length = d >= 0 && d <= 2 ? strlen(private_dirs[d]) : 0;
+        if (!length || below[d] < 0 || strncmp(keep, private_dirs[d], length) != 0
+            || keep[length] != '/' || !keep[length + 1]) {
+            errno = EPROTO;
+            fail("request");
         }
+        int handle = openat(below[d], keep + length + 1, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (handle < 0) fail(keep);
+        char source[64];
+        snprintf(source, sizeof source, "/proc/self/fd/%d", handle);
+        mkdirs(keep);
+        if (mount(source, keep, NULL, MS_BIND | MS_REC, NULL) < 0) fail(keep);
+        close(handle);
     }
-    for (uint32_t i = 0; i < nkeep; i++) close(handles[i]);
-    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
-        fail("/proc");
+    for (int d = 0; d < 3; d++)
+        if (below[d] >= 0) close(below[d]);
 
     sigset_t all, old;
     sigfillset(&all);
@@ -181,14 +199,14 @@ int main(void) {
         prctl(PR_SET_NAME, "rexnet-exec", 0, 0, 0);
         int high[MAX_FDS];
         if (setsid() < 0) goto failed;
-        for (int i = 0; i < nfds; i++)
+        for (uint32_t i = 0; i < ntargets; i++)
             if ((high[i] = fcntl(fds[i], F_DUPFD, 1024)) < 0) goto failed;
-        for (int i = 0; i < nfds; i++)
+        for (uint32_t i = 0; i < ntargets; i++)
             if (dup2(high[i], targets[i]) < 0) goto failed;
         int from = 0;  /* close every descriptor but the targets */
         for (int fd = 0; fd <= 1024; fd++) {
             int kept = 0;
-            for (int i = 0; i < nfds; i++) kept |= targets[i] == fd;
+            for (uint32_t i = 0; i < ntargets; i++) kept |= targets[i] == fd;
             if (kept || fd == 1024) {
                 if (fd > from) syscall(SYS_close_range, (unsigned)from, (unsigned)fd - 1, 0);
                 from = fd + 1;
@@ -196,6 +214,14 @@ int main(void) {
         }
         syscall(SYS_close_range, 1024U, ~0U, 0);
         if (tty && ioctl(0, TIOCSCTTY, 1) < 0) goto failed;
+        /* the worker's bound on descriptors, not the helper's (after the moves above) */
+        const char *nofile = getenv("REXNET_NOFILE");
+        struct rlimit files;
+        if (nofile && *nofile && getrlimit(RLIMIT_NOFILE, &files) == 0) {
+            files.rlim_cur = (rlim_t)strtoull(nofile, NULL, 10);
+            if (files.rlim_cur > files.rlim_max) files.rlim_cur = files.rlim_max;
+            if (setrlimit(RLIMIT_NOFILE, &files) < 0) goto failed;
+        }
         if (setgroups(ngroups, groups) < 0 || setgid(gid) < 0 || setuid(uid) < 0)
             goto failed;
         if (chdir(cwd) < 0) goto failed;

@@ -1,0 +1,389 @@
+"""The root sandbox helper's event loop, through the real helper (P11 #5).
+
+Each test starts `python -m rexnet.worker.sandboxd` as root (real PID and mount namespaces,
+real control groups, the C init or the Python one) and speaks to it as the worker does
+(rexnet.worker.sandbox): a socket per sandbox on the control socket, "ready", the job's
+request with its descriptors, signals, the end. One helper runs every job: these tests
+check that one job's misbehaviour (or a bad message, or a worker that goes) ends that job
+only, and that the others report what they did.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from cluster import sleep_marker
+
+from rexnet.worker import nativeinit
+from rexnet.worker import sandboxwire as wire
+
+TIMEOUT = 30.0
+FORKS = """import os, time
+n = 0
+for i in range(100):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    n += 1
+print(n, flush=True)
+os._exit(7)
+"""
+
+
+def test_a_reader_gives_each_message_its_own_descriptors_and_never_waits() -> None:
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    reader = wire.Reader(b)
+    r, w = os.pipe()
+    wire.send(a, {"n": 1})
+    wire.send(a, {"n": 2}, [r])
+    a.sendall(wire.HEADER.pack(4) + b"nope")
+    wire.send(a, {"n": 3}, [w, r])
+    got = reader.read()  # all at once; a read that crossed a message would misplace them
+    assert [(m["n"], len(fds)) for m, fds in got] == [(1, 0), (2, 1), (3, 2)]
+    assert reader.bad and "bad JSON" in reader.bad[0]
+    os.write(got[2][1][0], b"x")
+    assert os.read(got[1][1][0], 1) == b"x"
+    for _, fds in got:
+        for fd in fds:
+            os.close(fd)
+    a.sendall(wire.HEADER.pack(10) + b'{"n"')  # the rest never comes: read() does not wait
+    assert reader.read() == [] and not reader.ended
+    a.sendall(b': 4}     ')
+    assert reader.read() == [({"n": 4}, [])]
+    a.sendall(wire.HEADER.pack(wire.MAX_MESSAGE + 1))
+    with pytest.raises(wire.WireError, match="at most"):
+        reader.read()
+    assert reader.ended and reader.read() == []
+    for fd in (r, w):
+        os.close(fd)
+    a.close()
+    b.close()
+
+
+def _require_root() -> None:
+    if os.geteuid() == 0 and os.path.isdir("/sys/fs/cgroup"):
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("the sandbox helper's tests need root", pytrace=False)
+    pytest.skip("the sandbox helper's tests need root")
+
+
+class Job:
+    """One sandbox as the worker holds it: its socket, the init's pid, the job's output."""
+
+    def __init__(self, sock: socket.socket, init: int) -> None:
+        self.sock = sock
+        self.init = init
+        self.out = -1
+        self.stdin = -1
+
+    def start(self, script: str, limits: dict[str, Any] | None = None, cwd: str = "/"
+              ) -> None:
+        """`sh -c SCRIPT` with stdin, stdout and stderr as pipes (stderr into stdout)."""
+        in_r, self.stdin = os.pipe()
+        self.out, out_w = os.pipe()
+        try:
+            wire.send(self.sock, {
+                "argv": ["sh", "-c", script], "env": {"PATH": os.environ["PATH"]},
+                "cwd": cwd, "tty": False, "user": None, "fds": [0, 1, 2],
+                "limits": limits or {}}, [in_r, out_w, out_w])
+        finally:
+            os.close(in_r)
+            os.close(out_w)
+
+    def output(self) -> bytes:
+        chunks = []
+        while chunk := os.read(self.out, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def line(self) -> bytes:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = os.read(self.out, 1)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def end(self) -> dict[str, Any] | None:
+        """The helper's report of the job's end (None: it closed the socket instead)."""
+        got = wire.receive(self.sock)
+        return got[0] if got is not None else None
+
+    def signal(self, number: int) -> None:
+        wire.send(self.sock, {"signal": number})
+
+    def close(self) -> None:
+        for fd in (self.out, self.stdin):
+            if fd >= 0:
+                os.close(fd)
+        self.out = self.stdin = -1
+        self.sock.close()
+
+
+WORKER_NOFILE = 512  # the worker's soft bound on descriptors, below its hard one
+
+
+def _worker_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (WORKER_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+class Helper:
+    """The real helper, started as the worker starts it."""
+
+    def __init__(self, init: str) -> None:
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "REXNET_SANDBOX_INIT": init}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rexnet.worker.sandboxd", "--control", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], start_new_session=True, stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=env, preexec_fn=_worker_nofile)
+        theirs.close()
+        self.control = ours
+        self._bases: list[Path] = []
+
+    def job(self) -> Job:
+        """A sandbox, once the helper says it is ready."""
+        mine, theirs = socket.socketpair()
+        wire.send(self.control, {"job": True}, [theirs.fileno()])
+        theirs.close()
+        mine.settimeout(TIMEOUT)
+        got = wire.receive(mine)
+        assert got is not None, "the helper closed a sandbox before it was ready"
+        init = got[0]["ready"]
+        assert isinstance(init, int) and init > 0
+        return Job(mine, init)
+
+    def groups(self) -> list[str]:
+        """The job groups this helper made that still exist (every hierarchy)."""
+        if not self._bases:
+            for line in Path(f"/proc/{self.proc.pid}/cgroup").read_text().splitlines():
+                _, controllers, path = line.split(":", 2)
+                for name in controllers.split(",") if controllers else [""]:
+                    self._bases.append(Path("/sys/fs/cgroup") / name / path.lstrip("/")
+                                       / "rexnet-jobs")
+        return [g for base in self._bases
+                for g in glob.glob(str(base / f"job-{self.proc.pid}-*"))]
+
+    def stop(self) -> str:
+        """Let the helper go (as a worker that ends); its complaints."""
+        self.control.close()
+        try:
+            _, err = self.proc.communicate(timeout=TIMEOUT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return err.decode(errors="replace")
+
+
+@pytest.fixture(params=["native", "python"])
+def helper(request: pytest.FixtureRequest) -> Iterator[Helper]:
+    _require_root()
+    native = os.path.join(os.path.dirname(sys.executable), nativeinit.NAME)
+    if request.param == "native" and not os.access(native, os.X_OK):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no {nativeinit.NAME} next to {sys.executable}")
+        pytest.skip(f"no {nativeinit.NAME} (no C compiler?)")
+    h = Helper(request.param)
+    yield h
+    if h.proc.poll() is None:  # a test that failed midway: its jobs are still open
+        h.proc.kill()
+        h.proc.wait()
+
+
+def _gone(cmdline: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(" ".join(p.info["cmdline"] or ()) == cmdline
+                   for p in psutil.process_iter(["cmdline"])):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _until(check: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return bool(check())
+
+
+def test_many_concurrent_jobs_each_in_its_own_namespace(helper: Helper) -> None:
+    jobs = [helper.job() for _ in range(24)]
+    assert len({j.init for j in jobs}) == 24
+    limits = Path(f"/proc/{helper.proc.pid}/limits").read_text()
+    [files] = [line.split()[3:5] for line in limits.splitlines()
+               if line.startswith("Max open files")]
+    assert files[0] == files[1] != str(WORKER_NOFILE)  # the helper's own: raised
+    for n, job in enumerate(jobs):  # all running at once: each waits for its stdin
+        job.start(f'echo "$$ $(ls -d /proc/[0-9]* | wc -l) $(ulimit -n)"; read x; echo "$x"; '
+                  f'exit {n}')
+    for n, job in enumerate(jobs):
+        os.write(job.stdin, f"job {n}\n".encode())
+    for n, job in enumerate(jobs):
+        # the command is PID 2 of its own namespace (its init is 1), and sees only those
+        # and its own subshell's processes
+        first, second = job.output().decode().splitlines()
+        pid, count, nofile = first.split()
+        assert pid == "2" and int(count) <= 6 and second == f"job {n}"
+        # the worker's bound on descriptors, not the helper's (which holds every sandbox's)
+        assert int(nofile) == WORKER_NOFILE
+        assert job.end() == {"code": n, "signal": None, "limit": ""}
+        job.close()
+    assert _until(lambda: helper.groups() == [])
+    assert helper.proc.poll() is None
+    assert helper.stop() == ""
+    assert helper.proc.returncode == 0
+
+
+def test_a_fresh_tmp_prepared_ahead_keeps_the_jobs_directory_below_it(helper: Helper,
+                                                                     tmp_path: Path) -> None:
+    kept = Path("/tmp") / f"rexnet-kept-{os.getpid()}-{time.monotonic_ns()}"
+    kept.mkdir()
+    try:
+        (kept / "here").write_text("kept\n")
+        job = helper.job()  # its /tmp was made before the job (and its directory) came
+        job.start("cat here; ls -A /tmp; find /var/tmp /dev/shm -mindepth 1 | wc -l; "
+                  "touch /tmp/new", cwd=str(kept))
+        assert job.output().decode().split() == ["kept", kept.name, "0"]
+        assert job.end() == {"code": 0, "signal": None, "limit": ""}
+        job.close()
+        assert not Path("/tmp/new").exists()
+    finally:
+        (kept / "here").unlink()
+        kept.rmdir()
+    assert helper.stop() == ""
+
+
+def test_a_job_killed_midway_and_one_whose_worker_socket_closes(helper: Helper) -> None:
+    killed, dropped, neighbour = helper.job(), helper.job(), helper.job()
+    marks = [sleep_marker() + str(n) for n in range(2)]
+    killed.start(f"echo up; sleep {marks[0]} & sleep {marks[0]}")
+    dropped.start(f"echo up; (setsid sleep {marks[1]} &); sleep {marks[1]}")
+    neighbour.start("echo up; read x; echo got $x")
+    for job in (killed, dropped, neighbour):
+        assert job.line() == b"up\n"
+    killed.signal(signal.SIGKILL)
+    assert killed.end() == {"code": None, "signal": signal.SIGKILL, "limit": ""}
+    assert _gone(f"sleep {marks[0]}")  # every process of its namespace, the kernel's doing
+    dropped.sock.close()  # the worker ended the job, or died: no report, nothing left
+    assert _gone(f"sleep {marks[1]}")
+    os.write(neighbour.stdin, b"on\n")
+    assert neighbour.line() == b"got on\n"
+    assert neighbour.end() == {"code": 0, "signal": None, "limit": ""}
+    for job in (killed, dropped, neighbour):
+        job.close()
+    assert _until(lambda: helper.groups() == [])
+    assert helper.stop() == ""
+
+
+def test_memory_bound_and_misbehaving_jobs_leave_their_neighbours_alone(
+        helper: Helper) -> None:
+    neighbours = [helper.job() for _ in range(3)]
+    for n, job in enumerate(neighbours):
+        job.start(f"read x; echo {n} $x; exit {n + 3}")
+    hog, forks, closer, killer = (helper.job() for _ in range(4))
+    hog.start(f"exec {sys.executable} -c 'x = bytearray(400 << 20); print(len(x))'",
+              {"memory": 64 << 20})
+    forks.start(f"exec {sys.executable} -c '{FORKS}'", {"pids": 16})
+    closer.start("exec 0<&- 1>&- 2>&-; sleep 0.3; exit 5")
+    mark = sleep_marker()
+    killer.start(f"sleep {mark} & kill -9 -1; wait $!; echo $?")
+    assert hog.end() == {"code": None, "signal": signal.SIGKILL, "limit": "memory"}
+    out = forks.output().decode()
+    assert forks.end() == {"code": 7, "signal": None, "limit": ""}
+    assert 0 < int(out) < 16  # the pids bound held
+    assert closer.output() == b""
+    assert closer.end() == {"code": 5, "signal": None, "limit": ""}
+    # `kill -9 -1` inside a namespace reaches its own processes only
+    assert killer.output().endswith(b"137\n")
+    assert killer.end() == {"code": 0, "signal": None, "limit": ""}
+    for n, job in enumerate(neighbours):
+        os.write(job.stdin, b"fine\n")
+        assert job.output() == f"{n} fine\n".encode()
+        assert job.end() == {"code": n + 3, "signal": None, "limit": ""}
+    for job in (*neighbours, hog, forks, closer, killer):
+        job.close()
+    assert _until(lambda: helper.groups() == [])
+    assert helper.stop() == ""
+
+
+def test_the_helper_survives_malformed_requests_and_a_stalled_peer(helper: Helper) -> None:
+    # on the control socket: bad JSON, no socket, two sockets: each is refused alone
+    helper.control.sendall(wire.HEADER.pack(3) + b"{x]")
+    a, b = socket.socketpair()
+    wire.send(helper.control, {"job": True})
+    wire.send(helper.control, {"job": True}, [a.fileno(), b.fileno()])
+    for s in (a, b):
+        s.close()
+    # on a sandbox's socket: bad JSON, descriptors that do not match, an unknown job user;
+    # each ends that sandbox only; a peer that stops mid-message blocks nobody
+    stalled, bad_json, bad_fds, bad_user, good = (helper.job() for _ in range(5))
+    stalled.sock.sendall(wire.HEADER.pack(100) + b'{"argv"')  # and nothing more
+    bad_json.sock.sendall(wire.HEADER.pack(4) + b"nope")
+    r, w = os.pipe()
+    wire.send(bad_fds.sock, {"argv": ["true"], "env": {}, "fds": [0, 1]}, [r])
+    wire.send(bad_user.sock, {"argv": ["true"], "env": {}, "fds": [0], "user": 3}, [r])
+    for sock in (bad_json.sock, bad_fds.sock, bad_user.sock):
+        assert wire.receive(sock) is None  # that sandbox ends, without a job
+    good.start("echo fine; exit 4")
+    assert good.output() == b"fine\n"
+    assert good.end() == {"code": 4, "signal": None, "limit": ""}
+    stalled.sock.close()
+    for job in (stalled, bad_json, bad_fds, bad_user, good):
+        job.close()
+    for fd in (r, w):
+        os.close(fd)
+    assert _until(lambda: helper.groups() == [])
+    # a frame over the bounds: the control stream cannot be trusted past it, so the helper
+    # takes it as the worker's end (the jobs it runs would run on)
+    helper.control.sendall(wire.HEADER.pack(wire.MAX_MESSAGE + 1) + b"....")
+    assert helper.proc.wait(timeout=TIMEOUT) == 0
+    err = helper.stop()
+    for complaint in ("a bad request from the worker: bad JSON", "with 0 sockets",
+                      "with 2 sockets", "a bad message from the worker", "cannot start it",
+                      f"a message of {wire.MAX_MESSAGE + 1} bytes"):
+        assert complaint in err
+
+
+def test_a_worker_that_goes_ends_its_spares_and_jobs_and_the_helper(helper: Helper) -> None:
+    spares = [helper.job() for _ in range(3)]
+    running = helper.job()
+    mark = sleep_marker()
+    running.start(f"echo up; sleep {mark}")
+    assert running.line() == b"up\n"
+    inits = [psutil.Process(j.init) for j in (*spares, running)]
+    helper.control.close()  # the worker let the helper go: its spares end, its job runs on
+    assert _until(lambda: not any(p.is_running() for p in inits[:3]))
+    assert inits[3].is_running() and helper.proc.poll() is None
+    for job in spares:
+        assert job.end() is None  # a spare's socket closes
+    groups = helper.groups()
+    running.sock.close()  # ... until the worker is gone for good
+    assert helper.proc.wait(timeout=TIMEOUT) == 0
+    assert _gone(f"sleep {mark}")
+    assert groups and not any(os.path.exists(g) for g in groups)
+    for job in (*spares, running):
+        job.close()
