@@ -68,6 +68,16 @@ def test_a_queued_answer_comes_later_by_its_wait_and_is_capped() -> None:
         WAIT_MAX_MS / 1000)
 
 
+
+@pytest.mark.parametrize("crowd", [1.0, 2.0, 50.0, 1000.0])
+def test_a_queued_answer_comes_after_every_free_answer_of_the_window(crowd: float) -> None:
+    # a free worker drawing the end of a wide crowd window, a full one (at the same host
+    # load: +1 busy share) drawing its start with no expected wait: the free one first
+    free = connect_back_delay(0.5, 1.0, lambda: 1.0, crowd=crowd)
+    full = connect_back_delay(1.5, 1.0, lambda: 0.0, crowd=crowd, queued=True)
+    assert full > free
+    assert connect_back_delay(0.5, 1.0, lambda: 0.0, crowd=crowd, queued=True) >= free
+
 # -- the worker: queued channels on a Clock ---------------------------------------------------
 
 

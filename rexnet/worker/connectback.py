@@ -149,7 +149,7 @@ class ConnectBacks:
         (QUEUED: for a place in the queue, with AHEAD jobs before it, later by its WAIT)."""
         now = self.reactor.seconds()
         crowd = self.crowd.size(now)
-        delay = connect_back_delay(load, speed, self.jitter, crowd, wait)
+        delay = connect_back_delay(load, speed, self.jitter, crowd, wait, queued)
         pending = Pending(job_id, client, load, delay, heard=now, spread=spread_ms(crowd),
                           queued=queued, ahead=ahead, wait=wait)
         self.pending[job_id] = pending

@@ -93,13 +93,16 @@ def spread_ms(crowd: float) -> float:
 
 def connect_back_delay(
     load: float, speed: float, jitter: Callable[[], float] = random.random,
-    crowd: float = 1.0, wait: float = 0.0,
+    crowd: float = 1.0, wait: float = 0.0, queued: bool = False,
 ) -> float:
     """Seconds to wait before connecting back, given LOAD, the worker's SPEED, how many
     workers answer an announcement (CROWD) and the job's expected WAIT in seconds for a
-    slot (0 when one is free)."""
-    ms = (IDLE_MS + LOAD_MS * max(load, 0.0)) / speed + jitter() * spread_ms(crowd)
-    ms += min(WAIT_MS * max(wait, 0.0), WAIT_MAX_MS)
+    slot (0 when one is free).  An answer for a queue place (QUEUED) comes after the
+    whole window the answers with a free slot draw from: a wide crowd window must not let
+    a full worker answer before a free one."""
+    window = spread_ms(crowd)
+    ms = (IDLE_MS + LOAD_MS * max(load, 0.0)) / speed + jitter() * window
+    ms += min(WAIT_MS * max(wait, 0.0), WAIT_MAX_MS) + (window if queued else 0.0)
     return ms / 1000.0
 
 

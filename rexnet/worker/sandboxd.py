@@ -377,7 +377,8 @@ class Helper:
             if job.reader.bad:
                 raise wire.WireError(job.reader.bad[0])
         except (wire.WireError, OSError) as e:
-            complain(f"job {job.init}: a bad message from the worker: {e}")
+            if not isinstance(e, (ConnectionResetError, BrokenPipeError)):  # else: let go
+                complain(f"job {job.init}: a bad message from the worker: {e}")
             for _, fds in got:
                 for fd in fds:
                     os.close(fd)
