@@ -33,7 +33,7 @@ from rexnet.client.results import (
     NoWorker,
     WorkerLost,
 )
-from rexnet.client.streams import JobStreams
+from rexnet.client.streams import JobStreams, StdioStreams
 from rexnet.client.trust import distrust
 from rexnet.client.warm import HUNGRY_AFTER, WarmPool
 from rexnet.net.alerts import AlertSender
@@ -269,7 +269,7 @@ class JobCore:
                 other.close(abort=not other.verified)
         self.streams.prepare(channel)
         channel.start_heartbeat(self.reactor)
-        channel.send(self.request)
+        self._send_start(channel)
 
     def reuse(self, channel: ClientChannel) -> None:
         """Send the job over a warm channel from the pool (the streams are prepared once
@@ -281,7 +281,21 @@ class JobCore:
         channel.outs.clear()
         self.channels.add(channel)
         self.chosen = channel
-        channel.send(self.request)
+        self._send_start(channel)
+
+    def _send_start(self, channel: ClientChannel) -> None:
+        """START to CHANNEL's worker, offering stdin on a connection of its own when the
+        streams can (rexnet.net.stdinlink)."""
+        request = self.request
+        if isinstance(self.streams, StdioStreams):
+            request = self.streams.offer_stdin(channel, request, self.credential,
+                                               self.revoked, self._stdin_refused)
+        channel.send(request)
+
+    def _stdin_refused(self, peer: str, problem: str) -> None:
+        what = f"stdin connection refused: {problem}"
+        self.log.warn("complaint: {peer}: {what}", peer=peer, what=what)
+        self.alerts.send("complaint", what=what, source=peer, client=self.credential.name)
 
     def warm_refused(self, why: str, full: bool = False) -> None:
         """The warm channel's worker cannot take the job after all (FULL: BUSY)."""
@@ -359,6 +373,8 @@ class JobCore:
             self.on_started(name, started.job)
         if self.reused:
             self.streams.prepare(channel)
+        if isinstance(self.streams, StdioStreams):
+            self.streams.take_stdin_apart(started.stdin_apart)
         self.streams.start_input()
         for sig in self._early_signals:
             channel.send(wire.Signal(sig))
@@ -464,6 +480,8 @@ class JobCore:
         if self.pool is not None and self.chosen is not None and not self.parked:
             self.pool.lost(self.chosen)  # the job failed: its channel closes below
         self._stop_looking()
+        if isinstance(self.streams, StdioStreams):
+            self.streams.close_stdin_port()
         self.alerts.stop()
         if self._udp is not None and self._udp.transport is not None:
             self._udp.transport.stopListening()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import typing
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -13,7 +16,10 @@ from twisted.python.failure import Failure
 
 from rexnet.net.channel import Channel, InStream, OutStream
 from rexnet.net.pipes import PipeReader, PipeWriter
+from rexnet.net.stdinlink import StdinPort
 from rexnet.protocol import wire
+from rexnet.security.credentials import Credential
+from rexnet.security.tls import Revocations
 
 
 class JobStreams(typing.Protocol):
@@ -54,6 +60,39 @@ class StdioStreams:
         self._readers: dict[int, PipeReader] = {}
         self._dups: list[int] = []
         self.channel: Channel | None = None
+        self.stdin_port: StdinPort | None = None  # stdin offered on a connection of its own
+        self.stdin_apart = False  # the worker took the offer
+
+    def offer_stdin(self, channel: Channel, request: wire.Start, credential: Credential,
+                    revoked: Revocations | None, complain: Callable[[str, str], None]
+                    ) -> wire.Start:
+        """REQUEST, with stdin offered on a data connection of its own (a port for
+        CHANNEL's worker, rexnet.net.stdinlink) when stdin is a pipe or a file and the
+        job has no terminal; else REQUEST as it is (stdin goes on the channel)."""
+        self.close_stdin_port()
+        if self.tty or request.tty or request.detach or channel.peer_cert is None:
+            return request
+        fd = self.local.get(0, 0)
+        try:
+            if not stat.S_ISFIFO(mode := os.fstat(fd).st_mode) and not stat.S_ISREG(mode):
+                return request
+            host = channel.transport.getHost().host  # type: ignore[union-attr]
+            self.stdin_port = StdinPort(self.reactor, credential, revoked, host,
+                                        channel.peer_cert, fd, complain)
+        except (OSError, AttributeError):
+            return request
+        return replace(request, stdin_port=self.stdin_port.port,
+                       stdin_token=self.stdin_port.token.hex())
+
+    def take_stdin_apart(self, apart: bool) -> None:
+        """STARTED said whether the worker takes stdin on the data connection."""
+        port = self.stdin_port
+        self.stdin_apart = port is not None and (port.close_unclaimed() if not apart
+                                                 else True)
+
+    def close_stdin_port(self) -> None:
+        if self.stdin_port is not None:
+            self.stdin_port.close()
 
     def prepare(self, channel: Channel) -> None:
         """Be ready for the job's output (before the job starts)."""
@@ -72,6 +111,8 @@ class StdioStreams:
         """The worker accepted the job: start sending our input descriptors."""
         assert self.channel is not None
         for fd in self.inputs:
+            if fd == 0 and self.stdin_apart:
+                continue
             out = OutStream(self.channel, fd)
             self.channel.outs[fd] = out
             try:
@@ -107,6 +148,7 @@ class StdioStreams:
 
     def finish(self) -> defer.Deferred[Any]:
         """Fires once every byte of output is written; stops reading input."""
+        self.close_stdin_port()
         for reader in self._readers.values():
             if reader.connected:
                 reader.stopReading()
@@ -129,6 +171,7 @@ class StdioStreams:
     def abort(self) -> None:
         """Stop using the descriptors at once, written or not (the agent lets go of its
         launcher's descriptors when the job ends or the launcher goes away)."""
+        self.close_stdin_port()
         for reader in self._readers.values():
             reader.stopReading()
         for writer in self._writers.values():

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from rexnet.net.channel import Channel, InStream, OutStream
 from rexnet.net.pipes import PipeReader
+from rexnet.net.stdinlink import StdinFetch
 from rexnet.protocol import wire
 from rexnet.worker.load import group_rss
 from rexnet.worker.spawn import set_winsize
@@ -119,6 +120,7 @@ class JobProcess(ProcessProtocol):
         self._timers: list[Any] = []
         self._memory: LoopingCall | None = None
         self.isolation: Isolation | None = None  # set by a sandbox before the spawn
+        self.stdin_fetch: StdinFetch | None = None  # stdin on a data connection of its own
 
     # -- wiring -----------------------------------------------------------------------
 
@@ -145,7 +147,8 @@ class JobProcess(ProcessProtocol):
             self._output(1, transport)
         else:
             pipes = transport.pipes
-            channel.ins[0] = InStream(channel, 0, pipes[0])
+            if not self._fetch_stdin(pipes[0]):
+                channel.ins[0] = InStream(channel, 0, pipes[0])
             for fd in (1, 2):
                 self._output(fd, pipes[fd])
             for fd, mode in self.start.fds:
@@ -163,6 +166,35 @@ class JobProcess(ProcessProtocol):
             self._memory = LoopingCall(self._check_memory)
             self._memory.clock = self.reactor
             self._memory.start(MEMORY_CHECK, now=False)
+
+    def _fetch_stdin(self, writer: Any) -> bool:
+        """Take START's offer of stdin on a data connection (rexnet.net.stdinlink) if
+        there is one and the client is reachable directly (not through a cproxy): the
+        thread gets a copy of the pipe's descriptor, the reactor's writer is closed."""
+        start, channel = self.start, self.channel
+        pending = getattr(channel, "pending", None)
+        if (not start.stdin_token or start.detach or channel.peer_cert is None
+                or pending is None or getattr(pending, "relayed", True)):
+            return False
+        host = getattr(channel.transport.getPeer(), "host", None)  # type: ignore[union-attr]
+        if not host:
+            return False
+        self.stdin_fetch = StdinFetch(
+            self.reactor, channel.credential, channel.revoked, host, start.stdin_port,
+            bytes.fromhex(start.stdin_token), channel.peer_cert, writer.fileno(),
+            self._stdin_ended)
+        writer.loseConnection()
+        return True
+
+    def _stdin_ended(self, problem: str | None, received: int) -> None:
+        """The stdin connection's thread ended (see StdinFetch): a job whose input came
+        incomplete fails (ERROR "stdin": the client reports the worker lost)."""
+        if not problem:
+            return
+        log.warn("job process {pid}: {problem}; its stdin is closed and the job fails",
+                 pid=self.pid, problem=problem)
+        if not self.reported:
+            self.channel.send(wire.Error("stdin", problem[:1000]))
 
     def _output(self, fd: int, source: Any) -> None:
         out = OutStream(self.channel, fd)
@@ -214,6 +246,8 @@ class JobProcess(ProcessProtocol):
                 timer.cancel()
         if self._memory is not None and self._memory.running:
             self._memory.stop()
+        if self.stdin_fetch is not None:
+            self.stdin_fetch.stop()
         if self.start.tty:
             self._output_done(1)
         self._maybe_end()
