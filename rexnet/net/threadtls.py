@@ -207,6 +207,11 @@ def receive_into(conn: SSL.Connection, fd: int, stopper: Stopper,
             n = conn.recv_into(view[got:])  # type: ignore[arg-type]
         except SSL.ZeroReturnError:
             n = 0
+        except SSL.Error:  # a truncation: what came first goes to FD all the same
+            if got and not stopper.stopped:
+                _write_all(fd, view[:got], stopper)
+                received[0] += got
+            raise
         got += n
         if n == 0 or got == PIECE or (conn.pending() == 0
                                       and not select.select([sock], [], [], 0)[0]):

@@ -1,0 +1,126 @@
+"""A job's stdin on a data connection of its own (rexnet.net.stdinlink), end to end:
+`rexnet exec` (through the agent and without it) against a real worker on loopback,
+real TLS, real threads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+from cluster import Proc, exec_argv, loopback_address, run_exec, start_worker
+from conftest import Keys
+
+
+@pytest.fixture(scope="module")
+def worker(keys: Keys) -> Iterator[tuple[Proc, str]]:
+    addr = f"{loopback_address()}:3010"
+    proc = start_worker(keys.worker, ["sh", "-c"], addr, "apart", "--allow-args",
+                        "--slots", "4")
+    yield proc, addr
+    proc.stop()
+
+
+AGENT = pytest.mark.parametrize("agent", [[], ["--no-agent"]], ids=["agent", "no-agent"])
+
+
+def job_connections(worker: Proc) -> int:
+    """The worker's established TCP connections (to clients: it has no others)."""
+    return sum(c.status == psutil.CONN_ESTABLISHED
+               for c in psutil.Process(worker.pid).net_connections(kind="tcp"))
+
+
+def wait_connections(worker: Proc, count: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (seen := job_connections(worker)) != count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seen
+
+
+@AGENT
+def test_a_few_mib_both_ways_arrive_whole(keys: Keys, worker: tuple[Proc, str],
+                                          agent: list[str]) -> None:
+    data = os.urandom(6 << 20)
+    done = run_exec(keys.client, [worker[1]], *agent, "--", "cat", input=data)
+    assert done.returncode == 0, done.stderr
+    assert hashlib.sha256(done.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_the_job_hashes_what_it_read(keys: Keys, worker: tuple[Proc, str]) -> None:
+    data = os.urandom(5 << 20)
+    done = run_exec(keys.client, [worker[1]], "--", "sha256sum", input=data)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+@AGENT
+def test_stdin_goes_on_a_second_connection_and_its_eof_reaches_the_job(
+        keys: Keys, worker: tuple[Proc, str], agent: list[str]) -> None:
+    assert wait_connections(worker[0], 0) == 0  # the earlier tests' agents are gone
+    argv = exec_argv(keys.client, [worker[1]], *agent, "--", "cat; echo eof-seen")
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"first line\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"first line\n"
+        # the job waits on its stdin: its channel and its stdin connection are up
+        assert job_connections(worker[0]) == 2
+        proc.stdin.write(b"second line\n")
+        proc.stdin.close()  # EOF, through close_notify, closes the job's stdin
+        proc.stdin = None
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out == b"second line\neof-seen\n"
+
+
+def test_a_terminal_or_dev_null_keeps_stdin_on_the_channel(
+        keys: Keys, worker: tuple[Proc, str]) -> None:
+    assert wait_connections(worker[0], 0) == 0
+    argv = exec_argv(keys.client, [worker[1]], "--no-agent", "--",
+                     "cat; sleep 1; echo done")
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        time.sleep(0.6)
+        seen = job_connections(worker[0])
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out == b"done\n"
+    assert seen == 1  # /dev/null is neither a pipe nor a file: no data connection
+
+
+@AGENT
+def test_a_job_that_never_reads_its_stdin_ends_cleanly(
+        keys: Keys, worker: tuple[Proc, str], agent: list[str]) -> None:
+    started = time.monotonic()
+    done = run_exec(keys.client, [worker[1]], *agent, "--", "echo ignored; exit 3",
+                    input=os.urandom(16 << 20), timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == b"ignored\n"
+    assert b"Traceback" not in done.stderr
+    assert time.monotonic() - started < 30
+    assert "Traceback" not in worker[0].output
+
+
+def test_a_job_that_closes_its_stdin_early_gets_the_head(
+        keys: Keys, worker: tuple[Proc, str]) -> None:
+    done = run_exec(keys.client, [worker[1]], "--", "head -c 10; exec 0<&-; sleep 0.2",
+                    input=b"y" * 5_000_000)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"y" * 10
+
+
+def test_stdin_from_a_file(keys: Keys, worker: tuple[Proc, str], tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "input")
+    data = os.urandom(3 << 20)
+    with open(path, "wb") as f:
+        f.write(data)
+    with open(path, "rb") as f:
+        done = subprocess.run(exec_argv(keys.client, [worker[1]], "--", "sha256sum"),
+                              stdin=f, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
