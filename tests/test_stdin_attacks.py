@@ -62,8 +62,11 @@ def port_with(reactor: PollReactor, keys: Keys, data: bytes,
     client = load_credential(keys.client, "client")
     worker = load_credential(keys.worker, "worker")
     r, w = os.pipe()
-    writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)), daemon=True)
-    writer.start()
+    def write() -> None:
+        os.write(w, data)
+        os.close(w)
+
+    threading.Thread(target=write, daemon=True).start()
     port = StdinPort(reactor, client, None, HOST, worker.cert, r,
                      lambda peer, problem: complaints.append(problem))
     os.close(r)
@@ -105,7 +108,7 @@ def in_thread(fn: Callable[[], tuple[bytes, str]]) -> Callable[[], tuple[bytes, 
 
 def test_the_jobs_worker_with_the_token_gets_stdin_to_close_notify(
         reactor: PollReactor, keys: Keys) -> None:
-    data, complaints = os.urandom(3 << 20), []
+    data, complaints = os.urandom(3 << 20), list[str]()
     worker = load_credential(keys.worker, "worker")
     with port_with(reactor, keys, data, complaints) as port:
         done = in_thread(lambda: connect(worker, port.port, port.token))
@@ -116,7 +119,7 @@ def test_the_jobs_worker_with_the_token_gets_stdin_to_close_notify(
 
 def test_a_wrong_token_is_refused_and_the_right_one_still_works(
         reactor: PollReactor, keys: Keys) -> None:
-    data, complaints = b"secret input\n", []
+    data, complaints = b"secret input\n", list[str]()
     worker = load_credential(keys.worker, "worker")
     with port_with(reactor, keys, data, complaints) as port:
         wrong = in_thread(lambda: connect(worker, port.port, os.urandom(32)))
@@ -130,7 +133,7 @@ def test_a_wrong_token_is_refused_and_the_right_one_still_works(
 
 def test_a_replayed_token_and_a_third_connection_are_refused(
         reactor: PollReactor, keys: Keys) -> None:
-    data, complaints = b"x" * 1000, []
+    data, complaints = b"x" * 1000, list[str]()
     worker = load_credential(keys.worker, "worker")
     with port_with(reactor, keys, data, complaints) as port:
         first = in_thread(lambda: connect(worker, port.port, port.token))
