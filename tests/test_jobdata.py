@@ -1,5 +1,5 @@
-"""A job's stdin on a data connection of its own (rexnet.net.stdinlink), end to end:
-`rexnet exec` (through the agent and without it) against a real worker on loopback,
+"""A job's stdin and stdout on data connections of their own (rexnet.net.jobdata), end to
+end: `rexnet exec` (through the agent and without it) against a real worker on loopback,
 real TLS, real threads."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_the_job_hashes_what_it_read(keys: Keys, worker: tuple[Proc, str]) -> No
 
 
 @AGENT
-def test_stdin_goes_on_a_second_connection_and_its_eof_reaches_the_job(
+def test_stdin_and_stdout_go_on_connections_of_their_own_and_eof_reaches_the_job(
         keys: Keys, worker: tuple[Proc, str], agent: list[str]) -> None:
     assert wait_connections(worker[0], 0) == 0  # the earlier tests' agents are gone
     argv = exec_argv(keys.client, [worker[1]], *agent, "--", "cat; echo eof-seen")
@@ -68,8 +68,8 @@ def test_stdin_goes_on_a_second_connection_and_its_eof_reaches_the_job(
         proc.stdin.write(b"first line\n")
         proc.stdin.flush()
         assert proc.stdout.readline() == b"first line\n"
-        # the job waits on its stdin: its channel and its stdin connection are up
-        assert job_connections(worker[0]) == 2
+        # the job waits on its stdin: its channel, its stdin and stdout connections
+        assert job_connections(worker[0]) == 3
         proc.stdin.write(b"second line\n")
         proc.stdin.close()  # EOF, through close_notify, closes the job's stdin
         proc.stdin = None
@@ -78,19 +78,27 @@ def test_stdin_goes_on_a_second_connection_and_its_eof_reaches_the_job(
     assert out == b"second line\neof-seen\n"
 
 
-def test_a_terminal_or_dev_null_keeps_stdin_on_the_channel(
-        keys: Keys, worker: tuple[Proc, str]) -> None:
+@pytest.mark.parametrize(("stdin", "stdout", "connections"), [
+    (subprocess.DEVNULL, subprocess.DEVNULL, 1), (subprocess.PIPE, subprocess.DEVNULL, 2),
+    (subprocess.DEVNULL, subprocess.PIPE, 2)], ids=["none", "stdin", "stdout"])
+def test_only_pipes_and_files_go_apart(keys: Keys, worker: tuple[Proc, str], stdin: int,
+                                       stdout: int, connections: int) -> None:
     assert wait_connections(worker[0], 0) == 0
     argv = exec_argv(keys.client, [worker[1]], "--no-agent", "--",
-                     "cat; sleep 1; echo done")
-    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE) as proc:
-        time.sleep(0.6)
+                     "cat; sleep 2; echo done >&2")
+    with subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE) as proc:
+        deadline = time.monotonic() + 10
+        while not job_connections(worker[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the job starts
+        time.sleep(0.5)  # its data connections are made
         seen = job_connections(worker[0])
-        out, err = proc.communicate(timeout=30)
+        if proc.stdin is not None:
+            proc.stdin.close()
+            proc.stdin = None
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert out == b"done\n"
-    assert seen == 1  # /dev/null is neither a pipe nor a file: no data connection
+    assert err.endswith(b"done\n")
+    assert seen == connections  # /dev/null is neither a pipe nor a file
 
 
 @AGENT

@@ -1,11 +1,12 @@
-"""The stdin data connection under attack (rexnet.net.stdinlink), with real sockets, real
+"""A job's data connections under attack (rexnet.net.jobdata), with real sockets, real
 TLS and real threads; the listening end is driven by a reactor of its own (PollReactor,
 not installed, iterated here).
 
-The client's port accepts one connection per job, and only from the job's worker's
-certificate with the job's token; every other connection is refused with a complaint, a
-silent one within the handshake timeout. The worker's end refuses a server that is not
-the job's client, and fails the job when its stdin ends without close_notify."""
+The client's port accepts one connection per stream and job, and only from the job's
+worker's certificate with the job's token; every other connection is refused with a
+complaint, a silent one within the handshake timeout. The worker's end refuses a server
+that is not the job's client, and fails the job when its stdin ends without
+close_notify; the client's fails it when its stdout does."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import pytest
 from conftest import Keys
 from OpenSSL import SSL
 from twisted.internet.pollreactor import PollReactor
+from twisted.python.failure import Failure
 
-from rexnet.net import stdinlink, threadtls
-from rexnet.net.stdinlink import StdinFetch, StdinPort
+from rexnet.net import jobdata, threadtls
+from rexnet.net.jobdata import STDIN, STDOUT, DataDial, DataPort, Truncated
 from rexnet.security.credentials import (
     CertInfo,
     Credential,
@@ -57,8 +59,9 @@ def other_worker(keys: Keys) -> Credential:
 
 @contextlib.contextmanager
 def port_with(reactor: PollReactor, keys: Keys, data: bytes,
-              complaints: list[str]) -> Iterator[StdinPort]:
-    """A client's stdin port for a job whose worker holds keys.worker, stdin DATA."""
+              complaints: list[str], sink: int | None = None) -> Iterator[DataPort]:
+    """A client's data port for a job whose worker holds keys.worker, stdin DATA (and
+    stdout SINK if given)."""
     client = load_credential(keys.client, "client")
     worker = load_credential(keys.worker, "worker")
     r, w = os.pipe()
@@ -67,8 +70,8 @@ def port_with(reactor: PollReactor, keys: Keys, data: bytes,
         os.close(w)
 
     threading.Thread(target=write, daemon=True).start()
-    port = StdinPort(reactor, client, None, HOST, worker.cert, r,
-                     lambda peer, problem: complaints.append(problem))
+    port = DataPort(reactor, client, None, HOST, worker.cert, r, sink,
+                    lambda peer, problem: complaints.append(problem))
     os.close(r)
     try:
         yield port
@@ -77,9 +80,10 @@ def port_with(reactor: PollReactor, keys: Keys, data: bytes,
         reactor.iterate(0)
 
 
-def connect(credential: Credential, port: int, token: bytes | None) -> tuple[bytes, str]:
-    """As a worker would: TLS to PORT, TOKEN, then everything until the end; the bytes
-    and how it ended ('close_notify', or the error)."""
+def connect(credential: Credential, port: int, token: bytes | None, stream: str = STDIN
+            ) -> tuple[bytes, str]:
+    """As a worker would for stdin: TLS to PORT, TOKEN and STREAM, then everything until
+    the end; the bytes and how it ended ('close_notify', or the error)."""
     sock = socket.create_connection((HOST, port), timeout=10)
     sock.settimeout(None)  # blocking TLS calls (the port's own deadlines bound them)
     conn = SSL.Connection(threadtls.context(credential), sock)
@@ -88,7 +92,7 @@ def connect(credential: Credential, port: int, token: bytes | None) -> tuple[byt
     try:
         conn.do_handshake()
         if token is not None:
-            conn.sendall(token)
+            conn.sendall(token + stream.encode())
         while True:
             got += conn.recv(1 << 16)
     except SSL.ZeroReturnError:
@@ -127,7 +131,7 @@ def test_a_wrong_token_is_refused_and_the_right_one_still_works(
         right = in_thread(lambda: connect(worker, port.port, port.token))
         turn(reactor, lambda: right() is not None)
     assert wrong() is not None and wrong()[0] == b""  # type: ignore[index]
-    assert complaints == ["wrong token for the job's stdin"]
+    assert complaints == ["wrong token for the job's data port"]
     assert right() == (data, "close_notify")
 
 
@@ -142,7 +146,8 @@ def test_a_replayed_token_and_a_third_connection_are_refused(
         turn(reactor, lambda: again() is not None and bool(complaints))
     assert first() == (data, "close_notify")
     assert again() is not None and again()[0] == b""  # type: ignore[index]
-    assert complaints and "further connection" in complaints[0]
+    assert complaints == ["a further connection to the job's data port (its data "
+                          "connections are made)"]
 
 
 def test_another_workers_certificate_is_refused_even_with_the_token(
@@ -154,6 +159,16 @@ def test_another_workers_certificate_is_refused_even_with_the_token(
         turn(reactor, lambda: stolen() is not None and bool(complaints))
     assert stolen() is not None and stolen()[0] == b""  # type: ignore[index]
     assert complaints == ["peer certificate is not the one of the job's channel"]
+
+
+def test_a_stream_not_offered_is_refused(reactor: PollReactor, keys: Keys) -> None:
+    complaints: list[str] = []
+    worker = load_credential(keys.worker, "worker")
+    with port_with(reactor, keys, b"secret", complaints) as port:  # stdin only
+        assert port.streams == STDIN
+        other = in_thread(lambda: connect(worker, port.port, port.token, STDOUT))
+        turn(reactor, lambda: other() is not None and bool(complaints))
+    assert complaints == ["no stream 'o' offered on the job's data port"]
 
 
 def test_a_client_certificate_is_refused(reactor: PollReactor, keys: Keys) -> None:
@@ -170,7 +185,7 @@ def test_a_client_certificate_is_refused(reactor: PollReactor, keys: Keys) -> No
 def test_a_silent_peer_is_dropped_in_bounded_time(
         reactor: PollReactor, keys: Keys, monkeypatch: pytest.MonkeyPatch,
         handshake: bool) -> None:
-    monkeypatch.setattr(stdinlink, "HANDSHAKE_TIMEOUT", 0.5)
+    monkeypatch.setattr(jobdata, "HANDSHAKE_TIMEOUT", 0.5)
     complaints: list[str] = []
     worker = load_credential(keys.worker, "worker")
     with port_with(reactor, keys, b"secret", complaints) as port:
@@ -195,7 +210,7 @@ def test_no_connection_is_taken_once_the_job_ended(reactor: PollReactor, keys: K
     complaints: list[str] = []
     with port_with(reactor, keys, b"secret", complaints) as port:
         number = port.port
-        assert port.close_unclaimed() is False
+        assert port.apart(False, False) == (False, False)
     with pytest.raises(OSError):
         socket.create_connection((HOST, number), timeout=2)
 
@@ -206,7 +221,8 @@ def test_no_connection_is_taken_once_the_job_ended(reactor: PollReactor, keys: K
 def serve_once(credential: Credential, ending: str, data: bytes
                ) -> tuple[int, Callable[[], bytes | None]]:
     """A TLS server as the client's port would be (CREDENTIAL's certificate): reads the
-    token, sends DATA, then ends with ENDING ('close_notify' or 'fin')."""
+    token and the stream's letter, sends DATA, then ends with ENDING ('close_notify' or
+    'fin')."""
     listener = socket.create_server((HOST, 0))
     token: list[bytes] = []
 
@@ -217,7 +233,7 @@ def serve_once(credential: Credential, ending: str, data: bytes
         conn.set_accept_state()
         try:
             conn.do_handshake()
-            token.append(conn.recv(32))
+            token.append(conn.recv(33))
             conn.sendall(data)
             if ending == "close_notify":
                 conn.shutdown()
@@ -244,12 +260,12 @@ def fetch(reactor: PollReactor, keys: Keys, server: Credential, ending: str,
     reader = threading.Thread(target=lambda: read.append(_read_all(r)), daemon=True)
     reader.start()
     ended: list[str | None] = []
-    StdinFetch(reactor, worker, None, HOST, number, token, client.cert, w,
-               lambda problem, n: ended.append(problem))
+    DataDial(reactor, worker, None, (HOST, number), token, client.cert, STDIN, w,
+             ended.append)
     os.close(w)  # the job's stdin is the thread's copy alone
     turn(reactor, lambda: bool(ended) and bool(read))
     got = seen()
-    return ended[0], read[0], None if got is None else (b"ok" if got == token else got)
+    return ended[0], read[0], None if got is None else (b"ok" if got == token + b"i" else got)
 
 
 def _read_all(fd: int) -> bytes:
@@ -284,7 +300,62 @@ def test_the_worker_refuses_a_server_that_is_not_the_jobs_client(
     mallory = replace(load_credential(keys.client, "client"), key=key, cert=cert,
                       info=CertInfo.of(cert))
     problem, read, token = fetch(reactor, keys, mallory, "close_notify", b"injected")
-    assert problem == "stdin connection refused: peer certificate is not the one of the " \
-        "job's channel"
+    assert problem == ("stdin connection refused: peer certificate is not the one of the "
+                       "job's channel")
     assert read == b""  # nothing reaches the job; the token was never sent
     assert token in (None, b"")
+
+
+# -- stdout -------------------------------------------------------------------------------
+
+
+def send_stdout(credential: Credential, port: int, token: bytes, data: bytes,
+                ending: str) -> None:
+    """As a worker would for stdout: TLS, token, DATA, then ENDING."""
+    sock = socket.create_connection((HOST, port), timeout=10)
+    sock.settimeout(None)
+    conn = SSL.Connection(threadtls.context(credential), sock)
+    conn.set_connect_state()
+    conn.do_handshake()
+    conn.sendall(token + STDOUT.encode() + data)
+    if ending == "close_notify":
+        conn.shutdown()
+    sock.shutdown(socket.SHUT_WR)
+    time.sleep(0.2)
+    sock.close()
+
+
+@pytest.mark.parametrize("ending", ["close_notify", "fin"])
+def test_stdout_is_written_to_its_close_notify_and_a_fin_is_a_truncation(
+        reactor: PollReactor, keys: Keys, ending: str) -> None:
+    worker = load_credential(keys.worker, "worker")
+    data, complaints = os.urandom(1 << 20), list[str]()
+    r, w = os.pipe()
+    read: list[bytes] = []
+    threading.Thread(target=lambda: read.append(_read_all(r)), daemon=True).start()
+    outcome: list[object] = []
+    with port_with(reactor, keys, b"", complaints, sink=w) as port:
+        os.close(w)  # the port's copy is the pipe's only writer
+        threading.Thread(target=send_stdout, daemon=True,
+                         args=(worker, port.port, port.token, data, ending)).start()
+        turn(reactor, lambda: STDOUT in port.claimed)
+        port.finish().addBoth(outcome.append)  # EXIT came: wait for stdout's end
+        turn(reactor, lambda: bool(outcome) and bool(read))
+    assert read == [data]  # what came is written, in full, either way
+    if ending == "close_notify":
+        assert outcome == [None]
+    else:
+        assert isinstance(outcome[0], Failure) and outcome[0].check(Truncated)
+        assert "truncated" in str(outcome[0].value)
+    assert complaints == []
+
+
+def test_stdout_that_never_comes_fails_the_stream(reactor: PollReactor, keys: Keys) -> None:
+    r, w = os.pipe()
+    outcome: list[object] = []
+    with port_with(reactor, keys, b"", [], sink=w) as port:
+        port.finish().addBoth(outcome.append)
+        turn(reactor, lambda: bool(outcome))
+    os.close(r)
+    os.close(w)
+    assert isinstance(outcome[0], Failure) and outcome[0].check(Truncated)

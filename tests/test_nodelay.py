@@ -157,17 +157,15 @@ def test_a_running_jobs_channel_and_pipes_are_tuned(
         os.write(stdin_w, b"ping\n")
         assert read_exactly(stdout_r, 5) == b"ping\n"  # the job runs: its channel is up
 
-        # the worker's end of the job channel, and the client's (agent's or launcher's)
+        # the worker's end of the job channel and of its stdin and stdout connections
+        # (rexnet.net.jobdata), and the client's (agent's or launcher's)
         channels = established(worker.pid)
-        assert len(channels) == 1, channels
-        ours = channels[0]
-        assert nodelay(worker.pid, ours.fd), "TCP_NODELAY not set on the worker's socket"
-        client_pid, client_fd = owner_of(tuple(ours.raddr))
-        expected = client.pid if not agent else client_pid
-        assert client_pid == expected
-        if agent:
-            assert client_pid != client.pid  # the agent holds the channel, not the launcher
-        assert nodelay(client_pid, client_fd), "TCP_NODELAY not set on the client's socket"
+        assert len(channels) == 3, channels
+        for ours in channels:
+            assert nodelay(worker.pid, ours.fd), "TCP_NODELAY not set on the worker's socket"
+            client_pid, client_fd = owner_of(tuple(ours.raddr))
+            assert client_pid == client.pid if not agent else client_pid != client.pid
+            assert nodelay(client_pid, client_fd), "TCP_NODELAY not set on the client's socket"
 
         # the job's pipes (`cat`'s stdin and stdout) and the launcher's, widened
         jobs = psutil.Process(worker.pid).children()

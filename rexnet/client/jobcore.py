@@ -284,18 +284,9 @@ class JobCore:
         self._send_start(channel)
 
     def _send_start(self, channel: ClientChannel) -> None:
-        """START to CHANNEL's worker, offering stdin on a connection of its own when the
-        streams can (rexnet.net.stdinlink)."""
-        request = self.request
-        if isinstance(self.streams, StdioStreams):
-            request = self.streams.offer_stdin(channel, request, self.credential,
-                                               self.revoked, self._stdin_refused)
-        channel.send(request)
-
-    def _stdin_refused(self, peer: str, problem: str) -> None:
-        what = f"stdin connection refused: {problem}"
-        self.log.warn("complaint: {peer}: {what}", peer=peer, what=what)
-        self.alerts.send("complaint", what=what, source=peer, client=self.credential.name)
+        """START to CHANNEL's worker (StdioStreams offer stdin and stdout apart)."""
+        offer = getattr(self.streams, "offer_data", None)
+        channel.send(self.request if offer is None else offer(channel, self.request, self))
 
     def warm_refused(self, why: str, full: bool = False) -> None:
         """The warm channel's worker cannot take the job after all (FULL: BUSY)."""
@@ -374,7 +365,7 @@ class JobCore:
         if self.reused:
             self.streams.prepare(channel)
         if isinstance(self.streams, StdioStreams):
-            self.streams.take_stdin_apart(started.stdin_apart)
+            self.streams.take_apart(started.stdin_apart, started.stdout_apart)
         self.streams.start_input()
         for sig in self._early_signals:
             channel.send(wire.Signal(sig))
@@ -456,6 +447,8 @@ class JobCore:
         def written(result: object) -> None:
             if isinstance(result, Failure):
                 self.log.failure("the job's output could not be written", result)
+            if cut := getattr(self.streams, "truncated", ""):  # stdout apart, cut short
+                self.outcome = WorkerLost(f"lost worker: {cut}")
             self.machine.drained()
 
         self.streams.finish().addBoth(written)
@@ -481,7 +474,7 @@ class JobCore:
             self.pool.lost(self.chosen)  # the job failed: its channel closes below
         self._stop_looking()
         if isinstance(self.streams, StdioStreams):
-            self.streams.close_stdin_port()
+            self.streams.close_data_port()
         self.alerts.stop()
         if self._udp is not None and self._udp.transport is not None:
             self._udp.transport.stopListening()

@@ -7,7 +7,6 @@ import os
 import socket
 import stat
 import typing
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -15,11 +14,9 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from rexnet.net.channel import Channel, InStream, OutStream
+from rexnet.net.jobdata import DataPort, Truncated
 from rexnet.net.pipes import PipeReader, PipeWriter
-from rexnet.net.stdinlink import StdinPort
 from rexnet.protocol import wire
-from rexnet.security.credentials import Credential
-from rexnet.security.tls import Revocations
 
 
 class JobStreams(typing.Protocol):
@@ -60,39 +57,53 @@ class StdioStreams:
         self._readers: dict[int, PipeReader] = {}
         self._dups: list[int] = []
         self.channel: Channel | None = None
-        self.stdin_port: StdinPort | None = None  # stdin offered on a connection of its own
-        self.stdin_apart = False  # the worker took the offer
+        self.data_port: DataPort | None = None  # stdin/stdout offered on connections apart
+        self.apart: set[int] = set()  # the streams the worker took there
+        self.truncated = ""  # why stdout's data connection ended without close_notify
 
-    def offer_stdin(self, channel: Channel, request: wire.Start, credential: Credential,
-                    revoked: Revocations | None, complain: Callable[[str, str], None]
-                    ) -> wire.Start:
-        """REQUEST, with stdin offered on a data connection of its own (a port for
-        CHANNEL's worker, rexnet.net.stdinlink) when stdin is a pipe or a file and the
-        job has no terminal; else REQUEST as it is (stdin goes on the channel)."""
-        self.close_stdin_port()
+    def offer_data(self, channel: Channel, request: wire.Start, job: Any) -> wire.Start:
+        """REQUEST, offering stdin and stdout on data connections of their own (a port for
+        CHANNEL's worker, rexnet.net.jobdata) where they are pipes or files and the job
+        has no terminal; else REQUEST as it is (the streams go on the channel). JOB (a
+        JobCore) has the credential, the revocations, and the log and alerts to complain
+        to."""
+
+        def complain(peer: str, problem: str) -> None:
+            what = f"data connection refused: {problem}"
+            job.log.warn("complaint: {peer}: {what}", peer=peer, what=what)
+            job.alerts.send("complaint", what=what, source=peer, client=job.credential.name)
+
+        self.close_data_port()
         if self.tty or request.tty or request.detach or channel.peer_cert is None:
             return request
-        fd = self.local.get(0, 0)
+        source, sink = (self.local.get(fd, fd) if fd not in self.fds
+                        and _bulk(self.local.get(fd, fd)) else None for fd in (0, 1))
+        if source is None and sink is None:
+            return request
         try:
-            if not stat.S_ISFIFO(mode := os.fstat(fd).st_mode) and not stat.S_ISREG(mode):
-                return request
             host = channel.transport.getHost().host  # type: ignore[union-attr]
-            self.stdin_port = StdinPort(self.reactor, credential, revoked, host,
-                                        channel.peer_cert, fd, complain)
+            port = self.data_port = DataPort(self.reactor, job.credential, job.revoked, host,
+                                             channel.peer_cert, source, sink, complain)
         except (OSError, AttributeError):
             return request
-        return replace(request, stdin_port=self.stdin_port.port,
-                       stdin_token=self.stdin_port.token.hex())
+        return replace(request, data_port=port.port, data_token=port.token.hex(),
+                       data_streams=port.streams)
 
-    def take_stdin_apart(self, apart: bool) -> None:
-        """STARTED said whether the worker takes stdin on the data connection."""
-        port = self.stdin_port
-        self.stdin_apart = port is not None and (port.close_unclaimed() if not apart
-                                                 else True)
+    def take_apart(self, stdin: bool, stdout: bool) -> None:
+        """STARTED said which streams the worker takes on the data port."""
+        if self.data_port is not None:
+            here = self.data_port.apart(stdin, stdout)
+            self.apart = {fd for fd, apart in zip((0, 1), here, strict=True) if apart}
+        if 1 in self.apart and self.channel is not None:
+            self.channel.ins.pop(1, None)  # stdout DATA on the channel is an error now
 
-    def close_stdin_port(self) -> None:
-        if self.stdin_port is not None:
-            self.stdin_port.close()
+    def _cut(self, failure: Failure) -> None:
+        failure.trap(Truncated)
+        self.truncated = str(failure.value)
+
+    def close_data_port(self) -> None:
+        if self.data_port is not None:
+            self.data_port.close()
 
     def prepare(self, channel: Channel) -> None:
         """Be ready for the job's output (before the job starts)."""
@@ -111,7 +122,7 @@ class StdioStreams:
         """The worker accepted the job: start sending our input descriptors."""
         assert self.channel is not None
         for fd in self.inputs:
-            if fd == 0 and self.stdin_apart:
+            if fd in self.apart:
                 continue
             out = OutStream(self.channel, fd)
             self.channel.outs[fd] = out
@@ -143,12 +154,15 @@ class StdioStreams:
             with contextlib.suppress(OSError):
                 socket.socket(fileno=os.dup(self.local.get(fd, fd))).shutdown(socket.SHUT_WR)
         flushed = self._flushed.get(fd)
-        if flushed is not None and not flushed.called:
+        if flushed is not None and not flushed.called and fd not in self.apart:
             flushed.callback(None)
 
     def finish(self) -> defer.Deferred[Any]:
         """Fires once every byte of output is written; stops reading input."""
-        self.close_stdin_port()
+        if self.data_port is not None:
+            port_done = self.data_port.finish()
+            if 1 in self.apart:  # stdout's thread: to its close_notify, all written
+                port_done.addErrback(self._cut).chainDeferred(self._flushed[1])
         for reader in self._readers.values():
             if reader.connected:
                 reader.stopReading()
@@ -160,6 +174,7 @@ class StdioStreams:
         done = defer.gatherResults(list(self._flushed.values()))
 
         def close_dups(result: object) -> object:
+            self.close_data_port()
             for fd in self._dups:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -171,7 +186,7 @@ class StdioStreams:
     def abort(self) -> None:
         """Stop using the descriptors at once, written or not (the agent lets go of its
         launcher's descriptors when the job ends or the launcher goes away)."""
-        self.close_stdin_port()
+        self.close_data_port()
         for reader in self._readers.values():
             reader.stopReading()
         for writer in self._writers.values():
@@ -184,3 +199,12 @@ class StdioStreams:
 
     def descriptors(self) -> list[int]:
         return sorted({0, 1, 2, *self.fds})
+
+
+def _bulk(fd: int) -> bool:
+    """Whether FD is a pipe or a file (a stream worth a data connection of its own)."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)

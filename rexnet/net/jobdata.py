@@ -1,28 +1,28 @@
-"""A job's stdin on a mutual-TLS data connection of its own, pumped by a thread at each
-end (issue P11 item 2: beyond one thread).
+"""A job's stdin and stdout on mutual-TLS data connections of their own, each pumped by a
+thread at both ends (issue P11 item 2: beyond one thread).
 
-The client offers it in START (rexnet.protocol.frames.Start: stdin_port, stdin_token)
-for a job whose stdin is a pipe or a file; stdout, stderr and control (START, WINDOW,
-EXIT, signals) stay on the job's channel in the reactor, so EXIT still follows the last
-byte of output. The worker that takes the offer says so in STARTED (stdin_apart), then
-connects to the port (StdinFetch): TLS with certificates on both sides, each checked as
-the channel's are (rexnet.net.threadtls.peer) and each required to be the certificate
-of the job's channel; its first bytes are the 32-byte token. The client (StdinPort)
-accepts one such connection per job, only with the job's token and the job's worker's
-certificate, and only after START (the port opens with it); any other connection is
-refused with a complaint, and a peer that has not finished its handshake and sent the
-token within HANDSHAKE_TIMEOUT is dropped (at most MAX_PENDING are served at once).
+The client offers them in START (rexnet.protocol.frames.Start: data_port, data_token,
+data_streams "i" stdin, "o" stdout) for a job without a terminal whose stdin or stdout
+is a pipe or a file; stderr and control (START, WINDOW, EXIT, signals) stay on the
+job's channel in the reactor. The worker that takes the offer says so in STARTED
+(stdin_apart, stdout_apart) and connects to the port once per stream (DataDial): TLS
+with certificates on both sides, each checked as the channel's are
+(rexnet.net.threadtls.peer) and each required to be the certificate of the job's
+channel; its first bytes are the 32-byte token and the stream's letter. The client
+(DataPort) accepts one connection per stream, only with the job's token and the job's
+worker's certificate, and only after START (the port opens with it); any other
+connection is refused with a complaint, and a peer that has not finished its handshake
+and sent the token within HANDSHAKE_TIMEOUT is dropped (MAX_PENDING served at once).
 
-The pumps: the client's thread reads its stdin descriptor (a copy of its own, polled
-with the Stopper's wake-up pipe, so the job's end stops it) and writes TLS; the
-worker's thread reads TLS and writes the job's stdin pipe, PIECE bytes at a time.
-The stream ends with TLS close_notify: the worker closes the job's stdin. A connection
-that ends without close_notify (a FIN or a reset) is a truncation: the job's stdin is
-closed all the same, the worker logs it and fails the job (ERROR "stdin": the client
-exits with the worker-lost status, whatever the job's own), as it does when the data
-connection cannot be made at all: a job must not run to success on part of its input.
-A job that stops reading its stdin makes the worker's thread close the connection; the
-client's thread ends quietly.
+Each stream ends with TLS close_notify. A stream that ends without it (a FIN or a
+reset) is a truncation and fails the job: stdin's, at the worker (the job's stdin is
+closed, ERROR "stdin": the client exits with the worker-lost status whatever the job's
+own), as when the connection cannot be made at all; stdout's, at the client. EXIT
+still follows the last byte of output: the worker sends it once its stdout thread has
+sent close_notify, and the client acts on it once its own has read that close_notify
+and written everything (StdioStreams.finish). A job that stops reading its stdin, or a
+client whose stdout reader went away, ends the stream's connection: the other end's
+thread ends quietly (the job then sees EPIPE on its stdout, as under ssh).
 """
 
 from __future__ import annotations
@@ -38,20 +38,27 @@ from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
+from twisted.internet import defer
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from rexnet.net import threadtls
 from rexnet.net.threadtls import Refused, Stopped, Stopper, TimedOut
+from rexnet.net.tuning import widen_pipe
 from rexnet.security.credentials import Credential
 from rexnet.security.tls import Revocations
 
 TOKEN_SIZE = 32
+STDIN, STDOUT = "i", "o"  # the streams, as the worker names them after the token
 HANDSHAKE_TIMEOUT = 5.0  # seconds for TCP, TLS and the token, on either end
-MAX_PENDING = 4  # connections the port serves at once before one is claimed
+MAX_PENDING = 4  # connections the port serves at once before they are claimed
 
 log = Logger()
+
+
+class Truncated(Exception):
+    """A stream ended without TLS close_notify (or its connection never came)."""
 
 
 def _start(target: Callable[..., None], name: str, *args: object) -> None:
@@ -59,16 +66,16 @@ def _start(target: Callable[..., None], name: str, *args: object) -> None:
 
 
 @implementer(IReadDescriptor)
-class StdinPort:
-    """The client's end: a listening port for one job's stdin connection (see above).
+class DataPort:
+    """The client's end: a listening port for one job's data connections (see above).
 
-    SOURCE is the job's stdin descriptor (copied: the thread closes its copy);
-    EXPECTED the certificate of the job's worker; COMPLAIN(peer, problem) is called in
-    the reactor for each refused connection."""
+    SOURCE (stdin) and SINK (stdout) are the job's descriptors, or None for a stream not
+    offered (each copied: a thread closes its copy); EXPECTED is the certificate of the
+    job's worker; COMPLAIN(peer, problem) is called in the reactor for each refusal."""
 
     def __init__(self, reactor: Any, credential: Credential, revoked: Revocations | None,
-                 host: str, expected: x509.Certificate, source: int,
-                 complain: Callable[[str, str], None]) -> None:
+                 host: str, expected: x509.Certificate, source: int | None,
+                 sink: int | None, complain: Callable[[str, str], None]) -> None:
         self.reactor = reactor
         self.credential = credential
         self.revoked = revoked
@@ -77,20 +84,29 @@ class StdinPort:
         self.token = os.urandom(TOKEN_SIZE)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.fds: dict[str, int] = {}
+        self._lock = threading.Lock()
         try:
             self.sock.bind((host, 0))
             self.sock.listen(MAX_PENDING)
             self.sock.setblocking(False)
             self.port: int = self.sock.getsockname()[1]
-            self.source: int | None = os.dup(source)
+            for stream, fd in ((STDIN, source), (STDOUT, sink)):
+                if fd is not None:
+                    widen_pipe(fd)  # as the reactor's pipe readers and writers do
+                    self.fds[stream] = os.dup(fd)
         except OSError:
             self.sock.close()
+            self._release(*self.fds)
             raise
-        self._lock = threading.Lock()
-        self.claimed = False
+        self.streams = "".join(self.fds)
+        self.claimed: set[str] = set()
+        self.listening = True
         self.closed = False
         self.sent = [0]
-        self._threads: set[Stopper] = set()
+        self.received = [0]
+        self.output: defer.Deferred[None] = defer.Deferred()  # stdout's end (see finish)
+        self._threads: dict[Stopper, str] = {}  # each thread, and its stream once claimed
         reactor.addReader(self)
 
     # -- IReadDescriptor: the listening socket, in the reactor --------------------------
@@ -99,50 +115,55 @@ class StdinPort:
         return self.sock.fileno()
 
     def logPrefix(self) -> str:
-        return "StdinPort"
+        return "DataPort"
 
     def connectionLost(self, reason: object) -> None:
         self.close()
 
     def doRead(self) -> None:
-        while not self.closed:
+        while self.listening:
             try:
                 conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warn("the job's stdin port failed: {why}", why=e.strerror)
+                log.warn("the job's data port failed: {why}", why=e.strerror)
                 return
             peer = f"{addr[0]}:{addr[1]}"
-            if self.claimed or len(self._threads) >= MAX_PENDING:
+            unclaimed = sum(1 for s in self._threads.values() if not s)
+            if len(self.claimed) == len(self.streams) or unclaimed >= MAX_PENDING:
                 conn.close()
-                self.complain(peer, "a further connection to the job's stdin port "
-                              + ("(its stdin connection is made)" if self.claimed else
-                                 f"({MAX_PENDING} are in their handshake)"))
+                self.complain(peer, "a further connection to the job's data port ("
+                              + ("its data connections are made)" if unclaimed < MAX_PENDING
+                                 else f"{MAX_PENDING} are in their handshake)"))
                 continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             stopper = Stopper()
             stopper.hold(conn)
-            self._threads.add(stopper)
-            _start(self._serve, "rexnet-stdin-send", conn, peer, stopper)
+            self._threads[stopper] = ""
+            _start(self._serve, "rexnet-job-data", conn, peer, stopper)
 
-    # -- the thread ---------------------------------------------------------------------
+    # -- the threads ----------------------------------------------------------------------
 
     def _serve(self, sock: socket.socket, peer: str, stopper: Stopper) -> None:
-        claimed = False
+        stream = ""
         problem = ""
         try:
             deadline = time.monotonic() + HANDSHAKE_TIMEOUT
             conn = threadtls.handshake(sock, self.credential, True, deadline, stopper)
             threadtls.peer(conn, self.credential, self.revoked, self.expected)
-            token = threadtls.receive_exact(conn, TOKEN_SIZE, deadline, stopper)
-            if not hmac.compare_digest(token, self.token):
-                raise Refused("wrong token for the job's stdin")
-            with self._lock:
-                if self.claimed or self.closed or self.source is None:
-                    raise Refused("the job's stdin connection is made already")
-                self.claimed = claimed = True
+            first = threadtls.receive_exact(conn, TOKEN_SIZE + 1, deadline, stopper)
+            if not hmac.compare_digest(first[:TOKEN_SIZE], self.token):
+                raise Refused("wrong token for the job's data port")
+            stream = self._claim(first[TOKEN_SIZE:].decode("latin-1"))
+            self.reactor.callFromThread(self._threads.__setitem__, stopper, stream)
             sock.setblocking(True)
-            threadtls.send_from(self.source, conn, stopper, self.sent)
+            if stream == STDIN:
+                threadtls.send_from(self.fds[STDIN], conn, stopper, self.sent)
+                threadtls.linger(sock, HANDSHAKE_TIMEOUT)
+            else:
+                threadtls.receive_into(conn, self.fds[STDOUT], stopper, self.received)
+                self.reactor.callFromThread(self._output_end, None)
         except Stopped:
             pass
         except TimedOut:
@@ -150,75 +171,136 @@ class StdinPort:
         except Refused as e:
             problem = str(e)
         except (SSL.Error, OSError) as e:
-            if not claimed:
+            if not stream:
                 problem = f"TLS handshake failed: {e}"
-            elif not stopper.stopped:  # the worker stopped reading (the job closed stdin)
-                self.reactor.callFromThread(log.info, "the job's stdin connection ended "
-                                            "after {n} bytes: {why}", n=self.sent[0], why=e)
+            elif stream == STDOUT and not isinstance(e, OSError):
+                self.reactor.callFromThread(self._output_end, Truncated(
+                    f"the job's stdout ended without TLS close_notify after "
+                    f"{self.received[0]} bytes (truncated)"))
+            elif stream == STDOUT:  # our reader went away (EPIPE): the rest is dropped
+                self.reactor.callFromThread(self._output_end, None)
+            # stdin: the worker stopped reading (the job closed its stdin)
         finally:
             stopper.close()
-            if claimed:
-                self._release_source()
-            self.reactor.callFromThread(self._threads.discard, stopper)
+            if stream:
+                self._release(stream)
+            self.reactor.callFromThread(self._ended, stopper)
         if problem:
             self.reactor.callFromThread(self.complain, peer, problem)
 
-    def _release_source(self) -> None:
+    def _claim(self, stream: str) -> str:
         with self._lock:
-            source, self.source = self.source, None
-        if source is not None:
-            os.close(source)
+            if stream in self.claimed or self.closed:
+                raise Refused(f"the job's {'stdin' if stream == STDIN else 'stdout'} "
+                              "connection is made already")
+            if stream not in self.fds:
+                raise Refused(f"no stream {stream!r} offered on the job's data port")
+            self.claimed.add(stream)
+            return stream
+
+    def _release(self, *streams: str) -> None:
+        for stream in streams:
+            with self._lock:
+                fd = self.fds.pop(stream, None)
+            if fd is not None:
+                os.close(fd)
+
+    def _ended(self, stopper: Stopper) -> None:
+        self._threads.pop(stopper, None)
+        self._check_output()
+
+    def _output_end(self, error: Exception | None) -> None:
+        if not self.output.called:
+            if error is None:
+                self.output.callback(None)
+            else:
+                self.output.errback(error)
+
+    def _check_output(self) -> None:
+        """Once the port stopped listening, stdout's connection cannot come any more if
+        it has not been claimed and no connection is in its handshake."""
+        if (not self.listening and STDOUT in self.fds and STDOUT not in self.claimed
+                and not any(not s for s in self._threads.values())):
+            self._output_end(Truncated("the job's stdout connection never came"))
 
     # -- from the job -------------------------------------------------------------------
 
-    def close_unclaimed(self) -> bool:
-        """No connection will come (the worker did not take the offer): close the port
-        and let go of stdin, unless a connection has claimed it (then True)."""
+    def apart(self, stdin: bool, stdout: bool) -> tuple[bool, bool]:
+        """STARTED said which streams the worker takes here: let go of the others, unless
+        a connection claimed them already. Which streams are here, in the end."""
         with self._lock:
-            claimed = self.claimed
-        if not claimed:
+            keep = {STDIN: stdin or STDIN in self.claimed,
+                    STDOUT: stdout or STDOUT in self.claimed}
+        self._release(*(s for s in (STDIN, STDOUT) if s in self.fds and not keep[s]))
+        if not keep[STDOUT]:
+            self._output_end(None)
+        if not self.fds and not self.claimed:
             self.close()
-        return claimed
+        return keep[STDIN] and STDIN in self.streams, keep[STDOUT] and STDOUT in self.streams
+
+    def finish(self) -> defer.Deferred[None]:
+        """The job ended: no more connections; stdin is no longer read; fires once stdout
+        has come to its close_notify and is written (at once if it is not here)."""
+        self._stop_listening()
+        for stopper, stream in list(self._threads.items()):
+            if stream == STDIN:
+                stopper.stop()
+        with self._lock:
+            pending = STDIN in self.fds and STDIN not in self.claimed
+        if pending:
+            self._release(STDIN)
+        self._check_output()
+        if STDOUT not in self.streams:
+            self._output_end(None)
+        return self.output
 
     def close(self) -> None:
-        """The job ended: stop listening, stop the threads, let go of stdin."""
+        """Stop everything at once (the job is abandoned, or nothing comes here)."""
         if self.closed:
             return
         with self._lock:
             self.closed = True
-            claimed = self.claimed
-        self.reactor.removeReader(self)
-        self.sock.close()
+            unclaimed = [s for s in self.fds if s not in self.claimed]
+        self._stop_listening()
         for stopper in list(self._threads):
             stopper.stop()
-        if not claimed:
-            self._release_source()
+        self._release(*unclaimed)
+        self._output_end(None)
+
+    def _stop_listening(self) -> None:
+        if self.listening:
+            self.listening = False
+            self.reactor.removeReader(self)
+            self.sock.close()
 
 
-class StdinFetch:
-    """The worker's end: connect to the client's stdin port, present the token, write
-    what comes to the job's stdin (SINK, copied: the thread closes its copy, the caller
-    closes its own at once). ENDED(problem, bytes) is called in the reactor at the end:
-    problem "" for a clean end (close_notify, or the job closed its stdin), None when
-    stopped, else why the job's input is incomplete."""
+class DataDial:
+    """The worker's end of one stream: connect to the client's data port, present the
+    token and the stream's letter, then move the stream: STDIN from TLS to the job's
+    stdin pipe, STDOUT from the job's stdout pipe to TLS. FD is the job's end of the
+    pipe (copied: the thread closes its copy, the caller closes its own at once).
+    ENDED(problem) is called in the reactor at the end: "" for a clean end (close_notify;
+    or the other end went away on purpose), None when stopped, else why the stream is
+    incomplete."""
 
     def __init__(self, reactor: Any, credential: Credential, revoked: Revocations | None,
-                 host: str, port: int, token: bytes, expected: x509.Certificate,
-                 sink: int, ended: Callable[[str | None, int], None]) -> None:
+                 address: tuple[str, int], token: bytes, expected: x509.Certificate,
+                 stream: str, fd: int, ended: Callable[[str | None], None]) -> None:
         self.reactor = reactor
         self.credential = credential
         self.revoked = revoked
-        self.address = (host, port)
+        self.address = address
         self.token = token
         self.expected = expected
-        self.sink = os.dup(sink)
+        self.stream = stream
+        self.fd = os.dup(fd)
         self.ended = ended
         self.stopper = Stopper()
-        self.received = [0]
-        _start(self._run, "rexnet-stdin-receive")
+        self.moved = [0]
+        _start(self._run, f"rexnet-job-{'stdin' if stream == STDIN else 'stdout'}")
 
     def stop(self) -> None:
-        """The job ended: stop at once."""
+        """The job ended (stdin), or must be let go of at once."""
         self.stopper.stop()
 
     def _run(self) -> None:
@@ -231,31 +313,39 @@ class StdinFetch:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = threadtls.handshake(sock, self.credential, False, deadline, self.stopper)
             threadtls.peer(conn, self.credential, self.revoked, self.expected)
-            threadtls.send_all_nb(conn, self.token, deadline, self.stopper)
+            threadtls.send_all_nb(conn, self.token + self.stream.encode(), deadline,
+                                  self.stopper)
             made = True
             sock.setblocking(True)
-            threadtls.receive_into(conn, self.sink, self.stopper, self.received)
+            if self.stream == STDIN:
+                threadtls.receive_into(conn, self.fd, self.stopper, self.moved)
+            else:
+                threadtls.send_from(self.fd, conn, self.stopper, self.moved)
+                threadtls.linger(sock, HANDSHAKE_TIMEOUT)
         except Stopped:
             problem = None
-        except BrokenPipeError:
-            problem = ""  # the job closed its stdin: nothing more is wanted
         except TimedOut:
-            problem = f"no stdin connection within {HANDSHAKE_TIMEOUT:g} s"
+            problem = f"no {self.name} connection within {HANDSHAKE_TIMEOUT:g} s"
         except Refused as e:
-            problem = f"stdin connection refused: {e}"
+            problem = f"{self.name} connection refused: {e}"
         except (SSL.Error, OSError) as e:
             if self.stopper.stopped:
                 problem = None
-            elif made:
+            elif not made:
+                problem = f"no {self.name} connection: {_why(e)}"
+            elif self.stream == STDIN and not isinstance(e, OSError):
                 problem = (f"the stdin connection ended without TLS close_notify after "
-                           f"{self.received[0]} bytes (truncated): {_why(e)}")
-            else:
-                problem = f"no stdin connection: {_why(e)}"
+                           f"{self.moved[0]} bytes (truncated): {_why(e)}")
+            # else the job closed its stdin (EPIPE), or the client stopped reading stdout
         finally:
             with contextlib.suppress(OSError):
-                os.close(self.sink)
+                os.close(self.fd)
             self.stopper.close()
-            self.reactor.callFromThread(self.ended, problem, self.received[0])
+            self.reactor.callFromThread(self.ended, problem)
+
+    @property
+    def name(self) -> str:
+        return "stdin" if self.stream == STDIN else "stdout"
 
 
 def _why(error: Exception) -> str:

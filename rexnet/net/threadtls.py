@@ -229,3 +229,14 @@ def _write_all(fd: int, data: memoryview, stopper: Stopper) -> None:
             done += os.write(fd, data[done:])
         except BlockingIOError:
             stopper.wait(fd, select.POLLOUT)
+
+
+def linger(sock: socket.socket, timeout: float) -> None:
+    """After our close_notify: FIN, then read (and drop) until the peer's FIN, within
+    TIMEOUT, so that what the peer sent unasked (TLS 1.3 session tickets) does not turn
+    our close into a reset that could cut the stream's tail at the peer."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(timeout)
+        while sock.recv(PIECE):
+            pass

@@ -158,10 +158,11 @@ class Start:
     PUT names the files (name, size) that follow START (PUT_FILE frames) into a fresh
     job directory, the job's working directory; GET the patterns of the files sent back
     from it before EXIT (a job directory also when PUT is empty).
-    STDIN_PORT and STDIN_TOKEN (64 hex digits, 32 random bytes) offer the job's stdin on a
-    data connection of its own (rexnet.net.stdinlink): the worker may connect to the
-    client's STDIN_PORT, present the token, and say so in STARTED; 0 and "": no offer
-    (an older peer ignores both and stdin stays on the channel).
+    DATA_PORT, DATA_TOKEN (64 hex digits, 32 random bytes) and DATA_STREAMS ("i" stdin,
+    "o" stdout, or both) offer those streams on data connections of their own
+    (rexnet.net.jobdata): the worker may connect to the client's DATA_PORT once per
+    stream, present the token, and says so in STARTED; 0, "" and "": no offer (an older
+    peer ignores them and the streams stay on the channel).
     """
 
     KIND: ClassVar[FrameKind] = FrameKind.START
@@ -181,8 +182,9 @@ class Start:
     detach: bool = False
     put: tuple[tuple[str, int], ...] = ()
     get: tuple[str, ...] = ()
-    stdin_port: int = 0
-    stdin_token: str = ""
+    data_port: int = 0
+    data_token: str = ""
+    data_streams: str = ""
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Start:
@@ -218,18 +220,21 @@ class Start:
                    int_field(o, "cols", 0, 0xFFFF) if "cols" in o else 0, tuple(fds), keep,
                    cwd, required, *placement(o),
                    detach, file_list(o["put"]) if "put" in o else (),
-                   pattern_list(o["get"]) if "get" in o else (), *_stdin_offer(o))
+                   pattern_list(o["get"]) if "get" in o else (), *_data_offer(o))
 
 
-def _stdin_offer(o: dict[str, Any]) -> tuple[int, str]:
-    """START's optional (stdin_port, stdin_token): both or neither, the token 64 hex."""
-    if "stdin_port" not in o and "stdin_token" not in o:
-        return 0, ""
-    port = int_field(o, "stdin_port", 1, 0xFFFF)
-    token = str_field(o, "stdin_token", 64)
+def _data_offer(o: dict[str, Any]) -> tuple[int, str, str]:
+    """START's optional (data_port, data_token, data_streams): all or none."""
+    if not any(k in o for k in ("data_port", "data_token", "data_streams")):
+        return 0, "", ""
+    port = int_field(o, "data_port", 1, 0xFFFF)
+    token = str_field(o, "data_token", 64)
     if len(token) != 64 or any(c not in "0123456789abcdef" for c in token):
-        raise WireError("field 'stdin_token' is not 64 lowercase hex digits")
-    return port, token
+        raise WireError("field 'data_token' is not 64 lowercase hex digits")
+    streams = str_field(o, "data_streams", 2)
+    if streams not in ("i", "o", "io"):
+        raise WireError("field 'data_streams' is not i, o or io")
+    return port, token, streams
 
 
 def _pairs(value: Any, limit: int) -> list[tuple[Any, Any]]:
@@ -249,17 +254,18 @@ class Started:
     refused_env: tuple[str, ...] = ()
     cwd: str = ""  # the directory the job runs in, when the worker says (a command worker)
     detached: bool = False  # a detached job: EXIT follows at once, the job runs on
-    stdin_apart: bool = False  # the worker takes stdin on START's data connection
+    stdin_apart: bool = False  # the worker takes stdin on START's data port
+    stdout_apart: bool = False  # ... and sends stdout there
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Started:
         refused = str_list_field(o, "refused_env", MAX_ENV, 256) if "refused_env" in o else ()
-        detached = o.get("detached", False)
-        apart = o.get("stdin_apart", False)
-        if not isinstance(detached, bool) or not isinstance(apart, bool):
-            raise WireError("field 'detached' or 'stdin_apart' is not a boolean")
+        flags = [o.get(k, False) for k in ("detached", "stdin_apart", "stdout_apart")]
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise WireError("field 'detached', 'stdin_apart' or 'stdout_apart' is not a "
+                            "boolean")
         return cls(str_field(o, "job", 64), refused,
-                   str_field(o, "cwd", MAX_PATH) if "cwd" in o else "", detached, apart)
+                   str_field(o, "cwd", MAX_PATH) if "cwd" in o else "", *flags)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -17,8 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexnet.net.channel import Channel, InStream, OutStream
+from rexnet.net.jobdata import STDIN, STDOUT, DataDial
 from rexnet.net.pipes import PipeReader
-from rexnet.net.stdinlink import StdinFetch
 from rexnet.protocol import wire
 from rexnet.worker.load import group_rss
 from rexnet.worker.spawn import set_winsize
@@ -120,7 +121,7 @@ class JobProcess(ProcessProtocol):
         self._timers: list[Any] = []
         self._memory: LoopingCall | None = None
         self.isolation: Isolation | None = None  # set by a sandbox before the spawn
-        self.stdin_fetch: StdinFetch | None = None  # stdin on a data connection of its own
+        self.apart: dict[int, DataDial] = {}  # streams on data connections of their own
 
     # -- wiring -----------------------------------------------------------------------
 
@@ -147,10 +148,12 @@ class JobProcess(ProcessProtocol):
             self._output(1, transport)
         else:
             pipes = transport.pipes
-            if not self._fetch_stdin(pipes[0]):
+            self._data_apart(pipes)
+            if 0 not in self.apart:
                 channel.ins[0] = InStream(channel, 0, pipes[0])
             for fd in (1, 2):
-                self._output(fd, pipes[fd])
+                if fd not in self.apart:
+                    self._output(fd, pipes[fd])
             for fd, mode in self.start.fds:
                 if mode == "rw":
                     end = self.sockets[fd] = SocketEnd(self, fd, self._pairs.pop(fd))
@@ -167,34 +170,47 @@ class JobProcess(ProcessProtocol):
             self._memory.clock = self.reactor
             self._memory.start(MEMORY_CHECK, now=False)
 
-    def _fetch_stdin(self, writer: Any) -> bool:
-        """Take START's offer of stdin on a data connection (rexnet.net.stdinlink) if
-        there is one and the client is reachable directly (not through a cproxy): the
-        thread gets a copy of the pipe's descriptor, the reactor's writer is closed."""
+    def _data_apart(self, pipes: dict[int, Any]) -> None:
+        """Take START's offer of stdin and stdout on data connections of their own
+        (rexnet.net.jobdata) if the client is reachable directly (not through a cproxy):
+        a thread per stream gets a copy of its pipe, the reactor's end is closed."""
         start, channel = self.start, self.channel
         pending = getattr(channel, "pending", None)
-        if (not start.stdin_token or start.detach or channel.peer_cert is None
+        if (not start.data_token or start.detach or channel.peer_cert is None
                 or pending is None or getattr(pending, "relayed", True)):
-            return False
+            return
         host = getattr(channel.transport.getPeer(), "host", None)  # type: ignore[union-attr]
         if not host:
-            return False
-        self.stdin_fetch = StdinFetch(
-            self.reactor, channel.credential, channel.revoked, host, start.stdin_port,
-            bytes.fromhex(start.stdin_token), channel.peer_cert, writer.fileno(),
-            self._stdin_ended)
-        writer.loseConnection()
-        return True
-
-    def _stdin_ended(self, problem: str | None, received: int) -> None:
-        """The stdin connection's thread ended (see StdinFetch): a job whose input came
-        incomplete fails (ERROR "stdin": the client reports the worker lost)."""
-        if not problem:
             return
-        log.warn("job process {pid}: {problem}; its stdin is closed and the job fails",
-                 pid=self.pid, problem=problem)
-        if not self.reported:
-            self.channel.send(wire.Error("stdin", problem[:1000]))
+        for fd, stream in ((0, STDIN), (1, STDOUT)):
+            if stream in start.data_streams:
+                self.apart[fd] = DataDial(
+                    self.reactor, channel.credential, channel.revoked,
+                    (host, start.data_port), bytes.fromhex(start.data_token),
+                    channel.peer_cert, stream, pipes[fd].fileno(),
+                    functools.partial(self._apart_ended, fd))
+                pipes[fd].loseConnection()
+        if 1 in self.apart:
+            self.open_outputs.add(1)
+
+    @property
+    def sides(self) -> tuple[bool, bool]:
+        """STARTED's (stdin_apart, stdout_apart): the streams on data connections."""
+        return 0 in self.apart, 1 in self.apart
+
+    def _apart_ended(self, fd: int, problem: str | None) -> None:
+        """A stream's thread ended (see DataDial): stdout's end lets EXIT go; a job
+        whose input came incomplete fails (ERROR "stdin": the client reports the worker
+        lost)."""
+        if problem:
+            log.warn("job process {pid}: {problem}; the job fails", pid=self.pid,
+                     problem=problem)
+            if not self.reported:
+                self.channel.send(wire.Error("stdin" if fd == 0 else "stdout",
+                                             problem[:1000]))
+        if fd == 1 and 1 in self.open_outputs:
+            self.open_outputs.discard(1)
+            self._maybe_end()
 
     def _output(self, fd: int, source: Any) -> None:
         out = OutStream(self.channel, fd)
@@ -212,6 +228,8 @@ class JobProcess(ProcessProtocol):
         self.channel.outs[childFD].write(data)
 
     def childConnectionLost(self, childFD: int) -> None:
+        if childFD in self.apart:
+            return  # the reactor's end, closed: the stream's thread has its own
         stream = self.channel.ins.get(childFD)
         if stream is not None and childFD not in self.open_outputs:
             if not stream.eof:  # the job closed its input: tell the client to stop
@@ -246,11 +264,21 @@ class JobProcess(ProcessProtocol):
                 timer.cancel()
         if self._memory is not None and self._memory.running:
             self._memory.stop()
-        if self.stdin_fetch is not None:
-            self.stdin_fetch.stop()
+        if 0 in self.apart:
+            self.apart[0].stop()
+        if 1 in self.open_outputs and 1 in self.apart:  # what the job left running may
+            self._timers.append(self.reactor.callLater(  # hold its stdout: as above
+                OUTPUT_GRACE, self._end_stdout_holders))
         if self.start.tty:
             self._output_done(1)
         self._maybe_end()
+
+    def _end_stdout_holders(self) -> None:
+        if 1 in self.open_outputs and self.pid is not None:
+            log.info("job process {pid} ended; ending the processes that hold its stdout",
+                     pid=self.pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                self._signal(signal.SIGKILL)
 
     def _maybe_end(self) -> None:
         """Report the end once the process is gone and all its output is sent."""

@@ -425,8 +425,7 @@ class Worker:
         self.jobs_run += 1
         self.metrics.job_started()
         channel.send(wire.Started(job, refused, (cwd or os.getcwd())
-                                  if s.commands.enabled else "", detached=output is not None,
-                                  stdin_apart=proto.stdin_fetch is not None))
+                                  if s.commands.enabled else "", output is not None, *proto.sides))
         log.info("job {job} started for {client} from {peer}{warm}: {argv}{tty}{cwd}",
                  job=job, client=client, peer=channel.peer_address(), argv=argv,
                  warm=" on a warm channel" if warm else "",
