@@ -78,14 +78,19 @@ def test_stdin_and_stdout_go_on_connections_of_their_own_and_eof_reaches_the_job
     assert out == b"second line\neof-seen\n"
 
 
-@pytest.mark.parametrize(("stdin", "stdout", "connections"), [
-    (subprocess.DEVNULL, subprocess.DEVNULL, 1), (subprocess.PIPE, subprocess.DEVNULL, 2),
-    (subprocess.DEVNULL, subprocess.PIPE, 2)], ids=["none", "stdin", "stdout"])
+@pytest.mark.parametrize(("stdin", "stdout", "first", "connections"), [
+    (subprocess.DEVNULL, subprocess.DEVNULL, "echo out", 1),
+    (subprocess.PIPE, subprocess.DEVNULL, "echo out", 2),
+    (subprocess.DEVNULL, subprocess.PIPE, "echo out", 2),
+    (subprocess.DEVNULL, subprocess.PIPE, "true", 1)],
+    ids=["none", "stdin", "stdout", "stdout-silent"])
 def test_only_pipes_and_files_go_apart(keys: Keys, worker: tuple[Proc, str], stdin: int,
-                                       stdout: int, connections: int) -> None:
+                                       stdout: int, first: str, connections: int) -> None:
+    """/dev/null is neither a pipe nor a file; a job's stdout gets its connection only
+    once the job wrote something."""
     assert wait_connections(worker[0], 0) == 0
     argv = exec_argv(keys.client, [worker[1]], "--no-agent", "--",
-                     "cat; sleep 2; echo done >&2")
+                     f"{first}; cat; sleep 2; echo done >&2")
     with subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE) as proc:
         deadline = time.monotonic() + 10
         while not job_connections(worker[0]) and time.monotonic() < deadline:
@@ -98,7 +103,7 @@ def test_only_pipes_and_files_go_apart(keys: Keys, worker: tuple[Proc, str], std
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert err.endswith(b"done\n")
-    assert seen == connections  # /dev/null is neither a pipe nor a file
+    assert seen == connections
 
 
 @AGENT
@@ -132,3 +137,13 @@ def test_stdin_from_a_file(keys: Keys, worker: tuple[Proc, str], tmp_path: objec
                               stdin=f, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+@AGENT
+def test_a_reader_that_stops_early_ends_a_job_that_writes_forever(
+        keys: Keys, worker: tuple[Proc, str], agent: list[str]) -> None:
+    argv = " ".join(exec_argv(keys.client, [worker[1]], *agent, "--", "yes"))
+    done = subprocess.run(["sh", "-c", f"{argv} | head -c 100000"], capture_output=True,
+                          timeout=60)
+    assert done.stdout == b"y\n" * 50000
+    assert b"Traceback" not in done.stderr

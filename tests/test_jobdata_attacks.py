@@ -359,3 +359,26 @@ def test_stdout_that_never_comes_fails_the_stream(reactor: PollReactor, keys: Ke
     os.close(r)
     os.close(w)
     assert isinstance(outcome[0], Failure) and outcome[0].check(Truncated)
+
+
+def test_an_eof_on_the_channel_says_stdout_was_empty(reactor: PollReactor,
+                                                      keys: Keys) -> None:
+    """The worker wrote nothing: no connection comes, the stream ends well; a connection
+    for stdout after that is refused."""
+    worker = load_credential(keys.worker, "worker")
+    r, w = os.pipe()
+    outcome: list[object] = []
+    complaints: list[str] = []
+    with port_with(reactor, keys, b"", complaints, sink=w) as port:
+        port.empty_output()
+        port.finish().addBoth(outcome.append)
+        assert outcome == [None]
+    os.close(r)
+    os.close(w)
+    sink = os.open(os.devnull, os.O_WRONLY)
+    with port_with(reactor, keys, b"", complaints, sink=sink) as port:
+        port.empty_output()
+        late = in_thread(lambda: connect(worker, port.port, port.token, STDOUT))
+        turn(reactor, lambda: late() is not None and bool(complaints))
+    os.close(sink)
+    assert complaints == ["the job's stdout connection is made already"]

@@ -429,6 +429,8 @@ class JobCore:
         hello = channel.hello
         who = hello.worker if hello else channel.peer_address()
         why = f": {self.worker_error}" if self.worker_error else ""
+        if isinstance(self.streams, StdioStreams):  # its data connections cannot end well
+            self.streams.close_data_port()
         self.drain(WorkerLost(f"lost worker {who} before the job finished{why}"))
 
     def refuse(self, error: wire.Error) -> None:

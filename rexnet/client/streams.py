@@ -94,8 +94,8 @@ class StdioStreams:
         if self.data_port is not None:
             here = self.data_port.apart(stdin, stdout)
             self.apart = {fd for fd, apart in zip((0, 1), here, strict=True) if apart}
-        if 1 in self.apart and self.channel is not None:
-            self.channel.ins.pop(1, None)  # stdout DATA on the channel is an error now
+        if 1 in self.apart and self.channel is not None and self.data_port is not None:
+            self.channel.ins[1] = ApartOutput(self.channel, self.data_port)
 
     def _cut(self, failure: Failure) -> None:
         failure.trap(Truncated)
@@ -208,3 +208,19 @@ def _bulk(fd: int) -> bool:
     except OSError:
         return False
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+class ApartOutput(InStream):
+    """Stream 1 on the channel while stdout has a data connection of its own: DATA is an
+    error; EOF says the job wrote nothing, so no connection comes (DataPort)."""
+
+    def __init__(self, channel: Channel, port: DataPort) -> None:
+        super().__init__(channel, 1, None)
+        self.port = port
+
+    def data(self, payload: bytes) -> None:
+        raise wire.WireError("stdout on the channel while it has a connection of its own")
+
+    def end(self) -> None:
+        super().end()
+        self.port.empty_output()

@@ -22,7 +22,9 @@ still follows the last byte of output: the worker sends it once its stdout threa
 sent close_notify, and the client acts on it once its own has read that close_notify
 and written everything (StdioStreams.finish). A job that stops reading its stdin, or a
 client whose stdout reader went away, ends the stream's connection: the other end's
-thread ends quietly (the job then sees EPIPE on its stdout, as under ssh).
+thread ends quietly (the job then sees EPIPE on its stdout, as under ssh). The worker
+dials stdout's connection only once the job's first output is there: a job that writes
+nothing (`true`) costs no handshake; its stream 1 ends with an EOF on the channel.
 """
 
 from __future__ import annotations
@@ -225,6 +227,16 @@ class DataPort:
 
     # -- from the job -------------------------------------------------------------------
 
+    def empty_output(self) -> None:
+        """The worker says (EOF of stream 1 on the channel) that the job's stdout ended
+        before its first byte: its connection will not come."""
+        with self._lock:
+            if STDOUT in self.claimed:
+                return
+            self.claimed.add(STDOUT)  # no connection may claim it now
+        self._release(STDOUT)
+        self._output_end(None)
+
     def apart(self, stdin: bool, stdout: bool) -> tuple[bool, bool]:
         """STARTED said which streams the worker takes here: let go of the others, unless
         a connection claimed them already. Which streams are here, in the end."""
@@ -297,6 +309,7 @@ class DataDial:
         self.ended = ended
         self.stopper = Stopper()
         self.moved = [0]
+        self.empty = False  # stdout ended before its first byte: no connection was made
         _start(self._run, f"rexnet-job-{'stdin' if stream == STDIN else 'stdout'}")
 
     def stop(self) -> None:
@@ -307,6 +320,12 @@ class DataDial:
         problem: str | None = ""
         made = False
         try:
+            first = b""
+            if self.stream == STDOUT:  # a job without output needs no connection
+                first = threadtls.read_some(self.fd, self.stopper)
+                if not first:
+                    self.empty = True
+                    return
             deadline = time.monotonic() + HANDSHAKE_TIMEOUT
             sock = socket.create_connection(self.address, timeout=HANDSHAKE_TIMEOUT)
             self.stopper.hold(sock)
@@ -320,6 +339,8 @@ class DataDial:
             if self.stream == STDIN:
                 threadtls.receive_into(conn, self.fd, self.stopper, self.moved)
             else:
+                conn.sendall(first)
+                self.moved[0] += len(first)
                 threadtls.send_from(self.fd, conn, self.stopper, self.moved)
                 threadtls.linger(sock, HANDSHAKE_TIMEOUT)
         except Stopped:

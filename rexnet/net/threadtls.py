@@ -176,17 +176,20 @@ def send_all_nb(conn: SSL.Connection, data: bytes, deadline: float,
             stopper.wait(conn.fileno(), select.POLLIN, deadline)
 
 
-def send_from(fd: int, conn: SSL.Connection, stopper: Stopper, sent: list[int]) -> None:
-    """Read FD to its end and send it on CONN (blocking socket), then close_notify.
-    SENT[0] counts the bytes sent."""
+def read_some(fd: int, stopper: Stopper) -> bytes:
+    """Up to PIECE bytes from FD once it has some (b"" at its end)."""
     while True:
         stopper.wait(fd, select.POLLIN)
         try:
-            data = os.read(fd, PIECE)
+            return os.read(fd, PIECE)
         except BlockingIOError:
             continue
-        if not data:
-            break
+
+
+def send_from(fd: int, conn: SSL.Connection, stopper: Stopper, sent: list[int]) -> None:
+    """Read FD to its end and send it on CONN (blocking socket), then close_notify.
+    SENT[0] counts the bytes sent."""
+    while data := read_some(fd, stopper):
         conn.sendall(data)
         sent[0] += len(data)
     conn.shutdown()  # close_notify: the stream's end, not a truncation

@@ -198,6 +198,12 @@ class JobProcess(ProcessProtocol):
         """STARTED's (stdin_apart, stdout_apart): the streams on data connections."""
         return 0 in self.apart, 1 in self.apart
 
+    def let_go(self) -> None:
+        """The job's channel is gone: stop its data connections' threads (stdout's, blocked
+        writing to a client that vanished, would otherwise hold the job's end)."""
+        for dial in self.apart.values():
+            dial.stop()
+
     def _apart_ended(self, fd: int, problem: str | None) -> None:
         """A stream's thread ended (see DataDial): stdout's end lets EXIT go; a job
         whose input came incomplete fails (ERROR "stdin": the client reports the worker
@@ -209,6 +215,8 @@ class JobProcess(ProcessProtocol):
                 self.channel.send(wire.Error("stdin" if fd == 0 else "stdout",
                                              problem[:1000]))
         if fd == 1 and 1 in self.open_outputs:
+            if self.apart[1].empty:  # no connection was needed: the stream's end in-band
+                self.channel.send(wire.Eof(1))
             self.open_outputs.discard(1)
             self._maybe_end()
 
