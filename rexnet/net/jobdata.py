@@ -310,11 +310,19 @@ class DataDial:
         self.stopper = Stopper()
         self.moved = [0]
         self.empty = False  # stdout ended before its first byte: no connection was made
+        self._lock = threading.Lock()
+        self._made = False  # TLS is up and the token sent
+        self._quitting = False
         _start(self._run, f"rexnet-job-{'stdin' if stream == STDIN else 'stdout'}")
 
-    def stop(self) -> None:
-        """The job ended (stdin), or must be let go of at once."""
-        self.stopper.stop()
+    def stop(self, hard: bool = True) -> None:
+        """Let go of the stream at once (HARD), or (the job ended: its stdin is no longer
+        wanted) once the connection is made: a handshake cut short would read as an
+        attack at the client's end."""
+        with self._lock:
+            self._quitting = True
+            if hard or self._made:
+                self.stopper.stop()
 
     def _run(self) -> None:
         problem: str | None = ""
@@ -335,6 +343,10 @@ class DataDial:
             threadtls.send_all_nb(conn, self.token + self.stream.encode(), deadline,
                                   self.stopper)
             made = True
+            with self._lock:
+                self._made = True
+                if self._quitting:
+                    raise Stopped
             sock.setblocking(True)
             if self.stream == STDIN:
                 threadtls.receive_into(conn, self.fd, self.stopper, self.moved)

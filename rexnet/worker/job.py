@@ -273,7 +273,7 @@ class JobProcess(ProcessProtocol):
         if self._memory is not None and self._memory.running:
             self._memory.stop()
         if 0 in self.apart:
-            self.apart[0].stop()
+            self.apart[0].stop(hard=False)
         if 1 in self.open_outputs and 1 in self.apart:  # what the job left running may
             self._timers.append(self.reactor.callLater(  # hold its stdout: as above
                 OUTPUT_GRACE, self._end_stdout_holders))
