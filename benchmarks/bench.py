@@ -67,6 +67,7 @@ GIB = 1 << 30
 BLOCK = 1 << 20
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 HISTORY = "## History"
+WORKER_OPTIONS: list[str] = []  # more options for the bed's workers (--no-sandbox)
 STEPS = ["start", "short", "srun", "jobs", "slots", "bulk", "gaps", "scale"]
 
 
@@ -252,7 +253,7 @@ def build(bed: NetBed, work: Path) -> Bed:
     client = bed.add_host("client", [lan])
     workers = [bed.add_host(f"w{i}", [lan]) for i in (1, 2)]
     procs = [start_worker(keys.worker, ["sh", "-c"], "0.0.0.0:3010", h.name, "--allow-args",
-                          "--slots", "8", popen=h.popen) for h in workers]
+                          "--slots", "8", *WORKER_OPTIONS, popen=h.popen) for h in workers]
     ssh: list[str] = []
     for h in workers:
         (work / f"ssh-{h.name}").mkdir()
@@ -710,7 +711,11 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=STEPS, metavar="STEP",
                         help=f"run only this step ({', '.join(STEPS)}); repeatable; prints "
                         "the rows and leaves benchmarks/RESULTS.md alone")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="start the workers with --no-sandbox (the sandbox's share apart)")
     args = parser.parse_args()
+    if args.no_sandbox:
+        WORKER_OPTIONS.append("--no-sandbox")
     only = set(args.only or STEPS)
     runs = args.runs or (5 if args.quick else 15)
     bulk_runs = 1 if args.quick else 3

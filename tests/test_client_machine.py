@@ -208,7 +208,7 @@ def certs(keys: Keys, other_keys: Keys) -> dict[str, crypto.X509]:
 def make_bed(keys: Keys, certs: dict[str, crypto.X509], request: wire.Start | None = None,
              streams: BytesStreams | None = None, pool: WarmPool | None = None,
              reactor: Reactor | None = None, targets: list[tuple[str, int]] | None = None,
-             timeout: float = 5.0) -> Bed:
+             timeout: float = 5.0, alert_targets: list[tuple[str, int]] | None = None) -> Bed:
     reactor = reactor or Reactor()
     credential = load_credential(keys.client, "client")
     said: list[str] = []
@@ -217,7 +217,7 @@ def make_bed(keys: Keys, certs: dict[str, crypto.X509], request: wire.Start | No
     streams = streams or BytesStreams(b"input")
     job = ClientJob(reactor, credential, targets or [TARGET], request or wire.Start(("x",)),
                     streams, timeout, say=said.append,
-                    alerts=AlertSender(reactor, credential, []), pool=pool,
+                    alerts=AlertSender(reactor, credential, alert_targets or []), pool=pool,
                     logger=Logger(observer=provider(ILogObserver)(
                         lambda e: logged.append(formatEvent(e)))),
                     on_started=lambda *names: started.append(names))
@@ -326,6 +326,41 @@ def test_an_unverified_first_connection_costs_one_early_grace_then_a_new_job_id(
     assert silent.aborted and another.received() == [wire.Start(("x",))]
 
 
+def test_the_early_taken_leaves_at_accept_signed_as_the_job_was_announced(
+        keys: Keys, certs: dict[str, crypto.X509]) -> None:
+    """The early TAKEN leaves as the port accepts the first connect-back, before the
+    connection's TLS layer is built (buildProtocol), and it is the datagram signed when
+    the job was announced (its timestamp says so), not one signed on the TAKEN's path."""
+    bed = make_bed(keys, certs)
+    bed.job.core.takens.now = lambda: int(bed.reactor.seconds() * 1000)
+    bed.run()
+    bed.reactor.advance(RESEND(0) * 0.6)  # answered before the first resend
+    factory = bed.reactor.sslServers[-1][1]
+    channel = factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 40001))
+    sent: list[Any] = bed.datagrams()
+    assert [type(d) for d in sent] == [wire.Announce, wire.Taken]
+    assert (sent[1].early, sent[1].answered, sent[1].job_id) == (True, 1, sent[0].job_id)
+    assert sent[1].ts_ms == 0 < int(bed.reactor.seconds() * 1000)
+    channel.makeConnection(TLSTransport(certs["worker"], 40001))  # now the TLS layer
+    assert len(bed.datagrams()) == 2 and bed.states[-1] == "handshaking"
+
+
+def test_a_prepared_taken_that_no_longer_fits_is_signed_afresh(
+        keys: Keys, certs: dict[str, crypto.X509]) -> None:
+    """The prepared TAKEN counts one connect-back; if the count at the accept differs
+    (refused connect-backs count too), the early TAKEN is signed as it leaves."""
+    bed = make_bed(keys, certs, timeout=30.0)
+    takens = bed.job.core.takens
+    takens.now = lambda: int(bed.reactor.seconds() * 1000)
+    bed.run()
+    takens.prepare(bed.job.core.job_id, 5)  # as if 4 connect-backs had been refused
+    bed.reactor.advance(0.01)
+    bed.connect()
+    taken: Any = bed.datagrams()[-1]
+    assert isinstance(taken, wire.Taken) and taken.early and taken.answered == 1
+    assert taken.ts_ms == 10
+
+
 def test_a_first_connection_lost_unverified_reannounces_at_once(
         keys: Keys, certs: dict[str, crypto.X509]) -> None:
     bed = make_bed(keys, certs, timeout=30.0)
@@ -390,6 +425,29 @@ def test_a_job_runs_and_its_status_comes_back_after_its_output(
     assert (result.status, result.worker, result.job) == (3, "w1", "job1")
     assert streams.stdout.getvalue() == b"out" and bed.states[-1] == "done"
     assert worker.transport.disconnecting  # no pool: the channel is closed
+
+
+def test_the_owner_has_the_result_before_the_job_finished_alert_which_is_sent_once(
+        keys: Keys, certs: dict[str, crypto.X509]) -> None:
+    """The alert is signed and sent after the result is delivered (an agent's launcher is
+    told its status first), and it is still sent, once, even if the owner stops at once."""
+    bed = make_bed(keys, certs, alert_targets=[("127.0.0.9", 3011)])
+
+    def alerts() -> list[wire.Alert]:
+        return [m for m in bed.datagrams() if isinstance(m, wire.Alert)]
+
+    at_result: list[int] = []
+    bed.job.run().addCallback(lambda result: at_result.append(len(alerts())))
+    worker = bed.worker("w1")
+    worker.send(wire.Started("job1"), wire.Exit(0, None))
+    assert at_result == [0]
+    (alert,) = alerts()
+    assert alert.event == "job-finished" and dict(alert.fields)["job"] == "job1"
+    assert dict(alert.fields)["status"] == 0
+    worker.send(wire.Hello("w1", "1", 0.1, 0.0, 4, 0))
+    bed.reactor.advance(60)
+    assert len(alerts()) == 1
+    assert not any(port.listening for port in bed.reactor.udp)  # its UDP ports are closed
 
 
 def test_signals_before_start_are_kept_and_sent_once_the_job_runs(

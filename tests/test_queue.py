@@ -240,6 +240,28 @@ def test_an_announcement_heard_when_full_is_answered_as_soon_as_a_place_frees(
     assert bed.worker.pending[bytes([3]) * 16].queued
 
 
+def test_a_freed_slot_hastens_the_oldest_connect_back_promised_for_a_place(bed: Bed) -> None:
+    """A connect-back promised for a queue place waits the expected wait; when the slot
+    frees first (here the job that reserved it was taken elsewhere), the oldest such
+    promise goes for the slot after an idle answer's delay, not after its wait (the slot
+    would idle until then, or until the client announced again: the flaky back-to-back
+    test's gaps)."""
+    for n in range(3):  # one slot: 0 reserves it, 1 and 2 are promised places
+        announce(bed, n)
+        bed.clock.advance(0.001)
+    first, second = (bed.worker.pending[bytes([n]) * 16] for n in (1, 2))
+    due = [p.call.getTime() for p in (first, second)]  # type: ignore[union-attr]
+    assert first.queued and second.queued and min(due) - bed.clock.seconds() > 0.05
+    taken(bed, 0)  # 0 found a worker elsewhere: its slot frees
+    assert not first.queued and (first.ahead, first.wait) == (0, 0.0)
+    idle = connect_back_delay(first.load, 1.0, lambda: 1.0)
+    assert first.call is not None and first.call.getTime() - bed.clock.seconds() <= idle
+    assert second.queued and second.call is not None and second.call.getTime() == due[1]
+    assert bed.worker.busy == 1 and bed.worker.queued == 1
+    hello = bed.worker.hello(first)
+    assert (hello.queued, hello.wait_ms) == (0, 0.0)
+
+
 def test_the_waitlist_is_bounded_and_forgets_clients_that_stopped_resending() -> None:
     wl = Waitlist(size=2, age=5.0)
     wl.note(b"a", None, ("h", 1), 0.0)

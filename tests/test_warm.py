@@ -103,6 +103,43 @@ def test_an_executor_discounts_its_own_jobs() -> None:
     assert plain.take("key") is None
 
 
+def test_an_executor_counts_the_slots_its_own_jobs_freed_since_the_report() -> None:
+    """An idle channel's worker reported every slot busy with this client's jobs; one of
+    them ended since: a slot is free, and the channel is taken (rather than the job queued
+    at a worker that has a free slot, or announced)."""
+    clock = Clock()
+    pool = WarmPool(clock, discount_own=True, queue_on_warm=False)
+    idle, *runs = [Link() for _ in range(3)]
+    for link in (idle, *runs):
+        pool.heard(link, hello("a", 0.1, slots=2))
+    for link in runs:
+        pool.started(link)
+    pool.heard(idle, hello("a", 1.1, running=2, slots=2))  # both slots ours
+    assert pool.park("key", idle)
+    assert pool.take("key") is None  # full: both our jobs run
+    pool.exited(runs[0])
+    pool.record(runs[0]).busy = False  # its job ended (its channel is being parked)
+    assert pool.take("key") is idle
+
+
+def test_a_fresh_channel_never_counts_fewer_than_no_other_clients_jobs() -> None:
+    """A fresh channel's worker reported no job; one of ours started there on another
+    channel before this one's job: other clients' jobs are 0 then, not -1, and a later
+    report of our own jobs alone keeps the channel usable."""
+    clock = Clock()
+    pool = WarmPool(clock, discount_own=True)
+    fresh, other = Link(), Link()
+    pool.heard(fresh, hello("a", 0.1))
+    pool.heard(other, hello("a", 0.1))
+    pool.started(other)  # ours, on another channel, first
+    pool.started(fresh)
+    assert pool.record(fresh).won_others == 0
+    pool.exited(fresh)
+    pool.heard(fresh, hello("a", 0.35, running=1))  # the report: our other job only
+    assert pool.park("key", fresh)
+    assert pool.take("key") is fresh
+
+
 def test_idle_channels_are_capped_per_worker_and_closed_when_idle_too_long() -> None:
     clock = Clock()
     pool = WarmPool(clock, per_worker=2)

@@ -450,6 +450,32 @@ def test_a_job_not_kept_closes_after_its_exit(bed: Bed) -> None:
     assert transport.disconnecting and bed.worker.warm == set()
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "closed"])
+def test_exit_is_written_before_the_jobs_books_which_are_kept_once(bed: Bed,
+                                                                   keep: bool) -> None:
+    """The client waits for EXIT (and a kept channel's HELLO), not for the worker's books:
+    the job's log line, job-finished alert, metrics and row come after them, once."""
+    channel, transport, _ = running(bed, keep=keep)
+    job = channel.core.job or ""
+    events: list[str] = []
+    write = transport.write
+
+    def writing(data: bytes) -> None:
+        events.extend(type(f).__name__ for f in wire.FrameDecoder().feed(data))
+        write(data)
+
+    transport.write = writing  # type: ignore[method-assign]
+    bed.worker.alerts.send = lambda event, **fields: events.append(event)  # type: ignore
+    bed.worker.book.ended = lambda *args: events.append("booked")  # type: ignore
+    with capturedLogs() as logs:
+        bed.worker.end(job, 0)
+    events += ["logged" for e in logs if "ended: exit 0" in formatEvent(e)]
+    assert events == ((["Exit", "Hello"] if keep else ["Exit"])
+                      + ["job-finished", "booked", "logged"])
+    assert bed.metrics.registry.get_sample_value(
+        "rexnet_jobs_finished_total", {"app": bed.keys.app, "exit_class": "ok"}) == 1.0
+
+
 def test_the_worker_stopping_aborts_a_running_channel(bed: Bed) -> None:
     channel, transport, _ = running(bed)
     channel.close(abort=True)

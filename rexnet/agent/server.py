@@ -29,6 +29,7 @@ from zope.interface import implementer
 from rexnet.agent import paths
 from rexnet.client.cluster import Cluster
 from rexnet.client.warm import WarmPool
+from rexnet.net.tuning import send_now
 from rexnet.protocol import agentwire, exitcodes
 from rexnet.protocol.agentwire import AgentWireError
 from rexnet.protocol.request import ExecRequest, RequestError
@@ -205,15 +206,17 @@ class Session(Protocol):
         self.run(request, cluster, dict(zip([0, 1, 2, *numbers], self.fds, strict=True)))
 
     def run(self, request: ExecRequest, cluster: Cluster, local: dict[int, int]) -> None:
+        from rexnet.client.progress import silent
         from rexnet.client.streams import StdioStreams
         from rexnet.logs import message_observer
 
         end = "\r\n" if request.raw else "\n"
         verbose = self.verbose
 
-        def say(message: str) -> None:
-            if verbose:
-                self.say(f"rexnet: {message}{end}")
+        def tell(message: str) -> None:
+            self.say(f"rexnet: {message}{end}")
+
+        say = tell if verbose else silent  # without -v the job makes no progress messages
 
         logger = Logger("rexnet.client.job", observer=message_observer(
             lambda text: self.say(f"rexnet: {text}{end}"), verbose))
@@ -254,6 +257,7 @@ class Session(Protocol):
         self.fds = []
         self.send(agentwire.Exit(status, message))
         if self.transport is not None:
+            send_now(self.transport)  # the launcher waits: before the job's last bookkeeping
             self.transport.loseConnection()
 
 

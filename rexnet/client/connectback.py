@@ -3,9 +3,13 @@
 A TAKEN goes to the announce targets twice.  The early one leaves as soon as the first
 connect-back is accepted, before its TLS handshake: the crowd hears within a TCP
 handshake of the first connect-back rather than a TLS handshake later, which is what
-keeps 1,000 workers near one connect-back per job (benchmarks/scale.py).  Workers cancel
-on it only the connect-backs they have not begun.  The final one leaves when a worker is
-verified, for every job id the job was announced under.
+keeps 1,000 workers near one connect-back per job (benchmarks/scale.py).  Every
+millisecond from the accept to that TAKEN widens each worker's connect-back window (and
+so the start time) at scale, so it leaves from the port's buildProtocol, before the
+connection's TLS layer is built (in a fresh client process its first build costs a
+millisecond or more), already signed: Takens.prepare signs it as the job is announced.
+Workers cancel on it only the connect-backs they have not begun.  The final one leaves
+when a worker is verified, for every job id the job was announced under.
 
 Anyone who can open a TCP connection to the port could send the early TAKEN off, and so
 cancel the honest workers' connect-backs.  That is bounded: one early TAKEN per job; if
@@ -33,6 +37,7 @@ from rexnet.security.tls import Revocations
 MAX_HANDSHAKES = 32  # connect-backs of one job in their TLS handshake at once
 PER_SOURCE = 4  # ... from one address
 EARLY_GRACE = 0.5  # seconds the early TAKEN's connection has to be verified
+PREPARED_FOR = 5.0  # seconds a pre-signed early TAKEN is used (its timestamp must be fresh)
 
 
 class Core(Protocol):
@@ -45,6 +50,9 @@ class Core(Protocol):
     credential: Credential
     reactor: Any
     revoked: Revocations | None
+
+    def accepted(self, channel: ClientChannel) -> None:
+        """A connect-back is accepted, its TLS layer not yet built (the early TAKEN)."""
 
 
 class ConnectBackFactory(Factory):
@@ -74,6 +82,7 @@ class ConnectBackFactory(Factory):
             return Refused()
         channel = ClientChannel(core.events, core.credential, core.reactor, core.revoked)
         channel.factory = self
+        core.accepted(channel)
         return channel
 
 
@@ -90,18 +99,36 @@ class Takens:
         self.reopen = reopen
         self.early: ClientChannel | None = None  # the connection the early TAKEN was for
         self._grace: IDelayedCall | None = None
+        # the early TAKEN signed ahead: (job id, answered, when signed, datagram)
+        self._prepared: tuple[bytes, int, float, bytes] | None = None
+
+    def _encode(self, job_id: bytes, answered: int, early: bool) -> bytes:
+        return wire.encode_datagram(wire.Taken(job_id, self.now(), answered, early),
+                                    self.credential.app_id, self.credential.key)
 
     def _taken(self, job_id: bytes, answered: int, early: bool = False) -> None:
-        self.send(wire.encode_datagram(wire.Taken(job_id, self.now(), answered, early),
-                                       self.credential.app_id, self.credential.key))
+        self.send(self._encode(job_id, answered, early))
+
+    def prepare(self, job_id: bytes, answered: int) -> None:
+        """Sign the early TAKEN of JOB_ID ahead (the job was just announced), for when the
+        first connect-back is accepted with ANSWERED connect-backs counted."""
+        if self.early is None:
+            self._prepared = (job_id, answered, self.reactor.seconds(),
+                              self._encode(job_id, answered, True))
 
     def accepted(self, channel: ClientChannel, job_id: bytes, answered: int) -> None:
-        """A connect-back is accepted (TLS under way): the first of the job sends the early
-        TAKEN, and has EARLY_GRACE to be verified."""
+        """A connect-back is accepted (its TLS handshake not begun): the first of the job
+        sends the early TAKEN (the prepared one if it still fits), and has EARLY_GRACE to
+        be verified."""
         if self.early is not None:
             return
         self.early = channel
-        self._taken(job_id, answered, early=True)
+        prepared, self._prepared = self._prepared, None
+        if (prepared is not None and prepared[:2] == (job_id, answered)
+                and self.reactor.seconds() - prepared[2] < PREPARED_FOR):
+            self.send(prepared[3])
+        else:
+            self._taken(job_id, answered, early=True)
         self._grace = self.reactor.callLater(EARLY_GRACE, self._expired)
 
     def _expired(self) -> None:

@@ -29,7 +29,7 @@ from rexnet.client.progress import silent
 from rexnet.client.results import CompletedJob, JobFailed
 from rexnet.client.warm import WarmPool
 from rexnet.protocol import remotecall as remote
-from rexnet.protocol.request import DEFAULT_TIMEOUT
+from rexnet.protocol.request import DEFAULT_TIMEOUT, ExecRequest
 from rexnet.security.credentials import Credential
 
 T = TypeVar("T")
@@ -37,6 +37,7 @@ T = TypeVar("T")
 _reactor_lock = threading.Lock()
 _reactor_thread: threading.Thread | None = None
 REACTOR_START_TIMEOUT = 30.0
+REQUESTS_KEPT = 64  # distinct (args, env) requests an Executor keeps built
 
 
 def running_reactor() -> Any:
@@ -159,6 +160,8 @@ class Executor(concurrent.futures.Executor):
             collections.deque())
         self._waking = False
         self._shutdown = False
+        self._requests: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]],
+                             ExecRequest] = {}  # in the reactor thread (see _request)
 
     # -- submitting -------------------------------------------------------------------
 
@@ -215,9 +218,21 @@ class Executor(concurrent.futures.Executor):
         def started(worker: str, job: str) -> None:
             self.workers[worker] += 1
 
-        return client.run_on(self._reactor, self.cluster, client.request_of(args, env), stdin,
+        return client.run_on(self._reactor, self.cluster, self._request(args, env), stdin,
                              max_output=max_output, retries=self.retries, say=self.log,
                              on_started=started, pool=self._pool)
+
+    def _request(self, args: tuple[str, ...], env: Env) -> ExecRequest:
+        """The request of a job with ARGS and ENV: one per distinct pair, not one per job
+        (map runs the same ARGS many times). ENV is read now, as the job starts."""
+        pairs = client.env_pairs(env) if env else ()
+        key = (args, pairs)
+        request = self._requests.get(key)
+        if request is None:
+            if len(self._requests) >= REQUESTS_KEPT:
+                self._requests.clear()
+            request = self._requests[key] = client.request_of(args, pairs)
+        return request
 
     def _enqueue(self, start: Callable[[], defer.Deferred[Any]]
                  ) -> concurrent.futures.Future[Any]:

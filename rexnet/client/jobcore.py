@@ -11,7 +11,7 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexnet.client import progress
-from rexnet.client.channel import ChannelEvents, ClientChannel
+from rexnet.client.channel import ChannelEvents, ClientChannel, Later
 from rexnet.client.connectback import ConnectBackFactory, Takens
 from rexnet.client.progress import silent
 from rexnet.client.results import (
@@ -38,6 +38,7 @@ from rexnet.client.trust import distrust
 from rexnet.client.warm import HUNGRY_AFTER, WarmPool
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import DatagramSender, source_address
+from rexnet.net.tuning import send_now
 from rexnet.protocol import exitcodes, wire
 from rexnet.protocol.text import printable
 from rexnet.security.credentials import CertInfo, Credential
@@ -50,20 +51,6 @@ not allowed, or not found (127, as a shell says)."""
 # 3 s (at random: clients that began together drift apart)
 RESEND = backoffPolicy(initialDelay=0.05, maxDelay=2.0, factor=2.0, jitter=lambda: 0.0)
 RESEND_STEPS = 6  # resends before the delay reaches its maximum
-
-class Later(Protocol):
-    """The inputs the core itself gives its machine (rexnet.client.machine.JobInputs)."""
-
-    def timed_out(self) -> None: ...
-
-    def queue_timed_out(self) -> None: ...
-
-    def unreachable(self) -> None: ...
-
-    def reuse(self, channel: ClientChannel) -> None: ...
-
-    def drained(self) -> None: ...
-
 
 class JobCore:
     """One job's data and actions (see the module's docstring)."""
@@ -195,6 +182,7 @@ class JobCore:
             delay *= 0.5 + self.jitter()
         self.seq += 1
         self._resend = self.reactor.callLater(delay, self._announce)
+        self.takens.prepare(self.job_id, self.answered + 1)  # signed while workers answer
         if self.seq == HUNGRY_AFTER and self.pool is not None:  # unanswered: the pool's
             self.pool.want(self.pool_key, self._offered)  # next spare channel will do
 
@@ -223,11 +211,15 @@ class JobCore:
 
     # -- connections ------------------------------------------------------------------
 
+    def accepted(self, channel: ClientChannel) -> None:
+        """The port accepted CHANNEL (before its TLS layer is built): counted, and the
+        first of a job still looking sends the early TAKEN (rexnet.client.connectback)."""
+        self.answered += 1
+        if self.chosen is None and not self.result.called:
+            self.takens.accepted(channel, self.job_id, self.answered)
+
     def connected(self, channel: ClientChannel) -> None:
         self.channels.add(channel)
-        self.answered += 1
-        if self.chosen is None:
-            self.takens.accepted(channel, self.job_id, self.answered)
 
     def forget(self, channel: ClientChannel) -> None:
         """CHANNEL's connection is gone."""
@@ -284,9 +276,11 @@ class JobCore:
         self._send_start(channel)
 
     def _send_start(self, channel: ClientChannel) -> None:
-        """START to CHANNEL's worker (StdioStreams offer stdin and stdout apart)."""
+        """START to CHANNEL's worker (StdioStreams offer stdin and stdout apart), at once:
+        before the rest of this turn's work."""
         offer = getattr(self.streams, "offer_data", None)
         channel.send(self.request if offer is None else offer(channel, self.request, self))
+        send_now(channel.transport)
 
     def warm_refused(self, why: str, full: bool = False) -> None:
         """The warm channel's worker cannot take the job after all (FULL: BUSY)."""
@@ -471,13 +465,14 @@ class JobCore:
             self.chosen.close(abort=True)
         self.fail(Interrupted("the job's launcher went away", exitcodes.WORKER_LOST))
 
-    def _cleanup(self) -> None:
+    def _cleanup(self, stop_alerts: bool = True) -> None:
         if self.pool is not None and self.chosen is not None and not self.parked:
             self.pool.lost(self.chosen)  # the job failed: its channel closes below
         self._stop_looking()
         if isinstance(self.streams, StdioStreams):
             self.streams.close_data_port()
-        self.alerts.stop()
+        if stop_alerts:
+            self.alerts.stop()
         if self._udp is not None and self._udp.transport is not None:
             self._udp.transport.stopListening()
         for channel in list(self.channels):
@@ -487,9 +482,10 @@ class JobCore:
         if self.result.called:
             return
         chosen = self.chosen
+        alert: dict[str, object] | None = None
         if self.started is None or not self.started.detached:  # (the worker reports it)
-            self.alerts.send(
-                "job-finished", job=result.job, worker=result.worker,
+            alert = dict(
+                job=result.job, worker=result.worker,
                 worker_addr=result.address, client=self.credential.name,
                 status=result.status, signal=result.signal,
                 duration=round(self.reactor.seconds() - self._t0, 3),
@@ -503,8 +499,13 @@ class JobCore:
                 self.parked = True
             else:
                 chosen.close()
-        self._cleanup()
+        self._cleanup(stop_alerts=False)
         self.result.callback(result)
+        # the owner has its result first (an agent's launcher is told its status at once):
+        # signing and sending the alert is off the job's round trip, not skipped
+        if alert is not None:
+            self.alerts.send("job-finished", **alert)
+        self.alerts.stop()
 
     def fail(self, error: JobFailed) -> None:
         if self.result.called:

@@ -162,17 +162,15 @@ class WarmPool:
         if self.discount_own:
             warm.own_at_hello = self.own(hello.worker)
 
-    def own_share(self, warm: Warm) -> float:
-        """The part of WARM's worker's load figure that is this client's own jobs."""
-        return self.own(warm.worker) / max(warm.slots, 1)
-
     def started(self, link: Link) -> None:
         """A job of this client started on LINK (fresh or warm)."""
         warm = self.record(link)
         if warm.heard_at is not None and not warm.busy:
             if not warm.jobs:  # a fresh channel: its worker just won an announcement
-                warm.won_load = warm.load - self.own_share(warm)
-                warm.won_others = warm.running - self.own(warm.worker)
+                # its load and other clients' jobs, less ours as its report counted them
+                # (ours that started there since are not in it: never below 0)
+                warm.won_load = max(warm.load - warm.own_at_hello / max(warm.slots, 1), 0.0)
+                warm.won_others = max(warm.running - warm.own_at_hello, 0)
             warm.busy = True
         warm.exited = False
         warm.jobs += 1
@@ -187,7 +185,10 @@ class WarmPool:
         if warm.heard_at is None or warm.link.closed or now - warm.heard_at > self.fresh:
             return False
         mine = warm.own_at_hello if self.discount_own else 0
-        return (warm.running < warm.slots and warm.running - mine <= warm.won_others
+        # its slots now: its report, less our jobs then, plus ours now (0, 0 without
+        # DISCOUNT_OWN): our jobs that ended since the report freed their slots
+        return (warm.running - mine + self.own(warm.worker) < warm.slots
+                and warm.running - mine <= warm.won_others
                 and warm.load - mine / max(warm.slots, 1) - warm.won_load < self.margin)
 
     def queue_usable(self, warm: Warm, now: float) -> bool:

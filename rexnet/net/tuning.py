@@ -16,6 +16,10 @@ PIPE_SIZE, so a pipe holds more than a few reads' worth; where the kernel refuse
 (not a pipe, over /proc/sys/fs/pipe-max-size, the user's pipe quota spent) the pipe
 keeps its size, quietly. Per job that is at most a few pipes of PIPE_SIZE in the kernel
 and TRANSPORT_BUFFER (plus the channel's window) in the process: bounded.
+
+`send_now` hands a message the peer waits on (START, EXIT, the launcher's status) to the
+kernel at once, before the bookkeeping that follows it (issue P11, item 3). It reads two
+private attributes of Twisted's (tests/test_send_now.py names them).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Any
 
 from twisted.internet import abstract
 from twisted.logger import Logger
+
+from rexnet.net.bulktls import tls_layer
 
 PIPE_SIZE = 1 << 20
 TRANSPORT_BUFFER = 256 * 1024
@@ -63,6 +69,27 @@ def tune_connection(transport: Any) -> bool:
         return False
     connection.bufferSize = TRANSPORT_BUFFER
     connection.SEND_LIMIT = TRANSPORT_BUFFER
+    return True
+
+
+def send_now(transport: Any) -> bool:
+    """Hand what TRANSPORT holds to the kernel now, not on the reactor's next turns: for a
+    message the peer waits on (START, a job's EXIT, the launcher's exit status) when more
+    work (the job's bookkeeping) follows it in this turn. Twisted's TLS transport keeps
+    small writes until the next turn (to make one record of them) and the socket until
+    the one after; both are flushed here. What the socket cannot take waits for the
+    reactor, as usual; a transport with no socket under it (tests' transports), or one
+    closing, is left alone. Whether a write was made."""
+    tls = tls_layer(transport)
+    if tls is not None and not tls.disconnecting:  # (closing: its loseConnection flushed)
+        aggregator = getattr(tls, "_aggregator", None)  # BufferingTLSTransport's small writes
+        if aggregator is not None:
+            aggregator.flush()
+    connection = tcp_transport(transport)
+    if (connection is None or not connection.connected or connection.disconnecting
+            or not (connection.dataBuffer or getattr(connection, "_tempDataBuffer", None))):
+        return False
+    connection.doWrite()  # an error stays for the reactor's own doWrite to find
     return True
 
 

@@ -5,6 +5,7 @@ sent as it accepts a first connection, cancels those not yet begun."""
 
 from __future__ import annotations
 
+import typing
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +86,16 @@ def connect_back_target(dgram: wire.Datagram, addrs: tuple[str, ...], port: int,
         return Target(addrs[0], port, f"carried by a tunnel from {source}: the first "
                       "address the client signed")
     return Target(source, port, "the announcement's source, a client address it signed")
+
+
+class Capacity(typing.Protocol):
+    """What hasten needs of a worker's settings."""
+
+    @property
+    def slots(self) -> int: ...
+
+    @property
+    def speed(self) -> float: ...
 
 
 class ConnectBacks:
@@ -189,6 +200,26 @@ class ConnectBacks:
             self.freed()
 
         pending.connecting.addErrback(failed)
+
+    def hasten(self, settings: Capacity, busy: int, load: Callable[[], float]) -> int:
+        """A worker of SETTINGS (slots, speed) has BUSY slots: into those free, the oldest
+        connect-backs promised for a queue place and not begun yet go now, after the delay
+        an answer with a free slot gets (not the expected wait they were drawn with: the
+        slot would idle until then, or until the client announced again; a stopping
+        worker has none left).  LOAD() gives its load figure.  How many were hastened."""
+        now = self.reactor.seconds()
+        free, speed = settings.slots - busy, settings.speed
+        waiting = sorted((p for p in self.pending.values() if p.queued and p.slots == 1
+                          and p.call is not None and p.call.active()), key=lambda p: p.heard)
+        figure = load() if waiting and free > 0 else 0.0
+        for pending in waiting[:max(free, 0)]:
+            assert pending.call is not None
+            pending.queued, pending.ahead, pending.wait, pending.load = False, 0, 0.0, figure
+            delay = connect_back_delay(figure, speed, self.jitter, self.crowd.size(now))
+            if delay < pending.call.getTime() - now:
+                pending.delay = now - pending.heard + delay
+                pending.call.reset(delay)
+        return min(len(waiting), max(free, 0))
 
     def taken(self, pending: Pending, answered: int, early: bool = False) -> None:
         """A checked TAKEN for PENDING's job: learn the crowd (once); cancel unless

@@ -151,6 +151,7 @@ class JobBook:
         self.keep = keep
         self.wall = wall
         self.jobs: OrderedDict[str, Booked] = OrderedDict()
+        self.finished = 0  # of the jobs, those that ended
 
     def output_log(self, job: str, address: str) -> OutputLog:
         """A fresh output file for detached JOB; OSError if the state directory fails."""
@@ -172,19 +173,21 @@ class JobBook:
         booked = self.jobs.get(job)
         if booked is None:
             return
+        was = booked.ended
         booked.ended = self.wall()
         booked.status = code if sig is None else 128 + sig
         booked.process = None
         booked.expiry = self.reactor.callLater(self.keep, self.forget, job)
-        finished = [j for j, b in self.jobs.items() if b.ended]
-        for old in finished[: max(0, len(finished) - MAX_FINISHED)]:
-            self.forget(old)
+        self.finished += bool(booked.ended) - bool(was)
+        while self.finished > MAX_FINISHED:  # the oldest first (not a scan of them all)
+            self.forget(next(j for j, b in self.jobs.items() if b.ended))
 
     def forget(self, job: str) -> None:
         """Drop JOB's row, output and directory (kept long enough)."""
         booked = self.jobs.pop(job, None)
         if booked is None:
             return
+        self.finished -= bool(booked.ended)
         if booked.expiry is not None and booked.expiry.active():
             booked.expiry.cancel()
         if booked.directory is not None:

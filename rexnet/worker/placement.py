@@ -1,11 +1,14 @@
 """Where and what a job runs: its argv and working directory, from START and the worker's
-COMMAND or allow-list of programs."""
+COMMAND or allow-list of programs; and whether its client may still run jobs."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from rexnet.protocol import wire
+from rexnet.security.credentials import check_validity
+from rexnet.security.tls import Revocations
 from rexnet.worker.commands import CommandPolicy, CommandRefused
 from rexnet.worker.machine import Refusal
 from rexnet.worker.settings import WorkerSettings
@@ -49,3 +52,13 @@ def refusal_before_queue(s: WorkerSettings, start: wire.Start) -> Refusal | None
         return Refusal("placement", f"worker {s.name} cannot take this job (its "
                        "--worker or --cpus)")
     return None
+
+
+def client_refusal(cert: Any, revoked: Revocations | None) -> str | None:
+    """Why a warm channel's client may no longer run jobs (its certificate CERT expired or
+    was revoked since the handshake), or None."""
+    expired = check_validity(cert)
+    if expired:
+        return f"the client's certificate {expired}"
+    reason = revoked.reason(cert) if revoked else None
+    return f"the client's {reason}" if reason else None

@@ -7,6 +7,7 @@ import random
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from twisted.internet import defer
@@ -16,8 +17,9 @@ from twisted.logger import Logger
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import AnnounceChecker, ClientCert, RateLimiter, Rejected, now_ms
 from rexnet.net.complaints import COMPLAINT_RATE, Complaints
+from rexnet.net.tuning import send_now
 from rexnet.protocol import wire
-from rexnet.security.credentials import CertInfo, check_validity
+from rexnet.security.credentials import CertInfo
 from rexnet.security.tls import connecting_options
 from rexnet.version import __version__
 from rexnet.worker.calls import JobCalls
@@ -31,7 +33,7 @@ from rexnet.worker.jobqueue import JobQueue, Waitlist
 from rexnet.worker.load import Crowd, HostLoad, connect_back_delay, load_figure, sample_host
 from rexnet.worker.machine import Refusal
 from rexnet.worker.metrics import NO_METRICS, Metrics, NoMetrics
-from rexnet.worker.placement import place, refusal_before_queue
+from rexnet.worker.placement import client_refusal, place, refusal_before_queue
 from rexnet.worker.settings import Running, WorkerSettings
 from rexnet.worker.spawn import spawn
 
@@ -42,7 +44,7 @@ STATUS_INTERVAL = 5.0  # seconds between worker-status alerts
 GLOBAL_RATE = 2000.0  # datagrams per second checked, all sources together
 GLOBAL_BURST = 4000.0
 MAX_WARM = 64  # idle warm channels a worker keeps at most
-SAMPLE_AGE = 0.1  # seconds a host sample serves warm channels' reports
+SAMPLE_AGE = 1.0  # s a host sample serves HELLOs (of it, its load average: moved every 5 s)
 
 log = Logger()
 
@@ -152,8 +154,7 @@ class Worker:
 
     def load(self, figures: HostLoad | None = None) -> float:
         """The load figure: run-queue per CPU, and slots busy or wanted by queued jobs."""
-        return load_figure(figures or self.sample(), self.busy + self.queued,
-                           self.settings.slots)
+        return load_figure(figures or self.sample(), self.busy + self.queued, self.settings.slots)
 
     def expected_wait(self, ahead: int) -> float:
         """Seconds a job with AHEAD queued jobs before it would wait for a slot."""
@@ -224,17 +225,12 @@ class Worker:
         ann, client = self.checker.check_announce(dgram, host)
         if self.connect_backs.resent(ann.job_id, client):
             return  # a resend of a job we already answered (see resent)
-        if ann.cpus > self.settings.slots or (ann.workers and
-                                                self.settings.name not in ann.workers):
-            log.debug("not answering job from {client}: it is not for this worker",
-                      client=client.info.name)
+        why = ("it is not for this worker" if ann.cpus > self.settings.slots or (
+            ann.workers and self.settings.name not in ann.workers)
+            else self.fits(1, ann.mem, ()) if ann.mem else None)
+        if why is not None:
+            log.debug("not answering job from {client}: {why}", client=client.info.name, why=why)
             return
-        if ann.mem:
-            why = self.fits(1, ann.mem, ())
-            if why is not None:
-                log.debug("not answering job from {client}: {why}", client=client.info.name,
-                          why=why)
-                return
         target = connect_back_target(dgram, ann.addrs, ann.port, host)
         plain = ann.cpus == 1 and not ann.mem  # the waitlist keeps plain jobs only
         if plain and (ann.job_id in self.waitlist or not self._answer(
@@ -340,6 +336,7 @@ class Worker:
                 waiting = self.queue.pop()
                 assert waiting is not None
                 waiting.channel.admit()
+            self.connect_backs.hasten(self.settings, self.busy, self.load)  # place -> slot
             self._answer_waiting()
         finally:
             self._admitting = False
@@ -362,14 +359,8 @@ class Worker:
                           round(pending.delay * 1000, 3), s.slots, len(self.running),
                           pending.ahead, round(pending.wait * 1000, 1))
 
-    def client_refusal(self, cert: Any) -> str | None:
-        """Why a warm channel's client may no longer run jobs (its certificate expired or
-        was revoked since the handshake), or None."""
-        expired = check_validity(cert)
-        if expired:
-            return f"the client's certificate {expired}"
-        revoked = self.settings.revoked.reason(cert) if self.settings.revoked else None
-        return f"the client's {revoked}" if revoked else None
+    def client_refusal(self, cert: Any) -> str | None:  # (for the channels' machine)
+        return client_refusal(cert, self.settings.revoked)
 
     def start_job(self, channel: WorkerChannel, start: wire.Start, warm: bool
                   ) -> Running | Refusal:
@@ -419,13 +410,14 @@ class Worker:
                                               self.reactor.seconds(), start.keep,
                                               max(start.cpus, 1), start.get)
         booked = self.book.started(job, channel.peer_cert, " ".join(argv), proto, output)
+        self.jobs_run += 1
+        channel.send(wire.Started(job, refused, (cwd or os.getcwd())
+                                  if s.commands.enabled else "", output is not None, *proto.sides))
+        send_now(channel.transport)  # before the alert and the log line: the client prepares
         self.alerts.send("job-started", job=job, worker=s.name, client=client,
                          client_addr=channel.peer_address(), command=" ".join(argv)[:200],
                          **({"detached": 1} if output else {}))
-        self.jobs_run += 1
         self.metrics.job_started()
-        channel.send(wire.Started(job, refused, (cwd or os.getcwd())
-                                  if s.commands.enabled else "", output is not None, *proto.sides))
         log.info("job {job} started for {client} from {peer}{warm}: {argv}{tty}{cwd}",
                  job=job, client=client, peer=channel.peer_address(), argv=argv,
                  warm=" on a warm channel" if warm else "",
@@ -449,42 +441,50 @@ class Worker:
         running = self.running.pop(job, None)
         if running is None:
             return
-        log.info("job {job} ended: {how}{limit}", job=job,
+        channel = running.channel
+        books = partial(self._books, running, code, sig, limit,
+                        sum(s.received for s in channel.ins.values()),
+                        sum(s.sent for s in channel.outs.values()))
+        if isinstance(channel, WorkerChannel) and channel.job_dir is None:
+            self._exit(running, code, sig, limit, books)  # its client waits for EXIT, not books
+            return
+        books()  # first: a detached job's watchers read them; files go back after them
+        returned = defer.succeed(None)
+        if (isinstance(channel, WorkerChannel) and channel.job_dir is not None and running.get
+                and not channel.closed):
+            returned = send_back(channel.lane(), channel.job_dir, running.get, self.settings.files,
+                                 lambda problem: self.complain(channel.peer_address(), problem))
+        returned.addBoth(lambda _: self._exit(running, code, sig, limit))
+
+    def _books(self, running: Running, code: int | None, sig: int | None, limit: str,
+               bytes_in: int, bytes_out: int) -> None:
+        """A job's end in the worker's books: its log line, metrics, alert and row."""
+        log.info("job {job} ended: {how}{limit}", job=running.job,
                  how=f"exit {code}" if sig is None else f"signal {sig}",
                  limit=f" ({limit} limit)" if limit else "")
-        channel = running.channel
-        bytes_in = sum(s.received for s in channel.ins.values())
-        bytes_out = sum(s.sent for s in channel.outs.values())
         self.metrics.job_finished(code, sig, limit, bytes_in, bytes_out)
-        duration = self.reactor.seconds() - running.started
-        self.queue.finished(duration)
+        self.queue.finished(duration := self.reactor.seconds() - running.started)
         self.alerts.send(
-            "job-finished", job=job, worker=self.settings.name, client=running.client,
+            "job-finished", job=running.job, worker=self.settings.name, client=running.client,
             status=code if sig is None else 128 + sig, signal=sig, limit=limit or None,
-            duration=round(duration, 3),
-            bytes_in=bytes_in, bytes_out=bytes_out)
+            duration=round(duration, 3), bytes_in=bytes_in, bytes_out=bytes_out)
         if limit:
-            self.complain(channel.peer_address(), f"job {job} hit its {limit} limit")
-        self.book.ended(job, code, sig)
-        if isinstance(channel, WorkerChannel) and channel.job_dir is not None:
-            returned = defer.succeed(None)
-            if running.get and not channel.closed:
-                returned = send_back(channel.lane(), channel.job_dir, running.get,
-                                     self.settings.files,
-                                     lambda problem: self.complain(channel.peer_address(),
-                                                                   problem))
-            returned.addBoth(lambda _: self._exit(running, code, sig, limit))
-        else:
-            self._exit(running, code, sig, limit)
+            self.complain(running.channel.peer_address(), f"job {running.job} hit its {limit} "
+                          "limit")
+        self.book.ended(running.job, code, sig)
 
-    def _exit(self, running: Running, code: int | None, sig: int | None, limit: str) -> None:
-        """The job's files are back (if any): EXIT, then keep or close the channel."""
+    def _exit(self, running: Running, code: int | None, sig: int | None, limit: str,
+              books: Callable[[], None] | None = None) -> None:
+        """EXIT, then keep or close the channel; BOOKS once EXIT is with the kernel."""
         channel = running.channel
         if isinstance(channel, WorkerChannel):
             channel.job_files_done()
         channel.send(wire.Exit(code, sig, limit))
         channel.job_ended(keep=running.keep and not limit and self._idle is None
                           and len(self.warm) < MAX_WARM)
+        if books is not None:
+            send_now(getattr(channel, "transport", None))
+            books()
         if not self.running and self._idle is not None and not self._idle.called:
             self._idle.callback(None)
         self._admit()
