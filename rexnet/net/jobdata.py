@@ -1,18 +1,29 @@
 """A job's stdin and stdout on mutual-TLS data connections of their own, each pumped by a
-thread at both ends (issue P11 item 2: beyond one thread).
+thread at both ends (issue P11 item 2: beyond one thread), once they prove big.
 
-The client offers them in START (rexnet.protocol.frames.Start: data_port, data_token,
-data_streams "i" stdin, "o" stdout) for a job without a terminal whose stdin or stdout
-is a pipe or a file; stderr and control (START, WINDOW, EXIT, signals) stay on the
-job's channel in the reactor. The worker that takes the offer says so in STARTED
-(stdin_apart, stdout_apart) and connects to the port once per stream (DataDial): TLS
-with certificates on both sides, each checked as the channel's are
-(rexnet.net.threadtls.peer) and each required to be the certificate of the job's
-channel; its first bytes are the 32-byte token and the stream's letter. The client
-(DataPort) accepts one connection per stream, only with the job's token and the job's
-worker's certificate, and only after START (the port opens with it); any other
-connection is refused with a complaint, and a peer that has not finished its handshake
-and sent the token within HANDSHAKE_TIMEOUT is dropped (MAX_PENDING served at once).
+The client offers them in START (rexnet.protocol.frames.Start: data_token, data_streams
+"i" stdin, "o" stdout) for a job without a terminal whose stdin or stdout is a pipe or
+a file; the worker says in STARTED (stdin_apart, stdout_apart) which it would take.
+Each stream starts in-band on the job's channel, as with an older peer: a short job
+costs no port, thread or handshake. Only once tuning.HANDOVER bytes of it went in-band
+does it move (the APART frame marks where its in-band part ends):
+
+- stdin: the client stops reading it in the reactor, opens its DataPort (one a job, for
+  both streams) and sends APART(0, port) after its last in-band byte; the worker dials
+  (DataDial) and its thread writes to the job's pipe only once the reactor has written
+  every in-band byte there (the GATE);
+- stdout: the worker stops reading the job's pipe in the reactor and sends APART(1, 0)
+  after its last in-band byte; the client answers APART(1, port) (0: stay in-band) and
+  its thread writes to stdout only once the reactor has written every in-band byte.
+
+stderr and control (START, WINDOW, EXIT, signals) stay on the channel in the reactor.
+Each connection is TLS with certificates on both sides, each checked as the channel's
+are (rexnet.net.threadtls.peer) and each required to be the certificate of the job's
+channel; the worker's first bytes are the 32-byte token and the stream's letter. The
+client (DataPort) accepts one connection per stream, only with the job's token and the
+job's worker's certificate, and only for a stream handed over; any other connection is
+refused with a complaint, and a peer that has not finished its handshake and sent the
+token within HANDSHAKE_TIMEOUT is dropped (MAX_PENDING served at once).
 
 Each stream ends with TLS close_notify. A stream that ends without it (a FIN or a
 reset) is a truncation and fails the job: stdin's, at the worker (the job's stdin is
@@ -23,8 +34,8 @@ sent close_notify, and the client acts on it once its own has read that close_no
 and written everything (StdioStreams.finish). A job that stops reading its stdin, or a
 client whose stdout reader went away, ends the stream's connection: the other end's
 thread ends quietly (the job then sees EPIPE on its stdout, as under ssh). The worker
-dials stdout's connection only once the job's first output is there: a job that writes
-nothing (`true`) costs no handshake; its stream 1 ends with an EOF on the channel.
+dials stdout's connection only once the job wrote more after the handover: a job that
+ends right at it costs no handshake; its stream 1 ends with an EOF on the channel.
 """
 
 from __future__ import annotations
@@ -67,26 +78,38 @@ def _start(target: Callable[..., None], name: str, *args: object) -> None:
     threading.Thread(target=target, name=name, args=args, daemon=True).start()
 
 
+def await_gate(gate: threading.Event | None, stopper: Stopper) -> None:
+    """Until GATE is set (the reactor wrote every in-band byte); Stopped if stopped."""
+    while gate is not None and not gate.wait(0.05):
+        if stopper.stopped:
+            raise Stopped
+
+
 @implementer(IReadDescriptor)
 class DataPort:
     """The client's end: a listening port for one job's data connections (see above).
 
     SOURCE (stdin) and SINK (stdout) are the job's descriptors, or None for a stream not
-    offered (each copied: a thread closes its copy); EXPECTED is the certificate of the
-    job's worker; COMPLAIN(peer, problem) is called in the reactor for each refusal."""
+    handed over (yet: see add; each copied: a thread closes its copy); EXPECTED is the
+    certificate of the job's worker; TOKEN the one START carried (a fresh one if None);
+    COMPLAIN(peer, problem) is called in the reactor for each refusal."""
 
     def __init__(self, reactor: Any, credential: Credential, revoked: Revocations | None,
                  host: str, expected: x509.Certificate, source: int | None,
-                 sink: int | None, complain: Callable[[str, str], None]) -> None:
+                 sink: int | None, complain: Callable[[str, str], None],
+                 token: bytes | None = None) -> None:
         self.reactor = reactor
         self.credential = credential
         self.revoked = revoked
         self.expected = expected
         self.complain = complain
-        self.token = os.urandom(TOKEN_SIZE)
+        self.token = token or os.urandom(TOKEN_SIZE)
+        self.gates: dict[str, threading.Event] = {}  # a stream's thread waits on its gate
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.fds: dict[str, int] = {}
+        self.claimed: set[str] = set()
+        self.streams = ""
         self._lock = threading.Lock()
         try:
             self.sock.bind((host, 0))
@@ -95,14 +118,11 @@ class DataPort:
             self.port: int = self.sock.getsockname()[1]
             for stream, fd in ((STDIN, source), (STDOUT, sink)):
                 if fd is not None:
-                    widen_pipe(fd)  # as the reactor's pipe readers and writers do
-                    self.fds[stream] = os.dup(fd)
+                    self.add(stream, fd)
         except OSError:
             self.sock.close()
             self._release(*self.fds)
             raise
-        self.streams = "".join(self.fds)
-        self.claimed: set[str] = set()
         self.listening = True
         self.closed = False
         self.sent = [0]
@@ -110,6 +130,18 @@ class DataPort:
         self.output: defer.Deferred[None] = defer.Deferred()  # stdout's end (see finish)
         self._threads: dict[Stopper, str] = {}  # each thread, and its stream once claimed
         reactor.addReader(self)
+
+    def add(self, stream: str, fd: int, gate: threading.Event | None = None) -> None:
+        """STREAM (its descriptor FD, copied) is handed over: its connection may come. Its
+        thread moves nothing before GATE is set (None: at once)."""
+        widen_pipe(fd)  # as the reactor's pipe readers and writers do
+        copy = os.dup(fd)
+        with self._lock:
+            self.fds[stream] = copy
+            if gate is not None:
+                self.gates[stream] = gate
+            self.streams = "".join(s for s in (STDIN, STDOUT) if s in self.fds
+                                   or s in self.claimed)
 
     # -- IReadDescriptor: the listening socket, in the reactor --------------------------
 
@@ -164,6 +196,7 @@ class DataPort:
                 threadtls.send_from(self.fds[STDIN], conn, stopper, self.sent)
                 threadtls.linger(sock, HANDSHAKE_TIMEOUT)
             else:
+                await_gate(self.gates.get(STDOUT), stopper)
                 threadtls.receive_into(conn, self.fds[STDOUT], stopper, self.received)
                 self.reactor.callFromThread(self._output_end, None)
         except Stopped:
@@ -290,14 +323,15 @@ class DataDial:
     """The worker's end of one stream: connect to the client's data port, present the
     token and the stream's letter, then move the stream: STDIN from TLS to the job's
     stdin pipe, STDOUT from the job's stdout pipe to TLS. FD is the job's end of the
-    pipe (copied: the thread closes its copy, the caller closes its own at once).
-    ENDED(problem) is called in the reactor at the end: "" for a clean end (close_notify;
-    or the other end went away on purpose), None when stopped, else why the stream is
-    incomplete."""
+    pipe (copied: the thread closes its copy); GATE, if any, is set once the reactor
+    wrote its last in-band byte there. ENDED(problem) is called in the reactor at the
+    end: "" for a clean end (close_notify; or the other end went away on purpose), None
+    when stopped, else why the stream is incomplete."""
 
     def __init__(self, reactor: Any, credential: Credential, revoked: Revocations | None,
                  address: tuple[str, int], token: bytes, expected: x509.Certificate,
-                 stream: str, fd: int, ended: Callable[[str | None], None]) -> None:
+                 stream: str, fd: int, ended: Callable[[str | None], None],
+                 gate: threading.Event | None = None) -> None:
         self.reactor = reactor
         self.credential = credential
         self.revoked = revoked
@@ -307,6 +341,7 @@ class DataDial:
         self.stream = stream
         self.fd = os.dup(fd)
         self.ended = ended
+        self.gate = gate
         self.stopper = Stopper()
         self.moved = [0]
         self.empty = False  # stdout ended before its first byte: no connection was made
@@ -349,6 +384,7 @@ class DataDial:
                     raise Stopped
             sock.setblocking(True)
             if self.stream == STDIN:
+                await_gate(self.gate, self.stopper)
                 threadtls.receive_into(conn, self.fd, self.stopper, self.moved)
             else:
                 conn.sendall(first)

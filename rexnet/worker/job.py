@@ -7,6 +7,7 @@ import functools
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from twisted.python.failure import Failure
 from rexnet.net.channel import Channel, InStream, OutStream
 from rexnet.net.jobdata import STDIN, STDOUT, DataDial
 from rexnet.net.pipes import PipeReader
+from rexnet.net.tuning import HANDOVER
 from rexnet.protocol import wire
 from rexnet.worker.load import group_rss
 from rexnet.worker.spawn import set_winsize
@@ -122,6 +124,11 @@ class JobProcess(ProcessProtocol):
         self._memory: LoopingCall | None = None
         self.isolation: Isolation | None = None  # set by a sandbox before the spawn
         self.apart: dict[int, DataDial] = {}  # streams on data connections of their own
+        self.may: set[int] = set()  # the streams the client offered to hand over
+        self.asked = False  # APART(1, 0) sent: stdout is no longer read in the reactor
+        self.out_sent = 0  # stdout's bytes sent in-band
+        self._host = ""
+        self._gates: dict[int, threading.Event] = {}
 
     # -- wiring -----------------------------------------------------------------------
 
@@ -148,12 +155,10 @@ class JobProcess(ProcessProtocol):
             self._output(1, transport)
         else:
             pipes = transport.pipes
-            self._data_apart(pipes)
-            if 0 not in self.apart:
-                channel.ins[0] = InStream(channel, 0, pipes[0])
+            self._data_apart()
+            channel.ins[0] = InStream(channel, 0, pipes[0])
             for fd in (1, 2):
-                if fd not in self.apart:
-                    self._output(fd, pipes[fd])
+                self._output(fd, pipes[fd])
             for fd, mode in self.start.fds:
                 if mode == "rw":
                     end = self.sockets[fd] = SocketEnd(self, fd, self._pairs.pop(fd))
@@ -170,33 +175,71 @@ class JobProcess(ProcessProtocol):
             self._memory.clock = self.reactor
             self._memory.start(MEMORY_CHECK, now=False)
 
-    def _data_apart(self, pipes: dict[int, Any]) -> None:
-        """Take START's offer of stdin and stdout on data connections of their own
-        (rexnet.net.jobdata) if the client is reachable directly (not through a cproxy):
-        a thread per stream gets a copy of its pipe, the reactor's end is closed."""
+    def _data_apart(self) -> None:
+        """Whether to take START's offer of stdin and stdout on data connections of their
+        own once they prove big (rexnet.net.jobdata): only if the client is reachable
+        directly (not through a cproxy). Nothing is dialled yet."""
         start, channel = self.start, self.channel
+        channel.on_apart = None
         pending = getattr(channel, "pending", None)
         if (not start.data_token or start.detach or channel.peer_cert is None
                 or pending is None or getattr(pending, "relayed", True)):
             return
-        host = getattr(channel.transport.getPeer(), "host", None)  # type: ignore[union-attr]
-        if not host:
-            return
-        for fd, stream in ((0, STDIN), (1, STDOUT)):
-            if stream in start.data_streams:
-                self.apart[fd] = DataDial(
-                    self.reactor, channel.credential, channel.revoked,
-                    (host, start.data_port), bytes.fromhex(start.data_token),
-                    channel.peer_cert, stream, pipes[fd].fileno(),
-                    functools.partial(self._apart_ended, fd))
-                pipes[fd].loseConnection()
-        if 1 in self.apart:
-            self.open_outputs.add(1)
+        self._host = getattr(channel.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        if self._host:
+            self.may = {fd for fd, s in ((0, STDIN), (1, STDOUT)) if s in start.data_streams}
+            channel.on_apart = self._apart_received
+
+    def _dial(self, fd: int, port: int, gate: threading.Event | None = None) -> None:
+        """Move stream FD onto its data connection (the client's PORT)."""
+        pipe = self.transport.pipes[fd]  # type: ignore[union-attr]
+        self.apart[fd] = DataDial(
+            self.reactor, self.channel.credential, self.channel.revoked,  # type: ignore[attr-defined]
+            (self._host, port), bytes.fromhex(self.start.data_token), self.channel.peer_cert,
+            STDIN if fd == 0 else STDOUT, pipe.fileno(),
+            functools.partial(self._apart_ended, fd), gate)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.channel.outs[childFD].write(data)
+        if childFD == 1 and 1 in self.may and not self.asked:
+            self.out_sent += len(data)
+            if self.out_sent >= HANDOVER:  # stdout is big: hand it over
+                self.asked = True
+                self.channel.outs[1].detach()  # the reactor reads no more of it
+                self.channel.send(wire.Apart(1, 0))
+
+    def _apart_received(self, frame: wire.Apart) -> None:
+        """APART from the client: stdin's in-band part ends here (dial frame.port), or
+        the answer to our APART(1, 0) (0: stdout stays in-band)."""
+        pipes = getattr(self.transport, "pipes", {})
+        if frame.stream == 0 and 0 in self.may and 0 not in self.apart and frame.port:
+            channel = self.channel
+            if 0 not in pipes or self.ended:  # the job closed its stdin, or ended: no dial
+                channel.ins[0] = ApartInput(channel, 0)
+                return
+            gate = threading.Event()
+            self._gates[0] = gate
+            self._dial(0, frame.port, gate)
+            channel.ins[0] = ApartInput(channel, 0)
+            pipes[0].unregisterProducer()
+            pipes[0].loseConnection()  # once written: childConnectionLost opens the gate
+        elif frame.stream == 1 and self.asked and 1 not in self.apart and not self.reported:
+            if frame.port == 0:  # the client keeps stdout in-band (or its reader is gone)
+                self.may.discard(1)
+                if self.channel.outs[1].closed:  # SHUT came: as OutStream.stop would
+                    pipes[1].stopProducing()
+                else:
+                    self.channel.outs[1].attach(pipes[1])
+                return
+            self._dial(1, frame.port)
+            pipes[1].loseConnection()  # the thread has its own copy
+        else:
+            raise wire.WireError(f"unexpected APART of stream {frame.stream}")
 
     @property
     def sides(self) -> tuple[bool, bool]:
-        """STARTED's (stdin_apart, stdout_apart): the streams on data connections."""
-        return 0 in self.apart, 1 in self.apart
+        """STARTED's (stdin_apart, stdout_apart): the streams it would hand over."""
+        return 0 in self.may, 1 in self.may
 
     def let_go(self) -> None:
         """The job's channel is gone: stop its data connections' threads (stdout's, blocked
@@ -232,11 +275,10 @@ class JobProcess(ProcessProtocol):
 
     # -- the process's descriptors --------------------------------------------------
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.channel.outs[childFD].write(data)
-
     def childConnectionLost(self, childFD: int) -> None:
         if childFD in self.apart:
+            if childFD in self._gates:
+                self._gates[childFD].set()  # every in-band byte is in the job's pipe
             return  # the reactor's end, closed: the stream's thread has its own
         stream = self.channel.ins.get(childFD)
         if stream is not None and childFD not in self.open_outputs:
@@ -339,3 +381,16 @@ class JobProcess(ProcessProtocol):
             self.isolation.signal(number)
         elif self.pid is not None:
             os.killpg(self.pid, number)
+
+
+class ApartInput(InStream):
+    """Stdin on the channel once it is handed over (APART): DATA and EOF are errors."""
+
+    def __init__(self, channel: Channel, stream: int) -> None:
+        super().__init__(channel, stream, None)
+
+    def data(self, payload: bytes) -> None:
+        raise wire.WireError("stdin on the channel after it was handed over")
+
+    def end(self) -> None:
+        raise wire.WireError("stdin's EOF on the channel after it was handed over")
