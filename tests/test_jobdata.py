@@ -104,7 +104,7 @@ def test_only_big_pipes_and_files_go_apart(
             argv, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=out if to_file else subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
         if proc.stdin is not None:
-            proc.stdin.write(b"i" * stdin)
+            proc.stdin.write(b"i" * (stdin or 0))
             proc.stdin.flush()
         deadline = time.monotonic() + 10
         while not job_connections(worker[0]) and time.monotonic() < deadline:
