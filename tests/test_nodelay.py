@@ -7,6 +7,7 @@ import os
 import select
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,20 +155,27 @@ def test_a_running_jobs_channel_and_pipes_are_tuned(
     os.close(stdin_r)
     os.close(stdout_w)
     try:
-        os.write(stdin_w, b"ping\n")
-        assert read_exactly(stdout_r, 5) == b"ping\n"  # the job runs: its channel is up
+        # past the handover (tuning.HANDOVER): stdin and stdout move onto connections
+        # of their own (rexnet.net.jobdata)
+        head = b"x" * (tuning.HANDOVER + 4096) + b"ping\n"
+        writer = threading.Thread(target=os.write, args=(stdin_w, head), daemon=True)
+        writer.start()
+        assert read_exactly(stdout_r, len(head)) == head  # the job runs: its channel is up
+        writer.join()
+        os.write(stdin_w, b"more\n")  # stdout's connection comes with its next bytes
+        assert read_exactly(stdout_r, 5) == b"more\n"
 
-        # the worker's end of the job channel, and the client's (agent's or launcher's)
-        channels = established(worker.pid)
-        assert len(channels) == 1, channels
-        ours = channels[0]
-        assert nodelay(worker.pid, ours.fd), "TCP_NODELAY not set on the worker's socket"
-        client_pid, client_fd = owner_of(tuple(ours.raddr))
-        expected = client.pid if not agent else client_pid
-        assert client_pid == expected
-        if agent:
-            assert client_pid != client.pid  # the agent holds the channel, not the launcher
-        assert nodelay(client_pid, client_fd), "TCP_NODELAY not set on the client's socket"
+        # the worker's end of the job channel and of its stdin and stdout connections,
+        # and the client's (agent's or launcher's)
+        deadline = time.monotonic() + 5
+        while len(channels := established(worker.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(channels) == 3, channels
+        for ours in channels:
+            assert nodelay(worker.pid, ours.fd), "TCP_NODELAY not set on the worker's socket"
+            client_pid, client_fd = owner_of(tuple(ours.raddr))
+            assert client_pid == client.pid if not agent else client_pid != client.pid
+            assert nodelay(client_pid, client_fd), "TCP_NODELAY not set on the client's socket"
 
         # the job's pipes (`cat`'s stdin and stdout) and the launcher's, widened
         jobs = psutil.Process(worker.pid).children()

@@ -80,6 +80,7 @@ class FakeProcess:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     kills: int = 0
     ended: bool = False
+    let_go_calls: int = 0
 
     def deliver_signal(self, number: int) -> None:
         self.signals.append(number)
@@ -89,6 +90,10 @@ class FakeProcess:
 
     def kill_group(self) -> None:
         self.kills += 1
+
+    def let_go(self) -> None:
+        """The channel is gone: the job's data connections go too (rexnet.net.jobdata)."""
+        self.let_go_calls += 1
 
 
 class Revocations:
@@ -424,7 +429,7 @@ def test_the_client_going_away_ends_the_jobs_process_group(bed: Bed) -> None:
     channel, transport, process = running(bed)
     with capturedLogs() as logs:
         lose(channel)
-    assert process.kills == 1
+    assert process.kills == 1 and process.let_go_calls == 1  # its data connections too
     assert any("went away; ending the job's process group" in m for m in messages(logs))
     bed.worker.end(channel.core.job or "")  # its end comes later: nothing more is sent
     assert sent(transport) == []

@@ -131,3 +131,17 @@ def tls_reason(reason: Failure) -> str:
         if isinstance(last, tuple) and len(last) == 3:
             return str(last[2])
     return reason.getErrorMessage()[:200]
+
+
+class Later(Protocol):
+    """The inputs the core itself gives its machine (rexnet.client.machine.JobInputs)."""
+
+    def timed_out(self) -> None: ...
+
+    def queue_timed_out(self) -> None: ...
+
+    def unreachable(self) -> None: ...
+
+    def reuse(self, channel: ClientChannel) -> None: ...
+
+    def drained(self) -> None: ...

@@ -11,7 +11,7 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexnet.client import progress
-from rexnet.client.channel import ChannelEvents, ClientChannel
+from rexnet.client.channel import ChannelEvents, ClientChannel, Later
 from rexnet.client.connectback import ConnectBackFactory, Takens
 from rexnet.client.progress import silent
 from rexnet.client.results import (
@@ -33,7 +33,7 @@ from rexnet.client.results import (
     NoWorker,
     WorkerLost,
 )
-from rexnet.client.streams import JobStreams
+from rexnet.client.streams import JobStreams, StdioStreams
 from rexnet.client.trust import distrust
 from rexnet.client.warm import HUNGRY_AFTER, WarmPool
 from rexnet.net.alerts import AlertSender
@@ -51,20 +51,6 @@ not allowed, or not found (127, as a shell says)."""
 # 3 s (at random: clients that began together drift apart)
 RESEND = backoffPolicy(initialDelay=0.05, maxDelay=2.0, factor=2.0, jitter=lambda: 0.0)
 RESEND_STEPS = 6  # resends before the delay reaches its maximum
-
-class Later(Protocol):
-    """The inputs the core itself gives its machine (rexnet.client.machine.JobInputs)."""
-
-    def timed_out(self) -> None: ...
-
-    def queue_timed_out(self) -> None: ...
-
-    def unreachable(self) -> None: ...
-
-    def reuse(self, channel: ClientChannel) -> None: ...
-
-    def drained(self) -> None: ...
-
 
 class JobCore:
     """One job's data and actions (see the module's docstring)."""
@@ -275,8 +261,7 @@ class JobCore:
                 other.close(abort=not other.verified)
         self.streams.prepare(channel)
         channel.start_heartbeat(self.reactor)
-        channel.send(self.request)
-        send_now(channel.transport)  # START goes before the rest of this turn's work
+        self._send_start(channel)
 
     def reuse(self, channel: ClientChannel) -> None:
         """Send the job over a warm channel from the pool (the streams are prepared once
@@ -288,8 +273,14 @@ class JobCore:
         channel.outs.clear()
         self.channels.add(channel)
         self.chosen = channel
-        channel.send(self.request)
-        send_now(channel.transport)  # START goes before the rest of this turn's work
+        self._send_start(channel)
+
+    def _send_start(self, channel: ClientChannel) -> None:
+        """START to CHANNEL's worker (StdioStreams offer stdin and stdout apart), at once:
+        before the rest of this turn's work."""
+        offer = getattr(self.streams, "offer_data", None)
+        channel.send(self.request if offer is None else offer(channel, self.request, self))
+        send_now(channel.transport)
 
     def warm_refused(self, why: str, full: bool = False) -> None:
         """The warm channel's worker cannot take the job after all (FULL: BUSY)."""
@@ -367,6 +358,8 @@ class JobCore:
             self.on_started(name, started.job)
         if self.reused:
             self.streams.prepare(channel)
+        if isinstance(self.streams, StdioStreams):
+            self.streams.take_apart(started.stdin_apart, started.stdout_apart)
         self.streams.start_input()
         for sig in self._early_signals:
             channel.send(wire.Signal(sig))
@@ -430,6 +423,8 @@ class JobCore:
         hello = channel.hello
         who = hello.worker if hello else channel.peer_address()
         why = f": {self.worker_error}" if self.worker_error else ""
+        if isinstance(self.streams, StdioStreams):  # its data connections cannot end well
+            self.streams.close_data_port()
         self.drain(WorkerLost(f"lost worker {who} before the job finished{why}"))
 
     def refuse(self, error: wire.Error) -> None:
@@ -448,6 +443,8 @@ class JobCore:
         def written(result: object) -> None:
             if isinstance(result, Failure):
                 self.log.failure("the job's output could not be written", result)
+            if cut := getattr(self.streams, "truncated", ""):  # stdout apart, cut short
+                self.outcome = WorkerLost(f"lost worker: {cut}")
             self.machine.drained()
 
         self.streams.finish().addBoth(written)
@@ -472,6 +469,8 @@ class JobCore:
         if self.pool is not None and self.chosen is not None and not self.parked:
             self.pool.lost(self.chosen)  # the job failed: its channel closes below
         self._stop_looking()
+        if isinstance(self.streams, StdioStreams):
+            self.streams.close_data_port()
         if stop_alerts:
             self.alerts.stop()
         if self._udp is not None and self._udp.transport is not None:

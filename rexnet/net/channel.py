@@ -16,6 +16,7 @@ STREAM_WINDOW, and an older one at WINDOW, so either side may be older.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import interfaces
@@ -69,6 +70,14 @@ class OutStream:
         if not self.closed:
             self.closed = True
             self.channel.send(wire.Eof(self.stream))
+
+    def detach(self) -> None:
+        """Stop reading the source and forget it (its stream is handed over, APART); a
+        later attach resumes it as credit allows."""
+        if self.source is not None and not self._source_paused:
+            self.source.pauseProducing()
+        self.source = None
+        self._source_paused = True
 
     def stop(self) -> None:
         """The peer's reader is gone: read no more from the source."""
@@ -184,6 +193,7 @@ class Channel(Protocol):
         self.closed = False
         self.heartbeat: Heartbeat | None = None
         self.files: Any = None  # a rexnet.net.files.FileLane when the job sends files
+        self.on_apart: Callable[[wire.Apart], None] | None = None  # the job's handovers
 
     # -- TLS --------------------------------------------------------------------------
 
@@ -282,6 +292,10 @@ class Channel(Protocol):
             out = self.outs.get(frame.stream)
             if out is not None:
                 out.stop()
+        elif isinstance(frame, wire.Apart):
+            if self.on_apart is None:
+                raise wire.WireError("APART for a stream that was not offered apart")
+            self.on_apart(frame)
         elif isinstance(frame, wire.PutFile | wire.FileData | wire.FileWindow):
             if self.files is None:
                 raise wire.WireError(f"unexpected {type(frame).__name__} frame")

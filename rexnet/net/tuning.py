@@ -34,6 +34,9 @@ from twisted.logger import Logger
 from rexnet.net.bulktls import tls_layer
 
 PIPE_SIZE = 1 << 20
+# a job's stdin or stdout moves onto a data connection of its own (rexnet.net.jobdata)
+# only once this much of it went in-band: a short job costs no port, thread or handshake
+HANDOVER = 1 << 20
 TRANSPORT_BUFFER = 256 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)

@@ -54,6 +54,7 @@ class FrameKind(IntEnum):
     EOF = 1
     WINDOW = 2
     SHUT = 3
+    APART = 4
     HELLO = 10
     START = 11
     STARTED = 12
@@ -92,6 +93,17 @@ class Shut:
     """The sender will read no more of STREAM: the peer should stop sending it."""
 
     stream: int
+
+
+@dataclass(frozen=True)
+class Apart:
+    """STREAM's in-band part ends here; the rest moves on the job's data connection
+    (rexnet.net.jobdata). Client to worker: stdin (0), dial PORT. Worker to client:
+    stdout (1), PORT 0 asks for the port; the client's answer carries it (0: stay in-band).
+    """
+
+    stream: int
+    port: int
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,11 @@ class Start:
     PUT names the files (name, size) that follow START (PUT_FILE frames) into a fresh
     job directory, the job's working directory; GET the patterns of the files sent back
     from it before EXIT (a job directory also when PUT is empty).
+    DATA_TOKEN (64 hex digits, 32 random bytes) and DATA_STREAMS ("i" stdin, "o" stdout,
+    or both) offer to move those streams, once they prove big, onto data connections of
+    their own (rexnet.net.jobdata; APART frames hand them over): the worker says in
+    STARTED which it would take, and presents the token on each; "" and "": no offer (an
+    older peer ignores them and the streams stay on the channel).
     """
 
     KIND: ClassVar[FrameKind] = FrameKind.START
@@ -177,6 +194,8 @@ class Start:
     detach: bool = False
     put: tuple[tuple[str, int], ...] = ()
     get: tuple[str, ...] = ()
+    data_token: str = ""
+    data_streams: str = ""
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Start:
@@ -212,7 +231,20 @@ class Start:
                    int_field(o, "cols", 0, 0xFFFF) if "cols" in o else 0, tuple(fds), keep,
                    cwd, required, *placement(o),
                    detach, file_list(o["put"]) if "put" in o else (),
-                   pattern_list(o["get"]) if "get" in o else ())
+                   pattern_list(o["get"]) if "get" in o else (), *_data_offer(o))
+
+
+def _data_offer(o: dict[str, Any]) -> tuple[str, str]:
+    """START's optional (data_token, data_streams): both or none."""
+    if not any(k in o for k in ("data_token", "data_streams")):
+        return "", ""
+    token = str_field(o, "data_token", 64)
+    if len(token) != 64 or any(c not in "0123456789abcdef" for c in token):
+        raise WireError("field 'data_token' is not 64 lowercase hex digits")
+    streams = str_field(o, "data_streams", 2)
+    if streams not in ("i", "o", "io"):
+        raise WireError("field 'data_streams' is not i, o or io")
+    return token, streams
 
 
 def _pairs(value: Any, limit: int) -> list[tuple[Any, Any]]:
@@ -232,15 +264,18 @@ class Started:
     refused_env: tuple[str, ...] = ()
     cwd: str = ""  # the directory the job runs in, when the worker says (a command worker)
     detached: bool = False  # a detached job: EXIT follows at once, the job runs on
+    stdin_apart: bool = False  # the worker would take stdin apart (APART) once it is big
+    stdout_apart: bool = False  # ... and send stdout apart
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Started:
         refused = str_list_field(o, "refused_env", MAX_ENV, 256) if "refused_env" in o else ()
-        detached = o.get("detached", False)
-        if not isinstance(detached, bool):
-            raise WireError("field 'detached' is not a boolean")
+        flags = [o.get(k, False) for k in ("detached", "stdin_apart", "stdout_apart")]
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise WireError("field 'detached', 'stdin_apart' or 'stdout_apart' is not a "
+                            "boolean")
         return cls(str_field(o, "job", 64), refused,
-                   str_field(o, "cwd", MAX_PATH) if "cwd" in o else "", detached)
+                   str_field(o, "cwd", MAX_PATH) if "cwd" in o else "", *flags)
 
 
 @dataclass(frozen=True)
@@ -343,7 +378,7 @@ class Queued:
 
 Control = (Hello | Start | Started | Busy | Exit | Error | Signal | Winsize | Ping | PutFile
            | JobRequest | JobList | JobState | Queued)
-Frame = Data | Eof | Shut | Window | FileData | FileWindow | Control
+Frame = Data | Eof | Shut | Apart | Window | FileData | FileWindow | Control
 _CONTROL_TYPES: dict[int, Any] = {
     t.KIND: t for t in (Hello, Start, Started, Busy, Exit, Error, Signal, Winsize, Ping,
                         PutFile, JobRequest, JobList, JobState, Queued)
@@ -363,6 +398,8 @@ def encode_frame(frame: Frame) -> bytes:
         return FRAME_HEADER.pack(FrameKind.SHUT, frame.stream, 0)
     if isinstance(frame, Window):
         return FRAME_HEADER.pack(FrameKind.WINDOW, frame.stream, 4) + _U32.pack(frame.credit)
+    if isinstance(frame, Apart):
+        return FRAME_HEADER.pack(FrameKind.APART, frame.stream, 4) + _U32.pack(frame.port)
     if isinstance(frame, FileData):
         if len(frame.payload) > MAX_FRAME:
             raise WireError("file data frame too long")
@@ -388,6 +425,10 @@ def _parse(kind: int, stream: int, payload: bytes) -> Frame:
         if len(payload) != 4:
             raise WireError("WINDOW frame of the wrong size")
         return Window(stream, _U32.unpack(payload)[0])
+    if kind == FrameKind.APART:
+        if len(payload) != 4 or stream not in (0, 1) or _U32.unpack(payload)[0] > 0xFFFF:
+            raise WireError("APART frame of the wrong size, stream or port")
+        return Apart(stream, _U32.unpack(payload)[0])
     if kind == FrameKind.FILE_DATA:
         return FileData(payload)
     if kind == FrameKind.FILE_WINDOW:

@@ -79,6 +79,8 @@ class WorkerChannel(Channel):
     def lost(self, reason: Failure) -> None:
         if self.files is not None:
             self.files.abort()
+        if self.core.process is not None:  # its data connections go with the channel
+            self.core.process.let_go()
         self.machine.lost(reason)
         if self.core.process is None:  # no job ran in the directory: nothing comes back
             self.job_files_done()

@@ -52,6 +52,7 @@ class Pending:
     learnt: bool = False  # a TAKEN for it taught the crowd already
     early: bool = False  # the client's early TAKEN came
     early_ms: float = 0.0  # when: ms after the earliest moment anyone could answer
+    relayed: bool = False  # answered through a cproxy: the client is not reachable directly
 
 
 class Target(NamedTuple):
@@ -60,6 +61,14 @@ class Target(NamedTuple):
     host: str
     port: int
     why: str
+
+    @property
+    def relayed(self) -> bool:
+        """A cproxy's port: no further connection (a job's stdin) reaches the client."""
+        return self.why.startswith(RELAYED)
+
+
+RELAYED = "relayed by"
 
 
 def connect_back_target(dgram: wire.Datagram, addrs: tuple[str, ...], port: int,
@@ -72,7 +81,7 @@ def connect_back_target(dgram: wire.Datagram, addrs: tuple[str, ...], port: int,
     """
     if dgram.relay_port:
         return Target(source, dgram.relay_port,
-                      f"relayed by {source} (a cproxy: the port is its trailer's)")
+                      f"{RELAYED} {source} (a cproxy: the port is its trailer's)")
     if dgram.relay_port == 0 and source not in addrs and addrs:
         return Target(addrs[0], port, f"carried by a tunnel from {source}: the first "
                       "address the client signed")
@@ -161,6 +170,7 @@ class ConnectBacks:
 
     def _due(self, pending: Pending, target: Target) -> None:
         pending.call = None
+        pending.relayed = target.relayed
         log.info("connecting back for job {job} of {client} to {host}:{port} ({why})",
                  job=pending.job_id.hex()[:12], client=pending.client.info.name,
                  host=target.host, port=target.port, why=target.why)

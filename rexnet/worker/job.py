@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,7 +19,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexnet.net.channel import Channel, InStream, OutStream
+from rexnet.net.jobdata import STDIN, STDOUT, DataDial
 from rexnet.net.pipes import PipeReader
+from rexnet.net.tuning import HANDOVER
 from rexnet.protocol import wire
 from rexnet.worker.load import group_rss
 from rexnet.worker.spawn import set_winsize
@@ -119,6 +123,12 @@ class JobProcess(ProcessProtocol):
         self._timers: list[Any] = []
         self._memory: LoopingCall | None = None
         self.isolation: Isolation | None = None  # set by a sandbox before the spawn
+        self.apart: dict[int, DataDial] = {}  # streams on data connections of their own
+        self.may: set[int] = set()  # the streams the client offered to hand over
+        self.asked = False  # APART(1, 0) sent: stdout is no longer read in the reactor
+        self.out_sent = 0  # stdout's bytes sent in-band
+        self._host = ""
+        self._gates: dict[int, threading.Event] = {}
 
     # -- wiring -----------------------------------------------------------------------
 
@@ -145,6 +155,7 @@ class JobProcess(ProcessProtocol):
             self._output(1, transport)
         else:
             pipes = transport.pipes
+            self._data_apart()
             channel.ins[0] = InStream(channel, 0, pipes[0])
             for fd in (1, 2):
                 self._output(fd, pipes[fd])
@@ -164,6 +175,94 @@ class JobProcess(ProcessProtocol):
             self._memory.clock = self.reactor
             self._memory.start(MEMORY_CHECK, now=False)
 
+    def _data_apart(self) -> None:
+        """Whether to take START's offer of stdin and stdout on data connections of their
+        own once they prove big (rexnet.net.jobdata): only if the client is reachable
+        directly (not through a cproxy). Nothing is dialled yet."""
+        start, channel = self.start, self.channel
+        channel.on_apart = None
+        pending = getattr(channel, "pending", None)
+        if (not start.data_token or start.detach or channel.peer_cert is None
+                or pending is None or getattr(pending, "relayed", True)):
+            return
+        self._host = getattr(channel.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        if self._host:
+            self.may = {fd for fd, s in ((0, STDIN), (1, STDOUT)) if s in start.data_streams}
+            channel.on_apart = self._apart_received
+
+    def _dial(self, fd: int, port: int, gate: threading.Event | None = None) -> None:
+        """Move stream FD onto its data connection (the client's PORT)."""
+        pipe = self.transport.pipes[fd]  # type: ignore[union-attr]
+        self.apart[fd] = DataDial(
+            self.reactor, self.channel.credential, self.channel.revoked,  # type: ignore[attr-defined]
+            (self._host, port), bytes.fromhex(self.start.data_token), self.channel.peer_cert,
+            STDIN if fd == 0 else STDOUT, pipe.fileno(),
+            functools.partial(self._apart_ended, fd), gate)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.channel.outs[childFD].write(data)
+        if childFD == 1 and 1 in self.may and not self.asked:
+            self.out_sent += len(data)
+            if self.out_sent >= HANDOVER:  # stdout is big: hand it over
+                self.asked = True
+                self.channel.outs[1].detach()  # the reactor reads no more of it
+                self.channel.send(wire.Apart(1, 0))
+
+    def _apart_received(self, frame: wire.Apart) -> None:
+        """APART from the client: stdin's in-band part ends here (dial frame.port), or
+        the answer to our APART(1, 0) (0: stdout stays in-band)."""
+        pipes = getattr(self.transport, "pipes", {})
+        if frame.stream == 0 and 0 in self.may and 0 not in self.apart and frame.port:
+            channel = self.channel
+            if 0 not in pipes or self.ended:  # the job closed its stdin, or ended: no dial
+                channel.ins[0] = ApartInput(channel, 0)
+                return
+            gate = threading.Event()
+            self._gates[0] = gate
+            self._dial(0, frame.port, gate)
+            channel.ins[0] = ApartInput(channel, 0)
+            pipes[0].unregisterProducer()
+            pipes[0].loseConnection()  # once written: childConnectionLost opens the gate
+        elif frame.stream == 1 and self.asked and 1 not in self.apart and not self.reported:
+            if frame.port == 0:  # the client keeps stdout in-band (or its reader is gone)
+                self.may.discard(1)
+                if self.channel.outs[1].closed:  # SHUT came: as OutStream.stop would
+                    pipes[1].stopProducing()
+                else:
+                    self.channel.outs[1].attach(pipes[1])
+                return
+            self._dial(1, frame.port)
+            pipes[1].loseConnection()  # the thread has its own copy
+        else:
+            raise wire.WireError(f"unexpected APART of stream {frame.stream}")
+
+    @property
+    def sides(self) -> tuple[bool, bool]:
+        """STARTED's (stdin_apart, stdout_apart): the streams it would hand over."""
+        return 0 in self.may, 1 in self.may
+
+    def let_go(self) -> None:
+        """The job's channel is gone: stop its data connections' threads (stdout's, blocked
+        writing to a client that vanished, would otherwise hold the job's end)."""
+        for dial in self.apart.values():
+            dial.stop()
+
+    def _apart_ended(self, fd: int, problem: str | None) -> None:
+        """A stream's thread ended (see DataDial): stdout's end lets EXIT go; a job
+        whose input came incomplete fails (ERROR "stdin": the client reports the worker
+        lost)."""
+        if problem:
+            log.warn("job process {pid}: {problem}; the job fails", pid=self.pid,
+                     problem=problem)
+            if not self.reported:
+                self.channel.send(wire.Error("stdin" if fd == 0 else "stdout",
+                                             problem[:1000]))
+        if fd == 1 and 1 in self.open_outputs:
+            if self.apart[1].empty:  # no connection was needed: the stream's end in-band
+                self.channel.send(wire.Eof(1))
+            self.open_outputs.discard(1)
+            self._maybe_end()
+
     def _output(self, fd: int, source: Any) -> None:
         out = OutStream(self.channel, fd)
         self.channel.outs[fd] = out
@@ -176,10 +275,11 @@ class JobProcess(ProcessProtocol):
 
     # -- the process's descriptors --------------------------------------------------
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.channel.outs[childFD].write(data)
-
     def childConnectionLost(self, childFD: int) -> None:
+        if childFD in self.apart:
+            if childFD in self._gates:
+                self._gates[childFD].set()  # every in-band byte is in the job's pipe
+            return  # the reactor's end, closed: the stream's thread has its own
         stream = self.channel.ins.get(childFD)
         if stream is not None and childFD not in self.open_outputs:
             if not stream.eof:  # the job closed its input: tell the client to stop
@@ -214,9 +314,21 @@ class JobProcess(ProcessProtocol):
                 timer.cancel()
         if self._memory is not None and self._memory.running:
             self._memory.stop()
+        if 0 in self.apart:
+            self.apart[0].stop(hard=False)
+        if 1 in self.open_outputs and 1 in self.apart:  # what the job left running may
+            self._timers.append(self.reactor.callLater(  # hold its stdout: as above
+                OUTPUT_GRACE, self._end_stdout_holders))
         if self.start.tty:
             self._output_done(1)
         self._maybe_end()
+
+    def _end_stdout_holders(self) -> None:
+        if 1 in self.open_outputs and self.pid is not None:
+            log.info("job process {pid} ended; ending the processes that hold its stdout",
+                     pid=self.pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                self._signal(signal.SIGKILL)
 
     def _maybe_end(self) -> None:
         """Report the end once the process is gone and all its output is sent."""
@@ -269,3 +381,16 @@ class JobProcess(ProcessProtocol):
             self.isolation.signal(number)
         elif self.pid is not None:
             os.killpg(self.pid, number)
+
+
+class ApartInput(InStream):
+    """Stdin on the channel once it is handed over (APART): DATA and EOF are errors."""
+
+    def __init__(self, channel: Channel, stream: int) -> None:
+        super().__init__(channel, stream, None)
+
+    def data(self, payload: bytes) -> None:
+        raise wire.WireError("stdin on the channel after it was handed over")
+
+    def end(self) -> None:
+        raise wire.WireError("stdin's EOF on the channel after it was handed over")

@@ -412,7 +412,7 @@ class Worker:
         booked = self.book.started(job, channel.peer_cert, " ".join(argv), proto, output)
         self.jobs_run += 1
         channel.send(wire.Started(job, refused, (cwd or os.getcwd())
-                                  if s.commands.enabled else "", detached=output is not None))
+                                  if s.commands.enabled else "", output is not None, *proto.sides))
         send_now(channel.transport)  # before the alert and the log line: the client prepares
         self.alerts.send("job-started", job=job, worker=s.name, client=client,
                          client_addr=channel.peer_address(), command=" ".join(argv)[:200],
