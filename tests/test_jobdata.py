@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -157,15 +158,61 @@ def test_stdin_from_a_file(keys: Keys, worker: tuple[Proc, str], tmp_path: objec
     assert done.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.xfail(run=False, reason="main's in-band stdout has the same hang: its first "
-                   "HANDOVER bytes go in-band now, and a client whose stdout reader is gone "
-                   "keeps granting credit (`rexnet exec --no-agent KEY -- yes | head -c "
-                   "100000` never ends on main either)")
+def read_then_close(argv: list[str], size: int, stderr: bool = False
+                    ) -> tuple[bytes, int, bytes]:
+    """Run ARGV, read SIZE bytes of its stdout (or STDERR) and close it (as `| head -c
+    SIZE` would); (what was read, its exit status, the other stream)."""
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        if stderr:
+            proc.stdout, proc.stderr = proc.stderr, proc.stdout
+        assert proc.stdout is not None
+        got = proc.stdout.read(size)
+        proc.stdout.close()
+        proc.stdout = None
+        rest = proc.communicate(timeout=30)
+    return got, proc.returncode, rest[1]
+
+
 @AGENT
 def test_a_reader_that_stops_early_ends_a_job_that_writes_forever(
         keys: Keys, worker: tuple[Proc, str], agent: list[str]) -> None:
+    """`rexnet exec -- yes | head -c 100000` ends, as it does locally: SHUT closes the
+    job's stdout, which gets SIGPIPE (128+13), stdout still in-band."""
     argv = " ".join(exec_argv(keys.client, [worker[1]], *agent, "--", "yes"))
     done = subprocess.run(["sh", "-c", f"{argv} | head -c 100000"], capture_output=True,
                           timeout=60)
     assert done.stdout == b"y\n" * 50000
     assert b"Traceback" not in done.stderr
+    got, status, err = read_then_close(
+        exec_argv(keys.client, [worker[1]], *agent, "--", "yes"), 100000)
+    assert got == b"y\n" * 50000
+    assert status == 128 + signal.SIGPIPE, err
+    assert b"Traceback" not in err
+
+
+@AGENT
+def test_a_reader_that_stops_after_the_handover_ends_the_job(
+        keys: Keys, worker: tuple[Proc, str], agent: list[str]) -> None:
+    """The same once stdout has its data connection: the client's thread ends it, the
+    worker's thread closes the job's stdout."""
+    size = 3 * HANDOVER
+    got, status, err = read_then_close(
+        exec_argv(keys.client, [worker[1]], *agent, "--", "yes"), size)
+    assert got == b"y\n" * (size // 2)
+    assert status == 128 + signal.SIGPIPE, err
+    assert b"Traceback" not in err
+    if agent:  # an agent may keep its channel warm: without one, every connection ends
+        assert wait_connections(worker[0], 0) == 0
+    assert "Traceback" not in worker[0].output
+
+
+def test_a_reader_of_stderr_that_stops_early_ends_the_job(
+        keys: Keys, worker: tuple[Proc, str]) -> None:
+    got, status, out = read_then_close(
+        exec_argv(keys.client, [worker[1]], "--no-agent", "--", "yes >&2"), 100000,
+        stderr=True)
+    assert got == b"y\n" * 50000
+    assert status == 128 + signal.SIGPIPE
+    assert out == b""

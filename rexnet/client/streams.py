@@ -64,6 +64,7 @@ class StdioStreams:
         self.may: set[int] = set()  # ... and the worker would take
         self.apart: set[int] = set()  # the streams handed over
         self.in_sent = 0  # stdin's bytes sent in-band
+        self._ending = False  # finish or abort closes the writers: no SHUT then
         self._job: Any = None
         self._token = b""
         self._gate: threading.Event | None = None
@@ -202,8 +203,12 @@ class StdioStreams:
                 self.channel.outs[fd].close()
             return
         stream = self.channel.ins.get(fd) if self.channel else None
-        if stream is not None and stream.sink is not None:
-            stream.drop_sink()  # our reader went away: discard the rest
+        if (stream is not None and not stream.eof and not self._ending
+                and not isinstance(stream, ApartOutput)):
+            # our reader went away (EPIPE; the writer dropped its producer, the sink,
+            # already): discard the rest, and SHUT tells the worker to close the job's
+            # end, so the job's next write gets SIGPIPE as if it ran here
+            stream.drop_sink()
             if self.channel is not None:
                 self.channel.send(wire.Shut(fd))
         if fd in self.inputs:
@@ -217,6 +222,7 @@ class StdioStreams:
 
     def finish(self) -> defer.Deferred[Any]:
         """Fires once every byte of output is written; stops reading input."""
+        self._ending = True
         if self.data_port is not None:
             port_done = self.data_port.finish()
             if 1 in self.apart:  # stdout's thread: to its close_notify, all written
@@ -244,6 +250,7 @@ class StdioStreams:
     def abort(self) -> None:
         """Stop using the descriptors at once, written or not (the agent lets go of its
         launcher's descriptors when the job ends or the launcher goes away)."""
+        self._ending = True
         self.close_data_port()
         for reader in self._readers.values():
             reader.stopReading()
