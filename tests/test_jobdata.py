@@ -20,7 +20,8 @@ from conftest import Keys
 
 from rexnet.net.tuning import HANDOVER
 
-BIG = HANDOVER + (64 << 10)  # past the handover, with some to spare
+BIG = 3 * HANDOVER  # past the handover, with more than one read left after it (a tail
+#                      the read that crosses the handover takes whole stays in-band)
 
 
 @pytest.fixture(scope="module")
