@@ -149,16 +149,21 @@ def test_an_honest_late_first_answer_is_not_mistaken() -> None:
         window * 2 ** (-STEER_GAIN * target_extra(1000)))
 
 
-def test_a_worker_sizes_its_window_from_the_first_storm(keys: Keys) -> None:
-    """A real Worker on a fake clock: its connect-back is under way, the early TAKEN
-    comes 3 ms after its 1 ms window closed, the final one says 1000 answered."""
+def idle_worker(keys: Keys) -> tuple[Clock, Worker]:
+    """A real Worker with 4 slots on an idle host and a fake clock, drawing mid-window."""
     from rexnet.security.credentials import load_credential
 
     clock = Clock()
     settings = WorkerSettings(load_credential(Path(keys.worker), "worker"), ("true",), "w",
                               slots=4)
     idle = HostLoad(loadavg=0.0, cpus=2, free_memory=1 << 30)
-    w = Worker(settings, clock, sample=lambda: idle, jitter=lambda: 0.5)
+    return clock, Worker(settings, clock, sample=lambda: idle, jitter=lambda: 0.5)
+
+
+def test_a_worker_sizes_its_window_from_the_first_storm(keys: Keys) -> None:
+    """A real Worker on a fake clock: its connect-back is under way, the early TAKEN
+    comes 3 ms after its 1 ms window closed, the final one says 1000 answered."""
+    clock, w = idle_worker(keys)
     client = Announcer(keys)
     job, data = client.announce()
     w.datagram(data, "192.0.2.7", 5000)
@@ -205,13 +210,7 @@ def test_a_worker_narrows_a_waiting_connect_back_when_the_client_announces_again
         keys: Keys) -> None:
     from rexnet.net.announce import now_ms
     from rexnet.protocol import wire
-    from rexnet.security.credentials import load_credential
-
-    clock = Clock()
-    settings = WorkerSettings(load_credential(Path(keys.worker), "worker"), ("true",), "w",
-                              slots=4)
-    idle = HostLoad(loadavg=0.0, cpus=2, free_memory=1 << 30)
-    w = Worker(settings, clock, sample=lambda: idle, jitter=lambda: 0.5)
+    clock, w = idle_worker(keys)
     client = Announcer(keys)
     w.crowd.steer(CROWD_MAX, 0.0, JITTER_MS, ELAPSED_MAX_MS)  # a lie taught it before
     job = (99).to_bytes(16, "big")

@@ -210,7 +210,7 @@ def test_no_connection_is_taken_once_the_job_ended(reactor: PollReactor, keys: K
     complaints: list[str] = []
     with port_with(reactor, keys, b"secret", complaints) as port:
         number = port.port
-        assert port.apart(False, False) == (False, False)
+        port.finish()  # the job ended
     with pytest.raises(OSError):
         socket.create_connection((HOST, number), timeout=2)
 

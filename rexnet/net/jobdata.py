@@ -270,19 +270,6 @@ class DataPort:
         self._release(STDOUT)
         self._output_end(None)
 
-    def apart(self, stdin: bool, stdout: bool) -> tuple[bool, bool]:
-        """STARTED said which streams the worker takes here: let go of the others, unless
-        a connection claimed them already. Which streams are here, in the end."""
-        with self._lock:
-            keep = {STDIN: stdin or STDIN in self.claimed,
-                    STDOUT: stdout or STDOUT in self.claimed}
-        self._release(*(s for s in (STDIN, STDOUT) if s in self.fds and not keep[s]))
-        if not keep[STDOUT]:
-            self._output_end(None)
-        if not self.fds and not self.claimed:
-            self.close()
-        return keep[STDIN] and STDIN in self.streams, keep[STDOUT] and STDOUT in self.streams
-
     def finish(self) -> defer.Deferred[None]:
         """The job ended: no more connections; stdin is no longer read; fires once stdout
         has come to its close_notify and is written (at once if it is not here)."""

@@ -28,6 +28,8 @@ import struct
 import sys
 from collections.abc import Sequence
 
+from rexnet.worker import sandboxwire
+
 NAME = "rexnet-sandbox-init"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "init.c")
 HEADER = struct.Struct(">I")
@@ -93,11 +95,7 @@ def encode(argv: Sequence[object], env: dict[str, object], cwd: str, tty: bool,
 def send(control: socket.socket, request: bytes, fds: Sequence[int]) -> None:
     """The request to the init: its length alone, then the rest with the descriptors."""
     control.sendall(request[:HEADER.size])
-    body = request[HEADER.size:]
-    sent = control.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                     array.array("i", fds))] if fds else [])
-    if sent < len(body):
-        control.sendall(body[sent:])
+    sandboxwire.send_with_fds(control, request[HEADER.size:], fds)
 
 
 def namespace(control: socket.socket) -> list[int]:

@@ -12,7 +12,6 @@ status on the status pipe.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import fcntl
 import os
@@ -43,10 +42,6 @@ FORWARDED = [s for s in signal.valid_signals()
              if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)]
 
 
-def send_fd(sock: socket.socket, marker: bytes, fd: int | None = None) -> None:
-    """One byte MARKER to the helper, with descriptor FD."""
-    sock.sendmsg([marker], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-                 if fd is not None else [])
 
 
 def close_all_but(keep: set[int]) -> None:
@@ -75,7 +70,7 @@ def init(go: socket.socket, group: JobCgroup | None, status_w: int, nofile: int 
         go.setblocking(True)
         if group is not None:
             group.join()
-        send_fd(go, b"j")
+        wire.send_with_fds(go, b"j")
         got = wire.receive(go)
         if got is None:
             os._exit(0)
@@ -104,7 +99,7 @@ def init(go: socket.socket, group: JobCgroup | None, status_w: int, nofile: int 
             os.close(fd)
         with contextlib.suppress(OSError):
             namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            send_fd(go, b"m", namespace)
+            wire.send_with_fds(go, b"m", [namespace])
             os.close(namespace)
         go.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)

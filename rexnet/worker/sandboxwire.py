@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 MAX_MESSAGE = 4 << 20
@@ -29,7 +30,11 @@ class WireError(Exception):
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()
          ) -> None:
     body = json.dumps(message, separators=(",", ":")).encode()
-    data = HEADER.pack(len(body)) + body
+    send_with_fds(sock, HEADER.pack(len(body)) + body, fds)
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """DATA on SOCK, its first bytes carrying the descriptors FDS (SCM_RIGHTS)."""
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     sent = sock.sendmsg([data], ancillary)
     if sent < len(data):
