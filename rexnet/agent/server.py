@@ -29,6 +29,7 @@ from zope.interface import implementer
 from rexnet.agent import paths
 from rexnet.client.cluster import Cluster
 from rexnet.client.warm import WarmPool
+from rexnet.net.pollguard import guard
 from rexnet.net.tuning import send_now
 from rexnet.protocol import agentwire, exitcodes
 from rexnet.protocol.agentwire import AgentWireError
@@ -347,6 +348,7 @@ def serve(sock: socket.socket, lock: int, path: str, idle_timeout: float) -> int
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(sys.stderr), [levels])],
         redirectStandardIO=False)
+    guard(reactor)  # no stale poll event reaches a reused descriptor (rexnet.net.pollguard)
     agent = Agent(reactor, idle_timeout)
     factory = Factory.forProtocol(lambda: Session(agent))
     sock.setblocking(False)

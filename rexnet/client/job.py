@@ -25,6 +25,7 @@ from rexnet.client.trust import distrust
 from rexnet.client.warm import WarmPool
 from rexnet.net.alerts import AlertSender
 from rexnet.net.announce import now_ms
+from rexnet.net.pollguard import guard
 from rexnet.protocol import wire
 from rexnet.security.credentials import Credential
 from rexnet.security.tls import Revocations
@@ -61,6 +62,7 @@ class ClientJob:
         on_started: Callable[[str, str], None] | None = None,
         queue_timeout: float | None = None,
     ) -> None:
+        guard(reactor)  # the caller's reactor too (rexnet.net.pollguard)
         request = request or wire.Start()
         if streams is None:
             streams = StdioStreams(reactor, request.tty, dict(request.fds))

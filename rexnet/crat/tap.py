@@ -15,6 +15,7 @@ from rexnet.crat.sinks import open_jsonl
 from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import parse_target
 from rexnet.net.groups import join, joined
+from rexnet.net.pollguard import guard
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
 from rexnet.security.credentials import CredentialError
@@ -101,6 +102,8 @@ def fail(message: str, code: int) -> SystemExit:
 
 def makeService(config: Options) -> IService:
     from twisted.internet import reactor
+
+    guard(reactor)  # no stale poll event reaches a reused descriptor (rexnet.net.pollguard)
 
     cas: list[x509.Certificate] = []
     try:

@@ -17,6 +17,7 @@ from rexnet.net.announce import DEFAULT_PORT, parse_target, source_address
 from rexnet.net.certcheck import CertChecker
 from rexnet.net.datalink import DatagramLink
 from rexnet.net.groups import joined
+from rexnet.net.pollguard import guard
 from rexnet.net.registration import RegisteredWorkers
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL
@@ -157,6 +158,8 @@ def trust(config: Options) -> tuple[list[x509.Certificate], Credential | None, A
 
 def makeService(config: Options) -> IService:
     from twisted.internet import reactor
+
+    guard(reactor)  # no stale poll event reaches a reused descriptor (rexnet.net.pollguard)
 
     cas, credential, revoked = trust(config)
     bind = job_port_interface(config)

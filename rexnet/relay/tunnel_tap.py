@@ -11,6 +11,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint
 from twisted.python import usage
 
 from rexnet.net.announce import DEFAULT_PORT, parse_target
+from rexnet.net.pollguard import guard
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL
 from rexnet.relay.tunnel import Tunnel, TunnelGroups, link_factory
@@ -86,6 +87,8 @@ def _credential(path: str) -> Credential:
 
 def makeService(config: Options) -> IService:
     from twisted.internet import reactor
+
+    guard(reactor)  # no stale poll event reaches a reused descriptor (rexnet.net.pollguard)
 
     credential = _credential(config["credential"])
     try:

@@ -21,6 +21,7 @@ from rexnet.net.alerts import CRAT_PORT
 from rexnet.net.announce import DEFAULT_PORT, parse_target
 from rexnet.net.datalink import DatagramLink
 from rexnet.net.groups import env_groups, joined
+from rexnet.net.pollguard import guard
 from rexnet.net.registration import WorkerRegistration, registration_options
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
@@ -403,6 +404,8 @@ def from_config(path: str, overrides: list[str]) -> tuple[list[Options],
 
 def makeService(config: Options) -> IService:
     from twisted.internet import reactor
+
+    guard(reactor)  # no stale poll event reaches a reused descriptor (rexnet.net.pollguard)
 
     top = MultiService()
     if config["config"] is not None:
