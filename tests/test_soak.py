@@ -1,6 +1,7 @@
 """Soak (issue P6, point 6): many jobs with random payloads from 4 clients across 4
-workers in the namespace test bed; every output's sha256 and exit status checked; no
-process, file descriptor or namespace left behind.
+workers in the namespace test bed; every output's sha256, its stderr (a line with the
+job's number) and exit status checked; no process, file descriptor or namespace left
+behind; a job that never ends fails the test with the workers' logs (it does not hang).
 
 REXNET_SOAK_JOBS sets the number of jobs: CI runs a short form (the default), and
 `make soak` runs 1,000.  Each client host runs one Python process that keeps
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ from rexnet.worker.sandboxd import SPARE_NAME
 JOBS = int(os.environ.get("REXNET_SOAK_JOBS", "200"))
 CLIENTS = WORKERS = 4
 CONCURRENCY = 3
+REPORT_TIMEOUT = 600  # seconds for all of a client's jobs (CI runs 50 each in ~20 s)
 MAX_PAYLOAD = int(os.environ.get("REXNET_SOAK_MAX_BYTES", str(1 << 20)))
 
 CLIENT = r"""
@@ -46,7 +49,7 @@ def payload():
 
 def check(n, data, status, code, out, err, worker):
     ok = (code == status and hashlib.sha256(out).digest() == hashlib.sha256(data).digest()
-          and err == b"")
+          and err == f"{n}\n".encode())
     if ok:
         report["ok"] += 1
         report["bytes"] += len(data)
@@ -57,7 +60,7 @@ def check(n, data, status, code, out, err, worker):
 
 def by_command_line(n, data, status):
     done = subprocess.run([rexnet, "exec", "--announce", announce, "--timeout", "30",
-                           keyfile, "--", f"cat; exit {status}"],
+                           keyfile, "--", f"cat; echo {n} >&2; exit {status}"],
                           input=data, capture_output=True, timeout=120)
     check(n, data, status, done.returncode, done.stdout, done.stderr, "cli")
 
@@ -67,7 +70,7 @@ async def one(reactor, n):
         await threads.deferToThread(by_command_line, n, data, status)
         return
     try:
-        done = await run(reactor, keyfile, [f"cat; exit {status}"], stdin=data,
+        done = await run(reactor, keyfile, [f"cat; echo {n} >&2; exit {status}"], stdin=data,
                          announce=[announce], timeout=30)
     except JobFailed as e:
         report["bad"].append([n, len(data), status, str(e)])
@@ -137,6 +140,10 @@ def test_soak(keys: Keys, agent_sockets: Path) -> None:
         reports = []
         for proc in runs:  # each prints its report, then waits for its stdin to close
             assert proc.stdout is not None and proc.stdin is not None
+            if not select.select([proc.stdout], [], [], REPORT_TIMEOUT)[0]:
+                raise AssertionError(  # a job that never ends: say where, do not hang
+                    f"no report from a client in {REPORT_TIMEOUT} s; workers' logs end: "
+                    + " | ".join(w.output[-1500:] for w in workers))
             line = proc.stdout.readline()
             assert line, proc.communicate(timeout=30)[1].decode()[-3000:]
             reports.append(json.loads(line))
