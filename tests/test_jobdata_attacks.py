@@ -65,8 +65,10 @@ def port_with(reactor: PollReactor, keys: Keys, data: bytes,
     client = load_credential(keys.client, "client")
     worker = load_credential(keys.worker, "worker")
     r, w = os.pipe()
-    def write() -> None:
-        os.write(w, data)
+
+    def write() -> None:  # as a launcher's stdin: its reader may go before the end
+        with contextlib.suppress(BrokenPipeError):
+            os.write(w, data)
         os.close(w)
 
     threading.Thread(target=write, daemon=True).start()
@@ -237,10 +239,11 @@ def serve_once(credential: Credential, ending: str, data: bytes
             conn.sendall(data)
             if ending == "close_notify":
                 conn.shutdown()
-        except SSL.Error:
+        except (SSL.Error, OSError):  # the worker refused us: it may have reset already
             token.append(b"")
         finally:
-            sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):  # ENOTCONN once the worker reset it
+                sock.shutdown(socket.SHUT_WR)
             time.sleep(0.2)
             sock.close()
 
