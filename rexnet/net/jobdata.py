@@ -321,7 +321,7 @@ class DataDial:
     """The worker's end of one stream: connect to the client's data port, present the
     token and the stream's letter, then move the stream: STDIN from TLS to the job's
     stdin pipe, STDOUT from the job's stdout pipe to TLS. FD is the job's end of the
-    pipe (copied: the thread closes its copy); GATE, if any, is set once the reactor
+    pipe (copied; the copy is closed after ENDED); GATE, if any, is set once the reactor
     wrote its last in-band byte there. ENDED(problem) is called in the reactor at the
     end: "" for a clean end (close_notify; or the other end went away on purpose), None
     when stopped (or once the job ended: stop), else why the stream is incomplete."""
