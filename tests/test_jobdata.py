@@ -147,6 +147,37 @@ def test_a_job_that_closes_its_stdin_early_gets_the_head(
     assert done.stdout == b"y" * 10
 
 
+ROUNDS = 4  # the job's end races the worker's dial of stdin: each case a few times
+
+
+@AGENT
+@pytest.mark.parametrize("source", ["pipe", "file"])
+@pytest.mark.parametrize("job", ["head -c 10 >/dev/null", f"head -c {HANDOVER + 1} >/dev/null"],
+                         ids=["head", "past-the-handover"])
+def test_a_job_that_ends_as_its_stdin_goes_apart_ends_as_locally(
+        keys: Keys, worker: tuple[Proc, str], tmp_path: Path, agent: list[str],
+        source: str, job: str) -> None:
+    """BIG bytes of stdin and a job that reads a little (or just past the handover) and
+    exits: the worker may be dialling stdin's connection as the job ends, and the client
+    letting go of its port. The user gets what a local run gives: head's status, no
+    output, no complaint at either end."""
+    data = os.urandom(BIG)
+    path = tmp_path / "input"
+    path.write_bytes(data)
+    local = subprocess.run(["sh", "-c", job], input=data, capture_output=True, timeout=30)
+    mark = len(worker[0].output)
+    for _ in range(ROUNDS):
+        with open(path, "rb") as f:
+            done = subprocess.run(exec_argv(keys.client, [worker[1]], *agent, "--", job),
+                                  stdin=f if source == "file" else None,
+                                  input=data if source == "pipe" else None,
+                                  capture_output=True, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (local.returncode,
+                                                               local.stdout, b"")
+    complaints = [line for line in worker[0].output[mark:].splitlines() if "#warn" in line]
+    assert complaints == []
+
+
 def test_stdin_from_a_file(keys: Keys, worker: tuple[Proc, str], tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "input")
     data = os.urandom(3 << 20)

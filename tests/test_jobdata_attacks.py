@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from conftest import Keys
@@ -65,8 +66,10 @@ def port_with(reactor: PollReactor, keys: Keys, data: bytes,
     client = load_credential(keys.client, "client")
     worker = load_credential(keys.worker, "worker")
     r, w = os.pipe()
-    def write() -> None:
-        os.write(w, data)
+
+    def write() -> None:  # as a launcher's stdin: its reader may go before the end
+        with contextlib.suppress(BrokenPipeError):
+            os.write(w, data)
         os.close(w)
 
     threading.Thread(target=write, daemon=True).start()
@@ -215,6 +218,71 @@ def test_no_connection_is_taken_once_the_job_ended(reactor: PollReactor, keys: K
         socket.create_connection((HOST, number), timeout=2)
 
 
+def tls_on(sock: socket.socket, credential: Credential, token: bytes,
+           stream: str = STDIN) -> tuple[bytes, str]:
+    """connect()'s TLS, token and reading on SOCK, a TCP connection already made."""
+    sock.settimeout(None)
+    conn = SSL.Connection(threadtls.context(credential), sock)
+    conn.set_connect_state()
+    got = b""
+    try:
+        conn.do_handshake()
+        conn.sendall(token + stream.encode())
+        while True:
+            got += conn.recv(1 << 16)
+    except SSL.ZeroReturnError:
+        return got, "close_notify"
+    except (SSL.Error, OSError) as e:
+        return got, f"error: {e}"
+    finally:
+        sock.close()
+
+
+def test_stdin_whose_connection_comes_as_the_job_ends_is_let_go_quietly(
+        reactor: PollReactor, keys: Keys) -> None:
+    """The job ended (EXIT: finish) while its worker was still dialling stdin: the
+    connection, its handshake under way, is ended without a byte and without a complaint
+    (it is the job's own worker, with the token: not an attack)."""
+    complaints: list[str] = []
+    worker = load_credential(keys.worker, "worker")
+    with port_with(reactor, keys, os.urandom(1 << 20), complaints) as port:
+        sock = socket.create_connection((HOST, port.port), timeout=10)
+        turn(reactor, lambda: bool(port._threads))  # accepted: its handshake under way
+        port.finish()  # EXIT came
+        late = in_thread(lambda: tls_on(sock, worker, port.token))
+        turn(reactor, lambda: late() is not None and not port._threads)
+        reactor.iterate(0)
+    got = late()
+    assert got is not None and got[0] == b""  # not a byte of stdin
+    assert complaints == []
+
+
+def test_a_handshake_the_port_cut_short_is_no_complaint(
+        reactor: PollReactor, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job was abandoned (close) as a connection's thread was about to shake hands:
+    the thread meets the socket the port shut down, which is the port's doing, not the
+    peer's. The thread is held until then, as a busy machine might hold it."""
+    handshake, closed = threadtls.handshake, threading.Event()
+
+    def held(*args: Any) -> Any:
+        closed.wait(10)
+        return handshake(*args)
+
+    monkeypatch.setattr(threadtls, "handshake", held)
+    complaints: list[str] = []
+    worker = load_credential(keys.worker, "worker")
+    with port_with(reactor, keys, b"secret", complaints) as port:
+        dial = in_thread(lambda: connect(worker, port.port, port.token))
+        turn(reactor, lambda: bool(port._threads))
+        port.close()
+        closed.set()
+        turn(reactor, lambda: dial() is not None and not port._threads)
+        reactor.iterate(0)
+    got = dial()
+    assert got is not None and got[0] == b""
+    assert complaints == []
+
+
 # -- the worker's end -------------------------------------------------------------------
 
 
@@ -237,15 +305,19 @@ def serve_once(credential: Credential, ending: str, data: bytes
             conn.sendall(data)
             if ending == "close_notify":
                 conn.shutdown()
-        except SSL.Error:
+        except (SSL.Error, OSError):  # the worker refused us: it may have reset already
             token.append(b"")
         finally:
-            sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):  # ENOTCONN once the worker reset it
+                sock.shutdown(socket.SHUT_WR)
             time.sleep(0.2)
             sock.close()
 
     threading.Thread(target=run, daemon=True).start()
     return listener.getsockname()[1], lambda: token[0] if token else None
+
+
+KNEW_AT_EOF: list[bool] = []  # at each job's EOF: had the worker its stream's end?
 
 
 def fetch(reactor: PollReactor, keys: Keys, server: Credential, ending: str,
@@ -257,9 +329,14 @@ def fetch(reactor: PollReactor, keys: Keys, server: Credential, ending: str,
     token = os.urandom(32)
     r, w = os.pipe()
     read: list[bytes] = []
-    reader = threading.Thread(target=lambda: read.append(_read_all(r)), daemon=True)
-    reader.start()
     ended: list[str | None] = []
+
+    def job() -> None:  # reads its stdin to EOF, then looks whether the worker knew
+        read.append(_read_all(r))
+        KNEW_AT_EOF.append(bool(ended))
+
+    reader = threading.Thread(target=job, daemon=True)
+    reader.start()
     DataDial(reactor, worker, None, (HOST, number), token, client.cert, STDIN, w,
              ended.append)
     os.close(w)  # the job's stdin is the thread's copy alone
@@ -287,10 +364,35 @@ def test_the_worker_writes_stdin_to_the_job_and_closes_it_at_close_notify(
 
 def test_a_fin_without_close_notify_is_a_truncation(reactor: PollReactor,
                                                     keys: Keys) -> None:
+    KNEW_AT_EOF.clear()
     problem, read, _ = fetch(reactor, keys, load_credential(keys.client, "client"), "fin",
                              b"partial input")
     assert problem is not None and "truncated" in problem
     assert read == b"partial input"  # what came, then the job's stdin is closed
+    assert KNEW_AT_EOF == [True]  # ... once the worker knew: the cut fails a job still
+    # running, never one that ended on the EOF it made
+
+
+def test_a_stdin_dial_the_jobs_end_overtook_is_no_failure(reactor: PollReactor,
+                                                           keys: Keys) -> None:
+    """The job ended (stop(hard=False)) while its stdin's connection was still being
+    made, and then the client's port went (it had its EXIT): no problem is reported,
+    the job's end of the pipe is closed."""
+    worker = load_credential(keys.worker, "worker")
+    client = load_credential(keys.client, "client")
+    listener = socket.create_server((HOST, 0), backlog=1)  # never accepts: as a port
+    r, w = os.pipe()  # whose reactor has not come to it before it closed
+    ended: list[str | None] = []
+    dial = DataDial(reactor, worker, None, listener.getsockname(), os.urandom(32),
+                    client.cert, STDIN, w, ended.append)
+    os.close(w)
+    dial.stop(hard=False)  # the job ended
+    time.sleep(0.2)  # its connection waits in the backlog for the handshake
+    listener.close()  # the client's port is gone: a reset
+    turn(reactor, lambda: bool(ended))
+    assert ended == [None]
+    assert os.read(r, 1) == b""  # the thread's copy of the job's stdin is closed
+    os.close(r)
 
 
 def test_the_worker_refuses_a_server_that_is_not_the_jobs_client(

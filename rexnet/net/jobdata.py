@@ -35,7 +35,10 @@ and written everything (StdioStreams.finish). A job that stops reading its stdin
 client whose stdout reader went away, ends the stream's connection: the other end's
 thread ends quietly (the job then sees EPIPE on its stdout, as under ssh). The worker
 dials stdout's connection only once the job wrote more after the handover: a job that
-ends right at it costs no handshake; its stream 1 ends with an EOF on the channel.
+ends right at it costs no handshake; its stream 1 ends with an EOF on the channel. A job
+that ends while the worker still dials its stdin's connection (DataDial.stop) is no
+failure at either end: the worker ends it quietly, and so does the client's port, which
+let go of stdin at the job's end (DataPort.finish).
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ class DataPort:
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.fds: dict[str, int] = {}
         self.claimed: set[str] = set()
+        self.unwanted: set[str] = set()  # let go of at the job's end: its connection is not
+        #                                  refused but ended quietly (see finish)
         self.streams = ""
         self._lock = threading.Lock()
         try:
@@ -206,7 +211,9 @@ class DataPort:
         except Refused as e:
             problem = str(e)
         except (SSL.Error, OSError) as e:
-            if not stream:
+            if stopper.stopped:  # we let go of it (the job ended): not the peer's doing
+                pass
+            elif not stream:
                 problem = f"TLS handshake failed: {e}"
             elif stream == STDOUT and not isinstance(e, OSError):
                 self.reactor.callFromThread(self._output_end, Truncated(
@@ -225,7 +232,9 @@ class DataPort:
 
     def _claim(self, stream: str) -> str:
         with self._lock:
-            if stream in self.claimed or self.closed:
+            if stream in self.unwanted or self.closed:
+                raise Stopped  # the job's worker, too late: the port let go of the stream
+            if stream in self.claimed:
                 raise Refused(f"the job's {'stdin' if stream == STDIN else 'stdout'} "
                               "connection is made already")
             if stream not in self.fds:
@@ -279,6 +288,8 @@ class DataPort:
                 stopper.stop()
         with self._lock:
             pending = STDIN in self.fds and STDIN not in self.claimed
+            if pending:  # the worker may be dialling it still (it ended the job meanwhile)
+                self.unwanted.add(STDIN)
         if pending:
             self._release(STDIN)
         self._check_output()
@@ -310,10 +321,10 @@ class DataDial:
     """The worker's end of one stream: connect to the client's data port, present the
     token and the stream's letter, then move the stream: STDIN from TLS to the job's
     stdin pipe, STDOUT from the job's stdout pipe to TLS. FD is the job's end of the
-    pipe (copied: the thread closes its copy); GATE, if any, is set once the reactor
+    pipe (copied; the copy is closed after ENDED); GATE, if any, is set once the reactor
     wrote its last in-band byte there. ENDED(problem) is called in the reactor at the
     end: "" for a clean end (close_notify; or the other end went away on purpose), None
-    when stopped, else why the stream is incomplete."""
+    when stopped (or once the job ended: stop), else why the stream is incomplete."""
 
     def __init__(self, reactor: Any, credential: Credential, revoked: Revocations | None,
                  address: tuple[str, int], token: bytes, expected: x509.Certificate,
@@ -394,10 +405,22 @@ class DataDial:
                            f"{self.moved[0]} bytes (truncated): {_why(e)}")
             # else the job closed its stdin (EPIPE), or the client stopped reading stdout
         finally:
+            self.stopper.close()
+            self.reactor.callFromThread(self._end, problem)
+
+    def _end(self, problem: str | None) -> None:
+        """In the reactor: report the stream's end, then close our copy of the job's pipe.
+        In that order: a job reads its stdin's EOF only once a truncation is known here,
+        so it cannot end on a cut input before the cut fails it. Once the job ended (stop),
+        nothing that befalls its stream is a problem: no part of it could reach the job."""
+        try:
+            with self._lock:
+                if self._quitting:
+                    problem = None
+            self.ended(problem)
+        finally:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
-            self.stopper.close()
-            self.reactor.callFromThread(self.ended, problem)
 
     @property
     def name(self) -> str:

@@ -47,6 +47,7 @@ from zope.interface import implementer
 
 from rexnet.worker import cgroups
 from rexnet.worker import sandboxwire as wire
+from rexnet.worker.helperlog import HelperLog
 from rexnet.worker.job import JobProcess
 from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 
@@ -130,13 +131,25 @@ class Sandbox:
         self._ready: list[Link] = []
 
     def start(self) -> None:
-        """Start the helper: while the worker is still root (privilegedStartService)."""
+        """Start the helper: while the worker is still root (privilegedStartService).
+        Its stderr comes to the worker's log (rexnet.worker.helperlog)."""
+        from twisted.internet import reactor
+
         ours, theirs = socket.socketpair()
-        with theirs:
-            self.helper = subprocess.Popen(
-                [sys.executable, "-m", "rexnet.worker.sandboxd", "--control",
-                 str(theirs.fileno()), "--users", self.users.spec() if self.users else ""],
-                pass_fds=[theirs.fileno()], start_new_session=True, stdin=subprocess.DEVNULL)
+        complaints, stderr = os.pipe2(os.O_CLOEXEC)
+        try:
+            with theirs:
+                self.helper = subprocess.Popen(
+                    [sys.executable, "-m", "rexnet.worker.sandboxd", "--control",
+                     str(theirs.fileno()), "--users", self.users.spec() if self.users else ""],
+                    pass_fds=[theirs.fileno()], start_new_session=True,
+                    stdin=subprocess.DEVNULL, stderr=stderr)
+        except BaseException:
+            os.close(complaints)
+            raise
+        finally:
+            os.close(stderr)
+        HelperLog(reactor, complaints)
         self.control = ours
 
     def stop(self) -> None:

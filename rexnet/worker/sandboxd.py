@@ -91,7 +91,11 @@ def parse_users(spec: str) -> list[tuple[int, int, str]]:
 
 
 def complain(what: str) -> None:
-    print(f"rexnet-sandboxd: {what}", file=sys.stderr, flush=True)
+    """One line on stderr, a pipe the worker reads into its log (rexnet.worker.helperlog);
+    lost, never fatal, once the worker is gone."""
+    line = f"rexnet-sandboxd: {what}".replace("\n", " ")
+    with contextlib.suppress(OSError):
+        os.write(2, (line + "\n").encode(errors="replace"))
 
 
 def main(argv: list[str] | None = None) -> int:
