@@ -71,7 +71,13 @@ from rexnet.worker.nsutil import (
 )
 from rexnet.worker.nsutil import MS_BIND as MS_BIND  # tests/test_launcher_checks.py uses it
 from rexnet.worker.sandboxinit import FORWARDED, SPARE_NAME
-from rexnet.worker.sandboxrequest import checked_fds, namespace_rss, request_identity, set_bounds
+from rexnet.worker.sandboxrequest import (
+    checked_fds,
+    controllers,
+    namespace_rss,
+    request_identity,
+    set_bounds,
+)
 
 __all__ = ["SPARE_NAME", "main", "namespace_rss", "parse_users"]
 
@@ -221,9 +227,9 @@ class Helper:
         for reason in reader.bad:
             complain(f"a bad request from the worker: {reason}")
         reader.bad.clear()
-        for _, fds in got:
+        for message, fds in got:
             if len(fds) == 1:
-                self._prepare(Job(socket.socket(fileno=fds[0])))
+                self._prepare(Job(socket.socket(fileno=fds[0])), controllers(message))
             else:
                 complain(f"a request with {len(fds)} sockets, not one")
                 for fd in fds:
@@ -236,10 +242,11 @@ class Helper:
                 if job.state != "running":
                     job.kill()
 
-    def _prepare(self, job: Job) -> None:
-        """The job's control group and its init, in a new PID namespace."""
+    def _prepare(self, job: Job, bounds: list[str] | None = None) -> None:
+        """The job's control group (for the controllers of BOUNDS: None, all) and its init,
+        in a new PID namespace."""
         try:
-            group = JobCgroup(next(self.names))
+            group = JobCgroup(next(self.names), bounds)
             job.group = group if group.dirs else None
         except OSError as e:
             complain(f"control group: {e}")
@@ -414,7 +421,7 @@ class Helper:
         try:
             request["fds"] = checked_fds(request, fds)
             identity = request_identity(job.sock, request, self.users)
-            job.memory = set_bounds(job.group, request.get("limits", {}))
+            job.memory = set_bounds(job.group, request.get("limits", {}), job.init)
             job.go.settimeout(SEND_TIMEOUT)
             if self.native:
                 env = request.get("env", {})
