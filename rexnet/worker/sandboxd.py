@@ -286,10 +286,11 @@ class Helper:
             sandboxinit.init(init_go, job.group, status_w, JOB_NOFILE)
         return pid
 
-    def _drop(self, job: Job) -> None:
-        """A sandbox that never ran a job: the worker sees its socket close."""
-        if job.group is not None:
-            self.cleanup.put([], job.group)
+    def _drop(self, job: Job, namespaces: list[int] | None = None) -> None:
+        """A sandbox that never ran a job, or whose job ended (its mount NAMESPACES to let
+        go): the worker sees its socket close; one hand-over to the clean-up."""
+        if job.group is not None or namespaces:
+            self.cleanup.put(namespaces or [], job.group)
             job.group = None
         if job.sock is not None:
             job.reader.close()
@@ -365,15 +366,13 @@ class Helper:
                 wire.send(job.sock, {"code": max(code, 0) if code >= 0 else None,
                                      "signal": -code if code < 0 else None,
                                      "limit": job.limit})
-        self._drop(job)
+        namespaces, job.namespaces = job.namespaces, []
+        self._drop(job, namespaces)
         os.close(job.pidfd)
         os.close(job.status_r)
         job.pidfd = job.status_r = -1
         job.state = "ended"
         self.jobs.discard(job)
-        if job.namespaces:
-            self.cleanup.put(job.namespaces, None)
-            job.namespaces = []
 
     # -- the worker's socket of a job --------------------------------------------------
 
