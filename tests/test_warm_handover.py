@@ -149,64 +149,6 @@ def test_a_job_that_ends_while_waiting_leaves_no_timer_behind() -> None:
     assert not clock.getDelayedCalls() and "key" not in pool.hungry
 
 
-def idle(pool: WarmPool, worker: str, running: int = 0, slots: int = 4) -> Link:
-    """A parked channel whose worker just reported RUNNING of SLOTS slots busy."""
-    link = Link()
-    pool.heard(link, hello(worker, 0.1, running, slots))
-    pool.started(link)
-    pool.exited(link)
-    pool.heard(link, hello(worker, 0.1, running, slots))
-    assert pool.park("key", link)
-    return link
-
-
-def test_a_job_waiting_in_a_queue_holds_no_slot_and_no_job_queues_behind_it() -> None:
-    """The pool's own jobs on a worker count against its slots only while they run; one
-    that waits in its queue makes the worker no choice (a START would queue behind it)."""
-    pool = WarmPool(Clock(), discount_own=True)
-    runs = [running(pool, "a", busy=n) for n in range(4)]
-    parked = idle(pool, "a", running=4)  # its report: every slot ours
-    assert pool.own("a") == 4 and pool.take("key") is None
-    waiting = running(pool, "a", busy=4)
-    pool.queued("key", waiting, announced=False)
-    assert pool.own("a") == 4 and pool.queued_at("a")  # queued: not counted as running
-    for link in runs[:2]:  # two of ours ended: two slots free, but one job waits there
-        pool.exited(link)
-        pool.record(link).busy = False
-    assert pool.take("key") is None
-    pool.started(waiting)  # it left the queue for a slot
-    assert not pool.queued_at("a") and pool.own("a") == 3
-    assert pool.take("key") is parked  # one slot still free
-
-
-def test_a_pool_queues_at_its_full_workers_only_while_the_cluster_is_saturated() -> None:
-    """With no free worker among its channels, an Executor's job announces (a worker the
-    pool does not know, or one freed, answers); only once an announced job was queued does
-    it queue at the known worker with the fewest jobs queued per slot (ties: the fewest of
-    its own jobs per slot)."""
-    clock = Clock()
-    pool = WarmPool(clock, discount_own=True)
-    for _ in range(4):
-        running(pool, "a", busy=4)
-    for _ in range(3):
-        running(pool, "b", busy=4)
-    on_a, on_b = idle(pool, "a", running=4), idle(pool, "b", running=4)
-    assert pool.take("key") is None  # announced: not saturated
-    warm = running(pool, "a", busy=4)
-    pool.queued("key", warm, announced=False)  # a warm job that queued: not the cluster's say
-    assert not pool.saturated("key") and pool.take("key") is None
-    announced = Link()
-    pool.heard(announced, hello("b", 0.1, 4))
-    pool.started(announced)
-    pool.queued("key", announced, announced=True)  # every worker that answered was full
-    assert pool.saturated("key")
-    assert pool.take("key") is on_b  # no queue reported, and fewer of ours per slot
-    clock.advance(FRESH + 0.1)
-    pool.heard(on_a, hello("a", 0.1, 4))  # a fresh report: a place for a job to queue
-    assert pool.queue_usable(pool.record(on_a), clock.seconds())
-    assert not pool.saturated("key") and pool.take("key") is None  # saturation passed
-
-
 # -- the warm check of the worker's certificate ------------------------------------------
 
 

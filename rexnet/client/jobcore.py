@@ -307,7 +307,7 @@ class JobCore:
                 self._queue_deadline = self.reactor.callLater(self.queue_timeout,
                                                               self.machine.queue_timed_out)
         if self.pool is not None:  # every slot taken: the pool's next jobs wait for its own
-            self.pool.queued(self.pool_key, channel, announced=not self.reused)
+            self.pool.full(self.pool_key)
         if self.telling:
             self.say(progress.queued(channel, queued))
 

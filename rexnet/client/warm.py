@@ -18,19 +18,12 @@ a time, and pools are per client process (per user).
 More jobs in flight than the cluster holds (slots and queue places): a DISCOUNT_OWN pool
 hands a channel its job just left straight to the first of its jobs still looking for a
 worker (HUNGRY: one that announced HUNGRY_AFTER times unanswered, or that waits), instead
-of parking it; and with QUEUE_ON_WARM, once an announced job was queued or a warm START
-met BUSY (SATURATED: the cluster's slots are taken), a job that finds no channel waits up
-to SATURATED_WAIT for one of the pool's own before it announces: an announcement would
-only be answered when a place frees, by then given to the pool's own next job, and every
+of parking it; and with QUEUE_ON_WARM, once a worker queued one of its jobs or answered
+BUSY (SATURATED: every slot taken), a job that finds no channel waits up to
+SATURATED_WAIT for one of the pool's own before it announces: an announcement would only
+be answered when a place frees, by then given to the pool's own next job, and every
 resend costs each worker a signature check. (A job that a free worker answers at once is
 not handed anything: it brings one more channel.)
-
-The pool's own jobs that wait in a worker's queue are not counted as running there (a
-queued job holds no slot), and a worker where one waits is no choice for another job
-(it would queue behind it). Only while SATURATED does a job that finds no free worker
-among the pool's channels queue at the one with the fewest jobs queued per slot; else it
-announces, so that a worker the pool does not know yet (idle, or freed) is found: a job
-that only the pool's full workers answered, and queued, makes the pool SATURATED again.
 """
 
 from __future__ import annotations
@@ -99,7 +92,6 @@ class Warm:
     won_others: int = 0  # other clients' jobs on the worker then
     jobs: int = 0  # jobs started on this channel
     busy: bool = False  # it runs (or just ran) one of this client's jobs
-    waiting: bool = False  # that job waits in the worker's queue (not started yet)
     exited: bool = False  # that job has exited
     key: Hashable = None  # idle: which jobs it may serve
     expiry: IDelayedCall | None = None  # idle: when it is closed
@@ -154,16 +146,11 @@ class WarmPool:
         return self.records[link]
 
     def own(self, worker: str) -> int:
-        """How many of this client's jobs run on WORKER now, queued ones left out (0 unless
-        DISCOUNT_OWN)."""
+        """How many of this client's jobs run on WORKER now (0 unless DISCOUNT_OWN)."""
         if not self.discount_own:
             return 0
-        return sum(w.busy and not w.exited and not w.waiting and w.worker == worker
+        return sum(w.busy and not w.exited and w.worker == worker
                    for w in self.records.values())
-
-    def queued_at(self, worker: str) -> bool:
-        """Whether one of this client's jobs waits in WORKER's queue."""
-        return any(w.waiting and w.worker == worker for w in self.records.values())
 
     def heard(self, link: Link, hello: wire.Hello) -> None:
         """LINK's worker reported its load: note it, and how much of it was this client's."""
@@ -185,15 +172,8 @@ class WarmPool:
                 warm.won_load = max(warm.load - warm.own_at_hello / max(warm.slots, 1), 0.0)
                 warm.won_others = max(warm.running - warm.own_at_hello, 0)
             warm.busy = True
-        warm.exited = warm.waiting = False
+        warm.exited = False
         warm.jobs += 1
-
-    def queued(self, key: Hashable, link: Link, announced: bool) -> None:
-        """The job of KEY on LINK waits in its worker's queue; ANNOUNCED: it came to that
-        worker through an announcement (every worker that answered was full: SATURATED)."""
-        self.record(link).waiting = True
-        if announced:
-            self.full(key)
 
     def exited(self, link: Link) -> None:
         """The job on LINK exited (its channel may be parked once its output is written)."""
@@ -208,7 +188,6 @@ class WarmPool:
         # its slots now: its report, less our jobs then, plus ours now (0, 0 without
         # DISCOUNT_OWN): our jobs that ended since the report freed their slots
         return (warm.running - mine + self.own(warm.worker) < warm.slots
-                and not self.queued_at(warm.worker)
                 and warm.running - mine <= warm.won_others
                 and warm.load - mine / max(warm.slots, 1) - warm.won_load < self.margin)
 
@@ -234,11 +213,10 @@ class WarmPool:
         now = self.reactor.seconds()
         mine = [w for w in self.idle if w.key == key]
         free = sorted((w for w in mine if self.usable(w, now)), key=lambda w: w.load)
-        if not free and self.saturated(key):
+        if not free:
             own = Counter(w.worker for w in self.records.values() if w.busy and not w.exited)
             free = sorted((w for w in mine if self.queue_usable(w, now)),
-                          key=lambda w: (self.queued_per_slot(w, own[w.worker]),
-                                         own[w.worker] / max(w.slots, 1)))
+                          key=lambda w: self.queued_per_slot(w, own[w.worker]))
         for best in free:
             problem = distrust(best.link)
             if problem is not None:
@@ -248,7 +226,7 @@ class WarmPool:
                 best.link.close()
                 continue
             self._unpark(best)
-            best.busy, best.exited, best.waiting = True, False, False  # this client's job now
+            best.busy, best.exited = True, False  # counted as this client's job from now
             self.reused += 1
             return best.link
         return None
@@ -339,7 +317,7 @@ class WarmPool:
         hand it to a job of KEY still looking for a worker (DISTRUST as for take); False
         if the pool has enough of that worker's channels (then close it)."""
         warm = self.record(link)
-        warm.busy = warm.waiting = False
+        warm.busy = False
         handed = self._hand_over(key, warm, distrust)
         if handed is not None:
             return handed
