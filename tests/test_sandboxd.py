@@ -161,10 +161,12 @@ class Helper:
         self.control = ours
         self._bases: list[Path] = []
 
-    def job(self) -> Job:
-        """A sandbox, once the helper says it is ready."""
+    def job(self, bounds: list[str] | None = None) -> Job:
+        """A sandbox, once the helper says it is ready (BOUNDS: the limits its worker sets,
+        as rexnet.worker.sandbox says them; None: not said)."""
         mine, theirs = socket.socketpair()
-        wire.send(self.control, {"job": True}, [theirs.fileno()])
+        wire.send(self.control, {"job": True, **({} if bounds is None else {"bounds": bounds})},
+                  [theirs.fileno()])
         theirs.close()
         mine.settimeout(TIMEOUT)
         got = wire.receive(mine)
@@ -335,6 +337,46 @@ def test_memory_bound_and_misbehaving_jobs_leave_their_neighbours_alone(
         assert job.output() == f"{n} fine\n".encode()
         assert job.end() == {"code": n + 3, "signal": None, "limit": ""}
     for job in (*neighbours, hog, forks, closer, killer):
+        job.close()
+    assert _until(lambda: helper.groups() == [])
+    assert helper.stop() == ""
+
+
+def _hierarchies(pid: int) -> set[str]:
+    """The v1 hierarchies in which process PID is in a job's group."""
+    found = set()
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "/rexnet-jobs/job-" in path:
+            found.update(controllers.split(","))
+    return found
+
+
+def test_groups_only_in_the_hierarchies_of_the_bounds_and_a_bound_added_later(
+        helper: Helper) -> None:
+    if not Path("/sys/fs/cgroup/pids/cgroup.procs").exists():
+        pytest.skip("no cgroup v1 pids hierarchy here")
+    python = job_python()
+    # a worker that sets no bounds: its jobs' groups are in the pids hierarchy only
+    plain, hog = helper.job([]), helper.job([])
+    assert _hierarchies(plain.init) == {"pids"}
+    plain.start("cat /proc/self/cgroup")
+    inside = {line.split(":")[1] for line in plain.output().decode().splitlines()
+              if "/rexnet-jobs/job-" in line}
+    assert inside == {"pids"}
+    assert plain.end() == {"code": 0, "signal": None, "limit": ""}
+    # a job asks for a bound its group lacks: the hierarchy is added, its init moved in,
+    # and the bound holds
+    hog.start(f"exec {python} -c 'x = bytearray(400 << 20); print(len(x))'",
+              {"memory": 64 << 20, "pids": 16})
+    assert hog.end() == {"code": None, "signal": signal.SIGKILL, "limit": "memory"}
+    # a worker that sets a memory bound: its spares are in the memory hierarchy already
+    bounded = helper.job(["memory"])
+    assert _hierarchies(bounded.init) == {"pids", "memory"}
+    # and one that says nothing (an older worker) gets every hierarchy
+    legacy = helper.job()
+    assert {"pids", "memory", "cpu"} <= _hierarchies(legacy.init)
+    for job in (plain, hog, bounded, legacy):
         job.close()
     assert _until(lambda: helper.groups() == [])
     assert helper.stop() == ""

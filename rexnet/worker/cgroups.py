@@ -6,6 +6,11 @@ otherwise v1 with one directory per controller among memory, pids, cpu and freez
 (freezer.state FROZEN, SIGKILL every task, THAWED). A job's group is created below the
 helper's own group of each hierarchy (as /proc/self/cgroup names it), so the worker's
 own limits still bound its jobs together.
+
+In v1 a job gets a directory only in the hierarchies it needs: pids always (its members,
+a kill of all it holds), and those of the bounds the worker sets (memory, cpu); each
+directory more costs a mkdir, a migration and an rmdir per job (~60 us of kernel time
+together). A bound whose hierarchy a group lacks is added later (add), its init moved in.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ import functools
 import os
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+ALWAYS = "pids"  # the v1 hierarchy every job's group is in
+BOUNDS = {"memory": "memory", "pids": "pids", "cpus": "cpu"}  # a job's limit: its controller
 CPU_PERIOD = 100_000  # microseconds
 PARENT = "rexnet-jobs"
 
@@ -75,25 +83,50 @@ def _write(path: Path, value: str) -> None:
 class JobCgroup:
     """The control group(s) of one job, NAME, below this process's own."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, controllers: Iterable[str] | None = None) -> None:
+        """NAME's group; in v1 in the hierarchies of CONTROLLERS and ALWAYS (None: every
+        one mounted)."""
         self.version = version()
-        own = _own_paths()
+        self.name = name
         if self.version == 2:
+            own = _own_paths()
             base = f"{ROOT}/{own.get('', '/').strip('/')}/{PARENT}".replace("//", "/")
             if base not in _delegated:
                 self._enable_v2(Path(base))
                 _delegated.add(base)
             self.dirs = {"": Path(f"{base}/{name}")}
         else:
-            self.dirs = {c: Path(f"{ROOT}/{c}/{own.get(c, '/').strip('/')}/{PARENT}/{name}"
-                                 .replace("//", "/"))
-                         for c in _v1_controllers()}
+            mounted = _v1_controllers()
+            wanted = [c for c in mounted if controllers is None or c == ALWAYS
+                      or c in controllers] or list(mounted[:1])
+            self.dirs = {c: self._v1_dir(c) for c in wanted}
         self._procs = [f"{d}/cgroup.procs" for d in self.dirs.values()]
         for d in self.dirs.values():
-            try:
-                os.mkdir(d)
-            except FileNotFoundError:  # the first job's: its parent too
-                d.mkdir(parents=True, exist_ok=True)
+            self._make(d)
+
+    def _v1_dir(self, controller: str) -> Path:
+        own = _own_paths().get(controller, "/").strip("/")
+        return Path(f"{ROOT}/{controller}/{own}/{PARENT}/{self.name}".replace("//", "/"))
+
+    @staticmethod
+    def _make(d: Path) -> None:
+        try:
+            os.mkdir(d)
+        except FileNotFoundError:  # the first job's: its parent too
+            d.mkdir(parents=True, exist_ok=True)
+
+    def add(self, controllers: Iterable[str], pid: int) -> None:
+        """In v1, the group in the hierarchies of CONTROLLERS it lacks (those mounted), with
+        process PID (the job's init, before it starts the job) moved in."""
+        if self.version != 1:
+            return
+        for controller in controllers:
+            if controller in self.dirs or controller not in _v1_controllers():
+                continue
+            d = self.dirs[controller] = self._v1_dir(controller)
+            self._make(d)
+            self._procs.append(f"{d}/cgroup.procs")
+            _write(d / "cgroup.procs", str(pid))
 
     def procs(self) -> list[str]:
         """The group's cgroup.procs files: writing "0" to each moves the writer in."""

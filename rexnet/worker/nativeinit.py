@@ -5,7 +5,7 @@ A fork of the Python helper costs ~1 ms of page-table copying and as much again 
 copy-on-write faults, and its fork of the command the same again; `rexnet-sandbox-init`,
 built next to the venv's python where a C compiler works (rexnet.cli.entry builds it), is
 spawned instead (vfork and exec of a small program), joins the job's control group itself
-and forks only itself for the command. Where it was not built (or
+and vforks only itself for the command. Where it was not built (or
 REXNET_SANDBOX_INIT=python) the helper forks its Python init (rexnet.worker.sandboxinit).
 
 It makes the job's mount namespace (fresh /tmp, /var/tmp, /dev/shm and /proc) while a

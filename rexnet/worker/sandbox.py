@@ -123,9 +123,15 @@ class Sandbox:
     """The root helper of one worker, its pool of job users (None: the worker's uid) and
     SPARES supervisors the helper prepared ahead of their jobs."""
 
-    def __init__(self, users: JobUsers | None = None, spares: int = SPARES) -> None:
+    def __init__(self, users: JobUsers | None = None, spares: int = SPARES,
+                 bounds: Sequence[str] | None = None) -> None:
+        """BOUNDS: the limits (memory, pids, cpus) the worker sets on its jobs, so that the
+        helper makes their groups in those hierarchies only (None: in all)."""
         self.users = users
         self.spares = spares
+        self.prepare: dict[str, Any] = {"job": True}
+        if bounds is not None:
+            self.prepare["bounds"] = list(bounds)
         self.control: socket.socket | None = None
         self.helper: subprocess.Popen[bytes] | None = None
         self._ready: list[Link] = []
@@ -173,7 +179,7 @@ class Sandbox:
             raise OSError(errno.ENOTCONN, "the sandbox helper is not running")
         mine, helper = socket.socketpair()
         try:
-            wire.send(self.control, {"job": True}, [helper.fileno()])
+            wire.send(self.control, self.prepare, [helper.fileno()])
         except OSError as e:
             mine.close()
             raise OSError(e.errno or errno.EPIPE, "the sandbox helper is gone") from e

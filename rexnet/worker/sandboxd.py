@@ -71,7 +71,13 @@ from rexnet.worker.nsutil import (
 )
 from rexnet.worker.nsutil import MS_BIND as MS_BIND  # tests/test_launcher_checks.py uses it
 from rexnet.worker.sandboxinit import FORWARDED, SPARE_NAME
-from rexnet.worker.sandboxrequest import checked_fds, namespace_rss, request_identity, set_bounds
+from rexnet.worker.sandboxrequest import (
+    checked_fds,
+    controllers,
+    namespace_rss,
+    request_identity,
+    set_bounds,
+)
 
 __all__ = ["SPARE_NAME", "main", "namespace_rss", "parse_users"]
 
@@ -225,9 +231,9 @@ class Helper:
         for reason in reader.bad:
             complain(f"a bad request from the worker: {reason}")
         reader.bad.clear()
-        for _, fds in got:
+        for message, fds in got:
             if len(fds) == 1:
-                self._prepare(Job(socket.socket(fileno=fds[0])))
+                self._prepare(Job(socket.socket(fileno=fds[0])), controllers(message))
             else:
                 complain(f"a request with {len(fds)} sockets, not one")
                 for fd in fds:
@@ -240,10 +246,11 @@ class Helper:
                 if job.state != "running":
                     job.kill()
 
-    def _prepare(self, job: Job) -> None:
-        """The job's control group and its init, in a new PID namespace."""
+    def _prepare(self, job: Job, bounds: list[str] | None = None) -> None:
+        """The job's control group (for the controllers of BOUNDS: None, all) and its init,
+        in a new PID namespace."""
         try:
-            group = JobCgroup(next(self.names))
+            group = JobCgroup(next(self.names), bounds)
             job.group = group if group.dirs else None
         except OSError as e:
             complain(f"control group: {e}")
@@ -283,10 +290,11 @@ class Helper:
             sandboxinit.init(init_go, job.group, status_w, JOB_NOFILE)
         return pid
 
-    def _drop(self, job: Job) -> None:
-        """A sandbox that never ran a job: the worker sees its socket close."""
-        if job.group is not None:
-            self.cleanup.put([], job.group)
+    def _drop(self, job: Job, namespaces: list[int] | None = None) -> None:
+        """A sandbox that never ran a job, or whose job ended (its mount NAMESPACES to let
+        go): the worker sees its socket close; one hand-over to the clean-up."""
+        if job.group is not None or namespaces:
+            self.cleanup.put(namespaces or [], job.group)
             job.group = None
         if job.sock is not None:
             job.reader.close()
@@ -362,15 +370,13 @@ class Helper:
                 wire.send(job.sock, {"code": max(code, 0) if code >= 0 else None,
                                      "signal": -code if code < 0 else None,
                                      "limit": job.limit})
-        self._drop(job)
+        namespaces, job.namespaces = job.namespaces, []
+        self._drop(job, namespaces)
         os.close(job.pidfd)
         os.close(job.status_r)
         job.pidfd = job.status_r = -1
         job.state = "ended"
         self.jobs.discard(job)
-        if job.namespaces:
-            self.cleanup.put(job.namespaces, None)
-            job.namespaces = []
 
     # -- the worker's socket of a job --------------------------------------------------
 
@@ -418,7 +424,7 @@ class Helper:
         try:
             request["fds"] = checked_fds(request, fds)
             identity = request_identity(job.sock, request, self.users)
-            job.memory = set_bounds(job.group, request.get("limits", {}))
+            job.memory = set_bounds(job.group, request.get("limits", {}), job.init)
             job.go.settimeout(SEND_TIMEOUT)
             if self.native:
                 env = request.get("env", {})

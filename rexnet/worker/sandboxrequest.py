@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from rexnet.worker import sandboxwire as wire
-from rexnet.worker.cgroups import JobCgroup
+from rexnet.worker.cgroups import BOUNDS, JobCgroup
 
 
 def request_identity(sock: socket.socket, request: dict[str, Any],
@@ -38,12 +38,26 @@ def checked_fds(request: dict[str, Any], fds: list[int]) -> list[int]:
     return targets
 
 
-def set_bounds(group: JobCgroup | None, limits: dict[str, Any]) -> int:
-    """Bound GROUP as LIMITS say; the memory bound left to the helper (0: none, or the
-    kernel's)."""
+def controllers(prepare: dict[str, Any]) -> list[str] | None:
+    """The controllers a sandbox's group needs, as the worker's request to prepare it says
+    ("bounds": the limits its jobs get, as in a job's request); None (all) if it does not
+    say."""
+    bounds = prepare.get("bounds")
+    if not isinstance(bounds, list) or not all(b in BOUNDS for b in bounds):
+        return None
+    return [BOUNDS[b] for b in bounds]
+
+
+def set_bounds(group: JobCgroup | None, limits: dict[str, Any], init: int = 0) -> int:
+    """Bound GROUP as LIMITS say (a bound whose hierarchy it lacks is added, with process
+    INIT moved in); the memory bound left to the helper (0: none, or the kernel's)."""
+    if not isinstance(limits, dict):
+        raise ValueError("the limits are not an object")
     memory = int(limits.get("memory", 0))
     if group is None:
         return memory
+    if init:
+        group.add([BOUNDS[b] for b, value in limits.items() if b in BOUNDS and value], init)
     missing = group.limit(memory, int(limits.get("pids", 0)), float(limits.get("cpus", 0.0)))
     if "memory" in missing:
         print("rexnet-sandboxd: control group: no memory controller", file=sys.stderr,

@@ -461,7 +461,8 @@ def sandbox_for(config: Options, top: MultiService) -> Sandbox | None:
     users = JobUsers(config["job_users"]) if config["job_users"] else None
     # one spare per slot (at most MAX_SPARES): a burst of jobs as large as the worker's
     # slots takes prepared supervisors, none waits for one in the reactor
-    sandbox = Sandbox(users, spares=max(SPARES, min(config["slots"], MAX_SPARES)))
+    sandbox = Sandbox(users, spares=max(SPARES, min(config["slots"], MAX_SPARES)),
+                      bounds=[b for b in ("memory", "pids", "cpus") if config[f"job-{b}"]])
     SandboxService(sandbox).setServiceParent(top)
     return sandbox
 

@@ -186,8 +186,10 @@ int main(int nargs, char **args) {
     sigfillset(&passes.sa_mask);
     for (int s = 1; s < NSIG; s++)
         if (s != SIGKILL && s != SIGSTOP && s != SIGCHLD) sigaction(s, &passes, NULL);
-    pid_t child = fork();
-    if (child < 0) fail("fork");
+    /* vfork: no copy of this process's page tables for a child that only sets itself up
+       and execs (this process waits until then; signals stay blocked here meanwhile) */
+    pid_t child = vfork();
+    if (child < 0) fail("vfork");
     if (child == 0) {
         struct sigaction plain = {0};
         plain.sa_handler = SIG_DFL;
