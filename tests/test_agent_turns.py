@@ -89,6 +89,29 @@ def test_written_outputs_end_at_once(keys: Keys, reactor: Any, fds: dict[str, in
     assert not [w for w in reactor.getWriters() if isinstance(w, PipeWriter)]
 
 
+def test_outputs_at_eof_end_at_once_too(keys: Keys, reactor: Any, fds: dict[str, int]) -> None:
+    """The worker's EOFs of stdout and stderr and its EXIT mostly come in one read: the
+    writers that EOF began to close are closed at once when EXIT comes."""
+    link, _ = channel(keys)
+    streams = StdioStreams(reactor, local={0: fds["null"], 1: fds["out_w"], 2: fds["err_w"]})
+    streams.prepare(link)
+    streams.start_input()
+    for frame in (wire.Data(1, b"out"), wire.Eof(1), wire.Eof(2)):
+        link.frameReceived(frame)
+    assert [w for w in reactor.getWriters() if isinstance(w, PipeWriter)]  # out waits
+    done = streams.finish()
+    assert not done.called  # "out" first
+    reactor.iterate(0)
+    assert done.called and os.read(fds["out_r"], 100) == b"out"
+    link, _ = channel(keys)
+    streams = StdioStreams(reactor, local={0: fds["null"], 1: fds["out_w"], 2: fds["err_w"]})
+    streams.prepare(link)
+    streams.start_input()
+    for frame in (wire.Eof(1), wire.Eof(2)):
+        link.frameReceived(frame)
+    assert streams.finish().called
+
+
 def test_output_still_waiting_is_written_before_the_end(keys: Keys, reactor: Any,
                                                         fds: dict[str, int]) -> None:
     link, _ = channel(keys)

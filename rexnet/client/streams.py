@@ -236,10 +236,13 @@ class StdioStreams:
                 reader.stopReading()
                 reader.connected = False
         for writer in self._writers.values():
-            if writer.connected and not writer.disconnecting:
+            if not writer.connected:
+                continue
+            if not writer.disconnecting:  # (else EOF came: InStream.end did these)
                 writer.unregisterProducer()
-                if not writer.close_if_written():  # written: done now, not a turn later
-                    writer.loseConnection()
+            # all written (EOF and EXIT often come together): closed now, not a turn later
+            if not writer.close_if_written() and not writer.disconnecting:
+                writer.loseConnection()
         done = defer.gatherResults(list(self._flushed.values()))
 
         def close_dups(result: object) -> object:

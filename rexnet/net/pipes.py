@@ -51,11 +51,11 @@ class PipeWriter(process.ProcessWriter):
         super().__init__(reactor, proc, name, fileno, forceReadHack)
 
     def close_if_written(self) -> bool:
-        """Close now if every byte written to it is out and no producer is registered: the
-        owner hears childConnectionLost at once, not after a turn of the reactor (as with
-        loseConnection; an agent's launcher waits for that before its status). False, and
-        nothing done, otherwise."""
-        if (not self.connected or self.disconnecting or self.producer is not None
+        """Close now if every byte written to it is out and no producer is registered (also
+        after loseConnection, which would close it a turn of the reactor later): the owner
+        hears childConnectionLost at once (an agent's launcher waits for that before its
+        status). False, and nothing done, otherwise."""
+        if (not self.connected or self.producer is not None
                 or self._tempDataLen or len(self.dataBuffer) > self.offset):
             return False
         self.stopReading()
