@@ -52,8 +52,11 @@ def test_an_ordinary_exec_imports_nothing_heavy(fake_agent: FakeAgent, keys: Key
     done = run_python_launcher("-a", "h:1", "-v", "--timeout", "5", key=keys.client)
     assert done.returncode == 5 and done.stderr.endswith(b"said\nbye\n"), done.stderr
     modules = imported(done.stderr)
-    assert "rexnet.cli.quick" in modules and "_socket" in modules, modules
+    assert "_socket" in modules, modules
     assert not modules & HEAVY, modules & HEAVY
+    # rexnet's own come from the bundle (rexnet.cli.bundle): none through the import
+    # system (tests/test_launcher_bundle.py: which they are, and without the bundle)
+    assert not {m for m in modules if m.startswith("rexnet")}, modules
     (message, fds), = fake_agent.received
     assert isinstance(message, agentwire.Exec) and fds == 3
     assert message.request.announce == ("h:1",) and message.request.verbose
@@ -74,10 +77,22 @@ def test_what_the_fast_path_leaves_goes_the_full_way(fake_agent: FakeAgent, keys
     assert message.request.fds == ((5, "w"),) and message.request.mem == 1 << 30
 
 
-def test_the_fast_path_runs_from_compiled_bytecode(fake_agent: FakeAgent, keys: Keys) -> None:
-    """-I -S does not bypass the install's .pyc files: every rexnet module is read from
-    one (python -v says "code object from" it), none compiled from source."""
+def test_the_fast_path_runs_from_compiled_bytecode(fake_agent: FakeAgent, keys: Keys,
+                                                   tmp_path: Path) -> None:
+    """-I -S does not bypass the install's bytecode: the installed script reads no rexnet
+    module (its bundle has them), and without the bundle every one is read from a .pyc
+    (python -v says "code object from" it), none compiled from source."""
     done = run_python_launcher(key=keys.client, flags=("-v",))
+    assert done.returncode == 5, done.stderr
+    assert "/rexnet/" not in done.stderr.decode(), done.stderr
+    script = tmp_path / "rexnet-py"
+    missing = f"open({str(tmp_path / 'none')!r}, 'rb')"  # the installed one, without bundle
+    script.write_text(re.sub(r"open\('[^']*', 'rb'\)", lambda _: missing,
+                             Path(LAUNCHERS["python"]).read_text()))
+    assert missing in script.read_text()
+    done = subprocess.run([sys.executable, "-I", "-S", "-v", str(script), "exec",
+                           str(keys.client)], stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=30)
     assert done.returncode == 5, done.stderr
     lines = done.stderr.decode().splitlines()
     loaded = [line for line in lines if "/rexnet/" in line and "code object from" in line]

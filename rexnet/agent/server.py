@@ -35,7 +35,7 @@ from rexnet.protocol import agentwire, exitcodes
 from rexnet.protocol.agentwire import AgentWireError
 from rexnet.protocol.request import ExecRequest, RequestError
 from rexnet.security.credentials import Credential, load_credential
-from rexnet.security.revocation import RevokedFile, default_file, open_list
+from rexnet.security.revocation import RevokedFile, beside, open_list
 
 DEFAULT_IDLE = 600.0
 
@@ -54,6 +54,7 @@ class Agent:
         self.netns = paths.netns_id()
         self._credentials: dict[str, tuple[tuple[int, ...], Credential]] = {}
         self._revoked: dict[str, RevokedFile | None] = {}
+        self._beside: dict[tuple[str, str], str] = {}
         self.jobs = 0
 
     def credential(self, path: str) -> Credential:
@@ -75,7 +76,12 @@ class Agent:
     def revocations(self, option: str, keypath: str, app: str) -> RevokedFile | None:
         """The revocation list of --revoked OPTION (else APP.revoked beside the credential,
         if there is one); kept, as it re-reads its file when that changes."""
-        path = option or str(default_file(Path(keypath), app) or "")
+        path = option
+        if not path:  # where APP.revoked would be is worked out once; whether it is, each job
+            where = self._beside.get((keypath, app))
+            if where is None:
+                where = self._beside[keypath, app] = str(beside(Path(keypath), app))
+            path = where if os.path.isfile(where) else ""
         if not path:
             return None
         if path not in self._revoked:

@@ -5,7 +5,8 @@ processing (`#!python` loses any flag). This step, which `make install` runs aft
 replaces them:
 
 - `rexnet-py` and `cexec-py`: scripts for `python -I -S` that set sys.path themselves (to
-  what site gave this interpreter) and run rexnet.cli.launcher.run;
+  what site gave this interpreter), load the launcher's modules from one file while it
+  is good (rexnet.cli.bundle, written here) and run rexnet.cli.launcher.run;
 - where a C compiler works, `rexnet-native` (rexnet/cli/native/launcher.c): it runs an
   ordinary `rexnet exec` through the agent itself, with the same checks, and hands
   everything else to `rexnet-py` / `cexec-py`;
@@ -42,13 +43,24 @@ def search_path() -> list[str]:
     return found if here in found else [here, *found]
 
 
-def script(python: str, path: Sequence[str], command: str) -> str:
-    """The text of the fast entry script of COMMAND ("rexnet" or "cexec")."""
+def script(python: str, path: Sequence[str], command: str, bundle: str | None = None) -> str:
+    """The text of the fast entry script of COMMAND ("rexnet" or "cexec"); with BUNDLE, it
+    loads the launcher's modules from that file (rexnet.cli.bundle) while it is good. The
+    script is compiled at every start (some 7 us a line): it stays short."""
+    load = ("" if bundle is None else
+            "try:  # the launcher's modules from one file, if it is good (rexnet.cli.bundle)\n"
+            "    from marshal import loads\n"
+            f"    with open({bundle!r}, 'rb') as f:\n"
+            "        load, *bundle = loads(f.read())\n"
+            "    (lambda: 0).__class__(load, globals())(*bundle)  # bundle.load\n"
+            "except Exception:\n"
+            "    pass  # missing, stale or damaged: imported as usual\n")
     return (f"#!{python} -IS\n"
             f"# rexnet's {command} launcher, written by `python -m rexnet.cli.entry`: -I -S\n"
             "# skips site processing; sys.path is what site gave at install time.\n"
             "import sys\n"
             f"sys.path.extend({list(path)!r})\n"
+            f"{load}"
             "from rexnet.cli.launcher import run\n"
             f"run({command!r})\n")
 
@@ -128,9 +140,17 @@ def install(bindir: str, native: bool = True) -> list[str]:
     """Write the entry points into BINDIR; lines saying what was done."""
     path = search_path()
     done, python = [compile_package()], {}
+    from rexnet.cli import bundle
+
+    try:
+        modules: str | None = bundle.build()
+        done.append(f"wrote {modules} (the launcher's modules in one file)")
+    except (OSError, SyntaxError, ValueError) as e:
+        modules = None
+        done.append(f"no launcher bundle ({e}): the scripts import the modules one by one")
     for command in ("rexnet", "cexec"):
         python[command] = os.path.join(bindir, f"{command}-py")
-        write(python[command], script(sys.executable, path, command))
+        write(python[command], script(sys.executable, path, command, modules))
         done.append(f"wrote {python[command]} (python -I -S)")
     why = build_native(os.path.join(bindir, "rexnet-native"), python) if native else (
         "not asked for (--no-native)")

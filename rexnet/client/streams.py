@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import stat
@@ -179,6 +180,9 @@ class StdioStreams:
                 continue
             out = OutStream(self.channel, fd)
             self.channel.outs[fd] = out
+            if _null(self.local.get(fd, fd)):  # EOF at once (and epoll refuses /dev/null:
+                out.close()  # Twisted would poll it on a timer until it read that EOF)
+                continue
             try:
                 reader = PipeReader(self.reactor, self, ("in", fd), self.local.get(fd, fd))
             except OSError:
@@ -232,8 +236,12 @@ class StdioStreams:
                 reader.stopReading()
                 reader.connected = False
         for writer in self._writers.values():
-            if writer.connected and not writer.disconnecting:
+            if not writer.connected:
+                continue
+            if not writer.disconnecting:  # (else EOF came: InStream.end did these)
                 writer.unregisterProducer()
+            # all written (EOF and EXIT often come together): closed now, not a turn later
+            if not writer.close_if_written() and not writer.disconnecting:
                 writer.loseConnection()
         done = defer.gatherResults(list(self._flushed.values()))
 
@@ -264,6 +272,21 @@ class StdioStreams:
 
     def descriptors(self) -> list[int]:
         return sorted({0, 1, 2, *self.fds})
+
+
+@functools.cache
+def _null_device() -> tuple[int, int]:
+    info = os.stat(os.devnull)
+    return info.st_mode, info.st_rdev
+
+
+def _null(fd: int) -> bool:
+    """Whether FD is /dev/null (the device, whatever its name)."""
+    try:
+        info = os.fstat(fd)
+        return stat.S_ISCHR(info.st_mode) and (info.st_mode, info.st_rdev) == _null_device()
+    except OSError:
+        return False
 
 
 def _bulk(fd: int) -> bool:

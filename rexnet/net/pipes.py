@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from twisted.internet import main, process
+from twisted.python.failure import Failure
 
 from rexnet.net.tuning import widen_pipe
 
@@ -48,3 +49,16 @@ class PipeWriter(process.ProcessWriter):
                  forceReadHack: bool = False) -> None:
         widen_pipe(fileno)
         super().__init__(reactor, proc, name, fileno, forceReadHack)
+
+    def close_if_written(self) -> bool:
+        """Close now if every byte written to it is out and no producer is registered (also
+        after loseConnection, which would close it a turn of the reactor later): the owner
+        hears childConnectionLost at once (an agent's launcher waits for that before its
+        status). False, and nothing done, otherwise."""
+        if (not self.connected or self.producer is not None
+                or self._tempDataLen or len(self.dataBuffer) > self.offset):
+            return False
+        self.stopReading()
+        self.stopWriting()
+        self.connectionLost(Failure(main.CONNECTION_DONE))
+        return True
