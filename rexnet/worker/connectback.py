@@ -189,7 +189,9 @@ class ConnectBacks:
             made = pending.channel = channel()
             return made
 
-        pending.connecting = endpoint.connect(Factory.forProtocol(build))
+        factory = Factory.forProtocol(build)
+        factory.noisy = False  # no "Starting factory" log line per connect-back
+        pending.connecting = endpoint.connect(factory)
 
         def failed(reason: Failure) -> None:
             if not reason.check(defer.CancelledError):

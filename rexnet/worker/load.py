@@ -27,7 +27,12 @@ With early TAKENs the crowd is a knob, not a count (Crowd.steer): the first job'
 (every 1 ms window over before its early TAKEN) tells N and T, and the window is set at
 once to the one making target_extra(N) extra connect-backs; later jobs steer it by small
 steps.  The first answer then comes about T / target_extra(N) after IDLE_MS: the price of
-one connect-back per job, whatever N (about 35 T at 1,000 workers, 3 T at 2).
+one connect-back per job, whatever N (about 35 T at 1,000 workers, 3 T at 2).  T is about
+1 ms between hosts (benchmarks/scale_trace.py: the first connect-back's timer to its
+connect(2) 0.1-0.5 ms, the client's accept to its early TAKEN 0.3-0.4 ms, the TAKEN's
+signature check 0.1 ms; longer on a loaded client).  The storm's count is only what the
+client accepted before its final TAKEN (80-110 of 1,000 in the simulation): the window it
+sizes is then too narrow, and later jobs widen it, an extra connect-back at a time.
 """
 
 from __future__ import annotations
