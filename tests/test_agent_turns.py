@@ -56,34 +56,36 @@ def channel(keys: Keys) -> tuple[Channel, StringTransport]:
     return link, transport
 
 
+def started(keys: Keys, reactor: Any, fds: dict[str, int], stdin: str
+            ) -> tuple[Channel, StringTransport, StdioStreams]:
+    """A job's streams, its stdin FDS[STDIN] and stdout/stderr the test's pipes, started
+    on a channel of their own (and the transport under it)."""
+    link, transport = channel(keys)
+    streams = StdioStreams(reactor, local={0: fds[stdin], 1: fds["out_w"], 2: fds["err_w"]})
+    streams.prepare(link)
+    streams.start_input()
+    return link, transport, streams
+
+
 def frames(transport: StringTransport) -> list[wire.Frame]:
     return wire.FrameDecoder().feed(transport.value())
 
 
 def test_stdin_on_dev_null_ends_at_once_without_a_reader(keys: Keys, reactor: Any,
                                                          fds: dict[str, int]) -> None:
-    link, transport = channel(keys)
-    streams = StdioStreams(reactor, local={0: fds["null"], 1: fds["out_w"], 2: fds["err_w"]})
-    streams.prepare(link)
-    streams.start_input()
+    _, transport, streams = started(keys, reactor, fds, "null")
     assert wire.Eof(0) in frames(transport)  # the job reads EOF, now
     assert not [r for r in reactor.getReaders() if isinstance(r, PipeReader)]
     assert not reactor._continuousPolling.getReaders()  # nothing polled on a timer either
     # a pipe is read as before: no EOF until the pipe says so
-    link, transport = channel(keys)
-    streams = StdioStreams(reactor, local={0: fds["in_r"], 1: fds["out_w"], 2: fds["err_w"]})
-    streams.prepare(link)
-    streams.start_input()
+    _, transport, streams = started(keys, reactor, fds, "in_r")
     assert wire.Eof(0) not in frames(transport)
     assert [r for r in reactor.getReaders() if isinstance(r, PipeReader)]
     streams.abort()
 
 
 def test_written_outputs_end_at_once(keys: Keys, reactor: Any, fds: dict[str, int]) -> None:
-    link, _ = channel(keys)
-    streams = StdioStreams(reactor, local={0: fds["null"], 1: fds["out_w"], 2: fds["err_w"]})
-    streams.prepare(link)
-    streams.start_input()
+    _, _, streams = started(keys, reactor, fds, "null")
     done = streams.finish()  # EXIT came; nothing waits to be written
     assert done.called  # the launcher's status goes in this turn, not the next
     assert not [w for w in reactor.getWriters() if isinstance(w, PipeWriter)]
@@ -92,10 +94,7 @@ def test_written_outputs_end_at_once(keys: Keys, reactor: Any, fds: dict[str, in
 def test_outputs_at_eof_end_at_once_too(keys: Keys, reactor: Any, fds: dict[str, int]) -> None:
     """The worker's EOFs of stdout and stderr and its EXIT mostly come in one read: the
     writers that EOF began to close are closed at once when EXIT comes."""
-    link, _ = channel(keys)
-    streams = StdioStreams(reactor, local={0: fds["null"], 1: fds["out_w"], 2: fds["err_w"]})
-    streams.prepare(link)
-    streams.start_input()
+    link, _, streams = started(keys, reactor, fds, "null")
     for frame in (wire.Data(1, b"out"), wire.Eof(1), wire.Eof(2)):
         link.frameReceived(frame)
     assert [w for w in reactor.getWriters() if isinstance(w, PipeWriter)]  # out waits
@@ -103,10 +102,7 @@ def test_outputs_at_eof_end_at_once_too(keys: Keys, reactor: Any, fds: dict[str,
     assert not done.called  # "out" first
     reactor.iterate(0)
     assert done.called and os.read(fds["out_r"], 100) == b"out"
-    link, _ = channel(keys)
-    streams = StdioStreams(reactor, local={0: fds["null"], 1: fds["out_w"], 2: fds["err_w"]})
-    streams.prepare(link)
-    streams.start_input()
+    link, _, streams = started(keys, reactor, fds, "null")
     for frame in (wire.Eof(1), wire.Eof(2)):
         link.frameReceived(frame)
     assert streams.finish().called
@@ -114,10 +110,7 @@ def test_outputs_at_eof_end_at_once_too(keys: Keys, reactor: Any, fds: dict[str,
 
 def test_output_still_waiting_is_written_before_the_end(keys: Keys, reactor: Any,
                                                         fds: dict[str, int]) -> None:
-    link, _ = channel(keys)
-    streams = StdioStreams(reactor, local={0: fds["null"], 1: fds["out_w"], 2: fds["err_w"]})
-    streams.prepare(link)
-    streams.start_input()
+    link, _, streams = started(keys, reactor, fds, "null")
     link.ins[1].data(b"last words")  # (the writer keeps it for the reactor's next turn)
     done = streams.finish()
     assert not done.called

@@ -87,7 +87,14 @@ def connect(credential: Credential, port: int, token: bytes | None, stream: str 
             ) -> tuple[bytes, str]:
     """As a worker would for stdin: TLS to PORT, TOKEN and STREAM, then everything until
     the end; the bytes and how it ended ('close_notify', or the error)."""
-    sock = socket.create_connection((HOST, port), timeout=10)
+    return tls_on(socket.create_connection((HOST, port), timeout=10), credential, token,
+                  stream)
+
+
+def tls_on(sock: socket.socket, credential: Credential, token: bytes | None,
+           stream: str = STDIN) -> tuple[bytes, str]:
+    """connect()'s TLS, token (None: none sent) and reading on SOCK, a TCP connection
+    already made."""
     sock.settimeout(None)  # blocking TLS calls (the port's own deadlines bound them)
     conn = SSL.Connection(threadtls.context(credential), sock)
     conn.set_connect_state()
@@ -216,26 +223,6 @@ def test_no_connection_is_taken_once_the_job_ended(reactor: PollReactor, keys: K
         port.finish()  # the job ended
     with pytest.raises(OSError):
         socket.create_connection((HOST, number), timeout=2)
-
-
-def tls_on(sock: socket.socket, credential: Credential, token: bytes,
-           stream: str = STDIN) -> tuple[bytes, str]:
-    """connect()'s TLS, token and reading on SOCK, a TCP connection already made."""
-    sock.settimeout(None)
-    conn = SSL.Connection(threadtls.context(credential), sock)
-    conn.set_connect_state()
-    got = b""
-    try:
-        conn.do_handshake()
-        conn.sendall(token + stream.encode())
-        while True:
-            got += conn.recv(1 << 16)
-    except SSL.ZeroReturnError:
-        return got, "close_notify"
-    except (SSL.Error, OSError) as e:
-        return got, f"error: {e}"
-    finally:
-        sock.close()
 
 
 def test_stdin_whose_connection_comes_as_the_job_ends_is_let_go_quietly(
