@@ -45,6 +45,8 @@ from rexnet.security.tls import Revocations
 MAX_HANDSHAKES = 32  # connect-backs of one job in their TLS handshake at once
 PER_SOURCE = 4  # ... from one address
 BACKLOG = 1024  # connect-backs the kernel completes before the client accepts them
+EARLY_GRACE = 0.5  # seconds the early TAKEN's connection has to be verified
+PREPARED_FOR = 5.0  # seconds a pre-signed early TAKEN is used (its timestamp must be fresh)
 
 
 def waiting(port: Any) -> int:
@@ -55,8 +57,6 @@ def waiting(port: Any) -> int:
         return min(max(struct.unpack_from("I", info, 24)[0], 0), BACKLOG)
     except (AttributeError, OSError, struct.error):
         return 0
-EARLY_GRACE = 0.5  # seconds the early TAKEN's connection has to be verified
-PREPARED_FOR = 5.0  # seconds a pre-signed early TAKEN is used (its timestamp must be fresh)
 
 
 class Core(Protocol):
