@@ -44,7 +44,9 @@ from rexnet.security.tls import Revocations
 
 MAX_HANDSHAKES = 32  # connect-backs of one job in their TLS handshake at once
 PER_SOURCE = 4  # ... from one address
-BACKLOG = 1024  # connect-backs the kernel completes before the client accepts them
+BACKLOG = 4096  # connect-backs the kernel completes before we accept them (rexnet.worker.load
+# .CROWD_MAX: as many as a TAKEN can make a worker believe; the kernel caps it at
+# net.core.somaxconn, 4096 by default since Linux 5.4, 128 before)
 EARLY_GRACE = 0.5  # seconds the early TAKEN's connection has to be verified
 PREPARED_FOR = 5.0  # seconds a pre-signed early TAKEN is used (its timestamp must be fresh)
 
