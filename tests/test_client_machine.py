@@ -5,6 +5,7 @@ Every transition of rexnet.client.machine is taken, including the odd ones."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from zope.interface import provider
 
 from rexnet.client import machine
 from rexnet.client.channel import HANDSHAKE_TIMEOUT, ClientChannel
-from rexnet.client.connectback import EARLY_GRACE
+from rexnet.client.connectback import BACKLOG, EARLY_GRACE, waiting
 from rexnet.client.job import ClientJob
 from rexnet.client.jobcore import RESEND
 from rexnet.client.pystreams import BytesStreams
@@ -845,3 +846,38 @@ def test_the_diagram_in_the_docstring_names_every_state() -> None:
     doc = machine.__doc__ or ""
     assert all(state.name in doc for state in machine.STATES)
     assert Path(machine.__file__).name == "machine.py"
+
+
+def test_the_final_taken_counts_connect_backs_still_in_the_accept_queue(
+        keys: Keys, certs: dict[str, crypto.X509]) -> None:
+    """A first job's storm: the crowd sizes its window from the final TAKEN's count, so
+    connect-backs the kernel completed but the client had not accepted when it chose are
+    counted too (a real listening socket's accept queue), and the port's backlog holds a
+    storm rather than dropping all but 50."""
+    bed = make_bed(keys, certs)
+    bed.run()
+    assert bed.reactor.sslServers[0][3] == BACKLOG
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(BACKLOG)
+        storm = [socket.create_connection(listening.getsockname(), timeout=5)
+                 for _ in range(60)]  # more than Twisted's default backlog of 50
+        try:
+            bed.reactor.ports[0].socket = listening  # type: ignore[attr-defined]
+            first, second = bed.connect(), bed.connect()
+            first.verify()
+        finally:
+            for conn in storm:
+                conn.close()
+    taken = [d for d in bed.datagrams() if isinstance(d, wire.Taken)]
+    assert [(t.early, t.answered) for t in taken] == [(True, 1), (False, 2 + 60)]
+    assert second.aborted
+
+
+def test_waiting_is_zero_where_the_queue_cannot_be_read() -> None:
+    """A port without a socket (or one whose TCP_INFO fails) adds nothing to the count."""
+    assert waiting(TCPPort(1)) == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        holder = TCPPort(2)
+        holder.socket = udp  # type: ignore[attr-defined]
+        assert waiting(holder) == 0

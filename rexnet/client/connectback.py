@@ -17,10 +17,18 @@ its connection is lost before it is verified, or is not verified within EARLY_GR
 job is announced again at once under a new job id (which every worker answers afresh),
 and from then on TAKEN waits for a verified worker.  Such a connection delays a job by
 at most EARLY_GRACE and costs it the connect-backs of a job without the early TAKEN.
+
+The final TAKEN's count is what the crowd sizes its connect-back window from (rexnet.worker
+.load.Crowd.steer), so it counts every connect-back that reached the port: those accepted
+and those still in the kernel's accept queue (waiting()).  The port's backlog (BACKLOG)
+holds a first job's storm, where Twisted's default of 50 dropped the rest of 1,000 SYNs
+and told the crowd it was a tenth of its size.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -36,8 +44,21 @@ from rexnet.security.tls import Revocations
 
 MAX_HANDSHAKES = 32  # connect-backs of one job in their TLS handshake at once
 PER_SOURCE = 4  # ... from one address
+BACKLOG = 4096  # connect-backs the kernel completes before we accept them (rexnet.worker.load
+# .CROWD_MAX: as many as a TAKEN can make a worker believe; the kernel caps it at
+# net.core.somaxconn, 4096 by default since Linux 5.4, 128 before)
 EARLY_GRACE = 0.5  # seconds the early TAKEN's connection has to be verified
 PREPARED_FOR = 5.0  # seconds a pre-signed early TAKEN is used (its timestamp must be fresh)
+
+
+def waiting(port: Any) -> int:
+    """Connections in the accept queue of the listening PORT (Linux TCP_INFO of a
+    listening socket: tcpi_unacked; 0 where that cannot be read), at most BACKLOG."""
+    try:
+        info = port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        return min(max(struct.unpack_from("I", info, 24)[0], 0), BACKLOG)
+    except (AttributeError, OSError, struct.error):
+        return 0
 
 
 class Core(Protocol):

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from rexnet.client import progress
 from rexnet.client.channel import ChannelEvents, ClientChannel, Later
-from rexnet.client.connectback import ConnectBackFactory, Takens
+from rexnet.client.connectback import BACKLOG, ConnectBackFactory, Takens, waiting
 from rexnet.client.progress import silent
 from rexnet.client.results import (
     AuthFailed,
@@ -136,7 +136,8 @@ class JobCore:
         interface = self._addrs[0] if len(self._addrs) == 1 else ""
         factory = ConnectBackFactory(self)
         self._port = self.reactor.listenSSL(
-            0, factory, listening_options(self.credential), interface=interface
+            0, factory, listening_options(self.credential), interface=interface,
+            backlog=BACKLOG,
         )
         if self._udp is None:
             self._udp = DatagramSender(self._send_failed)
@@ -252,6 +253,7 @@ class JobCore:
     def choose(self, channel: ClientChannel) -> None:
         """CHANNEL's worker is the first verified: it gets the job, the others are told."""
         self.chosen = channel
+        self.answered += waiting(self._port)  # reached the port, not accepted yet
         self._stop_looking()
         self.takens.chosen(self.job_ids, self.answered)
         for other in list(self.channels):

@@ -30,9 +30,11 @@ steps.  The first answer then comes about T / target_extra(N) after IDLE_MS: the
 one connect-back per job, whatever N (about 35 T at 1,000 workers, 3 T at 2).  T is about
 1 ms between hosts (benchmarks/scale_trace.py: the first connect-back's timer to its
 connect(2) 0.1-0.5 ms, the client's accept to its early TAKEN 0.3-0.4 ms, the TAKEN's
-signature check 0.1 ms; longer on a loaded client).  The storm's count is only what the
-client accepted before its final TAKEN (80-110 of 1,000 in the simulation): the window it
-sizes is then too narrow, and later jobs widen it, an extra connect-back at a time.
+signature check 0.1 ms; longer on a loaded client).  The storm's count is every connect-back
+that reached the client's port before its final TAKEN, accepted or still in the kernel's
+accept queue (rexnet.client.connectback.waiting): with Twisted's backlog of 50 it had been
+80-110 of 1,000, a window ~10x too narrow that later jobs widened an extra connect-back at
+a time (1.13-1.28 connect-backs per later job in the simulation, 1.03-1.18 now).
 """
 
 from __future__ import annotations
