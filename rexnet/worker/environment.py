@@ -11,7 +11,8 @@ from __future__ import annotations
 import fnmatch
 import os
 import pwd
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -97,10 +98,59 @@ class EnvPolicy:
         return env
 
 
-def user_variables(uid: int) -> dict[str, str]:
+def passwd_variables(uid: int) -> dict[str, str]:
     """HOME, USER and LOGNAME of the user UID (HOME=/ alone if it has no passwd entry)."""
     try:
         entry = pwd.getpwuid(uid)
     except KeyError:
         return {"HOME": "/"}
     return {"HOME": entry.pw_dir or "/", "USER": entry.pw_name, "LOGNAME": entry.pw_name}
+
+
+class UserVariables:
+    """passwd_variables per uid, kept until the passwd file changes: one stat of PATH at
+    most every CHECK_EVERY seconds (by CLOCK) tells; a change of its inode, size or
+    modification time forgets every entry (an edit, or a new file moved in place), and so
+    does MAX_AGE seconds (for entries from elsewhere than the file: NSS's LDAP, sssd). At
+    most LIMIT uids are kept. LOOKUP reads an entry (pwd, through the system's NSS)."""
+
+    CHECK_EVERY = 1.0
+    MAX_AGE = 60.0
+    LIMIT = 256
+
+    def __init__(self, path: str = "/etc/passwd",
+                 lookup: Callable[[int], dict[str, str]] = passwd_variables,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path, self.lookup, self.clock = path, lookup, clock
+        self._seen: tuple[int, int, int] | None = None  # the file's (inode, size, mtime)
+        self._checked = self._cleared = float("-inf")
+        self._entries: dict[int, dict[str, str]] = {}
+
+    def _identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def __call__(self, uid: int) -> dict[str, str]:
+        now = self.clock()
+        if now - self._checked >= self.CHECK_EVERY:
+            self._checked = now
+            seen = self._identity()
+            if seen is None or seen != self._seen or now - self._cleared >= self.MAX_AGE:
+                self._entries.clear()
+                self._cleared = now
+            self._seen = seen
+        entry = self._entries.get(uid)
+        if entry is None:
+            entry = self.lookup(uid)
+            if self._seen is not None:  # (no passwd file to watch: nothing kept)
+                if len(self._entries) >= self.LIMIT:
+                    self._entries.clear()
+                self._entries[uid] = entry
+        return dict(entry)  # (a copy: the caller's environment is its own)
+
+
+user_variables = UserVariables()
+"""The worker's passwd look-ups (one per job before the spawn, from the cache)."""

@@ -22,6 +22,7 @@ from rexnet.protocol import wire
 from rexnet.security.credentials import CertInfo
 from rexnet.security.tls import connecting_options
 from rexnet.version import __version__
+from rexnet.worker import joblines
 from rexnet.worker.calls import JobCalls
 from rexnet.worker.channel import WorkerChannel
 from rexnet.worker.connectback import ConnectBacks, Pending, Target, connect_back_target
@@ -409,21 +410,18 @@ class Worker:
         running = self.running[job] = Running(job, output or channel, proto, client, argv,
                                               self.reactor.seconds(), start.keep,
                                               max(start.cpus, 1), start.get)
-        booked = self.book.started(job, channel.peer_cert, " ".join(argv), proto, output)
+        peer, command = channel.peer_address(), " ".join(argv)
+        booked = self.book.started(job, channel.peer_cert, command, proto, output)
         self.jobs_run += 1
         channel.send(wire.Started(job, refused, (cwd or os.getcwd())
                                   if s.commands.enabled else "", output is not None, *proto.sides))
         send_now(channel.transport)  # before the alert and the log line: the client prepares
         self.alerts.send("job-started", job=job, worker=s.name, client=client,
-                         client_addr=channel.peer_address(), command=" ".join(argv)[:200],
+                         client_addr=peer, command=command[:200],
                          **({"detached": 1} if output else {}))
         self.metrics.job_started()
-        log.info("job {job} started for {client} from {peer}{warm}: {argv}{tty}{cwd}",
-                 job=job, client=client, peer=channel.peer_address(), argv=argv,
-                 warm=" on a warm channel" if warm else "",
-                 tty=" (in a detached terminal)" if start.tty and output else
-                 " (detached)" if output else " (in a terminal)" if start.tty else "",
-                 cwd=f" in {cwd}" if cwd and cwd != s.chdir else "")
+        joblines.started(job, client, peer, argv, warm=warm, tty=start.tty,
+                         detached=output is not None, cwd=cwd if cwd and cwd != s.chdir else "")
         if output is None:
             return running
         booked.directory, channel.job_dir = channel.job_dir, None  # the job's from now on
@@ -459,9 +457,7 @@ class Worker:
     def _books(self, running: Running, code: int | None, sig: int | None, limit: str,
                bytes_in: int, bytes_out: int) -> None:
         """A job's end in the worker's books: its log line, metrics, alert and row."""
-        log.info("job {job} ended: {how}{limit}", job=running.job,
-                 how=f"exit {code}" if sig is None else f"signal {sig}",
-                 limit=f" ({limit} limit)" if limit else "")
+        joblines.ended(running.job, code, sig, limit)
         self.metrics.job_finished(code, sig, limit, bytes_in, bytes_out)
         self.queue.finished(duration := self.reactor.seconds() - running.started)
         self.alerts.send(

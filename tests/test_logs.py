@@ -1,0 +1,116 @@
+"""The worker's per-job log lines (rexnet.worker.joblines), formatted once: the same text
+Twisted made of their field-by-field formats, the same fields in the JSON log
+(rexnet.logs.json_event), and both logs of a real worker show them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from typing import Any
+
+import pytest
+from cluster import REXNET, Proc, loopback_address, worker_argv
+from conftest import Keys
+from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
+
+from rexnet.logs import PREFORMATTED, json_event
+from rexnet.worker import joblines
+
+# the lines as rexnet.worker.service logged them field by field, before joblines
+STARTED = "job {job} started for {client} from {peer}{warm}: {argv}{tty}{cwd}"
+ENDED = "job {job} ended: {how}{limit}"
+
+
+def field_by_field(format: str, **fields: Any) -> dict[str, Any]:
+    with capturedLogs() as events:
+        Logger(namespace="rexnet.worker.service").info(format, **fields)
+    return dict(events[0])
+
+
+@pytest.mark.parametrize(("warm", "tty", "detached", "cwd"), [
+    (False, False, False, ""), (True, False, False, "/srv/x"), (False, True, False, ""),
+    (False, False, True, ""), (False, True, True, "/tmp")])
+def test_the_started_line_is_the_field_by_field_one(warm: bool, tty: bool, detached: bool,
+                                                     cwd: str) -> None:
+    argv = ["sh", "-c", "echo 'hi' {}"]  # braces and quotes pass as they are
+    with capturedLogs() as events:
+        joblines.started("0123abcd", "alice", "127.0.0.2:4567", argv, warm=warm, tty=tty,
+                         detached=detached, cwd=cwd)
+    [event] = events
+    old = field_by_field(
+        STARTED, job="0123abcd", client="alice", peer="127.0.0.2:4567", argv=argv,
+        warm=" on a warm channel" if warm else "",
+        tty=" (in a detached terminal)" if tty and detached else " (detached)" if detached
+        else " (in a terminal)" if tty else "",
+        cwd=f" in {cwd}" if cwd else "")
+    assert formatEvent(event) == formatEvent(old)
+    assert event["log_namespace"] == "rexnet.worker.service"
+    assert event["log_level"] is LogLevel.info and event["log_format"] == PREFORMATTED
+    new, before = json.loads(json_event(event)), json.loads(json_event(old))
+    assert new.pop("time") and before.pop("time")
+    assert new == before
+    assert new["argv"] == argv and new["job"] == "0123abcd" and "log_text" not in new
+
+
+@pytest.mark.parametrize(("code", "sig", "limit"), [(0, None, ""), (3, None, "cpu"),
+                                                    (None, 9, ""), (None, 24, "cpu")])
+def test_the_ended_line_is_the_field_by_field_one(code: int | None, sig: int | None,
+                                                   limit: str) -> None:
+    with capturedLogs() as events:
+        joblines.ended("0123abcd", code, sig, limit)
+    [event] = events
+    old = field_by_field(ENDED, job="0123abcd",
+                         how=f"exit {code}" if sig is None else f"signal {sig}",
+                         limit=f" ({limit} limit)" if limit else "")
+    assert formatEvent(event) == formatEvent(old)
+    new, before = json.loads(json_event(event)), json.loads(json_event(old))
+    assert new.pop("time") and before.pop("time")
+    assert new == before
+
+
+def test_json_keeps_formatting_other_events_as_before() -> None:
+    event = field_by_field("{a} and {b!r}", a=1, b="two", nested={"no": "kept"},
+                           listed=(1, "x"), log_text="not a PREFORMATTED event")
+    record = json.loads(json_event(event))
+    assert record["message"] == "1 and 'two'"
+    assert record["a"] == 1 and record["b"] == "two" and record["listed"] == [1, "x"]
+    assert "nested" not in record and "log_text" not in record
+
+
+def run_one_job(keys: Keys, *twistd: str) -> str:
+    """The log of a worker (with these twistd options) that ran one `cat` job."""
+    addr = loopback_address()
+    argv = worker_argv(keys.worker, ["cat"], f"{addr}:3010", "logging")
+    argv[argv.index("rexnet-worker"):argv.index("rexnet-worker")] = twistd
+    worker = Proc(argv)
+    try:
+        worker.wait_for("listening on|serves testapp")
+        done = subprocess.run([REXNET, "exec", "-a", f"{addr}:3010", str(keys.client)],
+                              input=b"hi", capture_output=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == b"hi", done.stderr
+        worker.wait_for(r"job \w+ ended: exit 0")
+    finally:
+        worker.stop()
+    return worker.output
+
+
+def test_a_worker_logs_both_lines_in_text_and_in_json(keys: Keys) -> None:
+    text = run_one_job(keys)
+    job = re.search(r"\+0000 \[rexnet\.worker\.service#info\] job (\w+) started for client "
+                    r"from 127\.[\d.]+:\d+: \['/\S+/cat'\]\n", text)
+    assert job, text
+    assert f"+0000 [rexnet.worker.service#info] job {job[1]} ended: exit 0\n" in text
+    records = [json.loads(line) for line in
+               run_one_job(keys, "--logger=rexnet.logs.json_logger").splitlines()
+               if line.strip()]
+    [started] = [r for r in records if " started for " in r["message"]]
+    [ended] = [r for r in records if " ended: " in r["message"]]
+    assert started["namespace"] == ended["namespace"] == "rexnet.worker.service"
+    [cat] = started["argv"]
+    assert started["message"] == (f"job {started['job']} started for client from "
+                                  f"{started['peer']}: ['{cat}']")
+    assert started["client"] == "client" and cat.endswith("/cat")
+    assert (started["warm"], started["tty"], started["cwd"]) == ("", "", "")
+    assert ended["message"] == f"job {started['job']} ended: exit 0"
+    assert (ended["job"], ended["how"], ended["limit"]) == (started["job"], "exit 0", "")
