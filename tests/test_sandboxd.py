@@ -28,6 +28,7 @@ from cluster import sleep_marker
 
 from rexnet.worker import nativeinit
 from rexnet.worker import sandboxwire as wire
+from rexnet.worker.sandbox import Sandbox
 
 TIMEOUT = 30.0
 FORKS = """import os, time
@@ -439,3 +440,27 @@ def test_a_worker_that_goes_ends_its_spares_and_jobs_and_the_helper(helper: Help
     assert groups and not any(os.path.exists(g) for g in groups)
     for job in (*spares, running):
         job.close()
+
+
+def test_jobs_that_find_no_spare_ready_grow_the_spares_and_refill_at_once(
+        helper: Helper) -> None:
+    """The worker's side (rexnet.worker.sandbox) with the real helper: jobs that come
+    faster than spares are prepared each take one being prepared, ask for the missing
+    spares at once (no reactor turn in between) and add one, up to the bound; a job that
+    finds one ready adds none."""
+    sandbox = Sandbox(spares=1, grow_to=3)
+    sandbox.control = helper.control
+    sandbox.fill()
+    taken = [sandbox._take() for _ in range(5)]  # back to back: the helper needs ms each
+    assert sandbox.spares == 3 and len(sandbox._ready) == 3
+    assert _until(lambda: all(link.ready() for link in sandbox._ready))
+    inits = {link.pid for link in sandbox._ready}
+    assert len(inits) == 3 and all(psutil.pid_exists(pid) for pid in inits)
+    taken.append(sandbox._take())  # ready: the pool does not grow
+    assert sandbox.spares == 3 and taken[-1].pid in inits
+    for link in taken:
+        link.close()
+    sandbox.control = None  # the helper's socket is the fixture's to close
+    sandbox.stop()
+    assert _until(lambda: helper.groups() == [])
+    assert helper.stop() == ""
