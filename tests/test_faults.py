@@ -32,6 +32,7 @@ from test_multihost import BROADCAST, job, worker_on
 from test_netbed import start_echo, udp_rtts
 
 from rexnet.protocol import exitcodes
+from rexnet.worker.nativeinit import SERVER_NAME
 from rexnet.worker.sandboxd import SPARE_NAME
 
 LOSS = 10
@@ -94,12 +95,12 @@ def test_lost_announcements_are_resent_and_make_one_job(bed: NetBed, keys: Keys)
 
 def job_processes(worker: int) -> list[psutil.Process]:
     """The worker's descendants but its sandbox helper (a worker started as root has one;
-    the inits of its jobs count) and the spares waiting for a job."""
+    the inits of its jobs count), the spares waiting for a job and their fork server."""
     found = []
     for p in psutil.Process(worker).children(recursive=True):
         try:
             if ((p.ppid() == worker and "rexnet.worker.sandboxd" in " ".join(p.cmdline()))
-                    or p.name() == SPARE_NAME):
+                    or p.name() in (SPARE_NAME, SERVER_NAME)):
                 continue
         except psutil.Error:
             continue  # gone meanwhile

@@ -411,8 +411,12 @@ def test_jobs_start_in_prepared_fresh_groups_and_the_worker_forks_nothing(
     while time.monotonic() < deadline and len(
             [p for p in helper.children() if p.name() == SPARE_NAME]) < SPARES:
         time.sleep(0.1)  # SPARES inits, each in its group and namespace, before any job
-    # one process per spare: its init, the helper's own child (no supervisor between)
-    spares = helper.children(recursive=True)
+    # one process per spare: its init, the helper's own child (no supervisor between);
+    # the C init's fork server beside them (the spares are its clones)
+    children = helper.children(recursive=True)
+    spares = [p for p in children if p.name() != nativeinit.SERVER_NAME]
+    servers = [p for p in children if p.name() == nativeinit.SERVER_NAME]
+    assert len(servers) == (1 if init == "native" else 0)
     assert len(spares) >= SPARES and all(p.name() == SPARE_NAME for p in spares)
     assert all(p.ppid() == helper.pid for p in spares)
     # each spare's init is the C program where it was built, else a fork of the helper

@@ -28,6 +28,7 @@ from cluster import sleep_marker
 
 from rexnet.worker import nativeinit
 from rexnet.worker import sandboxwire as wire
+from rexnet.worker.sandbox import Sandbox
 
 TIMEOUT = 30.0
 FORKS = """import os, time
@@ -152,6 +153,7 @@ class Helper:
 
     def __init__(self, init: str) -> None:
         ours, theirs = socket.socketpair()
+        self.init = init
         env = {**os.environ, "REXNET_SANDBOX_INIT": init}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rexnet.worker.sandboxd", "--control", str(theirs.fileno())],
@@ -439,3 +441,143 @@ def test_a_worker_that_goes_ends_its_spares_and_jobs_and_the_helper(helper: Help
     assert groups and not any(os.path.exists(g) for g in groups)
     for job in (*spares, running):
         job.close()
+
+
+def test_jobs_that_find_no_spare_ready_grow_the_spares_and_refill_at_once(
+        helper: Helper) -> None:
+    """The worker's side (rexnet.worker.sandbox) with the real helper: jobs that come
+    faster than spares are prepared each take one being prepared, ask for the missing
+    spares at once (no reactor turn in between) and add one, up to the bound; a job that
+    finds one ready adds none."""
+    sandbox = Sandbox(spares=1, grow_to=3)
+    sandbox.control = helper.control
+    sandbox.fill()
+    taken = [sandbox._take() for _ in range(5)]  # back to back: the helper needs ms each
+    assert sandbox.spares == 3 and len(sandbox._ready) == 3
+    assert _until(lambda: all(link.ready() for link in sandbox._ready))
+    inits = {link.pid for link in sandbox._ready}
+    assert len(inits) == 3 and all(psutil.pid_exists(pid) for pid in inits)
+    taken.append(sandbox._take())  # ready: the pool does not grow
+    assert sandbox.spares == 3 and taken[-1].pid in inits
+    for link in taken:
+        link.close()
+    sandbox.control = None  # the helper's socket is the fixture's to close
+    sandbox.stop()
+    assert _until(lambda: helper.groups() == [])
+    assert helper.stop() == ""
+
+
+
+SERVER_CHECKS = r"""
+import array, errno, os, socket, struct, sys
+from pathlib import Path
+from rexnet.worker import nativeinit
+from rexnet.worker.nsutil import CLONE_NEWNS, MS_REC, MS_SLAVE, mount, unshare
+
+# as the helper: a mount namespace of its own, a slave of the host's (the spares' private
+# /tmp, /proc... never reach the host)
+unshare(CLONE_NEWNS)
+mount("none", "/", None, MS_REC | MS_SLAVE)
+server = nativeinit.Server(sys.argv[1])
+
+
+def spares():
+    found = []
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = (p / "stat").read_text().split(") ")[-1].split()[1]
+            if parent == str(os.getpid()) and (p / "comm").read_text() == "rexnet-spare\n":
+                found.append(p)
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
+def ask(body, count=2):
+    # the server's reply, and whether it kept a copy of the descriptors sent
+    read, write = os.pipe()
+    extra = [os.dup(write) for _ in range(count - 1)]
+    fds = array.array("i", [write, *extra][:count])
+    server.sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if count else [])
+    (reply,) = struct.unpack("=i", server.sock.recv(4))
+    for fd in (write, *extra):
+        os.close(fd)
+    os.set_blocking(read, False)
+    try:
+        kept = os.read(read, 1) != b""
+    except BlockingIOError:
+        kept = True  # a writer is still open somewhere
+    os.close(read)
+    return reply, kept
+
+
+bound = nativeinit.SERVER_REQUEST
+whole = b"\0\0\0\0/" + b"a" * (bound - 6) + b"\0"  # a good request, at the bound
+assert len(whole) == bound
+refused = [whole + b"/b\0",  # past the bound: cut by the kernel, refused (not served cut)
+           b"\0\0\0\0" + b"/x" * bound,  # far past it
+           b"\0\0",  # no bound on descriptors
+           b"\0\0\0\0/sys/fs/cgroup/x",  # an unterminated path
+           b"\0\0\0\0relative\0",  # not a path
+           b"\0\0\0\0" + b"/p\0" * 9]  # more groups than any job has
+for body in refused:
+    assert ask(body) == (-errno.EPROTO, False), body[:20]
+for count in (0, 1, 3):
+    assert ask(b"\0\0\0\0", count) == (-errno.EPROTO, False), count
+assert spares() == []
+# served on: a good request (no group), as the helper makes it
+control, theirs = socket.socketpair()
+status_r, status_w = os.pipe()
+pid = server.spawn(theirs, status_w, [], 64)
+theirs.close()
+os.close(status_w)
+control.settimeout(30)
+assert control.recv(1) == b"j"  # joined (no group) and made its mount namespace
+assert [p.name for p in spares()] == [str(pid)]  # a child of this process, not the server's
+nspid = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+         if line.startswith("NSpid:")]
+assert nspid and nspid[0].split()[-1] == "1", nspid  # PID 1 of a namespace of its own
+control.close()  # no job: the spare ends
+assert os.waitpid(pid, 0) == (pid, 0)
+os.close(status_r)
+server.close()  # the server ends at its socket's end
+assert os.waitpid(server.pid, 0) == (server.pid, 0)
+print("served")
+"""
+
+
+def test_the_init_server_refuses_bad_requests_whole_and_clones_spares() -> None:
+    """The C init's fork server (run as the helper runs it): a request past its bound,
+    with other than two descriptors or with a malformed body is refused whole (its
+    descriptors closed, no spare); then a good one becomes a spare, PID 1 of a new PID
+    namespace and a child of the server's parent; the server ends when its socket does."""
+    _require_root()
+    native = os.path.join(os.path.dirname(sys.executable), nativeinit.NAME)
+    if not os.access(native, os.X_OK):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no {nativeinit.NAME} next to {sys.executable}")
+        pytest.skip(f"no {nativeinit.NAME} (no C compiler?)")
+    done = subprocess.run([sys.executable, "-c", SERVER_CHECKS, native], capture_output=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0 and done.stdout == b"served\n", done.stderr.decode()
+
+
+def test_a_helper_whose_init_server_died_execs_its_inits(helper: Helper) -> None:
+    """The fork server is a shortcut, not a dependency: killed, the helper says so once
+    and spawns each spare's init itself again."""
+    first = helper.job()
+    servers = [p for p in psutil.Process(helper.proc.pid).children()
+               if p.name() == nativeinit.SERVER_NAME]
+    if helper.init == "python":
+        assert servers == []  # forks of the helper: no server
+        return
+    [server] = servers
+    server.kill()
+    assert _until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE)
+    jobs = [helper.job() for _ in range(2)]
+    for job in (first, *jobs):
+        assert psutil.Process(job.init).ppid() == helper.proc.pid
+        job.start("echo $$")
+        assert job.output() == b"2\n" and job.end() == {"code": 0, "signal": None, "limit": ""}
+        job.close()
+    assert "the init server" in helper.stop()

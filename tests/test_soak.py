@@ -24,6 +24,7 @@ from cluster import REXNET, Proc, start_worker
 from conftest import Keys, stop_agents
 from netbed import NetBed, list_netns, require_netns
 
+from rexnet.worker.nativeinit import SERVER_NAME
 from rexnet.worker.sandbox import SPARES
 from rexnet.worker.sandboxd import SPARE_NAME
 
@@ -97,11 +98,12 @@ task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 
 def counts(proc: Proc) -> tuple[int, int, int]:
     """(descendant processes, open descriptors, RSS) of a worker; its sandbox helper and
-    the spare inits it prepares ahead of jobs are not counted (those of jobs are)."""
+    the spare inits it prepares ahead of jobs and their fork server are not counted (those
+    of jobs are)."""
     me = psutil.Process(proc.pid)
     helpers = [c for c in me.children() if "rexnet.worker.sandboxd" in " ".join(c.cmdline())]
     tree = me.children(recursive=True)
-    spares = [p for p in tree if p.name() == SPARE_NAME]
+    spares = [p for p in tree if p.name() in (SPARE_NAME, SERVER_NAME)]
     return len(tree) - len(helpers) - len(spares), me.num_fds(), me.memory_info().rss
 
 

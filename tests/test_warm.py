@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from cluster import exec_argv, loopback_address, start_worker
 from conftest import Keys
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 import rexnet
@@ -192,3 +194,58 @@ def test_a_full_worker_answers_a_warm_start_with_busy_and_the_job_is_announced(
         worker.wait_for(r"no free slot for the next job on a warm channel")
     finally:
         worker.stop()
+
+
+def counted(pool: WarmPool) -> tuple[dict[str, int], dict[str, int], dict[object, set[int]]]:
+    """The pool's counts and idle index as its records say they should be."""
+    running: dict[str, int] = {}
+    idle: dict[str, int] = {}
+    by_key: dict[object, set[int]] = {}
+    for w in pool.records.values():
+        if w.busy and not w.exited:
+            running[w.worker] = running.get(w.worker, 0) + 1
+        if w.idle:
+            idle[w.worker] = idle.get(w.worker, 0) + 1
+            by_key.setdefault(w.key, set()).add(id(w))
+    return running, idle, by_key
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["heard", "started", "exited", "park", "take",
+                                           "lost", "expire", "unbusy"]),
+                          st.integers(0, 2), st.sampled_from(["a", "b"]),
+                          st.sampled_from(["k1", "k2"])), max_size=60),
+       st.booleans())
+@example([("heard", 0, "a", "k1"), ("started", 0, "a", "k1"), ("lost", 0, "a", "k1")], True)
+@example([("heard", 0, "a", "k1"), ("started", 0, "a", "k1"), ("exited", 0, "a", "k1"),
+          ("park", 0, "a", "k1"), ("heard", 0, "b", "k1"), ("expire", 0, "a", "k1"),
+          ("expire", 0, "a", "k1")], False)
+def test_the_pools_counts_follow_its_records(steps: list[tuple[str, int, str, str]],
+                                             discount_own: bool) -> None:
+    """Whatever happens to its channels (a worker renamed by a HELLO too), the pool's
+    per-worker counts and its idle channels by key are what its records say."""
+    clock = Clock()
+    pool = WarmPool(clock, per_worker=2, discount_own=discount_own)
+    links = [Link() for _ in range(3)]
+    for what, n, worker, key in steps:
+        link = links[n]
+        if what == "heard":
+            pool.heard(link, hello(worker, 0.1 * n, running=n % 3))
+        elif what == "started":
+            pool.started(link)
+        elif what == "exited":
+            pool.exited(link)
+        elif what == "park" and not pool.parked(link):
+            pool.park(key, link)
+        elif what == "take":
+            pool.take(key)
+        elif what == "lost":
+            pool.lost(link)
+        elif what == "expire":
+            clock.advance(IDLE / 2)
+        elif what == "unbusy" and link in pool.records:
+            pool.record(link).busy = False
+        running, idle, by_key = counted(pool)
+        assert dict(pool._running) == running
+        assert dict(pool._idle_of) == idle
+        assert {k: {id(w) for w in v.values()} for k, v in pool._idle_by_key.items()} == by_key

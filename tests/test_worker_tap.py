@@ -186,6 +186,8 @@ def test_make_service(keys: Keys) -> None:
     service = children[-1]
     assert isinstance(service, WorkerService)
     assert service.worker.settings.sandbox is (sandboxes[0].sandbox if sandboxes else None)
+    if sandboxes:  # a spare per slot (at least 2), up to two per slot as jobs outrun them
+        assert (sandboxes[0].sandbox.spares, sandboxes[0].sandbox.grow_to) == (3, 6)
     assert not service.running
     s = service.worker.settings
     assert s.credential.path == keys.worker

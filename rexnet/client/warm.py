@@ -24,13 +24,16 @@ SATURATED_WAIT for one of the pool's own before it announces: an announcement wo
 be answered when a place frees, by then given to the pool's own next job, and every
 resend costs each worker a signature check. (A job that a free worker answers at once is
 not handed anything: it brings one more channel.)
+
+A job's choice costs no more than the idle channels of its key: the pool keeps them by key,
+and counts its running jobs and idle channels per worker as records change (Warm.pool).
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall
@@ -95,10 +98,30 @@ class Warm:
     exited: bool = False  # that job has exited
     key: Hashable = None  # idle: which jobs it may serve
     expiry: IDelayedCall | None = None  # idle: when it is closed
+    seq: int = 0  # the order in which the pool made its records (ties go to the older)
+    pool: WarmPool | None = field(default=None, repr=False)  # whose counts it is in
 
     @property
     def idle(self) -> bool:
         return self.expiry is not None
+
+    @property
+    def running_job(self) -> bool:
+        """Whether it runs one of this client's jobs (counted in its worker's jobs)."""
+        return self.busy and not self.exited
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        pool = self.__dict__.get("pool") if name in _COUNTED else None
+        if pool is None:
+            object.__setattr__(self, name, value)
+            return
+        pool._uncount(self)
+        object.__setattr__(self, name, value)
+        pool._count(self)
+
+
+_COUNTED = frozenset({"busy", "exited", "worker", "key", "expiry"})
+"""The fields of Warm that the pool's counts and index are made of."""
 
 
 class WarmPool:
@@ -119,6 +142,10 @@ class WarmPool:
         self.discount_own = discount_own
         self.queue_on_warm = discount_own if queue_on_warm is None else queue_on_warm
         self.records: dict[Link, Warm] = {}
+        self._made = 0  # records made so far (Warm.seq)
+        self._running: Counter[str] = Counter()  # this client's jobs per worker (no zeros)
+        self._idle_of: Counter[str] = Counter()  # idle channels per worker (no zeros)
+        self._idle_by_key: dict[Hashable, dict[Link, Warm]] = {}  # idle records by key
         self.reused = 0
         self.idle_events = IdleEvents(self)  # the owner of its idle channels' events
         self._alerts: dict[tuple[bytes, tuple[tuple[str, int], ...]], KeptAlertSender] = {}
@@ -137,20 +164,41 @@ class WarmPool:
     @property
     def idle(self) -> list[Warm]:
         """The records of the idle channels."""
-        return [w for w in self.records.values() if w.idle]
+        return sorted((w for idle in self._idle_by_key.values() for w in idle.values()),
+                      key=lambda w: w.seq)
 
     def record(self, link: Link) -> Warm:
         """The pool's record of LINK (a new one if it has none)."""
-        if link not in self.records:
-            self.records[link] = Warm(link)
-        return self.records[link]
+        warm = self.records.get(link)
+        if warm is None:
+            self._made += 1
+            warm = self.records[link] = Warm(link, seq=self._made)
+            warm.pool = self
+            self._count(warm)
+        return warm
+
+    def _count(self, warm: Warm) -> None:
+        """Add WARM to the counts and the idle index."""
+        if warm.running_job:
+            self._running[warm.worker] += 1
+        if warm.idle:
+            self._idle_of[warm.worker] += 1
+            self._idle_by_key.setdefault(warm.key, {})[warm.link] = warm
+
+    def _uncount(self, warm: Warm) -> None:
+        """Take WARM out of the counts and the idle index."""
+        if warm.running_job:
+            _less(self._running, warm.worker)
+        if warm.idle:
+            _less(self._idle_of, warm.worker)
+            idle = self._idle_by_key[warm.key]
+            del idle[warm.link]
+            if not idle:
+                del self._idle_by_key[warm.key]
 
     def own(self, worker: str) -> int:
         """How many of this client's jobs run on WORKER now (0 unless DISCOUNT_OWN)."""
-        if not self.discount_own:
-            return 0
-        return sum(w.busy and not w.exited and w.worker == worker
-                   for w in self.records.values())
+        return self._running[worker] if self.discount_own else 0
 
     def heard(self, link: Link, hello: wire.Hello) -> None:
         """LINK's worker reported its load: note it, and how much of it was this client's."""
@@ -211,12 +259,12 @@ class WarmPool:
         handshake), or None: such a channel is closed, with a logged complaint, and the
         next best is tried."""
         now = self.reactor.seconds()
-        mine = [w for w in self.idle if w.key == key]
-        free = sorted((w for w in mine if self.usable(w, now)), key=lambda w: w.load)
+        mine = list(self._idle_by_key.get(key, {}).values())
+        free = sorted((w for w in mine if self.usable(w, now)), key=lambda w: (w.load, w.seq))
         if not free:
-            own = Counter(w.worker for w in self.records.values() if w.busy and not w.exited)
+            own = self._running
             free = sorted((w for w in mine if self.queue_usable(w, now)),
-                          key=lambda w: self.queued_per_slot(w, own[w.worker]))
+                          key=lambda w: (self.queued_per_slot(w, own[w.worker]), w.seq))
         for best in free:
             problem = distrust(best.link)
             if problem is not None:
@@ -280,7 +328,7 @@ class WarmPool:
         if self.reactor.seconds() - since > self.fresh:
             del self._saturated[key]
             return False
-        return any(w.busy and not w.exited for w in self.records.values())
+        return bool(self._running)
 
     def _hand_over(self, key: Hashable, warm: Warm,
                    distrust: Callable[[Link], str | None]) -> bool | None:
@@ -321,7 +369,7 @@ class WarmPool:
         handed = self._hand_over(key, warm, distrust)
         if handed is not None:
             return handed
-        if link.closed or sum(w.worker == warm.worker for w in self.idle) >= self.per_worker:
+        if link.closed or self._idle_of[warm.worker] >= self.per_worker:
             return False
         warm.key = key
         warm.expiry = self.reactor.callLater(self.idle_for, self._expire, link)
@@ -349,6 +397,8 @@ class WarmPool:
         warm = self.records.pop(link, None)
         if warm is not None:
             self._unpark(warm)
+            self._uncount(warm)
+            warm.pool = None
 
     def close(self) -> None:
         """Close every idle channel."""
@@ -358,6 +408,13 @@ class WarmPool:
         for sender in self._alerts.values():
             sender.close()
         self._alerts.clear()
+
+
+def _less(counts: Counter[str], name: str) -> None:
+    """One less of NAME in COUNTS (no zeros kept)."""
+    counts[name] -= 1
+    if counts[name] <= 0:
+        del counts[name]
 
 
 class IdleEvents:

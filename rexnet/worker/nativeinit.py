@@ -15,11 +15,18 @@ the job's descriptors) native u32 words - numbers of targets, argv, env, kept di
 and groups; uid, gid, tty; the targets; the groups - then NUL-terminated strings: cwd,
 argv, env ("NAME=value"), and per kept directory the index of its private directory ("0"
 to "2") and its path.
+
+Where it was built, the helper starts one `rexnet-sandbox-init --server` (Server) and asks
+it for each spare: the server clones itself (a small static program: no exec, no page
+tables of Python to copy) as PID 1 of a new PID namespace and a child of the helper; its
+socket is a socketpair that only the helper holds, and a request past SERVER_REQUEST bytes
+or with other than two descriptors is refused whole.
 """
 
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import os
 import signal
@@ -31,6 +38,9 @@ from collections.abc import Sequence
 from rexnet.worker import sandboxwire
 
 NAME = "rexnet-sandbox-init"
+SERVER_NAME = "rexnet-initsrv"  # the fork server's process name (init.c's serve)
+SERVER_REQUEST = 4096  # bytes of a request to the fork server at most (MAX_SERVER_REQUEST)
+SERVER_TIMEOUT = 5.0  # seconds the server may take to answer
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "init.c")
 HEADER = struct.Struct(">I")
 
@@ -62,6 +72,49 @@ def spawn(path: str, control: socket.socket, status: int, procs: Sequence[str] =
         for fd, source in zip(moved, sources, strict=True):
             if fd != source:
                 os.close(fd)
+
+
+class Server:
+    """`rexnet-sandbox-init --server` at PATH, the helper's fork server of spare inits (see
+    the module docstring); started by the helper (in its mount namespace, as root)."""
+
+    def __init__(self, path: str) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        source = theirs.fileno()
+        moved = fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, 5) if source == 3 else source
+        try:
+            self.pid = os.posix_spawn(path, [path, "--server"], {}, file_actions=[
+                (os.POSIX_SPAWN_DUP2, moved, 3)],
+                setsigdef=(signal.SIGCHLD, signal.SIGINT, signal.SIGHUP))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            if moved != source:
+                os.close(moved)
+            theirs.close()
+        ours.settimeout(SERVER_TIMEOUT)
+        self.sock = ours
+
+    def spawn(self, control: socket.socket, status: int, procs: Sequence[str] = (),
+              nofile: int = 0) -> int:
+        """As spawn() below, by the server: the spare's pid (a child of this process)."""
+        request = struct.pack("=I", nofile) + b"".join(_text(p, "a path") for p in procs)
+        if len(request) > SERVER_REQUEST:
+            raise ValueError("a request too big for the init server")
+        self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", [control.fileno(), status]))])
+        reply = self.sock.recv(4)
+        if len(reply) != 4:
+            raise OSError(errno.EPIPE, "the init server is gone")
+        (pid,) = struct.unpack("=i", reply)
+        if pid <= 0:
+            raise OSError(-pid, f"the init server: {os.strerror(-pid)}")
+        return int(pid)
+
+    def close(self) -> None:
+        """Let the server go (it ends at its socket's end)."""
+        self.sock.close()
 
 
 def _text(value: object, what: str) -> bytes:

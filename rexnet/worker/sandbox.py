@@ -17,13 +17,14 @@ of their jobs (each a control group and a PID namespace whose init has joined th
 one event loop for all of them, rexnet.worker.sandboxd) and the worker keeps a socket to
 each (the job's "supervisor" below: the helper's side of it). A job takes a ready one
 (else the first being prepared: its start then waits for the "ready" in the reactor, which
-never blocks on a spare): the worker sends it the request and the job's ends of its pipes
-or terminal, passes signals on over the socket (SIGKILL ends every process of the job's
-namespace) and reads the job's end from it (Twisted's Process and PTYProcess without fork
-and reaping: rexnet.worker.spawn). If the worker goes (stopped, or killed), the helper
-sees the sockets close and kills the jobs' namespaces. Without root nothing of this is
-available, and the worker says so at start; jobs then run as before (a process group,
-which setsid'd processes can leave).
+never blocks on a spare; and as jobs outrun the refill, the worker asks for the missing
+ones at once and keeps one more spare, up to GROWN_SPARES): the worker sends it the request
+and the job's ends of its pipes or terminal, passes signals on over the socket (SIGKILL
+ends every process of the job's namespace) and reads the job's end from it (Twisted's
+Process and PTYProcess without fork and reaping: rexnet.worker.spawn). If the worker goes
+(stopped, or killed), the helper sees the sockets close and kills the jobs' namespaces.
+Without root nothing of this is available, and the worker says so at start; jobs then run
+as before (a process group, which setsid'd processes can leave).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from rexnet.worker.spawn import SandboxedProcess, SandboxedTerminal, set_winsize
 
 SPARES = 2  # sandboxes the helper prepares ahead of their jobs, per application, at least
 MAX_SPARES = 8  # ... and at most (the worker asks for one per slot)
+GROWN_SPARES = 16  # at most after growing: a job that found no spare ready adds one
 FIRST_FILL = 1.0  # seconds after start
 REFILL_DELAY = 0.02  # seconds after a job took a spare
 READY_TIMEOUT = 10.0  # seconds a job waits (in the reactor) for a supervisor being prepared
@@ -124,11 +126,13 @@ class Sandbox:
     SPARES supervisors the helper prepared ahead of their jobs."""
 
     def __init__(self, users: JobUsers | None = None, spares: int = SPARES,
-                 bounds: Sequence[str] | None = None) -> None:
+                 bounds: Sequence[str] | None = None, grow_to: int = 0) -> None:
         """BOUNDS: the limits (memory, pids, cpus) the worker sets on its jobs, so that the
-        helper makes their groups in those hierarchies only (None: in all)."""
+        helper makes their groups in those hierarchies only (None: in all). GROW_TO: how
+        many spares it may keep at most, one more each time a job finds none ready."""
         self.users = users
         self.spares = spares
+        self.grow_to = max(spares, grow_to)
         self.prepare: dict[str, Any] = {"job": True}
         if bounds is not None:
             self.prepare["bounds"] = list(bounds)
@@ -200,7 +204,8 @@ class Sandbox:
     def _take(self) -> Link:
         """A prepared supervisor: the first that says it is ready, else the first being
         prepared (the helper prepares one in ~10-20 ms): the job's start then waits for it
-        in the reactor (Link.start), never blocking it."""
+        in the reactor (Link.start), never blocking it. Then the jobs outrun the refill:
+        one spare more (up to GROW_TO), and the missing ones asked for at once."""
         if not self._ready:
             self.fill()
         for link in list(self._ready):
@@ -209,9 +214,13 @@ class Sandbox:
                 return link
             if link.sock is None:
                 self._ready.remove(link)
-        if self._ready:
-            return self._ready.pop(0)
-        raise OSError(errno.EPIPE, "the sandbox helper prepares no supervisor")
+        if not self._ready:
+            raise OSError(errno.EPIPE, "the sandbox helper prepares no supervisor")
+        link = self._ready.pop(0)
+        if self.spares < self.grow_to:
+            self.spares += 1
+        self.fill()
+        return link
 
     def spawn(self, reactor: Any, proto: JobProcess, argv: Sequence[str],
               env: Mapping[str, str], cwd: str | None) -> Any:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import itertools
 import os
 import queue
@@ -168,6 +169,12 @@ class Helper:
                  native: str | None) -> None:
         self.users = users
         self.native = native
+        self.server: nativeinit.Server | None = None  # the fork server of spare inits
+        if native:
+            try:
+                self.server = nativeinit.Server(native)
+            except OSError as e:
+                complain(f"no init server ({e}): an exec per spare")
         self.selector = selectors.DefaultSelector()
         control.setblocking(False)
         self.control: socket.socket | None = control
@@ -199,6 +206,7 @@ class Helper:
                         job.kill()
         self._reap()
         self.cleanup.close()
+        self._close_server()
         return 0
 
     def _reap(self) -> None:
@@ -210,6 +218,14 @@ class Helper:
                 done = pid
             if done:
                 self.unreaped.discard(pid)
+
+    def _close_server(self) -> None:
+        """Let the init server go (reaped with the inits)."""
+        if self.server is not None:
+            self.server.close()
+            self.unreaped.add(self.server.pid)
+            self.server = None
+        self._reap()
 
     def _watch(self, fileobj: Any, callback: Callable[[], None]) -> None:
         self.selector.register(fileobj, selectors.EVENT_READ, callback)
@@ -257,11 +273,7 @@ class Helper:
         status_r, status_w = os.pipe()
         go, init_go = socket.socketpair()
         try:
-            unshare(CLONE_NEWPID)  # the next child is PID 1 of a new namespace
-            try:
-                job.init = self._spawn(job, init_go, status_w)
-            finally:
-                setns(self.own_pid_namespace, CLONE_NEWPID)  # and only that one
+            job.init = self._spawn(job, init_go, status_w)
             job.pidfd = os.pidfd_open(job.init)
         except OSError as e:
             complain(f"a job's init could not start: {e}")
@@ -282,13 +294,26 @@ class Helper:
         self._watch(go, lambda: self._from_init(job))
 
     def _spawn(self, job: Job, init_go: socket.socket, status_w: int) -> int:
+        """The job's init, PID 1 of a new PID namespace: from the fork server, else
+        spawned or forked here."""
         procs = job.group.procs() if job.group is not None else []
-        if self.native:
-            return nativeinit.spawn(self.native, init_go, status_w, procs, JOB_NOFILE)
-        pid = os.fork()  # the Python init (REXNET_SANDBOX_INIT=python, or no compiler)
-        if pid == 0:
-            sandboxinit.init(init_go, job.group, status_w, JOB_NOFILE)
-        return pid
+        if self.server is not None:
+            try:
+                return self.server.spawn(init_go, status_w, procs, JOB_NOFILE)
+            except (OSError, ValueError) as e:  # it is gone, or this request is not for it
+                complain(f"the init server: {e}")
+                if not isinstance(e, ValueError) and e.errno != errno.EPROTO:
+                    self._close_server()
+        unshare(CLONE_NEWPID)  # the next child is PID 1 of a new namespace
+        try:
+            if self.native:
+                return nativeinit.spawn(self.native, init_go, status_w, procs, JOB_NOFILE)
+            pid = os.fork()  # the Python init (REXNET_SANDBOX_INIT=python, or no compiler)
+            if pid == 0:
+                sandboxinit.init(init_go, job.group, status_w, JOB_NOFILE)
+            return pid
+        finally:
+            setns(self.own_pid_namespace, CLONE_NEWPID)  # and only that one
 
     def _drop(self, job: Job, namespaces: list[int] | None = None) -> None:
         """A sandbox that never ran a job, or whose job ended (its mount NAMESPACES to let

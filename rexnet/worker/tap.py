@@ -37,6 +37,7 @@ from rexnet.worker.load import cpu_count
 from rexnet.worker.metrics import Metrics
 from rexnet.worker.multi import SharedWorkerService
 from rexnet.worker.sandbox import (
+    GROWN_SPARES,
     MAX_SPARES,
     SPARES,
     JobUsers,
@@ -460,9 +461,12 @@ def sandbox_for(config: Options, top: MultiService) -> Sandbox | None:
         return None
     users = JobUsers(config["job_users"]) if config["job_users"] else None
     # one spare per slot (at most MAX_SPARES): a burst of jobs as large as the worker's
-    # slots takes prepared supervisors, none waits for one in the reactor
-    sandbox = Sandbox(users, spares=max(SPARES, min(config["slots"], MAX_SPARES)),
-                      bounds=[b for b in ("memory", "pids", "cpus") if config[f"job-{b}"]])
+    # slots takes prepared supervisors, none waits for one in the reactor; jobs that come
+    # faster than the helper refills add spares, up to two per slot (GROWN_SPARES at most)
+    spares = max(SPARES, min(config["slots"], MAX_SPARES))
+    sandbox = Sandbox(users, spares=spares,
+                      bounds=[b for b in ("memory", "pids", "cpus") if config[f"job-{b}"]],
+                      grow_to=min(2 * config["slots"], GROWN_SPARES))
     SandboxService(sandbox).setServiceParent(top)
     return sandbox
 

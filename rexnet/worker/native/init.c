@@ -11,7 +11,12 @@
    terminal; the job user's groups, gid and uid; its directory), sends its mount namespace
    to the helper, passes signals on to the command's group and, once the command has
    ended, writes its wait status to fd 4. Its end ends every process of the namespace (the
-   kernel does it). rexnet.worker.sandboxinit does the same where no C compiler was found. */
+   kernel does it). rexnet.worker.sandboxinit does the same where no C compiler was found.
+
+   `rexnet-sandbox-init --server` (fd 3 a SOCK_SEQPACKET socket that only the root helper
+   holds) is the helper's fork server: each request becomes a spare init, a clone of this
+   small process as PID 1 of a new PID namespace and a child of the helper (CLONE_PARENT),
+   instead of an exec of this program per spare (see serve). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -39,6 +44,9 @@
 #define MAX_REQUEST (4 << 20)
 #define MAX_FDS 64
 #define MAX_ITEMS 65536
+#define SERVER 3
+#define MAX_SERVER_REQUEST 4096  /* nativeinit.SERVER_REQUEST */
+#define MAX_PROCS 8  /* cgroup.procs files per spare (one per v1 hierarchy at most) */
 
 static volatile pid_t command = 0;
 
@@ -87,7 +95,7 @@ static void mkdirs(char *path) {
 
 static const char *private_dirs[] = {"/tmp", "/var/tmp", "/dev/shm"};
 
-int main(int nargs, char **args) {
+static int spare(int nargs, char **args) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);  /* the helper's end ends every job */
     prctl(PR_SET_NAME, "rexnet-spare", 0, 0, 0);  /* sandboxd.SPARE_NAME until its job */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);  /* as the helper: exec made it dumpable again */
@@ -268,4 +276,96 @@ int main(int nargs, char **args) {
     int n = snprintf(text, sizeof text, "%d", status);
     (void)!write(STATUS, text, (size_t)n);
     _exit(0);
+}
+
+/* A spare from the fork server: its control socket and status pipe to fds 3 and 4 (FDS:
+   copies of the received ones, above 10), nothing else of the server's. */
+static int cloned(int server, int fds[2], uint32_t nofile, int nprocs, char **procs) {
+    close(server);
+    if (dup2(fds[0], CONTROL) < 0 || dup2(fds[1], STATUS) < 0) fail("dup2");
+    close(fds[0]);
+    close(fds[1]);
+    if (nofile) {
+        char text[16];
+        snprintf(text, sizeof text, "%u", nofile);
+        setenv("REXNET_NOFILE", text, 1);
+    }
+    char *args[MAX_PROCS + 2];
+    args[0] = "rexnet-sandbox-init";
+    for (int i = 0; i < nprocs; i++) args[i + 1] = procs[i];
+    args[nprocs + 1] = NULL;
+    return spare(nprocs + 1, args);
+}
+
+/* The fork server. A request is one message of at most MAX_SERVER_REQUEST bytes - u32 the
+   command's soft bound on descriptors (0: the helper's), then NUL-terminated paths of the
+   cgroup.procs files to join (MAX_PROCS at most) - with exactly two descriptors (the
+   spare's control socket, its status pipe). Anything else is refused whole (a message cut
+   short by the bound, descriptors missing, too many or cut off, a malformed body): its
+   descriptors are closed and the reply is -EPROTO. The reply (i32) is the spare's pid, or
+   -errno if the clone failed. The server ends when the helper closes the socket, or dies. */
+static int serve(void) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    prctl(PR_SET_NAME, "rexnet-initsrv", 0, 0, 0);  /* nativeinit.SERVER_NAME */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    int server = fcntl(SERVER, F_DUPFD_CLOEXEC, 10);
+    if (server < 0) fail("server socket");
+    close(SERVER);
+    for (;;) {
+        char buffer[MAX_SERVER_REQUEST];
+        char space[CMSG_SPACE(4 * sizeof(int))];
+        struct iovec iov = {buffer, sizeof buffer};
+        struct msghdr msg = {0};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = space;
+        msg.msg_controllen = sizeof space;
+        ssize_t got = recvmsg(server, &msg, MSG_CMSG_CLOEXEC);
+        if (got == 0) _exit(0);  /* the helper let us go */
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            fail("server");
+        }
+        int fds[4], nfds = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+            int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < n; i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                if (nfds < 4) fds[nfds++] = fd; else close(fd);
+            }
+        }
+        int32_t reply = -EPROTO;
+        uint32_t nofile = 0;
+        char *procs[MAX_PROCS];
+        int nprocs = 0, ok = !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) && nfds == 2
+            && got >= 4 && (got == 4 || buffer[got - 1] == 0);
+        if (ok) {
+            memcpy(&nofile, buffer, 4);
+            for (ssize_t at = 4; ok && at < got; at += (ssize_t)strlen(buffer + at) + 1) {
+                if (nprocs == MAX_PROCS || buffer[at] != '/') ok = 0;
+                else procs[nprocs++] = buffer + at;
+            }
+        }
+        if (ok) {
+            int moved[2] = {fcntl(fds[0], F_DUPFD_CLOEXEC, 10), fcntl(fds[1], F_DUPFD_CLOEXEC, 10)};
+            pid_t pid = moved[0] < 0 || moved[1] < 0 ? -1 : (pid_t)syscall(
+                SYS_clone, CLONE_PARENT | CLONE_NEWPID | SIGCHLD, NULL, NULL, NULL, NULL);
+            if (pid == 0) {
+                for (int i = 0; i < nfds; i++) close(fds[i]);
+                _exit(cloned(server, moved, nofile, nprocs, procs));
+            }
+            reply = pid > 0 ? pid : -errno;
+            for (int i = 0; i < 2; i++)
+                if (moved[i] >= 0) close(moved[i]);
+        }
+        for (int i = 0; i < nfds; i++) close(fds[i]);
+        if (send(server, &reply, sizeof reply, MSG_NOSIGNAL) != sizeof reply) _exit(0);
+    }
+}
+
+int main(int nargs, char **args) {
+    if (nargs == 2 && strcmp(args[1], "--server") == 0) return serve();
+    return spare(nargs, args);
 }
