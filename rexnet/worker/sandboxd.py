@@ -317,12 +317,14 @@ class Helper:
         return data, wire.descriptors(ancillary)
 
     def _from_init(self, job: Job) -> None:
-        """The init joined its group (one byte), later sent its mount namespace, or ended."""
+        """The init joined its group (one byte; the C init's carries its mount namespace,
+        the Python init sends it once the command is started), or ended."""
         got = self._read_init(job)
         if got is None:
             return
         data, fds = got
-        if job.state == "joining" and data == b"j" and not fds and job.sock is not None:
+        if job.state == "joining" and data == b"j" and len(fds) <= 1 and job.sock is not None:
+            job.namespaces.extend(fds)  # held: it is torn down after the report
             job.state = "spare"
             try:
                 wire.send(job.sock, {"ready": job.init})
