@@ -6,10 +6,14 @@ with the reactor not running)."""
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import subprocess
 from collections.abc import Iterator
 
 import pytest
+from cluster import exec_argv, loopback_address, start_worker
 from conftest import Keys
 from test_bulktls import Sink, pair
 from twisted.internet.protocol import Factory, Protocol
@@ -106,3 +110,46 @@ def test_the_private_attributes_it_reads_still_exist(keys: Keys) -> None:
     assert isinstance(getattr(abstract.FileDescriptor(), "_tempDataBuffer", None), list), (
         "twisted.internet.abstract.FileDescriptor has no _tempDataBuffer: "
         "rexnet/net/tuning.py send_now reads it")
+
+
+def test_a_jobs_start_is_booked_after_a_delay_or_first_when_its_end_comes_sooner() -> None:
+    from twisted.internet.task import Clock
+
+    from rexnet.worker.joblines import START_BOOKS_DELAY, StartBooks
+
+    clock, booked = Clock(), []
+    starts = StartBooks(clock)
+    starts.later("long", lambda: booked.append("long started"))
+    starts.later("short", lambda: booked.append("short started"))
+    clock.advance(START_BOOKS_DELAY / 2)
+    assert booked == []  # STARTED went; its line, alert and metrics wait
+    starts.now("short")  # its end is booked before the delay: its start first, at once
+    booked.append("short ended")
+    clock.advance(START_BOOKS_DELAY)  # the long one's start, when due; the short one's not again
+    starts.now("long")
+    assert booked == ["short started", "short ended", "long started"]
+    assert starts.pending == {} and clock.getDelayedCalls() == []
+
+
+def test_a_workers_job_lines_keep_their_order_for_short_and_long_jobs(keys: Keys) -> None:
+    """Through a real worker: `true` (done before its start is booked) and `sleep 2` (booked
+    while it runs, not at its end) each log started, then ended."""
+    addr = f"{loopback_address()}:3010"
+    worker = start_worker(keys.worker, ["sh", "-c"], addr, "booked", "--allow-args")
+    env = {**os.environ, "REXNET_NO_AGENT": "1"}  # one process: the job's own client
+    try:
+        done = subprocess.run([*exec_argv(keys.client, [addr]), "--", "true"], env=env,
+                              capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        long = subprocess.Popen([*exec_argv(keys.client, [addr]), "--", "sleep 2"], env=env)
+        started = worker.wait_for(r"job (\w+) started for client .*'sleep 2'")
+        assert long.poll() is None
+        assert long.wait(timeout=60) == 0
+        worker.wait_for(rf"job {started[1]} ended")
+        lines = re.findall(r"job (\w+) (started|ended)", worker.output)
+        jobs = {job for job, _ in lines}
+        assert len(jobs) == 2
+        for job in jobs:
+            assert [what for j, what in lines if j == job] == ["started", "ended"]
+    finally:
+        worker.stop()
