@@ -65,14 +65,24 @@ HOPS = [
 ]
 
 
+SAVED: dict[str, str] = {}  # the tracing settings found, put back after
+
+
 def trace(enable: bool) -> None:
     """Turn the EVENTS on (tracing stays off until traced() starts it) or off."""
     (TRACING / "tracing_on").write_text("0")
     if enable:
+        clock = (TRACING / "trace_clock").read_text()
+        SAVED["trace_clock"] = clock[clock.index("[") + 1:clock.index("]")]
+        SAVED["buffer_size_kb"] = (TRACING / "buffer_size_kb").read_text().split()[0]
         (TRACING / "trace_clock").write_text("mono")
         (TRACING / "buffer_size_kb").write_text("8192")
     for event in EVENTS:
         (TRACING / "events" / event / "enable").write_text("1" if enable else "0")
+    if not enable:
+        (TRACING / "trace").write_text("")
+        for name, value in SAVED.items():
+            (TRACING / name).write_text(value)
 
 
 def traced(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
