@@ -10,6 +10,7 @@ only, and that the others report what they did.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import resource
@@ -278,6 +279,41 @@ def test_a_fresh_tmp_prepared_ahead_keeps_the_jobs_directory_below_it(helper: He
     finally:
         (kept / "here").unlink()
         kept.rmdir()
+    assert helper.stop() == ""
+
+
+def _held(helper: Helper, namespace: str) -> int:
+    """How many of the helper's descriptors are the mount namespace NAMESPACE."""
+    held = 0
+    for fd in os.listdir(f"/proc/{helper.proc.pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            held += os.readlink(f"/proc/{helper.proc.pid}/fd/{fd}") == namespace
+    return held
+
+
+def test_the_helper_holds_a_jobs_mount_namespace_and_lets_it_go_after_the_end(
+        helper: Helper, request: pytest.FixtureRequest) -> None:
+    """The C init hands its mount namespace over with "joined", before any job (nothing
+    goes to the helper while the command starts); the Python init once the command runs.
+    Either way the helper holds it (its teardown is not the init's exit) until the end."""
+    native = request.node.callspec.params["helper"] == "native"
+    job = helper.job()
+    if native:  # made before the job, and already with the helper at "ready"
+        namespace = os.readlink(f"/proc/{job.init}/ns/mnt")
+        assert _held(helper, namespace) == 1
+    job.start("echo up; read x; echo got $x")
+    assert job.line() == b"up\n"
+    if not native:
+        namespace = os.readlink(f"/proc/{job.init}/ns/mnt")
+    assert namespace != os.readlink(f"/proc/{helper.proc.pid}/ns/mnt")
+    assert _until(lambda: _held(helper, namespace) == 1)
+    if native:  # the init sent nothing more: its socket is still open (it ends with it)
+        assert os.path.exists(f"/proc/{job.init}/fd/3")
+    os.write(job.stdin, b"on\n")
+    assert job.line() == b"got on\n"
+    assert job.end() == {"code": 0, "signal": None, "limit": ""}
+    job.close()
+    assert _until(lambda: _held(helper, namespace) == 0)
     assert helper.stop() == ""
 
 

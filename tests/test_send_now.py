@@ -6,16 +6,28 @@ with the reactor not running)."""
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import subprocess
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+from cluster import exec_argv, loopback_address, start_worker
 from conftest import Keys
 from test_bulktls import Sink, pair
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from rexnet.net.bulktls import tls_layer
 from rexnet.net.tuning import send_now
+from rexnet.protocol import wire
+from rexnet.worker.job import EOF_HOLD, JobProcess
+from rexnet.worker.joblines import START_BOOKS_DELAY, StartBooks
 
 
 def test_a_small_tls_write_reaches_the_peer_without_a_turn_of_the_reactor(keys: Keys) -> None:
@@ -106,3 +118,83 @@ def test_the_private_attributes_it_reads_still_exist(keys: Keys) -> None:
     assert isinstance(getattr(abstract.FileDescriptor(), "_tempDataBuffer", None), list), (
         "twisted.internet.abstract.FileDescriptor has no _tempDataBuffer: "
         "rexnet/net/tuning.py send_now reads it")
+
+
+def test_a_jobs_start_is_booked_after_a_delay_or_first_when_its_end_comes_sooner() -> None:
+    clock, booked = Clock(), []
+    starts = StartBooks(clock)
+    starts.later("long", lambda: booked.append("long started"))
+    starts.later("short", lambda: booked.append("short started"))
+    clock.advance(START_BOOKS_DELAY / 2)
+    assert booked == []  # STARTED went; its line, alert and metrics wait
+    starts.now("short")  # its end is booked before the delay: its start first, at once
+    booked.append("short ended")
+    clock.advance(START_BOOKS_DELAY)  # the long one's start, when due; the short one's not again
+    starts.now("long")
+    assert booked == ["short started", "short ended", "long started"]
+    assert starts.pending == {} and clock.getDelayedCalls() == []
+
+
+def test_a_workers_job_lines_keep_their_order_for_short_and_long_jobs(keys: Keys) -> None:
+    """Through a real worker: `true` (done before its start is booked) and `sleep 2` (booked
+    while it runs, not at its end) each log started, then ended."""
+    addr = f"{loopback_address()}:3010"
+    worker = start_worker(keys.worker, ["sh", "-c"], addr, "booked", "--allow-args")
+    env = {**os.environ, "REXNET_NO_AGENT": "1"}  # one process: the job's own client
+    try:
+        done = subprocess.run([*exec_argv(keys.client, [addr]), "--", "true"], env=env,
+                              capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        long = subprocess.Popen([*exec_argv(keys.client, [addr]), "--", "sleep 2"], env=env)
+        started = worker.wait_for(r"job (\w+) started for client .*'sleep 2'")
+        assert long.poll() is None
+        assert long.wait(timeout=60) == 0
+        worker.wait_for(rf"job {started[1]} ended")
+        lines = re.findall(r"job (\w+) (started|ended)", worker.output)
+        jobs = {job for job, _ in lines}
+        assert len(jobs) == 2
+        for job in jobs:
+            assert [what for j, what in lines if j == job] == ["started", "ended"]
+    finally:
+        worker.stop()
+
+
+class _Out:
+    def __init__(self, fd: int, said: list[str]) -> None:
+        self.fd, self.said = fd, said
+
+    def close(self) -> None:
+        self.said.append(f"EOF {self.fd}")
+
+
+def _job_with_outputs(said: list[str]) -> tuple[JobProcess, Clock]:
+    """A job's protocol on a channel that notes its outputs' EOFs, with stdout and stderr
+    open, and a Clock for its timers."""
+    clock = Clock()
+    channel = SimpleNamespace(ins={}, outs={1: _Out(1, said), 2: _Out(2, said)})
+    proto = JobProcess(cast(Any, channel), clock,
+                       lambda code, sig, limit: said.append(f"EXIT {code}"), wire.Start())
+    proto.open_outputs = {1, 2}
+    return proto, clock
+
+
+def test_outputs_at_their_end_wait_a_little_for_the_jobs_end_to_go_with_exit() -> None:
+    said: list[str] = []
+    proto, clock = _job_with_outputs(said)
+    proto.childConnectionLost(1)
+    proto.childConnectionLost(2)
+    assert said == []  # held: the process's end comes next (a `true`)
+    proto.processEnded(Failure(ProcessDone(0)))
+    assert said == ["EOF 1", "EOF 2", "EXIT 0"]  # in this order, in one turn
+    clock.advance(EOF_HOLD)
+    assert said == ["EOF 1", "EOF 2", "EXIT 0"]  # and once
+
+    said.clear()  # a job that closes its outputs and runs on: its EOFs go after EOF_HOLD
+    proto, clock = _job_with_outputs(said)
+    proto.childConnectionLost(2)
+    clock.advance(EOF_HOLD / 2)
+    proto.childConnectionLost(1)
+    clock.advance(EOF_HOLD / 2)
+    assert said == ["EOF 2", "EOF 1"]
+    proto.processEnded(Failure(ProcessTerminated(exitCode=3)))
+    assert said == ["EOF 2", "EOF 1", "EXIT 3"]

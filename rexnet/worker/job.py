@@ -28,6 +28,7 @@ from rexnet.worker.spawn import set_winsize
 
 KILL_GRACE = 2.0
 OUTPUT_GRACE = 1.0  # how long a job's leftover processes may hold its output after it exits
+EOF_HOLD = 0.01  # s an output's EOF waits for the job's end (to go with EXIT, one record)
 MEMORY_CHECK = 0.2
 
 log = Logger()
@@ -121,6 +122,7 @@ class JobProcess(ProcessProtocol):
         self._pairs: dict[int, socket.socket] = {}
         self.sockets: dict[int, SocketEnd] = {}
         self._timers: list[Any] = []
+        self._held: list[int] = []  # outputs at their end whose EOF waits (EOF_HOLD)
         self._memory: LoopingCall | None = None
         self.isolation: Isolation | None = None  # set by a sandbox before the spawn
         self.apart: dict[int, DataDial] = {}  # streams on data connections of their own
@@ -291,8 +293,19 @@ class JobProcess(ProcessProtocol):
     def _output_done(self, fd: int) -> None:
         if fd in self.open_outputs:
             self.open_outputs.discard(fd)
+            if self.status is None:  # the process's end most likely follows: its EOF goes
+                if not self._held:   # with EXIT, one wake-up of the client for both
+                    self._timers.append(self.reactor.callLater(EOF_HOLD, self._release))
+                self._held.append(fd)
+                return
             self.channel.outs[fd].close()
             self._maybe_end()
+
+    def _release(self) -> None:
+        """The held EOFs go (EOF_HOLD passed, or the process ended)."""
+        held, self._held = self._held, []
+        for fd in held:
+            self.channel.outs[fd].close()
 
     def processExited(self, reason: Failure) -> None:
         """The job's process is gone; its descendants may still hold its output open."""
@@ -312,6 +325,7 @@ class JobProcess(ProcessProtocol):
         for timer in self._timers:
             if timer.active():
                 timer.cancel()
+        self._release()  # before EXIT
         if self._memory is not None and self._memory.running:
             self._memory.stop()
         if 0 in self.apart:

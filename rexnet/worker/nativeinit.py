@@ -9,7 +9,8 @@ and vforks only itself for the command. Where it was not built (or
 REXNET_SANDBOX_INIT=python) the helper forks its Python init (rexnet.worker.sandboxinit).
 
 It makes the job's mount namespace (fresh /tmp, /var/tmp, /dev/shm and /proc) while a
-spare, before the job comes, and binds a job's kept directories back once it comes. The
+spare, before the job comes (and hands it to the helper with its "joined" byte), and
+binds a job's kept directories back once it comes. The
 request it reads is checked by the helper first: a 4-byte big-endian length, then (with
 the job's descriptors) native u32 words - numbers of targets, argv, env, kept directories
 and groups; uid, gid, tty; the targets; the groups - then NUL-terminated strings: cwd,
@@ -150,13 +151,3 @@ def send(control: socket.socket, request: bytes, fds: Sequence[int]) -> None:
     control.sendall(request[:HEADER.size])
     sandboxwire.send_with_fds(control, request[HEADER.size:], fds)
 
-
-def namespace(control: socket.socket) -> list[int]:
-    """The job's mount namespace, which the init sends once the command is started ([] at
-    the init's EOF)."""
-    _, ancillary, _, _ = control.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
-    return fds

@@ -342,12 +342,14 @@ class Helper:
         return data, wire.descriptors(ancillary)
 
     def _from_init(self, job: Job) -> None:
-        """The init joined its group (one byte), later sent its mount namespace, or ended."""
+        """The init joined its group (one byte; the C init's carries its mount namespace,
+        the Python init sends it once the command is started), or ended."""
         got = self._read_init(job)
         if got is None:
             return
         data, fds = got
-        if job.state == "joining" and data == b"j" and not fds and job.sock is not None:
+        if job.state == "joining" and data == b"j" and len(fds) <= 1 and job.sock is not None:
+            job.namespaces.extend(fds)  # held: it is torn down after the report
             job.state = "spare"
             try:
                 wire.send(job.sock, {"ready": job.init})
@@ -381,12 +383,6 @@ class Helper:
         os.set_blocking(job.status_r, False)
         with contextlib.suppress(OSError, ValueError):
             status = int(os.read(job.status_r, 64))
-        while job.go is not None:  # its mount namespace may be waiting there still
-            got = self._read_init(job)
-            if got is not None:
-                job.namespaces.extend(got[1])
-            if got is None or not got[0]:
-                self._close_init(job)
         if job.group is not None and job.group.memory_exceeded():
             job.limit = "memory"
         if job.sock is not None and job.state == "running":
@@ -395,6 +391,12 @@ class Helper:
                 wire.send(job.sock, {"code": max(code, 0) if code >= 0 else None,
                                      "signal": -code if code < 0 else None,
                                      "limit": job.limit})
+        while job.go is not None:  # (after the report) the Python init's mount namespace
+            got = self._read_init(job)  # may be waiting there still; then its EOF
+            if got is not None:
+                job.namespaces.extend(got[1])
+            if got is None or not got[0]:
+                self._close_init(job)
         namespaces, job.namespaces = job.namespaces, []
         self._drop(job, namespaces)
         os.close(job.pidfd)

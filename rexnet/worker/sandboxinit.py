@@ -3,11 +3,12 @@
 rexnet-sandbox-init (rexnet/worker/native/init.c) does the same in C and is what the root
 sandbox helper (rexnet.worker.sandboxd) spawns where a compiler worked; where it was not
 built (or REXNET_SANDBOX_INIT=python) the helper forks this instead, in the job's new PID
-namespace, with only the socket to the helper and the status pipe left open. It speaks the
-C init's language to the helper: one byte once it has joined the job's control group, the
-job's request (a sandboxwire message, checked by the helper, and the job's descriptors),
-one byte carrying its mount namespace once the command is started, and the command's wait
-status on the status pipe.
+namespace, with only the socket to the helper and the status pipe left open. It speaks
+nearly the C init's language to the helper: one byte once it has joined the job's control
+group, the job's request (a sandboxwire message, checked by the helper, and the job's
+descriptors), and the command's wait status on the status pipe; it makes the job's mount
+namespace only with the request, so it sends it (one byte carrying it) once the command is
+started, where the C init hands it over with the first byte.
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ class Worker:
         self.received = 0
         self.foreign = 0  # datagrams of other applications, ignored before any limit
         self.alerts = AlertSender(reactor, settings.credential, settings.alert_targets)
+        self.start_books = joblines.StartBooks(reactor)
         self.complain = Complaints(reactor.seconds, self.alerts.send)
         self.started_at = reactor.seconds()
         self.socket = socket if socket is not None else AnnounceSocket()
@@ -416,12 +417,14 @@ class Worker:
         channel.send(wire.Started(job, refused, (cwd or os.getcwd())
                                   if s.commands.enabled else "", output is not None, *proto.sides))
         send_now(channel.transport)  # before the alert and the log line: the client prepares
-        self.alerts.send("job-started", job=job, worker=s.name, client=client,
-                         client_addr=peer, command=command[:200],
-                         **({"detached": 1} if output else {}))
-        self.metrics.job_started()
-        joblines.started(job, client, peer, argv, warm=warm, tty=start.tty,
-                         detached=output is not None, cwd=cwd if cwd and cwd != s.chdir else "")
+        def books() -> None:  # a little later (or before its end): joblines.StartBooks
+            self.alerts.send("job-started", job=job, worker=s.name, client=client,
+                             client_addr=peer, command=command[:200],
+                             **({"detached": 1} if output else {}))
+            self.metrics.job_started()
+            joblines.started(job, client, peer, argv, warm=warm, tty=start.tty, detached=output
+                             is not None, cwd=cwd if cwd and cwd != s.chdir else "")
+        self.start_books.later(job, books)
         if output is None:
             return running
         booked.directory, channel.job_dir = channel.job_dir, None  # the job's from now on
@@ -457,6 +460,7 @@ class Worker:
     def _books(self, running: Running, code: int | None, sig: int | None, limit: str,
                bytes_in: int, bytes_out: int) -> None:
         """A job's end in the worker's books: its log line, metrics, alert and row."""
+        self.start_books.now(running.job)  # its start first, if still waiting
         joblines.ended(running.job, code, sig, limit)
         self.metrics.job_finished(code, sig, limit, bytes_in, bytes_out)
         self.queue.finished(duration := self.reactor.seconds() - running.started)

@@ -4,14 +4,17 @@
    socket to the helper, fd 4 the status pipe and as arguments the cgroup.procs files of
    the job's control group. It joins the group (a cgroup v1 migration sleeps through an RCU
    grace period, ~10 ms: here, not in the helper's loop), makes the job's mount namespace
-   (a fresh tmpfs on /tmp, /var/tmp and /dev/shm, its own /proc), says so (one byte),
-   waits for the job (one message, checked by the helper, see rexnet.worker.nativeinit),
-   binds the directories the job keeps back into the tmpfs (from below it), starts the
-   command (setsid; the terminal as its controlling
-   terminal; the job user's groups, gid and uid; its directory), sends its mount namespace
-   to the helper, passes signals on to the command's group and, once the command has
-   ended, writes its wait status to fd 4. Its end ends every process of the namespace (the
-   kernel does it). rexnet.worker.sandboxinit does the same where no C compiler was found.
+   (a fresh tmpfs on /tmp, /var/tmp and /dev/shm, its own /proc), says so (one byte, with
+   the namespace, which the helper holds so that its teardown is not the init's: all of it
+   ahead of the job), waits for the job (one message, checked by the helper, see
+   rexnet.worker.nativeinit), binds the directories the job keeps back into the tmpfs
+   (from below it), starts the command (setsid; the terminal as its controlling terminal;
+   the job user's groups, gid and uid; its directory), passes signals on to the command's
+   group and, once the command has ended, writes its wait status to fd 4. Nothing goes to
+   the helper while the command starts (a message would wake it then, on a CPU the job
+   needs); the socket closes with the init. Its end ends every process of the namespace
+   (the kernel does it). rexnet.worker.sandboxinit does the same where no C compiler was
+   found (it sends the namespace once the command is started: it makes it only then).
 
    `rexnet-sandbox-init --server` (fd 3 a SOCK_SEQPACKET socket that only the root helper
    holds) is the helper's fork server: each request becomes a spare init, a clone of this
@@ -95,6 +98,30 @@ static void mkdirs(char *path) {
 
 static const char *private_dirs[] = {"/tmp", "/var/tmp", "/dev/shm"};
 
+/* "joined" to the helper: one byte 'j' carrying NAMESPACE (the job's mount namespace,
+   closed here; none if it could not be opened); whether it went. */
+static int joined(int namespace) {
+    char one = 'j';
+    struct iovec out = {&one, 1};
+    char space[CMSG_SPACE(sizeof(int))];
+    memset(space, 0, sizeof space);
+    struct msghdr message = {0};
+    message.msg_iov = &out;
+    message.msg_iovlen = 1;
+    if (namespace >= 0) {
+        message.msg_control = space;
+        message.msg_controllen = sizeof space;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&message);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &namespace, sizeof(int));
+    }
+    ssize_t sent = sendmsg(CONTROL, &message, MSG_NOSIGNAL);
+    if (namespace >= 0) close(namespace);
+    return sent == 1;
+}
+
 static int spare(int nargs, char **args) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);  /* the helper's end ends every job */
     prctl(PR_SET_NAME, "rexnet-spare", 0, 0, 0);  /* sandboxd.SPARE_NAME until its job */
@@ -120,8 +147,7 @@ static int spare(int nargs, char **args) {
     }
     if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         fail("/proc");
-    char joined = 'j';
-    if (send(CONTROL, &joined, 1, MSG_NOSIGNAL) != 1) _exit(0);
+    if (!joined(open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC))) _exit(0);
     uint32_t head[2];
     if (recv(CONTROL, head, 4, MSG_WAITALL) != 4) _exit(0);  /* no job: the spare ends */
     size = ntohl(head[0]);
@@ -245,26 +271,6 @@ static int spare(int nargs, char **args) {
     }
     command = child;
     for (int i = 0; i < nfds; i++) close(fds[i]);
-    int namespace = open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC);
-    if (namespace >= 0) {
-        char one = 'm';
-        struct iovec out = {&one, 1};
-        char space[CMSG_SPACE(sizeof(int))];
-        memset(space, 0, sizeof space);
-        struct msghdr reply = {0};
-        reply.msg_iov = &out;
-        reply.msg_iovlen = 1;
-        reply.msg_control = space;
-        reply.msg_controllen = sizeof space;
-        struct cmsghdr *c = CMSG_FIRSTHDR(&reply);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &namespace, sizeof(int));
-        (void)sendmsg(CONTROL, &reply, MSG_NOSIGNAL);
-        close(namespace);
-    }
-    close(CONTROL);
     sigprocmask(SIG_SETMASK, &old, NULL);
     int status = 0;
     for (;;) {
