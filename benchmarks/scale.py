@@ -40,7 +40,9 @@ Run by benchmarks/bench.py; alone (as root, from the repository):
     .venv/bin/python benchmarks/scale.py --model MS [--early MS] [--workers N] [--jobs J]
 
 SCALE_LOG=FILE keeps the simulated workers' lines (cb: a connect-back, its job, worker,
-ms from the announcement it was due, how late it left and when; taken: a job's first
+ms from the announcement it was due, how late it left and when, its window and what let
+it go, SimWorker.why; narrowed: a resend narrowed a waiting connect-back and shrank its
+worker's crowd, when it reached the host and when it was judged; taken: a job's first
 TAKEN, ms from the announcement a real worker acts on it, raw: reached the host, and
 when); SCALE_TRACE=FILE the client's SYNs and datagrams (tcpdump; scale_trace.py).
 """
@@ -351,6 +353,8 @@ def serve(keyfile: str, count: int, fixed: bool, raw: bool = False) -> None:
 
         draw: Draw
         held: dict[bytes, tuple[str, int]]  # connect-backs waiting for their job's TAKEN
+        narrowed: set[bytes]  # jobs whose connect-back a resent announcement narrowed
+        shrunk = False  # a resent announcement shrank its crowd (ConnectBacks.resent)
 
         def due(self) -> float:
             """When it would answer an announcement now (idle, at speed 1), in ms."""
@@ -362,7 +366,20 @@ def serve(keyfile: str, count: int, fixed: bool, raw: bool = False) -> None:
 
         def _announce(self, dgram: wire.Datagram, host: str) -> None:
             before = set(self.pending)
+            job = dgram.message.job_id  # type: ignore[union-attr]
+            waiting = self.pending.get(job)
+            drawn = None if waiting is None else (waiting.heard, waiting.delay)
+            crowd = self.crowd.size(reactor.seconds())
             super()._announce(dgram, host)
+            if waiting is not None and drawn != (waiting.heard, waiting.delay):
+                # a resend narrowed it, and the crowd (ConnectBacks.resent)
+                self.narrowed.add(job)
+                self.shrunk = True
+                print(f"narrowed {arrivals.job(job)} {self.settings.name} crowd {crowd:.1f} "
+                      f"to {self.crowd.size(reactor.seconds()):.1f}, window "
+                      f"{waiting.spread:.2f} ms; resend heard "
+                      f"{arrivals.since(job, arrivals.at(self._data)):.2f} ms, judged at "
+                      f"{arrivals.since(job, reactor.seconds()):.2f}", flush=True)
             new = set(self.pending) - before
             if new:
                 heard = arrivals.at(self._data)
@@ -433,8 +450,27 @@ def serve(keyfile: str, count: int, fixed: bool, raw: bool = False) -> None:
             arrivals.going(pending.job_id, due)
             print(f"cb {arrivals.job(pending.job_id)} {self.settings.name} "
                   f"{arrivals.since(pending.job_id, due):.2f} late "
-                  f"{(reactor.seconds() - due) * 1000:.2f} at {time.time():.6f}", flush=True)
+                  f"{(reactor.seconds() - due) * 1000:.2f} at {time.time():.6f} spread "
+                  f"{pending.spread:.2f} why {self.why(pending, due)}", flush=True)
             super()._connect_back(pending, host, port)
+
+        def why(self, pending: Any, due: float) -> str:
+            """What let this connect-back go (benchmarks/scale_trace.py attributes a job's
+            extra ones): a resent announcement narrowed its window; it answered the job
+            announced again under a new id; it was due before the job's TAKEN reached its
+            machine (the window's trade; -shrunk: after a resend shrank this worker's
+            crowd, and so its window, in this job or an earlier one); no TAKEN had come
+            within HOLD; or none known yet (due before the job's first connect-back left)."""
+            if pending.job_id in self.narrowed:
+                return "resend"
+            if arrivals.names.get(pending.job_id, pending.job_id) != pending.job_id:
+                return "reopen"
+            taken = arrivals.taken_at(pending.job_id)
+            if taken is not None and due < taken:  # (shrunk: by a resend, some job before)
+                return "before-taken-shrunk" if self.shrunk else "before-taken"
+            if taken is not None:
+                return "after-taken"
+            return "held" if reactor.seconds() - due >= HOLD else "untold"
 
     workers: list[SimWorker] = []
     for i in range(count):
@@ -444,7 +480,7 @@ def serve(keyfile: str, count: int, fixed: bool, raw: bool = False) -> None:
         worker = SimWorker(settings, reactor, sample=lambda: idle, jitter=draw,
                            checker=checker,  # type: ignore[arg-type]
                            tls=tls, crowd=FixedCrowd() if fixed else None)
-        worker.draw, worker.held = draw, {}
+        worker.draw, worker.held, worker.narrowed = draw, {}, set()
         workers.append(worker)
     port = reactor.listenMulticast(PORT, FanOut(reactor, workers).protocol,  # type: ignore[attr-defined]
                                    listenMultiple=True)
