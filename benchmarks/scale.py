@@ -30,7 +30,11 @@ namespace.  Four corrections make one process stand in for N machines:
   this one process sends them over 100-200 ms, mostly after the client chose; so a worker
   learns from the job's connect-backs due (on their machines) before the job's first TAKEN
   reached them and before its final TAKEN left (Arrivals.reached), if that says more.
-  --raw leaves these three out.
+- a resent announcement is judged (ConnectBacks.resent: has the client waited far longer
+  than the crowd's first answer takes?) at the moment it reached the host (class Seen),
+  not when this process got round to it: in a storm that was 100-400 ms later, every
+  resend looked late and shrank the crowd of the workers served last (scale_trace.py).
+  --raw leaves these four out.
   What stays unfaithful makes the figures worse, not better: the connect-backs' TLS
   handshakes share this process's CPU, and the client shares the machine with them.
 
@@ -40,7 +44,9 @@ Run by benchmarks/bench.py; alone (as root, from the repository):
     .venv/bin/python benchmarks/scale.py --model MS [--early MS] [--workers N] [--jobs J]
 
 SCALE_LOG=FILE keeps the simulated workers' lines (cb: a connect-back, its job, worker,
-ms from the announcement it was due, how late it left and when; taken: a job's first
+ms from the announcement it was due, how late it left and when, its window and what let
+it go, SimWorker.why; narrowed: a resend narrowed a waiting connect-back and shrank its
+worker's crowd, when it reached the host and when it was judged; taken: a job's first
 TAKEN, ms from the announcement a real worker acts on it, raw: reached the host, and
 when); SCALE_TRACE=FILE the client's SYNs and datagrams (tcpdump; scale_trace.py).
 """
@@ -207,6 +213,21 @@ class Arrivals:
         return (when - first) * 1000
 
 
+class Seen:
+    """REACTOR as a worker sees it while it judges a datagram that reached its machine
+    AT (reactor time): seconds() says AT (SimWorker._announce)."""
+
+    def __init__(self, reactor: Any, at: float) -> None:
+        self.reactor = reactor
+        self.at = at
+
+    def seconds(self) -> float:
+        return self.at
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reactor, name)
+
+
 class Draw:
     """A worker's jitter, drawn one announcement ahead (FanOut orders by it)."""
 
@@ -351,6 +372,8 @@ def serve(keyfile: str, count: int, fixed: bool, raw: bool = False) -> None:
 
         draw: Draw
         held: dict[bytes, tuple[str, int]]  # connect-backs waiting for their job's TAKEN
+        narrowed: set[bytes]  # jobs whose connect-back a resent announcement narrowed
+        shrunk = False  # a resent announcement shrank its crowd (ConnectBacks.resent)
 
         def due(self) -> float:
             """When it would answer an announcement now (idle, at speed 1), in ms."""
@@ -362,7 +385,33 @@ def serve(keyfile: str, count: int, fixed: bool, raw: bool = False) -> None:
 
         def _announce(self, dgram: wire.Datagram, host: str) -> None:
             before = set(self.pending)
-            super()._announce(dgram, host)
+            job = dgram.message.job_id  # type: ignore[union-attr]
+            waiting = self.pending.get(job)
+            drawn = None if waiting is None else (waiting.heard, waiting.delay)
+            crowd = self.crowd.size(reactor.seconds())
+            if waiting is not None and not arrivals.raw:
+                # a resend: judged when it reached the "machine", not when this process
+                # got round to it (100-400 ms later in a storm: every resend looked late)
+                self.connect_backs.reactor = Seen(reactor, arrivals.at(self._data))
+            try:
+                super()._announce(dgram, host)
+            finally:
+                self.connect_backs.reactor = reactor
+            if waiting is not None and drawn != (waiting.heard, waiting.delay):
+                # a resend narrowed it, and the crowd (ConnectBacks.resent)
+                self.narrowed.add(job)
+                self.shrunk = True
+                due = waiting.heard + waiting.delay
+                dues = arrivals.dues.get(job, [])
+                if drawn is not None and sum(drawn) in dues:
+                    dues[dues.index(sum(drawn))] = due
+                if waiting.call is not None and waiting.call.active():
+                    waiting.call.reset(max(0.0, due - reactor.seconds()))
+                print(f"narrowed {arrivals.job(job)} {self.settings.name} crowd {crowd:.1f} "
+                      f"to {self.crowd.size(reactor.seconds()):.1f}, window "
+                      f"{waiting.spread:.2f} ms; resend heard "
+                      f"{arrivals.since(job, arrivals.at(self._data)):.2f} ms, judged at "
+                      f"{arrivals.since(job, reactor.seconds()):.2f}", flush=True)
             new = set(self.pending) - before
             if new:
                 heard = arrivals.at(self._data)
@@ -433,8 +482,27 @@ def serve(keyfile: str, count: int, fixed: bool, raw: bool = False) -> None:
             arrivals.going(pending.job_id, due)
             print(f"cb {arrivals.job(pending.job_id)} {self.settings.name} "
                   f"{arrivals.since(pending.job_id, due):.2f} late "
-                  f"{(reactor.seconds() - due) * 1000:.2f} at {time.time():.6f}", flush=True)
+                  f"{(reactor.seconds() - due) * 1000:.2f} at {time.time():.6f} spread "
+                  f"{pending.spread:.2f} why {self.why(pending, due)}", flush=True)
             super()._connect_back(pending, host, port)
+
+        def why(self, pending: Any, due: float) -> str:
+            """What let this connect-back go (benchmarks/scale_trace.py attributes a job's
+            extra ones): a resent announcement narrowed its window; it answered the job
+            announced again under a new id; it was due before the job's TAKEN reached its
+            machine (the window's trade; -shrunk: after a resend shrank this worker's
+            crowd, and so its window, in this job or an earlier one); no TAKEN had come
+            within HOLD; or none known yet (due before the job's first connect-back left)."""
+            if pending.job_id in self.narrowed:
+                return "resend"
+            if arrivals.names.get(pending.job_id, pending.job_id) != pending.job_id:
+                return "reopen"
+            taken = arrivals.taken_at(pending.job_id)
+            if taken is not None and due < taken:  # (shrunk: by a resend, some job before)
+                return "before-taken-shrunk" if self.shrunk else "before-taken"
+            if taken is not None:
+                return "after-taken"
+            return "held" if reactor.seconds() - due >= HOLD else "untold"
 
     workers: list[SimWorker] = []
     for i in range(count):
@@ -444,7 +512,7 @@ def serve(keyfile: str, count: int, fixed: bool, raw: bool = False) -> None:
         worker = SimWorker(settings, reactor, sample=lambda: idle, jitter=draw,
                            checker=checker,  # type: ignore[arg-type]
                            tls=tls, crowd=FixedCrowd() if fixed else None)
-        worker.draw, worker.held = draw, {}
+        worker.draw, worker.held, worker.narrowed = draw, {}, set()
         workers.append(worker)
     port = reactor.listenMulticast(PORT, FanOut(reactor, workers).protocol,  # type: ignore[attr-defined]
                                    listenMultiple=True)

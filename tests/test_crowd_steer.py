@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Keys
@@ -206,27 +207,83 @@ def test_an_honest_resend_changes_nothing() -> None:
     assert spread_ms(crowd.size(0.0)) == window
 
 
-def test_a_worker_narrows_a_waiting_connect_back_when_the_client_announces_again(
-        keys: Keys) -> None:
+def resend_after(keys: Keys, client_ms: int, worker_s: float) -> tuple[Worker, float, float]:
+    """A real Worker on a fake clock, its crowd widened by a lie, answers an announcement;
+    the client announces the job again CLIENT_MS later by its own clock (the signed
+    timestamp), and the worker reads that WORKER_S seconds after the first.  The delay
+    left on its connect-back before and after the resend, in seconds."""
     from rexnet.net.announce import now_ms
     from rexnet.protocol import wire
     clock, w = idle_worker(keys)
     client = Announcer(keys)
     w.crowd.steer(CROWD_MAX, 0.0, JITTER_MS, ELAPSED_MAX_MS)  # a lie taught it before
     job = (99).to_bytes(16, "big")
+    first = now_ms() - max(client_ms, 0)
 
-    def announce(seq: int) -> bytes:
-        ann = wire.Announce(job, seq, now_ms(), 4000, ("192.0.2.7",))
+    def announce(seq: int, ts: int) -> bytes:
+        ann = wire.Announce(job, seq, ts, 4000, ("192.0.2.7",))
         return wire.encode_datagram(ann, client.cred.app_id, client.cred.key,
                                     client.cred.cert_der)
 
-    w.datagram(announce(0), "192.0.2.7", 5000)
+    w.datagram(announce(0, first), "192.0.2.7", 5000)
     pending = w.pending[job]
-    before = pending.delay
+    assert pending.call is not None
+    before = pending.call.getTime() - clock.seconds()
     assert before > 100.0  # half of a window of minutes
-    clock.advance(1.6)
-    w.datagram(announce(4), "192.0.2.7", 5000)
+    clock.advance(worker_s)
+    w.datagram(announce(4, first + client_ms), "192.0.2.7", 5000)
     assert pending.call is not None and pending.call.active()
-    assert pending.call.getTime() - clock.seconds() < 0.1 * before
-    assert pending.spread == pytest.approx(spread_ms(w.crowd.size(clock.seconds())))
+    after = pending.call.getTime() - clock.seconds()
+    pending.call.cancel()
+    return w, before, after
+
+
+def test_a_worker_narrows_a_waiting_connect_back_when_the_client_announces_again(
+        keys: Keys) -> None:
+    w, before, after = resend_after(keys, 1600, 1.6)
+    assert after < 0.1 * before
+    assert w.pending[(99).to_bytes(16, "big")].spread == pytest.approx(
+        spread_ms(w.crowd.size(1.6)))
+
+
+@pytest.mark.parametrize(("client_ms", "worker_s", "why"), [
+    (50, 1.6, "a resend sent 50 ms on, read 1.6 s on by a busy worker"),
+    (-1000, 1.6, "the client's clock stepped back"),
+    (1600, 0.05, "the client says 1.6 s, the worker heard the first 50 ms ago"),
+])
+def test_a_resend_narrows_only_when_both_clocks_say_it_came_late(
+        keys: Keys, client_ms: int, worker_s: float, why: str) -> None:
+    w, before, after = resend_after(keys, client_ms, worker_s)
+    assert after == pytest.approx(before - worker_s), why  # the same timer, unmoved
+    assert w.crowd.size(0.0) == pytest.approx(crowd_for(spread_ms(CROWD_MAX))), why
+
+
+def test_a_connect_back_promised_without_the_clients_time_takes_it_from_the_first_resend(
+        ) -> None:
+    """A promise made with no client timestamp (an announcement answered from the
+    waitlist): the first resend is judged by the worker's clock alone and sets the
+    client's to agree; later ones are judged by both."""
+    from types import SimpleNamespace
+
+    from rexnet.worker.connectback import ConnectBacks, Target
+    from rexnet.worker.metrics import NO_METRICS
+    clock = Clock()
+    backs = ConnectBacks(clock, None, NO_METRICS, lambda *a: None,  # type: ignore[arg-type]
+                         lambda: 0.5)
+    backs.crowd.steer(CROWD_MAX, 0.0, JITTER_MS, ELAPSED_MAX_MS)
+    client: Any = SimpleNamespace(cert=b"client")
+    job = bytes(16)
+    pending = backs.promise(job, client, 0.0, 1.0, Target("192.0.2.7", 4000, "test"))
+    assert pending.sent == 0.0 and pending.call is not None
+    due = pending.call.getTime()
+    assert due > 100.0
+    clock.advance(0.01)
+    assert backs.resent(job, client, 10_000)  # 10 ms on: not late
+    assert pending.sent == pytest.approx(10_000.0 - 10.0)
+    clock.advance(1.6)
+    assert backs.resent(job, client, 10_050)  # read 1.6 s on, sent 50 ms on
+    assert pending.call.getTime() == due  # not narrowed
+    assert backs.resent(job, client, 11_610)  # sent 1.61 s on as well
+    assert pending.call.getTime() - clock.seconds() < 0.1 * due  # narrowed
+    assert pending.sent == 11_610.0 - IDLE_MS
     pending.call.cancel()

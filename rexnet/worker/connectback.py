@@ -40,6 +40,7 @@ class Pending:
     delay: float
     call: IDelayedCall | None = None
     heard: float = 0.0  # when the announcement came (reactor time)
+    sent: float = 0.0  # ... by the client's clock (its Announce.ts_ms; 0: not known)
     spread: float = 0.0  # the width of the random part of DELAY, in ms
     connecting: defer.Deferred[Any] | None = None
     connected: bool = False  # TCP is up: the client will say over TLS whether we won
@@ -53,6 +54,14 @@ class Pending:
     early: bool = False  # the client's early TAKEN came
     early_ms: float = 0.0  # when: ms after the earliest moment anyone could answer
     relayed: bool = False  # answered through a cproxy: the client is not reachable directly
+
+
+def waited(pending: Pending, now: float, sent_ms: int) -> float:
+    """Milliseconds past the earliest moment anyone could answer PENDING's announcement
+    that its client announced again (at SENT_MS by its clock; we read it at NOW): by our
+    clock and by the client's, whichever says less."""
+    ours = (now - pending.heard) * 1000 - IDLE_MS
+    return min(ours, sent_ms - pending.sent - IDLE_MS)
 
 
 class Target(NamedTuple):
@@ -129,21 +138,27 @@ class ConnectBacks:
         """Whether this worker already promised (or made) a connect-back for JOB_ID."""
         return job_id in self.tried
 
-    def resent(self, job_id: bytes, client: ClientCert) -> bool:
+    def resent(self, job_id: bytes, client: ClientCert, sent_ms: int = 0) -> bool:
         """Whether JOB_ID was answered already (an announcement again, not to answer).
-        CLIENT announcing it again has accepted nobody yet: if our connect-back waits still
-        and the crowd's window proves far too wide for that (Crowd.unanswered), it draws
-        again from the narrower one, as if the announcement came now."""
+        CLIENT announcing it again (at SENT_MS by its clock: Announce.ts_ms) has accepted
+        nobody yet: if our connect-back waits still and the crowd's window proves far too
+        wide for that (Crowd.unanswered), it draws again from the narrower one, as if the
+        announcement came now.  How long the client has waited is the shorter of what our
+        clock and the client's say (waited()): a resend read late here (a busy worker)
+        is not taken for one sent late."""
         pending = self.pending.get(job_id)
         if (pending is None or pending.early or pending.call is None
                 or not pending.call.active() or pending.client.cert != client.cert):
             return self.answered(job_id)
         now = self.reactor.seconds()
-        if not self.crowd.unanswered(now, pending.spread, (now - pending.heard) * 1000
-                                     - IDLE_MS):
+        if not pending.sent:  # promised without the client's time (from the waitlist): our
+            # clock alone this time; the client's too from now on, set to agree with ours
+            pending.sent = sent_ms - (now - pending.heard) * 1000
+        if not self.crowd.unanswered(now, pending.spread, waited(pending, now, sent_ms)):
             return True
         pending.spread = spread_ms(self.crowd.size(now))
         pending.heard = now - IDLE_MS / 1000
+        pending.sent = sent_ms - IDLE_MS
         left = self.jitter() * pending.spread / 1000
         pending.delay = IDLE_MS / 1000 + left
         pending.call.reset(left)
@@ -153,14 +168,15 @@ class ConnectBacks:
 
     def promise(self, job_id: bytes, client: ClientCert, load: float, speed: float,
                 target: Target, queued: bool = False, ahead: int = 0,
-                wait: float = 0.0) -> Pending:
+                wait: float = 0.0, sent_ms: int = 0) -> Pending:
         """Connect back to TARGET after the delay LOAD and SPEED earn in today's crowd
-        (QUEUED: for a place in the queue, with AHEAD jobs before it, later by its WAIT)."""
+        (QUEUED: for a place in the queue, with AHEAD jobs before it, later by its WAIT),
+        for an announcement the client sent at SENT_MS by its clock (0: not known)."""
         now = self.reactor.seconds()
         crowd = self.crowd.size(now)
         delay = connect_back_delay(load, speed, self.jitter, crowd, wait, queued)
-        pending = Pending(job_id, client, load, delay, heard=now, spread=spread_ms(crowd),
-                          queued=queued, ahead=ahead, wait=wait)
+        pending = Pending(job_id, client, load, delay, heard=now, sent=float(sent_ms),
+                          spread=spread_ms(crowd), queued=queued, ahead=ahead, wait=wait)
         self.pending[job_id] = pending
         self.tried[job_id] = None
         if len(self.tried) > TRIED_JOBS:

@@ -225,7 +225,7 @@ class Worker:
 
     def _announce(self, dgram: wire.Datagram, host: str) -> None:
         ann, client = self.checker.check_announce(dgram, host)
-        if self.connect_backs.resent(ann.job_id, client):
+        if self.connect_backs.resent(ann.job_id, client, ann.ts_ms):
             return  # a resend of a job we already answered (see resent)
         why = ("it is not for this worker" if ann.cpus > self.settings.slots or (
             ann.workers and self.settings.name not in ann.workers)
@@ -236,19 +236,20 @@ class Worker:
         target = connect_back_target(dgram, ann.addrs, ann.port, host)
         plain = ann.cpus == 1 and not ann.mem  # the waitlist keeps plain jobs only
         if plain and (ann.job_id in self.waitlist or not self._answer(
-                ann.job_id, client, target)):
+                ann.job_id, client, target, sent_ms=ann.ts_ms)):
             self.waitlist.note(ann.job_id, client, target, self.reactor.seconds())
             self._answer_waiting()  # (in its turn, if a place is free)
         elif not plain:
-            self._answer(ann.job_id, client, target, ann.cpus, ann.mem)
+            self._answer(ann.job_id, client, target, ann.cpus, ann.mem, ann.ts_ms)
 
     def _answer(self, job_id: bytes, client: ClientCert, target: Target, cpus: int = 1,
-                mem: int = 0) -> bool:
+                mem: int = 0, sent_ms: int = 0) -> bool:
         """Promise a connect-back for CPUS free slots, or for a queue place; False if
-        neither is free."""
+        neither is free.  SENT_MS: the announcement's time by the client's clock."""
         if self.settings.slots - self.busy >= cpus:
             pending = self.connect_backs.promise(job_id, client, self.load(),
-                                                 self.settings.speed, target)
+                                                 self.settings.speed, target,
+                                                 sent_ms=sent_ms)
         elif cpus == 1 and not mem and self.queued < self.queue.places:
             # answer later, by the wait for a slot (a job that asks for more CPUs or for
             # memory goes only where that is free now)
@@ -256,7 +257,8 @@ class Worker:
             full = load_figure(self.sample(), self.busy, self.settings.slots)
             pending = self.connect_backs.promise(job_id, client, full, self.settings.speed,
                                                  target, queued=True, ahead=ahead,
-                                                 wait=self.expected_wait(ahead))
+                                                 wait=self.expected_wait(ahead),
+                                                 sent_ms=sent_ms)
         else:
             return False
         pending.slots, pending.mem = cpus, mem
