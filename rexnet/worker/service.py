@@ -22,7 +22,6 @@ from rexnet.protocol import wire
 from rexnet.security.credentials import CertInfo
 from rexnet.security.tls import connecting_options
 from rexnet.version import __version__
-from rexnet.worker import joblines
 from rexnet.worker.calls import JobCalls
 from rexnet.worker.channel import WorkerChannel
 from rexnet.worker.connectback import ConnectBacks, Pending, Target, connect_back_target
@@ -30,6 +29,7 @@ from rexnet.worker.datagrams import AnnounceSocket
 from rexnet.worker.detached import JobBook
 from rexnet.worker.files import send_back
 from rexnet.worker.job import KILL_GRACE, JobProcess
+from rexnet.worker.jobbooks import JobBooks
 from rexnet.worker.jobqueue import JobQueue, Waitlist
 from rexnet.worker.load import Crowd, HostLoad, connect_back_delay, load_figure, sample_host
 from rexnet.worker.machine import Refusal
@@ -79,7 +79,6 @@ class Worker:
         self.received = 0
         self.foreign = 0  # datagrams of other applications, ignored before any limit
         self.alerts = AlertSender(reactor, settings.credential, settings.alert_targets)
-        self.start_books = joblines.StartBooks(reactor)
         self.complain = Complaints(reactor.seconds, self.alerts.send)
         self.started_at = reactor.seconds()
         self.socket = socket if socket is not None else AnnounceSocket()
@@ -103,6 +102,7 @@ class Worker:
         self.waitlist = Waitlist()  # announcements heard with no slot or place free
         self._admitting = False
         self.connect_backs.freed = self._admit
+        self.bookkeeping = JobBooks(self)  # its log lines, metrics, alerts, book rows
 
     @property
     def pending(self) -> dict[bytes, Pending]:
@@ -419,14 +419,8 @@ class Worker:
         channel.send(wire.Started(job, refused, (cwd or os.getcwd())
                                   if s.commands.enabled else "", output is not None, *proto.sides))
         send_now(channel.transport)  # before the alert and the log line: the client prepares
-        def books() -> None:  # a little later (or before its end): joblines.StartBooks
-            self.alerts.send("job-started", job=job, worker=s.name, client=client,
-                             client_addr=peer, command=command[:200],
-                             **({"detached": 1} if output else {}))
-            self.metrics.job_started()
-            joblines.started(job, client, peer, argv, warm=warm, tty=start.tty, detached=output
-                             is not None, cwd=cwd if cwd and cwd != s.chdir else "")
-        self.start_books.later(job, books)
+        self.bookkeeping.started(job, client, peer, argv, warm=warm, tty=start.tty,
+                           detached=output is not None, cwd=cwd if cwd and cwd != s.chdir else "")
         if output is None:
             return running
         booked.directory, channel.job_dir = channel.job_dir, None  # the job's from now on
@@ -445,7 +439,7 @@ class Worker:
         if running is None:
             return
         channel = running.channel
-        books = partial(self._books, running, code, sig, limit,
+        books = partial(self.bookkeeping.ended, running, code, sig, limit,
                         sum(s.received for s in channel.ins.values()),
                         sum(s.sent for s in channel.outs.values()))
         if isinstance(channel, WorkerChannel) and channel.job_dir is None:
@@ -458,22 +452,6 @@ class Worker:
             returned = send_back(channel.lane(), channel.job_dir, running.get, self.settings.files,
                                  lambda problem: self.complain(channel.peer_address(), problem))
         returned.addBoth(lambda _: self._exit(running, code, sig, limit))
-
-    def _books(self, running: Running, code: int | None, sig: int | None, limit: str,
-               bytes_in: int, bytes_out: int) -> None:
-        """A job's end in the worker's books: its log line, metrics, alert and row."""
-        self.start_books.now(running.job)  # its start first, if still waiting
-        joblines.ended(running.job, code, sig, limit)
-        self.metrics.job_finished(code, sig, limit, bytes_in, bytes_out)
-        self.queue.finished(duration := self.reactor.seconds() - running.started)
-        self.alerts.send(
-            "job-finished", job=running.job, worker=self.settings.name, client=running.client,
-            status=code if sig is None else 128 + sig, signal=sig, limit=limit or None,
-            duration=round(duration, 3), bytes_in=bytes_in, bytes_out=bytes_out)
-        if limit:
-            self.complain(running.channel.peer_address(), f"job {running.job} hit its {limit} "
-                          "limit")
-        self.book.ended(running.job, code, sig)
 
     def _exit(self, running: Running, code: int | None, sig: int | None, limit: str,
               books: Callable[[], None] | None = None) -> None:
