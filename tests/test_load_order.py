@@ -125,3 +125,24 @@ def test_a_loaded_worker_judges_lateness_past_its_own_delay() -> None:
     clock.advance(1.35)
     resend(made, 2350)
     assert made[1][1].spread < wide
+
+
+def test_a_queued_answer_under_a_wide_window_is_still_narrowed() -> None:
+    """A worker with every slot busy answers after the whole window (minutes, after a lie)
+    and its expected wait: a late resend narrows it as before; judged past its load and
+    wait, not past that window."""
+    clock = Clock()
+    backs = ConnectBacks(clock, None, NO_METRICS, lambda *a: None,  # type: ignore[arg-type]
+                         lambda: 0.5)
+    backs.crowd.steer(CROWD_MAX, 0.0, JITTER_MS, ELAPSED_MAX_MS)
+    pending = backs.promise(JOB, CLIENT, 1.0, 1.0, Target("192.0.2.7", 4000, "test"),
+                            queued=True, wait=0.5, sent_ms=SENT_MS)
+    [before] = due([(backs, pending)])
+    assert before > 100.0
+    clock.advance(1.6)
+    resend([(backs, pending)], 1600)
+    [after] = due([(backs, pending)])
+    assert after - 1.6 < 0.1 * before
+    spread = pending.spread
+    # its load delay, no wait left (0.5 s is over), the narrow window, half of it drawn
+    assert after - 1.6 == pytest.approx((5.0 + LOAD_MS + 1.5 * spread) / 1000)

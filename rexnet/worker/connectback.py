@@ -42,7 +42,8 @@ class Pending:
     heard: float = 0.0  # when the announcement came (reactor time)
     sent: float = 0.0  # ... by the client's clock (its Announce.ts_ms; 0: not known)
     spread: float = 0.0  # the width of the random part of DELAY, in ms
-    base: float = IDLE_MS  # the part of DELAY its load, speed and wait set (ms: base_ms)
+    base: float = IDLE_MS  # the part of DELAY its load, speed and wait set (ms: base_ms,
+    # without a queued answer's window: lateness is judged past it, see waited())
     speed: float = 1.0  # the worker's speed when it promised
     connecting: defer.Deferred[Any] | None = None
     connected: bool = False  # TCP is up: the client will say over TLS whether we won
@@ -163,10 +164,10 @@ class ConnectBacks:
             return True
         pending.wait = max(pending.wait - (now - pending.heard), 0.0)
         pending.spread = spread_ms(self.crowd.size(now))
-        pending.base = base_ms(pending.load, pending.speed, pending.spread, pending.wait,
-                               pending.queued)
+        pending.base = base_ms(pending.load, pending.speed, wait=pending.wait)
         pending.heard, pending.sent = now, float(sent_ms)
-        pending.delay = (pending.base + self.jitter() * pending.spread) / 1000
+        pending.delay = (base_ms(pending.load, pending.speed, pending.spread, pending.wait,
+                                 pending.queued) + self.jitter() * pending.spread) / 1000
         pending.call.reset(pending.delay)
         log.info("job {job} announced again, unanswered: the connect-back window narrows "
                  "to {ms:.0f} ms", job=job_id.hex()[:12], ms=pending.spread)
@@ -183,7 +184,7 @@ class ConnectBacks:
         delay = connect_back_delay(load, speed, self.jitter, crowd, wait, queued)
         spread = spread_ms(crowd)
         pending = Pending(job_id, client, load, delay, heard=now, sent=float(sent_ms),
-                          spread=spread, base=base_ms(load, speed, spread, wait, queued),
+                          spread=spread, base=base_ms(load, speed, wait=wait),
                           speed=speed, queued=queued, ahead=ahead, wait=wait)
         self.pending[job_id] = pending
         self.tried[job_id] = None
