@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from rexnet.net.announce import ClientCert
 from rexnet.protocol import wire
-from rexnet.worker.load import IDLE_MS, Crowd, connect_back_delay, spread_ms
+from rexnet.worker.load import IDLE_MS, Crowd, base_ms, connect_back_delay, spread_ms
 from rexnet.worker.metrics import NoMetrics
 
 CONNECT_TIMEOUT = 5.0  # seconds for TCP; the TLS handshake has its own (worker.machine)
@@ -42,6 +42,9 @@ class Pending:
     heard: float = 0.0  # when the announcement came (reactor time)
     sent: float = 0.0  # ... by the client's clock (its Announce.ts_ms; 0: not known)
     spread: float = 0.0  # the width of the random part of DELAY, in ms
+    base: float = IDLE_MS  # the part of DELAY its load, speed and wait set (ms: base_ms,
+    # without a queued answer's window: lateness is judged past it, see waited())
+    speed: float = 1.0  # the worker's speed when it promised
     connecting: defer.Deferred[Any] | None = None
     connected: bool = False  # TCP is up: the client will say over TLS whether we won
     channel: Any = None  # the channel protocol, once TCP is up (rexnet.worker.channel)
@@ -52,16 +55,17 @@ class Pending:
     wait: float = 0.0  # when queued: the expected wait for a slot, in seconds
     learnt: bool = False  # a TAKEN for it taught the crowd already
     early: bool = False  # the client's early TAKEN came
-    early_ms: float = 0.0  # when: ms after the earliest moment anyone could answer
+    early_ms: float = 0.0  # when: ms after the earliest moment we could answer (base)
     relayed: bool = False  # answered through a cproxy: the client is not reachable directly
 
 
 def waited(pending: Pending, now: float, sent_ms: int) -> float:
-    """Milliseconds past the earliest moment anyone could answer PENDING's announcement
-    that its client announced again (at SENT_MS by its clock; we read it at NOW): by our
-    clock and by the client's, whichever says less."""
-    ours = (now - pending.heard) * 1000 - IDLE_MS
-    return min(ours, sent_ms - pending.sent - IDLE_MS)
+    """Milliseconds past the earliest moment a worker as loaded as ours could answer
+    PENDING's announcement (its base delay) that its client announced again (at SENT_MS
+    by its clock; we read it at NOW): by our clock and by the client's, whichever says
+    less.  Before that, silence says the crowd is loaded, not that the window is wide."""
+    ours = (now - pending.heard) * 1000
+    return min(ours, sent_ms - pending.sent) - pending.base
 
 
 class Target(NamedTuple):
@@ -142,10 +146,12 @@ class ConnectBacks:
         """Whether JOB_ID was answered already (an announcement again, not to answer).
         CLIENT announcing it again (at SENT_MS by its clock: Announce.ts_ms) has accepted
         nobody yet: if our connect-back waits still and the crowd's window proves far too
-        wide for that (Crowd.unanswered), it draws again from the narrower one, as if the
-        announcement came now.  How long the client has waited is the shorter of what our
-        clock and the client's say (waited()): a resend read late here (a busy worker)
-        is not taken for one sent late."""
+        wide for that (Crowd.unanswered: judged past our own base delay), it is drawn
+        again as if the announcement came now: its base delay again (load, speed, what
+        is left of a queue's wait), so that the workers keep their order by load, and a
+        random part from the narrower window.  How long the client has waited is the
+        shorter of what our clock and the client's say (waited()): a resend read late
+        here (a busy worker) is not taken for one sent late."""
         pending = self.pending.get(job_id)
         if (pending is None or pending.early or pending.call is None
                 or not pending.call.active() or pending.client.cert != client.cert):
@@ -156,12 +162,13 @@ class ConnectBacks:
             pending.sent = sent_ms - (now - pending.heard) * 1000
         if not self.crowd.unanswered(now, pending.spread, waited(pending, now, sent_ms)):
             return True
+        pending.wait = max(pending.wait - (now - pending.heard), 0.0)
         pending.spread = spread_ms(self.crowd.size(now))
-        pending.heard = now - IDLE_MS / 1000
-        pending.sent = sent_ms - IDLE_MS
-        left = self.jitter() * pending.spread / 1000
-        pending.delay = IDLE_MS / 1000 + left
-        pending.call.reset(left)
+        pending.base = base_ms(pending.load, pending.speed, wait=pending.wait)
+        pending.heard, pending.sent = now, float(sent_ms)
+        pending.delay = (base_ms(pending.load, pending.speed, pending.spread, pending.wait,
+                                 pending.queued) + self.jitter() * pending.spread) / 1000
+        pending.call.reset(pending.delay)
         log.info("job {job} announced again, unanswered: the connect-back window narrows "
                  "to {ms:.0f} ms", job=job_id.hex()[:12], ms=pending.spread)
         return True
@@ -175,8 +182,10 @@ class ConnectBacks:
         now = self.reactor.seconds()
         crowd = self.crowd.size(now)
         delay = connect_back_delay(load, speed, self.jitter, crowd, wait, queued)
+        spread = spread_ms(crowd)
         pending = Pending(job_id, client, load, delay, heard=now, sent=float(sent_ms),
-                          spread=spread_ms(crowd), queued=queued, ahead=ahead, wait=wait)
+                          spread=spread, base=base_ms(load, speed, wait=wait),
+                          speed=speed, queued=queued, ahead=ahead, wait=wait)
         self.pending[job_id] = pending
         self.tried[job_id] = None
         if len(self.tried) > TRIED_JOBS:
@@ -233,9 +242,11 @@ class ConnectBacks:
         for pending in waiting[:max(free, 0)]:
             assert pending.call is not None
             pending.queued, pending.ahead, pending.wait, pending.load = False, 0, 0.0, figure
+            spread = spread_ms(self.crowd.size(now))
             delay = connect_back_delay(figure, speed, self.jitter, self.crowd.size(now))
             if delay < pending.call.getTime() - now:
                 pending.delay = now - pending.heard + delay
+                pending.base = (now - pending.heard) * 1000 + base_ms(figure, speed, spread)
                 pending.call.reset(delay)
         return min(len(waiting), max(free, 0))
 
@@ -249,14 +260,14 @@ class ConnectBacks:
         if early:
             if not pending.early:
                 pending.early = True
-                pending.early_ms = (now - pending.heard) * 1000 - IDLE_MS
+                pending.early_ms = (now - pending.heard) * 1000 - pending.base
         elif not pending.learnt:
             pending.learnt = True
             if pending.early:  # ANSWERED: those under way when the early TAKEN came
                 self.crowd.steer(answered, now, pending.spread, pending.early_ms)
             else:  # a client without early TAKENs
                 self.crowd.observe(answered, now, pending.spread,
-                                   (now - pending.heard) * 1000 - IDLE_MS)
+                                   (now - pending.heard) * 1000 - pending.base)
         if self.recent.get(pending.job_id) is pending:  # settled already (cancelled by the
             if pending.learnt:  # early TAKEN, failed, refused, won): it was kept to learn
                 del self.recent[pending.job_id]

@@ -108,9 +108,16 @@ def connect_back_delay(
     whole window the answers with a free slot draw from: a wide crowd window must not let
     a full worker answer before a free one."""
     window = spread_ms(crowd)
-    ms = (IDLE_MS + LOAD_MS * max(load, 0.0)) / speed + jitter() * window
-    ms += min(WAIT_MS * max(wait, 0.0), WAIT_MAX_MS) + (window if queued else 0.0)
-    return ms / 1000.0
+    return (base_ms(load, speed, window, wait, queued) + jitter() * window) / 1000.0
+
+
+def base_ms(load: float, speed: float, window: float = JITTER_MS, wait: float = 0.0,
+            queued: bool = False) -> float:
+    """The part of connect_back_delay (in ms) that LOAD, SPEED and the expected WAIT set,
+    without the random part: what orders the workers.  A queued answer comes after the
+    whole WINDOW of the answers with a free slot."""
+    ms = (IDLE_MS + LOAD_MS * max(load, 0.0)) / speed
+    return ms + min(WAIT_MS * max(wait, 0.0), WAIT_MAX_MS) + (window if queued else 0.0)
 
 
 class Crowd:
@@ -198,8 +205,9 @@ class Crowd:
         self._at = now
 
     def unanswered(self, now: float, spread: float, elapsed: float) -> bool:
-        """The client announced again ELAPSED ms after the earliest moment anyone could
-        answer, and no early TAKEN came, while this worker's connect-back (drawn from a
+        """The client announced again ELAPSED ms after the earliest moment this worker
+        could answer (its base delay: before it, no answer says only that the crowd is as
+        loaded), and no early TAKEN came, while this worker's connect-back (drawn from a
         window of SPREAD ms) waits still.  If that is far later than the crowd's first
         answer would be, the crowd is smaller: shrink the window to it (as steer does) and
         say so, so that a window widened too far (a client's lying TAKEN) is repaired
