@@ -27,7 +27,7 @@ from rexnet.net.bulktls import tls_layer
 from rexnet.net.tuning import send_now
 from rexnet.protocol import wire
 from rexnet.worker.job import EOF_HOLD, JobProcess
-from rexnet.worker.joblines import START_BOOKS_DELAY, StartBooks
+from rexnet.worker.jobbooks import START_BOOKS_DELAY, StartBooks
 
 
 def test_a_small_tls_write_reaches_the_peer_without_a_turn_of_the_reactor(keys: Keys) -> None:

@@ -242,8 +242,9 @@ class ConnectBacks:
         for pending in waiting[:max(free, 0)]:
             assert pending.call is not None
             pending.queued, pending.ahead, pending.wait, pending.load = False, 0, 0.0, figure
-            spread = spread_ms(self.crowd.size(now))
-            delay = connect_back_delay(figure, speed, self.jitter, self.crowd.size(now))
+            crowd = self.crowd.size(now)
+            spread = spread_ms(crowd)
+            delay = connect_back_delay(figure, speed, self.jitter, crowd)
             if delay < pending.call.getTime() - now:
                 pending.delay = now - pending.heard + delay
                 pending.base = (now - pending.heard) * 1000 + base_ms(figure, speed, spread)

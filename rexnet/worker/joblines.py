@@ -1,12 +1,10 @@
 """The worker's two log lines per job (started, ended), each formatted once by an f-string
 (rexnet.logs.PREFORMATTED) with its fields beside it for the JSON log; they keep the
-namespace of the worker's service, whose lines they were. StartBooks holds the rest of a
-job's start (its line, alert and metrics) a little, off a short job's round trip."""
+namespace of the worker's service, whose lines they were."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from twisted.logger import Logger
 
@@ -35,27 +33,3 @@ def ended(job: str, code: int | None, sig: int | None, limit: str) -> None:
     log.info(PREFORMATTED, log_text=f"job {job} ended: {how}{why}", job=job, how=how,
              limit=why)
 
-
-START_BOOKS_DELAY = 0.02  # s a job's start waits to be booked (a short job's end comes first)
-
-
-class StartBooks:
-    """A job's start in the worker's books (its log line, its alert, signed, and metrics:
-    ~0.5 ms of CPU) START_BOOKS_DELAY after STARTED went, or at once when its end is booked
-    before that (then first): a job that ends sooner (`true`) has its EXIT out before them
-    (its end came while the worker was still busy with them), and the order stays."""
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.pending: dict[str, tuple[Any, Callable[[], None]]] = {}
-
-    def later(self, job: str, books: Callable[[], None]) -> None:
-        self.pending[job] = (self.reactor.callLater(START_BOOKS_DELAY, self.now, job), books)
-
-    def now(self, job: str) -> None:
-        """JOB's start in the books now, if it is not yet."""
-        call, books = self.pending.pop(job, (None, None))
-        if call is not None and call.active():
-            call.cancel()
-        if books is not None:
-            books()

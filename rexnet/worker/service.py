@@ -419,8 +419,9 @@ class Worker:
         channel.send(wire.Started(job, refused, (cwd or os.getcwd())
                                   if s.commands.enabled else "", output is not None, *proto.sides))
         send_now(channel.transport)  # before the alert and the log line: the client prepares
-        self.bookkeeping.started(job, client, peer, argv, warm=warm, tty=start.tty,
-                           detached=output is not None, cwd=cwd if cwd and cwd != s.chdir else "")
+        self.bookkeeping.started(job, client, peer, argv, command, warm=warm, tty=start.tty,
+                                 detached=output is not None,
+                                 cwd=cwd if cwd and cwd != s.chdir else "")
         if output is None:
             return running
         booked.directory, channel.job_dir = channel.job_dir, None  # the job's from now on
