@@ -62,11 +62,28 @@ def test_mangled_json_is_read_like_json_or_refused(value: object, at: int, junk:
         ours = loads(text)
     except ValueError:
         ours = ValueError
-    if theirs is ValueError or agentwire.depth(theirs) > agentwire.MAX_DEPTH or (
-            isinstance(theirs, float) and not math.isfinite(theirs)):
+    if theirs is ValueError or agentwire.depth(theirs) > agentwire.MAX_DEPTH or not _finite(
+            theirs):  # (ours refuses a number out of range, e.g. 1e400, at any depth)
         assert ours is ValueError or ours == theirs
     else:
         assert ours == theirs
+
+
+def _finite(value: object) -> bool:
+    """Whether every number in VALUE (at any depth) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
+@pytest.mark.parametrize("text", ["1e400", "[1e400]", '{"a": {"b": -1e400}}'])
+def test_a_number_out_of_range_is_refused_at_any_depth(text: str) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        loads(text)
 
 
 def test_strings_escape_controls_quotes_and_lone_surrogates() -> None:
