@@ -27,7 +27,6 @@ from rexnet.net.bulktls import tls_layer
 from rexnet.net.tuning import send_now
 from rexnet.protocol import wire
 from rexnet.worker.job import EOF_HOLD, JobProcess
-from rexnet.worker.jobbooks import START_BOOKS_DELAY, StartBooks
 
 
 def test_a_small_tls_write_reaches_the_peer_without_a_turn_of_the_reactor(keys: Keys) -> None:
@@ -120,24 +119,9 @@ def test_the_private_attributes_it_reads_still_exist(keys: Keys) -> None:
         "rexnet/net/tuning.py send_now reads it")
 
 
-def test_a_jobs_start_is_booked_after_a_delay_or_first_when_its_end_comes_sooner() -> None:
-    clock, booked = Clock(), []
-    starts = StartBooks(clock)
-    starts.later("long", lambda: booked.append("long started"))
-    starts.later("short", lambda: booked.append("short started"))
-    clock.advance(START_BOOKS_DELAY / 2)
-    assert booked == []  # STARTED went; its line, alert and metrics wait
-    starts.now("short")  # its end is booked before the delay: its start first, at once
-    booked.append("short ended")
-    clock.advance(START_BOOKS_DELAY)  # the long one's start, when due; the short one's not again
-    starts.now("long")
-    assert booked == ["short started", "short ended", "long started"]
-    assert starts.pending == {} and clock.getDelayedCalls() == []
-
-
 def test_a_workers_job_lines_keep_their_order_for_short_and_long_jobs(keys: Keys) -> None:
-    """Through a real worker: `true` (done before its start is booked) and `sleep 2` (booked
-    while it runs, not at its end) each log started, then ended."""
+    """Through a real worker: `true` and `sleep 2` each log started (while it runs), then
+    ended."""
     addr = f"{loopback_address()}:3010"
     worker = start_worker(keys.worker, ["sh", "-c"], addr, "booked", "--allow-args")
     env = {**os.environ, "REXNET_NO_AGENT": "1"}  # one process: the job's own client
