@@ -1,6 +1,6 @@
-"""CPU per trivial job of the worker process itself (not its jobs, not its sandbox helper),
-on loopback: one worker (`true`, 32 slots, sandboxed when run as root), an Executor with
-WIDTH jobs at a time on warm channels.
+"""CPU per trivial job on the worker's side, process by process, on loopback: one worker
+(`true`, 32 slots, sandboxed when run as root), an Executor with WIDTH jobs at a time on
+warm channels.
 
 Run from the repository; to compare two checkouts, run each one's own venv from its own
 root, alternating (A B A B ...), and compare the ratios pair by pair:
@@ -10,11 +10,14 @@ root, alternating (A B A B ...), and compare the ratios pair by pair:
 Prints a line: jobs/s, the worker process's CPU ms per job, its sandbox helpers' CPU ms
 per job; and a line of CPU ms per job by part: the worker; the sandbox helper (sandboxd);
 its init fork server (rexnet-initsrv); the sandboxes (each job's init and its command,
-reaped by the helper); jobs the worker reaped itself (no sandbox). --json starts the
+reaped by the helper); jobs the worker reaped itself (no sandbox); each as user+system
+(the kernel splits the two by sampling: their sum is the figure to compare). --json starts the
 worker with twistd --logger rexnet.logs.json_logger (as the systemd unit does); the
 default is twistd's text log. --sh runs the worker as make bench does (`sh -c`,
 --allow-args; each job `sh -c true`). PROFILE=FILE.svg (or .json, speedscope) samples
-the worker with py-spy (pip install py-spy into the venv) while the jobs run.
+the worker with py-spy (pip install py-spy into the venv) while the jobs run: its shares
+count a thread waiting for a CPU as running (after it woke another process, say), so it
+says where the time goes, not the CPU; cProfile with time.process_time says the CPU.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def main() -> None:
     print("CPU ms per job (user+system): " + ", ".join(
         f"{part} {sum(v):.3f} ({v[0]:.2f}+{v[1]:.2f})" for part, v in ms.items())
         + f"; all {sum(map(sum, ms.values())):.3f}")
+
 
 if __name__ == "__main__":
     main()
