@@ -213,6 +213,34 @@ def test_a_supervisor_never_ready_ends_its_job_and_one_that_fails_too() -> None:
     sandbox.stop()
 
 
+def test_the_root_helper_does_not_import_from_the_workers_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker started as root in a directory others can write (say /tmp): a rexnet/
+    planted there must not be what its root helper runs (`python -m` puts the current
+    directory first on sys.path)."""
+    marker = tmp_path / "ran-as-root"
+    planted = tmp_path / "rexnet" / "worker"
+    planted.mkdir(parents=True)
+    for package in (planted.parent, planted):
+        (package / "__init__.py").write_text("")
+    (planted / "sandboxd.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    sandbox = Sandbox(spares=1)
+    sandbox.start()
+    assert sandbox.helper is not None
+    try:
+        sandbox.fill()  # the real helper prepares a spare and says it is ready
+        [link] = sandbox._ready
+        deadline = time.monotonic() + 10
+        while not link.ready() and link.sock is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert link.pid > 0 and sandbox.helper.poll() is None
+    finally:
+        sandbox.stop()
+        sandbox.helper.wait(10)
+    assert not marker.exists()
+
+
 def _marker(path: str) -> None:
     Path(path).write_text("the forged result ran code")
 

@@ -612,3 +612,37 @@ def test_a_closed_channel_ignores_what_still_comes(bed: Bed) -> None:
     assert process.signals == [] and len(bed.worker.starts) == 1
     lose(channel)
     assert process.kills == 0  # it had ended already
+
+
+def test_the_indexed_transitions_answer_as_automats_own_lookup() -> None:
+    """The worker's machine looks transitions up in a dict (machine._index_transitions):
+    every (state, input) gives what Automat's scan gives, and a pair it lacks raises
+    Automat's NoTransition as before."""
+    from automat import NoTransition
+    from automat._core import Automaton
+
+    from rexnet.worker.machine import WorkerMachine
+
+    automaton = WorkerMachine.__automat_automaton__
+    assert automaton.outputForInput is not Automaton.outputForInput.__get__(automaton)
+    transitions = list(automaton.allTransitions())
+    assert len(transitions) > 20
+    for state, symbol, _, _ in transitions:
+        assert (automaton.outputForInput(state, symbol)
+                == Automaton.outputForInput(automaton, state, symbol))
+    state = transitions[0][0]
+    with pytest.raises(NoTransition):
+        automaton.outputForInput(state, "no-such-input")
+
+
+def test_a_warm_channel_reads_its_clients_name_once(bed: Bed) -> None:
+    """The client's name is parsed from its certificate once per channel, not per job, and
+    is the certificate's; a channel whose certificate changed reads it again."""
+    channel, _ = bed.channel()
+    name = CertInfo.of(channel.peer_cert).name
+    assert name and channel.client_name == name
+    parsed = channel._client
+    assert channel.client_name == name and channel._client is parsed
+    worker_cert = bed.worker.settings.credential.cert
+    channel.peer_cert = worker_cert
+    assert channel.client_name == CertInfo.of(worker_cert).name != name

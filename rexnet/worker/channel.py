@@ -8,7 +8,7 @@ from twisted.python.failure import Failure
 from rexnet.net.channel import Channel
 from rexnet.net.files import FileLane
 from rexnet.protocol import wire
-from rexnet.security.credentials import Credential
+from rexnet.security.credentials import CertInfo, Credential
 from rexnet.security.tls import Revocations
 from rexnet.worker.connectback import Pending
 from rexnet.worker.files import FileSettings, JobDirectory, receive
@@ -34,6 +34,16 @@ class WorkerChannel(Channel):
         self.machine: ChannelInputs = WorkerMachine(self.core)
         self.file_settings = files
         self.job_dir: JobDirectory | None = None  # the job's own directory (--put, --get)
+        self._client: tuple[object, str] | None = None
+
+    @property
+    def client_name(self) -> str:
+        """The name in the client's certificate: parsed once per certificate, not per job
+        (a warm channel runs many)."""
+        cert = self.peer_cert
+        if self._client is None or self._client[0] is not cert:
+            self._client = (cert, CertInfo.of(cert).name)
+        return self._client[1]
 
     # -- from the connection to the machine -----------------------------------------------
 

@@ -161,8 +161,9 @@ class JobBook:
                          self.limit, address)
 
     def started(self, job: str, cert: x509.Certificate, command: str,
-                process: JobProcess, output: OutputLog | None) -> Booked:
-        booked = Booked(job, CertInfo.of(cert).name, cert.serial_number, command,
+                process: JobProcess, output: OutputLog | None, owner: str = "") -> Booked:
+        """JOB's row; OWNER: the name in CERT, when the caller has it already."""
+        booked = Booked(job, owner or CertInfo.of(cert).name, cert.serial_number, command,
                         output is not None, self.wall(), process, output=output)
         if output is not None:
             booked.keep_dir = os.path.dirname(output.path)

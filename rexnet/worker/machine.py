@@ -34,6 +34,7 @@ from rexnet.protocol import wire
 from rexnet.worker.connectback import Pending
 from rexnet.worker.job import JobProcess
 from rexnet.worker.metrics import NoMetrics
+from rexnet.worker.transitions import index_transitions
 
 HANDSHAKE_TIMEOUT = 8.0  # seconds a connect-back may take for its TLS handshake
 TAKEN_GRACE = 1.0  # ... and once TAKEN came (it may overtake the handshake's last bytes)
@@ -510,4 +511,5 @@ for _input in (Inputs.connected, Inputs.taken, Inputs.handshake_timeout, Inputs.
     closed.upon(_input).loop()(_too_late)
 
 WorkerMachine = builder.build()
+index_transitions(WorkerMachine)  # a dict lookup per input, not a scan of 73
 

@@ -149,8 +149,10 @@ class Sandbox:
         complaints, stderr = os.pipe2(os.O_CLOEXEC)
         try:
             with theirs:
+                # -P: not the worker's directory first on the root helper's sys.path (as
+                # `-m` would put it): a rexnet/ there must not run as root
                 self.helper = subprocess.Popen(
-                    [sys.executable, "-m", "rexnet.worker.sandboxd", "--control",
+                    [sys.executable, "-P", "-m", "rexnet.worker.sandboxd", "--control",
                      str(theirs.fileno()), "--users", self.users.spec() if self.users else ""],
                     pass_fds=[theirs.fileno()], start_new_session=True,
                     stdin=subprocess.DEVNULL, stderr=stderr)

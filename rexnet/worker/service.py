@@ -370,7 +370,7 @@ class Worker:
                   ) -> Running | Refusal:
         """Run START's job on CHANNEL, or say why not."""
         s = self.settings
-        client = CertInfo.of(channel.peer_cert).name
+        client = channel.client_name
         if not s.commands.enabled:  # a command worker's policy is its list of programs
             bad_args = s.arg_policy.refusal(start.args)
             if bad_args:
@@ -414,7 +414,7 @@ class Worker:
                                               self.reactor.seconds(), start.keep,
                                               max(start.cpus, 1), start.get)
         peer, command = channel.peer_address(), " ".join(argv)
-        booked = self.book.started(job, channel.peer_cert, command, proto, output)
+        booked = self.book.started(job, channel.peer_cert, command, proto, output, client)
         self.jobs_run += 1
         channel.send(wire.Started(job, refused, (cwd or os.getcwd())
                                   if s.commands.enabled else "", output is not None, *proto.sides))
