@@ -171,7 +171,7 @@ class Session(Protocol):
 
     def send(self, message: agentwire.Message) -> None:
         if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]
-            self.transport.write(message.encode())
+            write_now(self.transport, message.encode())
 
     def say(self, text: str) -> None:
         self.send(agentwire.Say(text))
@@ -269,10 +269,31 @@ class Session(Protocol):
         self.fds = []
         transport = self.transport
         if transport is not None:
-            if transport.connected:  # type: ignore[attr-defined]
-                transport.write(exit_message(status, message))
+            if transport.connected and not write_now(  # type: ignore[attr-defined]
+                    transport, exit_message(status, message)):
                 send_now(transport)  # the launcher waits: before the job's last bookkeeping
             transport.loseConnection()
+
+
+def write_now(transport: Any, data: bytes) -> bool:
+    """DATA to a launcher's socket, straight to the kernel if nothing waits before it (a
+    message the launcher waits on goes without Twisted's write: its two changes of the
+    poll set and a reactor turn); what the socket does not take, through TRANSPORT. Whether
+    all of DATA went (or the launcher is gone, which the reactor finds out by itself)."""
+    sock = getattr(transport, "socket", None)
+    if (sock is not None and not transport.disconnecting and not transport._tempDataBuffer
+            and len(transport.dataBuffer) == transport.offset):
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return True
+        data = data[sent:]
+    if data:
+        transport.write(data)
+        return False
+    return True
 
 
 def exit_message(status: int, message: str) -> bytes:
