@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import socket
@@ -441,6 +442,10 @@ def serve(sock: socket.socket, lock: int, path: str, idle_timeout: float) -> int
     reactor.addSystemEventTrigger("before", "shutdown", cleanup)  # type: ignore[attr-defined]
     log.info("rexnet agent {pid} serves {path} (idle timeout {idle:g} s)", pid=os.getpid(),
              path=path, idle=idle_timeout)
+    # what the agent imported and made so far lives as long as it does: out of the
+    # collector's sight, so that a full collection, which comes every few hundred jobs,
+    # takes ~1 ms of a job's round trip, not ~30 (it walked some 50,000 objects)
+    gc.freeze()
     reactor.run()  # type: ignore[attr-defined]
     os.close(lock)
     return 0
