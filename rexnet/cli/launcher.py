@@ -310,20 +310,19 @@ class Launcher:
         self.sock = sock
         self.path = path
         self.job = job
-        self.ready = False
-        self.pending: list[bytes] = []
 
     def relay(self, message: bytes) -> None:
-        """Send MESSAGE (from a signal handler) once the request is sent."""
-        if not self.ready:
-            self.pending.append(message)
-            return
+        """Send MESSAGE (from a signal handler)."""
         try:  # noqa: SIM105 (contextlib is not imported here: it costs start-up time)
             self.sock.sendall(message)
         except OSError:
             pass
 
-    def run(self) -> int:
+    def forward_signals(self) -> None:
+        """Relay FORWARDED signals (and the window's size, on a terminal) to the job. Set
+        once the request is sent, so that it follows the connection at once (the agent,
+        woken by the connection, finds it there and starts the job in the same turn); a
+        signal before then ends the launcher, and the agent the job, as before a request."""
         import _signal as signal
 
         from rexnet.protocol.agentjson import frame
@@ -342,6 +341,8 @@ class Launcher:
                     self.relay(frame({"op": "winch", "rows": rows, "cols": cols}))
 
             signal.signal(signal.SIGWINCH, resized)  # type: ignore[arg-type]
+
+    def run(self) -> int:
         saved = None
         if self.job.raw:
             import termios
@@ -389,9 +390,7 @@ class Launcher:
         finally:
             for fd in opened:
                 posix.close(fd)
-        self.ready = True
-        for pending in self.pending:
-            self.relay(pending)
+        self.forward_signals()
         frames = Frames()
         while True:
             try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
 MAX_MESSAGE = 1 << 20
 MAX_DEPTH = 8
@@ -108,11 +108,21 @@ def dumps(obj: object) -> str:
 
 
 def depth(obj: object) -> int:
+    """How deep OBJ's lists and dicts nest (0 for a scalar)."""
     if isinstance(obj, dict):
-        return 1 + max((depth(v) for v in obj.values()), default=0)
-    if isinstance(obj, list):
-        return 1 + max((depth(v) for v in obj), default=0)
-    return 0
+        values: Iterable[object] = obj.values()
+    elif isinstance(obj, list):
+        values = obj
+    else:
+        return 0
+    deepest = 0
+    for value in values:  # (a loop, not max() of a generator: a message's values are
+        if isinstance(value, _NESTED):  # mostly scalars, and it is read once a job)
+            deepest = max(deepest, depth(value))
+    return 1 + deepest
+
+
+_NESTED = (dict, list)
 
 
 _WS = " \t\n\r"

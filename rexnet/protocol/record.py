@@ -23,6 +23,7 @@ class Record:
     """A frozen record; see the module's docstring."""
 
     __fields__: ClassVar[tuple[str, ...]] = ()
+    __fieldset__: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -32,23 +33,31 @@ class Record:
                 if name not in names and not str(annotation).startswith("ClassVar"):
                     names.append(name)
         cls.__fields__ = tuple(names)
+        cls.__fieldset__ = frozenset(names)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         fields = self.__fields__
-        if len(args) > len(fields):
-            raise TypeError(f"{type(self).__name__} takes at most {len(fields)} arguments")
-        values = dict(zip(fields, args, strict=False))
-        for name, value in kwargs.items():
-            if name not in fields or name in values:
-                raise TypeError(f"{type(self).__name__}: unexpected or repeated argument "
-                                f"{name!r}")
-            values[name] = value
-        for name in fields:
-            if name not in values:
-                if not hasattr(type(self), name):
-                    raise TypeError(f"{type(self).__name__}: missing argument {name!r}")
-                values[name] = getattr(type(self), name)
-            object.__setattr__(self, name, values[name])
+        values = kwargs  # (a dict of this call's own)
+        if args:
+            if len(args) > len(fields):
+                raise TypeError(f"{type(self).__name__} takes at most {len(fields)} arguments")
+            values = dict(zip(fields, args, strict=False))
+            for name, value in kwargs.items():
+                if name in values:
+                    raise TypeError(f"{type(self).__name__}: unexpected or repeated "
+                                    f"argument {name!r}")
+                values[name] = value
+        if not self.__fieldset__.issuperset(values):
+            name = next(name for name in values if name not in self.__fieldset__)
+            raise TypeError(f"{type(self).__name__}: unexpected or repeated argument "
+                            f"{name!r}")
+        if len(values) < len(fields):
+            for name in fields:
+                if name not in values:
+                    if not hasattr(type(self), name):
+                        raise TypeError(f"{type(self).__name__}: missing argument {name!r}")
+                    values[name] = getattr(type(self), name)
+        self.__dict__.update(values)  # (past the frozen __setattr__)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is frozen: cannot set {name!r}")
