@@ -484,6 +484,19 @@ def jobs_rate(argv: Sequence[str], jobs: int, env: dict[str, str] | None = None,
     return jobs / elapsed
 
 
+def ssh_wrapper(b: Bed) -> Path:
+    """A script that runs the bed's ssh with its options, for GNU parallel's --ssh.  Given
+    the options in --ssh itself, `parallel -M` execs the whole string as one program name
+    to start its control master: that fails (ENOENT), every job then logs in anew, and the
+    forked copy of parallel that failed to exec goes on running jobs of the same queue
+    after the timed parallel has exited (20221122; the crawls and the too-fast runs of
+    2026-12-02)."""
+    script = b.work / "ssh-for-parallel"
+    script.write_text("#!/bin/sh\nexec " + " ".join(b.ssh) + ' "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
 def reap(host: Host, word: str) -> None:
     """End the processes in HOST's namespace whose command line has WORD (what a run of
     ours left behind: GNU parallel's control-master helper)."""
@@ -551,9 +564,10 @@ def tiny_jobs(b: Bed, jobs: int, n: int) -> list[Row]:
     try:
         time.sleep(1.0)
         ssh_cmd = " ".join(b.ssh)
+        joblog = b.work / "parallel-joblog"
         parallel = b.client.argv(
-            ["parallel", "-j8", "-M", "--ssh", ssh_cmd, "-S",
-             f"4/{USER}@{w1.addr()},4/{USER}@{w2.addr()}", "true", ":::",
+            ["parallel", "-j8", "-M", "--ssh", str(ssh_wrapper(b)), "--joblog", str(joblog),
+             "-S", f"4/{USER}@{w1.addr()},4/{USER}@{w2.addr()}", "true", ":::",
              *map(str, range(jobs))])
         pairs = "".join(f"{controls[i % 2]} {USER}@{b.workers[i % 2].addr()}\n"
                         for i in range(jobs)).encode()
@@ -564,8 +578,13 @@ def tiny_jobs(b: Bed, jobs: int, n: int) -> list[Row]:
              f"{w2.addr()}:3010", str(b.keys.client), "--", "true", ":::",
              *map(str, range(jobs))])
         def gnu_parallel() -> float:
-            rate = jobs_rate(parallel, jobs)
+            joblog.unlink(missing_ok=True)
+            # its control masters' sockets go in TMPDIR: the bed's, removed with it
+            rate = jobs_rate(parallel, jobs, env=dict(os.environ, TMPDIR=str(b.work)))
             reap(b.client, "/usr/bin/parallel")
+            ran = joblog.read_text().splitlines()[1:]  # jobs it ran itself, not a copy of it
+            if len(ran) != jobs or any(line.split("\t")[6] != "0" for line in ran):
+                raise RuntimeError(f"GNU parallel ran {len(ran)} of {jobs} jobs, or some failed")
             return rate
 
         rex_p, par, xar, exe = alternate(

@@ -17,11 +17,13 @@ Starts two workers (`true`, 32 slots each) on 127.x addresses and prints:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import psutil  # noqa: E402
-from cluster import REXNET, exec_argv, loopback_address, start_worker  # noqa: E402
+from cluster import REXNET, Proc, exec_argv, loopback_address, start_worker  # noqa: E402
 from start_latency import timed  # noqa: E402
 
 import rexnet  # noqa: E402
@@ -49,8 +51,21 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def client_cpu_seconds(readers: list[threading.Thread]) -> float:
+    """User+system CPU of this process less its READERS' (the threads that read the
+    workers' output here: the harness's work, one log line per job, not the client's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = cpu_seconds([os.getpid()])
+    for thread in readers:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            total -= (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def executor_rate(key: Path, targets: list[str], jobs: int, max_jobs: int, warm: bool,
-                  workers: list[int]) -> tuple[float, dict[str, int], int, float, float]:
+                  workers: list[Proc]) -> tuple[float, dict[str, int], int, float, float]:
     with rexnet.Executor(key, targets, max_jobs) as ex:
         pool = ex._pool
         if not warm:  # a pool that never hands out a channel: every job announces
@@ -58,11 +73,12 @@ def executor_rate(key: Path, targets: list[str], jobs: int, max_jobs: int, warm:
             pool.want = lambda key, offer: None  # type: ignore[method-assign]
             pool.wait = lambda key, offer, announce: False  # type: ignore[method-assign]
         list(ex.map([], [b""] * max_jobs))  # warm up (connections, imports)
-        me, others = cpu_seconds([os.getpid()]), cpu_seconds(workers)
+        pids, readers = [w.pid for w in workers], [w._reader for w in workers]
+        me, others = client_cpu_seconds(readers), cpu_seconds(pids)
         t0 = time.perf_counter()
         done = list(ex.map([], [b""] * jobs))
         elapsed = time.perf_counter() - t0
-        me, others = cpu_seconds([os.getpid()]) - me, cpu_seconds(workers) - others
+        me, others = client_cpu_seconds(readers) - me, cpu_seconds(pids) - others
         assert all(d.returncode == 0 for d in done)
         return (jobs / elapsed, dict(ex.workers), pool.reused, me * 1000 / jobs,
                 others * 1000 / jobs)
@@ -87,13 +103,12 @@ def main() -> None:
                    for i, addr in enumerate(targets, 1)]
         try:
             rows = []
-            pids = [w.pid for w in workers]
             rate, placed, reused, mine, theirs = executor_rate(client_key, targets, jobs,
-                                                               max_jobs, True, pids)
+                                                               max_jobs, True, workers)
             rows.append((f"Executor, warm channels ({reused} reused, placed {placed})", rate))
             cold_jobs = max(jobs // 10, 50)
             rate, placed, _, _, _ = executor_rate(client_key, targets, cold_jobs, max_jobs,
-                                                  False, pids)
+                                                  False, workers)
             rows.append((f"Executor, a new channel per job ({cold_jobs} jobs)", rate))
             argv = exec_argv(client_key, targets, "--", "")[:-2]
             timed(argv, 3)
@@ -112,7 +127,8 @@ def main() -> None:
     print("| what | jobs/s | peer/this |\n| --- | --- | --- |")
     for name, rate in rows:
         print(f"| {name} | {rate:.0f} | {peer / rate:.2f} |")
-    print(f"\nCPU per job with warm channels: client {mine:.2f} ms, workers and jobs "
+    print(f"\nCPU per job with warm channels: client {mine:.2f} ms (less the threads here that "
+          "read the workers' output), workers and jobs "
           f"{theirs:.2f} ms (the machine has {os.cpu_count()} CPUs)")
     print(f"rexnet exec via agent: median {statistics.median(warm):.1f} ms, min "
           f"{min(warm):.1f}, max {max(warm):.1f}; --no-agent: median "

@@ -181,6 +181,18 @@ def test_executor_submit_and_map(keys: Keys, shell_worker: str) -> None:
         assert ex.workers["shelly"] == 5
 
 
+def test_executor_jobs_of_many_requests_each_run_their_own(keys: Keys,
+                                                           shell_worker: str) -> None:
+    """Warm jobs of one request share its START frame (built and encoded once): jobs of
+    many requests, more than are kept, interleaved on the same warm channels, each still
+    run their own arguments."""
+    with rexnet.Executor(keys.client, announce=[shell_worker], max_jobs=2) as ex:
+        asked = [f"echo {i}" for i in range(80)] * 2
+        got = [f.result(60).stdout for f in [ex.submit([cmd]) for cmd in asked]]
+    assert got == [f"{cmd[5:]}\n".encode() for cmd in asked]
+    assert ex._pool.reused > 100  # they ran on warm channels
+
+
 def test_executor_and_run_on_a_cluster_built_once(keys: Keys, shell_worker: str) -> None:
     cluster = client.Cluster.build(keys.client, [shell_worker], timeout=10)
     with Executor(cluster, max_jobs=2) as ex:

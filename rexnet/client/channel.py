@@ -121,6 +121,24 @@ class ClientChannel(Channel):
             self._timer.cancel()
         self._timer = None
 
+    def send_start(self, start: wire.Start) -> None:
+        """Send START, encoded once per frame object while it is among the last
+        STARTS_KEPT (an Executor sends one request's frame for each of its jobs)."""
+        if self.closed:
+            return
+        kept = _encoded.get(id(start))
+        if kept is None or kept[0] is not start:
+            if len(_encoded) >= STARTS_KEPT:
+                _encoded.clear()
+            kept = _encoded[id(start)] = (start, wire.encode_frame(start))
+        if self.heartbeat is not None:
+            self.heartbeat.sent()
+        self.transport.write(kept[1])  # type: ignore[union-attr]
+
+
+STARTS_KEPT = 64
+_encoded: dict[int, tuple[wire.Start, bytes]] = {}  # by id(frame), the frame kept with it
+
 
 def tls_reason(reason: Failure) -> str:
     """A short reason from an OpenSSL error or a plain connection failure."""

@@ -20,7 +20,7 @@ from rexnet.client.streams import JobStreams, StdioStreams
 from rexnet.client.warm import WarmPool
 from rexnet.net.alerts import CRAT_PORT, AlertSender, crat_targets
 from rexnet.net.announce import parse_target
-from rexnet.protocol import exitcodes
+from rexnet.protocol import exitcodes, wire
 from rexnet.protocol.request import (
     DEFAULT_TIMEOUT,
     ExecRequest,
@@ -132,7 +132,7 @@ class Cluster:
         alerts go through POOL's shared sender if there is a pool, else its own. A job
         with files or detached gets FileStreams around STREAMS, and no warm channel
         (RequestError if a --put file cannot be read)."""
-        start = request.start()
+        start = _start_of(request, keep=pool is not None)
         if request.put or request.get or request.detach:  # never on a warm channel
             from rexnet.client.files import FileStreams
 
@@ -146,3 +146,24 @@ class Cluster:
                          self.timeout, say=say, alerts=alerts, pool=pool, logger=logger,
                          revoked=self.revoked, on_started=on_started,
                          queue_timeout=request.queue_timeout or None)
+
+
+STARTS_KEPT = 64  # START frames kept, of the requests jobs ran last
+
+_starts: dict[tuple[int, bool], tuple[ExecRequest, wire.Start]] = {}
+
+
+def _start_of(request: ExecRequest, keep: bool) -> wire.Start:
+    """REQUEST's START frame (with KEEP: asking for a warm channel), made once per request
+    object while it is among the last STARTS_KEPT (an Executor runs one request many
+    times; frames are frozen)."""
+    kept = _starts.get((id(request), keep))
+    if kept is not None and kept[0] is request:
+        return kept[1]
+    start = request.start()
+    if keep:
+        start = replace(start, keep=True)
+    if len(_starts) >= STARTS_KEPT:
+        _starts.clear()
+    _starts[id(request), keep] = (request, start)
+    return start

@@ -66,7 +66,7 @@ class ClientJob:
         request = request or wire.Start()
         if streams is None:
             streams = StdioStreams(reactor, request.tty, dict(request.fds))
-        if pool is not None:  # ask the worker to keep the channel for our next job
+        if pool is not None and not request.keep:  # ask the worker to keep the channel
             request = replace(request, keep=True)
         self.pool = pool
         self.core = core = JobCore(

@@ -82,8 +82,7 @@ class JobCore:
         self.queue_timeout = queue_timeout  # how long the job may wait in a queue (None: ever)
         self.jitter: Callable[[], float] = random.random
         self.queued_at: float | None = None  # when the worker first said QUEUED
-        self.job_id = os.urandom(16)
-        self.job_ids = [self.job_id]  # every id it was announced under (see _reopen)
+        self.job_ids: list[bytes] = []  # every id it was announced under (see _reopen)
         self.takens = Takens(reactor, credential, now, self._send, self._reopen)
         self.seq = 0
         self.result: defer.Deferred[JobResult] = defer.Deferred()
@@ -104,6 +103,8 @@ class JobCore:
         self._queue_deadline: IDelayedCall | None = None
         self._addrs: tuple[str, ...] = ()
         self._t0 = reactor.seconds()
+
+    job_id = property(lambda self: self.job_ids[-1], doc="its id in announcements (latest)")
 
     @property
     def pool_key(self) -> tuple[bytes, tuple[tuple[str, int], ...]]:
@@ -144,6 +145,8 @@ class JobCore:
             udp_port = self.reactor.listenUDP(0, self._udp)
             udp_port.setBroadcastAllowed(True)
         self._deadline = self.reactor.callLater(self.timeout, self.machine.timed_out)
+        if not self.job_ids:  # made as it is first announced (a warm job never needs one)
+            self.job_ids.append(os.urandom(16))
         self._announce()
         return True
 
@@ -161,8 +164,7 @@ class JobCore:
         if self.chosen is not None or self._port is None:
             return
         self.log.warn("complaint: {why}: announcing the job again", why=why)
-        self.job_id = os.urandom(16)
-        self.job_ids.append(self.job_id)
+        self.job_ids.append(os.urandom(16))
         if self._resend is not None and self._resend.active():
             self._resend.cancel()
         self._announce()
@@ -281,7 +283,7 @@ class JobCore:
         """START to CHANNEL's worker (StdioStreams offer stdin and stdout apart), at once:
         before the rest of this turn's work."""
         offer = getattr(self.streams, "offer_data", None)
-        channel.send(self.request if offer is None else offer(channel, self.request, self))
+        channel.send_start(self.request if offer is None else offer(channel, self.request, self))
         send_now(channel.transport)
 
     def warm_refused(self, why: str, full: bool = False) -> None:

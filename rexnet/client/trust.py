@@ -6,7 +6,9 @@ certificate's dates and serial number parses it each time, so TrustCache keeps, 
 certificate, its window in POSIX seconds and the revocation list (the generation a
 RevokedFile returns, a new object whenever the file is re-read) under which it was last
 found not revoked: a warm job then costs a clock read, two comparisons and an identity
-test, and a list re-read or a window's end is still seen at the next job.
+test, and a list re-read or a window's end is still seen at the next job. Both are kept
+by the certificate object's identity (a channel keeps its peer's for its life): hashing a
+certificate hashes its DER, a few microseconds at each look-up.
 """
 
 from __future__ import annotations
@@ -29,21 +31,23 @@ class TrustCache:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self._windows: dict[x509.Certificate, tuple[float, float]] = {}
-        self._clean: dict[x509.Certificate, object] = {}  # cert -> list it is not in
+        # by id(cert), with the certificate itself (an id is only its own while it lives)
+        self._windows: dict[int, tuple[x509.Certificate, float, float]] = {}
+        self._clean: dict[int, tuple[x509.Certificate, object]] = {}  # the list it is not in
 
     def problem(self, cert: x509.Certificate, revoked: Revocations | None) -> str | None:
         """Why CERT's worker may not be given a job now (in the words of a complaint), or
         None."""
-        window = self._windows.get(cert)
-        if window is None:
+        key = id(cert)
+        window = self._windows.get(key)
+        if window is None or window[0] is not cert:
             if len(self._windows) >= MAX_CERTS:
                 self._windows.clear()
-            window = (cert.not_valid_before_utc.timestamp(),
+            window = (cert, cert.not_valid_before_utc.timestamp(),
                       cert.not_valid_after_utc.timestamp())
-            self._windows[cert] = window
+            self._windows[key] = window
         now = self.clock()
-        if not window[0] <= now <= window[1]:
+        if not window[1] <= now <= window[2]:
             problem = check_validity(cert, datetime.datetime.fromtimestamp(now, datetime.UTC))
             if problem:
                 return f"its certificate {problem}"
@@ -51,7 +55,9 @@ class TrustCache:
             return None
         current: Any = getattr(revoked, "revoked", None)
         generation = current() if callable(current) else None
-        if generation is not None and self._clean.get(cert) is generation:
+        clean = self._clean.get(key)
+        if (generation is not None and clean is not None and clean[0] is cert
+                and clean[1] is generation):
             return None
         reason = (generation if generation is not None else revoked).reason(cert)
         if reason:
@@ -59,7 +65,7 @@ class TrustCache:
         if generation is not None:
             if len(self._clean) >= MAX_CERTS:
                 self._clean.clear()
-            self._clean[cert] = generation
+            self._clean[key] = (cert, generation)
         return None
 
 

@@ -119,6 +119,15 @@ class Warm:
         object.__setattr__(self, name, value)
         pool._count(self)
 
+    def update(self, **changes: Any) -> None:
+        """Set several fields with one recount (a job's turn changes two or three)."""
+        pool = self.__dict__.get("pool")
+        if pool is not None:
+            pool._uncount(self)
+        self.__dict__.update(changes)
+        if pool is not None:
+            pool._count(self)
+
 
 _COUNTED = frozenset({"busy", "exited", "worker", "key", "expiry"})
 """The fields of Warm that the pool's counts and index are made of."""
@@ -203,7 +212,9 @@ class WarmPool:
     def heard(self, link: Link, hello: wire.Hello) -> None:
         """LINK's worker reported its load: note it, and how much of it was this client's."""
         warm = self.record(link)
-        warm.worker, warm.load = hello.worker, hello.load
+        if warm.worker != hello.worker:  # (a counted field: set only if it changes)
+            warm.worker = hello.worker
+        warm.load = hello.load
         warm.running, warm.slots = hello.running, hello.slots
         warm.queued, warm.wait_ms = hello.queued, hello.wait_ms
         warm.heard_at = self.reactor.seconds()
@@ -219,8 +230,9 @@ class WarmPool:
                 # (ours that started there since are not in it: never below 0)
                 warm.won_load = max(warm.load - warm.own_at_hello / max(warm.slots, 1), 0.0)
                 warm.won_others = max(warm.running - warm.own_at_hello, 0)
-            warm.busy = True
-        warm.exited = False
+            warm.update(busy=True, exited=False)
+        elif warm.exited:
+            warm.exited = False
         warm.jobs += 1
 
     def exited(self, link: Link) -> None:
@@ -273,8 +285,7 @@ class WarmPool:
                 self.lost(best.link)
                 best.link.close()
                 continue
-            self._unpark(best)
-            best.busy, best.exited = True, False  # counted as this client's job from now
+            self._unpark(best, busy=True, exited=False)  # this client's job from now
             self.reused += 1
             return best.link
         return None
@@ -371,8 +382,7 @@ class WarmPool:
             return handed
         if link.closed or self._idle_of[warm.worker] >= self.per_worker:
             return False
-        warm.key = key
-        warm.expiry = self.reactor.callLater(self.idle_for, self._expire, link)
+        warm.update(key=key, expiry=self.reactor.callLater(self.idle_for, self._expire, link))
         return True
 
     def parked(self, link: Link) -> bool:
@@ -387,10 +397,11 @@ class WarmPool:
             self.lost(link)
             link.close()
 
-    def _unpark(self, warm: Warm) -> None:
+    def _unpark(self, warm: Warm, **changes: Any) -> None:
+        """WARM is idle no more (with CHANGES to its other fields, in the same recount)."""
         if warm.expiry is not None and warm.expiry.active():
             warm.expiry.cancel()
-        warm.expiry = None
+        warm.update(expiry=None, **changes)
 
     def lost(self, link: Link) -> None:
         """LINK's connection is gone, or its job failed: it is of no further use."""
