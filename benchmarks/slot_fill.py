@@ -44,16 +44,27 @@ def fill(key: str, target: str, clients: int, seconds: float, slots: int) -> dic
 
     out: dict[str, Any] = {}
 
+    starts: list[float] = []
+
     async def all_jobs() -> None:
         t0 = time.perf_counter()
         jobs = [run(reactor, key, [f"{seconds:g}"], announce=[target], timeout=600.0,
-                    say=lambda message: None) for _ in range(clients)]
+                    say=lambda message: None,
+                    on_started=lambda worker, job: starts.append(time.perf_counter()))
+                for _ in range(clients)]
+        made = time.perf_counter() - t0
         done = await defer.DeferredList(jobs, consumeErrors=True)
-        elapsed = time.perf_counter() - t0
+        end = time.perf_counter()
+        elapsed = end - t0
         failed = [str(r.value) for ok, r in done if not ok]  # type: ignore[union-attr]
+        work = (clients - len(failed)) * seconds
+        first = min(starts, default=end)
+        # the share from the first job's start: the slots' own use, without the one
+        # client process's setting up of every job (its key, socket and announcement)
         out.update(clients=clients, seconds=seconds, slots=slots, elapsed=elapsed,
                    failed=len(failed), first_failure=failed[0] if failed else "",
-                   used=(clients - len(failed)) * seconds / (slots * elapsed))
+                   used=work / (slots * elapsed), made=made, first_start=first - t0,
+                   used_from_first_start=work / (slots * max(end - first, 1e-9)))
 
     def go() -> None:
         finished = defer.Deferred.fromCoroutine(all_jobs())
