@@ -15,6 +15,7 @@ from conftest import Keys, make_keys
 
 from rexnet.security.credentials import (
     Credential,
+    CredentialCache,
     CredentialError,
     Role,
     app_id_of,
@@ -316,3 +317,31 @@ def test_short_lived_certificate_is_accepted_while_valid(keys: Keys, tmp_path: P
     path = issued_file(tmp_path / "short", keys.ca, "worker", "w3", days=1,
                        now=NOW - datetime.timedelta(hours=23))
     assert load_credential(path, "worker").name == "w3"
+
+
+# -- the cache of loaded credentials -----------------------------------------------------
+
+def test_a_kept_credential_is_read_again_when_its_file_changes(
+        keys: Keys, tmp_path: Path) -> None:
+    """Loaded once while the file stays as it was; a file replaced by another holder's
+    credential gives that one, a file made readable by others is refused, a file gone is
+    refused in load_credential's words."""
+    path = tmp_path / "testapp.client"
+    shutil.copyfile(keys.client, path)
+    path.chmod(0o600)
+    cache = CredentialCache("client")
+    first = cache.load(path)
+    assert cache.load(str(path)) is first
+
+    other = issued_file(tmp_path / "other.client", keys.ca, "client", "someone-else")
+    os.replace(other, path)
+    replaced = cache.load(path)
+    assert replaced is not first and replaced.name != first.name
+    assert cache.load(path) is replaced
+
+    path.chmod(0o644)
+    with pytest.raises(CredentialError, match="readable by group or others"):
+        cache.load(path)
+    path.unlink()
+    with pytest.raises(CredentialError, match="no such credential file"):
+        cache.load(path)

@@ -36,7 +36,7 @@ from rexnet.net.tuning import send_now
 from rexnet.protocol import agentwire, exitcodes
 from rexnet.protocol.agentwire import AgentWireError
 from rexnet.protocol.request import ExecRequest, RequestError
-from rexnet.security.credentials import Credential, load_credential
+from rexnet.security.credentials import Credential, CredentialCache
 from rexnet.security.revocation import RevokedFile, beside, open_list
 
 DEFAULT_IDLE = 600.0
@@ -54,7 +54,7 @@ class Agent:
         self.sessions: set[Session] = set()
         self.last_active = reactor.seconds()
         self.netns = paths.netns_id()
-        self._credentials: dict[str, tuple[tuple[int, ...], Credential]] = {}
+        self._credentials = CredentialCache("client")
         self._revoked: dict[str, RevokedFile | None] = {}
         self._beside: dict[tuple[str, str], str] = {}
         self.jobs = 0
@@ -62,18 +62,7 @@ class Agent:
     def credential(self, path: str) -> Credential:
         """The client credential in PATH, loaded again only if the file changed (its
         mode and owner are part of the check, so a file made unsafe is refused)."""
-        try:
-            info = os.stat(path)
-        except OSError:
-            return load_credential(Path(path), "client")  # which says why, in its words
-        stamp = (info.st_ino, info.st_dev, info.st_mtime_ns, info.st_size, info.st_mode,
-                 info.st_uid)
-        cached = self._credentials.get(path)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        credential = load_credential(Path(path), "client")
-        self._credentials[path] = (stamp, credential)
-        return credential
+        return self._credentials.load(path)
 
     def revocations(self, option: str, keypath: str, app: str) -> RevokedFile | None:
         """The revocation list of --revoked OPTION (else APP.revoked beside the credential,

@@ -28,7 +28,7 @@ from rexnet.protocol.request import (
     announce_or_default,
     check_timeout,
 )
-from rexnet.security.credentials import Credential, CredentialError, load_credential
+from rexnet.security.credentials import Credential, CredentialCache, CredentialError
 from rexnet.security.revocation import open_list
 from rexnet.security.tls import Revocations
 
@@ -56,11 +56,15 @@ def announce_addresses(texts: Sequence[str]) -> tuple[Address, ...]:
         raise RequestError(f"--announce: {e}", exitcodes.USAGE) from None
 
 
+_credentials = CredentialCache("client")
+
+
 def client_credential(credential: Credential | str | os.PathLike[str]) -> Credential:
-    """A client credential, or the path of one to load (CredentialError if it is refused)."""
+    """A client credential, or the path of one to load (CredentialError if it is refused);
+    a file loaded before is read again only if it changed."""
     if isinstance(credential, Credential):
         return credential
-    return load_credential(Path(credential), "client")
+    return _credentials.load(credential)
 
 
 def load_revocations(option: str, keypath: str, app: str) -> Revocations | None:

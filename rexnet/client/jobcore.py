@@ -42,7 +42,7 @@ from rexnet.net.tuning import send_now
 from rexnet.protocol import exitcodes, wire
 from rexnet.protocol.text import printable
 from rexnet.security.credentials import CertInfo, Credential
-from rexnet.security.tls import Revocations, listening_options
+from rexnet.security.tls import Revocations, shared_listening_options
 
 REFUSAL_CODES = {"command": exitcodes.NOT_ALLOWED, "not-found": 127}
 """Exit statuses of a worker's refusals, by its ERROR's reason (else REFUSED): a program
@@ -137,7 +137,7 @@ class JobCore:
         interface = self._addrs[0] if len(self._addrs) == 1 else ""
         factory = ConnectBackFactory(self)
         self._port = self.reactor.listenSSL(
-            0, factory, listening_options(self.credential), interface=interface,
+            0, factory, shared_listening_options(self.credential), interface=interface,
             backlog=BACKLOG,
         )
         if self._udp is None:

@@ -459,3 +459,34 @@ def load_credential(path: Path, role: Role) -> Credential:
             f"rexnet keygen --issue {role} --name {info.name} {info.app}.ca"
         )
     return Credential(path, key, cert, ca_cert, info, app_id_of(ca_cert))
+
+
+class CredentialCache:
+    """Credentials of one role by path, each loaded again only if its file changed (its
+    inode, times, size, mode and owner are the stamp: a file replaced, rewritten or made
+    unsafe is read and checked anew). For processes that load one credential for many
+    jobs (the agent; the Python API's run() called many times)."""
+
+    KEPT = 16  # paths kept
+
+    def __init__(self, role: Role) -> None:
+        self.role: Role = role
+        self._kept: dict[str, tuple[tuple[int, ...], Credential]] = {}
+
+    def load(self, path: str | os.PathLike[str]) -> Credential:
+        """The credential in PATH (CredentialError, in load_credential's words, if refused)."""
+        name = os.fspath(path)
+        try:
+            info = os.stat(name)
+        except OSError:
+            return load_credential(Path(name), self.role)  # which says why, in its words
+        stamp = (info.st_ino, info.st_dev, info.st_mtime_ns, info.st_ctime_ns, info.st_size,
+                 info.st_mode, info.st_uid)
+        kept = self._kept.get(name)
+        if kept is not None and kept[0] == stamp:
+            return kept[1]
+        credential = load_credential(Path(name), self.role)
+        if len(self._kept) >= self.KEPT:
+            self._kept.clear()
+        self._kept[name] = (stamp, credential)
+        return credential
