@@ -615,7 +615,7 @@ def test_a_closed_channel_ignores_what_still_comes(bed: Bed) -> None:
 
 
 def test_the_indexed_transitions_answer_as_automats_own_lookup() -> None:
-    """The worker's machine looks transitions up in a dict (machine._index_transitions):
+    """The worker's machine looks transitions up in a dict (rexnet.protocol.transitions):
     every (state, input) gives what Automat's scan gives, and a pair it lacks raises
     Automat's NoTransition as before."""
     from automat import NoTransition

@@ -54,11 +54,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from automat import NoTransition, TypeMachineBuilder
+from automat import TypeMachineBuilder
 
 from rexnet.client.channel import ClientChannel
 from rexnet.client.jobcore import JobCore
 from rexnet.protocol import wire
+from rexnet.protocol.transitions import index_transitions
 
 
 class JobInputs(Protocol):
@@ -468,23 +469,4 @@ for _state in STATES:
             _state.upon(getattr(JobInputs, _name)).loop()(_ignore)
 
 JobMachine = builder.build()
-
-
-def index_transitions(machine: Any) -> None:
-    """Look MACHINE's transitions up in a dict. Automat scans all of them for each input
-    (220 here, each a dataclass comparison: about 24 us an input, a tenth of a client's CPU
-    per trivial job); a table built once from the finished machine takes one hash."""
-    automaton = machine.__automat_automaton__
-    table = {(state, symbol): (new, tuple(outputs))
-             for state, symbol, new, outputs in automaton.allTransitions()}
-
-    def output_for_input(state: Any, symbol: Any) -> tuple[Any, list[Any]]:
-        found = table.get((state, symbol))
-        if found is None:
-            raise NoTransition(state=state, symbol=symbol)
-        return found[0], list(found[1])
-
-    automaton.outputForInput = output_for_input
-
-
-index_transitions(JobMachine)
+index_transitions(JobMachine)  # a dict lookup per input, not a scan of 220

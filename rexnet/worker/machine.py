@@ -31,10 +31,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexnet.protocol import wire
+from rexnet.protocol.transitions import index_transitions
 from rexnet.worker.connectback import Pending
 from rexnet.worker.job import JobProcess
 from rexnet.worker.metrics import NoMetrics
-from rexnet.worker.transitions import index_transitions
 
 HANDSHAKE_TIMEOUT = 8.0  # seconds a connect-back may take for its TLS handshake
 TAKEN_GRACE = 1.0  # ... and once TAKEN came (it may overtake the handshake's last bytes)
