@@ -112,7 +112,7 @@ class Warm:
 
     def __setattr__(self, name: str, value: Any) -> None:
         pool = self.__dict__.get("pool") if name in _COUNTED else None
-        if pool is None:
+        if pool is None or self.__dict__.get(name, _UNSET) == value:  # no change to count
             object.__setattr__(self, name, value)
             return
         pool._uncount(self)
@@ -128,6 +128,8 @@ class Warm:
         if pool is not None:
             pool._count(self)
 
+
+_UNSET = object()
 
 _COUNTED = frozenset({"busy", "exited", "worker", "key", "expiry"})
 """The fields of Warm that the pool's counts and index are made of."""
@@ -212,9 +214,7 @@ class WarmPool:
     def heard(self, link: Link, hello: wire.Hello) -> None:
         """LINK's worker reported its load: note it, and how much of it was this client's."""
         warm = self.record(link)
-        if warm.worker != hello.worker:  # (a counted field: set only if it changes)
-            warm.worker = hello.worker
-        warm.load = hello.load
+        warm.worker, warm.load = hello.worker, hello.load
         warm.running, warm.slots = hello.running, hello.slots
         warm.queued, warm.wait_ms = hello.queued, hello.wait_ms
         warm.heard_at = self.reactor.seconds()
@@ -231,7 +231,7 @@ class WarmPool:
                 warm.won_load = max(warm.load - warm.own_at_hello / max(warm.slots, 1), 0.0)
                 warm.won_others = max(warm.running - warm.own_at_hello, 0)
             warm.update(busy=True, exited=False)
-        elif warm.exited:
+        else:
             warm.exited = False
         warm.jobs += 1
 
