@@ -27,7 +27,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from twisted.python.failure import Failure
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -56,7 +58,7 @@ def fill(key: str, target: str, clients: int, seconds: float, slots: int) -> dic
         done = await defer.DeferredList(jobs, consumeErrors=True)
         end = time.perf_counter()
         elapsed = end - t0
-        failed = [str(r.value) for ok, r in done if not ok]  # type: ignore[union-attr]
+        failed = [str(cast(Failure, r).value) for ok, r in done if not ok]
         work = (clients - len(failed)) * seconds
         first = min(starts, default=end)
         # the share from the first job's start: the slots' own use, without the one
@@ -94,8 +96,8 @@ def executor(key: str, jobs: int, width: int, args: list[str], targets: list[str
 def main() -> None:
     args = sys.argv[1:]
     if args[:1] == ["--clients"]:
-        key, target, n, seconds, slots = args[1:6]
-        print(json.dumps(fill(key, target, int(n), float(seconds), int(slots))))
+        key, target, n, length, slots = args[1:6]
+        print(json.dumps(fill(key, target, int(n), float(length), int(slots))))
         return
     if args[:1] == ["--executor"]:
         key, jobs, width, arg, *targets = args[1:]
