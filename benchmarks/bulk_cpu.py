@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import GIB, agent_pid, build, stream  # noqa: E402
-from cluster import REXNET  # noqa: E402
-from netbed import NetBed, require_netns, sweep_stale  # noqa: E402
-from start_latency import ensure_sshd  # noqa: E402
+from bench import GIB, agent_pid, build, stream
+from cluster import REXNET
+from netbed import NetBed, require_netns, sweep_stale
+from start_latency import ensure_sshd
 
 TICK = os.sysconf("SC_CLK_TCK")
 
