@@ -11,9 +11,10 @@ such a thread needs, and nothing of the reactor:
   revocation (check_peer) and that it is the certificate the job's channel showed;
 - `handshake`, `receive_exact`, `send_all_nb`: the socket non-blocking, every wait
   bounded by a deadline and by the thread's Stopper;
-- `send_from` and `receive_into`: the pumps, PIECE bytes at a time, the socket blocking
-  (one piece in flight per thread: memory bounded; TCP and blocking writes are the
-  back-pressure). A pump blocked in a TLS call is stopped by shutting its socket down.
+- `send_from` and `receive_into`: the pumps, PIECE bytes at a time (one piece in flight
+  per thread: memory bounded; TCP and blocking writes are the back-pressure); the sender's
+  socket blocking and corked for each piece, the receiver's non-blocking. A pump blocked
+  in a TLS call is stopped by shutting its socket down.
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ import time
 from cryptography import x509
 from OpenSSL import SSL
 
+try:  # pyOpenSSL's bindings, for Records (its public calls where they are missing)
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover
+    _ffi = _lib = None
+
 from rexnet.security.credentials import Credential
 from rexnet.security.tls import Revocations, check_peer, listening_options
 
 PIECE = 256 * 1024
+TCP_CORK = getattr(socket, "TCP_CORK", 3)
 
 _contexts: dict[bytes, SSL.Context] = {}
 _contexts_lock = threading.Lock()
@@ -176,6 +184,66 @@ def send_all_nb(conn: SSL.Connection, data: bytes, deadline: float,
             stopper.wait(conn.fileno(), select.POLLIN, deadline)
 
 
+class Records:
+    """SSL_read and SSL_write of CONN straight on a buffer of ours, one TLS record a call.
+
+    pyOpenSSL's recv_into reads into a fresh C buffer and copies it out, its send and
+    recv ask SSL_get_error after every call, even a successful one, and each of those is
+    a C call that lets go of the GIL (which the other pump thread then takes, and gives
+    back): per 16 KiB record that was several calls and a copy. Here a record costs one
+    C call; only a result <= 0 goes to pyOpenSSL's own error mapping, so the exceptions
+    are pyOpenSSL's (WantReadError, ZeroReturnError, SysCallError, Error). This reaches
+    pyOpenSSL's private `_ssl` and `_raise_ssl_error` (tests/test_threadtls.py names
+    them); where they are not there, the public calls are used (`direct` is False)."""
+
+    def __init__(self, conn: SSL.Connection, buf: bytearray) -> None:
+        self.conn = conn
+        self.buf = buf
+        self.view = memoryview(buf)
+        self._ssl = getattr(conn, "_ssl", None)
+        self._raise = getattr(conn, "_raise_ssl_error", None)
+        self.direct = (self._ssl is not None and callable(self._raise)
+                       and _ffi is not None and _lib is not None)
+        if self.direct:
+            assert _ffi is not None and _lib is not None
+            self._ptr = _ffi.from_buffer(buf)
+            self._read = _lib.SSL_read
+            self._write = _lib.SSL_write
+
+    def read(self, at: int) -> int:
+        """Decrypted bytes into the buffer from AT on (one record at most); 0 at the
+        peer's close_notify."""
+        if not self.direct:
+            try:
+                return self.conn.recv_into(self.view[at:])  # type: ignore[arg-type]
+            except SSL.ZeroReturnError:
+                return 0
+        n: int = self._read(self._ssl, self._ptr + at, len(self.buf) - at)
+        if n <= 0:
+            try:
+                self._fail(n)
+            except SSL.ZeroReturnError:
+                return 0
+        return n
+
+    def write(self, size: int) -> None:
+        """The buffer's first SIZE bytes, all of them (the socket blocking)."""
+        if not self.direct:
+            self.conn.sendall(self.view[:size])
+            return
+        done = 0
+        while done < size:
+            n: int = self._write(self._ssl, self._ptr + done, size - done)
+            if n <= 0:
+                self._fail(n)
+            done += n
+
+    def _fail(self, result: int) -> None:
+        assert self._raise is not None
+        self._raise(self._ssl, result)
+        raise SSL.Error(f"TLS call failed ({result}) with no error from OpenSSL")
+
+
 def read_some(fd: int, stopper: Stopper) -> bytes:
     """Up to PIECE bytes from FD once it has some (b"" at its end)."""
     while True:
@@ -186,38 +254,79 @@ def read_some(fd: int, stopper: Stopper) -> bytes:
             continue
 
 
+def read_into(fd: int, buf: bytearray, stopper: Stopper) -> int:
+    """Bytes read from FD into BUF once it has some (0 at its end)."""
+    while True:
+        stopper.wait(fd, select.POLLIN)
+        try:
+            return os.readv(fd, [buf])
+        except BlockingIOError:
+            continue
+
+
 def send_from(fd: int, conn: SSL.Connection, stopper: Stopper, sent: list[int]) -> None:
     """Read FD to its end and send it on CONN (blocking socket), then close_notify.
-    SENT[0] counts the bytes sent."""
-    while data := read_some(fd, stopper):
-        conn.sendall(data)
-        sent[0] += len(data)
+    SENT[0] counts the bytes sent. One PIECE buffer, reused (Records).
+
+    The socket is corked (TCP_CORK) while a piece is sent: SSL_write hands the kernel one
+    16 KiB record per write(), and with TCP_NODELAY each would go out as a segment of its
+    own; corked, the kernel sends the piece in full-sized (GSO) segments, fewer to build,
+    route and receive at both ends, and uncorking pushes the piece's tail out at once
+    (no added delay)."""
+    sock = stopper.sock
+    records = Records(conn, bytearray(PIECE))
+    while size := read_into(fd, records.buf, stopper):
+        cork(sock, True)
+        records.write(size)
+        cork(sock, False)
+        sent[0] += size
     conn.shutdown()  # close_notify: the stream's end, not a truncation
+
+
+def cork(sock: socket.socket | None, on: bool) -> None:
+    """TCP_CORK on SOCK, or off (which sends what it held); nothing for no socket."""
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, 1 if on else 0)
 
 
 def receive_into(conn: SSL.Connection, fd: int, stopper: Stopper,
                  received: list[int]) -> None:
-    """Receive CONN (blocking socket) to its close_notify and write it to FD (its writes
-    wait for room), PIECE bytes at most at a time. An SSL.Error (a FIN or a reset
-    without close_notify: a truncation) or an OSError of FD's (EPIPE: the reader is gone)
-    goes to the caller. RECEIVED[0] counts the bytes written."""
-    buf = bytearray(PIECE)
-    view = memoryview(buf)
+    """Receive CONN to its close_notify and write it to FD (its writes wait for room),
+    PIECE bytes at most at a time. An SSL.Error (a FIN or a reset without close_notify:
+    a truncation) or an OSError of FD's (EPIPE: the reader is gone) goes to the caller.
+    RECEIVED[0] counts the bytes written.
+
+    The socket is made non-blocking: SSL_read takes one record (16 KiB) a call (Records:
+    straight into one reused buffer), and what came is written to FD once PIECE is full
+    or the socket has no more for now (SSL_read wants to read), so no poll is made per
+    record while data keeps coming."""
+    records = Records(conn, bytearray(PIECE))
+    view = records.view
     sock = conn.fileno()
+    if stopper.sock is not None:
+        stopper.sock.setblocking(False)
     got = 0
     while True:
         try:
-            n = conn.recv_into(view[got:])  # type: ignore[arg-type]
-        except SSL.ZeroReturnError:
-            n = 0
+            n = records.read(got)
+        except SSL.WantReadError:
+            if got:
+                _write_all(fd, view[:got], stopper)
+                received[0] += got
+                got = 0
+            stopper.wait(sock, select.POLLIN)
+            continue
+        except SSL.WantWriteError:  # TLS 1.3 may answer (a key update) as it reads
+            stopper.wait(sock, select.POLLOUT)
+            continue
         except SSL.Error:  # a truncation: what came first goes to FD all the same
             if got and not stopper.stopped:
                 _write_all(fd, view[:got], stopper)
                 received[0] += got
             raise
         got += n
-        if n == 0 or got == PIECE or (conn.pending() == 0
-                                      and not select.select([sock], [], [], 0)[0]):
+        if n == 0 or got == PIECE:
             _write_all(fd, view[:got], stopper)
             received[0] += got
             got = 0

@@ -1,0 +1,146 @@
+"""The bulk pumps of rexnet.net.threadtls on their own: a worker's and a client's
+credential, mutual TLS over a loopback TCP connection, pipes at both ends, a thread each.
+What a job does with them end to end is tests/test_jobdata.py's."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import Keys
+from OpenSSL import SSL
+
+from rexnet.net import threadtls
+from rexnet.net.threadtls import Records, Stopper
+from rexnet.security.credentials import load_credential
+
+
+@pytest.fixture
+def pair(keys: Keys) -> Iterator[tuple[SSL.Connection, Stopper, SSL.Connection, Stopper]]:
+    """A TLS connection made by both ends' handshakes: (client end, its stopper, worker
+    end, its stopper); the sockets blocking, as the pumps get them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client_sock = socket.create_connection(listener.getsockname())
+    worker_sock, _ = listener.accept()
+    listener.close()
+    ends: dict[str, tuple[SSL.Connection, Stopper]] = {}
+    deadline = time.monotonic() + 10
+
+    def shake(name: str, sock: socket.socket, role: str, server: bool) -> None:
+        stopper = Stopper()
+        stopper.hold(sock)
+        cred = load_credential(getattr(keys, role), role)  # type: ignore[arg-type]
+        conn = threadtls.handshake(sock, cred, server, deadline, stopper)
+        threadtls.peer(conn, cred, None, None)
+        sock.setblocking(True)
+        ends[name] = (conn, stopper)
+
+    threads = [threading.Thread(target=shake, args=("c", client_sock, "client", True)),
+               threading.Thread(target=shake, args=("w", worker_sock, "worker", False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert set(ends) == {"c", "w"}
+    yield ends["c"][0], ends["c"][1], ends["w"][0], ends["w"][1]
+    for _, stopper in ends.values():
+        stopper.stop()
+        stopper.close()
+
+
+def pump(pair: tuple[SSL.Connection, Stopper, SSL.Connection, Stopper], data: bytes,
+         cut: bool = False) -> tuple[bytes, BaseException | None, int]:
+    """DATA through send_from at the client's end (from a pipe) and receive_into at the
+    worker's (to a pipe); with CUT, the sender's socket is closed after DATA without
+    close_notify. What came out, what receive_into raised, what it counted."""
+    conn_c, stop_c, conn_w, stop_w = pair
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    received = [0]
+    raised: list[BaseException | None] = [None]
+
+    def send() -> None:
+        if cut:
+            assert stop_c.sock is not None
+            Records(conn_c, bytearray(data)).write(len(data))
+            stop_c.sock.close()
+        else:
+            threadtls.send_from(in_r, conn_c, stop_c, [0])
+
+    def receive() -> None:
+        try:
+            threadtls.receive_into(conn_w, out_w, stop_w, received)
+        except BaseException as e:
+            raised[0] = e
+        finally:
+            os.close(out_w)
+
+    def feed() -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(in_w, view[:65536]):]
+        os.close(in_w)
+
+    threads = [threading.Thread(target=f) for f in ((send, receive) if cut
+                                                    else (send, receive, feed))]
+    for t in threads:
+        t.start()
+    out = bytearray()
+    while chunk := os.read(out_r, 1 << 20):
+        out += chunk
+    for t in threads:
+        t.join(15)
+    os.close(out_r)
+    os.close(in_r)
+    if cut:
+        os.close(in_w)
+    return bytes(out), raised[0], received[0]
+
+
+def test_records_reach_pyopenssls_own_calls(
+        pair: tuple[SSL.Connection, Stopper, SSL.Connection, Stopper]) -> None:
+    """The private pyOpenSSL names Records uses are there (else it would fall back to the
+    public calls, and the bulk path would lose what it gained)."""
+    conn = pair[0]
+    assert hasattr(conn, "_ssl") and callable(conn._raise_ssl_error)
+    assert Records(conn, bytearray(16)).direct
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "public-calls"])
+def test_a_stream_arrives_whole_and_ends_at_close_notify(
+        pair: tuple[SSL.Connection, Stopper, SSL.Connection, Stopper],
+        monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    if not direct:
+        monkeypatch.setattr(threadtls, "_lib", None)
+    data = os.urandom(5 * threadtls.PIECE + 12345)  # pieces, records, a short tail
+    out, raised, counted = pump(pair, data)
+    assert raised is None
+    assert counted == len(data)
+    assert hashlib.sha256(out).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_cut_without_close_notify_raises_after_writing_what_came(
+        pair: tuple[SSL.Connection, Stopper, SSL.Connection, Stopper]) -> None:
+    data = os.urandom(100_000)
+    out, raised, counted = pump(pair, data, cut=True)
+    assert isinstance(raised, SSL.Error) and not isinstance(raised, SSL.ZeroReturnError)
+    assert out == data and counted == len(data)
+
+
+def test_the_sender_leaves_its_socket_uncorked(
+        pair: tuple[SSL.Connection, Stopper, SSL.Connection, Stopper]) -> None:
+    """Each piece is corked while SSL_write makes its records and uncorked after: nothing
+    is held back once send_from has handed a piece over."""
+    sock = pair[1].sock
+    assert sock is not None
+    threadtls.cork(sock, True)
+    assert sock.getsockopt(socket.IPPROTO_TCP, threadtls.TCP_CORK) == 1
+    out, raised, _ = pump(pair, b"x" * 70_000)
+    assert raised is None and len(out) == 70_000
+    # the socket is shut down by now (close_notify sent): its options are still readable
+    assert sock.getsockopt(socket.IPPROTO_TCP, threadtls.TCP_CORK) == 0
