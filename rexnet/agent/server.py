@@ -40,6 +40,8 @@ from rexnet.security.credentials import Credential, CredentialCache
 from rexnet.security.revocation import RevokedFile, beside, open_list
 
 DEFAULT_IDLE = 600.0
+EXECS_KEPT = 64  # Exec messages kept decoded, by their bytes
+EXEC_KEPT_SIZE = 16384  # a longer one is decoded each time
 
 log = Logger()
 
@@ -58,6 +60,20 @@ class Agent:
         self._revoked: dict[str, RevokedFile | None] = {}
         self._beside: dict[tuple[str, str], str] = {}
         self.jobs = 0
+        self._execs: dict[bytes, agentwire.Exec] = {}
+
+    def exec_of(self, data: bytes) -> agentwire.Exec | None:
+        """The Exec message whose bytes are DATA, if it was decoded before: the same
+        command line in the same directory sends the same bytes, and its request (the same
+        object) then finds its START already made (rexnet.client.cluster)."""
+        return self._execs.get(data)
+
+    def keep_exec(self, data: bytes, message: agentwire.Exec) -> None:
+        """Keep MESSAGE, decoded from DATA (its whole bytes), among the last EXECS_KEPT."""
+        if len(data) <= EXEC_KEPT_SIZE:
+            if len(self._execs) >= EXECS_KEPT:
+                del self._execs[next(iter(self._execs))]
+            self._execs[data] = message
 
     def credential(self, path: str) -> Credential:
         """The client credential in PATH, loaded again only if the file changed (its
@@ -142,12 +158,19 @@ class Session(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
             return
+        first = self.job is None and not self.finished and not self.decoder.pending
+        if first and (known := self.agent.exec_of(data)) is not None:
+            self.handle(known)  # the request, as decoded for an earlier launcher
+            return
         try:
             messages = self.decoder.feed(data)
         except AgentWireError as e:
             log.warn("complaint: bad message from a launcher: {e}", e=e)
             self.finish(exitcodes.WORKER_LOST, f"rexnet: the agent refused a bad message: {e}")
             return
+        if (first and len(messages) == 1 and isinstance(messages[0], agentwire.Exec)
+                and not self.decoder.pending):
+            self.agent.keep_exec(data, messages[0])
         for message in messages:
             self.handle(message)
 
