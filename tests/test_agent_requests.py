@@ -1,0 +1,104 @@
+"""The agent decodes a launcher's Exec message once per its bytes (P11, 3): the same
+command line in the same directory sends the same bytes, and the request decoded for an
+earlier launcher (the same object, so its START is made once too) serves the next. Only
+a whole message that came alone is kept, at most EXECS_KEPT of them, none longer than
+EXEC_KEPT_SIZE; anything else is decoded as before, and a bad message is still refused."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet.protocol import Factory
+
+from rexnet.agent import server
+from rexnet.agent.server import EXEC_KEPT_SIZE, EXECS_KEPT, Agent, Session
+from rexnet.protocol import agentwire
+from rexnet.protocol.request import ExecRequest
+
+
+@pytest.fixture
+def reactor() -> Iterator[Any]:
+    """A reactor of its own that runs only when a test turns it (reactor.iterate)."""
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    yield reactor
+    reactor.removeAll()
+    reactor.waker.connectionLost(None)  # type: ignore[attr-defined]
+
+
+def exec_bytes(*args: str) -> bytes:
+    return agentwire.Exec(ExecRequest(keyfile="k", keypath="/nonexistent/k",
+                                      args=args), 0).encode()
+
+
+def launch(reactor: Any, agent: Agent, *chunks: bytes) -> agentwire.Message:
+    """Connect a launcher (without descriptors) to a session of AGENT, send CHUNKS, and
+    return the agent's answer."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                  Factory.forProtocol(lambda: Session(agent)))
+    ours.close()
+    theirs.setblocking(False)
+    decoder = agentwire.Decoder()
+    try:
+        for chunk in chunks:
+            theirs.sendall(chunk)
+            reactor.iterate(0.001)
+        for _ in range(2000):
+            reactor.iterate(0.001)
+            with contextlib.suppress(BlockingIOError):
+                data = theirs.recv(65536)
+                if not data:
+                    break
+                if messages := decoder.feed(data):
+                    return messages[0]
+        raise AssertionError("the agent did not answer")
+    finally:
+        theirs.close()
+
+
+def test_the_same_bytes_give_the_same_request_and_the_same_answer(reactor: Any) -> None:
+    agent = Agent(reactor)
+    data = exec_bytes("true")
+    first = launch(reactor, agent, data)
+    kept = agent.exec_of(data)
+    assert kept is not None and kept == agentwire.Decoder().feed(data)[0]
+    assert launch(reactor, agent, data) == first  # (no descriptors: refused, as before)
+    assert agent.exec_of(data) is kept
+    assert isinstance(first, agentwire.Exit) and "descriptors" in first.message
+
+
+def test_a_message_in_pieces_is_decoded_but_not_kept(reactor: Any) -> None:
+    agent = Agent(reactor)
+    data = exec_bytes("true")
+    answer = launch(reactor, agent, data[:7], data[7:])
+    assert isinstance(answer, agentwire.Exit) and "descriptors" in answer.message
+    assert agent.exec_of(data) is None and agent.exec_of(data[7:]) is None
+
+
+def test_a_bad_message_is_refused_whatever_was_kept(reactor: Any) -> None:
+    agent = Agent(reactor)
+    data = exec_bytes("true")
+    launch(reactor, agent, data)
+    bad = data[:-2] + b"!}"
+    answer = launch(reactor, agent, bad)
+    assert isinstance(answer, agentwire.Exit) and "bad message" in answer.message
+    assert agent.exec_of(bad) is None
+
+
+def test_the_kept_messages_are_bounded(reactor: Any) -> None:
+    agent = Agent(reactor)
+    datas = [exec_bytes(str(i)) for i in range(EXECS_KEPT + 5)]
+    for data in datas:
+        agent.keep_exec(data, agentwire.Decoder().feed(data)[0])  # type: ignore[arg-type]
+    assert len(agent._execs) == EXECS_KEPT
+    assert agent.exec_of(datas[0]) is None and agent.exec_of(datas[-1]) is not None
+    long = exec_bytes("x" * EXEC_KEPT_SIZE)
+    agent.keep_exec(long, agentwire.Decoder().feed(long)[0])  # type: ignore[arg-type]
+    assert agent.exec_of(long) is None
+    assert server.EXEC_KEPT_SIZE <= agentwire.MAX_MESSAGE
