@@ -7,17 +7,21 @@ EXEC_KEPT_SIZE; anything else is decoded as before, and a bad message is still r
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Keys
 from twisted.internet.protocol import Factory
 
 from rexnet.agent import server
 from rexnet.agent.server import EXEC_KEPT_SIZE, EXECS_KEPT, Agent, Session
 from rexnet.protocol import agentwire
-from rexnet.protocol.request import ExecRequest
+from rexnet.protocol.request import ExecRequest, RequestError
 
 
 @pytest.fixture
@@ -102,3 +106,24 @@ def test_the_kept_messages_are_bounded(reactor: Any) -> None:
     agent.keep_exec(long, agentwire.Decoder().feed(long)[0])  # type: ignore[arg-type]
     assert agent.exec_of(long) is None
     assert server.EXEC_KEPT_SIZE <= agentwire.MAX_MESSAGE
+
+
+def test_a_kept_request_keeps_its_cluster_while_its_files_stay(
+        reactor: Any, keys: Keys, tmp_path: Path) -> None:
+    credential = tmp_path / "client"
+    shutil.copy(keys.client, credential)
+    credential.chmod(0o600)
+    agent = Agent(reactor)
+    request = ExecRequest(keyfile=str(credential), keypath=str(credential), args=("true",))
+    cluster = agent.cluster(request)
+    assert agent.cluster(request) is cluster
+    assert agent.cluster(request.replace()) is not cluster  # another request object
+    (tmp_path / f"{keys.app}.revoked").write_text("")  # a revocation list appears beside
+    with_list = agent.cluster(request)
+    assert with_list is not cluster and with_list.revoked is not None
+    assert agent.cluster(request) is with_list
+    os.utime(credential, ns=(1, 1))  # the credential's file changed
+    assert agent.cluster(request) is not with_list
+    credential.chmod(0o644)  # made unsafe: refused, as Cluster.for_request refuses it
+    with pytest.raises(RequestError):
+        agent.cluster(request)

@@ -36,7 +36,7 @@ from rexnet.net.tuning import send_now
 from rexnet.protocol import agentwire, exitcodes
 from rexnet.protocol.agentwire import AgentWireError
 from rexnet.protocol.request import ExecRequest, RequestError
-from rexnet.security.credentials import Credential, CredentialCache
+from rexnet.security.credentials import Credential, CredentialCache, CredentialError
 from rexnet.security.revocation import RevokedFile, beside, open_list
 
 DEFAULT_IDLE = 600.0
@@ -61,6 +61,7 @@ class Agent:
         self._beside: dict[tuple[str, str], str] = {}
         self.jobs = 0
         self._execs: dict[bytes, agentwire.Exec] = {}
+        self._clusters: dict[int, tuple[ExecRequest, Cluster]] = {}  # by id(request)
 
     def exec_of(self, data: bytes) -> agentwire.Exec | None:
         """The Exec message whose bytes are DATA, if it was decoded before: the same
@@ -74,6 +75,27 @@ class Agent:
             if len(self._execs) >= EXECS_KEPT:
                 del self._execs[next(iter(self._execs))]
             self._execs[data] = message
+
+    def cluster(self, request: ExecRequest) -> Cluster:
+        """REQUEST's Cluster (RequestError as Cluster.for_request says it): the one made
+        for the same request object (a kept Exec's) while its credential and revocation
+        list are still the ones loaded (their files are checked each time, as before)."""
+        kept = self._clusters.get(id(request))
+        if kept is not None and kept[0] is request:
+            cluster = kept[1]
+            try:
+                loaded = self.credential(request.keypath)
+                fresh = loaded is cluster.credential and self.revocations(
+                    request.revoked, request.keypath, loaded.app) is cluster.revoked
+            except CredentialError:
+                fresh = False  # for_request says why
+            if fresh:
+                return cluster
+        cluster = Cluster.for_request(request, self.credential, self.revocations)
+        if len(self._clusters) >= EXECS_KEPT:
+            self._clusters.clear()
+        self._clusters[id(request)] = (request, cluster)
+        return cluster
 
     def credential(self, path: str) -> Credential:
         """The client credential in PATH, loaded again only if the file changed (its
@@ -223,8 +245,7 @@ class Session(Protocol):
             return
         self.verbose = request.verbose
         try:
-            cluster = Cluster.for_request(request, self.agent.credential,
-                                          self.agent.revocations)
+            cluster = self.agent.cluster(request)
         except RequestError as e:
             self.finish(e.exit_code, f"rexnet: {e.message}")
             return
