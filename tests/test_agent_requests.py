@@ -1,5 +1,5 @@
-"""The agent decodes a launcher's Exec message once per its bytes (P11, 3): the same
-command line in the same directory sends the same bytes, and the request decoded for an
+"""The agent decodes a launcher's Exec message once per its bytes (rexnet.agent.kept; P11, 3): the
+same command line in the same directory sends the same bytes, and the request decoded for an
 earlier launcher (the same object, so its START is made once too) serves the next. Only
 a whole message that came alone is kept, at most EXECS_KEPT of them, none longer than
 EXEC_KEPT_SIZE; anything else is decoded as before, and a bad message is still refused."""
@@ -18,8 +18,8 @@ import pytest
 from conftest import Keys
 from twisted.internet.protocol import Factory
 
-from rexnet.agent import server
-from rexnet.agent.server import EXEC_KEPT_SIZE, EXECS_KEPT, Agent, Session
+from rexnet.agent.kept import EXEC_KEPT_SIZE, EXECS_KEPT
+from rexnet.agent.server import Agent, Session
 from rexnet.protocol import agentwire
 from rexnet.protocol.request import ExecRequest, RequestError
 
@@ -70,10 +70,10 @@ def test_the_same_bytes_give_the_same_request_and_the_same_answer(reactor: Any) 
     agent = Agent(reactor)
     data = exec_bytes("true")
     first = launch(reactor, agent, data)
-    kept = agent.exec_of(data)
+    kept = agent.kept.exec_of(data)
     assert kept is not None and kept == agentwire.Decoder().feed(data)[0]
     assert launch(reactor, agent, data) == first  # (no descriptors: refused, as before)
-    assert agent.exec_of(data) is kept
+    assert agent.kept.exec_of(data) is kept
     assert isinstance(first, agentwire.Exit) and "descriptors" in first.message
 
 
@@ -82,7 +82,7 @@ def test_a_message_in_pieces_is_decoded_but_not_kept(reactor: Any) -> None:
     data = exec_bytes("true")
     answer = launch(reactor, agent, data[:7], data[7:])
     assert isinstance(answer, agentwire.Exit) and "descriptors" in answer.message
-    assert agent.exec_of(data) is None and agent.exec_of(data[7:]) is None
+    assert agent.kept.exec_of(data) is None and agent.kept.exec_of(data[7:]) is None
 
 
 def test_a_bad_message_is_refused_whatever_was_kept(reactor: Any) -> None:
@@ -92,20 +92,20 @@ def test_a_bad_message_is_refused_whatever_was_kept(reactor: Any) -> None:
     bad = data[:-2] + b"!}"
     answer = launch(reactor, agent, bad)
     assert isinstance(answer, agentwire.Exit) and "bad message" in answer.message
-    assert agent.exec_of(bad) is None
+    assert agent.kept.exec_of(bad) is None
 
 
 def test_the_kept_messages_are_bounded(reactor: Any) -> None:
     agent = Agent(reactor)
     datas = [exec_bytes(str(i)) for i in range(EXECS_KEPT + 5)]
     for data in datas:
-        agent.keep_exec(data, agentwire.Decoder().feed(data)[0])  # type: ignore[arg-type]
-    assert len(agent._execs) == EXECS_KEPT
-    assert agent.exec_of(datas[0]) is None and agent.exec_of(datas[-1]) is not None
+        agent.kept.keep_exec(data, agentwire.Decoder().feed(data)[0])  # type: ignore[arg-type]
+    assert len(agent.kept.execs) == EXECS_KEPT
+    assert agent.kept.exec_of(datas[0]) is None and agent.kept.exec_of(datas[-1]) is not None
     long = exec_bytes("x" * EXEC_KEPT_SIZE)
-    agent.keep_exec(long, agentwire.Decoder().feed(long)[0])  # type: ignore[arg-type]
-    assert agent.exec_of(long) is None
-    assert server.EXEC_KEPT_SIZE <= agentwire.MAX_MESSAGE
+    agent.kept.keep_exec(long, agentwire.Decoder().feed(long)[0])  # type: ignore[arg-type]
+    assert agent.kept.exec_of(long) is None
+    assert EXEC_KEPT_SIZE <= agentwire.MAX_MESSAGE
 
 
 def test_a_kept_request_keeps_its_cluster_while_its_files_stay(
@@ -115,15 +115,15 @@ def test_a_kept_request_keeps_its_cluster_while_its_files_stay(
     credential.chmod(0o600)
     agent = Agent(reactor)
     request = ExecRequest(keyfile=str(credential), keypath=str(credential), args=("true",))
-    cluster = agent.cluster(request)
-    assert agent.cluster(request) is cluster
-    assert agent.cluster(request.replace()) is not cluster  # another request object
+    cluster = agent.kept.cluster(request)
+    assert agent.kept.cluster(request) is cluster
+    assert agent.kept.cluster(request.replace()) is not cluster  # another request object
     (tmp_path / f"{keys.app}.revoked").write_text("")  # a revocation list appears beside
-    with_list = agent.cluster(request)
+    with_list = agent.kept.cluster(request)
     assert with_list is not cluster and with_list.revoked is not None
-    assert agent.cluster(request) is with_list
+    assert agent.kept.cluster(request) is with_list
     os.utime(credential, ns=(1, 1))  # the credential's file changed
-    assert agent.cluster(request) is not with_list
+    assert agent.kept.cluster(request) is not with_list
     credential.chmod(0o644)  # made unsafe: refused, as Cluster.for_request refuses it
     with pytest.raises(RequestError):
-        agent.cluster(request)
+        agent.kept.cluster(request)

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rexnet.agent import paths
+from rexnet.agent.kept import Kept
 from rexnet.client.cluster import Cluster
 from rexnet.client.warm import WarmPool
 from rexnet.net.pollguard import guard
@@ -36,12 +37,10 @@ from rexnet.net.tuning import send_now
 from rexnet.protocol import agentwire, exitcodes
 from rexnet.protocol.agentwire import AgentWireError
 from rexnet.protocol.request import ExecRequest, RequestError
-from rexnet.security.credentials import Credential, CredentialCache, CredentialError
+from rexnet.security.credentials import Credential, CredentialCache
 from rexnet.security.revocation import RevokedFile, beside, open_list
 
 DEFAULT_IDLE = 600.0
-EXECS_KEPT = 64  # Exec messages kept decoded, by their bytes
-EXEC_KEPT_SIZE = 16384  # a longer one is decoded each time
 
 log = Logger()
 
@@ -60,42 +59,7 @@ class Agent:
         self._revoked: dict[str, RevokedFile | None] = {}
         self._beside: dict[tuple[str, str], str] = {}
         self.jobs = 0
-        self._execs: dict[bytes, agentwire.Exec] = {}
-        self._clusters: dict[int, tuple[ExecRequest, Cluster]] = {}  # by id(request)
-
-    def exec_of(self, data: bytes) -> agentwire.Exec | None:
-        """The Exec message whose bytes are DATA, if it was decoded before: the same
-        command line in the same directory sends the same bytes, and its request (the same
-        object) then finds its START already made (rexnet.client.cluster)."""
-        return self._execs.get(data)
-
-    def keep_exec(self, data: bytes, message: agentwire.Exec) -> None:
-        """Keep MESSAGE, decoded from DATA (its whole bytes), among the last EXECS_KEPT."""
-        if len(data) <= EXEC_KEPT_SIZE:
-            if len(self._execs) >= EXECS_KEPT:
-                del self._execs[next(iter(self._execs))]
-            self._execs[data] = message
-
-    def cluster(self, request: ExecRequest) -> Cluster:
-        """REQUEST's Cluster (RequestError as Cluster.for_request says it): the one made
-        for the same request object (a kept Exec's) while its credential and revocation
-        list are still the ones loaded (their files are checked each time, as before)."""
-        kept = self._clusters.get(id(request))
-        if kept is not None and kept[0] is request:
-            cluster = kept[1]
-            try:
-                loaded = self.credential(request.keypath)
-                fresh = loaded is cluster.credential and self.revocations(
-                    request.revoked, request.keypath, loaded.app) is cluster.revoked
-            except CredentialError:
-                fresh = False  # for_request says why
-            if fresh:
-                return cluster
-        cluster = Cluster.for_request(request, self.credential, self.revocations)
-        if len(self._clusters) >= EXECS_KEPT:
-            self._clusters.clear()
-        self._clusters[id(request)] = (request, cluster)
-        return cluster
+        self.kept = Kept(self.credential, self.revocations)
 
     def credential(self, path: str) -> Credential:
         """The client credential in PATH, loaded again only if the file changed (its
@@ -181,7 +145,7 @@ class Session(Protocol):
         if self.refused:
             return
         first = self.job is None and not self.finished and not self.decoder.pending
-        if first and (known := self.agent.exec_of(data)) is not None:
+        if first and (known := self.agent.kept.exec_of(data)) is not None:
             self.handle(known)  # the request, as decoded for an earlier launcher
             return
         try:
@@ -192,7 +156,7 @@ class Session(Protocol):
             return
         if (first and len(messages) == 1 and isinstance(messages[0], agentwire.Exec)
                 and not self.decoder.pending):
-            self.agent.keep_exec(data, messages[0])
+            self.agent.kept.keep_exec(data, messages[0])
         for message in messages:
             self.handle(message)
 
@@ -245,7 +209,7 @@ class Session(Protocol):
             return
         self.verbose = request.verbose
         try:
-            cluster = self.agent.cluster(request)
+            cluster = self.agent.kept.cluster(request)
         except RequestError as e:
             self.finish(e.exit_code, f"rexnet: {e.message}")
             return

@@ -283,8 +283,7 @@ class JobCore:
         """START to CHANNEL's worker (StdioStreams offer stdin and stdout apart), at once:
         before the rest of this turn's work."""
         offer = getattr(self.streams, "offer", None)
-        channel.send_start(self.request, None if offer is None
-                           else offer(channel, self.request, self))
+        channel.send_start(self.request, offer and offer(channel, self.request, self))
         send_now(channel.transport)
 
     def warm_refused(self, why: str, full: bool = False) -> None:
