@@ -243,7 +243,12 @@ class StdioStreams:
             # all written (EOF and EXIT often come together): closed now, not a turn later
             if not writer.close_if_written() and not writer.disconnecting:
                 writer.loseConnection()
-        done = defer.gatherResults(list(self._flushed.values()))
+        flushed = list(self._flushed.values())
+        # all written already (the common end: EXIT after the output's EOF), so no
+        # DeferredList to wait for them: the owner hears it in the same call
+        done: defer.Deferred[Any] = (
+            defer.succeed(None) if all(d.called and d.result is None for d in flushed)
+            else defer.gatherResults(flushed))
 
         def close_dups(result: object) -> object:
             self.close_data_port()
