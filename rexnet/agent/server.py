@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rexnet.agent import paths
+from rexnet.agent.kept import Kept
 from rexnet.client.cluster import Cluster
 from rexnet.client.warm import WarmPool
 from rexnet.net.pollguard import guard
@@ -58,6 +59,7 @@ class Agent:
         self._revoked: dict[str, RevokedFile | None] = {}
         self._beside: dict[tuple[str, str], str] = {}
         self.jobs = 0
+        self.kept = Kept(self.credential, self.revocations)
 
     def credential(self, path: str) -> Credential:
         """The client credential in PATH, loaded again only if the file changed (its
@@ -142,12 +144,19 @@ class Session(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
             return
+        first = self.job is None and not self.finished and not self.decoder.pending
+        if first and (known := self.agent.kept.exec_of(data)) is not None:
+            self.handle(known)  # the request, as decoded for an earlier launcher
+            return
         try:
             messages = self.decoder.feed(data)
         except AgentWireError as e:
             log.warn("complaint: bad message from a launcher: {e}", e=e)
             self.finish(exitcodes.WORKER_LOST, f"rexnet: the agent refused a bad message: {e}")
             return
+        if (first and len(messages) == 1 and isinstance(messages[0], agentwire.Exec)
+                and not self.decoder.pending):
+            self.agent.kept.keep_exec(data, messages[0])
         for message in messages:
             self.handle(message)
 
@@ -200,8 +209,7 @@ class Session(Protocol):
             return
         self.verbose = request.verbose
         try:
-            cluster = Cluster.for_request(request, self.agent.credential,
-                                          self.agent.revocations)
+            cluster = self.agent.kept.cluster(request)
         except RequestError as e:
             self.finish(e.exit_code, f"rexnet: {e.message}")
             return

@@ -4,6 +4,7 @@ adapter that turns the connection's events and control frames into calls on its 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -121,23 +122,48 @@ class ClientChannel(Channel):
             self._timer.cancel()
         self._timer = None
 
-    def send_start(self, start: wire.Start) -> None:
-        """Send START, encoded once per frame object while it is among the last
-        STARTS_KEPT (an Executor sends one request's frame for each of its jobs)."""
+    def send_start(self, start: wire.Start, data: tuple[str, str] | None = None) -> None:
+        """Send START (with DATA, the (data_streams, data_token) it offers), see
+        start_bytes."""
         if self.closed:
             return
-        kept = _encoded.get(id(start))
-        if kept is None or kept[0] is not start:
-            if len(_encoded) >= STARTS_KEPT:
-                _encoded.clear()
-            kept = _encoded[id(start)] = (start, wire.encode_frame(start))
+        encoded = start_bytes(start, data)
         if self.heartbeat is not None:
             self.heartbeat.sent()
-        self.transport.write(kept[1])  # type: ignore[union-attr]
+        self.transport.write(encoded)  # type: ignore[union-attr]
 
 
 STARTS_KEPT = 64
-_encoded: dict[int, tuple[wire.Start, bytes]] = {}  # by id(frame), the frame kept with it
+_encoded: dict[tuple[int, str], tuple[wire.Start, bytes, int]] = {}
+"""By (id(frame), data_streams): the frame kept with its bytes and where a token goes."""
+_TOKEN_KEY = b'"data_token":"'  # (a quote inside a JSON string is escaped: only the key)
+_TOKEN_DIGITS = 64
+
+
+def start_bytes(start: wire.Start, data: tuple[str, str] | None = None) -> bytes:
+    """START's bytes, or with DATA = (data_streams, data_token) those of START offering
+    them; encoded once per frame object (and data_streams) while it is among the last
+    STARTS_KEPT (an Executor sends one request's frame for each of its jobs, the agent
+    one for each launcher of the same command line): each job's own token is set into
+    the bytes kept, which have a placeholder of its length (the frame's length stays)."""
+    streams, token = data or ("", "")
+    kept = _encoded.get((id(start), streams))
+    if kept is None or kept[0] is not start:
+        if len(_encoded) >= STARTS_KEPT:
+            _encoded.clear()
+        if not data:
+            kept = (start, wire.encode_frame(start), -1)
+        else:
+            encoded = wire.encode_frame(replace(start, data_streams=streams,
+                                                data_token="0" * _TOKEN_DIGITS))
+            kept = (start, encoded, encoded.index(_TOKEN_KEY) + len(_TOKEN_KEY))
+        _encoded[id(start), streams] = kept
+    at = kept[2]
+    if at < 0:
+        return kept[1]
+    if len(token) != _TOKEN_DIGITS:  # (not the length the worker takes: as it is)
+        return wire.encode_frame(replace(start, data_streams=streams, data_token=token))
+    return b"".join((kept[1][:at], token.encode(), kept[1][at + _TOKEN_DIGITS:]))
 
 
 def tls_reason(reason: Failure) -> str:

@@ -282,8 +282,8 @@ class JobCore:
     def _send_start(self, channel: ClientChannel) -> None:
         """START to CHANNEL's worker (StdioStreams offer stdin and stdout apart), at once:
         before the rest of this turn's work."""
-        offer = getattr(self.streams, "offer_data", None)
-        channel.send_start(self.request if offer is None else offer(channel, self.request, self))
+        offer = getattr(self.streams, "offer", None)
+        channel.send_start(self.request, offer and offer(channel, self.request, self))
         send_now(channel.transport)
 
     def warm_refused(self, why: str, full: bool = False) -> None:

@@ -9,7 +9,6 @@ import socket
 import stat
 import threading
 import typing
-from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -71,24 +70,25 @@ class StdioStreams:
         self._gate: threading.Event | None = None
         self.truncated = ""  # why stdout's data connection ended without close_notify
 
-    def offer_data(self, channel: Channel, request: wire.Start, job: Any) -> wire.Start:
-        """REQUEST, offering to move stdin and stdout onto data connections of their own
-        once they prove big (rexnet.net.jobdata) where they are pipes or files and the
-        job has no terminal; else REQUEST as it is. No port opens yet. JOB (a JobCore)
-        has the credential, the revocations, and the log and alerts to complain to."""
+    def offer(self, channel: Channel, request: wire.Start, job: Any) -> tuple[str, str] | None:
+        """What REQUEST (a START) offers: moving stdin and stdout onto data connections of
+        their own once they prove big (rexnet.net.jobdata), where they are pipes or files
+        and the job has no terminal: (data_streams, data_token) to set in it, or None (it
+        goes as it is; rexnet.client.channel.start_bytes sets them in its bytes). No port
+        opens yet. JOB (a JobCore) has the credential, the revocations, and the log and
+        alerts to complain to."""
         self.close_data_port()
         self.data_port, self.offered, self.may, self.apart = None, {}, set(), set()
         self.in_sent, self._gate = 0, None
         if self.tty or request.tty or request.detach or channel.peer_cert is None:
-            return request
+            return None
         for fd, stream in ((0, STDIN), (1, STDOUT)):
             if fd not in self.fds and _bulk(self.local.get(fd, fd)):
                 self.offered[fd] = stream
         if not self.offered:
-            return request
+            return None
         self._job, self._token = job, os.urandom(TOKEN_SIZE)
-        return replace(request, data_token=self._token.hex(),
-                       data_streams="".join(self.offered.values()))
+        return "".join(self.offered.values()), self._token.hex()
 
     def take_apart(self, stdin: bool, stdout: bool) -> None:
         """STARTED said which streams the worker would take apart (APART, later)."""
@@ -243,7 +243,12 @@ class StdioStreams:
             # all written (EOF and EXIT often come together): closed now, not a turn later
             if not writer.close_if_written() and not writer.disconnecting:
                 writer.loseConnection()
-        done = defer.gatherResults(list(self._flushed.values()))
+        flushed = list(self._flushed.values())
+        # all written already (the common end: EXIT after the output's EOF), so no
+        # DeferredList to wait for them: the owner hears it in the same call
+        done: defer.Deferred[Any] = (
+            defer.succeed(None) if all(d.called and d.result is None for d in flushed)
+            else defer.gatherResults(flushed))
 
         def close_dups(result: object) -> object:
             self.close_data_port()

@@ -41,6 +41,11 @@ class Frames:
         self._buffer = bytearray()
         self._loads = loads or globals()["loads"]
 
+    @property
+    def pending(self) -> int:
+        """How many bytes of a message not yet whole it holds."""
+        return len(self._buffer)
+
     def values(self, data: bytes) -> list[object]:
         self._buffer += data
         out = []
