@@ -55,13 +55,20 @@ def version() -> int:
 
 def forget() -> None:
     """Look again at what is mounted (after mounting the hierarchies: nsutil.mount_cgroups)."""
-    for cached in (version, _v1_controllers, _own_paths):
+    for cached in (version, _v1_controllers, _own_paths, _v1_parent):
         cached.cache_clear()
 
 
 @functools.cache
 def _v1_controllers() -> tuple[str, ...]:
     return tuple(c for c in V1_CONTROLLERS if (ROOT / c / "cgroup.procs").exists())
+
+
+@functools.cache
+def _v1_parent(controller: str) -> str:
+    """The jobs' parent group in CONTROLLER's hierarchy, below this process's own."""
+    own = _own_paths().get(controller, "/").strip("/")
+    return f"{ROOT}/{controller}/{own}/{PARENT}".replace("//", "/")
 
 
 _delegated: set[str] = set()  # the v2 jobs' parents this process has delegated to
@@ -105,8 +112,7 @@ class JobCgroup:
             self._make(d)
 
     def _v1_dir(self, controller: str) -> Path:
-        own = _own_paths().get(controller, "/").strip("/")
-        return Path(f"{ROOT}/{controller}/{own}/{PARENT}/{self.name}".replace("//", "/"))
+        return Path(f"{_v1_parent(controller)}/{self.name}")
 
     @staticmethod
     def _make(d: Path) -> None:
@@ -239,6 +245,20 @@ class JobCgroup:
                 if name in (key, "oom_group_kill") and int(value) > 0:
                     return True
         return False
+
+    def release(self) -> None:
+        """Kill what the group still holds and remove it. An ended job's group is empty
+        (its namespace's processes are gone): removed at once, its kill (belt and braces)
+        only for a group that is not (rmdir refuses a group that holds a process)."""
+        for d in self.dirs.values():
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                self.kill()
+                self.remove()
+                return
 
     def remove(self) -> None:
         """Remove the (empty) group; retried while its last processes are reaped."""

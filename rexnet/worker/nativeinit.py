@@ -124,6 +124,19 @@ def _text(value: object, what: str) -> bytes:
     return value.encode() + b"\0"
 
 
+def _texts(values: list[object], what: str) -> bytes:
+    """Strings without NUL, each NUL-terminated (one join, not one call a string)."""
+    if not values:
+        return b""
+    try:
+        joined = "\0".join(values)  # type: ignore[arg-type]  # TypeError: not all strings
+    except TypeError:
+        raise ValueError(f"{what} is not a string without NUL") from None
+    if joined.count("\0") != len(values) - 1:
+        raise ValueError(f"{what} is not a string without NUL")
+    return joined.encode() + b"\0"
+
+
 def encode(argv: Sequence[object], env: dict[str, object], cwd: str, tty: bool,
            identity: tuple[int, int, str], targets: Sequence[int],
            kept: Sequence[tuple[int, str]]) -> bytes:
@@ -136,10 +149,10 @@ def encode(argv: Sequence[object], env: dict[str, object], cwd: str, tty: bool,
         raise ValueError("an environment variable's name is empty or holds '='")
     words = [len(targets), len(argv), len(env), len(kept), len(groups), uid, gid, int(tty),
              *targets, *groups]
-    body = [struct.pack(f"={len(words)}I", *words), _text(cwd, "the directory")]
-    body += [_text(a, "an argument") for a in argv]
-    body += [_text(f"{k}={v}" if isinstance(v, str) else v, "a variable")
-             for k, v in env.items()]
+    body = [struct.pack(f"={len(words)}I", *words), _text(cwd, "the directory"),
+            _texts(list(argv), "an argument"),
+            _texts([f"{k}={v}" if isinstance(v, str) else v for k, v in env.items()],
+                   "a variable")]
     for index, path in kept:
         body += [str(index).encode() + b"\0", _text(path, "a directory")]
     data = b"".join(body)

@@ -3,7 +3,7 @@
 A worker started as root starts this helper before twistd drops its privileges
 (rexnet.worker.sandbox), and keeps one end of a socketpair to it: root stays here, in a
 process that reads nothing from the network and runs no job code. One process, one event
-loop (selectors over every job's sockets and its init's pidfd), no fork per job. For each
+loop (epoll over every job's sockets and its init's pidfd), no fork per job. For each
 socket the worker sends it (ahead of a job: rexnet.worker.sandbox keeps spares) it
 
 - makes a control group for the job (memory, pids and CPU bounds; rexnet.worker.cgroups)
@@ -44,7 +44,7 @@ import itertools
 import os
 import queue
 import resource
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -175,11 +175,15 @@ class Helper:
                 self.server = nativeinit.Server(native)
             except OSError as e:
                 complain(f"no init server ({e}): an exec per spare")
-        self.selector = selectors.DefaultSelector()
+        # epoll itself, not selectors: a job's three descriptors (its socket, its init's
+        # socket and pidfd) come and go with it, and selectors' keys cost tens of us a job
+        self.epoll = select.epoll()
+        self.watched: dict[int, tuple[Any, Callable[[], None]]] = {}  # fd: (object, callback)
+        self.bounded: set[Job] = set()  # running jobs with a memory bound the helper checks
         control.setblocking(False)
         self.control: socket.socket | None = control
         self.control_reader = wire.Reader(control)
-        self.selector.register(control, selectors.EVENT_READ, self._from_control)
+        self._watch(control, self._from_control)
         self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.jobs: set[Job] = set()
         self.unreaped: set[int] = set()
@@ -189,22 +193,22 @@ class Helper:
     def run(self) -> int:
         """Until the worker is gone and every job has ended; 0."""
         checked = time.monotonic()
+        watched = self.watched
         while self.control is not None or self.jobs:
-            bounded = [j for j in self.jobs if j.memory and j.state == "running"]
-            for key, _ in self.selector.select(MEMORY_CHECK if bounded else None):
-                try:  # an earlier callback may have closed it (and its number be reused)
-                    current = self.selector.get_key(key.fileobj)
-                except (KeyError, ValueError):
-                    continue
-                if current.data is key.data:
-                    key.data()
-            if bounded and time.monotonic() - checked >= MEMORY_CHECK:
+            events = self.epoll.poll(MEMORY_CHECK if self.bounded else -1)
+            # an earlier callback may have closed a descriptor (and its number be reused):
+            # only the callbacks watching when the events came are called
+            for entry in [watched.get(fd) for fd, _ in events]:
+                if entry is not None and watched.get(_fileno(entry[0])) is entry:
+                    entry[1]()
+            if self.bounded and time.monotonic() - checked >= MEMORY_CHECK:
                 checked = time.monotonic()
-                for job in bounded:
+                for job in list(self.bounded):
                     if not job.limit and namespace_rss(job.init) > job.memory:
                         job.limit = "memory"
                         job.kill()
         self._reap()
+        self.epoll.close()
         self.cleanup.close()
         self._close_server()
         return 0
@@ -228,11 +232,20 @@ class Helper:
         self._reap()
 
     def _watch(self, fileobj: Any, callback: Callable[[], None]) -> None:
-        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+        """Call CALLBACK when FILEOBJ (a socket or a descriptor) is readable."""
+        fd = _fileno(fileobj)
+        self.epoll.register(fd, select.EPOLLIN)
+        self.watched[fd] = (fileobj, callback)
 
     def _unwatch(self, fileobj: Any) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(fileobj)
+        """No more callbacks for FILEOBJ (before it is closed)."""
+        fd = _fileno(fileobj)
+        entry = self.watched.get(fd)
+        if entry is None or entry[0] != fileobj:  # (a socket's == is identity)
+            return
+        del self.watched[fd]
+        with contextlib.suppress(OSError):
+            self.epoll.unregister(fd)
 
     # -- the worker's control socket: a socket per sandbox to prepare -------------------
 
@@ -270,7 +283,8 @@ class Helper:
             job.group = group if group.dirs else None
         except OSError as e:
             complain(f"control group: {e}")
-        status_r, status_w = os.pipe()
+        # the status pipe's read end never blocks the loop (its write end: a few bytes once)
+        status_r, status_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         go, init_go = socket.socketpair()
         try:
             job.init = self._spawn(job, init_go, status_w)
@@ -377,11 +391,11 @@ class Helper:
         """The init has ended, and with it every process of the namespace: the status to
         the worker, then the clean-up."""
         self._unwatch(job.pidfd)
+        self.bounded.discard(job)
         self.unreaped.add(job.init)
         self._reap()
         status: int | None = None
-        os.set_blocking(job.status_r, False)
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):  # (a non-blocking pipe)
             status = int(os.read(job.status_r, 64))
         if job.group is not None and job.group.memory_exceeded():
             job.limit = "memory"
@@ -410,7 +424,7 @@ class Helper:
     def _from_worker(self, job: Job) -> None:
         got: list[tuple[dict[str, Any], list[int]]] = []
         try:
-            got = job.reader.read()
+            got = job.reader.read(1)  # one at a time: the request, then signals
             if job.reader.bad:
                 raise wire.WireError(job.reader.bad[0])
         except (wire.WireError, OSError) as e:
@@ -452,6 +466,8 @@ class Helper:
             request["fds"] = checked_fds(request, fds)
             identity = request_identity(job.sock, request, self.users)
             job.memory = set_bounds(job.group, request.get("limits", {}), job.init)
+            if job.memory:
+                self.bounded.add(job)
             job.go.settimeout(SEND_TIMEOUT)
             if self.native:
                 env = request.get("env", {})
@@ -473,6 +489,10 @@ class Helper:
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def _fileno(fileobj: Any) -> int:
+    return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
 
 
 class Cleanup:
@@ -498,8 +518,7 @@ class Cleanup:
                     os.close(fd)
             if group is not None:
                 try:
-                    group.kill()
-                    group.remove()
+                    group.release()
                 except OSError as e:
                     complain(f"control group: {e}")
 
