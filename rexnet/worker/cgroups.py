@@ -90,9 +90,11 @@ def _write(path: Path, value: str) -> None:
 class JobCgroup:
     """The control group(s) of one job, NAME, below this process's own."""
 
-    def __init__(self, name: str, controllers: Iterable[str] | None = None) -> None:
+    def __init__(self, name: str, controllers: Iterable[str] | None = None,
+                 make: bool = True) -> None:
         """NAME's group; in v1 in the hierarchies of CONTROLLERS and ALWAYS (None: every
-        one mounted)."""
+        one mounted). MAKE: make its directories (else the job's C init makes them, the
+        parents of procs(), before it joins)."""
         self.version = version()
         self.name = name
         if self.version == 2:
@@ -108,7 +110,7 @@ class JobCgroup:
                       or c in controllers] or list(mounted[:1])
             self.dirs = {c: self._v1_dir(c) for c in wanted}
         self._procs = [f"{d}/cgroup.procs" for d in self.dirs.values()]
-        for d in self.dirs.values():
+        for d in self.dirs.values() if make else ():
             self._make(d)
 
     def _v1_dir(self, controller: str) -> Path:

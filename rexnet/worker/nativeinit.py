@@ -8,11 +8,14 @@ spawned instead (vfork and exec of a small program), joins the job's control gro
 and vforks only itself for the command. Where it was not built (or
 REXNET_SANDBOX_INIT=python) the helper forks its Python init (rexnet.worker.sandboxinit).
 
-It makes the job's mount namespace (fresh /tmp, /var/tmp, /dev/shm and /proc) while a
-spare, before the job comes (and hands it to the helper with its "joined" byte), and
-binds a job's kept directories back once it comes. The
-request it reads is checked by the helper first: a 4-byte big-endian length, then (with
-the job's descriptors) native u32 words - numbers of targets, argv, env, kept directories
+It makes the job's control group (cgroups.JobCgroup(make=False): the group's directories,
+the parent of each cgroup.procs file it is given; a mkdir waits for the cgroup lock,
+which spares joining their groups hold for ~10 ms: here, not in the helper's loop) and
+the job's mount namespace (fresh /tmp, /var/tmp, /dev/shm and /proc) while a spare,
+before the job comes (and hands it to the helper with its "joined" byte), and binds a
+job's kept directories back once it comes. The request it reads is checked by the helper
+first: one message (the init reads it, its descriptors with its first bytes, at once),
+a 4-byte big-endian length, then native u32 words - numbers of targets, argv, env, kept directories
 and groups; uid, gid, tty; the targets; the groups - then NUL-terminated strings: cwd,
 argv, env ("NAME=value"), and per kept directory the index of its private directory ("0"
 to "2") and its path.
@@ -159,8 +162,23 @@ def encode(argv: Sequence[object], env: dict[str, object], cwd: str, tty: bool,
     return HEADER.pack(len(data)) + data
 
 
-def send(control: socket.socket, request: bytes, fds: Sequence[int]) -> None:
-    """The request to the init: its length alone, then the rest with the descriptors."""
-    control.sendall(request[:HEADER.size])
-    sandboxwire.send_with_fds(control, request[HEADER.size:], fds)
+def send(control: socket.socket, request: bytes, fds: Sequence[int], timeout: float
+         ) -> None:
+    """The request to the init on CONTROL (non-blocking): one message, the descriptors
+    FDS on its first bytes (one wake-up of the init, which reads it at once); what the
+    socket's buffer did not take is sent waiting up to TIMEOUT seconds."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    try:
+        sent = control.sendmsg([request], ancillary)
+    except BlockingIOError:
+        sent = -1
+    if sent == len(request):
+        return
+    control.settimeout(timeout)
+    try:
+        if sent < 0:
+            sent = control.sendmsg([request], ancillary)
+        control.sendall(request[sent:])
+    finally:
+        control.setblocking(False)
 

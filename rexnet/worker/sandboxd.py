@@ -278,8 +278,8 @@ class Helper:
     def _prepare(self, job: Job, bounds: list[str] | None = None) -> None:
         """The job's control group (for the controllers of BOUNDS: None, all) and its init,
         in a new PID namespace."""
-        try:
-            group = JobCgroup(next(self.names), bounds)
+        try:  # (the C init makes its directories itself, out of this loop)
+            group = JobCgroup(next(self.names), bounds, make=not self.native)
             job.group = group if group.dirs else None
         except OSError as e:
             complain(f"control group: {e}")
@@ -468,7 +468,6 @@ class Helper:
             job.memory = set_bounds(job.group, request.get("limits", {}), job.init)
             if job.memory:
                 self.bounded.add(job)
-            job.go.settimeout(SEND_TIMEOUT)
             if self.native:
                 env = request.get("env", {})
                 if not isinstance(env, dict) or not isinstance(request.get("argv"), list):
@@ -479,10 +478,11 @@ class Helper:
                 cwd = str(request.get("cwd") or "/")
                 nativeinit.send(job.go, nativeinit.encode(
                     request["argv"], env, cwd, bool(request.get("tty")), identity,
-                    request["fds"], kept_dirs(cwd, program_dir(request))), fds)
+                    request["fds"], kept_dirs(cwd, program_dir(request))), fds, SEND_TIMEOUT)
             else:
+                job.go.settimeout(SEND_TIMEOUT)
                 wire.send(job.go, {"request": request, "identity": list(identity)}, fds)
-            job.go.setblocking(False)
+                job.go.setblocking(False)
         except (wire.WireError, ValueError, TypeError, KeyError, OSError) as e:
             complain(f"job {job.init}: cannot start it: {e!r}")
             self._worker_gone(job)  # as before: the worker sees the socket close
