@@ -39,8 +39,6 @@ import struct
 import sys
 from collections.abc import Sequence
 
-from rexnet.worker import sandboxwire
-
 NAME = "rexnet-sandbox-init"
 SERVER_NAME = "rexnet-initsrv"  # the fork server's process name (init.c's serve)
 SERVER_REQUEST = 4096  # bytes of a request to the fork server at most (MAX_SERVER_REQUEST)
@@ -97,7 +95,11 @@ class Server:
             if moved != source:
                 os.close(moved)
             theirs.close()
-        ours.settimeout(SERVER_TIMEOUT)
+        # the kernel's timeouts (EAGAIN after SERVER_TIMEOUT), not the socket module's: those
+        # poll before every send and receive
+        timeval = struct.pack("@ll", int(SERVER_TIMEOUT), 0)
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            ours.setsockopt(socket.SOL_SOCKET, option, timeval)
         self.sock = ours
 
     def spawn(self, control: socket.socket, status: int, procs: Sequence[str] = (),

@@ -83,6 +83,7 @@ from rexnet.worker.sandboxrequest import (
 __all__ = ["SPARE_NAME", "main", "namespace_rss", "parse_users"]
 
 MEMORY_CHECK = 0.2  # seconds between checks of a memory bound no control group keeps
+CLEANUP_BATCH = 8  # ended jobs handed to the clean-up at once, at most
 CLEANUP_BACKLOG = 64  # ended jobs whose clean-up may wait; beyond that the loop waits
 SEND_TIMEOUT = 5.0  # seconds an init may take to read its job's request
 JOB_NOFILE = 0  # the jobs' soft bound on descriptors (the worker's), once main() started
@@ -195,6 +196,7 @@ class Helper:
         checked = time.monotonic()
         watched = self.watched
         while self.control is not None or self.jobs:
+            self.cleanup.flush()  # while this loop waits: no contention for the GIL
             events = self.epoll.poll(MEMORY_CHECK if self.bounded else -1)
             # an earlier callback may have closed a descriptor (and its number be reused):
             # only the callbacks watching when the events came are called
@@ -366,7 +368,7 @@ class Helper:
             job.namespaces.extend(fds)  # held: it is torn down after the report
             job.state = "spare"
             try:
-                wire.send(job.sock, {"ready": job.init})
+                wire.send_with_fds(job.sock, wire.ready(job.init))
             except OSError:  # the worker went
                 self._worker_gone(job)
                 return
@@ -389,11 +391,7 @@ class Helper:
 
     def _ended(self, job: Job) -> None:
         """The init has ended, and with it every process of the namespace: the status to
-        the worker, then the clean-up."""
-        self._unwatch(job.pidfd)
-        self.bounded.discard(job)
-        self.unreaped.add(job.init)
-        self._reap()
+        the worker, then the rest (the init reaped, the clean-up)."""
         status: int | None = None
         with contextlib.suppress(OSError, ValueError):  # (a non-blocking pipe)
             status = int(os.read(job.status_r, 64))
@@ -402,9 +400,12 @@ class Helper:
         if job.sock is not None and job.state == "running":
             code = os.waitstatus_to_exitcode(status) if status is not None else -signal.SIGKILL
             with contextlib.suppress(OSError):
-                wire.send(job.sock, {"code": max(code, 0) if code >= 0 else None,
-                                     "signal": -code if code < 0 else None,
-                                     "limit": job.limit})
+                wire.send_with_fds(job.sock, wire.ended(code if code >= 0 else None,
+                                                        -code if code < 0 else None, job.limit))
+        self._unwatch(job.pidfd)
+        self.bounded.discard(job)
+        self.unreaped.add(job.init)
+        self._reap()
         while job.go is not None:  # (after the report) the Python init's mount namespace
             got = self._read_init(job)  # may be waiting there still; then its EOF
             if got is not None:
@@ -499,30 +500,42 @@ class Cleanup:
     """Kills and removes ended jobs' control groups and lets their mount namespaces go, in a
     thread of its own (the last close of a mount namespace waits for an RCU grace period,
     a group's removal may wait for its last processes): the loop hands a job over and goes
-    on. Bounded: at most CLEANUP_BACKLOG jobs wait; beyond that the loop waits."""
+    on. The jobs go over in batches (of CLEANUP_BATCH at most), when the loop is about to
+    wait: the thread then runs while the loop does not, neither waiting for the other's
+    GIL. Bounded: at most CLEANUP_BACKLOG jobs wait; beyond that the loop waits."""
 
     def __init__(self) -> None:
-        self.queue: queue.Queue[tuple[list[int], JobCgroup | None] | None] = queue.Queue(
-            CLEANUP_BACKLOG)
+        self.queue: queue.Queue[list[tuple[list[int], JobCgroup | None]] | None] = (
+            queue.Queue(CLEANUP_BACKLOG // CLEANUP_BATCH))
+        self.batch: list[tuple[list[int], JobCgroup | None]] = []
         self.thread = threading.Thread(target=self._run, name="cleanup", daemon=True)
         self.thread.start()
 
     def put(self, namespaces: list[int], group: JobCgroup | None) -> None:
-        self.queue.put((namespaces, group))
+        self.batch.append((namespaces, group))
+        if len(self.batch) >= CLEANUP_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the jobs put since the last flush over."""
+        if self.batch:
+            batch, self.batch = self.batch, []
+            self.queue.put(batch)
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            namespaces, group = item
-            for fd in namespaces:  # its unmounts wait for an RCU grace period (~5 ms)
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            if group is not None:
-                try:
-                    group.release()
-                except OSError as e:
-                    complain(f"control group: {e}")
+        while (batch := self.queue.get()) is not None:
+            for namespaces, group in batch:
+                for fd in namespaces:  # its unmounts wait for an RCU grace period (~5 ms)
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                if group is not None:
+                    try:
+                        group.release()
+                    except OSError as e:
+                        complain(f"control group: {e}")
 
     def close(self) -> None:
+        self.flush()
         self.queue.put(None)
         self.thread.join()
 

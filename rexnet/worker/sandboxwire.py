@@ -36,6 +36,21 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[in
     send_with_fds(sock, HEADER.pack(len(body)) + body, fds)
 
 
+def ready(pid: int) -> bytes:
+    """The message {"ready": PID}, framed (as send() would: without json.dumps)."""
+    body = b'{"ready":%d}' % pid
+    return HEADER.pack(len(body)) + body
+
+
+def ended(code: int | None, number: int | None, limit: str) -> bytes:
+    """The message {"code": CODE, "signal": NUMBER, "limit": LIMIT}, framed (as send()
+    would, with one json.dumps of a string)."""
+    body = b'{"code":%s,"signal":%s,"limit":%s}' % (
+        b"null" if code is None else b"%d" % code, b"null" if number is None else b"%d" % number,
+        json.dumps(limit).encode())
+    return HEADER.pack(len(body)) + body
+
+
 def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
     """DATA on SOCK, its first bytes carrying the descriptors FDS (SCM_RIGHTS)."""
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
