@@ -97,6 +97,10 @@ class JobCgroup:
         parents of procs(), before it joins)."""
         self.version = version()
         self.name = name
+        self.made = make  # whether it is known to be this job's (made for it): else only
+        # once the job's init said it made and joined it (sandboxd), and until then it is
+        # never killed, only removed if empty (a group of that name that was there before
+        # is another's)
         if self.version == 2:
             own = _own_paths()
             base = f"{ROOT}/{own.get('', '/').strip('/')}/{PARENT}".replace("//", "/")
@@ -247,6 +251,13 @@ class JobCgroup:
                 if name in (key, "oom_group_kill") and int(value) > 0:
                     return True
         return False
+
+    def discard(self) -> None:
+        """Remove the group if it is there and empty (one that was not known to be made for
+        the job: never killed)."""
+        for d in self.dirs.values():
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
     def release(self) -> None:
         """Kill what the group still holds and remove it. An ended job's group is empty

@@ -367,6 +367,8 @@ class Helper:
         if job.state == "joining" and data == b"j" and len(fds) <= 1 and job.sock is not None:
             job.namespaces.extend(fds)  # held: it is torn down after the report
             job.state = "spare"
+            if job.group is not None:  # the init made it and joined it
+                job.group.made = True
             try:
                 wire.send_with_fds(job.sock, wire.ready(job.init))
             except OSError:  # the worker went
@@ -530,7 +532,7 @@ class Cleanup:
                         os.close(fd)
                 if group is not None:
                     try:
-                        group.release()
+                        group.release() if group.made else group.discard()
                     except OSError as e:
                         complain(f"control group: {e}")
 
