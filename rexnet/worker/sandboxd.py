@@ -42,13 +42,11 @@ import contextlib
 import errno
 import itertools
 import os
-import queue
 import resource
 import select
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +69,7 @@ from rexnet.worker.nsutil import (
     unshare,
 )
 from rexnet.worker.nsutil import MS_BIND as MS_BIND  # tests/test_launcher_checks.py uses it
+from rexnet.worker.sandboxcleanup import Cleanup
 from rexnet.worker.sandboxinit import FORWARDED, SPARE_NAME
 from rexnet.worker.sandboxrequest import (
     checked_fds,
@@ -83,8 +82,6 @@ from rexnet.worker.sandboxrequest import (
 __all__ = ["SPARE_NAME", "main", "namespace_rss", "parse_users"]
 
 MEMORY_CHECK = 0.2  # seconds between checks of a memory bound no control group keeps
-CLEANUP_BATCH = 8  # ended jobs handed to the clean-up at once, at most
-CLEANUP_BACKLOG = 64  # ended jobs whose clean-up may wait; beyond that the loop waits
 SEND_TIMEOUT = 5.0  # seconds an init may take to read its job's request
 JOB_NOFILE = 0  # the jobs' soft bound on descriptors (the worker's), once main() started
 
@@ -189,7 +186,7 @@ class Helper:
         self.jobs: set[Job] = set()
         self.unreaped: set[int] = set()
         self.names = (f"job-{os.getpid()}-{n}" for n in itertools.count(1))
-        self.cleanup = Cleanup()
+        self.cleanup = Cleanup(complain)
 
     def run(self) -> int:
         """Until the worker is gone and every job has ended; 0."""
@@ -496,50 +493,6 @@ class Helper:
 
 def _fileno(fileobj: Any) -> int:
     return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
-
-
-class Cleanup:
-    """Kills and removes ended jobs' control groups and lets their mount namespaces go, in a
-    thread of its own (the last close of a mount namespace waits for an RCU grace period,
-    a group's removal may wait for its last processes): the loop hands a job over and goes
-    on. The jobs go over in batches (of CLEANUP_BATCH at most), when the loop is about to
-    wait: the thread then runs while the loop does not, neither waiting for the other's
-    GIL. Bounded: at most CLEANUP_BACKLOG jobs wait; beyond that the loop waits."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[list[tuple[list[int], JobCgroup | None]] | None] = (
-            queue.Queue(CLEANUP_BACKLOG // CLEANUP_BATCH))
-        self.batch: list[tuple[list[int], JobCgroup | None]] = []
-        self.thread = threading.Thread(target=self._run, name="cleanup", daemon=True)
-        self.thread.start()
-
-    def put(self, namespaces: list[int], group: JobCgroup | None) -> None:
-        self.batch.append((namespaces, group))
-        if len(self.batch) >= CLEANUP_BATCH:
-            self.flush()
-
-    def flush(self) -> None:
-        """Hand the jobs put since the last flush over."""
-        if self.batch:
-            batch, self.batch = self.batch, []
-            self.queue.put(batch)
-
-    def _run(self) -> None:
-        while (batch := self.queue.get()) is not None:
-            for namespaces, group in batch:
-                for fd in namespaces:  # its unmounts wait for an RCU grace period (~5 ms)
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                if group is not None:
-                    try:
-                        group.release() if group.made else group.discard()
-                    except OSError as e:
-                        complain(f"control group: {e}")
-
-    def close(self) -> None:
-        self.flush()
-        self.queue.put(None)
-        self.thread.join()
 
 
 if __name__ == "__main__":
