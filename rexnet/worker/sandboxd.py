@@ -6,12 +6,13 @@ process that reads nothing from the network and runs no job code. One process, o
 loop (epoll over every job's sockets and its init's pidfd), no fork per job. For each
 socket the worker sends it (ahead of a job: rexnet.worker.sandbox keeps spares) it
 
-- makes a control group for the job (memory, pids and CPU bounds; rexnet.worker.cgroups)
+- names a control group for the job (memory, pids and CPU bounds; rexnet.worker.cgroups)
   and spawns an init as PID 1 of a new PID namespace (rexnet-sandbox-init, the C program
   of rexnet.worker.nativeinit; else a fork of this process, rexnet.worker.sandboxinit).
-  The init joins the group itself (a cgroup v1 migration sleeps through an RCU grace
-  period, ~10 ms, that no job and no other job's event waits for); once it says so the
-  worker is told "ready" with the init's pid;
+  The C init makes the group (a fresh one: it refuses one that exists; the Python init's
+  is made here) and joins it itself (a cgroup v1 mkdir and migration wait for the cgroup
+  lock and an RCU grace period, ~10 ms, that no job and no other job's event waits for);
+  once it says so the worker is told "ready" with the init's pid;
 
 and when the worker's job comes on the socket (the request, the job's descriptors):
 
