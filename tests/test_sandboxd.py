@@ -725,3 +725,27 @@ def test_a_job_cannot_reach_the_previous_jobs_processes(helper: Helper) -> None:
         job.close()
     assert _until(lambda: helper.groups() == [])
     assert helper.stop() == ""
+
+
+def test_a_request_larger_than_the_sockets_buffer_reaches_the_init_whole(
+        helper: Helper) -> None:
+    """A job's request of ~360 KB (its environment): past what the init reads with its
+    descriptors at once and past the socket's buffer, the helper's one message is sent in
+    parts and the init reads the rest; the job gets all of it."""
+    job = helper.job()
+    in_r, job.stdin = os.pipe()
+    job.out, out_w = os.pipe()
+    env = {"PATH": os.environ["PATH"], **{f"BIG{n}": str(n) * 60_000 for n in range(6)}}
+    try:
+        wire.send(job.sock, {
+            "argv": ["sh", "-c", 'echo ${#BIG0} ${#BIG5} "$1"', "sh", "x" * 1000],
+            "env": env, "cwd": "/", "tty": False, "user": None, "fds": [0, 1, 2],
+            "limits": {}}, [in_r, out_w, out_w])
+    finally:
+        os.close(in_r)
+        os.close(out_w)
+    assert job.output() == f"60000 60000 {'x' * 1000}\n".encode()
+    assert job.end() == {"code": 0, "signal": None, "limit": ""}
+    job.close()
+    assert _until(lambda: helper.groups() == [])
+    assert helper.stop() == ""
