@@ -82,7 +82,7 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
-def _write(path: Path, value: str) -> None:
+def _write(path: str | Path, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
 
@@ -107,25 +107,31 @@ class JobCgroup:
             if base not in _delegated:
                 self._enable_v2(Path(base))
                 _delegated.add(base)
-            self.dirs = {"": Path(f"{base}/{name}")}
+            self.paths = {"": f"{base}/{name}"}
         else:
             mounted = _v1_controllers()
             wanted = [c for c in mounted if controllers is None or c == ALWAYS
                       or c in controllers] or list(mounted[:1])
-            self.dirs = {c: self._v1_dir(c) for c in wanted}
-        self._procs = [f"{d}/cgroup.procs" for d in self.dirs.values()]
-        for d in self.dirs.values() if make else ():
+            self.paths = {c: self._v1_dir(c) for c in wanted}  # (strings: a Path costs
+            # ~10 us to make, and a job's group is made and removed with them only)
+        self._procs = [f"{d}/cgroup.procs" for d in self.paths.values()]
+        for d in self.paths.values() if make else ():
             self._make(d)
 
-    def _v1_dir(self, controller: str) -> Path:
-        return Path(f"{_v1_parent(controller)}/{self.name}")
+    @property
+    def dirs(self) -> dict[str, Path]:
+        """The group's directory in each hierarchy: {controller or "" (v2): path}."""
+        return {c: Path(d) for c, d in self.paths.items()}
+
+    def _v1_dir(self, controller: str) -> str:
+        return f"{_v1_parent(controller)}/{self.name}"
 
     @staticmethod
-    def _make(d: Path) -> None:
+    def _make(d: str) -> None:
         try:
             os.mkdir(d)
         except FileNotFoundError:  # the first job's: its parent too
-            d.mkdir(parents=True, exist_ok=True)
+            Path(d).mkdir(parents=True, exist_ok=True)
 
     def add(self, controllers: Iterable[str], pid: int) -> None:
         """In v1, the group in the hierarchies of CONTROLLERS it lacks (those mounted), with
@@ -133,12 +139,12 @@ class JobCgroup:
         if self.version != 1:
             return
         for controller in controllers:
-            if controller in self.dirs or controller not in _v1_controllers():
+            if controller in self.paths or controller not in _v1_controllers():
                 continue
-            d = self.dirs[controller] = self._v1_dir(controller)
+            d = self.paths[controller] = self._v1_dir(controller)
             self._make(d)
             self._procs.append(f"{d}/cgroup.procs")
-            _write(d / "cgroup.procs", str(pid))
+            _write(f"{d}/cgroup.procs", str(pid))
 
     def procs(self) -> list[str]:
         """The group's cgroup.procs files: writing "0" to each moves the writer in."""
@@ -158,9 +164,9 @@ class JobCgroup:
 
     def _file(self, controller: str, v1: str, v2: str) -> Path | None:
         if self.version == 2:
-            return self.dirs[""] / v2
-        d = self.dirs.get(controller)
-        return d / v1 if d is not None else None
+            return Path(self.paths[""]) / v2
+        d = self.paths.get(controller)
+        return Path(d) / v1 if d is not None else None
 
     def limit(self, memory: int = 0, pids: int = 0, cpus: float = 0.0) -> list[str]:
         """Set the bounds that are not 0; return the names of those this host cannot set."""
@@ -240,9 +246,9 @@ class JobCgroup:
     def memory_exceeded(self) -> bool:
         """Whether the kernel ended a process of the group for its memory bound."""
         if self.version == 2:
-            path, key = f"{self.dirs['']}/memory.events", "oom_kill"
-        elif "memory" in self.dirs:
-            path, key = f"{self.dirs['memory']}/memory.oom_control", "oom_kill"
+            path, key = f"{self.paths['']}/memory.events", "oom_kill"
+        elif "memory" in self.paths:
+            path, key = f"{self.paths['memory']}/memory.oom_control", "oom_kill"
         else:
             return False
         with contextlib.suppress(OSError, ValueError):
@@ -255,7 +261,7 @@ class JobCgroup:
     def discard(self) -> None:
         """Remove the group if it is there and empty (one that was not known to be made for
         the job: never killed)."""
-        for d in self.dirs.values():
+        for d in self.paths.values():
             with contextlib.suppress(OSError):
                 os.rmdir(d)
 
@@ -263,7 +269,7 @@ class JobCgroup:
         """Kill what the group still holds and remove it. An ended job's group is empty
         (its namespace's processes are gone): removed at once, its kill (belt and braces)
         only for a group that is not (rmdir refuses a group that holds a process)."""
-        for d in self.dirs.values():
+        for d in self.paths.values():
             try:
                 os.rmdir(d)
             except FileNotFoundError:
@@ -275,7 +281,7 @@ class JobCgroup:
 
     def remove(self) -> None:
         """Remove the (empty) group; retried while its last processes are reaped."""
-        for d in self.dirs.values():
+        for d in self.paths.values():
             for _ in range(200):
                 try:
                     os.rmdir(d)

@@ -280,7 +280,7 @@ class Helper:
         in a new PID namespace."""
         try:  # (the C init makes its directories itself, out of this loop)
             group = JobCgroup(next(self.names), bounds, make=not self.native)
-            job.group = group if group.dirs else None
+            job.group = group if group.paths else None
         except OSError as e:
             complain(f"control group: {e}")
         # the status pipe's read end never blocks the loop (its write end: a few bytes once)
