@@ -617,3 +617,135 @@ def test_a_helper_whose_init_server_died_execs_its_inits(helper: Helper) -> None
         assert job.output() == b"2\n" and job.end() == {"code": 0, "signal": None, "limit": ""}
         job.close()
     assert "the init server" in helper.stop()
+
+
+def _pids_base(helper: Helper) -> Path:
+    """The jobs' parent group in the v1 pids hierarchy of HELPER."""
+    for line in Path(f"/proc/{helper.proc.pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(","):
+            return Path("/sys/fs/cgroup/pids") / path.lstrip("/") / "rexnet-jobs"
+    pytest.skip("no cgroup v1 pids hierarchy here")
+
+
+def _own_group(job: Job, script: str = "", limits: dict[str, Any] | None = None
+               ) -> list[str]:
+    """Run `sh -c` in JOB: its pids group (as /proc/self/cgroup says), the group's pids.max
+    and the processes it holds (cgroup.procs as the job's namespace sees them), then
+    SCRIPT's output; the job must exit 0."""
+    job.start('g=$(sed -n "s/^[0-9]*:pids://p" /proc/self/cgroup); echo "$g"; '
+              'cat "/sys/fs/cgroup/pids$g/pids.max"; '
+              'echo $(cat "/sys/fs/cgroup/pids$g/cgroup.procs"); ' + script, limits)
+    lines = job.output().decode().splitlines()
+    assert job.end() == {"code": 0, "signal": None, "limit": ""}, lines
+    return lines
+
+
+def test_a_group_that_exists_is_never_joined_each_job_gets_a_fresh_one(
+        helper: Helper, request: pytest.FixtureRequest) -> None:
+    """A job's control group is made for it (the C init makes it): a group of the next
+    job's name that is there already (say, with a tight bound and a process of another's)
+    is refused, never joined, killed or removed; the next job's group is new, with only
+    that job's bound and processes."""
+    if not Path("/sys/fs/cgroup/pids/cgroup.procs").exists():
+        pytest.skip("no cgroup v1 pids hierarchy here")
+    native = request.node.callspec.params["helper"] == "native"
+    first = helper.job(["pids"])  # job-PID-1
+    trap = _pids_base(helper) / f"job-{helper.proc.pid}-2"  # the next spare's name
+    trap.mkdir()
+    other = subprocess.Popen(["sleep", sleep_marker()])
+    try:
+        (trap / "pids.max").write_text("3\n")
+        (trap / "cgroup.procs").write_text(str(other.pid))
+        if native:  # the spare's init refuses it: the sandbox closes before "ready"
+            mine, theirs = socket.socketpair()
+            wire.send(helper.control, {"job": True, "bounds": ["pids"]}, [theirs.fileno()])
+            theirs.close()
+            mine.settimeout(TIMEOUT)
+            assert wire.receive(mine) is None
+            mine.close()
+        else:  # the Python init's group is the helper's to make: it runs without one
+            odd = helper.job(["pids"])
+            assert f"/job-{helper.proc.pid}-2" not in _own_group(odd)[0]
+            odd.close()
+        group, bound = _own_group(first, "", {"pids": 40})[:2]
+        assert group.endswith(f"/rexnet-jobs/job-{helper.proc.pid}-1") and bound == "40"
+        second = helper.job(["pids"])  # job-PID-3: fresh, no bound but its own
+        group2, bound2, procs2 = _own_group(second, "", {})[:3]
+        assert group2.endswith(f"/rexnet-jobs/job-{helper.proc.pid}-3"), group2
+        assert bound2 == "max"
+        assert set(procs2.split()) <= {"1", "2", "3", "4", "5"}  # its init, sh, a few
+        for job in (first, second):
+            job.close()
+        assert _until(lambda: helper.groups() == [str(trap)])
+        time.sleep(0.2)  # (a clean-up would have come by now)
+        assert other.poll() is None  # neither killed
+        assert (trap / "cgroup.procs").read_text().split() == [str(other.pid)]  # nor joined
+        assert (trap / "pids.max").read_text() == "3\n"
+    finally:
+        other.kill()
+        other.wait()
+        assert _until(lambda: not (trap / "cgroup.procs").read_text().strip())
+        trap.rmdir()
+    err = helper.stop()
+    if native:
+        assert f"job-{helper.proc.pid}-2: File exists" in err, err
+
+
+def test_a_job_cannot_reach_the_previous_jobs_processes(helper: Helper) -> None:
+    """A job that leaves a setsid'd process behind: gone with its namespace when it ends,
+    and the next job (its group, its /proc, a signal) finds nothing of it."""
+    base = Path("/sys/fs/cgroup/pids/cgroup.procs").exists()
+    first = helper.job(["pids"])
+    mark = sleep_marker()
+    first.start(f"(setsid sleep {mark} &); echo up; read x; exit 0")
+    assert first.line() == b"up\n"
+    assert _until(lambda: any(" ".join(p.info["cmdline"] or ()) == f"sleep {mark}"
+                              for p in psutil.process_iter(["cmdline"])))
+    [left] = [p.pid for p in psutil.process_iter(["cmdline"])
+              if " ".join(p.info["cmdline"] or ()) == f"sleep {mark}"]
+    group = f"/job-{helper.proc.pid}-1"
+    os.close(first.stdin)
+    first.stdin = -1
+    assert first.end() == {"code": 0, "signal": None, "limit": ""}
+    assert _gone(f"sleep {mark}")
+    second = helper.job(["pids"])
+    script = (f"kill -0 {left} 2>/dev/null && echo reached; "
+              f"ls -d /proc/[0-9]* | wc -l; pgrep -f 'slee[p] {mark}' || echo none")
+    if base:  # its own group (pids.max, cgroup.procs: only its own), then the script's
+        lines = _own_group(second, script)
+        assert not lines[0].endswith(group) and lines[1] == "max", lines
+        assert set(lines[2].split()) <= {"1", "2", "3", "4", "5"}, lines
+        assert lines[3:] in (["3", "none"], ["4", "none"]), lines
+    else:
+        second.start(script)
+        assert second.output().decode().split()[-1:] == ["none"]
+        assert second.end() == {"code": 0, "signal": None, "limit": ""}
+    for job in (first, second):
+        job.close()
+    assert _until(lambda: helper.groups() == [])
+    assert helper.stop() == ""
+
+
+def test_a_request_larger_than_the_sockets_buffer_reaches_the_init_whole(
+        helper: Helper) -> None:
+    """A job's request of ~360 KB (its environment): past what the init reads with its
+    descriptors at once and past the socket's buffer, the helper's one message is sent in
+    parts and the init reads the rest; the job gets all of it."""
+    job = helper.job()
+    in_r, job.stdin = os.pipe()
+    job.out, out_w = os.pipe()
+    env = {"PATH": os.environ["PATH"], **{f"BIG{n}": str(n) * 60_000 for n in range(6)}}
+    try:
+        wire.send(job.sock, {
+            "argv": ["sh", "-c", 'echo ${#BIG0} ${#BIG5} "$1"', "sh", "x" * 1000],
+            "env": env, "cwd": "/", "tty": False, "user": None, "fds": [0, 1, 2],
+            "limits": {}}, [in_r, out_w, out_w])
+    finally:
+        os.close(in_r)
+        os.close(out_w)
+    assert job.output() == f"60000 60000 {'x' * 1000}\n".encode()
+    assert job.end() == {"code": 0, "signal": None, "limit": ""}
+    job.close()
+    assert _until(lambda: helper.groups() == [])
+    assert helper.stop() == ""

@@ -55,13 +55,20 @@ def version() -> int:
 
 def forget() -> None:
     """Look again at what is mounted (after mounting the hierarchies: nsutil.mount_cgroups)."""
-    for cached in (version, _v1_controllers, _own_paths):
+    for cached in (version, _v1_controllers, _own_paths, _v1_parent):
         cached.cache_clear()
 
 
 @functools.cache
 def _v1_controllers() -> tuple[str, ...]:
     return tuple(c for c in V1_CONTROLLERS if (ROOT / c / "cgroup.procs").exists())
+
+
+@functools.cache
+def _v1_parent(controller: str) -> str:
+    """The jobs' parent group in CONTROLLER's hierarchy, below this process's own."""
+    own = _own_paths().get(controller, "/").strip("/")
+    return f"{ROOT}/{controller}/{own}/{PARENT}".replace("//", "/")
 
 
 _delegated: set[str] = set()  # the v2 jobs' parents this process has delegated to
@@ -75,7 +82,7 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
-def _write(path: Path, value: str) -> None:
+def _write(path: str | Path, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
 
@@ -83,37 +90,48 @@ def _write(path: Path, value: str) -> None:
 class JobCgroup:
     """The control group(s) of one job, NAME, below this process's own."""
 
-    def __init__(self, name: str, controllers: Iterable[str] | None = None) -> None:
+    def __init__(self, name: str, controllers: Iterable[str] | None = None,
+                 make: bool = True) -> None:
         """NAME's group; in v1 in the hierarchies of CONTROLLERS and ALWAYS (None: every
-        one mounted)."""
+        one mounted). MAKE: make its directories (else the job's C init makes them, the
+        parents of procs(), before it joins)."""
         self.version = version()
         self.name = name
+        self.made = make  # whether it is known to be this job's (made for it): else only
+        # once the job's init said it made and joined it (sandboxd), and until then it is
+        # never killed, only removed if empty (a group of that name that was there before
+        # is another's)
         if self.version == 2:
             own = _own_paths()
             base = f"{ROOT}/{own.get('', '/').strip('/')}/{PARENT}".replace("//", "/")
             if base not in _delegated:
                 self._enable_v2(Path(base))
                 _delegated.add(base)
-            self.dirs = {"": Path(f"{base}/{name}")}
+            self.paths = {"": f"{base}/{name}"}
         else:
             mounted = _v1_controllers()
             wanted = [c for c in mounted if controllers is None or c == ALWAYS
                       or c in controllers] or list(mounted[:1])
-            self.dirs = {c: self._v1_dir(c) for c in wanted}
-        self._procs = [f"{d}/cgroup.procs" for d in self.dirs.values()]
-        for d in self.dirs.values():
+            self.paths = {c: self._v1_dir(c) for c in wanted}  # (strings: a Path costs
+            # ~10 us to make, and a job's group is made and removed with them only)
+        self._procs = [f"{d}/cgroup.procs" for d in self.paths.values()]
+        for d in self.paths.values() if make else ():
             self._make(d)
 
-    def _v1_dir(self, controller: str) -> Path:
-        own = _own_paths().get(controller, "/").strip("/")
-        return Path(f"{ROOT}/{controller}/{own}/{PARENT}/{self.name}".replace("//", "/"))
+    @property
+    def dirs(self) -> dict[str, Path]:
+        """The group's directory in each hierarchy: {controller or "" (v2): path}."""
+        return {c: Path(d) for c, d in self.paths.items()}
+
+    def _v1_dir(self, controller: str) -> str:
+        return f"{_v1_parent(controller)}/{self.name}"
 
     @staticmethod
-    def _make(d: Path) -> None:
+    def _make(d: str) -> None:
         try:
             os.mkdir(d)
         except FileNotFoundError:  # the first job's: its parent too
-            d.mkdir(parents=True, exist_ok=True)
+            Path(d).mkdir(parents=True, exist_ok=True)
 
     def add(self, controllers: Iterable[str], pid: int) -> None:
         """In v1, the group in the hierarchies of CONTROLLERS it lacks (those mounted), with
@@ -121,12 +139,12 @@ class JobCgroup:
         if self.version != 1:
             return
         for controller in controllers:
-            if controller in self.dirs or controller not in _v1_controllers():
+            if controller in self.paths or controller not in _v1_controllers():
                 continue
-            d = self.dirs[controller] = self._v1_dir(controller)
+            d = self.paths[controller] = self._v1_dir(controller)
             self._make(d)
             self._procs.append(f"{d}/cgroup.procs")
-            _write(d / "cgroup.procs", str(pid))
+            _write(f"{d}/cgroup.procs", str(pid))
 
     def procs(self) -> list[str]:
         """The group's cgroup.procs files: writing "0" to each moves the writer in."""
@@ -146,9 +164,9 @@ class JobCgroup:
 
     def _file(self, controller: str, v1: str, v2: str) -> Path | None:
         if self.version == 2:
-            return self.dirs[""] / v2
-        d = self.dirs.get(controller)
-        return d / v1 if d is not None else None
+            return Path(self.paths[""]) / v2
+        d = self.paths.get(controller)
+        return Path(d) / v1 if d is not None else None
 
     def limit(self, memory: int = 0, pids: int = 0, cpus: float = 0.0) -> list[str]:
         """Set the bounds that are not 0; return the names of those this host cannot set."""
@@ -228,9 +246,9 @@ class JobCgroup:
     def memory_exceeded(self) -> bool:
         """Whether the kernel ended a process of the group for its memory bound."""
         if self.version == 2:
-            path, key = f"{self.dirs['']}/memory.events", "oom_kill"
-        elif "memory" in self.dirs:
-            path, key = f"{self.dirs['memory']}/memory.oom_control", "oom_kill"
+            path, key = f"{self.paths['']}/memory.events", "oom_kill"
+        elif "memory" in self.paths:
+            path, key = f"{self.paths['memory']}/memory.oom_control", "oom_kill"
         else:
             return False
         with contextlib.suppress(OSError, ValueError):
@@ -240,9 +258,30 @@ class JobCgroup:
                     return True
         return False
 
+    def discard(self) -> None:
+        """Remove the group if it is there and empty (one that was not known to be made for
+        the job: never killed)."""
+        for d in self.paths.values():
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+    def release(self) -> None:
+        """Kill what the group still holds and remove it. An ended job's group is empty
+        (its namespace's processes are gone): removed at once, its kill (belt and braces)
+        only for a group that is not (rmdir refuses a group that holds a process)."""
+        for d in self.paths.values():
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                self.kill()
+                self.remove()
+                return
+
     def remove(self) -> None:
         """Remove the (empty) group; retried while its last processes are reaped."""
-        for d in self.dirs.values():
+        for d in self.paths.values():
             for _ in range(200):
                 try:
                     os.rmdir(d)

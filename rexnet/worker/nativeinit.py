@@ -8,11 +8,14 @@ spawned instead (vfork and exec of a small program), joins the job's control gro
 and vforks only itself for the command. Where it was not built (or
 REXNET_SANDBOX_INIT=python) the helper forks its Python init (rexnet.worker.sandboxinit).
 
-It makes the job's mount namespace (fresh /tmp, /var/tmp, /dev/shm and /proc) while a
-spare, before the job comes (and hands it to the helper with its "joined" byte), and
-binds a job's kept directories back once it comes. The
-request it reads is checked by the helper first: a 4-byte big-endian length, then (with
-the job's descriptors) native u32 words - numbers of targets, argv, env, kept directories
+It makes the job's control group (cgroups.JobCgroup(make=False): the group's directories,
+the parent of each cgroup.procs file it is given; a mkdir waits for the cgroup lock,
+which spares joining their groups hold for ~10 ms: here, not in the helper's loop) and
+the job's mount namespace (fresh /tmp, /var/tmp, /dev/shm and /proc) while a spare,
+before the job comes (and hands it to the helper with its "joined" byte), and binds a
+job's kept directories back once it comes. The request it reads is checked by the helper
+first: one message (the init reads it, its descriptors with its first bytes, at once),
+a 4-byte big-endian length, then native u32 words - numbers of targets, argv, env, kept directories
 and groups; uid, gid, tty; the targets; the groups - then NUL-terminated strings: cwd,
 argv, env ("NAME=value"), and per kept directory the index of its private directory ("0"
 to "2") and its path.
@@ -35,8 +38,6 @@ import socket
 import struct
 import sys
 from collections.abc import Sequence
-
-from rexnet.worker import sandboxwire
 
 NAME = "rexnet-sandbox-init"
 SERVER_NAME = "rexnet-initsrv"  # the fork server's process name (init.c's serve)
@@ -94,7 +95,11 @@ class Server:
             if moved != source:
                 os.close(moved)
             theirs.close()
-        ours.settimeout(SERVER_TIMEOUT)
+        # the kernel's timeouts (EAGAIN after SERVER_TIMEOUT), not the socket module's: those
+        # poll before every send and receive
+        timeval = struct.pack("@ll", int(SERVER_TIMEOUT), 0)
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            ours.setsockopt(socket.SOL_SOCKET, option, timeval)
         self.sock = ours
 
     def spawn(self, control: socket.socket, status: int, procs: Sequence[str] = (),
@@ -124,6 +129,19 @@ def _text(value: object, what: str) -> bytes:
     return value.encode() + b"\0"
 
 
+def _texts(values: list[object], what: str) -> bytes:
+    """Strings without NUL, each NUL-terminated (one join, not one call a string)."""
+    if not values:
+        return b""
+    try:
+        joined = "\0".join(values)  # type: ignore[arg-type]  # TypeError: not all strings
+    except TypeError:
+        raise ValueError(f"{what} is not a string without NUL") from None
+    if joined.count("\0") != len(values) - 1:
+        raise ValueError(f"{what} is not a string without NUL")
+    return joined.encode() + b"\0"
+
+
 def encode(argv: Sequence[object], env: dict[str, object], cwd: str, tty: bool,
            identity: tuple[int, int, str], targets: Sequence[int],
            kept: Sequence[tuple[int, str]]) -> bytes:
@@ -136,18 +154,33 @@ def encode(argv: Sequence[object], env: dict[str, object], cwd: str, tty: bool,
         raise ValueError("an environment variable's name is empty or holds '='")
     words = [len(targets), len(argv), len(env), len(kept), len(groups), uid, gid, int(tty),
              *targets, *groups]
-    body = [struct.pack(f"={len(words)}I", *words), _text(cwd, "the directory")]
-    body += [_text(a, "an argument") for a in argv]
-    body += [_text(f"{k}={v}" if isinstance(v, str) else v, "a variable")
-             for k, v in env.items()]
+    body = [struct.pack(f"={len(words)}I", *words), _text(cwd, "the directory"),
+            _texts(list(argv), "an argument"),
+            _texts([f"{k}={v}" if isinstance(v, str) else v for k, v in env.items()],
+                   "a variable")]
     for index, path in kept:
         body += [str(index).encode() + b"\0", _text(path, "a directory")]
     data = b"".join(body)
     return HEADER.pack(len(data)) + data
 
 
-def send(control: socket.socket, request: bytes, fds: Sequence[int]) -> None:
-    """The request to the init: its length alone, then the rest with the descriptors."""
-    control.sendall(request[:HEADER.size])
-    sandboxwire.send_with_fds(control, request[HEADER.size:], fds)
+def send(control: socket.socket, request: bytes, fds: Sequence[int], timeout: float
+         ) -> None:
+    """The request to the init on CONTROL (non-blocking): one message, the descriptors
+    FDS on its first bytes (one wake-up of the init, which reads it at once); what the
+    socket's buffer did not take is sent waiting up to TIMEOUT seconds."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    try:
+        sent = control.sendmsg([request], ancillary)
+    except BlockingIOError:
+        sent = -1
+    if sent == len(request):
+        return
+    control.settimeout(timeout)
+    try:
+        if sent < 0:
+            sent = control.sendmsg([request], ancillary)
+        control.sendall(request[sent:])
+    finally:
+        control.setblocking(False)
 

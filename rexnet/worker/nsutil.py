@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import shutil
+import stat
 from typing import Any
 
 from rexnet.worker import cgroups
@@ -51,6 +51,35 @@ def set_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
+def which(name: str, path: object = None) -> str | None:
+    """NAME as shutil.which(NAME, path=PATH) finds it (an executable file, not a directory,
+    in the first of PATH's directories that has one; None: the helper's PATH), with one
+    stat per directory that lacks it (shutil.which makes three). TypeError: PATH is not a
+    string."""
+    if path is None:
+        path = os.environ.get("PATH")
+        if path is None:
+            try:
+                path = os.confstr("CS_PATH")
+            except (AttributeError, ValueError):
+                path = os.defpath
+    if not isinstance(path, str):
+        raise TypeError("PATH is not a string")
+    seen: set[str] = set()
+    for directory in path.split(os.pathsep) if path else ():
+        if directory in seen:
+            continue
+        seen.add(directory)
+        candidate = os.path.join(directory, name)
+        try:
+            mode = os.stat(candidate).st_mode
+        except (OSError, ValueError):
+            continue
+        if not stat.S_ISDIR(mode) and os.access(candidate, os.F_OK | os.X_OK):
+            return candidate
+    return None
+
+
 def program_dir(request: dict[str, Any]) -> str | None:
     """The directory of the job's program (the worker's COMMAND, found as the job will find
     it), so that a program kept below a private directory stays visible; None if unknown."""
@@ -58,16 +87,34 @@ def program_dir(request: dict[str, Any]) -> str | None:
     if not argv or not isinstance(argv[0], str):
         return None
     env = request.get("env", {})
-    found = argv[0] if "/" in argv[0] else shutil.which(
-        argv[0], path=env.get("PATH") if isinstance(env, dict) else None)
+    found = argv[0] if "/" in argv[0] else which(
+        argv[0], env.get("PATH") if isinstance(env, dict) else None)
     return os.path.dirname(os.path.abspath(found)) if found else None
+
+
+def real_dir(path: str) -> str | None:
+    """The real path of directory PATH (as os.path.realpath, which lstats every component:
+    here the kernel resolves it, an open and a readlink); None if it is no directory."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc here
+        real = ""
+    finally:
+        os.close(fd)
+    if not real.startswith("/") or real.endswith(" (deleted)"):
+        return os.path.realpath(path) if os.path.isdir(path) else None
+    return real
 
 
 def kept_dirs(cwd: str, *more: str | None) -> list[tuple[int, str]]:
     """The directories that stay visible below PRIVATE_DIRS: a working directory CWD below
     one of them (the worker's --chdir, a job's own directory) and MORE (the program's), as
     (index in PRIVATE_DIRS, real path)."""
-    kept = sorted({os.path.realpath(d) for d in (cwd, *more) if d and os.path.isdir(d)})
+    kept = sorted({real for real in (real_dir(d) for d in (cwd, *more) if d) if real})
     return [(i, d) for i, directory in enumerate(PRIVATE_DIRS) for d in kept
             if d.startswith(directory.rstrip("/") + "/")]
 

@@ -3,15 +3,16 @@
 A worker started as root starts this helper before twistd drops its privileges
 (rexnet.worker.sandbox), and keeps one end of a socketpair to it: root stays here, in a
 process that reads nothing from the network and runs no job code. One process, one event
-loop (selectors over every job's sockets and its init's pidfd), no fork per job. For each
+loop (epoll over every job's sockets and its init's pidfd), no fork per job. For each
 socket the worker sends it (ahead of a job: rexnet.worker.sandbox keeps spares) it
 
-- makes a control group for the job (memory, pids and CPU bounds; rexnet.worker.cgroups)
+- names a control group for the job (memory, pids and CPU bounds; rexnet.worker.cgroups)
   and spawns an init as PID 1 of a new PID namespace (rexnet-sandbox-init, the C program
   of rexnet.worker.nativeinit; else a fork of this process, rexnet.worker.sandboxinit).
-  The init joins the group itself (a cgroup v1 migration sleeps through an RCU grace
-  period, ~10 ms, that no job and no other job's event waits for); once it says so the
-  worker is told "ready" with the init's pid;
+  The C init makes the group (a fresh one: it refuses one that exists; the Python init's
+  is made here) and joins it itself (a cgroup v1 mkdir and migration wait for the cgroup
+  lock and an RCU grace period, ~10 ms, that no job and no other job's event waits for);
+  once it says so the worker is told "ready" with the init's pid;
 
 and when the worker's job comes on the socket (the request, the job's descriptors):
 
@@ -42,13 +43,11 @@ import contextlib
 import errno
 import itertools
 import os
-import queue
 import resource
-import selectors
+import select
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +70,7 @@ from rexnet.worker.nsutil import (
     unshare,
 )
 from rexnet.worker.nsutil import MS_BIND as MS_BIND  # tests/test_launcher_checks.py uses it
+from rexnet.worker.sandboxcleanup import Cleanup
 from rexnet.worker.sandboxinit import FORWARDED, SPARE_NAME
 from rexnet.worker.sandboxrequest import (
     checked_fds,
@@ -83,7 +83,6 @@ from rexnet.worker.sandboxrequest import (
 __all__ = ["SPARE_NAME", "main", "namespace_rss", "parse_users"]
 
 MEMORY_CHECK = 0.2  # seconds between checks of a memory bound no control group keeps
-CLEANUP_BACKLOG = 64  # ended jobs whose clean-up may wait; beyond that the loop waits
 SEND_TIMEOUT = 5.0  # seconds an init may take to read its job's request
 JOB_NOFILE = 0  # the jobs' soft bound on descriptors (the worker's), once main() started
 
@@ -175,36 +174,41 @@ class Helper:
                 self.server = nativeinit.Server(native)
             except OSError as e:
                 complain(f"no init server ({e}): an exec per spare")
-        self.selector = selectors.DefaultSelector()
+        # epoll itself, not selectors: a job's three descriptors (its socket, its init's
+        # socket and pidfd) come and go with it, and selectors' keys cost tens of us a job
+        self.epoll = select.epoll()
+        self.watched: dict[int, tuple[Any, Callable[[], None]]] = {}  # fd: (object, callback)
+        self.bounded: set[Job] = set()  # running jobs with a memory bound the helper checks
         control.setblocking(False)
         self.control: socket.socket | None = control
         self.control_reader = wire.Reader(control)
-        self.selector.register(control, selectors.EVENT_READ, self._from_control)
+        self._watch(control, self._from_control)
         self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.jobs: set[Job] = set()
         self.unreaped: set[int] = set()
         self.names = (f"job-{os.getpid()}-{n}" for n in itertools.count(1))
-        self.cleanup = Cleanup()
+        self.cleanup = Cleanup(complain)
 
     def run(self) -> int:
         """Until the worker is gone and every job has ended; 0."""
         checked = time.monotonic()
+        watched = self.watched
         while self.control is not None or self.jobs:
-            bounded = [j for j in self.jobs if j.memory and j.state == "running"]
-            for key, _ in self.selector.select(MEMORY_CHECK if bounded else None):
-                try:  # an earlier callback may have closed it (and its number be reused)
-                    current = self.selector.get_key(key.fileobj)
-                except (KeyError, ValueError):
-                    continue
-                if current.data is key.data:
-                    key.data()
-            if bounded and time.monotonic() - checked >= MEMORY_CHECK:
+            self.cleanup.flush()  # while this loop waits: no contention for the GIL
+            events = self.epoll.poll(MEMORY_CHECK if self.bounded else -1)
+            # an earlier callback may have closed a descriptor (and its number be reused):
+            # only the callbacks watching when the events came are called
+            for entry in [watched.get(fd) for fd, _ in events]:
+                if entry is not None and watched.get(_fileno(entry[0])) is entry:
+                    entry[1]()
+            if self.bounded and time.monotonic() - checked >= MEMORY_CHECK:
                 checked = time.monotonic()
-                for job in bounded:
+                for job in list(self.bounded):
                     if not job.limit and namespace_rss(job.init) > job.memory:
                         job.limit = "memory"
                         job.kill()
         self._reap()
+        self.epoll.close()
         self.cleanup.close()
         self._close_server()
         return 0
@@ -228,11 +232,20 @@ class Helper:
         self._reap()
 
     def _watch(self, fileobj: Any, callback: Callable[[], None]) -> None:
-        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+        """Call CALLBACK when FILEOBJ (a socket or a descriptor) is readable."""
+        fd = _fileno(fileobj)
+        self.epoll.register(fd, select.EPOLLIN)
+        self.watched[fd] = (fileobj, callback)
 
     def _unwatch(self, fileobj: Any) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(fileobj)
+        """No more callbacks for FILEOBJ (before it is closed)."""
+        fd = _fileno(fileobj)
+        entry = self.watched.get(fd)
+        if entry is None or entry[0] != fileobj:  # (a socket's == is identity)
+            return
+        del self.watched[fd]
+        with contextlib.suppress(OSError):
+            self.epoll.unregister(fd)
 
     # -- the worker's control socket: a socket per sandbox to prepare -------------------
 
@@ -265,12 +278,13 @@ class Helper:
     def _prepare(self, job: Job, bounds: list[str] | None = None) -> None:
         """The job's control group (for the controllers of BOUNDS: None, all) and its init,
         in a new PID namespace."""
-        try:
-            group = JobCgroup(next(self.names), bounds)
-            job.group = group if group.dirs else None
+        try:  # (the C init makes its directories itself, out of this loop)
+            group = JobCgroup(next(self.names), bounds, make=not self.native)
+            job.group = group if group.paths else None
         except OSError as e:
             complain(f"control group: {e}")
-        status_r, status_w = os.pipe()
+        # the status pipe's read end never blocks the loop (its write end: a few bytes once)
+        status_r, status_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         go, init_go = socket.socketpair()
         try:
             job.init = self._spawn(job, init_go, status_w)
@@ -351,8 +365,10 @@ class Helper:
         if job.state == "joining" and data == b"j" and len(fds) <= 1 and job.sock is not None:
             job.namespaces.extend(fds)  # held: it is torn down after the report
             job.state = "spare"
+            if job.group is not None:  # the init made it and joined it
+                job.group.made = True
             try:
-                wire.send(job.sock, {"ready": job.init})
+                wire.send_with_fds(job.sock, wire.ready(job.init))
             except OSError:  # the worker went
                 self._worker_gone(job)
                 return
@@ -375,22 +391,21 @@ class Helper:
 
     def _ended(self, job: Job) -> None:
         """The init has ended, and with it every process of the namespace: the status to
-        the worker, then the clean-up."""
-        self._unwatch(job.pidfd)
-        self.unreaped.add(job.init)
-        self._reap()
+        the worker, then the rest (the init reaped, the clean-up)."""
         status: int | None = None
-        os.set_blocking(job.status_r, False)
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):  # (a non-blocking pipe)
             status = int(os.read(job.status_r, 64))
         if job.group is not None and job.group.memory_exceeded():
             job.limit = "memory"
         if job.sock is not None and job.state == "running":
             code = os.waitstatus_to_exitcode(status) if status is not None else -signal.SIGKILL
             with contextlib.suppress(OSError):
-                wire.send(job.sock, {"code": max(code, 0) if code >= 0 else None,
-                                     "signal": -code if code < 0 else None,
-                                     "limit": job.limit})
+                wire.send_with_fds(job.sock, wire.ended(code if code >= 0 else None,
+                                                        -code if code < 0 else None, job.limit))
+        self._unwatch(job.pidfd)
+        self.bounded.discard(job)
+        self.unreaped.add(job.init)
+        self._reap()
         while job.go is not None:  # (after the report) the Python init's mount namespace
             got = self._read_init(job)  # may be waiting there still; then its EOF
             if got is not None:
@@ -410,7 +425,7 @@ class Helper:
     def _from_worker(self, job: Job) -> None:
         got: list[tuple[dict[str, Any], list[int]]] = []
         try:
-            got = job.reader.read()
+            got = job.reader.read(1)  # one at a time: the request, then signals
             if job.reader.bad:
                 raise wire.WireError(job.reader.bad[0])
         except (wire.WireError, OSError) as e:
@@ -452,7 +467,8 @@ class Helper:
             request["fds"] = checked_fds(request, fds)
             identity = request_identity(job.sock, request, self.users)
             job.memory = set_bounds(job.group, request.get("limits", {}), job.init)
-            job.go.settimeout(SEND_TIMEOUT)
+            if job.memory:
+                self.bounded.add(job)
             if self.native:
                 env = request.get("env", {})
                 if not isinstance(env, dict) or not isinstance(request.get("argv"), list):
@@ -463,10 +479,11 @@ class Helper:
                 cwd = str(request.get("cwd") or "/")
                 nativeinit.send(job.go, nativeinit.encode(
                     request["argv"], env, cwd, bool(request.get("tty")), identity,
-                    request["fds"], kept_dirs(cwd, program_dir(request))), fds)
+                    request["fds"], kept_dirs(cwd, program_dir(request))), fds, SEND_TIMEOUT)
             else:
+                job.go.settimeout(SEND_TIMEOUT)
                 wire.send(job.go, {"request": request, "identity": list(identity)}, fds)
-            job.go.setblocking(False)
+                job.go.setblocking(False)
         except (wire.WireError, ValueError, TypeError, KeyError, OSError) as e:
             complain(f"job {job.init}: cannot start it: {e!r}")
             self._worker_gone(job)  # as before: the worker sees the socket close
@@ -475,37 +492,8 @@ class Helper:
                 os.close(fd)
 
 
-class Cleanup:
-    """Kills and removes ended jobs' control groups and lets their mount namespaces go, in a
-    thread of its own (the last close of a mount namespace waits for an RCU grace period,
-    a group's removal may wait for its last processes): the loop hands a job over and goes
-    on. Bounded: at most CLEANUP_BACKLOG jobs wait; beyond that the loop waits."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[tuple[list[int], JobCgroup | None] | None] = queue.Queue(
-            CLEANUP_BACKLOG)
-        self.thread = threading.Thread(target=self._run, name="cleanup", daemon=True)
-        self.thread.start()
-
-    def put(self, namespaces: list[int], group: JobCgroup | None) -> None:
-        self.queue.put((namespaces, group))
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            namespaces, group = item
-            for fd in namespaces:  # its unmounts wait for an RCU grace period (~5 ms)
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            if group is not None:
-                try:
-                    group.kill()
-                    group.remove()
-                except OSError as e:
-                    complain(f"control group: {e}")
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+def _fileno(fileobj: Any) -> int:
+    return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ from typing import Any
 MAX_MESSAGE = 4 << 20
 MAX_FDS = 64
 HEADER = struct.Struct(">I")
+_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)  # plain ints: an enum's | and
+_CTRUNC = int(socket.MSG_CTRUNC)  # & cost microseconds a call
 
 
 class WireError(Exception):
@@ -31,6 +34,21 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[in
          ) -> None:
     body = json.dumps(message, separators=(",", ":")).encode()
     send_with_fds(sock, HEADER.pack(len(body)) + body, fds)
+
+
+def ready(pid: int) -> bytes:
+    """The message {"ready": PID}, framed (as send() would: without json.dumps)."""
+    body = b'{"ready":%d}' % pid
+    return HEADER.pack(len(body)) + body
+
+
+def ended(code: int | None, number: int | None, limit: str) -> bytes:
+    """The message {"code": CODE, "signal": NUMBER, "limit": LIMIT}, framed (as send()
+    would, with one json.dumps of a string)."""
+    body = b'{"code":%s,"signal":%s,"limit":%s}' % (
+        b"null" if code is None else b"%d" % code, b"null" if number is None else b"%d" % number,
+        json.dumps(limit).encode())
+    return HEADER.pack(len(body)) + body
 
 
 def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -78,7 +96,10 @@ class Reader:
     dropped (its descriptors closed) and why is added to `bad`; a broken frame (over the
     bounds, an EOF inside a message) raises WireError and ends the reader (the stream cannot
     be trusted past it). No read crosses the end of a message: a message's descriptors
-    come with the read that starts it (a read across would get the next one's)."""
+    come with the read that starts it (a read across would get the next one's).
+    read(1) stops at the end of the first message: a peer that sent more leaves its socket
+    readable, and a socket that carries one message at a time (a job's) then needs no read
+    that finds nothing."""
 
     CHUNK = 1 << 16
     READS = 64  # at most, per read(): one busy peer does not hold the caller
@@ -91,11 +112,16 @@ class Reader:
         self._size = -1  # the body's, once its header is in
         self._fds: list[int] = []
 
-    def read(self) -> list[tuple[dict[str, Any], list[int]]]:
+    def read(self, most: int = 0) -> list[tuple[dict[str, Any], list[int]]]:
+        """The messages completed so far (MOST: at most that many, dropped ones counted;
+        0: as many as READS reads bring)."""
         done: list[tuple[dict[str, Any], list[int]]] = []
+        bad = len(self.bad)
         try:
             for _ in range(self.READS):
                 if self.ended or not self._read_some(done):
+                    break
+                if most and len(done) + len(self.bad) - bad >= most:
                     break
         except BaseException:
             self.ended = True
@@ -110,13 +136,13 @@ class Reader:
         """One read (up to the end of the header or of the body); False: nothing there."""
         want = (HEADER.size if self._size < 0 else HEADER.size + self._size) - len(self._buffer)
         try:
-            data, ancillary, flags, _ = self.sock.recvmsg(
-                min(want, self.CHUNK), socket.CMSG_SPACE(MAX_FDS * 4),
-                socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+            data, ancillary, flags, _ = self.sock.recvmsg(min(want, self.CHUNK), _SPACE,
+                                                          _FLAGS)
         except (BlockingIOError, InterruptedError):
             return False
-        self._fds.extend(descriptors(ancillary))
-        if flags & socket.MSG_CTRUNC or len(self._fds) > MAX_FDS:
+        if ancillary:
+            self._fds.extend(descriptors(ancillary))
+        if flags & _CTRUNC or len(self._fds) > MAX_FDS:
             raise WireError("too many descriptors")
         if not data:
             self.ended = True
@@ -151,14 +177,14 @@ class Reader:
 
 def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     """The next message and its descriptors (the caller owns them), or None at EOF."""
-    head, ancillary, flags, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(MAX_FDS * 4))
+    head, ancillary, flags, _ = sock.recvmsg(HEADER.size, _SPACE)
     fds = descriptors(ancillary)
     try:
         if not head:
             if fds:
                 raise WireError("descriptors without a message")
             return None
-        if flags & socket.MSG_CTRUNC:
+        if flags & _CTRUNC:
             raise WireError("too many descriptors")
         if len(head) < HEADER.size:
             head += _exactly(sock, HEADER.size - len(head))

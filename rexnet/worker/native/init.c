@@ -2,8 +2,10 @@
 
    Spawned by the root sandbox helper (posix_spawn, in a new PID namespace) with fd 3 a
    socket to the helper, fd 4 the status pipe and as arguments the cgroup.procs files of
-   the job's control group. It joins the group (a cgroup v1 migration sleeps through an RCU
-   grace period, ~10 ms: here, not in the helper's loop), makes the job's mount namespace
+   the job's control group. It makes the group (a fresh one: one that exists is refused)
+   and joins it (a cgroup v1 mkdir waits for the cgroup lock, which another spare's
+   migration holds through an RCU grace period, ~10 ms: here, not in the helper's loop),
+   makes the job's mount namespace
    (a fresh tmpfs on /tmp, /var/tmp and /dev/shm, its own /proc), says so (one byte, with
    the namespace, which the helper holds so that its teardown is not the init's: all of it
    ahead of the job), waits for the job (one message, checked by the helper, see
@@ -50,6 +52,7 @@
 #define SERVER 3
 #define MAX_SERVER_REQUEST 4096  /* nativeinit.SERVER_REQUEST */
 #define MAX_PROCS 8  /* cgroup.procs files per spare (one per v1 hierarchy at most) */
+#define FIRST_READ 16384  /* bytes of the request read with its descriptors */
 
 static volatile pid_t command = 0;
 
@@ -122,12 +125,36 @@ static int joined(int namespace) {
     return sent == 1;
 }
 
+/* The job's control group whose cgroup.procs file is PROCS: made here, fresh (a group of
+   that name that exists already is refused: no job joins one that another made or used);
+   the jobs' parent group too if it is gone. */
+static void make_group(const char *procs) {
+    static const char tail[] = "/cgroup.procs";
+    size_t length = strlen(procs), cut = sizeof tail - 1;
+    char dir[4096];
+    if (length <= cut || length >= sizeof dir || strcmp(procs + length - cut, tail) != 0) {
+        errno = EINVAL;
+        fail(procs);
+    }
+    memcpy(dir, procs, length - cut);
+    dir[length - cut] = 0;
+    if (mkdir(dir, 0755) == 0) return;
+    if (errno != ENOENT) fail(dir);
+    char *slash = strrchr(dir, '/');
+    if (!slash || slash == dir) fail(dir);
+    *slash = 0;
+    if (mkdir(dir, 0755) < 0 && errno != EEXIST) fail(dir);
+    *slash = '/';
+    if (mkdir(dir, 0755) < 0) fail(dir);
+}
+
 static int spare(int nargs, char **args) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);  /* the helper's end ends every job */
     prctl(PR_SET_NAME, "rexnet-spare", 0, 0, 0);  /* sandboxd.SPARE_NAME until its job */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);  /* as the helper: exec made it dumpable again */
     signal(SIGCHLD, SIG_DFL);  /* the helper ignores it: the command must stay waitable */
-    for (int i = 1; i < nargs; i++) {  /* into the job's control group */
+    for (int i = 1; i < nargs; i++) {  /* into the job's control group, made here */
+        make_group(args[i]);
         int procs = open(args[i], O_WRONLY | O_CLOEXEC);
         if (procs < 0 || write(procs, "0", 1) != 1) fail(args[i]);
         close(procs);
@@ -148,21 +175,36 @@ static int spare(int nargs, char **args) {
     if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         fail("/proc");
     if (!joined(open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC))) _exit(0);
-    uint32_t head[2];
-    if (recv(CONTROL, head, 4, MSG_WAITALL) != 4) _exit(0);  /* no job: the spare ends */
-    size = ntohl(head[0]);
-    if (size > MAX_REQUEST) { errno = EMSGSIZE; fail("request"); }
-    buffer = malloc(size + 1);
-    if (!buffer) fail("malloc");
+    /* the request: one message from the helper, its descriptors on its first bytes, so
+       one read takes its length, the descriptors and (mostly) all of it */
+    static char first[FIRST_READ];
     char control[CMSG_SPACE(MAX_FDS * sizeof(int))];
-    struct iovec iov = {buffer, size};
+    struct iovec iov = {first, sizeof first};
     struct msghdr msg = {0};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control;
     msg.msg_controllen = sizeof control;
-    ssize_t got = recvmsg(CONTROL, &msg, MSG_WAITALL | MSG_CMSG_CLOEXEC);
-    if (got != (ssize_t)size) { errno = EPROTO; fail("request"); }
+    ssize_t got = recvmsg(CONTROL, &msg, MSG_CMSG_CLOEXEC);
+    if (got <= 0) _exit(0);  /* no job: the spare ends */
+    while (got < 4) {  /* (the length cut short: never from the helper, but allowed) */
+        ssize_t more = recv(CONTROL, first + got, 4 - (size_t)got, MSG_WAITALL);
+        if (more <= 0) _exit(0);
+        got += more;
+    }
+    uint32_t head;
+    memcpy(&head, first, 4);
+    size = ntohl(head);
+    if (size > MAX_REQUEST) { errno = EMSGSIZE; fail("request"); }
+    if ((size_t)got - 4 > size) { errno = EPROTO; fail("request"); }  /* more than one */
+    buffer = malloc(size + 1);
+    if (!buffer) fail("malloc");
+    memcpy(buffer, first + 4, (size_t)got - 4);
+    size_t have = (size_t)got - 4;
+    if (have < size) {
+        ssize_t rest = recv(CONTROL, buffer + have, size - have, MSG_WAITALL);
+        if (rest != (ssize_t)(size - have)) { errno = EPROTO; fail("request"); }
+    }
     int fds[MAX_FDS], nfds = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
