@@ -1,4 +1,5 @@
-"""Shared fixtures: credentials made once per session, and the namespace test bed."""
+"""Shared fixtures: credentials made once per session, the namespace test bed, and a reactor
+of a test's own (files with another kind of reactor define their own `reactor`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,6 +47,17 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     """Credentials of another application, 'otherapp'."""
     return make_keys(tmp_path_factory.mktemp("otherkeys"), "otherapp")
+
+
+@pytest.fixture
+def reactor() -> Iterator[Any]:
+    """A reactor of its own that runs only when a test turns it (reactor.iterate)."""
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    yield reactor
+    reactor.removeAll()
+    reactor.waker.connectionLost(None)  # type: ignore[attr-defined]
 
 
 @pytest.fixture

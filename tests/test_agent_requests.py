@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +21,6 @@ from rexnet.agent.kept import EXEC_KEPT_SIZE, EXECS_KEPT
 from rexnet.agent.server import Agent, Session
 from rexnet.protocol import agentwire
 from rexnet.protocol.request import ExecRequest, RequestError
-
-
-@pytest.fixture
-def reactor() -> Iterator[Any]:
-    """A reactor of its own that runs only when a test turns it (reactor.iterate)."""
-    from twisted.internet.epollreactor import EPollReactor
-
-    reactor = EPollReactor()
-    yield reactor
-    reactor.removeAll()
-    reactor.waker.connectionLost(None)  # type: ignore[attr-defined]
 
 
 def exec_bytes(*args: str) -> bytes:

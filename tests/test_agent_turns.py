@@ -25,17 +25,6 @@ from rexnet.security.credentials import load_credential
 
 
 @pytest.fixture
-def reactor() -> Iterator[Any]:
-    """A reactor of its own that runs only when a test turns it (reactor.iterate)."""
-    from twisted.internet.epollreactor import EPollReactor
-
-    reactor = EPollReactor()
-    yield reactor
-    reactor.removeAll()
-    reactor.waker.connectionLost(None)  # type: ignore[attr-defined]
-
-
-@pytest.fixture
 def fds() -> Iterator[dict[str, int]]:
     """/dev/null, and the two ends of a pipe each for stdin, stdout and stderr."""
     opened = {"null": os.open(os.devnull, os.O_RDONLY)}

@@ -17,17 +17,6 @@ from rexnet.protocol import agentwire
 
 
 @pytest.fixture
-def reactor() -> Iterator[Any]:
-    """A reactor of its own that runs only when a test turns it (reactor.iterate)."""
-    from twisted.internet.epollreactor import EPollReactor
-
-    reactor = EPollReactor()
-    yield reactor
-    reactor.removeAll()
-    reactor.waker.connectionLost(None)  # type: ignore[attr-defined]
-
-
-@pytest.fixture
 def pair(reactor: Any) -> Iterator[tuple[Any, socket.socket]]:
     """A Twisted transport on one end of a Unix socket pair, and the other end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
