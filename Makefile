@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check rexnet twisted tests benchmarks
 
 typecheck: $(STAMP)
-	$(BIN)/mypy rexnet twisted/plugins tests
+	$(BIN)/mypy rexnet twisted/plugins tests benchmarks
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -76,13 +76,13 @@ def timed_agent() -> None:
             jobs.append(dict(cur))
 
     server.Session.finish = finished  # type: ignore[method-assign]
-    exited = jobcore.JobCore.job_exited
+    exited: Any = jobcore.JobCore.job_exited
 
     def job_exited(self: Any, frame: Any) -> None:
         cur["exit"], cur["exit_cpu"] = time.perf_counter_ns(), time.thread_time_ns()
         exited(self, frame)
 
-    jobcore.JobCore.job_exited = job_exited  # type: ignore[method-assign]
+    jobcore.JobCore.job_exited = job_exited  # type: ignore[method-assign,assignment]
 
     def dump() -> None:
         Path(os.environ["HOPS_OUT"]).write_text(json.dumps(jobs))
@@ -93,7 +93,12 @@ def timed_agent() -> None:
         import cProfile
 
         profiler = cProfile.Profile()
-        atexit.register(lambda: (profiler.disable(), profiler.dump_stats(profile)))
+
+        def stop_profile() -> None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+
+        atexit.register(stop_profile)
         profiler.enable()
     from rexnet.cli.main import main
 

@@ -128,8 +128,8 @@ def marks(evs: list[Event], launcher: int, agent: int, worker: int, helper: int
              ("H_in", helper, "sys_recvmsg"), ("H_init", helper, "sys_sendmsg")]
     if not all(first(*step) for step in steps):
         return None
-    for _, c, _, w, rest in it:  # the job: the init's child, once it has exec'd
-        if w == "sched_process_fork" and c == "rexnet-init" and (m := CHILD.search(rest)):
+    for _, c, _, w, detail in it:  # the job: the init's child, once it has exec'd
+        if w == "sched_process_fork" and c == "rexnet-init" and (m := CHILD.search(detail)):
             job = int(m.group(1))
             break
     for t, _, p, w, _ in it:
