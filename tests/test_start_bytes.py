@@ -14,9 +14,10 @@ from rexnet.protocol import wire
 from rexnet.protocol.frames import FrameDecoder
 
 TEXT = st.text(max_size=40)
+VALUE = st.text(st.characters(blacklist_characters="\0"), max_size=40)  # what a START may hold
 STARTS = st.builds(
     wire.Start, args=st.lists(TEXT, min_size=1, max_size=4).map(tuple),
-    env=st.lists(st.tuples(st.from_regex(r"[A-Z_]{1,8}", fullmatch=True), TEXT),
+    env=st.lists(st.tuples(st.from_regex(r"[A-Z_]{1,8}", fullmatch=True), VALUE),
                  max_size=3).map(tuple),
     keep=st.booleans(), cwd=st.one_of(st.just(""), st.from_regex(r"/[a-z0-9/]{0,30}",
                                                                    fullmatch=True)),
