@@ -244,72 +244,6 @@ class Records:
         raise SSL.Error(f"TLS call failed ({result}) with no error from OpenSSL")
 
 
-class Inlet:
-    """The receiving pump's ciphertext, read from its socket up to PIECE bytes a recv().
-
-    Without read-ahead OpenSSL reads a socket one TLS record at a time, two read()s each
-    (header, body), and pyOpenSSL's bindings offer no way to turn read-ahead on
-    (SSL_set_read_ahead is a macro over SSL_ctrl, which they do not export). So once the
-    handshake is done the SSL object is given other BIOs: for reading, a read-only
-    memory BIO over what one recv() brought (no copy into a BIO of its own), swapped for
-    the next recv's when SSL_read has used it up (WantReadError: at most a record's
-    head is left, which OpenSSL holds in its own buffer); for writing (a TLS 1.3 key
-    update's answer, an alert), a memory BIO sent on the socket before each recv().
-    Nothing read stays hidden in a BIO: SSL_read says WantReadError only once the
-    memory BIO is empty, and only then is the socket asked (and polled) for more.
-    The socket's end or a socket error reaches SSL_read as an unexpected EOF or goes
-    out as SSL.SysCallError: a truncation, as before, never an OSError of FD's."""
-
-    def __init__(self, records: Records, sock: socket.socket) -> None:
-        assert records.direct and _ffi is not None and _lib is not None
-        self.sock = sock
-        self._ssl = records._ssl
-        self.raw = bytearray(PIECE)
-        self._ptr = _ffi.from_buffer(self.raw)
-        self._out = bytearray(16 * 1024 + 512)
-        self._out_ptr = _ffi.from_buffer(self._out)
-        wbio = _lib.BIO_new(_lib.BIO_s_mem())
-        if wbio == _ffi.NULL:
-            raise MemoryError("BIO_new")
-        self._wbio = wbio
-        self._feed(0, end=False)  # the SSL object now owns both BIOs (freed with it)
-
-    def _feed(self, size: int, end: bool) -> None:
-        """The read BIO: our buffer's first SIZE bytes, then "retry" (or, at the
-        socket's END, an EOF)."""
-        assert _ffi is not None and _lib is not None
-        bio = _lib.BIO_new_mem_buf(self._ptr, size)
-        if bio == _ffi.NULL:
-            raise MemoryError("BIO_new_mem_buf")
-        _lib.BIO_set_mem_eof_return(bio, 0 if end else -1)
-        _lib.SSL_set_bio(self._ssl, bio, self._wbio)  # the old read BIO is freed
-
-    def fill(self, stopper: Stopper) -> bool:
-        """What the socket has now into the read BIO: False if it has nothing yet."""
-        self._flush(stopper)
-        try:
-            size = self.sock.recv_into(self.raw)
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            raise SSL.SysCallError(e.errno, e.strerror) from e
-        self._feed(size, end=size == 0)
-        return True
-
-    def _flush(self, stopper: Stopper) -> None:
-        """What OpenSSL wrote (rarely anything) to the socket."""
-        assert _lib is not None
-        while (n := _lib.BIO_read(self._wbio, self._out_ptr, len(self._out))) > 0:
-            data = memoryview(self._out)[:n]
-            while data:
-                try:
-                    data = data[self.sock.send(data):]
-                except BlockingIOError:
-                    stopper.wait(self.sock.fileno(), select.POLLOUT)
-                except OSError as e:
-                    raise SSL.SysCallError(e.errno, e.strerror) from e
-
-
 def read_some(fd: int, stopper: Stopper) -> bytes:
     """Up to PIECE bytes from FD once it has some (b"" at its end)."""
     while True:
@@ -364,24 +298,19 @@ def receive_into(conn: SSL.Connection, fd: int, stopper: Stopper,
     RECEIVED[0] counts the bytes written.
 
     The socket is made non-blocking: SSL_read takes one record (16 KiB) a call (Records:
-    straight into one reused buffer) from what one recv() of up to PIECE bytes brought
-    (Inlet), and what came is written to FD once PIECE is full or the socket has no more
-    for now, so no poll is made per record while data keeps coming."""
+    straight into one reused buffer), and what came is written to FD once PIECE is full
+    or the socket has no more for now (SSL_read wants to read), so no poll is made per
+    record while data keeps coming."""
     records = Records(conn, bytearray(PIECE))
     view = records.view
     sock = conn.fileno()
-    inlet = None
     if stopper.sock is not None:
         stopper.sock.setblocking(False)
-        if records.direct:
-            inlet = Inlet(records, stopper.sock)
     got = 0
     while True:
         try:
             n = records.read(got)
         except SSL.WantReadError:
-            if inlet is not None and inlet.fill(stopper):
-                continue
             if got:
                 _write_all(fd, view[:got], stopper)
                 received[0] += got
