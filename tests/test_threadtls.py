@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import threading
 import time
@@ -144,3 +145,51 @@ def test_the_sender_leaves_its_socket_uncorked(
     assert raised is None and len(out) == 70_000
     # the socket is shut down by now (close_notify sent): its options are still readable
     assert sock.getsockopt(socket.IPPROTO_TCP, threadtls.TCP_CORK) == 0
+
+
+def test_records_held_at_once_all_reach_the_pipe_before_the_sender_goes_on(
+        pair: tuple[SSL.Connection, Stopper, SSL.Connection, Stopper]) -> None:
+    """Many small records come in one segment, then the sender waits for them to be
+    seen: whatever the receiving pump holds already read (OpenSSL's buffer, a read-ahead,
+    a memory BIO) must go to the pipe before it waits for the socket again (else a hang
+    here; branch p11-readahead checked it fails so with a pump that waits too early)."""
+    conn_c, stop_c, conn_w, stop_w = pair
+    out_r, out_w = os.pipe()
+    received = [0]
+    raised: list[BaseException | None] = [None]
+
+    def receive() -> None:
+        try:
+            threadtls.receive_into(conn_w, out_w, stop_w, received)
+        except BaseException as e:
+            raised[0] = e
+        finally:
+            os.close(out_w)
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    try:
+        for burst in range(3):
+            records = [os.urandom(37 + i) for i in range(300)]
+            threadtls.cork(stop_c.sock, True)
+            for record in records:
+                Records(conn_c, bytearray(record)).write(len(record))
+            threadtls.cork(stop_c.sock, False)
+            want = b"".join(records)
+            got = bytearray()
+            deadline = time.monotonic() + 10
+            while len(got) < len(want):  # the sender waits: nothing more comes meanwhile
+                assert time.monotonic() < deadline, f"burst {burst}: {len(got)} of {len(want)}"
+                ready, _, _ = select.select([out_r], [], [], 0.2)
+                if ready:
+                    got += os.read(out_r, 1 << 20)
+            assert got == want
+        conn_c.shutdown()
+        assert os.read(out_r, 1) == b""
+        thread.join(10)
+        assert raised[0] is None
+    finally:
+        stop_w.stop()
+        thread.join(10)
+        os.close(out_r)
+
