@@ -438,7 +438,7 @@ def test_worker_python_option(keys: Keys) -> None:
 
     from twisted.python import usage
 
-    from rexnet.protocol.remotecall import RUNNER
+    from rexnet.protocol.remotecall import RUNNER_ARGV
     from rexnet.worker.tap import Options
 
     def parse(*args: str) -> Options:
@@ -446,7 +446,7 @@ def test_worker_python_option(keys: Keys) -> None:
         options.parseOptions(list(args))
         return options
 
-    assert parse("--python", str(keys.worker))["command"] == (sys.executable, "-c", RUNNER)
+    assert parse("--python", str(keys.worker))["command"] == (sys.executable, *RUNNER_ARGV)
     with pytest.raises(usage.UsageError, match="give no COMMAND"):
         parse("--python", str(keys.worker), "cat")
     with pytest.raises(usage.UsageError, match="does not go with --python"):

@@ -275,7 +275,7 @@ def test_only_the_runner_holds_the_result_channel() -> None:
     result is intact and authenticated."""
     key = remote.new_key()
     payload = remote.encode_call(_noisy, (), {}, key)
-    done = subprocess.run([sys.executable, "-c", remote.RUNNER], input=payload,
+    done = subprocess.run([sys.executable, *remote.RUNNER_ARGV], input=payload,
                           capture_output=True, timeout=60, env=dict(os.environ,
                                                                     PYTHONPATH=str(TESTS)))
     assert done.returncode == 0, done.stderr
@@ -283,6 +283,34 @@ def test_only_the_runner_holds_the_result_channel() -> None:
     assert b"from the call" in done.stderr and b"from a forked child" in done.stderr
     assert b"from an exec'd child" in done.stderr
     assert b"cannot write into the result" in done.stderr
+
+
+def test_a_file_planted_in_the_jobs_directory_is_not_imported_before_ours(
+        tmp_path: Path) -> None:
+    """The runner's working directory (the worker's --chdir, maybe shared) comes after the
+    standard library and rexnet on sys.path: a planted pickle.py never runs, while a
+    callable's module that lives there still imports."""
+    marker = tmp_path / "planted ran"
+    (tmp_path / "pickle.py").write_text(
+        f"open({str(marker)!r}, 'w').write('the planted module saw the call')\n")
+    (tmp_path / "rexnet_cwd_callable.py").write_text("def f(x):\n    return ('cwd', x)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import rexnet_cwd_callable  # type: ignore[import-not-found]
+        key = remote.new_key()
+        payload = remote.encode_call(rexnet_cwd_callable.f, (7,), {}, key)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("rexnet_cwd_callable", None)
+    done = subprocess.run([sys.executable, *remote.RUNNER_ARGV], input=payload,
+                          capture_output=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert remote.decode_result(done.stdout, "w1", key) == (True, ("cwd", 7))
+    assert not marker.exists()
+    # the control: the same directory on the front of sys.path (plain -c) runs the plant
+    subprocess.run([sys.executable, "-c", remote.RUNNER], input=payload,
+                   capture_output=True, timeout=60, cwd=tmp_path)
+    assert marker.exists()
 
 
 def _noisy() -> str:

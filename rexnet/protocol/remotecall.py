@@ -1,6 +1,6 @@
 """Remote calls: the pickled call a client sends, and what a `rexnet-worker --python` runs.
 
-The worker runs each job as ``python -c RUNNER`` (its own interpreter, sys.executable):
+The worker runs each job as ``python -P -c RUNNER`` (its own interpreter, sys.executable):
 the process reads MAGIC_CALL + a 32-byte key + pickle((fn, args, kwargs)) from stdin,
 calls fn, and writes MAGIC_RESULT + HMAC-SHA256(key, body) + body on its result channel,
 where the body is pickle(envelope) and the envelope says whether the call returned or
@@ -42,7 +42,13 @@ MAGIC_CALL = b"rexnet-call/2\n"
 MAGIC_RESULT = b"rexnet-result/2\n"
 KEY_SIZE = 32
 TAG_SIZE = 32
-RUNNER = "from rexnet.protocol.remotecall import serve; serve()"
+RUNNER = "import sys; sys.path.append(''); from rexnet.protocol.remotecall import serve; serve()"
+"""The runner's program, for ``python -P -c RUNNER`` (RUNNER_ARGV): -P keeps the job's
+working directory off the front of sys.path, where a file planted there (a ``pickle.py``,
+a ``rexnet/``) would be imported in place of the standard library's or ours and see the
+call's key and arguments; the directory comes last instead, so the callables' modules
+that live there still import."""
+RUNNER_ARGV = ("-P", "-c", RUNNER)
 
 
 def dumps(obj: object) -> bytes:

@@ -25,7 +25,7 @@ from rexnet.net.pollguard import guard
 from rexnet.net.registration import WorkerRegistration, registration_options
 from rexnet.net.tapoptions import VersionOption
 from rexnet.protocol.exitcodes import CREDENTIAL, USAGE
-from rexnet.protocol.remotecall import RUNNER
+from rexnet.protocol.remotecall import RUNNER_ARGV
 from rexnet.security.credentials import CredentialError, load_credential
 from rexnet.security.revocation import open_list
 from rexnet.worker.commands import CommandPolicy
@@ -294,7 +294,7 @@ class Options(VersionOption):
             if self["allow-args"] or self["allow-arg"]:
                 given = "--allow-args" if self["allow-args"] else "--allow-arg"
                 raise usage.UsageError(f"{given} does not go with --python")
-            self["command"] = (sys.executable, "-c", RUNNER)
+            self["command"] = (sys.executable, *RUNNER_ARGV)
             named = {name for name, _ in self["job-env"]}
             if "PYTHONPATH" in os.environ and "PYTHONPATH" not in named:
                 self["job-env"].append(("PYTHONPATH", None))  # the callables' modules
