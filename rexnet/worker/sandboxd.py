@@ -281,7 +281,11 @@ class Helper:
         try:  # (the C init makes its directories itself, out of this loop)
             group = JobCgroup(next(self.names), bounds, make=not self.native)
             job.group = group if group.paths else None
-        except OSError as e:
+        except FileExistsError as e:  # another's group of this name: never joined (as the
+            complain(f"control group: {e}")  # C init refuses it); no job in this sandbox
+            self._drop(job)
+            return
+        except OSError as e:  # no control groups to be had here: the job runs without
             complain(f"control group: {e}")
         # the status pipe's read end never blocks the loop (its write end: a few bytes once)
         status_r, status_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
