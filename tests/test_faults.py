@@ -150,7 +150,7 @@ def test_a_worker_restarted_during_a_burst_sends_the_next_jobs_elsewhere(
     # (its EXIT may reach the client after its ERROR: "lost worker: worker w1 is stopping")
     assert lost and all(re.search(rb"lost worker:? (worker )?w1", o[2]) and o[1] in (b"", b"w1\n")
                         for o in lost)
-    assert all(o[0] == 0 and o[1] == b"w2\ndone\n" for o in outcomes if o not in lost)
+    assert all(o[0] == 0 and o[1] == b"w2\ndone\n" for o in outcomes if o not in lost), outcomes
     after = Counter(job(client, keys, "echo $REXNET_WORKER").stdout for _ in range(4))
     assert sum(after.values()) == 4 and set(after) <= {b"w1\n", b"w2\n"}  # all ran
     # no job ran twice: each burst job started exactly once, on one worker
