@@ -17,8 +17,9 @@ from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 from rexnet.logs import PREFORMATTED, json_event
 from rexnet.worker import joblines
 
-# the lines as rexnet.worker.service logged them field by field, before joblines
-STARTED = "job {job} started for {client} from {peer}{warm}: {argv}{tty}{cwd}"
+# the lines as rexnet.worker.service logged them field by field, before joblines (and a
+# queued job's wait, in the started line since the queue's own line is only for long waits)
+STARTED = "job {job} started for {client} from {peer}{warm}{queued}: {argv}{tty}{cwd}"
 ENDED = "job {job} ended: {how}{limit}"
 
 
@@ -28,19 +29,23 @@ def field_by_field(format: str, **fields: Any) -> dict[str, Any]:
     return dict(events[0])
 
 
-@pytest.mark.parametrize(("warm", "tty", "detached", "cwd"), [
-    (False, False, False, ""), (True, False, False, "/srv/x"), (False, True, False, ""),
-    (False, False, True, ""), (False, True, True, "/tmp")])
-def test_the_started_line_is_the_field_by_field_one(warm: bool, tty: bool, detached: bool,
-                                                     cwd: str) -> None:
+@pytest.mark.parametrize(("warm", "tty", "detached", "cwd", "queued"), [
+    (False, False, False, "", None), (True, False, False, "/srv/x", None),
+    (False, True, False, "", None), (False, False, True, "", (0.0125, 3)),
+    (False, True, True, "/tmp", None), (True, False, False, "", (61.5, 12))])
+def test_the_started_line_is_the_field_by_field_one(
+        warm: bool, tty: bool, detached: bool, cwd: str, queued: tuple[float, int] | None
+) -> None:
     argv = ["sh", "-c", "echo 'hi' {}"]  # braces and quotes pass as they are
     with capturedLogs() as events:
         joblines.started("0123abcd", "alice", "127.0.0.2:4567", argv, warm=warm, tty=tty,
-                         detached=detached, cwd=cwd)
+                         detached=detached, cwd=cwd, queued=queued)
     [event] = events
     old = field_by_field(
         STARTED, job="0123abcd", client="alice", peer="127.0.0.2:4567", argv=argv,
         warm=" on a warm channel" if warm else "",
+        queued=f" after {queued[0]:.3f} s in the queue (from position {queued[1]})"
+        if queued else "",
         tty=" (in a detached terminal)" if tty and detached else " (detached)" if detached
         else " (in a terminal)" if tty else "",
         cwd=f" in {cwd}" if cwd else "")

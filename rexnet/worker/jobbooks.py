@@ -36,15 +36,17 @@ class JobBooks:
         self.worker = worker
 
     def started(self, job: str, client: str, peer: str, argv: Sequence[str], command: str,
-                *, warm: bool, tty: bool, detached: bool, cwd: str) -> None:
-        """JOB's start (COMMAND: ARGV joined): its alert, metrics and log line."""
+                *, warm: bool, tty: bool, detached: bool, cwd: str,
+                queued: tuple[float, int] | None = None) -> None:
+        """JOB's start (COMMAND: ARGV joined; QUEUED: seconds it waited in the queue and
+        its position there, if it did): its alert, metrics and log line."""
         w = self.worker
         w.alerts.send("job-started", job=job, worker=w.settings.name, client=client,
                       client_addr=peer, command=command[:200],
                       **({"detached": 1} if detached else {}))
         w.metrics.job_started()
         joblines.started(job, client, peer, argv, warm=warm, tty=tty, detached=detached,
-                         cwd=cwd)
+                         cwd=cwd, queued=queued)
 
     def ended(self, running: Running, code: int | None, sig: int | None, limit: str,
               bytes_in: int, bytes_out: int) -> None:

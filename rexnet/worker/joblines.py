@@ -14,16 +14,20 @@ log = Logger(namespace="rexnet.worker.service")
 
 
 def started(job: str, client: str, peer: str, argv: Sequence[str], *, warm: bool, tty: bool,
-            detached: bool, cwd: str) -> None:
+            detached: bool, cwd: str, queued: tuple[float, int] | None = None) -> None:
     """Job JOB of CLIENT (at PEER) runs ARGV (in CWD, if given); WARM: on a warm channel;
-    TTY: in a terminal; DETACHED: the client does not wait for it."""
+    TTY: in a terminal; DETACHED: the client does not wait for it; QUEUED: it waited that
+    many seconds in the queue, which it joined at that position (the queue's own line
+    comes only for a long expected wait: one line a job, not two)."""
     on = " on a warm channel" if warm else ""
     how = (" (in a detached terminal)" if tty and detached else " (detached)" if detached
            else " (in a terminal)" if tty else "")
     where = f" in {cwd}" if cwd else ""
-    log.info(PREFORMATTED, log_text=f"job {job} started for {client} from {peer}{on}: "
-             f"{list(argv)}{how}{where}", job=job, client=client, peer=peer, argv=argv,
-             warm=on, tty=how, cwd=where)
+    waited = (f" after {queued[0]:.3f} s in the queue (from position {queued[1]})"
+              if queued else "")
+    log.info(PREFORMATTED, log_text=f"job {job} started for {client} from {peer}{on}"
+             f"{waited}: {list(argv)}{how}{where}", job=job, client=client, peer=peer,
+             argv=argv, warm=on, queued=waited, tty=how, cwd=where)
 
 
 def ended(job: str, code: int | None, sig: int | None, limit: str) -> None:
