@@ -483,6 +483,7 @@ class Worker:
         """End every job (the worker is stopping): their clients are told the worker is
         lost; fires when the jobs are gone (or after the kill grace period)."""
         self.connect_backs.cancel_waiting()
+        self.bookkeeping.flush()  # the running jobs' started lines, before their ends
         for channel in list(self.warm):
             channel.close()
         self._idle = defer.Deferred()  # no queued job starts from now on
