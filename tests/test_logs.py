@@ -9,16 +9,23 @@ import json
 import re
 import subprocess
 from datetime import datetime
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from cluster import REXNET, Proc, loopback_address, worker_argv
 from conftest import Keys
+from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 
 from rexnet.logs import PREFORMATTED, json_event
+from rexnet.net.alerts import AlertSender
 from rexnet.worker import joblines
-from rexnet.worker.jobbooks import LINE_HOLD
+from rexnet.worker.detached import JobBook
+from rexnet.worker.jobbooks import LINE_HOLD, JobBooks
+from rexnet.worker.jobqueue import JobQueue
+from rexnet.worker.metrics import NoMetrics
+from rexnet.worker.settings import Running
 
 # the lines as rexnet.worker.service logged them field by field, before joblines (and a
 # queued job's wait, in the started line since the queue's own line is only for long waits)
@@ -144,3 +151,46 @@ def test_a_longer_job_gets_its_started_line_then_its_ended_line(keys: Keys) -> N
     gap = (datetime.fromisoformat(ended["time"])
            - datetime.fromisoformat(started["time"])).total_seconds()
     assert gap > LINE_HOLD * 2, gap
+
+
+def test_held_started_lines_come_when_due_oldest_first_and_all_at_the_stop() -> None:
+    """The worker's books on a Clock: a job ended within LINE_HOLD has one line; the
+    others' started lines come LINE_HOLD after their starts, in order, by one call at a
+    time; the stop logs those still held; a job whose line came ends with its own."""
+    clock = Clock()
+    worker = SimpleNamespace(reactor=clock, settings=SimpleNamespace(name="w"),
+                             alerts=AlertSender(clock, cast(Any, None), []),
+                             metrics=NoMetrics(), queue=JobQueue(4),
+                             book=JobBook(clock, cast(Any, None), "/nonexistent", 0, 60.0),
+                             complain=lambda *_: None)
+    books = JobBooks(cast(Any, worker))
+
+    def start(job: str) -> None:
+        books.started(job, "alice", "127.0.0.2:1", ["true"], "true", warm=False, tty=False,
+                      detached=False, cwd="")
+
+    def end(job: str, since: float) -> None:
+        books.ended(Running(job, cast(Any, None), cast(Any, None), "alice", started=since),
+                    0, None, "", 0, 0)
+
+    with capturedLogs() as events:
+        start("a")
+        clock.advance(LINE_HOLD / 5)
+        end("a", 0.0)
+        start("b")
+        clock.advance(LINE_HOLD / 2)
+        start("c")
+        clock.advance(LINE_HOLD * 0.7)  # b's line is due, c's not yet
+        assert [formatEvent(e) for e in events[1:]] == ["job b started for alice from "
+                                                        "127.0.0.2:1: ['true']"]
+        assert len(clock.getDelayedCalls()) == 1  # one call, for c's line
+        clock.advance(LINE_HOLD / 2)
+        start("d")
+        books.flush()  # the worker stops
+        end("b", LINE_HOLD / 5)
+    lines = [formatEvent(e) for e in events]
+    assert lines == [f"job a started for alice from 127.0.0.2:1: ['true'], ended after "
+                     f"{LINE_HOLD / 5:.3f} s: exit 0",
+                     *(f"job {j} started for alice from 127.0.0.2:1: ['true']" for j in "bcd"),
+                     "job b ended: exit 0"]
+    assert clock.getDelayedCalls() == []
