@@ -5,6 +5,7 @@ its end once EXIT is (rexnet.net.tuning.send_now)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -42,7 +43,7 @@ class JobBooks:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         # started lines not yet logged, oldest first, by job: since, text and fields
-        self._held: dict[str, tuple[float, str, dict[str, Any]]] = {}
+        self._held: OrderedDict[str, tuple[float, str, dict[str, Any]]] = OrderedDict()
         self._due: Any = None  # the call that logs the oldest when it is due
 
     def flush(self) -> None:
@@ -78,8 +79,9 @@ class JobBooks:
         next one still held."""
         self._due = None
         now = self.worker.reactor.seconds()
-        for job, (since, text, fields) in list(self._held.items()):
-            if now - since < LINE_HOLD:
+        while self._held:
+            job, (since, text, fields) = next(iter(self._held.items()))
+            if 0 <= now - since < LINE_HOLD:  # (a clock set back: due now)
                 self._due = self.worker.reactor.callLater(since + LINE_HOLD - now,
                                                           self._log_due)
                 return
