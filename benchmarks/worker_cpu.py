@@ -66,14 +66,53 @@ def breakdown(pid: int) -> dict[str, tuple[float, float]]:
     return parts
 
 
+def kernel_threads() -> dict[int, tuple[str, float]]:
+    """Kernel threads (children of kthreadd) by PID: their name and CPU seconds so far.
+    kworkers run the namespaces' and groups' teardown the jobs leave behind (and every
+    other process's deferred kernel work on the machine: run it quiet)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text.rsplit(")", 1)[1].split()
+        if rest[1] == "2":  # ppid kthreadd
+            found[int(stat.parent.name)] = (name, (int(rest[11]) + int(rest[12])) / tick)
+    return found
+
+
+def kernel_parts(before: dict[int, tuple[str, float]],
+                 after: dict[int, tuple[str, float]]) -> dict[str, tuple[float, int]]:
+    """CPU seconds and how many threads ran, by kind (kworker, ksoftirqd, other), threads
+    that came and went between the two looks counted from zero."""
+    parts: dict[str, tuple[float, int]] = {}
+    for pid, (name, cpu) in after.items():
+        used = cpu - (before[pid][1] if pid in before else 0.0)
+        kind = next((k for k in ("kworker", "ksoftirqd", "rcu") if name.startswith(k)),
+                    "other")
+        total, count = parts.get(kind, (0.0, 0))
+        parts[kind] = (total + used, count + (used > 0))
+    return parts
+
+
 def profiler(pid: int, output: str) -> subprocess.Popen[bytes]:
-    """py-spy (in this venv, for measuring only) sampling PID into OUTPUT until SIGINT."""
-    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p",
-                            str(pid), "-r", "250", "-o", output, "-f",
-                            "speedscope" if output.endswith(".json") else "flamegraph"],
+    """py-spy ($PYSPY, else this venv's, for measuring only) sampling PID into OUTPUT
+    until SIGINT (.svg a flame graph, .json speedscope, else collapsed stacks)."""
+    spy_path = os.environ.get("PYSPY", str(Path(sys.executable).parent / "py-spy"))
+    form = {".svg": "flamegraph", ".json": "speedscope"}.get(Path(output).suffix, "raw")
+    spy = subprocess.Popen([spy_path, "record", "-p", str(pid), "-r", "250", "-o", output,
+                            "-f", form],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached
     return spy
+
+
+def spawned_kworkers(before: dict[int, tuple[str, float]],
+                     after: dict[int, tuple[str, float]]) -> int:
+    return sum(1 for pid, (name, _) in after.items()
+               if pid not in before and name.startswith("kworker"))
 
 
 def main() -> None:
@@ -101,10 +140,12 @@ def main() -> None:
                 list(ex.map(command, [b""] * (width * 4)))  # warm channels, imports
                 spy = profiler(worker.pid, profile) if profile else None
                 before = breakdown(worker.pid)
+                k0, me0 = kernel_threads(), os.times()
                 t0 = time.perf_counter()
                 done = list(ex.map(command, [b""] * jobs))
                 elapsed = time.perf_counter() - t0
                 after = breakdown(worker.pid)
+                k1, me1 = kernel_threads(), os.times()
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait()
@@ -118,6 +159,13 @@ def main() -> None:
     print("CPU ms per job (user+system): " + ", ".join(
         f"{part} {sum(v):.3f} ({v[0]:.2f}+{v[1]:.2f})" for part, v in ms.items())
         + f"; all {sum(map(sum, ms.values())):.3f}")
+    client = [(me1.user - me0.user) * 1000 / jobs, (me1.system - me0.system) * 1000 / jobs]
+    kernel = kernel_parts(k0, k1)
+    print(f"client (this process) {sum(client):.3f} ({client[0]:.2f}+{client[1]:.2f}); "
+          "kernel threads, machine-wide: " + ", ".join(
+              f"{kind} {cpu * 1000 / jobs:.3f} ({count} ran)"
+              for kind, (cpu, count) in sorted(kernel.items()))
+          + f"; kworkers started {spawned_kworkers(k0, k1)}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ real workers on loopback: more clients than slots all run, back to back."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -111,10 +112,16 @@ def only(frames: list[wire.Frame]) -> list[wire.Frame]:
 
 def test_a_start_with_every_slot_busy_is_queued_then_started_when_the_slot_frees(
         bed: Bed) -> None:
-    _, transports = busy_worker(bed, 3)
+    with capturedLogs() as logs:
+        _, transports = busy_worker(bed, 3)
     assert sent(transports[0]) == [wire.Started("job1", ())]
     [q1], [q2] = sent(transports[1]), sent(transports[2])
     assert (q1, q2) == (wire.Queued(1, 1000.0), wire.Queued(2, 2000.0))  # mean: 1 s yet
+    # an expected wait of a second or more is logged at once (shorter ones only in the
+    # job's started line)
+    assert [formatEvent(e).split(", ")[-1] for e in logs
+            if "queued at position" in formatEvent(e)] == ["expected wait 1.0 s",
+                                                            "expected wait 2.0 s"]
     assert len(bed.worker.queue) == 2 and bed.worker.queued == 2 and bed.worker.busy == 1
     assert bed.worker.pending == {}  # the places passed from the connect-backs to the jobs
     bed.clock.advance(0.5)
@@ -381,7 +388,13 @@ def test_more_clients_than_slots_all_run_back_to_back(keys: Keys) -> None:
     finally:
         worker.stop()
     assert [d.returncode for d in done] == [0] * 12, [d.stderr for d in done]
-    assert sum(b"job queued at worker q" in d.stderr for d in done) >= 6
+    queued = sum(b"job queued at worker q" in d.stderr for d in done)
+    assert queued >= 6
+    # each job's started line, the queued ones' with how long they waited
+    started = [line for line in worker.output.splitlines() if " started for " in line]
+    assert len(started) == 12, worker.output
+    assert sum(re.search(r"after \d+\.\d{3} s in the queue \(from position \d+\): ", line)
+               is not None for line in started) == queued, started
     times = [[float(t) for t in d.stdout.split()] for d in done]
     span = max(end for _, end in times) - min(start for start, _ in times)
     assert 1.8 <= span < 3.6, (span, sorted(times))

@@ -35,6 +35,7 @@ class WorkerChannel(Channel):
         self.file_settings = files
         self.job_dir: JobDirectory | None = None  # the job's own directory (--put, --get)
         self._client: tuple[object, str] | None = None
+        self.queued_at: tuple[float, int] | None = None  # its queued job: since, position
 
     @property
     def client_name(self) -> str:

@@ -46,6 +46,8 @@ GLOBAL_RATE = 2000.0  # datagrams per second checked, all sources together
 GLOBAL_BURST = 4000.0
 MAX_WARM = 64  # idle warm channels a worker keeps at most
 SAMPLE_AGE = 1.0  # s a host sample serves HELLOs (of it, its load average: moved every 5 s)
+QUEUED_LINE = 1.0  # s: a job expected to wait this long in the queue gets a line of its
+#                    own at once; every queued job's started line says how long it waited
 
 log = Logger()
 
@@ -317,15 +319,19 @@ class Worker:
             return refusal
         if self.free_slot(start) and (reserved or not self.queue):
             return None
-        position = self.queue.add(channel, start, self.reactor.seconds())
+        now = self.reactor.seconds()
+        position = self.queue.add(channel, start, now)
         wait = self.expected_wait(position - 1)
-        log.info("job from {client} ({peer}) queued at position {position}, expected wait "
-                 "{wait:.1f} s", client=CertInfo.of(channel.peer_cert).name,
-                 peer=channel.peer_address(), position=position, wait=wait)
+        channel.queued_at = (now, position)  # for its started line
+        if wait >= QUEUED_LINE:
+            log.info("job from {client} ({peer}) queued at position {position}, expected "
+                     "wait {wait:.1f} s", client=channel.client_name,
+                     peer=channel.peer_address(), position=position, wait=wait)
         return wire.Queued(position, round(wait * 1000, 1))
 
     def leave_queue(self, channel: WorkerChannel) -> None:
         """CHANNEL's client gave up its place (or went away)."""
+        channel.queued_at = None
         if self.queue.remove(channel):
             log.info("a queued job from {peer} left the queue", peer=channel.peer_address())
             self._answer_waiting()
@@ -419,9 +425,12 @@ class Worker:
         channel.send(wire.Started(job, refused, (cwd or os.getcwd())
                                   if s.commands.enabled else "", output is not None, *proto.sides))
         send_now(channel.transport)  # before the alert and the log line: the client prepares
+        queued, channel.queued_at = channel.queued_at, None
         self.bookkeeping.started(job, client, peer, argv, command, warm=warm, tty=start.tty,
                                  detached=output is not None,
-                                 cwd=cwd if cwd and cwd != s.chdir else "")
+                                 cwd=cwd if cwd and cwd != s.chdir else "",
+                                 queued=queued and (self.reactor.seconds() - queued[0],
+                                                    queued[1]))
         if output is None:
             return running
         booked.directory, channel.job_dir = channel.job_dir, None  # the job's from now on
@@ -474,6 +483,7 @@ class Worker:
         """End every job (the worker is stopping): their clients are told the worker is
         lost; fires when the jobs are gone (or after the kill grace period)."""
         self.connect_backs.cancel_waiting()
+        self.bookkeeping.flush()  # the running jobs' started lines, before their ends
         for channel in list(self.warm):
             channel.close()
         self._idle = defer.Deferred()  # no queued job starts from now on
