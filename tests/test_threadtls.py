@@ -157,6 +157,9 @@ def test_the_sender_holds_no_piece_back(
                 assert ready, f"{len(got)} of a {len(piece)}-byte piece after 2 s"
                 got += os.read(out_r, 1 << 20)
             assert got == piece
+        # what it leaves unsent is bounded (TCP_NOTSENT_LOWAT), not the send buffer
+        assert stop_c.sock.getsockopt(socket.IPPROTO_TCP, threadtls.TCP_NOTSENT_LOWAT) \
+            == threadtls.UNSENT
         os.close(in_w)
         for t in threads:
             t.join(10)

@@ -39,6 +39,10 @@ from rexnet.security.credentials import Credential
 from rexnet.security.tls import Revocations, check_peer, listening_options
 
 PIECE = 256 * 1024
+# the most a sending pump leaves unsent in its socket (TCP_NOTSENT_LOWAT; what is in
+# flight is the congestion window's, not limited by this): see send_from
+UNSENT = 128 * 1024
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 _contexts: dict[bytes, SSL.Context] = {}
 _contexts_lock = threading.Lock()
@@ -268,12 +272,21 @@ def send_from(fd: int, conn: SSL.Connection, stopper: Stopper, sent: list[int]) 
     SENT[0] counts the bytes sent. One PIECE buffer, reused (Records).
 
     Each 16 KiB record SSL_write makes goes to the kernel in a write() of its own and out
-    at once (TCP_NODELAY), one GSO segment a record. The socket is not corked: corked, a
-    piece queued several full segments, and TCP's internal pacing (BBR here, and any
-    congestion control on a device without the fq qdisc) sends one segment per pass of
-    tcp_write_xmit once the pacing clock is ahead, arming an hrtimer for the next: ~31,000
-    timer arms and interrupts per GiB in the worker against ssh's ~550, and 0.6-0.9 s more
-    system CPU per GiB at each end (benchmarks/RESULTS.md, branch p11-bulksys)."""
+    at once (TCP_NODELAY), about one segment a record. The socket is not corked: corked, a
+    piece queued several full segments, and TCP's internal pacing (BBR's, on a device
+    without the fq qdisc, as on the bed) sends one segment per pass of tcp_write_xmit
+    once the pacing clock is ahead, arming an hrtimer for the next: ~31,000
+    timer arms and interrupts per GiB in the worker against sshd's ~550 (uncorked ~9,000),
+    and per GiB round trip 1.0 s more CPU in the worker and 0.4 s in the agent
+    (benchmarks/RESULTS.md, branch p11-bulksys).
+
+    A write waits while more than UNSENT of what went before is still unsent
+    (TCP_NOTSENT_LOWAT): else the socket's send buffer autotunes to 4 MiB and holds
+    ~1 MiB not yet sent, and the worker spent ~0.3 s more CPU per GiB round trip."""
+    sock = stopper.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, UNSENT)
     records = Records(conn, bytearray(PIECE))
     while size := read_into(fd, records.buf, stopper):
         records.write(size)
