@@ -133,18 +133,44 @@ def test_a_cut_without_close_notify_raises_after_writing_what_came(
     assert out == data and counted == len(data)
 
 
-def test_the_sender_leaves_its_socket_uncorked(
+def test_the_sender_holds_no_piece_back(
         pair: tuple[SSL.Connection, Stopper, SSL.Connection, Stopper]) -> None:
-    """Each piece is corked while SSL_write makes its records and uncorked after: nothing
-    is held back once send_from has handed a piece over."""
-    sock = pair[1].sock
-    assert sock is not None
-    threadtls.cork(sock, True)
-    assert sock.getsockopt(socket.IPPROTO_TCP, threadtls.TCP_CORK) == 1
-    out, raised, _ = pump(pair, b"x" * 70_000)
-    assert raised is None and len(out) == 70_000
-    # the socket is shut down by now (close_notify sent): its options are still readable
-    assert sock.getsockopt(socket.IPPROTO_TCP, threadtls.TCP_CORK) == 0
+    """A piece send_from reads goes out at once, the stream still open (TCP_NODELAY as a
+    job's data connection has it, no cork): a few bytes each reach the far pipe while
+    the sender waits for more."""
+    conn_c, stop_c, conn_w, stop_w = pair
+    assert stop_c.sock is not None
+    stop_c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    threads = [threading.Thread(target=threadtls.send_from, args=(in_r, conn_c, stop_c, [0])),
+               threading.Thread(target=threadtls.receive_into,
+                                args=(conn_w, out_w, stop_w, [0]))]
+    for t in threads:
+        t.start()
+    try:
+        for piece in (b"first", b"second", b"x" * 70_000, b"tail"):
+            os.write(in_w, piece)
+            got = b""
+            while len(got) < len(piece):
+                ready, _, _ = select.select([out_r], [], [], 2)
+                assert ready, f"{len(got)} of a {len(piece)}-byte piece after 2 s"
+                got += os.read(out_r, 1 << 20)
+            assert got == piece
+        # what it leaves unsent is bounded (TCP_NOTSENT_LOWAT), not the send buffer
+        assert stop_c.sock.getsockopt(socket.IPPROTO_TCP, threadtls.TCP_NOTSENT_LOWAT) \
+            == threadtls.UNSENT
+        os.close(in_w)
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads), "the stream did not end"
+    finally:
+        stop_c.stop()
+        stop_w.stop()
+        for t in threads:
+            t.join(10)
+        for fd in (in_r, out_r, out_w):
+            os.close(fd)
 
 
 def test_records_held_at_once_all_reach_the_pipe_before_the_sender_goes_on(
@@ -171,10 +197,10 @@ def test_records_held_at_once_all_reach_the_pipe_before_the_sender_goes_on(
     try:
         for burst in range(3):
             records = [os.urandom(37 + i) for i in range(300)]
-            threadtls.cork(stop_c.sock, True)
+            cork(stop_c.sock, True)  # the burst in as few segments as TCP makes
             for record in records:
                 Records(conn_c, bytearray(record)).write(len(record))
-            threadtls.cork(stop_c.sock, False)
+            cork(stop_c.sock, False)
             want = b"".join(records)
             got = bytearray()
             deadline = time.monotonic() + 10
@@ -193,3 +219,7 @@ def test_records_held_at_once_all_reach_the_pipe_before_the_sender_goes_on(
         thread.join(10)
         os.close(out_r)
 
+
+def cork(sock: socket.socket | None, on: bool) -> None:
+    assert sock is not None
+    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_CORK", 3), 1 if on else 0)

@@ -13,8 +13,8 @@ such a thread needs, and nothing of the reactor:
   bounded by a deadline and by the thread's Stopper;
 - `send_from` and `receive_into`: the pumps, PIECE bytes at a time (one piece in flight
   per thread: memory bounded; TCP and blocking writes are the back-pressure); the sender's
-  socket blocking and corked for each piece, the receiver's non-blocking. A pump blocked
-  in a TLS call is stopped by shutting its socket down.
+  socket blocking (never corked: see send_from), the receiver's non-blocking. A pump
+  blocked in a TLS call is stopped by shutting its socket down.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ from rexnet.security.credentials import Credential
 from rexnet.security.tls import Revocations, check_peer, listening_options
 
 PIECE = 256 * 1024
-TCP_CORK = getattr(socket, "TCP_CORK", 3)
+# the most a sending pump leaves unsent in its socket (TCP_NOTSENT_LOWAT; what is in
+# flight is the congestion window's, not limited by this): see send_from
+UNSENT = 128 * 1024
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 _contexts: dict[bytes, SSL.Context] = {}
 _contexts_lock = threading.Lock()
@@ -268,26 +271,27 @@ def send_from(fd: int, conn: SSL.Connection, stopper: Stopper, sent: list[int]) 
     """Read FD to its end and send it on CONN (blocking socket), then close_notify.
     SENT[0] counts the bytes sent. One PIECE buffer, reused (Records).
 
-    The socket is corked (TCP_CORK) while a piece is sent: SSL_write hands the kernel one
-    16 KiB record per write(), and with TCP_NODELAY each would go out as a segment of its
-    own; corked, the kernel sends the piece in full-sized (GSO) segments, fewer to build,
-    route and receive at both ends, and uncorking pushes the piece's tail out at once
-    (no added delay)."""
+    Each 16 KiB record SSL_write makes goes to the kernel in a write() of its own and out
+    at once (TCP_NODELAY), about one segment a record. The socket is not corked: corked, a
+    piece queued several full segments, and TCP's internal pacing (BBR's, on a device
+    without the fq qdisc, as on the bed) sends one segment per pass of tcp_write_xmit
+    once the pacing clock is ahead, arming an hrtimer for the next: ~31,000
+    timer arms and interrupts per GiB in the worker against sshd's ~550 (uncorked ~9,000),
+    and per GiB round trip 1.0 s more CPU in the worker and 0.4 s in the agent
+    (benchmarks/RESULTS.md, branch p11-bulksys).
+
+    A write waits while more than UNSENT of what went before is still unsent
+    (TCP_NOTSENT_LOWAT): else the socket's send buffer autotunes to 4 MiB and holds
+    ~1 MiB not yet sent, and the worker spent ~0.3 s more CPU per GiB round trip."""
     sock = stopper.sock
-    records = Records(conn, bytearray(PIECE))
-    while size := read_into(fd, records.buf, stopper):
-        cork(sock, True)
-        records.write(size)
-        cork(sock, False)
-        sent[0] += size
-    conn.shutdown()  # close_notify: the stream's end, not a truncation
-
-
-def cork(sock: socket.socket | None, on: bool) -> None:
-    """TCP_CORK on SOCK, or off (which sends what it held); nothing for no socket."""
     if sock is not None:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, 1 if on else 0)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, UNSENT)
+    records = Records(conn, bytearray(PIECE))
+    while size := read_into(fd, records.buf, stopper):
+        records.write(size)
+        sent[0] += size
+    conn.shutdown()  # close_notify: the stream's end, not a truncation
 
 
 def receive_into(conn: SSL.Connection, fd: int, stopper: Stopper,
