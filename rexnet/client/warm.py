@@ -7,7 +7,10 @@ hands one out only while its worker is still the best choice: its load report is
 it has a free slot, it runs no more jobs than when it won an announcement (when it was
 the quickest of all workers to answer), and its load figure has not grown by REUSE_MARGIN
 since. A pool that spreads many jobs of its own (an Executor: DISCOUNT_OWN) leaves its
-own running jobs out of both counts, as they come and go; and when none of its workers
+own running jobs out of both counts, as they come and go (a report counts no more of them
+than the jobs it says run: those queued there or on their way are not in it), prefers the
+worker with the smallest share of its slots taken (other clients' jobs as reported, and
+its own busy channels there); and when none of its workers
 is such a choice (they are busy, mostly with its own jobs), it sends the job to the one
 with the fewest jobs queued per slot that reported lately (announcing
 would only bring a queued worker's later answer and a handshake; a worker whose queue is
@@ -90,7 +93,7 @@ class Warm:
     queued: int = 0  # jobs in its queue when it last reported (0 while a slot is free)
     wait_ms: float = 0.0  # its expected wait for a slot then
     heard_at: float | None = None  # when the last HELLO came (None: none yet)
-    own_at_hello: int = 0  # this client's jobs on the worker when the last HELLO came
+    own_at_hello: int = 0  # this client's jobs the last HELLO counted (at most its running)
     won_load: float = 0.0  # the worker's load when it won an announcement
     won_others: int = 0  # other clients' jobs on the worker then
     jobs: int = 0  # jobs started on this channel
@@ -155,6 +158,7 @@ class WarmPool:
         self.records: dict[Link, Warm] = {}
         self._made = 0  # records made so far (Warm.seq)
         self._running: Counter[str] = Counter()  # this client's jobs per worker (no zeros)
+        self._busy: Counter[str] = Counter()  # its busy channels per worker (see taken)
         self._idle_of: Counter[str] = Counter()  # idle channels per worker (no zeros)
         self._idle_by_key: dict[Hashable, dict[Link, Warm]] = {}  # idle records by key
         self.reused = 0
@@ -192,6 +196,8 @@ class WarmPool:
         """Add WARM to the counts and the idle index."""
         if warm.running_job:
             self._running[warm.worker] += 1
+        if warm.busy:
+            self._busy[warm.worker] += 1
         if warm.idle:
             self._idle_of[warm.worker] += 1
             self._idle_by_key.setdefault(warm.key, {})[warm.link] = warm
@@ -200,6 +206,8 @@ class WarmPool:
         """Take WARM out of the counts and the idle index."""
         if warm.running_job:
             _less(self._running, warm.worker)
+        if warm.busy:
+            _less(self._busy, warm.worker)
         if warm.idle:
             _less(self._idle_of, warm.worker)
             idle = self._idle_by_key[warm.key]
@@ -218,8 +226,8 @@ class WarmPool:
         warm.running, warm.slots = hello.running, hello.slots
         warm.queued, warm.wait_ms = hello.queued, hello.wait_ms
         warm.heard_at = self.reactor.seconds()
-        if self.discount_own:
-            warm.own_at_hello = self.own(hello.worker)
+        if self.discount_own:  # ours the report can count: started ones, not those queued
+            warm.own_at_hello = min(self.own(hello.worker), hello.running)  # or in flight
 
     def started(self, link: Link) -> None:
         """A job of this client started on LINK (fresh or warm)."""
@@ -251,6 +259,12 @@ class WarmPool:
                 and warm.running - mine <= warm.won_others
                 and warm.load - mine / max(warm.slots, 1) - warm.won_load < self.margin)
 
+    def taken(self, warm: Warm) -> int:
+        """Places taken at WARM's worker as this pool knows: other clients' jobs when it
+        reported, and this client's now (its busy channels there: a job running, queued,
+        its START on the way, or its channel not yet parked)."""
+        return max(warm.running - warm.own_at_hello, 0) + self._busy[warm.worker]
+
     def queue_usable(self, warm: Warm, now: float) -> bool:
         """With DISCOUNT_OWN (a pool that overloads the cluster with its own jobs): whether
         WARM's worker reported lately. (Whose jobs fill its slots is not told apart: this
@@ -258,10 +272,17 @@ class WarmPool:
         return (self.queue_on_warm and warm.heard_at is not None and not warm.link.closed
                 and now - warm.heard_at <= self.fresh)
 
-    def queued_per_slot(self, warm: Warm, own: int) -> float:
-        """Jobs queued at WARM's worker per slot, as reported or as this client's OWN jobs
-        there (running and queued) say."""
-        return max(warm.queued, own - warm.slots) / max(warm.slots, 1)
+    def queued_per_slot(self, warm: Warm) -> float:
+        """Jobs queued at WARM's worker per slot, as reported or as the places taken there
+        (see taken) say."""
+        return max(warm.queued, self.taken(warm) - warm.slots) / max(warm.slots, 1)
+
+    def _busiest_last(self, warm: Warm) -> tuple[float, float, int]:
+        """The order of usable channels: with DISCOUNT_OWN the worker with the smallest
+        share of its slots taken first (the pool's jobs spread over the free slots), then
+        the least loaded host, then the older record."""
+        share = self.taken(warm) / max(warm.slots, 1) if self.discount_own else 0.0
+        return share, warm.load, warm.seq
 
     def take(self, key: Hashable,
              distrust: Callable[[Link], str | None] = lambda link: None) -> Link | None:
@@ -272,11 +293,10 @@ class WarmPool:
         next best is tried."""
         now = self.reactor.seconds()
         mine = list(self._idle_by_key.get(key, {}).values())
-        free = sorted((w for w in mine if self.usable(w, now)), key=lambda w: (w.load, w.seq))
+        free = sorted((w for w in mine if self.usable(w, now)), key=self._busiest_last)
         if not free:
-            own = self._running
             free = sorted((w for w in mine if self.queue_usable(w, now)),
-                          key=lambda w: (self.queued_per_slot(w, own[w.worker]), w.seq))
+                          key=lambda w: (self.queued_per_slot(w), *self._busiest_last(w)))
         for best in free:
             problem = distrust(best.link)
             if problem is not None:
