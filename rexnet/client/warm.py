@@ -14,7 +14,9 @@ its own busy channels there); and when none of its workers
 is such a choice (they are busy, mostly with its own jobs), it sends the job to the one
 with the fewest jobs queued per slot that reported lately (announcing
 would only bring a queued worker's later answer and a handshake; a worker whose queue is
-full answers BUSY, and the job is announced). Otherwise the job is announced as usual
+full answers BUSY, and the job is announced), unless another worker it heard from has a
+free slot as it counts them (room): then the job announces, and that worker's answer
+brings the pool one more channel. Otherwise the job is announced as usual
 and the workers compete again. A channel is never shared: the pool gives it to one job at
 a time, and pools are per client process (per user).
 
@@ -26,7 +28,11 @@ BUSY (SATURATED: every slot taken), a job that finds no channel waits up to
 SATURATED_WAIT for one of the pool's own before it announces: an announcement would only
 be answered when a place frees, by then given to the pool's own next job, and every
 resend costs each worker a signature check. (A job that a free worker answers at once is
-not handed anything: it brings one more channel.)
+not handed anything: it brings one more channel. Nor is a job that announces while
+another worker has room; and where the channel's worker is full, the first job that
+waits announces at once instead: without that the pool kept as few channels as its
+warm-up left it, 6-8 at 64 jobs in flight, and queued at a full worker while the other
+had free slots.)
 
 A job's choice costs no more than the idle channels of its key: the pool keeps them by key,
 and counts its running jobs and idle channels per worker as records change (Warm.pool).
@@ -167,6 +173,8 @@ class WarmPool:
         self.hungry: dict[Hashable, deque[Offer]] = {}  # jobs looking for a worker, by key
         self._saturated: dict[Hashable, float] = {}  # when a job last met a full worker
         self._waits: dict[Offer, IDelayedCall] = {}  # hungry jobs' SATURATED_WAIT
+        self._reports: dict[str, tuple[float, int, int]] = {}  # per worker (DISCOUNT_OWN):
+        # its latest report's time, other clients' jobs then, its slots
 
     def alerts(self, credential: Credential, targets: Sequence[tuple[str, int]]
                ) -> AlertSender:
@@ -228,6 +236,8 @@ class WarmPool:
         warm.heard_at = self.reactor.seconds()
         if self.discount_own:  # ours the report can count: started ones, not those queued
             warm.own_at_hello = min(self.own(hello.worker), hello.running)  # or in flight
+            self._reports[hello.worker] = (warm.heard_at, hello.running - warm.own_at_hello,
+                                           hello.slots)
 
     def started(self, link: Link) -> None:
         """A job of this client started on LINK (fresh or warm)."""
@@ -297,6 +307,8 @@ class WarmPool:
         if not free:
             free = sorted((w for w in mine if self.queue_usable(w, now)),
                           key=lambda w: (self.queued_per_slot(w), *self._busiest_last(w)))
+            if free and self.taken(free[0]) >= free[0].slots and self.room(now, free[0].worker):
+                return None  # queue only when every worker it knows is full: announce
         for best in free:
             problem = distrust(best.link)
             if problem is not None:
@@ -333,6 +345,14 @@ class WarmPool:
         del self._waits[offer]
         announce()
 
+    def _announce_now(self, waiting: deque[Offer]) -> None:
+        """The first job in WAITING that waits (SATURATED_WAIT) announces at once."""
+        for offer in waiting:
+            call = self._waits.get(offer)
+            if call is not None and call.active():
+                call.reset(0)
+                return
+
     def unwant(self, key: Hashable, offer: Offer) -> None:
         """The job found its worker, or ended."""
         wait = self._waits.pop(offer, None)
@@ -348,6 +368,13 @@ class WarmPool:
         """A job of KEY met a full worker: QUEUED (every slot taken) or, on a warm channel,
         BUSY (its queue full too)."""
         self._saturated[key] = self.reactor.seconds()
+
+    def room(self, now: float, but: str) -> bool:
+        """Whether a worker other than BUT that reported lately (DISCOUNT_OWN) has a free
+        slot as this pool counts them (see taken): a job that announces will find it."""
+        return any(worker != but and now - at <= self.fresh
+                   and others + self._busy[worker] < slots
+                   for worker, (at, others, slots) in self._reports.items())
 
     def saturated(self, key: Hashable) -> bool:
         """Whether a job of KEY should wait for one of the pool's channels rather than
@@ -377,15 +404,23 @@ class WarmPool:
             log.warn("closed the warm channel to worker {worker}: {problem}",
                      worker=warm.worker, problem=problem)
             return False
+        # a free slot at another worker: a job that announces will find it (and the pool
+        # one more channel); this one goes only to a job that waits (SATURATED_WAIT)
+        waits_only = self.queue_on_warm and self.room(self.reactor.seconds(), warm.worker)
+        if waits_only and self.taken(warm) >= warm.slots:  # it would queue here: the first
+            self._announce_now(waiting)  # job that waits announces now instead
+            return None
         handed = None
-        while waiting and handed is None:
-            offer = waiting.popleft()
+        for offer in list(waiting):
+            if waits_only and offer not in self._waits:
+                continue
+            waiting.remove(offer)
             warm.busy, warm.exited = True, False
             if offer(warm.link):
                 self.reused += 1
                 handed = True
-            else:
-                warm.busy = False  # that job found its worker meanwhile
+                break
+            warm.busy = False  # that job found its worker meanwhile
         if not waiting:
             self.hungry.pop(key, None)
         return handed
