@@ -28,11 +28,8 @@ BUSY (SATURATED: every slot taken), a job that finds no channel waits up to
 SATURATED_WAIT for one of the pool's own before it announces: an announcement would only
 be answered when a place frees, by then given to the pool's own next job, and every
 resend costs each worker a signature check. (A job that a free worker answers at once is
-not handed anything: it brings one more channel. Nor is a job that announces while
-another worker has room; and where the channel's worker is full, the first job that
-waits announces at once instead: without that the pool kept as few channels as its
-warm-up left it, 6-8 at 64 jobs in flight, and queued at a full worker while the other
-had free slots.)
+not handed anything: it brings one more channel; nor is one while another worker has
+room; where the channel's worker is full, the first job that waits announces at once.)
 
 A job's choice costs no more than the idle channels of its key: the pool keeps them by key,
 and counts its running jobs and idle channels per worker as records change (Warm.pool).
@@ -288,9 +285,8 @@ class WarmPool:
         return max(warm.queued, self.taken(warm) - warm.slots) / max(warm.slots, 1)
 
     def _busiest_last(self, warm: Warm) -> tuple[float, float, int]:
-        """The order of usable channels: with DISCOUNT_OWN the worker with the smallest
-        share of its slots taken first (the pool's jobs spread over the free slots), then
-        the least loaded host, then the older record."""
+        """Usable channels' order: (DISCOUNT_OWN) the smallest share of slots taken first,
+        then the least loaded host, then the older record."""
         share = self.taken(warm) / max(warm.slots, 1) if self.discount_own else 0.0
         return share, warm.load, warm.seq
 
@@ -344,14 +340,6 @@ class WarmPool:
     def _waited(self, offer: Offer, announce: Callable[[], None]) -> None:
         del self._waits[offer]
         announce()
-
-    def _announce_now(self, waiting: deque[Offer]) -> None:
-        """The first job in WAITING that waits (SATURATED_WAIT) announces at once."""
-        for offer in waiting:
-            call = self._waits.get(offer)
-            if call is not None and call.active():
-                call.reset(0)
-                return
 
     def unwant(self, key: Hashable, offer: Offer) -> None:
         """The job found its worker, or ended."""
@@ -408,7 +396,9 @@ class WarmPool:
         # one more channel); this one goes only to a job that waits (SATURATED_WAIT)
         waits_only = self.queue_on_warm and self.room(self.reactor.seconds(), warm.worker)
         if waits_only and self.taken(warm) >= warm.slots:  # it would queue here: the first
-            self._announce_now(waiting)  # job that waits announces now instead
+            for call in (self._waits[o] for o in waiting if o in self._waits):  # job that
+                call.reset(0)  # waits announces now instead
+                break
             return None
         handed = None
         for offer in list(waiting):
