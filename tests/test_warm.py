@@ -249,3 +249,43 @@ def test_the_pools_counts_follow_its_records(steps: list[tuple[str, int, str, st
         assert dict(pool._running) == running
         assert dict(pool._idle_of) == idle
         assert {k: {id(w) for w in v.values()} for k, v in pool._idle_by_key.items()} == by_key
+
+
+def test_an_executor_does_not_queue_at_a_full_worker_while_another_has_a_free_slot() -> None:
+    """Worker a runs two of the pool's jobs in its two slots and queues a third; one of
+    them ends (its channel is parked) and a's report counts the two that run. The slot
+    it freed went to the queued job: a is full, and the next job goes to b, whose slot
+    is free (then, b full too, to a's queue), although a's host is the less loaded: the
+    pool counts no more of its jobs in a report than the report says run."""
+    clock = Clock()
+    pool = WarmPool(clock, discount_own=True)
+    at_a = [Link() for _ in range(3)]
+    for link in at_a:
+        pool.heard(link, hello("a", 0.1, slots=2))
+        pool.record(link).update(busy=True, exited=False)  # taken: START sent
+    to_b = Link()
+    pool.heard(to_b, hello("b", 0.3, slots=1))
+    pool.started(to_b)
+    pool.exited(to_b)
+    assert pool.park("key", to_b)
+    done = at_a[0]
+    pool.exited(done)
+    pool.heard(done, hello("a", 1.1, running=2, slots=2))  # ours: the queued one started
+    assert pool.record(done).own_at_hello == 2
+    assert pool.park("key", done)
+    assert pool.taken(pool.record(done)) == 2
+    assert pool.take("key") is to_b
+    assert pool.take("key") is done  # b is full now too: the job queues at a
+
+def test_an_executor_spreads_its_jobs_over_the_free_slots() -> None:
+    """Two workers with free slots: the one with the smaller share of its slots taken by
+    the pool's jobs gets the next, whatever the order the pool met them in."""
+    clock = Clock()
+    pool = WarmPool(clock, discount_own=True)
+    first = won(pool, "a", 0.1)
+    second = won(pool, "b", 0.1)
+    busy = Link()
+    pool.heard(busy, hello("a", 0.1))
+    pool.started(busy)
+    assert pool.take("key") is second
+    assert pool.take("key") is first

@@ -181,3 +181,34 @@ def test_the_check_sees_the_end_of_the_validity_window(worker_cert: x509.Certifi
     now[0] += 3 * 365 * 86400 * 40  # long after any credential keygen makes
     problem = cache.problem(worker_cert, None)
     assert problem is not None and problem.startswith("its certificate expired")
+
+
+def test_while_another_worker_has_room_a_job_that_announces_is_not_handed_a_channel(
+) -> None:
+    """Worker b has free slots as the pool counts them: a job that announces will find it
+    (and the pool one more channel), so a's channel is parked, not handed to it; a job
+    that waits (SATURATED_WAIT) is still handed one where a slot is free; one that would
+    queue at a full worker rather announces at once, and so does a job that would take
+    a channel to a full worker's queue."""
+    clock = Clock()
+    pool = WarmPool(clock, discount_own=True)
+    link = running(pool, "a")
+    running(pool, "b")
+    announcing: list[object] = []
+    pool.want("key", hungry(announcing))
+    pool.exited(link)
+    assert pool.park("key", link) and pool.parked(link) and not announcing
+    assert pool.take("key") is link
+    pool.full("key")  # a's queue took one of the pool's jobs: it waits, not announces
+    waiting: list[object] = []
+    assert pool.wait("key", hungry(waiting), never)
+    pool.exited(link)
+    assert pool.park("key", link) and waiting == [link]  # a has a free slot
+    crowd = [running(pool, "a") for _ in range(4)]  # a: 5 of the pool's jobs, 4 slots
+    announced: list[str] = []
+    assert pool.wait("key", hungry([]), lambda: announced.append("now"))
+    pool.exited(crowd[0])
+    assert pool.park("key", crowd[0]) and pool.parked(crowd[0])
+    clock.advance(0)
+    assert announced == ["now"]
+    assert pool.take("key") is None  # a is full (its queue would take it), b is not

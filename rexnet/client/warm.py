@@ -7,11 +7,16 @@ hands one out only while its worker is still the best choice: its load report is
 it has a free slot, it runs no more jobs than when it won an announcement (when it was
 the quickest of all workers to answer), and its load figure has not grown by REUSE_MARGIN
 since. A pool that spreads many jobs of its own (an Executor: DISCOUNT_OWN) leaves its
-own running jobs out of both counts, as they come and go; and when none of its workers
+own running jobs out of both counts, as they come and go (a report counts no more of them
+than the jobs it says run: those queued there or on their way are not in it), prefers the
+worker with the smallest share of its slots taken (other clients' jobs as reported, and
+its own busy channels there); and when none of its workers
 is such a choice (they are busy, mostly with its own jobs), it sends the job to the one
 with the fewest jobs queued per slot that reported lately (announcing
 would only bring a queued worker's later answer and a handshake; a worker whose queue is
-full answers BUSY, and the job is announced). Otherwise the job is announced as usual
+full answers BUSY, and the job is announced), unless another worker it heard from has a
+free slot as it counts them (room): then the job announces, and that worker's answer
+brings the pool one more channel. Otherwise the job is announced as usual
 and the workers compete again. A channel is never shared: the pool gives it to one job at
 a time, and pools are per client process (per user).
 
@@ -23,7 +28,8 @@ BUSY (SATURATED: every slot taken), a job that finds no channel waits up to
 SATURATED_WAIT for one of the pool's own before it announces: an announcement would only
 be answered when a place frees, by then given to the pool's own next job, and every
 resend costs each worker a signature check. (A job that a free worker answers at once is
-not handed anything: it brings one more channel.)
+not handed anything: it brings one more channel; nor is one while another worker has
+room; where the channel's worker is full, the first job that waits announces at once.)
 
 A job's choice costs no more than the idle channels of its key: the pool keeps them by key,
 and counts its running jobs and idle channels per worker as records change (Warm.pool).
@@ -90,7 +96,7 @@ class Warm:
     queued: int = 0  # jobs in its queue when it last reported (0 while a slot is free)
     wait_ms: float = 0.0  # its expected wait for a slot then
     heard_at: float | None = None  # when the last HELLO came (None: none yet)
-    own_at_hello: int = 0  # this client's jobs on the worker when the last HELLO came
+    own_at_hello: int = 0  # this client's jobs the last HELLO counted (at most its running)
     won_load: float = 0.0  # the worker's load when it won an announcement
     won_others: int = 0  # other clients' jobs on the worker then
     jobs: int = 0  # jobs started on this channel
@@ -155,6 +161,7 @@ class WarmPool:
         self.records: dict[Link, Warm] = {}
         self._made = 0  # records made so far (Warm.seq)
         self._running: Counter[str] = Counter()  # this client's jobs per worker (no zeros)
+        self._busy: Counter[str] = Counter()  # its busy channels per worker (see taken)
         self._idle_of: Counter[str] = Counter()  # idle channels per worker (no zeros)
         self._idle_by_key: dict[Hashable, dict[Link, Warm]] = {}  # idle records by key
         self.reused = 0
@@ -163,6 +170,8 @@ class WarmPool:
         self.hungry: dict[Hashable, deque[Offer]] = {}  # jobs looking for a worker, by key
         self._saturated: dict[Hashable, float] = {}  # when a job last met a full worker
         self._waits: dict[Offer, IDelayedCall] = {}  # hungry jobs' SATURATED_WAIT
+        self._reports: dict[str, tuple[float, int, int]] = {}  # per worker (DISCOUNT_OWN):
+        # its latest report's time, other clients' jobs then, its slots
 
     def alerts(self, credential: Credential, targets: Sequence[tuple[str, int]]
                ) -> AlertSender:
@@ -192,6 +201,8 @@ class WarmPool:
         """Add WARM to the counts and the idle index."""
         if warm.running_job:
             self._running[warm.worker] += 1
+        if warm.busy:
+            self._busy[warm.worker] += 1
         if warm.idle:
             self._idle_of[warm.worker] += 1
             self._idle_by_key.setdefault(warm.key, {})[warm.link] = warm
@@ -200,6 +211,8 @@ class WarmPool:
         """Take WARM out of the counts and the idle index."""
         if warm.running_job:
             _less(self._running, warm.worker)
+        if warm.busy:
+            _less(self._busy, warm.worker)
         if warm.idle:
             _less(self._idle_of, warm.worker)
             idle = self._idle_by_key[warm.key]
@@ -218,8 +231,10 @@ class WarmPool:
         warm.running, warm.slots = hello.running, hello.slots
         warm.queued, warm.wait_ms = hello.queued, hello.wait_ms
         warm.heard_at = self.reactor.seconds()
-        if self.discount_own:
-            warm.own_at_hello = self.own(hello.worker)
+        if self.discount_own:  # ours the report can count: started ones, not those queued
+            warm.own_at_hello = min(self.own(hello.worker), hello.running)  # or in flight
+            self._reports[hello.worker] = (warm.heard_at, hello.running - warm.own_at_hello,
+                                           hello.slots)
 
     def started(self, link: Link) -> None:
         """A job of this client started on LINK (fresh or warm)."""
@@ -251,6 +266,12 @@ class WarmPool:
                 and warm.running - mine <= warm.won_others
                 and warm.load - mine / max(warm.slots, 1) - warm.won_load < self.margin)
 
+    def taken(self, warm: Warm) -> int:
+        """Places taken at WARM's worker as this pool knows: other clients' jobs when it
+        reported, and this client's now (its busy channels there: a job running, queued,
+        its START on the way, or its channel not yet parked)."""
+        return max(warm.running - warm.own_at_hello, 0) + self._busy[warm.worker]
+
     def queue_usable(self, warm: Warm, now: float) -> bool:
         """With DISCOUNT_OWN (a pool that overloads the cluster with its own jobs): whether
         WARM's worker reported lately. (Whose jobs fill its slots is not told apart: this
@@ -258,10 +279,16 @@ class WarmPool:
         return (self.queue_on_warm and warm.heard_at is not None and not warm.link.closed
                 and now - warm.heard_at <= self.fresh)
 
-    def queued_per_slot(self, warm: Warm, own: int) -> float:
-        """Jobs queued at WARM's worker per slot, as reported or as this client's OWN jobs
-        there (running and queued) say."""
-        return max(warm.queued, own - warm.slots) / max(warm.slots, 1)
+    def queued_per_slot(self, warm: Warm) -> float:
+        """Jobs queued at WARM's worker per slot, as reported or as the places taken there
+        (see taken) say."""
+        return max(warm.queued, self.taken(warm) - warm.slots) / max(warm.slots, 1)
+
+    def _busiest_last(self, warm: Warm) -> tuple[float, float, int]:
+        """Usable channels' order: (DISCOUNT_OWN) the smallest share of slots taken first,
+        then the least loaded host, then the older record."""
+        share = self.taken(warm) / max(warm.slots, 1) if self.discount_own else 0.0
+        return share, warm.load, warm.seq
 
     def take(self, key: Hashable,
              distrust: Callable[[Link], str | None] = lambda link: None) -> Link | None:
@@ -272,11 +299,12 @@ class WarmPool:
         next best is tried."""
         now = self.reactor.seconds()
         mine = list(self._idle_by_key.get(key, {}).values())
-        free = sorted((w for w in mine if self.usable(w, now)), key=lambda w: (w.load, w.seq))
+        free = sorted((w for w in mine if self.usable(w, now)), key=self._busiest_last)
         if not free:
-            own = self._running
             free = sorted((w for w in mine if self.queue_usable(w, now)),
-                          key=lambda w: (self.queued_per_slot(w, own[w.worker]), w.seq))
+                          key=lambda w: (self.queued_per_slot(w), *self._busiest_last(w)))
+            if free and self.taken(free[0]) >= free[0].slots and self.room(now, free[0].worker):
+                return None  # queue only when every worker it knows is full: announce
         for best in free:
             problem = distrust(best.link)
             if problem is not None:
@@ -329,6 +357,13 @@ class WarmPool:
         BUSY (its queue full too)."""
         self._saturated[key] = self.reactor.seconds()
 
+    def room(self, now: float, but: str) -> bool:
+        """Whether a worker other than BUT that reported lately (DISCOUNT_OWN) has a free
+        slot as this pool counts them (see taken): a job that announces will find it."""
+        return any(worker != but and now - at <= self.fresh
+                   and others + self._busy[worker] < slots
+                   for worker, (at, others, slots) in self._reports.items())
+
     def saturated(self, key: Hashable) -> bool:
         """Whether a job of KEY should wait for one of the pool's channels rather than
         announce: with QUEUE_ON_WARM, one of its jobs met a full worker lately and its own
@@ -357,15 +392,25 @@ class WarmPool:
             log.warn("closed the warm channel to worker {worker}: {problem}",
                      worker=warm.worker, problem=problem)
             return False
+        # a free slot at another worker: a job that announces will find it (and the pool
+        # one more channel); this one goes only to a job that waits (SATURATED_WAIT)
+        waits_only = self.queue_on_warm and self.room(self.reactor.seconds(), warm.worker)
+        if waits_only and self.taken(warm) >= warm.slots:  # it would queue here: the first
+            for call in (self._waits[o] for o in waiting if o in self._waits):  # job that
+                call.reset(0)  # waits announces now instead
+                break
+            return None
         handed = None
-        while waiting and handed is None:
-            offer = waiting.popleft()
+        for offer in list(waiting):
+            if waits_only and offer not in self._waits:
+                continue
+            waiting.remove(offer)
             warm.busy, warm.exited = True, False
             if offer(warm.link):
                 self.reused += 1
                 handed = True
-            else:
-                warm.busy = False  # that job found its worker meanwhile
+                break
+            warm.busy = False  # that job found its worker meanwhile
         if not waiting:
             self.hungry.pop(key, None)
         return handed
