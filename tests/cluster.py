@@ -77,6 +77,23 @@ class Proc:
                         f"{pattern!r} not seen from {self.argv}:\n{''.join(self._lines)}")
                 self._lock.wait(min(left, 0.2))
 
+    def wait_count(self, pattern: str, count: int, timeout: float = 15.0) -> list[Any]:
+        """Wait until the output holds COUNT matches of PATTERN (a worker logs a job's line
+        once its EXIT is sent, so after its client may have ended); return them all (as
+        re.findall does). Fails with the output so far."""
+        regex = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                found = regex.findall("".join(self._lines))
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"{len(found)} of {count} {pattern!r} seen from "
+                                         f"{self.argv}:\n{''.join(self._lines)}")
+                self._lock.wait(min(left, 0.2))
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Signal the process, wait for it (KILL after TIMEOUT); return its exit status."""
         if self.process.poll() is None:

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,14 @@ def test_make_builds_a_c_project_on_the_workers(bed: NetBed, keys: Keys,
     ran = subprocess.run([str(project / "hello")], capture_output=True, text=True, timeout=10)
     assert ran.stdout == "5 20 7 -7 36\n"
     # the 7 cc runs (6 compiles, 1 link) were the workers', in the project's directory
-    started = [re.findall(r"job \w+ started .*?: \[(.*?)\] in (\S+)", w.output)
-               for w in workers]
-    jobs = [job for per_worker in started for job in per_worker]
+    # (a job's line comes once its EXIT is sent; a short job's is one line with its end)
+    line = re.compile(r"job \w+ started .*?: \[(.*?)\] in (\S+?)(?:, ended after .*)?$", re.M)
+    deadline = time.monotonic() + 10
+    while True:
+        jobs = [job for w in workers for job in line.findall(w.output)]
+        if len(jobs) >= 7 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(jobs) == 7, [w.output for w in workers]
     assert {where for _, where in jobs} == {str(project)}
     assert all("/cc'" in argv for argv, _ in jobs)

@@ -90,7 +90,7 @@ def test_lost_announcements_are_resent_and_make_one_job(bed: NetBed, keys: Keys)
     assert done.returncode == 0 and done.stdout == b"once\n", done.stderr
     assert time.monotonic() - t0 >= 0.35  # it did wait for the fourth announcement
     assert nft_dropped(client) == 3
-    assert worker.output.count("started for") == 1
+    assert len(worker.wait_count("started for", 1)) == 1
 
 
 def job_processes(worker: int) -> list[psutil.Process]:
@@ -154,7 +154,8 @@ def test_a_worker_restarted_during_a_burst_sends_the_next_jobs_elsewhere(
     after = Counter(job(client, keys, "echo $REXNET_WORKER").stdout for _ in range(4))
     assert sum(after.values()) == 4 and set(after) <= {b"w1\n", b"w2\n"}  # all ran
     # no job ran twice: each burst job started exactly once, on one worker
-    assert w2.output.count("started for") == 3 + len(outcomes) - len(lost) + after[b"w2\n"]
+    expected = 3 + len(outcomes) - len(lost) + after[b"w2\n"]
+    assert len(w2.wait_count("started for", expected)) == expected
 
 
 def test_crat_down_changes_nothing_for_jobs(bed: NetBed, keys: Keys, tmp_path: Path) -> None:
