@@ -48,8 +48,9 @@ def test_the_started_line_is_the_field_by_field_one(
 ) -> None:
     argv = ["sh", "-c", "echo 'hi' {}"]  # braces and quotes pass as they are
     with capturedLogs() as events:
-        joblines.started("0123abcd", "alice", "127.0.0.2:4567", argv, warm=warm, tty=tty,
-                         detached=detached, cwd=cwd, queued=queued)
+        joblines.log_started(*joblines.start_parts(
+            "0123abcd", "alice", "127.0.0.2:4567", argv, warm=warm, tty=tty,
+            detached=detached, cwd=cwd, queued=queued))
     [event] = events
     old = field_by_field(
         STARTED, job="0123abcd", client="alice", peer="127.0.0.2:4567", argv=argv,

@@ -396,9 +396,9 @@ class WarmPool:
         # one more channel); this one goes only to a job that waits (SATURATED_WAIT)
         waits_only = self.queue_on_warm and self.room(self.reactor.seconds(), warm.worker)
         if waits_only and self.taken(warm) >= warm.slots:  # it would queue here: the first
-            for call in (self._waits[o] for o in waiting if o in self._waits):  # job that
-                call.reset(0)  # waits announces now instead
-                break
+            first = next((self._waits[o] for o in waiting if o in self._waits), None)
+            if first is not None:  # job that waits announces now instead
+                first.reset(0)
             return None
         handed = None
         for offer in list(waiting):

@@ -21,7 +21,11 @@ log = Logger(namespace="rexnet.worker.service")
 def start_parts(job: str, client: str, peer: str, argv: Sequence[str], *, warm: bool,
                 tty: bool, detached: bool, cwd: str, queued: tuple[float, int] | None = None
                 ) -> tuple[str, dict[str, Any]]:
-    """The started line's text after "job JOB" and its fields (see started)."""
+    """The started line's text after "job JOB started " and its fields, for log_started:
+    job JOB of CLIENT (at PEER) runs ARGV (in CWD, if given); WARM: on a warm channel;
+    TTY: in a terminal; DETACHED: the client does not wait for it; QUEUED: it waited that
+    many seconds in the queue, which it joined at that position (the queue's own line
+    comes only for a long expected wait: one line a job, not two)."""
     on = " on a warm channel" if warm else ""
     how = (" (in a detached terminal)" if tty and detached else " (detached)" if detached
            else " (in a terminal)" if tty else "")
@@ -31,17 +35,6 @@ def start_parts(job: str, client: str, peer: str, argv: Sequence[str], *, warm: 
     return (f"for {client} from {peer}{on}{waited}: {list(argv)}{how}{where}",
             {"job": job, "client": client, "peer": peer, "argv": argv, "warm": on,
              "queued": waited, "tty": how, "cwd": where})
-
-
-def started(job: str, client: str, peer: str, argv: Sequence[str], *, warm: bool, tty: bool,
-            detached: bool, cwd: str, queued: tuple[float, int] | None = None) -> None:
-    """Job JOB of CLIENT (at PEER) runs ARGV (in CWD, if given); WARM: on a warm channel;
-    TTY: in a terminal; DETACHED: the client does not wait for it; QUEUED: it waited that
-    many seconds in the queue, which it joined at that position (the queue's own line
-    comes only for a long expected wait: one line a job, not two)."""
-    text, fields = start_parts(job, client, peer, argv, warm=warm, tty=tty,
-                               detached=detached, cwd=cwd, queued=queued)
-    log_started(text, fields)
 
 
 def log_started(text: str, fields: dict[str, Any]) -> None:
