@@ -99,12 +99,14 @@ task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 def counts(proc: Proc) -> tuple[int, int, int]:
     """(descendant processes, open descriptors, RSS) of a worker; its sandbox helper and
     the spare inits it prepares ahead of jobs and their fork server are not counted (those
-    of jobs are)."""
+    of jobs are), nor the worker's socket to each spare (the spares grow, one each time a
+    job found none ready: rexnet.worker.sandbox.GROWN_SPARES)."""
     me = psutil.Process(proc.pid)
     helpers = [c for c in me.children() if "rexnet.worker.sandboxd" in " ".join(c.cmdline())]
     tree = me.children(recursive=True)
     spares = [p for p in tree if p.name() in (SPARE_NAME, SERVER_NAME)]
-    return len(tree) - len(helpers) - len(spares), me.num_fds(), me.memory_info().rss
+    ready = sum(p.name() == SPARE_NAME for p in spares)
+    return len(tree) - len(helpers) - len(spares), me.num_fds() - ready, me.memory_info().rss
 
 
 def wait_for_spares(proc: Proc, timeout: float = 10.0) -> None:
